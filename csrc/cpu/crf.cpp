@@ -1,0 +1,599 @@
+// Linear-chain CRF on the CPU: forward algorithm, its backward (posterior
+// marginals), Viterbi and k-best Viterbi. Parallel over the batch; each
+// sequence walks its selected positions once, with no Python loop over time.
+//
+// The forward and backward recursions run in scaled exponent space: with
+// E[i][j] = exp(trans[i][j] - colmax[j]) computed once per call, one step is a
+// K x K multiply-add plus 2K exp/log, instead of K^2 exps in log space.
+// Entries whose scaled sum is so small that it may have lost precision are
+// recomputed exactly in log space, so the result never depends on the data
+// being "nice".
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "cpu/vector_loops.h"
+
+namespace fastnlp {
+namespace {
+
+template <typename acc_t>
+constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+
+// Below this a scaled sum may be made of underflowed terms; recompute exactly.
+template <typename acc_t>
+acc_t tiny_sum() {
+  return std::sqrt(std::numeric_limits<acc_t>::min());
+}
+
+// exp(x) overflows past this; rows of pairwise marginals scaled beyond it are
+// computed exactly instead.
+template <typename acc_t>
+acc_t max_exp_arg() {
+  return std::log(std::numeric_limits<acc_t>::max()) - 8;
+}
+
+// The states a position may take: a pinned tag allows one, a free one all K.
+struct StateRange {
+  int64_t lo, hi;
+  int64_t size() const { return hi - lo; }
+};
+
+inline StateRange allowed_states(const int64_t* tags, int64_t t, int64_t K) {
+  if (tags == nullptr || tags[t] < 0) return {0, K};
+  return {tags[t], tags[t] + 1};
+}
+
+// Per-call constants shared by every sequence of the batch, in the
+// accumulation type (double: float32 rounding at |alpha| ~ 200 would already
+// cost the 1e-6 relative accuracy we promise against pytorch-crf).
+using acc_t = double;
+
+struct Transitions {
+  int64_t K;
+  std::vector<acc_t> start, end, trans;  // trans[i * K + j]: tag i -> tag j
+  std::vector<acc_t> colmax;             // max_i trans[i][j]
+  std::vector<acc_t> scaled;             // E[i][j] = exp(trans[i][j] - colmax[j]), row-major
+  std::vector<acc_t> scaled_t;           // E transposed, so both recursions stream rows
+
+  template <typename scalar_t>
+  Transitions(const scalar_t* start_, const scalar_t* end_, const scalar_t* trans_, int64_t K_)
+      : K(K_), start(start_, start_ + K_), end(end_, end_ + K_), trans(trans_, trans_ + K_ * K_),
+        colmax(K_, kNegInf<acc_t>), scaled(K_ * K_), scaled_t(K_ * K_) {
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) colmax[j] = std::max(colmax[j], trans[i * K + j]);
+    for (int64_t i = 0; i < K; ++i) {
+      for (int64_t j = 0; j < K; ++j) {
+        const acc_t e = colmax[j] == kNegInf<acc_t> ? acc_t(0) : std::exp(trans[i * K + j] - colmax[j]);
+        scaled[i * K + j] = e;
+        scaled_t[j * K + i] = e;
+      }
+    }
+  }
+};
+
+template <typename acc_t>
+acc_t logsumexp(const acc_t* x, int64_t n) {
+  acc_t m = kNegInf<acc_t>;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  if (m == kNegInf<acc_t>) return m;
+  acc_t s = 0;
+  for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - m);
+  return m + std::log(s);
+}
+
+// log sum_{i in prev} exp(prev_alpha[i] + trans[i][j]), exactly.
+inline acc_t exact_column(const Transitions& tr, const acc_t* prev_alpha, StateRange prev, int64_t j,
+                          acc_t* scratch) {
+  for (int64_t i = prev.lo; i < prev.hi; ++i) scratch[i - prev.lo] = prev_alpha[i] + tr.trans[i * tr.K + j];
+  return logsumexp(scratch, prev.size());
+}
+
+// ---------------------------------------------------------------------------
+// Forward algorithm for one sequence. Writes alpha (T, K) and returns log Z.
+template <typename scalar_t>
+acc_t forward_sequence(const Transitions& tr, const scalar_t* emissions, const bool* mask, const int64_t* tags,
+                       int64_t T, scalar_t* alpha, acc_t* work) {
+  const int64_t K = tr.K;
+  acc_t* prev_alpha = work;      // alpha at the previous selected position
+  acc_t* row = work + K;         // alpha at this one
+  acc_t* p = work + 2 * K;       // exp(prev_alpha - m)
+  acc_t* s = work + 3 * K;       // scaled sums
+  acc_t* scratch = work + 4 * K;
+  bool started = false;
+  StateRange prev{0, 0};
+  for (int64_t t = 0; t < T; ++t) {
+    scalar_t* out = alpha + t * K;
+    if (!mask[t]) {
+      std::fill(out, out + K, -std::numeric_limits<scalar_t>::infinity());
+      continue;
+    }
+    const StateRange cur = allowed_states(tags, t, K);
+    const scalar_t* e = emissions + t * K;
+    std::fill(row, row + K, kNegInf<acc_t>);
+    if (!started) {
+      for (int64_t j = cur.lo; j < cur.hi; ++j) row[j] = tr.start[j] + acc_t(e[j]);
+    } else if (prev.size() == 1) {
+      // Pinned predecessor: plain additions, exact like a gold-path score.
+      const int64_t i = prev.lo;
+      for (int64_t j = cur.lo; j < cur.hi; ++j) row[j] = prev_alpha[i] + tr.trans[i * K + j] + acc_t(e[j]);
+    } else {
+      acc_t m = kNegInf<acc_t>;
+      for (int64_t i = prev.lo; i < prev.hi; ++i) m = std::max(m, prev_alpha[i]);
+      if (m != kNegInf<acc_t>) {
+        for (int64_t i = prev.lo; i < prev.hi; ++i) p[i] = std::exp(prev_alpha[i] - m);
+        std::fill(s + cur.lo, s + cur.hi, acc_t(0));
+        for (int64_t i = prev.lo; i < prev.hi; ++i)
+          if (p[i] != 0) axpy(cur.size(), p[i], tr.scaled.data() + i * K + cur.lo, s + cur.lo);
+        for (int64_t j = cur.lo; j < cur.hi; ++j) {
+          if (tr.colmax[j] == kNegInf<acc_t>) continue;
+          row[j] = s[j] > tiny_sum<acc_t>() ? std::log(s[j]) + m + tr.colmax[j] + acc_t(e[j])
+                                            : exact_column(tr, prev_alpha, prev, j, scratch) + acc_t(e[j]);
+        }
+      }
+    }
+    for (int64_t j = 0; j < K; ++j) out[j] = static_cast<scalar_t>(row[j]);
+    std::swap(prev_alpha, row);
+    prev = cur;
+    started = true;
+  }
+  if (!started) return 0;  // empty sequence
+  for (int64_t j = prev.lo; j < prev.hi; ++j) scratch[j - prev.lo] = prev_alpha[j] + tr.end[j];
+  return logsumexp(scratch, prev.size());
+}
+
+// Gradient accumulators for the parameters shared by the batch.
+struct ParamGrads {
+  std::vector<acc_t> start, end, trans;
+  explicit ParamGrads(int64_t K) : start(K, 0), end(K, 0), trans(K * K, 0) {}
+};
+
+// ---------------------------------------------------------------------------
+// Backward algorithm for one sequence: beta, then the posterior marginals
+// scaled by g, written to grad_emissions (T, K) (zero-initialised) and added to
+// the parameter gradients.
+template <typename scalar_t>
+void backward_sequence(const Transitions& tr, const scalar_t* emissions, const bool* mask, const int64_t* tags,
+                       int64_t T, const scalar_t* alpha, acc_t log_z, acc_t g, scalar_t* grad_emissions,
+                       ParamGrads& grads, acc_t* work) {
+  const int64_t K = tr.K;
+  if (!std::isfinite(log_z)) return;  // no path, or no consistent one: no gradient
+  acc_t* beta = work;               // beta at the current position
+  acc_t* beta_prev = work + K;      // beta at the previous selected position
+  acc_t* w = work + 2 * K;          // emissions + beta at the current position
+  acc_t* q = work + 3 * K;          // exp(w + colmax - mw)
+  acc_t* r = work + 4 * K;          // scaled row sums
+  acc_t* scratch = work + 5 * K;
+
+  int64_t t = T - 1;
+  while (t >= 0 && !mask[t]) --t;
+  if (t < 0) return;
+  StateRange cur = allowed_states(tags, t, K);
+  std::fill(beta, beta + K, kNegInf<acc_t>);
+  for (int64_t j = cur.lo; j < cur.hi; ++j) beta[j] = tr.end[j];
+  bool last = true;
+  while (true) {
+    const scalar_t* a = alpha + t * K;
+    const scalar_t* e = emissions + t * K;
+    scalar_t* ge = grad_emissions + t * K;
+    for (int64_t j = cur.lo; j < cur.hi; ++j) {
+      // Every consistent path passes a pinned state: its marginal is exactly 1.
+      const acc_t marginal = cur.size() == 1 ? acc_t(1) : std::exp(acc_t(a[j]) + beta[j] - log_z);
+      ge[j] = static_cast<scalar_t>(g * marginal);
+      if (last) grads.end[j] += g * marginal;
+    }
+    last = false;
+    int64_t tp = t - 1;
+    while (tp >= 0 && !mask[tp]) --tp;
+    if (tp < 0) {
+      for (int64_t j = cur.lo; j < cur.hi; ++j)
+        grads.start[j] += cur.size() == 1 ? g : g * std::exp(acc_t(a[j]) + beta[j] - log_z);
+      return;
+    }
+    const StateRange prev = allowed_states(tags, tp, K);
+    const scalar_t* ap = alpha + tp * K;
+    std::fill(beta_prev, beta_prev + K, kNegInf<acc_t>);
+    std::fill(w, w + K, kNegInf<acc_t>);
+    for (int64_t j = cur.lo; j < cur.hi; ++j) w[j] = acc_t(e[j]) + beta[j];
+
+    if (prev.size() == 1 && cur.size() == 1) {
+      const int64_t i = prev.lo, j = cur.lo;
+      beta_prev[i] = tr.trans[i * K + j] + w[j];
+      grads.trans[i * K + j] += g;
+    } else {
+      acc_t mw = kNegInf<acc_t>;
+      for (int64_t j = cur.lo; j < cur.hi; ++j) mw = std::max(mw, w[j] + tr.colmax[j]);
+      if (mw != kNegInf<acc_t>) {
+        std::fill(q, q + K, acc_t(0));
+        for (int64_t j = cur.lo; j < cur.hi; ++j)
+          if (tr.colmax[j] != kNegInf<acc_t>) q[j] = std::exp(w[j] + tr.colmax[j] - mw);
+        // beta_prev[i] = log sum_j E[i][j] q[j] + mw, as axpys over columns of E.
+        std::fill(r + prev.lo, r + prev.hi, acc_t(0));
+        for (int64_t j = cur.lo; j < cur.hi; ++j)
+          if (q[j] != 0) axpy(prev.size(), q[j], tr.scaled_t.data() + j * K + prev.lo, r + prev.lo);
+        for (int64_t i = prev.lo; i < prev.hi; ++i) {
+          if (r[i] > tiny_sum<acc_t>()) {
+            beta_prev[i] = std::log(r[i]) + mw;
+          } else {
+            for (int64_t j = cur.lo; j < cur.hi; ++j) scratch[j - cur.lo] = tr.trans[i * K + j] + w[j];
+            beta_prev[i] = logsumexp(scratch, cur.size());
+          }
+        }
+        // Pairwise marginals P(i, j) = exp(ap[i] + mw - log_z) * E[i][j] * q[j].
+        for (int64_t i = prev.lo; i < prev.hi; ++i) {
+          const acc_t la = acc_t(ap[i]) + mw - log_z;
+          if (la == kNegInf<acc_t>) continue;
+          acc_t* gt = grads.trans.data() + i * K;
+          if (la < max_exp_arg<acc_t>()) {
+            axpy_product(cur.size(), g * std::exp(la), tr.scaled.data() + i * K + cur.lo, q + cur.lo,
+                         gt + cur.lo);
+          } else {
+            for (int64_t j = cur.lo; j < cur.hi; ++j)
+              gt[j] += g * std::exp(acc_t(ap[i]) + tr.trans[i * K + j] + w[j] - log_z);
+          }
+        }
+      }
+    }
+    std::swap(beta, beta_prev);
+    t = tp;
+    cur = prev;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Viterbi works in the input dtype, with pytorch-crf's order of additions,
+// so both make the same choice even where rounding creates a tie.
+template <typename scalar_t>
+struct RawTransitions {
+  int64_t K;
+  const scalar_t* start;
+  const scalar_t* end;
+  const scalar_t* trans;
+};
+
+// ---------------------------------------------------------------------------
+// Viterbi for one sequence; backpointers (T, K) in `backpointers`.
+template <typename scalar_t>
+scalar_t viterbi_sequence(const RawTransitions<scalar_t>& tr, const scalar_t* emissions, const bool* mask,
+                          int64_t T, int64_t* path, int32_t* backpointers, scalar_t* work) {
+  const int64_t K = tr.K;
+  scalar_t* score = work;
+  scalar_t* best = work + K;
+  int32_t* arg = backpointers;
+  int64_t first = -1, last = -1;
+  for (int64_t t = 0; t < T; ++t) {
+    path[t] = -1;
+    if (!mask[t]) continue;
+    const scalar_t* e = emissions + t * K;
+    if (first < 0) {
+      first = t;
+      for (int64_t j = 0; j < K; ++j) score[j] = tr.start[j] + e[j];
+    } else {
+      arg = backpointers + t * K;
+      std::fill(best, best + K, kNegInf<scalar_t>);
+      std::fill(arg, arg + K, 0);
+      for (int64_t i = 0; i < K; ++i)
+        maxplus_update(K, score[i], tr.trans + i * K, e, static_cast<int32_t>(i), best, arg);
+      std::copy(best, best + K, score);
+    }
+    last = t;
+  }
+  if (first < 0) return 0;
+  int64_t tag = 0;
+  scalar_t top = score[0] + tr.end[0];
+  for (int64_t j = 1; j < K; ++j) {
+    const scalar_t v = score[j] + tr.end[j];
+    if (v > top) top = v, tag = j;
+  }
+  for (int64_t t = last; t >= first; --t) {
+    if (!mask[t]) continue;
+    path[t] = tag;
+    if (t > first) tag = backpointers[t * K + tag];
+  }
+  return top;
+}
+
+// ---------------------------------------------------------------------------
+// k-best Viterbi for one sequence. Each (position, state) keeps its k best
+// partial paths, best first; a rank a state cannot fill has count < k.
+template <typename scalar_t>
+struct TopkScratch {
+  std::vector<scalar_t> score, next;    // (K, k)
+  std::vector<int64_t> count, next_count;  // valid ranks per state
+  std::vector<int32_t> bp_tag, bp_rank; // (T, K, k)
+  std::vector<int64_t> head;            // merge cursor per candidate list
+};
+
+// Merge K sorted candidate lists, taking up to k in the order
+// (score desc, list index asc, rank asc). `score_of(i, r)` is list i's r-th.
+template <typename scalar_t, typename ScoreOf, typename Take>
+int64_t merge_topk(int64_t K, int64_t k, const int64_t* count, int64_t* head, ScoreOf score_of, Take take) {
+  std::fill(head, head + K, 0);
+  int64_t n = 0;
+  for (; n < k; ++n) {
+    int64_t best_i = -1;
+    scalar_t best = kNegInf<scalar_t>;
+    for (int64_t i = 0; i < K; ++i) {
+      if (head[i] >= count[i]) continue;
+      const scalar_t v = score_of(i, head[i]);
+      if (best_i < 0 || v > best) best = v, best_i = i;
+    }
+    if (best_i < 0) break;
+    take(n, best_i, head[best_i], best);
+    ++head[best_i];
+  }
+  return n;
+}
+
+template <typename scalar_t>
+void topk_sequence(const RawTransitions<scalar_t>& tr, const scalar_t* emissions, const bool* mask, int64_t T,
+                   int64_t k, int64_t* paths, scalar_t* scores, TopkScratch<scalar_t>& s) {
+  const int64_t K = tr.K;
+  std::fill(paths, paths + T * k, -1);
+  std::fill(scores, scores + k, kNegInf<scalar_t>);
+  int64_t first = -1, last = -1;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!mask[t]) continue;
+    const scalar_t* e = emissions + t * K;
+    if (first < 0) {
+      first = t;
+      for (int64_t j = 0; j < K; ++j) {
+        s.score[j * k] = tr.start[j] + e[j];
+        s.count[j] = 1;
+      }
+    } else {
+      for (int64_t j = 0; j < K; ++j) {
+        int32_t* bt = s.bp_tag.data() + (t * K + j) * k;
+        int32_t* br = s.bp_rank.data() + (t * K + j) * k;
+        scalar_t* out = s.next.data() + j * k;
+        s.next_count[j] = merge_topk<scalar_t>(
+            K, k, s.count.data(), s.head.data(),
+            [&](int64_t i, int64_t r) { return s.score[i * k + r] + tr.trans[i * K + j] + e[j]; },
+            [&](int64_t n, int64_t i, int64_t r, scalar_t v) {
+              out[n] = v;
+              bt[n] = static_cast<int32_t>(i);
+              br[n] = static_cast<int32_t>(r);
+            });
+      }
+      std::swap(s.score, s.next);
+      std::swap(s.count, s.next_count);
+    }
+    last = t;
+  }
+  if (first < 0) {
+    scores[0] = 0;  // the empty path
+    return;
+  }
+  std::vector<int64_t> end_tag(k), end_rank(k);
+  const int64_t found = merge_topk<scalar_t>(
+      K, k, s.count.data(), s.head.data(), [&](int64_t j, int64_t r) { return s.score[j * k + r] + tr.end[j]; },
+      [&](int64_t n, int64_t j, int64_t r, scalar_t v) {
+        scores[n] = v;
+        end_tag[n] = j;
+        end_rank[n] = r;
+      });
+  for (int64_t n = 0; n < found; ++n) {
+    int64_t tag = end_tag[n], rank = end_rank[n];
+    for (int64_t t = last; t >= first; --t) {
+      if (!mask[t]) continue;
+      paths[t * k + n] = tag;
+      if (t > first) {
+        const int64_t at = (t * K + tag) * k + rank;
+        tag = s.bp_tag[at];
+        rank = s.bp_rank[at];
+      }
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Tensor-facing checks and the batch loops.
+
+void check_inputs(const at::Tensor& emissions, const at::Tensor& mask, const at::Tensor& start,
+                  const at::Tensor& end, const at::Tensor& trans) {
+  TORCH_CHECK(emissions.dim() == 3, "emissions must be (batch, seq_len, num_tags), got ", emissions.sizes());
+  TORCH_CHECK(emissions.scalar_type() == at::kFloat || emissions.scalar_type() == at::kDouble,
+              "emissions must be float32 or float64, got ", emissions.scalar_type());
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  TORCH_CHECK(K >= 1, "num_tags must be positive");
+  TORCH_CHECK(mask.scalar_type() == at::kBool, "mask must be bool, got ", mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 2 && mask.size(0) == B && mask.size(1) == T, "mask must be (", B, ", ", T,
+              "), got ", mask.sizes());
+  TORCH_CHECK(start.dim() == 1 && start.size(0) == K, "start_transitions must be (", K, "), got ",
+              start.sizes());
+  TORCH_CHECK(end.dim() == 1 && end.size(0) == K, "end_transitions must be (", K, "), got ", end.sizes());
+  TORCH_CHECK(trans.dim() == 2 && trans.size(0) == K && trans.size(1) == K, "transitions must be (", K, ", ",
+              K, "), got ", trans.sizes());
+  for (const at::Tensor* t : {&mask, &start, &end, &trans}) {
+    TORCH_CHECK(t->device().is_cpu() && emissions.device().is_cpu(), "fastnlp CPU kernel got a tensor on ",
+                t->device());
+  }
+  for (const at::Tensor* t : {&start, &end, &trans}) {
+    TORCH_CHECK(t->scalar_type() == emissions.scalar_type(), "transition parameters must have the dtype of "
+                "emissions (", emissions.scalar_type(), "), got ", t->scalar_type());
+  }
+}
+
+// Tags are indices: out-of-range values would be out-of-bounds reads.
+std::optional<at::Tensor> checked_tags(const std::optional<at::Tensor>& tags, const at::Tensor& mask, int64_t K) {
+  if (!tags.has_value()) return std::nullopt;
+  const at::Tensor& t = *tags;
+  TORCH_CHECK(t.scalar_type() == at::kLong, "tags must be int64, got ", t.scalar_type());
+  TORCH_CHECK(t.device().is_cpu(), "fastnlp CPU kernel got tags on ", t.device());
+  TORCH_CHECK(t.sizes() == mask.sizes(), "tags must be shaped like mask ", mask.sizes(), ", got ", t.sizes());
+  const at::Tensor selected = t.masked_select(mask);
+  if (selected.numel() > 0) {
+    TORCH_CHECK(selected.min().item<int64_t>() >= -1 && selected.max().item<int64_t>() < K,
+                "tags must be in [0, ", K, ") or -1 (free) at selected positions");
+  }
+  return t.contiguous();
+}
+
+template <typename scalar_t>
+Transitions make_transitions(const at::Tensor& start, const at::Tensor& end, const at::Tensor& trans) {
+  return Transitions(start.data_ptr<scalar_t>(), end.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>(), trans.size(0));
+}
+
+template <typename scalar_t>
+RawTransitions<scalar_t> raw_transitions(const at::Tensor& start, const at::Tensor& end, const at::Tensor& trans) {
+  return {trans.size(0), start.data_ptr<scalar_t>(), end.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>()};
+}
+
+// Sequences are independent; a few per task keeps scheduling overhead small.
+constexpr int64_t kGrain = 1;
+
+std::tuple<at::Tensor, at::Tensor> crf_log_partition_cpu(const at::Tensor& emissions_in, const at::Tensor& mask_in,
+                                                         const std::optional<at::Tensor>& tags_in,
+                                                         const at::Tensor& start_in, const at::Tensor& end_in,
+                                                         const at::Tensor& trans_in) {
+  check_inputs(emissions_in, mask_in, start_in, end_in, trans_in);
+  const at::Tensor emissions = emissions_in.contiguous(), mask = mask_in.contiguous();
+  const at::Tensor start = start_in.contiguous(), end = end_in.contiguous(), trans = trans_in.contiguous();
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  const std::optional<at::Tensor> tags = checked_tags(tags_in, mask, K);
+  at::Tensor log_z = at::empty({B}, emissions.options());
+  at::Tensor alpha = at::empty({B, T, K}, emissions.options());
+  AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_partition_cpu", [&] {
+    const auto tr = make_transitions<scalar_t>(start, end, trans);
+    const scalar_t* em = emissions.data_ptr<scalar_t>();
+    const bool* mk = mask.data_ptr<bool>();
+    const int64_t* tg = tags.has_value() ? tags->data_ptr<int64_t>() : nullptr;
+    scalar_t* lz = log_z.data_ptr<scalar_t>();
+    scalar_t* al = alpha.data_ptr<scalar_t>();
+    at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> work(5 * K);
+      for (int64_t b = b0; b < b1; ++b) {
+        lz[b] = static_cast<scalar_t>(forward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K,
+                                                        work.data()));
+      }
+    });
+  });
+  return {log_z, alpha};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& emissions_in, const at::Tensor& mask_in,
+    const std::optional<at::Tensor>& tags_in, const at::Tensor& start_in, const at::Tensor& end_in,
+    const at::Tensor& trans_in, const at::Tensor& alpha_in, const at::Tensor& log_z_in) {
+  check_inputs(emissions_in, mask_in, start_in, end_in, trans_in);
+  const at::Tensor emissions = emissions_in.contiguous(), mask = mask_in.contiguous();
+  const at::Tensor start = start_in.contiguous(), end = end_in.contiguous(), trans = trans_in.contiguous();
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  TORCH_CHECK(alpha_in.sizes() == emissions.sizes() && alpha_in.scalar_type() == emissions.scalar_type(),
+              "alpha must match emissions, got ", alpha_in.sizes());
+  TORCH_CHECK(log_z_in.dim() == 1 && log_z_in.size(0) == B && log_z_in.scalar_type() == emissions.scalar_type(),
+              "log_partition must be (", B, "), got ", log_z_in.sizes());
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == B, "grad_log_partition must be (", B, "), got ",
+              grad_in.sizes());
+  const std::optional<at::Tensor> tags = checked_tags(tags_in, mask, K);
+  const at::Tensor alpha = alpha_in.contiguous(), log_z = log_z_in.contiguous();
+  const at::Tensor grad = grad_in.to(emissions.scalar_type()).contiguous();
+  at::Tensor grad_emissions = at::zeros_like(emissions);
+  at::Tensor grad_start = at::zeros({K}, emissions.options());
+  at::Tensor grad_end = at::zeros({K}, emissions.options());
+  at::Tensor grad_trans = at::zeros({K, K}, emissions.options());
+  AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_partition_backward_cpu", [&] {
+    const auto tr = make_transitions<scalar_t>(start, end, trans);
+    const scalar_t* em = emissions.data_ptr<scalar_t>();
+    const bool* mk = mask.data_ptr<bool>();
+    const int64_t* tg = tags.has_value() ? tags->data_ptr<int64_t>() : nullptr;
+    const scalar_t* al = alpha.data_ptr<scalar_t>();
+    const scalar_t* lz = log_z.data_ptr<scalar_t>();
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    scalar_t* ge = grad_emissions.data_ptr<scalar_t>();
+    // One accumulator per worker thread, summed afterwards in a fixed order.
+    std::vector<ParamGrads> partial(at::get_num_threads(), ParamGrads(K));
+    at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
+      std::vector<acc_t> work(6 * K);
+      ParamGrads& mine = partial[at::get_thread_num()];
+      for (int64_t b = b0; b < b1; ++b) {
+        backward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K, lz[b],
+                          g[b], ge + b * T * K, mine, work.data());
+      }
+    });
+    scalar_t* gs = grad_start.data_ptr<scalar_t>();
+    scalar_t* gn = grad_end.data_ptr<scalar_t>();
+    scalar_t* gt = grad_trans.data_ptr<scalar_t>();
+    for (const auto& p : partial) {
+      for (int64_t j = 0; j < K; ++j) gs[j] += static_cast<scalar_t>(p.start[j]), gn[j] += static_cast<scalar_t>(p.end[j]);
+      for (int64_t x = 0; x < K * K; ++x) gt[x] += static_cast<scalar_t>(p.trans[x]);
+    }
+  });
+  return {grad_emissions, grad_start, grad_end, grad_trans};
+}
+
+std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_in, const at::Tensor& mask_in,
+                                                   const at::Tensor& start_in, const at::Tensor& end_in,
+                                                   const at::Tensor& trans_in) {
+  check_inputs(emissions_in, mask_in, start_in, end_in, trans_in);
+  const at::Tensor emissions = emissions_in.contiguous(), mask = mask_in.contiguous();
+  const at::Tensor start = start_in.contiguous(), end = end_in.contiguous(), trans = trans_in.contiguous();
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  at::Tensor paths = at::empty({B, T}, emissions.options().dtype(at::kLong));
+  at::Tensor scores = at::empty({B}, emissions.options());
+  AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_viterbi_cpu", [&] {
+    const auto tr = raw_transitions<scalar_t>(start, end, trans);
+    const scalar_t* em = emissions.data_ptr<scalar_t>();
+    const bool* mk = mask.data_ptr<bool>();
+    int64_t* pa = paths.data_ptr<int64_t>();
+    scalar_t* sc = scores.data_ptr<scalar_t>();
+    at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
+      std::vector<scalar_t> work(2 * K);
+      std::vector<int32_t> backpointers(T * K);
+      for (int64_t b = b0; b < b1; ++b) {
+        sc[b] = viterbi_sequence(tr, em + b * T * K, mk + b * T, T, pa + b * T, backpointers.data(), work.data());
+      }
+    });
+  });
+  return {paths, scores};
+}
+
+std::tuple<at::Tensor, at::Tensor> crf_viterbi_topk_cpu(const at::Tensor& emissions_in, const at::Tensor& mask_in,
+                                                        const at::Tensor& start_in, const at::Tensor& end_in,
+                                                        const at::Tensor& trans_in, int64_t k) {
+  check_inputs(emissions_in, mask_in, start_in, end_in, trans_in);
+  TORCH_CHECK(k >= 1, "k must be at least 1, got ", k);
+  const at::Tensor emissions = emissions_in.contiguous(), mask = mask_in.contiguous();
+  const at::Tensor start = start_in.contiguous(), end = end_in.contiguous(), trans = trans_in.contiguous();
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  at::Tensor paths = at::empty({B, T, k}, emissions.options().dtype(at::kLong));
+  at::Tensor scores = at::empty({B, k}, emissions.options());
+  AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_viterbi_topk_cpu", [&] {
+    const auto tr = raw_transitions<scalar_t>(start, end, trans);
+    const scalar_t* em = emissions.data_ptr<scalar_t>();
+    const bool* mk = mask.data_ptr<bool>();
+    int64_t* pa = paths.data_ptr<int64_t>();
+    scalar_t* sc = scores.data_ptr<scalar_t>();
+    at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
+      TopkScratch<scalar_t> s;
+      s.score.resize(K * k);
+      s.next.resize(K * k);
+      s.count.resize(K);
+      s.next_count.resize(K);
+      s.bp_tag.resize(T * K * k);
+      s.bp_rank.resize(T * K * k);
+      s.head.resize(K);
+      for (int64_t b = b0; b < b1; ++b) {
+        topk_sequence(tr, em + b * T * K, mk + b * T, T, k, pa + b * T * k, sc + b * k, s);
+      }
+    });
+  });
+  return {paths, scores};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnlp, CPU, m) {
+  m.impl("crf_log_partition", &crf_log_partition_cpu);
+  m.impl("crf_log_partition_backward", &crf_log_partition_backward_cpu);
+  m.impl("crf_viterbi", &crf_viterbi_cpu);
+  m.impl("crf_viterbi_topk", &crf_viterbi_topk_cpu);
+}
+
+}  // namespace fastnlp

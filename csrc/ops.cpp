@@ -1,0 +1,58 @@
+// The one place where every fastnlp op's schema is declared. Kernels register
+// their implementations beside themselves (csrc/cpu/*.cpp, csrc/cuda/*_binding.cpp);
+// fake kernels and autograd are registered from Python (fastnlp/ops/).
+#include <torch/extension.h>
+
+#include "fastnlp_build_stamp.h"
+
+TORCH_LIBRARY(fastnlp, m) {
+  // Linear-chain CRF, batch first. emissions (B, T, K) float32/float64;
+  // mask (B, T) bool selects the positions that form each chain (they need
+  // not be a prefix); tags (B, T) int64 pins a selected position to a tag,
+  // -1 leaves it free. With tags the log-partition is the gold-path score
+  // (partially labelled: the log-sum over the consistent paths).
+  // alpha (B, T, K) are the forward log-scores, -inf where not reachable or
+  // not selected; they are saved for the backward pass.
+  m.def(
+      "crf_log_partition(Tensor emissions, Tensor mask, Tensor? tags, "
+      "Tensor start_transitions, Tensor end_transitions, Tensor transitions) "
+      "-> (Tensor log_partition, Tensor alpha)");
+  // Gradients of sum_b grad_log_partition[b] * log_partition[b]: the posterior
+  // marginals, computed with the backward algorithm in one pass.
+  m.def(
+      "crf_log_partition_backward(Tensor grad_log_partition, Tensor emissions, "
+      "Tensor mask, Tensor? tags, Tensor start_transitions, Tensor end_transitions, "
+      "Tensor transitions, Tensor alpha, Tensor log_partition) "
+      "-> (Tensor grad_emissions, Tensor grad_start_transitions, "
+      "Tensor grad_end_transitions, Tensor grad_transitions)");
+  // Best path (B, T) int64, -1 at unselected positions, and its score (B,).
+  m.def(
+      "crf_viterbi(Tensor emissions, Tensor mask, Tensor start_transitions, "
+      "Tensor end_transitions, Tensor transitions) -> (Tensor paths, Tensor scores)");
+  // The k best paths (B, T, k) and scores (B, k), best first.
+  m.def(
+      "crf_viterbi_topk(Tensor emissions, Tensor mask, Tensor start_transitions, "
+      "Tensor end_transitions, Tensor transitions, int k) -> (Tensor paths, Tensor scores)");
+}
+
+namespace {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+  info["source_hash"] = FASTNLP_SOURCE_HASH;
+  info["torch_version"] = FASTNLP_TORCH_VERSION;
+#ifdef FASTNLP_WITH_CUDA
+  info["cuda"] = true;
+#else
+  info["cuda"] = false;
+#endif
+  info["cpu"] = true;
+  return info;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastnlp compiled kernels; the ops live under torch.ops.fastnlp";
+  m.def("build_info", &build_info, "Which backends this build holds and what it was built from");
+}

@@ -1,0 +1,6 @@
+"""Drop-in modules: same constructor, parameter names and forward as the layers they replace."""
+
+from fastnlp.nn.constraints import AllowedTransitions, allowed_transitions
+from fastnlp.nn.crf import CRF
+
+__all__ = ["AllowedTransitions", "CRF", "allowed_transitions"]

@@ -1,0 +1,24 @@
+"""The functional API: fused kernels behind torch.ops.fastnlp, batch first.
+
+Each function takes `backend=None` ("auto": the compiled kernel for the
+tensors' device) or "reference" (pure PyTorch, for debugging); the
+FASTNLP_BACKEND environment variable sets the default.
+"""
+
+from fastnlp.ops.crf import (
+    crf_gold_score,
+    crf_log_likelihood,
+    crf_log_partition,
+    crf_marginals,
+    crf_viterbi,
+    crf_viterbi_topk,
+)
+
+__all__ = [
+    "crf_gold_score",
+    "crf_log_likelihood",
+    "crf_log_partition",
+    "crf_marginals",
+    "crf_viterbi",
+    "crf_viterbi_topk",
+]

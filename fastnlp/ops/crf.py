@@ -1,0 +1,275 @@
+"""Linear-chain CRF: registration of the torch.ops.fastnlp.crf_* ops (fake
+kernels, autograd) and the functional API.
+
+The functional API is batch first: emissions (B, T, K) hold the score of tag k
+at position t; start_transitions (K,), end_transitions (K,) and transitions
+(K, K) (transitions[i, j]: from tag i to tag j) are the CRF's parameters. The
+mask (B, T, bool or uint8) selects the positions that form each chain; they
+need not be a prefix, so [CLS], [SEP] or non-first sub-word pieces can simply
+be masked out, and a row with nothing selected is an empty sequence.
+
+Every function validates its input and raises ValueError naming the argument
+before any kernel runs. Functions are TorchScript-compatible because
+fastnlp.nn.CRF, which calls them, must be scriptable.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastnlp.ops._backend import is_compiling, use_reference
+from fastnlp.reference import crf as reference
+
+__all__ = [
+    "crf_log_likelihood",
+    "crf_log_partition",
+    "crf_gold_score",
+    "crf_marginals",
+    "crf_viterbi",
+    "crf_viterbi_topk",
+]
+
+# ---------------------------------------------------------------------------
+# Registration: shapes for tracing (torch.compile, meta tensors) and autograd.
+
+
+@torch.library.register_fake("fastnlp::crf_log_partition")
+def _log_partition_fake(emissions, mask, tags, start_transitions, end_transitions, transitions):
+    return emissions.new_empty(emissions.shape[0]), torch.empty_like(emissions)
+
+
+@torch.library.register_fake("fastnlp::crf_log_partition_backward")
+def _log_partition_backward_fake(grad, emissions, mask, tags, start_transitions, end_transitions, transitions,
+                                 alpha, log_partition):
+    return (torch.empty_like(emissions), torch.empty_like(start_transitions), torch.empty_like(end_transitions),
+            torch.empty_like(transitions))
+
+
+@torch.library.register_fake("fastnlp::crf_viterbi")
+def _viterbi_fake(emissions, mask, start_transitions, end_transitions, transitions):
+    batch, seq_len, _ = emissions.shape
+    return emissions.new_empty((batch, seq_len), dtype=torch.long), emissions.new_empty(batch)
+
+
+@torch.library.register_fake("fastnlp::crf_viterbi_topk")
+def _viterbi_topk_fake(emissions, mask, start_transitions, end_transitions, transitions, k):
+    batch, seq_len, _ = emissions.shape
+    return emissions.new_empty((batch, seq_len, k), dtype=torch.long), emissions.new_empty((batch, k))
+
+
+def _log_partition_setup_context(ctx, inputs, output):
+    emissions, mask, tags, start_transitions, end_transitions, transitions = inputs
+    log_partition, alpha = output
+    ctx.mark_non_differentiable(alpha)
+    ctx.save_for_backward(emissions, mask, tags, start_transitions, end_transitions, transitions, alpha,
+                          log_partition)
+
+
+def _log_partition_backward(ctx, grad_log_partition, _grad_alpha):
+    emissions, mask, tags, start_transitions, end_transitions, transitions, alpha, log_partition = ctx.saved_tensors
+    grads = torch.ops.fastnlp.crf_log_partition_backward(grad_log_partition, emissions, mask, tags,
+                                                         start_transitions, end_transitions, transitions, alpha,
+                                                         log_partition)
+    grad_emissions, grad_start, grad_end, grad_transitions = grads
+    return grad_emissions, None, None, grad_start, grad_end, grad_transitions
+
+
+torch.library.register_autograd("fastnlp::crf_log_partition", _log_partition_backward,
+                                setup_context=_log_partition_setup_context)
+
+# ---------------------------------------------------------------------------
+# Input checks, shared with fastnlp.nn.CRF (which runs them in the user's
+# layout before transposing, so messages show the shapes the user passed).
+
+
+def _shape_str(shape: List[int]) -> str:
+    """A shape the way Python prints a tuple, which is what pytorch-crf's messages show."""
+    if len(shape) == 1:
+        return "(" + str(shape[0]) + ",)"
+    return "(" + ", ".join([str(size) for size in shape]) + ")"
+
+
+def check_crf_shapes(emissions: Tensor, num_tags: int, tags: Optional[Tensor], mask: Optional[Tensor]) -> None:
+    """pytorch-crf's shape checks, with its messages, plus dtype checks."""
+    if emissions.dim() != 3:
+        raise ValueError(f"emissions must have dimension of 3, got {emissions.dim()}")
+    if emissions.size(2) != num_tags:
+        raise ValueError(f"expected last dimension of emissions is {num_tags}, got {emissions.size(2)}")
+    if not emissions.is_floating_point():
+        raise ValueError(f"emissions must be a floating-point tensor, got {emissions.dtype}")
+    if tags is not None:
+        if emissions.shape[:2] != tags.shape:
+            raise ValueError("the first two dimensions of emissions and tags must match, "
+                             f"got {_shape_str(emissions.shape[:2])} and {_shape_str(tags.shape)}")
+        if tags.is_floating_point() or tags.is_complex() or tags.dtype == torch.bool:
+            raise ValueError(f"tags must be an integer tensor, got {tags.dtype}")
+    if mask is not None:
+        if emissions.shape[:2] != mask.shape:
+            raise ValueError("the first two dimensions of emissions and mask must match, "
+                             f"got {_shape_str(emissions.shape[:2])} and {_shape_str(mask.shape)}")
+        if mask.dtype != torch.bool and mask.dtype != torch.uint8:
+            raise ValueError(f"mask must be a bool or uint8 tensor, got {mask.dtype}")
+
+
+def _check_parameters(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor,
+                      transitions: Tensor) -> None:
+    num_tags = transitions.size(0) if transitions.dim() == 2 else -1
+    if transitions.dim() != 2 or transitions.size(1) != num_tags or num_tags < 1:
+        raise ValueError(f"transitions must be a square (num_tags, num_tags) tensor, got {_shape_str(transitions.shape)}")
+    for name, parameter in [("start_transitions", start_transitions), ("end_transitions", end_transitions)]:
+        if parameter.dim() != 1 or parameter.size(0) != num_tags:
+            raise ValueError(f"{name} must have shape ({num_tags},) to match transitions, "
+                             f"got {_shape_str(parameter.shape)}")
+    for name, tensor in [("start_transitions", start_transitions), ("end_transitions", end_transitions),
+                         ("transitions", transitions)]:
+        if not tensor.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {tensor.dtype}")
+        if tensor.device != emissions.device:
+            raise ValueError(f"{name} is on {tensor.device} but emissions are on {emissions.device}")
+
+
+def _compute_dtype(emissions: Tensor, transitions: Tensor) -> torch.dtype:
+    """float32 or float64: half-precision inputs are accumulated in float32."""
+    dtype = torch.promote_types(emissions.dtype, transitions.dtype)
+    if dtype != torch.float64:
+        dtype = torch.float32
+    return dtype
+
+
+def _prepare(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
+             mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Validate; return (emissions, mask, start, end, transitions) in the kernels' dtypes."""
+    _check_parameters(emissions, start_transitions, end_transitions, transitions)
+    check_crf_shapes(emissions, transitions.size(0), None, mask)
+    if mask is None:
+        mask = torch.ones(emissions.shape[:2], dtype=torch.bool, device=emissions.device)
+    elif mask.device != emissions.device:
+        raise ValueError(f"mask is on {mask.device} but emissions are on {emissions.device}")
+    dtype = _compute_dtype(emissions, transitions)
+    return (emissions.to(dtype), mask.bool(), start_transitions.to(dtype), end_transitions.to(dtype),
+            transitions.to(dtype))
+
+
+def _prepare_tags(tags: Tensor, emissions: Tensor, mask: Tensor, ignore_index: int) -> Tensor:
+    """int64 tags with -1 for "unknown" (ignore_index) and at unselected positions.
+
+    A tag outside [0, num_tags) would be an out-of-bounds read, so it is
+    refused here, before the kernel. Under torch.compile the check would be a
+    graph break; the CPU kernel's own check raises instead.
+    """
+    check_crf_shapes(emissions, emissions.size(2), tags, mask)
+    if tags.device != emissions.device:
+        raise ValueError(f"tags is on {tags.device} but emissions are on {emissions.device}")
+    tags = tags.long()
+    unknown = (tags == ignore_index) | ~mask
+    if not is_compiling():
+        bad = ~unknown & ((tags < 0) | (tags >= emissions.size(2)))
+        if bool(bad.any()):
+            where = bad.nonzero()[0]
+            raise ValueError(f"tags must be in [0, {emissions.size(2)}) or equal ignore_index ({ignore_index}) "
+                             f"at the positions the mask selects; got {int(tags[where[0], where[1]])} at "
+                             f"batch {int(where[0])}, position {int(where[1])}")
+    return torch.where(unknown, torch.full_like(tags, -1), tags)
+
+
+# ---------------------------------------------------------------------------
+# The functional API.
+
+
+def crf_log_partition(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
+                      mask: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """log Z: log-sum-exp of the scores of every tag path, shape (B,); 0 for an empty sequence.
+
+    Differentiable; its gradient with respect to the emissions is the posterior marginals.
+    """
+    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    if not torch.jit.is_scripting():
+        if use_reference(backend):
+            return reference.log_partition(emissions, mask, None, start, end, trans)
+    return torch.ops.fastnlp.crf_log_partition(emissions, mask, None, start, end, trans)[0]
+
+
+def crf_gold_score(emissions: Tensor, tags: Tensor, start_transitions: Tensor, end_transitions: Tensor,
+                   transitions: Tensor, mask: Optional[Tensor] = None, ignore_index: int = -100,
+                   backend: Optional[str] = None) -> Tensor:
+    """Score of the tagged path, shape (B,).
+
+    Positions tagged `ignore_index` are unknown and marginalised out: the
+    result is then the log-sum-exp over every path that agrees with the known
+    tags. Same fused kernel as crf_log_partition, with states pinned by tags.
+    """
+    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    tags = _prepare_tags(tags, emissions, mask, ignore_index)
+    if not torch.jit.is_scripting():
+        if use_reference(backend):
+            return reference.log_partition(emissions, mask, tags, start, end, trans)
+    return torch.ops.fastnlp.crf_log_partition(emissions, mask, tags, start, end, trans)[0]
+
+
+def crf_log_likelihood(emissions: Tensor, tags: Tensor, start_transitions: Tensor, end_transitions: Tensor,
+                       transitions: Tensor, mask: Optional[Tensor] = None, ignore_index: int = -100,
+                       backend: Optional[str] = None) -> Tensor:
+    """log p(tags | emissions) per sequence, shape (B,): gold score minus log Z.
+
+    0 for an empty sequence; -inf (or below -1e4) when the tags follow a
+    transition that is -inf (a constraint forbids it).
+    """
+    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    tags = _prepare_tags(tags, emissions, mask, ignore_index)
+    if not torch.jit.is_scripting():
+        if use_reference(backend):
+            gold = reference.log_partition(emissions, mask, tags, start, end, trans)
+            return gold - reference.log_partition(emissions, mask, None, start, end, trans)
+    gold = torch.ops.fastnlp.crf_log_partition(emissions, mask, tags, start, end, trans)[0]
+    return gold - torch.ops.fastnlp.crf_log_partition(emissions, mask, None, start, end, trans)[0]
+
+
+def crf_marginals(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
+                  mask: Optional[Tensor] = None, backend: Optional[str] = None) -> Tensor:
+    """Posterior tag probabilities P(y_t = k), shaped like emissions; 0 at unselected positions.
+
+    Computed with the forward and backward algorithms (one kernel each); the
+    result carries no gradient.
+    """
+    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    emissions, start, end, trans = emissions.detach(), start.detach(), end.detach(), trans.detach()
+    if not torch.jit.is_scripting():
+        if use_reference(backend):
+            return reference.marginals(emissions, mask, start, end, trans)
+    log_z, alpha = torch.ops.fastnlp.crf_log_partition(emissions, mask, None, start, end, trans)
+    ones = torch.ones_like(log_z)
+    return torch.ops.fastnlp.crf_log_partition_backward(ones, emissions, mask, None, start, end, trans, alpha,
+                                                        log_z)[0]
+
+
+def crf_viterbi(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
+                mask: Optional[Tensor] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """Best tag path, (B, T) int64 with -1 at unselected positions, and its score (B,).
+
+    Backtrace included, everything runs on the tensors' device.
+    """
+    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    emissions, start, end, trans = emissions.detach(), start.detach(), end.detach(), trans.detach()
+    if not torch.jit.is_scripting():
+        if use_reference(backend):
+            return reference.viterbi(emissions, mask, start, end, trans)
+    return torch.ops.fastnlp.crf_viterbi(emissions, mask, start, end, trans)
+
+
+def crf_viterbi_topk(emissions: Tensor, k: int, start_transitions: Tensor, end_transitions: Tensor,
+                     transitions: Tensor, mask: Optional[Tensor] = None,
+                     backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """The k best tag paths, (B, T, k) int64, and their scores (B, k), best first.
+
+    Where a sequence has fewer than k paths the missing ranks score -inf and
+    their paths are -1; positions the mask excludes are -1.
+    """
+    if k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    emissions, start, end, trans = emissions.detach(), start.detach(), end.detach(), trans.detach()
+    if not torch.jit.is_scripting():
+        if use_reference(backend):
+            return reference.viterbi_topk(emissions, mask, start, end, trans, k)
+    return torch.ops.fastnlp.crf_viterbi_topk(emissions, mask, start, end, trans, k)

@@ -1,0 +1,6 @@
+"""Pure-PyTorch oracles for every fastnlp op: slow, obviously correct, the
+baseline that tests and benchmarks compare the kernels with."""
+
+from fastnlp.reference import crf
+
+__all__ = ["crf"]

@@ -1,0 +1,87 @@
+"""Build the fastnlp._C extension.
+
+CPU kernels are always compiled. CUDA kernels are compiled when the installed
+torch was built with CUDA and nvcc is found -- a GPU does not need to be
+visible, so a GPU-less build host can still produce CUDA kernels.
+
+Environment:
+  FASTNLP_CPU_ONLY=1       never compile the CUDA kernels
+  MAX_JOBS=N               parallel compile jobs (read by torch's ninja build)
+  TORCH_CUDA_ARCH_LIST     CUDA archs, default "8.0;9.0"
+"""
+
+import glob
+import importlib.util
+import os
+import shutil
+
+import torch
+from setuptools import setup
+from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+GENERATED = os.path.join(ROOT, "build", "generated")
+
+
+def source_files(pattern):
+    return sorted(glob.glob(os.path.join("csrc", pattern), recursive=True))
+
+
+def load_source_hash():
+    """fastnlp/_source_hash.py, loaded by path: fastnlp itself is not importable before it is built."""
+    spec = importlib.util.spec_from_file_location("_source_hash", os.path.join(ROOT, "fastnlp", "_source_hash.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.csrc_hash
+
+
+def want_cuda():
+    if os.environ.get("FASTNLP_CPU_ONLY", "0") not in ("", "0"):
+        return False
+    nvcc_found = shutil.which("nvcc") is not None or CUDA_HOME is not None
+    return torch.version.cuda is not None and nvcc_found
+
+
+def write_build_stamp():
+    """Only ops.cpp includes this header, so a source change recompiles one file, not all."""
+    os.makedirs(GENERATED, exist_ok=True)
+    text = (
+        "#pragma once\n"
+        f'#define FASTNLP_SOURCE_HASH "{load_source_hash()(os.path.join(ROOT, "csrc"))}"\n'
+        f'#define FASTNLP_TORCH_VERSION "{torch.__version__}"\n'
+    )
+    path = os.path.join(GENERATED, "fastnlp_build_stamp.h")
+    old = open(path).read() if os.path.exists(path) else None
+    if old != text:
+        with open(path, "w") as f:
+            f.write(text)
+
+
+def extension():
+    with_cuda = want_cuda()
+    write_build_stamp()
+    sources = source_files("*.cpp") + source_files("cpu/*.cpp")
+    cxx_flags = ["-O3"]
+    define_macros = []
+    extra = {"cxx": cxx_flags}
+    if with_cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += source_files("cuda/*.cu") + source_files("cuda/*.cpp")
+        define_macros.append(("FASTNLP_WITH_CUDA", "1"))
+        extra["nvcc"] = ["-O3", "-std=c++17", "-lineinfo"]
+        ext_class = CUDAExtension
+    else:
+        ext_class = CppExtension
+    return ext_class(
+        name="fastnlp._C",
+        sources=sources,
+        include_dirs=[os.path.join(ROOT, "csrc"), GENERATED],
+        define_macros=define_macros,
+        extra_compile_args=extra,
+    )
+
+
+setup(
+    ext_modules=[extension()],
+    cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
+)
