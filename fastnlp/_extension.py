@@ -24,18 +24,21 @@ def _source_checkout_csrc():
     return csrc if (root / "setup.py").is_file() and csrc.is_dir() else None
 
 
+def check_build(info: dict, torch_version: str, csrc) -> None:
+    """Raise ImportError when the build info does not match this torch or these sources."""
+    if info["torch_version"] != torch_version:
+        raise ImportError(
+            f"fastnlp._C was built against torch {info['torch_version']} but torch {torch_version} "
+            f"is installed; rebuild it. {BUILD_HINT}"
+        )
+    if csrc is not None and csrc_hash(csrc) != info["source_hash"]:
+        raise ImportError(f"fastnlp._C is stale: the sources in {csrc} changed since it was built. {BUILD_HINT}")
+
+
 def load_extension():
     try:
         from fastnlp import _C
     except ImportError as error:
         raise ImportError(f"fastnlp's compiled extension fastnlp._C is missing or broken ({error}). {BUILD_HINT}") from error
-    info = _C.build_info()
-    if info["torch_version"] != torch.__version__:
-        raise ImportError(
-            f"fastnlp._C was built against torch {info['torch_version']} but torch {torch.__version__} "
-            f"is installed; rebuild it. {BUILD_HINT}"
-        )
-    csrc = _source_checkout_csrc()
-    if csrc is not None and csrc_hash(csrc) != info["source_hash"]:
-        raise ImportError(f"fastnlp._C is stale: the sources in {csrc} changed since it was built. {BUILD_HINT}")
+    check_build(_C.build_info(), torch.__version__, _source_checkout_csrc())
     return _C

@@ -9,9 +9,6 @@ from fastnlp.nn.constraints import AllowedTransitions
 from fastnlp.ops import crf as F
 from fastnlp.ops.crf import check_crf_shapes
 
-_REDUCTIONS = ("none", "sum", "mean", "token_mean")
-
-
 class CRF(nn.Module):
     """Linear-chain conditional random field.
 
@@ -85,7 +82,7 @@ class CRF(nn.Module):
                 "token_mean" (sum divided by the number of selected positions).
         """
         check_crf_shapes(emissions, self.num_tags, tags, mask)
-        if reduction not in _REDUCTIONS:
+        if reduction not in ("none", "sum", "mean", "token_mean"):
             raise ValueError(f"invalid reduction: {reduction}")
         if mask is None:
             mask = torch.ones_like(tags, dtype=torch.uint8)
@@ -101,6 +98,7 @@ class CRF(nn.Module):
             return llh.mean()
         return llh.sum() / mask.float().sum()
 
+    @torch.jit.export
     def decode(self, emissions: Tensor, mask: Optional[Tensor] = None) -> List[List[int]]:
         """Best tag sequence of each batch element, as lists holding the selected positions' tags."""
         paths, _ = self.viterbi(emissions, mask)
@@ -116,6 +114,7 @@ class CRF(nn.Module):
             offset += length
         return best
 
+    @torch.jit.export
     def viterbi(self, emissions: Tensor, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """Best paths, shaped like tags (int64, -1 where the mask excludes), and their scores (batch,)."""
         emissions, mask = self._batch_first_inputs(emissions, mask)
@@ -125,6 +124,7 @@ class CRF(nn.Module):
             paths = paths.transpose(0, 1)
         return paths, scores
 
+    @torch.jit.export
     def viterbi_topk(self, emissions: Tensor, k: int, mask: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         """The k best paths, shaped like tags with k appended, and their scores (batch, k), best first."""
         emissions, mask = self._batch_first_inputs(emissions, mask)
@@ -134,6 +134,7 @@ class CRF(nn.Module):
             paths = paths.transpose(0, 1)
         return paths, scores
 
+    @torch.jit.export
     def marginals(self, emissions: Tensor, mask: Optional[Tensor] = None) -> Tensor:
         """Posterior tag probabilities, shaped like emissions (0 where the mask excludes)."""
         emissions, mask = self._batch_first_inputs(emissions, mask)

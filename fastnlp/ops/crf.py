@@ -147,7 +147,7 @@ def _prepare(emissions: Tensor, start_transitions: Tensor, end_transitions: Tens
     elif mask.device != emissions.device:
         raise ValueError(f"mask is on {mask.device} but emissions are on {emissions.device}")
     dtype = _compute_dtype(emissions, transitions)
-    return (emissions.to(dtype), mask.bool(), start_transitions.to(dtype), end_transitions.to(dtype),
+    return (emissions.to(dtype), mask.to(torch.bool), start_transitions.to(dtype), end_transitions.to(dtype),
             transitions.to(dtype))
 
 

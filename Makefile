@@ -1,0 +1,49 @@
+# The two commands: `make test` and `make bench`. Each creates .venv on first
+# use, installs torch (TORCH_SPEC) and the package, and is quick when nothing
+# changed: the stamps below re-run a step only when its inputs change.
+PYTHON ?= python3
+TORCH_SPEC ?= torch==2.13.0
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip --disable-pip-version-check
+
+TEST_DEPS := ninja pybind11 setuptools wheel pytest hypothesis pytorch-crf
+BENCH_DEPS := tqdm matplotlib pytorch-crf torch-struct
+SOURCES := setup.py fastnlp/_source_hash.py $(shell find csrc -type f)
+
+.PHONY: test bench build clean FORCE
+
+test: $(VENV)/.built
+	$(PY) -m pytest python_tests
+
+bench: $(VENV)/.built $(VENV)/.bench-deps
+	$(PY) -m fastnlp.bench --device cpu
+
+build: $(VENV)/.built
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Rewritten only when TORCH_SPEC changes, so a new spec reinstalls.
+$(VENV)/.torch-spec: FORCE | $(PY)
+	@echo '$(TORCH_SPEC)' | cmp -s - $@ || echo '$(TORCH_SPEC)' > $@
+
+$(VENV)/.deps: $(VENV)/.torch-spec pyproject.toml | $(PY)
+	$(PIP) install '$(TORCH_SPEC)' $(TEST_DEPS)
+	@touch $@
+
+$(VENV)/.bench-deps: $(VENV)/.deps
+	$(PIP) install $(BENCH_DEPS)
+	@touch $@
+
+# --no-build-isolation: compile against the torch installed above, not a
+# second one that pip would fetch into an isolated build environment.
+# The editable install puts fastnlp on the venv's path; later rebuilds are
+# incremental (ninja) in build/.
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	@test -f $(VENV)/.editable || { $(PIP) install --no-build-isolation --no-deps -e . && touch $(VENV)/.editable; }
+	$(PY) setup.py -q build_ext --inplace
+	@touch $@
+
+clean:
+	rm -rf build fastnlp/_C*.so *.egg-info

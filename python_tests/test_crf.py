@@ -1,0 +1,461 @@
+"""The CRF ops (fastnlp.ops.crf_*) against brute-force enumeration and the
+pure-PyTorch reference: values, gradients, dtypes, masks, partial labels,
+errors, gradcheck, opcheck and torch.compile."""
+
+import itertools
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastnlp
+from fastnlp import ops
+from fastnlp.reference import crf as reference
+
+NEG_INF = float("-inf")
+
+
+# ---------------------------------------------------------------------------
+# Brute force: enumerate every path of one sequence, in float64.
+
+
+def path_scores(emissions, mask, start, end, trans):
+    """{path (tuple of tags over the selected positions): score} for one sequence."""
+    positions = [t for t in range(emissions.shape[0]) if mask[t]]
+    num_tags = emissions.shape[1]
+    scores = {}
+    for path in itertools.product(range(num_tags), repeat=len(positions)):
+        if not path:
+            scores[path] = 0.0
+            continue
+        score = float(start[path[0]]) + float(end[path[-1]])
+        score += sum(float(emissions[t, y]) for t, y in zip(positions, path))
+        score += sum(float(trans[a, b]) for a, b in zip(path, path[1:]))
+        scores[path] = score
+    return positions, scores
+
+
+def logsumexp(values):
+    values = list(values)
+    top = max(values, default=NEG_INF)
+    if top == NEG_INF:
+        return NEG_INF
+    return top + math.log(sum(math.exp(v - top) for v in values))
+
+
+def brute_log_partition(emissions, mask, tags, start, end, trans):
+    positions, scores = path_scores(emissions, mask, start, end, trans)
+
+    def consistent(path):
+        return tags is None or all(tags[t] < 0 or tags[t] == y for t, y in zip(positions, path))
+
+    return logsumexp(s for p, s in scores.items() if consistent(p))
+
+
+def brute_marginals(emissions, mask, start, end, trans):
+    positions, scores = path_scores(emissions, mask, start, end, trans)
+    log_z = logsumexp(scores.values())
+    result = torch.zeros(emissions.shape, dtype=torch.float64)
+    for path, score in scores.items():
+        for t, y in zip(positions, path):
+            result[t, y] += math.exp(score - log_z)
+    return result
+
+
+def random_problem(batch, seq_len, num_tags, dtype=torch.float64, device="cpu", seed=0, mask_kind="random",
+                   scale=1.0):
+    gen = torch.Generator().manual_seed(seed)
+    emissions = torch.randn(batch, seq_len, num_tags, generator=gen, dtype=torch.float64) * scale
+    start = torch.randn(num_tags, generator=gen, dtype=torch.float64)
+    end = torch.randn(num_tags, generator=gen, dtype=torch.float64)
+    trans = torch.randn(num_tags, num_tags, generator=gen, dtype=torch.float64)
+    if mask_kind == "random":
+        mask = torch.rand(batch, seq_len, generator=gen) < 0.7
+    elif mask_kind == "prefix":
+        lengths = torch.randint(0, seq_len + 1, (batch,), generator=gen)
+        mask = torch.arange(seq_len) < lengths.unsqueeze(1)
+    else:
+        mask = torch.ones(batch, seq_len, dtype=torch.bool)
+    tags = torch.randint(0, num_tags, (batch, seq_len), generator=gen)
+    tags[torch.rand(batch, seq_len, generator=gen) < 0.3] = -100  # unknown
+    convert = dict(dtype=dtype, device=device)
+    return (emissions.to(**convert), tags.to(device), mask.to(device), start.to(**convert), end.to(**convert),
+            trans.to(**convert))
+
+
+problems = st.tuples(st.integers(1, 3), st.integers(0, 5), st.integers(1, 4), st.integers(0, 2**16),
+                     st.sampled_from(["random", "prefix", "full"]))
+
+
+# ---------------------------------------------------------------------------
+# Exact semantics on small problems, against enumeration of every path.
+
+
+@given(problems)
+def test_log_partition_gold_and_likelihood_match_enumeration(problem):
+    batch, seq_len, num_tags, seed, mask_kind = problem
+    emissions, tags, mask, start, end, trans = random_problem(batch, seq_len, num_tags, seed=seed,
+                                                              mask_kind=mask_kind)
+    log_z = ops.crf_log_partition(emissions, start, end, trans, mask)
+    gold = ops.crf_gold_score(emissions, tags, start, end, trans, mask)
+    llh = ops.crf_log_likelihood(emissions, tags, start, end, trans, mask)
+    for b in range(batch):
+        pinned = [int(t) if t >= 0 else -1 for t in tags[b]]
+        expected_z = brute_log_partition(emissions[b], mask[b], None, start, end, trans)
+        expected_gold = brute_log_partition(emissions[b], mask[b], pinned, start, end, trans)
+        assert log_z[b].item() == pytest.approx(expected_z, abs=1e-9)
+        assert gold[b].item() == pytest.approx(expected_gold, abs=1e-9)
+        assert llh[b].item() == pytest.approx(expected_gold - expected_z, abs=1e-9)
+
+
+@given(problems)
+def test_marginals_match_enumeration(problem):
+    batch, seq_len, num_tags, seed, mask_kind = problem
+    emissions, _, mask, start, end, trans = random_problem(batch, seq_len, num_tags, seed=seed, mask_kind=mask_kind)
+    result = ops.crf_marginals(emissions, start, end, trans, mask)
+    for b in range(batch):
+        torch.testing.assert_close(result[b], brute_marginals(emissions[b], mask[b], start, end, trans))
+
+
+@given(problems)
+def test_viterbi_matches_enumeration(problem):
+    batch, seq_len, num_tags, seed, mask_kind = problem
+    emissions, _, mask, start, end, trans = random_problem(batch, seq_len, num_tags, seed=seed, mask_kind=mask_kind)
+    paths, scores = ops.crf_viterbi(emissions, start, end, trans, mask)
+    for b in range(batch):
+        positions, all_scores = path_scores(emissions[b], mask[b], start, end, trans)
+        best = max(all_scores, key=all_scores.get)
+        assert scores[b].item() == pytest.approx(all_scores[best], abs=1e-9)
+        assert tuple(paths[b, positions].tolist()) == best
+        unselected = ~mask[b]
+        assert (paths[b][unselected] == -1).all()
+
+
+@given(problems, st.integers(1, 6))
+def test_viterbi_topk_matches_enumeration(problem, k):
+    batch, seq_len, num_tags, seed, mask_kind = problem
+    emissions, _, mask, start, end, trans = random_problem(batch, seq_len, num_tags, seed=seed, mask_kind=mask_kind)
+    paths, scores = ops.crf_viterbi_topk(emissions, k, start, end, trans, mask)
+    assert paths.shape == (batch, seq_len, k) and scores.shape == (batch, k)
+    for b in range(batch):
+        positions, all_scores = path_scores(emissions[b], mask[b], start, end, trans)
+        ranked = sorted(all_scores.items(), key=lambda item: -item[1])
+        for n in range(k):
+            if n < len(ranked):
+                path = tuple(paths[b, positions, n].tolist())
+                assert scores[b, n].item() == pytest.approx(ranked[n][1], abs=1e-9)
+                assert all_scores[path] == pytest.approx(scores[b, n].item(), abs=1e-9)
+            else:
+                assert scores[b, n].item() == NEG_INF
+                assert (paths[b, :, n] == -1).all()
+        found = [tuple(paths[b, positions, n].tolist()) for n in range(min(k, len(ranked)))]
+        assert len(set(found)) == len(found), "k-best paths must be distinct"
+        assert (paths[b][~mask[b]] == -1).all()
+
+
+def test_reference_matches_enumeration():
+    # The oracle itself is checked once, so kernel-vs-reference tests mean something.
+    emissions, tags, mask, start, end, trans = random_problem(3, 5, 3, seed=7)
+    tags = torch.where(tags == -100, torch.full_like(tags, -1), tags)
+    tags = torch.where(mask, tags, torch.full_like(tags, -1))
+    log_z = reference.log_partition(emissions, mask, None, start, end, trans)
+    gold = reference.log_partition(emissions, mask, tags, start, end, trans)
+    paths, _ = reference.viterbi(emissions, mask, start, end, trans)
+    top_paths, top_scores = reference.viterbi_topk(emissions, mask, start, end, trans, 4)
+    marg = reference.marginals(emissions, mask, start, end, trans)
+    for b in range(3):
+        positions, all_scores = path_scores(emissions[b], mask[b], start, end, trans)
+        assert log_z[b].item() == pytest.approx(brute_log_partition(emissions[b], mask[b], None, start, end, trans))
+        assert gold[b].item() == pytest.approx(
+            brute_log_partition(emissions[b], mask[b], tags[b].tolist(), start, end, trans))
+        assert tuple(paths[b, positions].tolist()) == max(all_scores, key=all_scores.get)
+        ranked = sorted(all_scores.values(), reverse=True)[:4]
+        assert top_scores[b, :len(ranked)].tolist() == pytest.approx(ranked)
+        torch.testing.assert_close(marg[b], brute_marginals(emissions[b], mask[b], start, end, trans))
+
+
+# ---------------------------------------------------------------------------
+# Kernels against the reference on random shapes, values and gradients.
+
+
+def likelihood_and_grads(emissions, tags, mask, start, end, trans, backend):
+    leaves = [x.detach().clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+    llh = ops.crf_log_likelihood(leaves[0], tags, leaves[1], leaves[2], leaves[3], mask, backend=backend)
+    weights = torch.linspace(0.5, 1.5, llh.numel(), dtype=llh.dtype, device=llh.device)
+    grads = torch.autograd.grad((llh * weights).sum(), leaves)
+    return llh.detach(), grads
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(1, 7), st.integers(0, 2**16),
+       st.sampled_from(["random", "prefix", "full"]))
+def test_log_likelihood_and_gradients_match_reference(device, dtype, batch, seq_len, num_tags, seed, mask_kind):
+    problem = random_problem(batch, seq_len, num_tags, dtype=dtype, device=device, seed=seed, mask_kind=mask_kind)
+    llh, grads = likelihood_and_grads(*problem, backend=None)
+    ref_llh, ref_grads = likelihood_and_grads(*problem, backend="reference")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(llh, ref_llh, **tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **tol)
+
+
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(1, 7), st.integers(0, 2**16), st.integers(1, 4))
+def test_decoding_matches_reference(device, batch, seq_len, num_tags, seed, k):
+    emissions, _, mask, start, end, trans = random_problem(batch, seq_len, num_tags, dtype=torch.float32,
+                                                           device=device, seed=seed)
+    paths, scores = ops.crf_viterbi(emissions, start, end, trans, mask)
+    ref_paths, ref_scores = ops.crf_viterbi(emissions, start, end, trans, mask, backend="reference")
+    assert torch.equal(paths, ref_paths)
+    torch.testing.assert_close(scores, ref_scores)
+    top_paths, top_scores = ops.crf_viterbi_topk(emissions, k, start, end, trans, mask)
+    ref_top_paths, ref_top_scores = ops.crf_viterbi_topk(emissions, k, start, end, trans, mask, backend="reference")
+    torch.testing.assert_close(top_scores, ref_top_scores)
+    assert torch.equal(top_paths, ref_top_paths)
+    # k = 1 is plain Viterbi.
+    assert torch.equal(top_paths[..., 0], paths)
+
+
+def test_marginals_match_reference_and_sum_to_one(device):
+    emissions, _, mask, start, end, trans = random_problem(4, 9, 6, device=device, seed=3)
+    result = ops.crf_marginals(emissions, start, end, trans, mask)
+    torch.testing.assert_close(result, ops.crf_marginals(emissions, start, end, trans, mask, backend="reference"))
+    sums = result.sum(-1)
+    torch.testing.assert_close(sums, mask.to(sums.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs_accumulate_in_float32(dtype):
+    emissions, tags, mask, start, end, trans = random_problem(3, 10, 5, dtype=torch.float32, seed=11)
+    low = emissions.to(dtype).requires_grad_(True)
+    llh = ops.crf_log_likelihood(low, tags, start, end, trans, mask)
+    assert llh.dtype == torch.float32
+    expected = ops.crf_log_likelihood(low.detach().float(), tags, start, end, trans, mask)
+    torch.testing.assert_close(llh, expected)
+    (grad,) = torch.autograd.grad(llh.sum(), low)
+    assert grad.dtype == dtype and torch.isfinite(grad).all()
+    paths, _ = ops.crf_viterbi(low.detach(), start, end, trans, mask)
+    assert torch.equal(paths, ops.crf_viterbi(low.detach().float(), start, end, trans, mask)[0])
+
+
+def test_long_sequences_stay_finite_and_exact():
+    # T = 4096 with emissions of magnitude ~10: log Z ~ 4e4 must not overflow.
+    emissions, tags, mask, start, end, trans = random_problem(2, 4096, 5, dtype=torch.float32, seed=5,
+                                                              mask_kind="full", scale=10.0)
+    llh = ops.crf_log_likelihood(emissions, tags, start, end, trans, mask)
+    assert torch.isfinite(llh).all()
+    exact = ops.crf_log_likelihood(emissions.double(), tags, start.double(), end.double(), trans.double(), mask)
+    torch.testing.assert_close(llh.double(), exact, rtol=1e-5, atol=1e-2)
+    log_z = ops.crf_log_partition(emissions.double(), start.double(), end.double(), trans.double(), mask)
+    ref = reference.log_partition(emissions.double(), mask, None, start.double(), end.double(), trans.double())
+    torch.testing.assert_close(log_z, ref)
+
+
+@pytest.mark.parametrize("spread", [50.0, 400.0, 2000.0])
+def test_extreme_scores_take_the_exact_fallback(spread):
+    # Transition and emission ranges far beyond exp()'s range force the scaled
+    # sums to underflow; the exact log-space fallback must keep results right.
+    emissions, tags, mask, start, end, trans = random_problem(3, 8, 5, seed=13, scale=spread)
+    trans = trans * spread
+    start, end = start * spread, end * spread
+    llh, grads = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend=None)
+    ref_llh, ref_grads = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend="reference")
+    torch.testing.assert_close(llh, ref_llh, rtol=1e-9, atol=1e-7)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-7, atol=1e-7)
+
+
+def test_forbidden_transitions_give_zero_probability():
+    emissions, _, mask, start, end, trans = random_problem(3, 6, 4, seed=17, mask_kind="full")
+    trans = trans.clone()
+    trans[0, 1] = NEG_INF       # 0 -> 1 is forbidden
+    start = start.clone()
+    start[2] = NEG_INF          # nothing starts with 2
+    tags = torch.tensor([[0, 1, 0, 0, 0, 0], [2, 0, 0, 0, 0, 0], [3, 3, 3, 3, 3, 3]])
+    llh = ops.crf_log_likelihood(emissions, tags, start, end, trans, mask)
+    assert llh[0].item() == NEG_INF and llh[1].item() == NEG_INF and torch.isfinite(llh[2])
+    marg = ops.crf_marginals(emissions, start, end, trans, mask)
+    assert (marg[:, 0, 2] == 0).all()
+    paths, _ = ops.crf_viterbi(emissions, start, end, trans, mask)
+    top_paths, top_scores = ops.crf_viterbi_topk(emissions, 8, start, end, trans, mask)
+    for path in [paths] + [top_paths[..., n] for n in range(8)]:
+        assert (path[:, 0] != 2).all()
+        assert not ((path[:, :-1] == 0) & (path[:, 1:] == 1)).any()
+    assert torch.isfinite(top_scores).all()
+    # Gradients of a legal gold path are finite even with -inf parameters around.
+    leaves = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+    legal = ops.crf_log_likelihood(leaves[0][2:], tags[2:], leaves[1], leaves[2], leaves[3], mask[2:])
+    for grad in torch.autograd.grad(legal.sum(), leaves):
+        assert torch.isfinite(grad).all()
+
+
+def test_masks_need_not_start_on():
+    # A chain over scattered positions equals the same chain on compacted input.
+    emissions, tags, _, start, end, trans = random_problem(1, 9, 4, seed=19)
+    tags[tags < 0] = 0
+    mask = torch.tensor([[False, True, True, False, False, True, False, True, False]])
+    keep = mask[0].nonzero().flatten()
+    compact = dict(emissions=emissions[:, keep], tags=tags[:, keep])
+    llh = ops.crf_log_likelihood(emissions, tags, start, end, trans, mask)
+    expected = ops.crf_log_likelihood(compact["emissions"], compact["tags"], start, end, trans)
+    torch.testing.assert_close(llh, expected)
+    paths, scores = ops.crf_viterbi(emissions, start, end, trans, mask)
+    compact_paths, compact_scores = ops.crf_viterbi(compact["emissions"], start, end, trans)
+    assert torch.equal(paths[:, keep], compact_paths) and (paths[:, ~mask[0]] == -1).all()
+    torch.testing.assert_close(scores, compact_scores)
+
+
+def test_empty_sequences():
+    emissions, tags, _, start, end, trans = random_problem(2, 4, 3, seed=23)
+    mask = torch.tensor([[False] * 4, [True, True, False, False]])
+    llh = ops.crf_log_likelihood(emissions, tags.clamp(min=0), start, end, trans, mask)
+    assert llh[0].item() == 0.0 and torch.isfinite(llh[1])
+    paths, scores = ops.crf_viterbi(emissions, start, end, trans, mask)
+    assert (paths[0] == -1).all() and scores[0].item() == 0.0
+    _, top_scores = ops.crf_viterbi_topk(emissions, 3, start, end, trans, mask)
+    assert top_scores[0].tolist() == [0.0, NEG_INF, NEG_INF]
+    # Zero-sized batch and zero-length sequences.
+    for batch, seq_len in [(0, 4), (2, 0)]:
+        e = torch.randn(batch, seq_len, 3, dtype=torch.float64)
+        t = torch.zeros(batch, seq_len, dtype=torch.long)
+        assert ops.crf_log_likelihood(e, t, start, end, trans).shape == (batch,)
+        assert ops.crf_viterbi(e, start, end, trans)[0].shape == (batch, seq_len)
+
+
+def test_partial_labels_marginalise_unknown_positions():
+    emissions, _, mask, start, end, trans = random_problem(2, 5, 3, seed=29, mask_kind="full")
+    all_unknown = torch.full((2, 5), -100)
+    gold = ops.crf_gold_score(emissions, all_unknown, start, end, trans, mask)
+    torch.testing.assert_close(gold, ops.crf_log_partition(emissions, start, end, trans, mask))
+    llh = ops.crf_log_likelihood(emissions, all_unknown, start, end, trans, mask)
+    torch.testing.assert_close(llh, torch.zeros(2, dtype=torch.float64), atol=1e-12, rtol=0)
+    # A custom ignore_index works the same way.
+    custom = torch.full((2, 5), 7)
+    torch.testing.assert_close(ops.crf_gold_score(emissions, custom, start, end, trans, mask, ignore_index=7), gold)
+
+
+# ---------------------------------------------------------------------------
+# Bad input: a clear ValueError before any kernel runs, never a crash.
+
+
+def test_errors_name_the_argument():
+    emissions, tags, mask, start, end, trans = random_problem(2, 4, 3, seed=31)
+    tags = tags.clamp(min=0)
+    with pytest.raises(ValueError, match="tags must be in \\[0, 3\\)"):
+        ops.crf_log_likelihood(emissions, torch.full_like(tags, 3), start, end, trans)
+    with pytest.raises(ValueError, match="got -1 at batch 0, position 0"):
+        ops.crf_log_likelihood(emissions, torch.full_like(tags, -1), start, end, trans)
+    with pytest.raises(ValueError, match="emissions must have dimension of 3"):
+        ops.crf_log_partition(emissions[0], start, end, trans)
+    with pytest.raises(ValueError, match="expected last dimension of emissions is 4, got 3"):
+        ops.crf_log_partition(emissions, torch.zeros(4), torch.zeros(4), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="transitions must be a square"):
+        ops.crf_log_partition(emissions, start, end, trans[:2])
+    with pytest.raises(ValueError, match="start_transitions must have shape \\(3,\\)"):
+        ops.crf_log_partition(emissions, start[:2], end, trans)
+    with pytest.raises(ValueError, match="mask must be a bool or uint8"):
+        ops.crf_log_partition(emissions, start, end, trans, mask.float())
+    with pytest.raises(ValueError, match="the first two dimensions of emissions and mask must match"):
+        ops.crf_log_partition(emissions, start, end, trans, mask[:, :2])
+    with pytest.raises(ValueError, match="the first two dimensions of emissions and tags must match"):
+        ops.crf_log_likelihood(emissions, tags[:1], start, end, trans)
+    with pytest.raises(ValueError, match="tags must be an integer tensor"):
+        ops.crf_log_likelihood(emissions, tags.double(), start, end, trans)
+    with pytest.raises(ValueError, match="emissions must be a floating-point"):
+        ops.crf_log_partition(emissions.long(), start, end, trans)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        ops.crf_viterbi_topk(emissions, 0, start, end, trans)
+    with pytest.raises(ValueError, match="backend must be one of"):
+        ops.crf_log_partition(emissions, start, end, trans, backend="fast")
+
+
+def test_kernel_refuses_out_of_range_tags_itself():
+    # Called directly (as torch.compile does, past the Python checks), the
+    # kernel still refuses an index it would read out of bounds.
+    emissions, _, mask, start, end, trans = random_problem(1, 3, 3, seed=37, mask_kind="full")
+    for bad in (3, -2):
+        tags = torch.tensor([[0, bad, 1]])
+        with pytest.raises(RuntimeError, match="tags must be in"):
+            torch.ops.fastnlp.crf_log_partition(emissions, mask, tags, start, end, trans)
+
+
+def test_backend_environment_variable(monkeypatch):
+    emissions, tags, mask, start, end, trans = random_problem(2, 4, 3, seed=41)
+    called = []
+    original = reference.log_partition
+    monkeypatch.setattr(reference, "log_partition", lambda *a: called.append(1) or original(*a))
+    monkeypatch.setenv("FASTNLP_BACKEND", "reference")
+    ops.crf_log_partition(emissions, start, end, trans, mask)
+    assert called
+    monkeypatch.setenv("FASTNLP_BACKEND", "bogus")
+    with pytest.raises(ValueError, match="FASTNLP_BACKEND must be one of"):
+        ops.crf_log_partition(emissions, start, end, trans, mask)
+
+
+# ---------------------------------------------------------------------------
+# PyTorch integration: gradcheck, opcheck, torch.compile.
+
+
+def test_gradcheck_float64():
+    emissions, tags, mask, start, end, trans = random_problem(3, 5, 4, seed=43)
+    leaves = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+
+    def log_likelihood(e, s, n, t):
+        return ops.crf_log_likelihood(e, tags, s, n, t, mask)
+
+    def log_partition(e, s, n, t):
+        return ops.crf_log_partition(e, s, n, t, mask)
+
+    assert torch.autograd.gradcheck(log_likelihood, leaves)
+    assert torch.autograd.gradcheck(log_partition, leaves)
+
+
+def opcheck_samples(device):
+    for seed, (batch, seq_len, num_tags), mask_kind in [(1, (3, 5, 4), "random"), (2, (2, 6, 1), "prefix"),
+                                                        (3, (1, 1, 3), "full"), (4, (2, 0, 3), "full")]:
+        for dtype in (torch.float32, torch.float64):
+            emissions, tags, mask, start, end, trans = random_problem(batch, seq_len, num_tags, dtype=dtype,
+                                                                      device=device, seed=seed, mask_kind=mask_kind)
+            tags = torch.where(mask & (tags >= 0), tags, torch.full_like(tags, -1))
+            yield emissions, tags, mask, start, end, trans
+
+
+def test_opcheck(device):
+    for emissions, tags, mask, start, end, trans in opcheck_samples(device):
+        leaves = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+        for pinned in (None, tags):
+            args = (leaves[0], mask, pinned, leaves[1], leaves[2], leaves[3])
+            torch.library.opcheck(torch.ops.fastnlp.crf_log_partition.default, args)
+            log_z, alpha = torch.ops.fastnlp.crf_log_partition(emissions, mask, pinned, start, end, trans)
+            torch.library.opcheck(torch.ops.fastnlp.crf_log_partition_backward.default,
+                                  (torch.ones_like(log_z), emissions, mask, pinned, start, end, trans, alpha, log_z))
+        torch.library.opcheck(torch.ops.fastnlp.crf_viterbi.default, (emissions, mask, start, end, trans))
+        torch.library.opcheck(torch.ops.fastnlp.crf_viterbi_topk.default, (emissions, mask, start, end, trans, 3))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    torch._dynamo.reset()
+    emissions, tags, mask, start, end, trans = random_problem(3, 7, 4, dtype=torch.float32, seed=47)
+    tags = tags.clamp(min=0)
+
+    def loss_and_decode(e, s, n, t):
+        llh = ops.crf_log_likelihood(e, tags, s, n, t, mask)
+        paths, _ = ops.crf_viterbi(e, s, n, t, mask)
+        return -llh.mean(), paths
+
+    compiled = torch.compile(loss_and_decode, fullgraph=True, backend="aot_eager")
+    eager_leaves = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+    compiled_leaves = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+    eager_loss, eager_paths = loss_and_decode(*eager_leaves)
+    loss, paths = compiled(*compiled_leaves)
+    torch.testing.assert_close(loss, eager_loss)
+    assert torch.equal(paths, eager_paths)
+    for got, want in zip(torch.autograd.grad(loss, compiled_leaves), torch.autograd.grad(eager_loss, eager_leaves)):
+        torch.testing.assert_close(got, want)
+
+
+def test_build_info_reports_backends():
+    info = fastnlp.build_info()
+    assert info["cpu"] is True
+    assert info["torch_version"] == torch.__version__

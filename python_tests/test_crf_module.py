@@ -1,0 +1,234 @@
+"""fastnlp.nn.CRF as a drop-in for pytorch-crf's torchcrf.CRF, and what it adds."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fastnlp.nn import CRF, allowed_transitions
+
+torchcrf = pytest.importorskip("torchcrf")
+
+# pytorch-crf itself warns about uint8 conditions in torch.where; not ours to fix.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:where received a uint8 condition"),
+    pytest.mark.filterwarnings("ignore:`torch.jit.script.*` is deprecated:DeprecationWarning"),
+]
+
+
+def make_pair(num_tags, batch_first, seed=0):
+    torch.manual_seed(seed)
+    theirs = torchcrf.CRF(num_tags, batch_first=batch_first)
+    ours = CRF(num_tags, batch_first=batch_first)
+    ours.load_state_dict(theirs.state_dict())
+    return theirs, ours
+
+
+def make_inputs(seq_len, batch, num_tags, batch_first, seed=0, mask_dtype=torch.uint8):
+    gen = torch.Generator().manual_seed(seed)
+    emissions = torch.randn(seq_len, batch, num_tags, generator=gen)
+    tags = torch.randint(num_tags, (seq_len, batch), generator=gen)
+    lengths = torch.randint(1, seq_len + 1, (batch,), generator=gen)
+    lengths[0] = seq_len
+    mask = (torch.arange(seq_len).unsqueeze(1) < lengths).to(mask_dtype)  # prefix masks, as pytorch-crf needs
+    if batch_first:
+        emissions, tags, mask = emissions.transpose(0, 1), tags.transpose(0, 1), mask.transpose(0, 1)
+    return emissions.contiguous(), tags.contiguous(), mask.contiguous()
+
+
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean", "token_mean"])
+@pytest.mark.parametrize("mask_dtype", [torch.uint8, torch.bool, None])
+def test_forward_and_gradients_equal_pytorch_crf(batch_first, reduction, mask_dtype):
+    theirs, ours = make_pair(6, batch_first)
+    emissions, tags, mask = make_inputs(11, 5, 6, batch_first, mask_dtype=mask_dtype or torch.uint8)
+    if mask_dtype is None:
+        mask = None
+    e1, e2 = emissions.clone().requires_grad_(True), emissions.clone().requires_grad_(True)
+    want = theirs(e1, tags, mask, reduction=reduction)
+    got = ours(e2, tags, mask, reduction=reduction)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    want_grads = torch.autograd.grad(want.sum(), [e1, *theirs.parameters()])
+    got_grads = torch.autograd.grad(got.sum(), [e2, *ours.parameters()])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
+
+
+@given(st.integers(1, 20), st.integers(1, 8), st.integers(1, 12), st.booleans(), st.integers(0, 2**16))
+def test_decode_equals_pytorch_crf(seq_len, batch, num_tags, batch_first, seed):
+    theirs, ours = make_pair(num_tags, batch_first, seed)
+    emissions, _, mask = make_inputs(seq_len, batch, num_tags, batch_first, seed)
+    assert ours.decode(emissions, mask) == theirs.decode(emissions, mask)
+    assert ours.decode(emissions) == theirs.decode(emissions)
+
+
+def test_benchmark_shape_log_likelihood_equals_pytorch_crf():
+    # The brief's headline shape: rtol 1e-6 on the log-likelihood.
+    theirs, ours = make_pair(20, True)
+    emissions, tags, mask = make_inputs(64, 32, 20, True, seed=1)
+    want = theirs(emissions, tags, mask, reduction="none")
+    torch.testing.assert_close(ours(emissions, tags, mask, reduction="none"), want, rtol=1e-6, atol=0)
+
+
+def test_state_dict_parameters_repr_and_init():
+    theirs = torchcrf.CRF(7)
+    ours = CRF(7)
+    assert [name for name, _ in ours.named_parameters()] == [name for name, _ in theirs.named_parameters()]
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+    ours.load_state_dict(theirs.state_dict())  # strict: no extra or missing keys
+    theirs.load_state_dict(ours.state_dict())
+    assert repr(CRF(7)).startswith("CRF(num_tags=7")
+    assert repr(CRF(7)) == repr(theirs)
+    torch.manual_seed(0)
+    fresh = CRF(50)
+    for parameter in fresh.parameters():
+        assert parameter.abs().max() < 0.1 and parameter.std() > 0.03  # uniform(-0.1, 0.1)
+    # Constraints are buffers kept out of the state_dict, so checkpoints stay interchangeable.
+    constrained = CRF(3, constraints=allowed_transitions("BIO", ["O", "B-X", "I-X"]))
+    constrained.load_state_dict(torchcrf.CRF(3).state_dict())
+    assert constrained.state_dict().keys() == torchcrf.CRF(3).state_dict().keys()
+
+
+def test_errors_match_pytorch_crf():
+    theirs, ours = make_pair(5, False)
+    emissions, tags, mask = make_inputs(4, 3, 5, False)
+    cases = [
+        (lambda m: m(emissions[0], tags), "emissions must have dimension of 3, got 2"),
+        (lambda m: m(torch.randn(4, 3, 6), tags), "expected last dimension of emissions is 5, got 6"),
+        (lambda m: m(emissions, tags[:2]),
+         r"the first two dimensions of emissions and tags must match, got \(4, 3\) and \(2, 3\)"),
+        (lambda m: m(emissions, tags, mask[:2]),
+         r"the first two dimensions of emissions and mask must match, got \(4, 3\) and \(2, 3\)"),
+        (lambda m: m(emissions, tags, reduction="foo"), "invalid reduction: foo"),
+        (lambda m: m.decode(emissions[0]), "emissions must have dimension of 3, got 2"),
+        (lambda m: m.decode(emissions, mask[:, :1]),
+         r"the first two dimensions of emissions and mask must match, got \(4, 3\) and \(4, 1\)"),
+    ]
+    for call, message in cases:
+        for module in (theirs, ours):
+            with pytest.raises(ValueError, match=message):
+                call(module)
+    for cls in (torchcrf.CRF, CRF):
+        with pytest.raises(ValueError, match="invalid number of tags: 0"):
+            cls(0)
+    with pytest.raises(ValueError, match=r"tags must be in \[0, 5\)"):
+        ours(emissions, torch.full_like(tags, 5))
+
+
+def test_torchscript():
+    _, ours = make_pair(5, False)
+    scripted = torch.jit.script(ours)
+    emissions, tags, mask = make_inputs(6, 3, 5, False)
+    torch.testing.assert_close(scripted(emissions, tags, mask), ours(emissions, tags, mask))
+    torch.testing.assert_close(scripted(emissions, tags), ours(emissions, tags))
+    assert scripted.decode(emissions, mask) == ours.decode(emissions, mask)
+    e1, e2 = emissions.clone().requires_grad_(True), emissions.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(scripted(e1, tags, mask), e1)
+    (want,) = torch.autograd.grad(ours(e2, tags, mask), e2)
+    torch.testing.assert_close(grad, want)
+    paths, scores = scripted.viterbi(emissions, mask)
+    torch.testing.assert_close(scores, ours.viterbi(emissions, mask)[1])
+
+
+def test_torch_compile_module_fullgraph():
+    torch._dynamo.reset()
+    _, ours = make_pair(5, True)
+    emissions, tags, mask = make_inputs(6, 3, 5, True)
+
+    def step(e):
+        return -ours(e, tags, mask, reduction="mean")
+
+    compiled = torch.compile(step, fullgraph=True)
+    e1, e2 = emissions.clone().requires_grad_(True), emissions.clone().requires_grad_(True)
+    loss, want = compiled(e1), step(e2)
+    torch.testing.assert_close(loss, want)
+    torch.testing.assert_close(torch.autograd.grad(loss, e1)[0], torch.autograd.grad(want, e2)[0])
+
+
+def test_viterbi_topk_and_marginals_follow_batch_first():
+    for batch_first in (False, True):
+        _, ours = make_pair(4, batch_first)
+        emissions, tags, mask = make_inputs(5, 3, 4, batch_first)
+        paths, scores = ours.viterbi(emissions, mask)
+        assert paths.shape == tags.shape and scores.shape == (3,)
+        assert ((paths >= 0) == mask.bool()).all()
+        top_paths, top_scores = ours.viterbi_topk(emissions, 3, mask)
+        assert top_paths.shape == (*tags.shape, 3) and top_scores.shape == (3, 3)
+        assert torch.equal(top_paths[..., 0], paths)
+        assert (top_scores[:, :-1] >= top_scores[:, 1:]).all()
+        marginals = ours.marginals(emissions, mask)
+        assert marginals.shape == emissions.shape
+        torch.testing.assert_close(marginals.sum(-1), mask.float())
+
+
+def is_legal_bio(path, labels):
+    previous = "O"
+    for tag in path:
+        label = labels[tag]
+        if label.startswith("I-") and previous[2:] != label[2:]:
+            return False
+        previous = label
+    return True
+
+
+def test_constraints_make_illegal_paths_impossible():
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    crf = CRF(5, batch_first=True, constraints=allowed_transitions("BIO", labels))
+    with torch.no_grad():
+        # Push hard towards I- tags, which are illegal after O and at the start.
+        crf.transitions.normal_()
+        emissions = torch.randn(4, 6, 5)
+        emissions[..., 2] += 3
+        emissions[..., 4] += 3
+    for path in crf.decode(emissions):
+        assert is_legal_bio(path, labels)
+    top_paths, top_scores = crf.viterbi_topk(emissions, 10)
+    for b, n in itertools.product(range(4), range(10)):
+        assert is_legal_bio(top_paths[b, :, n].tolist(), labels) == bool(torch.isfinite(top_scores[b, n]))
+    illegal = torch.tensor([[0, 2, 2, 0, 0, 0]])  # O I-PER
+    legal = torch.tensor([[0, 1, 2, 0, 3, 4]])
+    assert crf(emissions[:1], illegal).item() < -1e4
+    assert torch.isfinite(crf(emissions[:1], legal))
+    marginals = crf.marginals(emissions)
+    assert (marginals[:, 0, [2, 4]] == 0).all()  # no sequence starts inside a chunk
+    with pytest.raises(ValueError, match=r"constraints.start must have shape \(4,\) for num_tags=4"):
+        CRF(4, constraints=allowed_transitions("BIO", labels))
+
+
+def test_partial_labels_and_masks_that_do_not_start_on():
+    _, ours = make_pair(4, True)
+    emissions = torch.randn(2, 6, 4)
+    # [CLS] w1 w2 ##piece w3 [SEP]: only the words take part.
+    mask = torch.tensor([[False, True, True, False, True, False]] * 2)
+    tags = torch.tensor([[-100, 1, 2, -100, 3, -100], [-100, 1, -100, -100, 3, -100]])
+    llh = ours(emissions, tags, mask, reduction="none")
+    words = emissions[:, [1, 2, 4]]
+    full = ours(words[:1], tags[:1, [1, 2, 4]], reduction="none")
+    torch.testing.assert_close(llh[:1], full)
+    # An unknown middle word is summed out: the likelihood of the known two.
+    partial = sum(ours(words[1:], torch.tensor([[1, k, 3]]), reduction="none").exp() for k in range(4)).log()
+    torch.testing.assert_close(llh[1:], partial)
+    assert ours.decode(emissions, mask)[0].__len__() == 3
+
+
+def test_empty_mask_row_is_an_empty_sequence():
+    _, ours = make_pair(3, True)
+    emissions = torch.randn(2, 4, 3)
+    mask = torch.tensor([[0, 0, 0, 0], [1, 1, 1, 0]], dtype=torch.uint8)
+    tags = torch.zeros(2, 4, dtype=torch.long)
+    assert ours(emissions, tags, mask, reduction="none")[0].item() == 0
+    assert ours.decode(emissions, mask)[0] == []
+
+
+def test_half_precision_module():
+    _, ours = make_pair(4, True)
+    emissions, tags, mask = make_inputs(5, 3, 4, True)
+    half = emissions.half().requires_grad_(True)
+    llh = ours(half, tags, mask)
+    assert llh.dtype == torch.float32
+    torch.testing.assert_close(llh, ours(half.detach().float(), tags, mask))
+    llh.backward()
+    assert half.grad.dtype == torch.float16
