@@ -1,0 +1,47 @@
+"""The build: every .cu compiles with plain nvcc, and a stale extension is refused."""
+
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+import fastnlp
+from fastnlp._extension import check_build
+from fastnlp._source_hash import csrc_hash
+from markers import NVCC, requires_nvcc
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+CUDA_SOURCES = sorted(CSRC.rglob("*.cu"))
+
+
+def test_there_are_cuda_sources_to_check():
+    assert CUDA_SOURCES, "every op has a CUDA kernel under csrc/cuda"
+
+
+@requires_nvcc
+@pytest.mark.parametrize("source", CUDA_SOURCES, ids=lambda p: str(p.relative_to(CSRC)))
+def test_cuda_kernel_compiles_with_plain_nvcc(source, tmp_path):
+    # No CUDA build of torch is needed: kernels take raw pointers and a stream.
+    command = [NVCC, "-c", "-std=c++17", "-I", str(CSRC), "-Xcompiler", "-Wall", "-Werror", "all-warnings",
+               "-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=sm_90",
+               str(source), "-o", str(tmp_path / "kernel.o")]
+    result = subprocess.run(command, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_matching_build_is_accepted():
+    check_build(fastnlp._C.build_info(), torch.__version__, CSRC)
+
+
+def test_stale_or_mismatched_build_is_refused_with_build_instructions(tmp_path):
+    info = {"torch_version": torch.__version__, "source_hash": csrc_hash(CSRC)}
+    with pytest.raises(ImportError, match="built against torch 0.0.1.*make build"):
+        check_build({**info, "torch_version": "0.0.1"}, torch.__version__, CSRC)
+    changed = tmp_path / "csrc"
+    changed.mkdir()
+    (changed / "ops.cpp").write_text("// edited\n")
+    with pytest.raises(ImportError, match="stale.*make build"):
+        check_build(info, torch.__version__, changed)
+    # An installed package has no csrc/ beside it: only the torch version is checked.
+    check_build(info, torch.__version__, None)
