@@ -14,6 +14,7 @@ import glob
 import importlib.util
 import os
 import shutil
+import sys
 
 import torch
 from setuptools import setup
@@ -61,7 +62,16 @@ def extension():
     with_cuda = want_cuda()
     write_build_stamp()
     sources = source_files("*.cpp") + source_files("cpu/*.cpp")
-    cxx_flags = ["-O3"]
+    # -fno-trapping-math lets the compiler if-convert (and so vectorise) the
+    # branchy exp/log loops in csrc/cpu/vector_loops.h; nothing reads FP traps.
+    cxx_flags = ["-O3", "-fno-trapping-math"]
+    link_flags = []
+    if sys.platform.startswith("linux"):
+        # at::parallel_for is OpenMP code in torch's headers: without -fopenmp
+        # it compiles to a serial loop. libgomp.so.1 resolves to the copy torch
+        # already loaded (same soname), so there is one OpenMP runtime.
+        cxx_flags.append("-fopenmp")
+        link_flags.append("-fopenmp")
     define_macros = []
     extra = {"cxx": cxx_flags}
     if with_cuda:
@@ -78,6 +88,7 @@ def extension():
         include_dirs=[os.path.join(ROOT, "csrc"), GENERATED],
         define_macros=define_macros,
         extra_compile_args=extra,
+        extra_link_args=link_flags,
     )
 
 

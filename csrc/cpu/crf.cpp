@@ -105,7 +105,8 @@ acc_t forward_sequence(const Transitions& tr, const scalar_t* emissions, const b
   acc_t* row = work + K;         // alpha at this one
   acc_t* p = work + 2 * K;       // exp(prev_alpha - m)
   acc_t* s = work + 3 * K;       // scaled sums
-  acc_t* scratch = work + 4 * K;
+  acc_t* logs = work + 4 * K;    // their logs
+  acc_t* scratch = work + 5 * K;
   bool started = false;
   StateRange prev{0, 0};
   for (int64_t t = 0; t < T; ++t) {
@@ -127,13 +128,12 @@ acc_t forward_sequence(const Transitions& tr, const scalar_t* emissions, const b
       acc_t m = kNegInf<acc_t>;
       for (int64_t i = prev.lo; i < prev.hi; ++i) m = std::max(m, prev_alpha[i]);
       if (m != kNegInf<acc_t>) {
-        for (int64_t i = prev.lo; i < prev.hi; ++i) p[i] = std::exp(prev_alpha[i] - m);
-        std::fill(s + cur.lo, s + cur.hi, acc_t(0));
-        for (int64_t i = prev.lo; i < prev.hi; ++i)
-          if (p[i] != 0) axpy(cur.size(), p[i], tr.scaled.data() + i * K + cur.lo, s + cur.lo);
+        exp_shifted(prev.size(), prev_alpha + prev.lo, m, p + prev.lo);
+        vecmat(prev.size(), cur.size(), p + prev.lo, tr.scaled.data() + prev.lo * K + cur.lo, K, s + cur.lo);
+        log_array(cur.size(), s + cur.lo, logs + cur.lo);
         for (int64_t j = cur.lo; j < cur.hi; ++j) {
           if (tr.colmax[j] == kNegInf<acc_t>) continue;
-          row[j] = s[j] > tiny_sum<acc_t>() ? std::log(s[j]) + m + tr.colmax[j] + acc_t(e[j])
+          row[j] = s[j] > tiny_sum<acc_t>() ? logs[j] + m + tr.colmax[j] + acc_t(e[j])
                                             : exact_column(tr, prev_alpha, prev, j, scratch) + acc_t(e[j]);
         }
       }
@@ -168,8 +168,11 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
   acc_t* beta_prev = work + K;      // beta at the previous selected position
   acc_t* w = work + 2 * K;          // emissions + beta at the current position
   acc_t* q = work + 3 * K;          // exp(w + colmax - mw)
-  acc_t* r = work + 4 * K;          // scaled row sums
-  acc_t* scratch = work + 5 * K;
+  acc_t* r = work + 4 * K;          // scaled row sums, then their logs
+  acc_t* marginal = work + 5 * K;   // P(y_t = j)
+  acc_t* coef = work + 6 * K;       // g * exp(alpha[t'][i] + mw - log_z)
+  acc_t* log_r = work + 7 * K;
+  acc_t* scratch = work + 8 * K;
 
   int64_t t = T - 1;
   while (t >= 0 && !mask[t]) --t;
@@ -182,18 +185,20 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
     const scalar_t* a = alpha + t * K;
     const scalar_t* e = emissions + t * K;
     scalar_t* ge = grad_emissions + t * K;
-    for (int64_t j = cur.lo; j < cur.hi; ++j) {
-      // Every consistent path passes a pinned state: its marginal is exactly 1.
-      const acc_t marginal = cur.size() == 1 ? acc_t(1) : std::exp(acc_t(a[j]) + beta[j] - log_z);
-      ge[j] = static_cast<scalar_t>(g * marginal);
-      if (last) grads.end[j] += g * marginal;
+    if (cur.size() == 1) {
+      marginal[cur.lo] = 1;  // every consistent path passes a pinned state
+    } else {
+      for (int64_t j = cur.lo; j < cur.hi; ++j) marginal[j] = acc_t(a[j]) + beta[j];
+      exp_shifted(cur.size(), marginal + cur.lo, log_z, marginal + cur.lo);
     }
+    for (int64_t j = cur.lo; j < cur.hi; ++j) ge[j] = static_cast<scalar_t>(g * marginal[j]);
+    if (last)
+      for (int64_t j = cur.lo; j < cur.hi; ++j) grads.end[j] += g * marginal[j];
     last = false;
     int64_t tp = t - 1;
     while (tp >= 0 && !mask[tp]) --tp;
     if (tp < 0) {
-      for (int64_t j = cur.lo; j < cur.hi; ++j)
-        grads.start[j] += cur.size() == 1 ? g : g * std::exp(acc_t(a[j]) + beta[j] - log_z);
+      for (int64_t j = cur.lo; j < cur.hi; ++j) grads.start[j] += g * marginal[j];
       return;
     }
     const StateRange prev = allowed_states(tags, tp, K);
@@ -211,33 +216,36 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
       for (int64_t j = cur.lo; j < cur.hi; ++j) mw = std::max(mw, w[j] + tr.colmax[j]);
       if (mw != kNegInf<acc_t>) {
         std::fill(q, q + K, acc_t(0));
-        for (int64_t j = cur.lo; j < cur.hi; ++j)
-          if (tr.colmax[j] != kNegInf<acc_t>) q[j] = std::exp(w[j] + tr.colmax[j] - mw);
-        // beta_prev[i] = log sum_j E[i][j] q[j] + mw, as axpys over columns of E.
-        std::fill(r + prev.lo, r + prev.hi, acc_t(0));
-        for (int64_t j = cur.lo; j < cur.hi; ++j)
-          if (q[j] != 0) axpy(prev.size(), q[j], tr.scaled_t.data() + j * K + prev.lo, r + prev.lo);
+        for (int64_t j = cur.lo; j < cur.hi; ++j) q[j] = w[j] + tr.colmax[j];  // -inf columns give q = 0
+        exp_shifted(cur.size(), q + cur.lo, mw, q + cur.lo);
+        // beta_prev[i] = log sum_j E[i][j] q[j] + mw, streaming rows of E transposed.
+        vecmat(cur.size(), prev.size(), q + cur.lo, tr.scaled_t.data() + cur.lo * K + prev.lo, K, r + prev.lo);
+        log_array(prev.size(), r + prev.lo, log_r + prev.lo);
         for (int64_t i = prev.lo; i < prev.hi; ++i) {
           if (r[i] > tiny_sum<acc_t>()) {
-            beta_prev[i] = std::log(r[i]) + mw;
+            beta_prev[i] = log_r[i] + mw;
           } else {
             for (int64_t j = cur.lo; j < cur.hi; ++j) scratch[j - cur.lo] = tr.trans[i * K + j] + w[j];
             beta_prev[i] = logsumexp(scratch, cur.size());
           }
         }
-        // Pairwise marginals P(i, j) = exp(ap[i] + mw - log_z) * E[i][j] * q[j].
+        // Pairwise marginals P(i, j) = exp(ap[i] + mw - log_z) * E[i][j] * q[j];
+        // rows whose scale would overflow are summed exactly instead.
+        for (int64_t i = prev.lo; i < prev.hi; ++i) coef[i] = acc_t(ap[i]);
+        exp_shifted(prev.size(), coef + prev.lo, log_z - mw, coef + prev.lo);
         for (int64_t i = prev.lo; i < prev.hi; ++i) {
           const acc_t la = acc_t(ap[i]) + mw - log_z;
-          if (la == kNegInf<acc_t>) continue;
-          acc_t* gt = grads.trans.data() + i * K;
           if (la < max_exp_arg<acc_t>()) {
-            axpy_product(cur.size(), g * std::exp(la), tr.scaled.data() + i * K + cur.lo, q + cur.lo,
-                         gt + cur.lo);
-          } else {
-            for (int64_t j = cur.lo; j < cur.hi; ++j)
-              gt[j] += g * std::exp(acc_t(ap[i]) + tr.trans[i * K + j] + w[j] - log_z);
+            coef[i] *= g;
+            continue;
           }
+          coef[i] = 0;
+          acc_t* gt = grads.trans.data() + i * K;
+          for (int64_t j = cur.lo; j < cur.hi; ++j)
+            gt[j] += g * std::exp(acc_t(ap[i]) + tr.trans[i * K + j] + w[j] - log_z);
         }
+        scaled_outer_accumulate(prev.size(), cur.size(), coef + prev.lo, tr.scaled.data() + prev.lo * K + cur.lo, K,
+                                q + cur.lo, grads.trans.data() + prev.lo * K + cur.lo);
       }
     }
     std::swap(beta, beta_prev);
@@ -265,7 +273,6 @@ scalar_t viterbi_sequence(const RawTransitions<scalar_t>& tr, const scalar_t* em
   const int64_t K = tr.K;
   scalar_t* score = work;
   scalar_t* best = work + K;
-  int32_t* arg = backpointers;
   int64_t first = -1, last = -1;
   for (int64_t t = 0; t < T; ++t) {
     path[t] = -1;
@@ -275,11 +282,7 @@ scalar_t viterbi_sequence(const RawTransitions<scalar_t>& tr, const scalar_t* em
       first = t;
       for (int64_t j = 0; j < K; ++j) score[j] = tr.start[j] + e[j];
     } else {
-      arg = backpointers + t * K;
-      std::fill(best, best + K, kNegInf<scalar_t>);
-      std::fill(arg, arg + K, 0);
-      for (int64_t i = 0; i < K; ++i)
-        maxplus_update(K, score[i], tr.trans + i * K, e, static_cast<int32_t>(i), best, arg);
+      maxplus_step(K, score, tr.trans, e, best, backpointers + t * K);
       std::copy(best, best + K, score);
     }
     last = t;
@@ -459,18 +462,19 @@ std::tuple<at::Tensor, at::Tensor> crf_log_partition_cpu(const at::Tensor& emiss
   const std::optional<at::Tensor> tags = checked_tags(tags_in, mask, K);
   at::Tensor log_z = at::empty({B}, emissions.options());
   at::Tensor alpha = at::empty({B, T, K}, emissions.options());
+  if (B == 0) return {log_z, alpha};
   AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_partition_cpu", [&] {
-    const auto tr = make_transitions<scalar_t>(start, end, trans);
+    const Transitions tr = make_transitions<scalar_t>(start, end, trans);
     const scalar_t* em = emissions.data_ptr<scalar_t>();
     const bool* mk = mask.data_ptr<bool>();
     const int64_t* tg = tags.has_value() ? tags->data_ptr<int64_t>() : nullptr;
     scalar_t* lz = log_z.data_ptr<scalar_t>();
     scalar_t* al = alpha.data_ptr<scalar_t>();
     at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> work(5 * K);
+      std::vector<acc_t> work(6 * K);
       for (int64_t b = b0; b < b1; ++b) {
-        lz[b] = static_cast<scalar_t>(forward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K,
-                                                        work.data()));
+        lz[b] = static_cast<scalar_t>(forward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T,
+                                                        al + b * T * K, work.data()));
       }
     });
   });
@@ -493,37 +497,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_bac
               grad_in.sizes());
   const std::optional<at::Tensor> tags = checked_tags(tags_in, mask, K);
   const at::Tensor alpha = alpha_in.contiguous(), log_z = log_z_in.contiguous();
-  const at::Tensor grad = grad_in.to(emissions.scalar_type()).contiguous();
+  const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
   at::Tensor grad_emissions = at::zeros_like(emissions);
   at::Tensor grad_start = at::zeros({K}, emissions.options());
   at::Tensor grad_end = at::zeros({K}, emissions.options());
   at::Tensor grad_trans = at::zeros({K, K}, emissions.options());
+  if (B == 0) return {grad_emissions, grad_start, grad_end, grad_trans};
   AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_partition_backward_cpu", [&] {
-    const auto tr = make_transitions<scalar_t>(start, end, trans);
+    const Transitions tr = make_transitions<scalar_t>(start, end, trans);
     const scalar_t* em = emissions.data_ptr<scalar_t>();
     const bool* mk = mask.data_ptr<bool>();
     const int64_t* tg = tags.has_value() ? tags->data_ptr<int64_t>() : nullptr;
     const scalar_t* al = alpha.data_ptr<scalar_t>();
     const scalar_t* lz = log_z.data_ptr<scalar_t>();
-    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const double* g = grad.data_ptr<double>();
     scalar_t* ge = grad_emissions.data_ptr<scalar_t>();
     // One accumulator per worker thread, summed afterwards in a fixed order.
     std::vector<ParamGrads> partial(at::get_num_threads(), ParamGrads(K));
     at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> work(6 * K);
+      std::vector<acc_t> work(9 * K);
       ParamGrads& mine = partial[at::get_thread_num()];
       for (int64_t b = b0; b < b1; ++b) {
-        backward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K, lz[b],
-                          g[b], ge + b * T * K, mine, work.data());
+        backward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K,
+                          double(lz[b]), g[b], ge + b * T * K, mine, work.data());
       }
     });
     scalar_t* gs = grad_start.data_ptr<scalar_t>();
     scalar_t* gn = grad_end.data_ptr<scalar_t>();
     scalar_t* gt = grad_trans.data_ptr<scalar_t>();
+    ParamGrads total(K);
     for (const auto& p : partial) {
-      for (int64_t j = 0; j < K; ++j) gs[j] += static_cast<scalar_t>(p.start[j]), gn[j] += static_cast<scalar_t>(p.end[j]);
-      for (int64_t x = 0; x < K * K; ++x) gt[x] += static_cast<scalar_t>(p.trans[x]);
+      for (int64_t j = 0; j < K; ++j) total.start[j] += p.start[j], total.end[j] += p.end[j];
+      for (int64_t x = 0; x < K * K; ++x) total.trans[x] += p.trans[x];
     }
+    for (int64_t j = 0; j < K; ++j) gs[j] = static_cast<scalar_t>(total.start[j]), gn[j] = static_cast<scalar_t>(total.end[j]);
+    for (int64_t x = 0; x < K * K; ++x) gt[x] = static_cast<scalar_t>(total.trans[x]);
   });
   return {grad_emissions, grad_start, grad_end, grad_trans};
 }

@@ -1,59 +1,191 @@
 // The innermost loops of the CPU kernels, written so the compiler vectorises
-// them, and compiled twice (AVX2+FMA and the baseline ISA) with the right one
-// picked at load time: a wheel built on one x86 machine stays portable while
-// machines with AVX2 get 8-wide float loops.
+// them, and compiled twice (x86-64-v3: AVX2+FMA, and the baseline ISA) with the
+// right one picked at load time: a wheel built on one x86 machine stays
+// portable while machines with AVX2 get 8-wide float loops. Each function is a
+// whole step (all K rows), so the dispatch cost is paid once per step, not
+// once per row.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define FASTNLP_VECTOR_CLONES __attribute__((target_clones("arch=haswell", "default")))
+#define FASTNLP_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define FASTNLP_VECTOR_CLONES
 #endif
 
 namespace fastnlp {
 
-// y[j] += a * x[j]
-FASTNLP_VECTOR_CLONES inline void axpy(int64_t n, float a, const float* __restrict x, float* __restrict y) {
-  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+// exp and log over arrays, vectorisable (no library calls, no int<->double
+// conversions AVX2 lacks). Accurate to ~1 ulp on the ranges the CRF uses;
+// results that would be subnormal are returned as 0 (exp) or taken from
+// std::log (log), and the kernels treat values that small as a precision risk
+// anyway. Checked against std::exp/std::log in python_tests/test_crf.py via
+// the float64 reference comparisons.
+namespace vmath_detail {
+
+__attribute__((always_inline)) inline double bits_to_double(uint64_t u) {
+  double d;
+  __builtin_memcpy(&d, &u, sizeof d);
+  return d;
 }
+__attribute__((always_inline)) inline uint64_t double_to_bits(double d) {
+  uint64_t u;
+  __builtin_memcpy(&u, &d, sizeof u);
+  return u;
+}
+
+constexpr double kLog2e = 1.4426950408889634;
+constexpr double kLn2Hi = 6.93147180369123816490e-01;  // ln 2, split so k * kLn2Hi is exact
+constexpr double kLn2Lo = 1.90821492927058770002e-10;
+constexpr double kShifter = 6755399441055744.0;        // 1.5 * 2^52: adding it rounds to an integer
+constexpr double kExpMin = -708.0;                     // below: subnormal or zero result
+constexpr double kExpMax = 709.0;
+
+__attribute__((always_inline)) inline double exp_one(double x) {
+  const double t = x * kLog2e + kShifter;
+  const double k = t - kShifter;  // round(x / ln 2)
+  const double r = (x - k * kLn2Hi) - k * kLn2Lo;
+  // exp(r) for |r| <= ln(2)/2: Taylor series to r^13 (truncation < 1e-17).
+  double p = 1.0 / 6227020800.0;
+  p = p * r + 1.0 / 479001600.0;
+  p = p * r + 1.0 / 39916800.0;
+  p = p * r + 1.0 / 3628800.0;
+  p = p * r + 1.0 / 362880.0;
+  p = p * r + 1.0 / 40320.0;
+  p = p * r + 1.0 / 5040.0;
+  p = p * r + 1.0 / 720.0;
+  p = p * r + 1.0 / 120.0;
+  p = p * r + 1.0 / 24.0;
+  p = p * r + 1.0 / 6.0;
+  p = p * r + 0.5;
+  p = p * r + 1.0;
+  p = p * r + 1.0;
+  // 2^k from the integer sitting in t's low mantissa bits.
+  const uint64_t biased = (double_to_bits(t) - double_to_bits(kShifter) + 1023) << 52;
+  const double result = p * bits_to_double(biased);
+  return x < kExpMin ? 0.0 : (x > kExpMax ? __builtin_inf() : result);
+}
+
+__attribute__((always_inline)) inline double log_one(double x) {
+  const uint64_t u = double_to_bits(x);
+  // Split x = m * 2^e with m in [sqrt(1/2), sqrt(2)).
+  const uint64_t mantissa_bits = (u & 0x000fffffffffffffULL) | 0x3ff0000000000000ULL;
+  double m = bits_to_double(mantissa_bits);
+  const double biased_exponent = bits_to_double((u >> 52) | 0x4330000000000000ULL) - 4503599627370496.0;
+  const bool big = m > 1.4142135623730951;
+  m = big ? 0.5 * m : m;
+  const double e = biased_exponent - 1023.0 + (big ? 1.0 : 0.0);
+  // log(m) = 2 atanh(s), s = (m - 1) / (m + 1), |s| <= 0.1716: odd series to s^25.
+  const double s = (m - 1.0) / (m + 1.0);
+  const double z = s * s;
+  double p = 1.0 / 25;
+  p = p * z + 1.0 / 23;
+  p = p * z + 1.0 / 21;
+  p = p * z + 1.0 / 19;
+  p = p * z + 1.0 / 17;
+  p = p * z + 1.0 / 15;
+  p = p * z + 1.0 / 13;
+  p = p * z + 1.0 / 11;
+  p = p * z + 1.0 / 9;
+  p = p * z + 1.0 / 7;
+  p = p * z + 1.0 / 5;
+  p = p * z + 1.0 / 3;
+  p = p * z + 1.0;
+  return e * kLn2Hi + (2.0 * s * p + e * kLn2Lo);
+}
+
+}  // namespace vmath_detail
+
+// out[j] = exp(x[j] - shift)
+FASTNLP_VECTOR_CLONES inline void exp_shifted(int64_t n, const double* __restrict x, double shift,
+                                              double* __restrict out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = vmath_detail::exp_one(x[j] - shift);
+}
+
+// out[j] = log(x[j]); exact 0 gives -inf; subnormal, infinite or NaN inputs
+// (which a vectorised formula would get wrong) go through std::log.
+FASTNLP_VECTOR_CLONES inline void log_array(int64_t n, const double* __restrict x, double* __restrict out) {
+  bool special = false;
+  for (int64_t j = 0; j < n; ++j) {
+    out[j] = vmath_detail::log_one(x[j]);
+    special |= !(x[j] >= 2.2250738585072014e-308 && x[j] <= 1.7976931348623157e308);
+  }
+  if (special)
+    for (int64_t j = 0; j < n; ++j)
+      if (!(x[j] >= 2.2250738585072014e-308 && x[j] <= 1.7976931348623157e308)) out[j] = std::log(x[j]);
+}
+
+// y[j] += a * x[j]
 FASTNLP_VECTOR_CLONES inline void axpy(int64_t n, double a, const double* __restrict x, double* __restrict y) {
   for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
 }
 
 // y[j] += a * x[j] * z[j]
-FASTNLP_VECTOR_CLONES inline void axpy_product(int64_t n, float a, const float* __restrict x,
-                                               const float* __restrict z, float* __restrict y) {
-  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j] * z[j];
-}
 FASTNLP_VECTOR_CLONES inline void axpy_product(int64_t n, double a, const double* __restrict x,
                                                const double* __restrict z, double* __restrict y) {
   for (int64_t j = 0; j < n; ++j) y[j] += a * x[j] * z[j];
 }
 
-// One predecessor's contribution to a Viterbi step: candidate (a + row[j]) + emission[j]
-// replaces best[j] (and records `from` as its argmax) only when strictly
-// greater, so the lowest predecessor index wins ties, as torch.max does.
-FASTNLP_VECTOR_CLONES inline void maxplus_update(int64_t n, float a, const float* __restrict row,
-                                                 const float* __restrict emission, int32_t from,
-                                                 float* __restrict best, int32_t* __restrict arg) {
-  for (int64_t j = 0; j < n; ++j) {
-    const float v = (a + row[j]) + emission[j];
-    const bool better = v > best[j];
-    best[j] = better ? v : best[j];
-    arg[j] = better ? from : arg[j];
+// s[j] = sum_i a[i] * M[i * ld + j] for i < m, j < n: one step of a scaled
+// recursion. Rows with a[i] == 0 (unreachable states) are skipped.
+FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __restrict a,
+                                         const double* __restrict M, int64_t ld, double* __restrict s) {
+  for (int64_t j = 0; j < n; ++j) s[j] = 0;
+  for (int64_t i = 0; i < m; ++i) {
+    const double ai = a[i];
+    if (ai == 0) continue;
+    const double* row = M + i * ld;
+    for (int64_t j = 0; j < n; ++j) s[j] += ai * row[j];
   }
 }
-FASTNLP_VECTOR_CLONES inline void maxplus_update(int64_t n, double a, const double* __restrict row,
-                                                 const double* __restrict emission, int32_t from,
-                                                 double* __restrict best, int32_t* __restrict arg) {
-  for (int64_t j = 0; j < n; ++j) {
-    const double v = (a + row[j]) + emission[j];
-    const bool better = v > best[j];
-    best[j] = better ? v : best[j];
-    arg[j] = better ? from : arg[j];
+
+// G[i * ld + j] += c[i] * M[i * ld + j] * w[j]: accumulating pairwise marginals.
+FASTNLP_VECTOR_CLONES inline void scaled_outer_accumulate(int64_t m, int64_t n, const double* __restrict c,
+                                                          const double* __restrict M, int64_t ld,
+                                                          const double* __restrict w, double* __restrict G) {
+  for (int64_t i = 0; i < m; ++i) {
+    const double ci = c[i];
+    if (ci == 0) continue;
+    const double* row = M + i * ld;
+    double* out = G + i * ld;
+    for (int64_t j = 0; j < n; ++j) out[j] += ci * row[j] * w[j];
   }
+}
+
+// One Viterbi step over all K predecessors: best[j] = max_i (score[i] +
+// trans[i][j]) + emission[j], summed in pytorch-crf's order, with arg[j] the
+// lowest i that attains it (a candidate must be strictly greater to win, as
+// with torch.max).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void maxplus_step_impl(int64_t K, const scalar_t* __restrict score, const scalar_t* __restrict trans,
+                              const scalar_t* __restrict emission, scalar_t* __restrict best,
+                              int32_t* __restrict arg) {
+  for (int64_t j = 0; j < K; ++j) {
+    best[j] = (score[0] + trans[j]) + emission[j];
+    arg[j] = 0;
+  }
+  for (int64_t i = 1; i < K; ++i) {
+    const scalar_t si = score[i];
+    const scalar_t* row = trans + i * K;
+    const int32_t from = static_cast<int32_t>(i);
+    for (int64_t j = 0; j < K; ++j) {
+      const scalar_t v = (si + row[j]) + emission[j];
+      const bool better = v > best[j];
+      best[j] = better ? v : best[j];
+      arg[j] = better ? from : arg[j];
+    }
+  }
+}
+
+FASTNLP_VECTOR_CLONES inline void maxplus_step(int64_t K, const float* score, const float* trans,
+                                               const float* emission, float* best, int32_t* arg) {
+  maxplus_step_impl(K, score, trans, emission, best, arg);
+}
+FASTNLP_VECTOR_CLONES inline void maxplus_step(int64_t K, const double* score, const double* trans,
+                                               const double* emission, double* best, int32_t* arg) {
+  maxplus_step_impl(K, score, trans, emission, best, arg);
 }
 
 }  // namespace fastnlp
