@@ -9,6 +9,9 @@
 // recomputed exactly in log space, so the result never depends on the data
 // being "nice".
 #include <ATen/Parallel.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -148,10 +151,13 @@ acc_t forward_sequence(const Transitions& tr, const scalar_t* emissions, const b
   return logsumexp(scratch, prev.size());
 }
 
-// Gradient accumulators for the parameters shared by the batch.
+// One sequence's share of the gradients of the parameters shared by the batch.
+// Each sequence has its own slots, summed in batch order afterwards, so the
+// result does not depend on which thread ran which sequence.
 struct ParamGrads {
-  std::vector<acc_t> start, end, trans;
-  explicit ParamGrads(int64_t K) : start(K, 0), end(K, 0), trans(K * K, 0) {}
+  acc_t* start;  // (K,)
+  acc_t* end;    // (K,)
+  acc_t* trans;  // (K, K)
 };
 
 // ---------------------------------------------------------------------------
@@ -161,7 +167,7 @@ struct ParamGrads {
 template <typename scalar_t>
 void backward_sequence(const Transitions& tr, const scalar_t* emissions, const bool* mask, const int64_t* tags,
                        int64_t T, const scalar_t* alpha, acc_t log_z, acc_t g, scalar_t* grad_emissions,
-                       ParamGrads& grads, acc_t* work) {
+                       ParamGrads grads, acc_t* work) {
   const int64_t K = tr.K;
   if (!std::isfinite(log_z)) return;  // no path, or no consistent one: no gradient
   acc_t* beta = work;               // beta at the current position
@@ -240,12 +246,12 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
             continue;
           }
           coef[i] = 0;
-          acc_t* gt = grads.trans.data() + i * K;
+          acc_t* gt = grads.trans + i * K;
           for (int64_t j = cur.lo; j < cur.hi; ++j)
             gt[j] += g * std::exp(acc_t(ap[i]) + tr.trans[i * K + j] + w[j] - log_z);
         }
         scaled_outer_accumulate(prev.size(), cur.size(), coef + prev.lo, tr.scaled.data() + prev.lo * K + cur.lo, K,
-                                q + cur.lo, grads.trans.data() + prev.lo * K + cur.lo);
+                                q + cur.lo, grads.trans + prev.lo * K + cur.lo);
       }
     }
     std::swap(beta, beta_prev);
@@ -448,8 +454,23 @@ RawTransitions<scalar_t> raw_transitions(const at::Tensor& start, const at::Tens
   return {trans.size(0), start.data_ptr<scalar_t>(), end.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>()};
 }
 
-// Sequences are independent; a few per task keeps scheduling overhead small.
-constexpr int64_t kGrain = 1;
+// Runs body(b, work) for every sequence b, with a per-thread scratch buffer of
+// work_size doubles. Sequences differ in length, so they are handed out one at
+// a time (dynamic schedule) rather than in fixed halves that leave a thread idle.
+template <typename Body>
+void for_each_sequence(int64_t B, int64_t work_size, const Body& body) {
+#ifdef _OPENMP
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B)));
+  std::vector<std::vector<acc_t>> work(threads, std::vector<acc_t>(work_size));
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+  for (int64_t b = 0; b < B; ++b) body(b, work[omp_get_thread_num()].data());
+#else
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<acc_t> work(work_size);
+    for (int64_t b = b0; b < b1; ++b) body(b, work.data());
+  });
+#endif
+}
 
 std::tuple<at::Tensor, at::Tensor> crf_log_partition_cpu(const at::Tensor& emissions_in, const at::Tensor& mask_in,
                                                          const std::optional<at::Tensor>& tags_in,
@@ -470,12 +491,9 @@ std::tuple<at::Tensor, at::Tensor> crf_log_partition_cpu(const at::Tensor& emiss
     const int64_t* tg = tags.has_value() ? tags->data_ptr<int64_t>() : nullptr;
     scalar_t* lz = log_z.data_ptr<scalar_t>();
     scalar_t* al = alpha.data_ptr<scalar_t>();
-    at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> work(6 * K);
-      for (int64_t b = b0; b < b1; ++b) {
-        lz[b] = static_cast<scalar_t>(forward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T,
-                                                        al + b * T * K, work.data()));
-      }
+    for_each_sequence(B, 6 * K, [&](int64_t b, acc_t* work) {
+      lz[b] = static_cast<scalar_t>(
+          forward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K, work));
     });
   });
   return {log_z, alpha};
@@ -512,26 +530,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_bac
     const scalar_t* lz = log_z.data_ptr<scalar_t>();
     const double* g = grad.data_ptr<double>();
     scalar_t* ge = grad_emissions.data_ptr<scalar_t>();
-    // One accumulator per worker thread, summed afterwards in a fixed order.
-    std::vector<ParamGrads> partial(at::get_num_threads(), ParamGrads(K));
-    at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
-      std::vector<acc_t> work(9 * K);
-      ParamGrads& mine = partial[at::get_thread_num()];
-      for (int64_t b = b0; b < b1; ++b) {
-        backward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K,
-                          double(lz[b]), g[b], ge + b * T * K, mine, work.data());
-      }
+    const int64_t slot = 2 * K + K * K;
+    std::vector<acc_t> per_sequence(B * slot, 0.0);
+    for_each_sequence(B, 9 * K, [&](int64_t b, acc_t* work) {
+      acc_t* mine = per_sequence.data() + b * slot;
+      backward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K,
+                        double(lz[b]), g[b], ge + b * T * K, ParamGrads{mine, mine + K, mine + 2 * K}, work);
     });
     scalar_t* gs = grad_start.data_ptr<scalar_t>();
     scalar_t* gn = grad_end.data_ptr<scalar_t>();
     scalar_t* gt = grad_trans.data_ptr<scalar_t>();
-    ParamGrads total(K);
-    for (const auto& p : partial) {
-      for (int64_t j = 0; j < K; ++j) total.start[j] += p.start[j], total.end[j] += p.end[j];
-      for (int64_t x = 0; x < K * K; ++x) total.trans[x] += p.trans[x];
-    }
-    for (int64_t j = 0; j < K; ++j) gs[j] = static_cast<scalar_t>(total.start[j]), gn[j] = static_cast<scalar_t>(total.end[j]);
-    for (int64_t x = 0; x < K * K; ++x) gt[x] = static_cast<scalar_t>(total.trans[x]);
+    std::vector<acc_t> total(slot, 0.0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t x = 0; x < slot; ++x) total[x] += per_sequence[b * slot + x];
+    for (int64_t j = 0; j < K; ++j) gs[j] = static_cast<scalar_t>(total[j]), gn[j] = static_cast<scalar_t>(total[K + j]);
+    for (int64_t x = 0; x < K * K; ++x) gt[x] = static_cast<scalar_t>(total[2 * K + x]);
   });
   return {grad_emissions, grad_start, grad_end, grad_trans};
 }
@@ -551,7 +564,7 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_i
     const bool* mk = mask.data_ptr<bool>();
     int64_t* pa = paths.data_ptr<int64_t>();
     scalar_t* sc = scores.data_ptr<scalar_t>();
-    at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       std::vector<scalar_t> work(2 * K);
       std::vector<int32_t> backpointers(T * K);
       for (int64_t b = b0; b < b1; ++b) {
@@ -578,7 +591,7 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_topk_cpu(const at::Tensor& emissi
     const bool* mk = mask.data_ptr<bool>();
     int64_t* pa = paths.data_ptr<int64_t>();
     scalar_t* sc = scores.data_ptr<scalar_t>();
-    at::parallel_for(0, B, kGrain, [&](int64_t b0, int64_t b1) {
+    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
       TopkScratch<scalar_t> s;
       s.score.resize(K * k);
       s.next.resize(K * k);

@@ -107,11 +107,9 @@ FASTNLP_VECTOR_CLONES inline void exp_shifted(int64_t n, const double* __restric
 // out[j] = log(x[j]); exact 0 gives -inf; subnormal, infinite or NaN inputs
 // (which a vectorised formula would get wrong) go through std::log.
 FASTNLP_VECTOR_CLONES inline void log_array(int64_t n, const double* __restrict x, double* __restrict out) {
-  bool special = false;
-  for (int64_t j = 0; j < n; ++j) {
-    out[j] = vmath_detail::log_one(x[j]);
-    special |= !(x[j] >= 2.2250738585072014e-308 && x[j] <= 1.7976931348623157e308);
-  }
+  for (int64_t j = 0; j < n; ++j) out[j] = vmath_detail::log_one(x[j]);
+  int64_t special = 0;
+  for (int64_t j = 0; j < n; ++j) special += !(x[j] >= 2.2250738585072014e-308 && x[j] <= 1.7976931348623157e308);
   if (special)
     for (int64_t j = 0; j < n; ++j)
       if (!(x[j] >= 2.2250738585072014e-308 && x[j] <= 1.7976931348623157e308)) out[j] = std::log(x[j]);
