@@ -429,19 +429,21 @@ void check_inputs(const at::Tensor& emissions, const at::Tensor& mask, const at:
   }
 }
 
-// Tags are indices: out-of-range values would be out-of-bounds reads.
+// Tags are indices: out-of-range values would be out-of-bounds reads. A plain
+// scan, not ATen ops: those cost more than the gold-path pass itself.
 std::optional<at::Tensor> checked_tags(const std::optional<at::Tensor>& tags, const at::Tensor& mask, int64_t K) {
   if (!tags.has_value()) return std::nullopt;
-  const at::Tensor& t = *tags;
-  TORCH_CHECK(t.scalar_type() == at::kLong, "tags must be int64, got ", t.scalar_type());
-  TORCH_CHECK(t.device().is_cpu(), "fastnlp CPU kernel got tags on ", t.device());
-  TORCH_CHECK(t.sizes() == mask.sizes(), "tags must be shaped like mask ", mask.sizes(), ", got ", t.sizes());
-  const at::Tensor selected = t.masked_select(mask);
-  if (selected.numel() > 0) {
-    TORCH_CHECK(selected.min().item<int64_t>() >= -1 && selected.max().item<int64_t>() < K,
-                "tags must be in [0, ", K, ") or -1 (free) at selected positions");
+  TORCH_CHECK(tags->scalar_type() == at::kLong, "tags must be int64, got ", tags->scalar_type());
+  TORCH_CHECK(tags->device().is_cpu(), "fastnlp CPU kernel got tags on ", tags->device());
+  TORCH_CHECK(tags->sizes() == mask.sizes(), "tags must be shaped like mask ", mask.sizes(), ", got ", tags->sizes());
+  at::Tensor t = tags->contiguous();
+  const int64_t* tag = t.data_ptr<int64_t>();
+  const bool* selected = mask.data_ptr<bool>();
+  for (int64_t x = 0; x < t.numel(); ++x) {
+    TORCH_CHECK(!selected[x] || (tag[x] >= -1 && tag[x] < K), "tags must be in [0, ", K,
+                ") or -1 (free) at selected positions, got ", tag[x]);
   }
-  return t.contiguous();
+  return t;
 }
 
 template <typename scalar_t>

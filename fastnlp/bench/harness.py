@@ -158,15 +158,26 @@ def _synchronizer(device: str) -> Callable[[], None]:
     return lambda: None
 
 
-def _sample(fn: Callable[[], Any], n: int, sync: Callable[[], None]) -> float:
-    """Seconds taken by n back-to-back calls of fn, after one untimed call.
+PRE_SAMPLE_S = 0.005
+PRE_SAMPLE_CALLS = 3
 
-    Interleaving means the previous call was another implementation's, which may
-    have left the allocator and caches cold for this one (measured here: the
-    first call after a torch-struct step costs 10x a warm one). In a training
-    loop each layer runs warm, so one untimed call comes first.
+
+def _sample(fn: Callable[[], Any], n: int, sync: Callable[[], None]) -> float:
+    """Seconds taken by n back-to-back calls of fn, after untimed warm-up calls.
+
+    Interleaving means the previous calls were another implementation's, which
+    may have left this one's memory cold: on the development VM the kernel's
+    DAMON "pageout" scheme drops pages of code not run for a while, and the
+    first one or two calls after a torch-struct step cost 10-20x a warm one.
+    In a training loop each layer runs warm, so calls are repeated untimed for
+    PRE_SAMPLE_S (at most PRE_SAMPLE_CALLS, at least one) before timing.
     """
-    fn()
+    t_start = time.perf_counter()
+    for _ in range(PRE_SAMPLE_CALLS):
+        fn()
+        sync()
+        if time.perf_counter() - t_start > PRE_SAMPLE_S:
+            break
     # Like timeit, keep the cyclic garbage collector out of the measured window: a
     # collection triggered by one implementation's garbage would be charged to another.
     gc_was_enabled = gc.isenabled()
