@@ -36,13 +36,14 @@ $(VENV)/.bench-deps: $(VENV)/.deps
 	$(PIP) install $(BENCH_DEPS)
 	@touch $@
 
-# --no-build-isolation: compile against the torch installed above, not a
-# second one that pip would fetch into an isolated build environment.
-# The editable install puts fastnlp on the venv's path; later rebuilds are
-# incremental (ninja) in build/.
+# A development install: the extension is built in place against the torch
+# installed above (no build isolation, which would fetch a second torch) and
+# incrementally (ninja, objects kept in build/); a .pth file puts this
+# checkout on the venv's path, which is all an editable install does. (pip's
+# editable install would compile everything a second time in a temp dir.)
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)
-	@test -f $(VENV)/.editable || { $(PIP) install --no-build-isolation --no-deps -e . && touch $(VENV)/.editable; }
 	$(PY) setup.py -q build_ext --inplace
+	$(PY) -c 'import os, sysconfig; open(os.path.join(sysconfig.get_paths()["purelib"], "fastnlp-dev.pth"), "w").write(os.getcwd() + "\n")'
 	@touch $@
 
 clean:

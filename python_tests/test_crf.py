@@ -459,3 +459,20 @@ def test_build_info_reports_backends():
     info = fastnlp.build_info()
     assert info["cpu"] is True
     assert info["torch_version"] == torch.__version__
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_state_far_below_the_best_that_later_dominates(dtype):
+    # At t=0 state 1 is 1000 nats behind state 0, so exp-space sums that are
+    # scaled by the best state underflow to zero for it; but no path may switch
+    # state and state 0's later emissions are far worse, so state 1's chain is
+    # the one that matters. Only the exact log-space fallback gets this right.
+    emissions = torch.tensor([[[0.0, -1000.0], [-3000.0, 0.0], [-3000.0, 0.0]]], dtype=dtype)
+    transitions = torch.tensor([[0.0, NEG_INF], [NEG_INF, 0.0]], dtype=dtype)
+    start = end = torch.zeros(2, dtype=dtype)
+    log_z = ops.crf_log_partition(emissions, start, end, transitions)
+    assert log_z.item() == pytest.approx(-1000.0, abs=1e-3)
+    marginals = ops.crf_marginals(emissions, start, end, transitions)
+    torch.testing.assert_close(marginals[0, :, 1], torch.ones(3, dtype=dtype))
+    paths, scores = ops.crf_viterbi(emissions, start, end, transitions)
+    assert paths.tolist() == [[1, 1, 1]] and scores.item() == pytest.approx(-1000.0)

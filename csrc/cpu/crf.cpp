@@ -169,16 +169,19 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
                        int64_t T, const scalar_t* alpha, acc_t log_z, acc_t g, scalar_t* grad_emissions,
                        ParamGrads grads, acc_t* work) {
   const int64_t K = tr.K;
+  // Zeroed here, in the worker, rather than by a single-threaded at::zeros.
+  std::fill(grad_emissions, grad_emissions + T * K, scalar_t(0));
   if (!std::isfinite(log_z)) return;  // no path, or no consistent one: no gradient
   acc_t* beta = work;               // beta at the current position
   acc_t* beta_prev = work + K;      // beta at the previous selected position
   acc_t* w = work + 2 * K;          // emissions + beta at the current position
   acc_t* q = work + 3 * K;          // exp(w + colmax - mw)
-  acc_t* r = work + 4 * K;          // scaled row sums, then their logs
+  acc_t* r = work + 4 * K;          // scaled row sums
   acc_t* marginal = work + 5 * K;   // P(y_t = j)
-  acc_t* coef = work + 6 * K;       // g * exp(alpha[t'][i] + mw - log_z)
-  acc_t* log_r = work + 7 * K;
-  acc_t* scratch = work + 8 * K;
+  acc_t* marginal_prev = work + 6 * K;
+  acc_t* coef = work + 7 * K;       // exp(alpha[t'][i] + mw - log_z), then times g
+  acc_t* log_r = work + 8 * K;
+  acc_t* scratch = work + 9 * K;
 
   int64_t t = T - 1;
   while (t >= 0 && !mask[t]) --t;
@@ -186,17 +189,15 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
   StateRange cur = allowed_states(tags, t, K);
   std::fill(beta, beta + K, kNegInf<acc_t>);
   for (int64_t j = cur.lo; j < cur.hi; ++j) beta[j] = tr.end[j];
+  // At the last position the marginal needs its own exp; earlier ones are
+  // carried over from the pairwise step (see below).
+  for (int64_t j = cur.lo; j < cur.hi; ++j) marginal[j] = acc_t(alpha[t * K + j]) + beta[j];
+  exp_shifted(cur.size(), marginal + cur.lo, log_z, marginal + cur.lo);
   bool last = true;
   while (true) {
-    const scalar_t* a = alpha + t * K;
     const scalar_t* e = emissions + t * K;
     scalar_t* ge = grad_emissions + t * K;
-    if (cur.size() == 1) {
-      marginal[cur.lo] = 1;  // every consistent path passes a pinned state
-    } else {
-      for (int64_t j = cur.lo; j < cur.hi; ++j) marginal[j] = acc_t(a[j]) + beta[j];
-      exp_shifted(cur.size(), marginal + cur.lo, log_z, marginal + cur.lo);
-    }
+    if (cur.size() == 1) marginal[cur.lo] = 1;  // every consistent path passes a pinned state
     for (int64_t j = cur.lo; j < cur.hi; ++j) ge[j] = static_cast<scalar_t>(g * marginal[j]);
     if (last)
       for (int64_t j = cur.lo; j < cur.hi; ++j) grads.end[j] += g * marginal[j];
@@ -210,6 +211,7 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
     const StateRange prev = allowed_states(tags, tp, K);
     const scalar_t* ap = alpha + tp * K;
     std::fill(beta_prev, beta_prev + K, kNegInf<acc_t>);
+    std::fill(marginal_prev, marginal_prev + K, acc_t(0));
     std::fill(w, w + K, kNegInf<acc_t>);
     for (int64_t j = cur.lo; j < cur.hi; ++j) w[j] = acc_t(e[j]) + beta[j];
 
@@ -227,34 +229,37 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
         // beta_prev[i] = log sum_j E[i][j] q[j] + mw, streaming rows of E transposed.
         vecmat(cur.size(), prev.size(), q + cur.lo, tr.scaled_t.data() + cur.lo * K + prev.lo, K, r + prev.lo);
         log_array(prev.size(), r + prev.lo, log_r + prev.lo);
+        for (int64_t i = prev.lo; i < prev.hi; ++i) coef[i] = acc_t(ap[i]);
+        exp_shifted(prev.size(), coef + prev.lo, log_z - mw, coef + prev.lo);
         for (int64_t i = prev.lo; i < prev.hi; ++i) {
-          if (r[i] > tiny_sum<acc_t>()) {
+          const bool scaled_ok = r[i] > tiny_sum<acc_t>();
+          if (scaled_ok) {
             beta_prev[i] = log_r[i] + mw;
           } else {
             for (int64_t j = cur.lo; j < cur.hi; ++j) scratch[j - cur.lo] = tr.trans[i * K + j] + w[j];
             beta_prev[i] = logsumexp(scratch, cur.size());
           }
-        }
-        // Pairwise marginals P(i, j) = exp(ap[i] + mw - log_z) * E[i][j] * q[j];
-        // rows whose scale would overflow are summed exactly instead.
-        for (int64_t i = prev.lo; i < prev.hi; ++i) coef[i] = acc_t(ap[i]);
-        exp_shifted(prev.size(), coef + prev.lo, log_z - mw, coef + prev.lo);
-        for (int64_t i = prev.lo; i < prev.hi; ++i) {
           const acc_t la = acc_t(ap[i]) + mw - log_z;
           if (la < max_exp_arg<acc_t>()) {
+            // P(y_t' = i) = exp(ap[i] + beta_prev[i] - log_z) = coef[i] * r[i]: no exp needed.
+            marginal_prev[i] = scaled_ok ? coef[i] * r[i] : std::exp(acc_t(ap[i]) + beta_prev[i] - log_z);
             coef[i] *= g;
-            continue;
+          } else {
+            // Pairwise marginals of a row whose scale would overflow, summed exactly.
+            marginal_prev[i] = std::exp(acc_t(ap[i]) + beta_prev[i] - log_z);
+            coef[i] = 0;
+            acc_t* gt = grads.trans + i * K;
+            for (int64_t j = cur.lo; j < cur.hi; ++j)
+              gt[j] += g * std::exp(acc_t(ap[i]) + tr.trans[i * K + j] + w[j] - log_z);
           }
-          coef[i] = 0;
-          acc_t* gt = grads.trans + i * K;
-          for (int64_t j = cur.lo; j < cur.hi; ++j)
-            gt[j] += g * std::exp(acc_t(ap[i]) + tr.trans[i * K + j] + w[j] - log_z);
         }
+        // Pairwise marginals P(i, j) = exp(ap[i] + mw - log_z) * E[i][j] * q[j].
         scaled_outer_accumulate(prev.size(), cur.size(), coef + prev.lo, tr.scaled.data() + prev.lo * K + cur.lo, K,
                                 q + cur.lo, grads.trans + prev.lo * K + cur.lo);
       }
     }
     std::swap(beta, beta_prev);
+    std::swap(marginal, marginal_prev);
     t = tp;
     cur = prev;
   }
@@ -456,20 +461,22 @@ RawTransitions<scalar_t> raw_transitions(const at::Tensor& start, const at::Tens
   return {trans.size(0), start.data_ptr<scalar_t>(), end.data_ptr<scalar_t>(), trans.data_ptr<scalar_t>()};
 }
 
-// Runs body(b, work) for every sequence b, with a per-thread scratch buffer of
-// work_size doubles. Sequences differ in length, so they are handed out one at
-// a time (dynamic schedule) rather than in fixed halves that leave a thread idle.
-template <typename Body>
-void for_each_sequence(int64_t B, int64_t work_size, const Body& body) {
+// Runs body(b, scratch) for every sequence b, where scratch is a per-thread
+// object made by make_scratch(). Sequences differ in length, so they are handed
+// out one at a time (dynamic schedule) rather than in fixed halves that leave a
+// thread idle at the end.
+template <typename MakeScratch, typename Body>
+void for_each_sequence(int64_t B, const MakeScratch& make_scratch, const Body& body) {
 #ifdef _OPENMP
   const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B)));
-  std::vector<std::vector<acc_t>> work(threads, std::vector<acc_t>(work_size));
+  std::vector<decltype(make_scratch())> scratch;
+  for (int i = 0; i < threads; ++i) scratch.push_back(make_scratch());
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-  for (int64_t b = 0; b < B; ++b) body(b, work[omp_get_thread_num()].data());
+  for (int64_t b = 0; b < B; ++b) body(b, scratch[omp_get_thread_num()]);
 #else
   at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-    std::vector<acc_t> work(work_size);
-    for (int64_t b = b0; b < b1; ++b) body(b, work.data());
+    auto scratch = make_scratch();
+    for (int64_t b = b0; b < b1; ++b) body(b, scratch);
   });
 #endif
 }
@@ -493,10 +500,12 @@ std::tuple<at::Tensor, at::Tensor> crf_log_partition_cpu(const at::Tensor& emiss
     const int64_t* tg = tags.has_value() ? tags->data_ptr<int64_t>() : nullptr;
     scalar_t* lz = log_z.data_ptr<scalar_t>();
     scalar_t* al = alpha.data_ptr<scalar_t>();
-    for_each_sequence(B, 6 * K, [&](int64_t b, acc_t* work) {
-      lz[b] = static_cast<scalar_t>(
-          forward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K, work));
-    });
+    for_each_sequence(
+        B, [&] { return std::vector<acc_t>(6 * K); },
+        [&](int64_t b, std::vector<acc_t>& work) {
+          lz[b] = static_cast<scalar_t>(forward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr,
+                                                          T, al + b * T * K, work.data()));
+        });
   });
   return {log_z, alpha};
 }
@@ -518,7 +527,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_bac
   const std::optional<at::Tensor> tags = checked_tags(tags_in, mask, K);
   const at::Tensor alpha = alpha_in.contiguous(), log_z = log_z_in.contiguous();
   const at::Tensor grad = grad_in.to(at::kDouble).contiguous();
-  at::Tensor grad_emissions = at::zeros_like(emissions);
+  at::Tensor grad_emissions = at::empty_like(emissions);  // every element written by backward_sequence
   at::Tensor grad_start = at::zeros({K}, emissions.options());
   at::Tensor grad_end = at::zeros({K}, emissions.options());
   at::Tensor grad_trans = at::zeros({K, K}, emissions.options());
@@ -534,11 +543,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_bac
     scalar_t* ge = grad_emissions.data_ptr<scalar_t>();
     const int64_t slot = 2 * K + K * K;
     std::vector<acc_t> per_sequence(B * slot, 0.0);
-    for_each_sequence(B, 9 * K, [&](int64_t b, acc_t* work) {
-      acc_t* mine = per_sequence.data() + b * slot;
-      backward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K,
-                        double(lz[b]), g[b], ge + b * T * K, ParamGrads{mine, mine + K, mine + 2 * K}, work);
-    });
+    for_each_sequence(
+        B, [&] { return std::vector<acc_t>(10 * K); },
+        [&](int64_t b, std::vector<acc_t>& work) {
+          acc_t* mine = per_sequence.data() + b * slot;
+          backward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr, T, al + b * T * K,
+                            double(lz[b]), g[b], ge + b * T * K, ParamGrads{mine, mine + K, mine + 2 * K},
+                            work.data());
+        });
     scalar_t* gs = grad_start.data_ptr<scalar_t>();
     scalar_t* gn = grad_end.data_ptr<scalar_t>();
     scalar_t* gt = grad_trans.data_ptr<scalar_t>();
@@ -566,13 +578,16 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_i
     const bool* mk = mask.data_ptr<bool>();
     int64_t* pa = paths.data_ptr<int64_t>();
     scalar_t* sc = scores.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<scalar_t> work(2 * K);
-      std::vector<int32_t> backpointers(T * K);
-      for (int64_t b = b0; b < b1; ++b) {
-        sc[b] = viterbi_sequence(tr, em + b * T * K, mk + b * T, T, pa + b * T, backpointers.data(), work.data());
-      }
-    });
+    struct Scratch {
+      std::vector<scalar_t> work;
+      std::vector<int32_t> backpointers;
+    };
+    for_each_sequence(
+        B, [&] { return Scratch{std::vector<scalar_t>(2 * K), std::vector<int32_t>(T * K)}; },
+        [&](int64_t b, Scratch& s) {
+          sc[b] = viterbi_sequence(tr, em + b * T * K, mk + b * T, T, pa + b * T, s.backpointers.data(),
+                                   s.work.data());
+        });
   });
   return {paths, scores};
 }
@@ -593,19 +608,22 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_topk_cpu(const at::Tensor& emissi
     const bool* mk = mask.data_ptr<bool>();
     int64_t* pa = paths.data_ptr<int64_t>();
     scalar_t* sc = scores.data_ptr<scalar_t>();
-    at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      TopkScratch<scalar_t> s;
-      s.score.resize(K * k);
-      s.next.resize(K * k);
-      s.count.resize(K);
-      s.next_count.resize(K);
-      s.bp_tag.resize(T * K * k);
-      s.bp_rank.resize(T * K * k);
-      s.head.resize(K);
-      for (int64_t b = b0; b < b1; ++b) {
-        topk_sequence(tr, em + b * T * K, mk + b * T, T, k, pa + b * T * k, sc + b * k, s);
-      }
-    });
+    for_each_sequence(
+        B,
+        [&] {
+          TopkScratch<scalar_t> s;
+          s.score.resize(K * k);
+          s.next.resize(K * k);
+          s.count.resize(K);
+          s.next_count.resize(K);
+          s.bp_tag.resize(T * K * k);
+          s.bp_rank.resize(T * K * k);
+          s.head.resize(K);
+          return s;
+        },
+        [&](int64_t b, TopkScratch<scalar_t>& s) {
+          topk_sequence(tr, em + b * T * K, mk + b * T, T, k, pa + b * T * k, sc + b * k, s);
+        });
   });
   return {paths, scores};
 }
