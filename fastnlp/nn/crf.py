@@ -104,14 +104,17 @@ class CRF(nn.Module):
         paths, _ = self.viterbi(emissions, mask)
         if not self.batch_first:
             paths = paths.transpose(0, 1)
-        selected = paths >= 0
-        flat: List[int] = paths[selected].tolist()
-        lengths: List[int] = selected.sum(1).tolist()
+        # List operations on Python lists run in C; a tensor op per row would not.
+        rows: List[List[int]] = paths.tolist()
         best: List[List[int]] = []
-        offset = 0
-        for length in lengths:
-            best.append(flat[offset:offset + length])
-            offset += length
+        for row in rows:
+            head = row[:len(row) - row.count(-1)]
+            if -1 in head:  # the mask has holes: keep just the selected positions
+                head = []
+                for tag in row:
+                    if tag >= 0:
+                        head.append(tag)
+            best.append(head)
         return best
 
     @torch.jit.export
