@@ -115,17 +115,6 @@ FASTNLP_VECTOR_CLONES inline void log_array(int64_t n, const double* __restrict 
       if (!(x[j] >= 2.2250738585072014e-308 && x[j] <= 1.7976931348623157e308)) out[j] = std::log(x[j]);
 }
 
-// y[j] += a * x[j]
-FASTNLP_VECTOR_CLONES inline void axpy(int64_t n, double a, const double* __restrict x, double* __restrict y) {
-  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
-}
-
-// y[j] += a * x[j] * z[j]
-FASTNLP_VECTOR_CLONES inline void axpy_product(int64_t n, double a, const double* __restrict x,
-                                               const double* __restrict z, double* __restrict y) {
-  for (int64_t j = 0; j < n; ++j) y[j] += a * x[j] * z[j];
-}
-
 // s[j] = sum_i a[i] * M[i * ld + j] for i < m, j < n: one step of a scaled
 // recursion. Rows with a[i] == 0 (unreachable states) are skipped.
 FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __restrict a,
