@@ -1,7 +1,6 @@
 """fastnlp.nn.CRF as a drop-in for pytorch-crf's torchcrf.CRF, and what it adds."""
 
 import itertools
-import warnings
 
 import pytest
 import torch
