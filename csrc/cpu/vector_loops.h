@@ -158,14 +158,14 @@ __attribute__((always_inline)) inline void maxplus_step_impl(int64_t K, const sc
     const scalar_t* row = trans + i * K;
     const int32_t from = static_cast<int32_t>(i);
     for (int64_t j = 0; j < K; ++j) {
-      // Read, select, write back unconditionally: conditional stores would
-      // vectorise into a test-and-branch per vector, mispredicted on real data.
+      // The argmax update as bit operations: written as a conditional, GCC
+      // vectorises it into a test-and-branch per vector (mispredicted on real
+      // data, 2x slower at K = 20); as a mask it becomes compare-and-blend.
       const scalar_t v = (si + row[j]) + emission[j];
       const scalar_t old_best = best[j];
-      const int32_t old_arg = arg[j];
-      const bool better = v > old_best;
-      best[j] = better ? v : old_best;
-      arg[j] = better ? from : old_arg;
+      const int32_t better = -static_cast<int32_t>(v > old_best);  // all ones when v wins
+      best[j] = v > old_best ? v : old_best;
+      arg[j] = (from & better) | (arg[j] & ~better);
     }
   }
 }
