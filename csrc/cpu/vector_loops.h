@@ -98,9 +98,9 @@ __attribute__((always_inline)) inline double log_one(double x) {
 
 }  // namespace vmath_detail
 
-// out[j] = exp(x[j] - shift)
-FASTNLP_VECTOR_CLONES inline void exp_shifted(int64_t n, const double* __restrict x, double shift,
-                                              double* __restrict out) {
+// out[j] = exp(x[j] - shift). In place (out == x) is allowed: element j reads
+// only x[j], so the pointers are deliberately not __restrict.
+FASTNLP_VECTOR_CLONES inline void exp_shifted(int64_t n, const double* x, double shift, double* out) {
   for (int64_t j = 0; j < n; ++j) out[j] = vmath_detail::exp_one(x[j] - shift);
 }
 

@@ -142,7 +142,7 @@ def _prepare_tags(tags: Tensor, emissions: Tensor, mask: Tensor, ignore_index: i
     refused here, before the kernel. Under torch.compile the check would be a
     graph break; the CPU kernel's own check raises instead.
     """
-    check_crf_shapes(emissions, emissions.size(2), tags, mask)
+    check_crf_shapes(emissions, emissions.size(2), tags, None)  # mask: checked by _prepare
     if tags.device != emissions.device:
         raise ValueError(f"tags is on {tags.device} but emissions are on {emissions.device}")
     tags = tags.long()
