@@ -33,6 +33,27 @@ TORCH_LIBRARY(fastnlp, m) {
   m.def(
       "crf_viterbi_topk(Tensor emissions, Tensor mask, Tensor start_transitions, "
       "Tensor end_transitions, Tensor transitions, int k) -> (Tensor paths, Tensor scores)");
+
+  // One LSTM layer in one direction over a time-major packed batch (see
+  // csrc/lstm.h): input (N, I) rows, step t holding the batch_sizes[t]
+  // sequences still alive (an empty batch_sizes: padded input, every one of
+  // the B = h0.size(0) sequences N / B steps long); h0 (B, P), c0 (B, H);
+  // weight_hr (P, H) is the projection, absent when P == H. reverse runs the
+  // steps from last to first. gates (N, 4H) (activations i, f, g, o) and
+  // cells (N, H) are saved for the backward pass.
+  m.def(
+      "lstm_forward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, bool reverse) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+  // Backward through time. grad_bias is the gradient of bias_ih and of
+  // bias_hh alike (empty when has_bias is false); grad_weight_hr is empty
+  // without a projection.
+  m.def(
+      "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
+      "Tensor batch_sizes, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
+      "Tensor? weight_hr, bool has_bias, bool reverse, Tensor output, Tensor gates, Tensor cells) "
+      "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "
+      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr)");
 }
 
 namespace {

@@ -1,0 +1,232 @@
+// The time loop of one LSTM layer direction, forward and backward through
+// time, for every device (see lstm.h). Work per step is proportional to the
+// sequences still alive at that step: padding is never computed.
+//
+// Forward, per step t (alive rows 0..bs-1):
+//   gates[t] = x_t W_ih^T + b   (all steps at once, one GEMM before the loop)
+//   gates[t] += h_{t-1} W_hh^T  (one GEMM per step)
+//   pointwise: activations, c_t, h~_t = o * tanh(c_t)
+//   h_t = h~_t W_hr^T           (projection, one GEMM per step, if any)
+// Backward runs the steps in the opposite order and leaves every GEMM that
+// does not feed the recursion (input and weight gradients) to the end, as one
+// GEMM each over all N rows.
+#include "lstm.h"
+
+#include <ATen/ATen.h>
+
+#include <algorithm>
+#include <vector>
+
+namespace fastnlp {
+namespace {
+
+bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_matrix(const at::Tensor& t, const char* name, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "fastnlp.lstm: ", name, " must have shape (",
+              rows, ", ", cols, "), got ", t.sizes());
+}
+
+void check_like(const at::Tensor& t, const char* name, const at::Tensor& input) {
+  TORCH_CHECK(t.scalar_type() == input.scalar_type(), "fastnlp.lstm: ", name, " has dtype ", t.scalar_type(),
+              " but input has dtype ", input.scalar_type());
+  TORCH_CHECK(t.device() == input.device(), "fastnlp.lstm: ", name, " is on ", t.device(), " but input is on ",
+              input.device());
+}
+
+std::vector<int64_t> step_offsets(const std::vector<int64_t>& steps) {
+  std::vector<int64_t> offsets(steps.size());
+  int64_t offset = 0;
+  for (size_t t = 0; t < steps.size(); ++t) {
+    offsets[t] = offset;
+    offset += steps[t];
+  }
+  return offsets;
+}
+
+// The step processed just before step t, or -1 for a sequence's first step.
+int64_t previous_step(int64_t t, int64_t T, bool reverse) {
+  const int64_t prev = reverse ? t + 1 : t - 1;
+  return prev >= 0 && prev < T ? prev : -1;
+}
+
+}  // namespace
+
+std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                                       const at::Tensor& c0, const at::Tensor& weight_ih,
+                                       const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+                                       const std::optional<at::Tensor>& bias_hh,
+                                       const std::optional<at::Tensor>& weight_hr) {
+  TORCH_CHECK(input.dim() == 2, "fastnlp.lstm: input must be 2-D (rows, input_size), got ", input.sizes());
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fastnlp.lstm: input must be floating point, got ",
+              input.scalar_type());
+  TORCH_CHECK(h0.dim() == 2 && c0.dim() == 2, "fastnlp.lstm: h0 and c0 must be 2-D (batch, size), got ", h0.sizes(),
+              " and ", c0.sizes());
+  const int64_t N = input.size(0), I = input.size(1), B = h0.size(0), P = h0.size(1), H = c0.size(1);
+  TORCH_CHECK(c0.size(0) == B, "fastnlp.lstm: h0 and c0 disagree on the batch size: ", h0.sizes(), " vs ",
+              c0.sizes());
+  check_matrix(weight_ih, "weight_ih", 4 * H, I);
+  check_matrix(weight_hh, "weight_hh", 4 * H, P);
+  for (const auto& [t, name] : {std::make_pair(&h0, "h0"), std::make_pair(&c0, "c0"),
+                                std::make_pair(&weight_ih, "weight_ih"), std::make_pair(&weight_hh, "weight_hh")})
+    check_like(*t, name, input);
+  for (const auto& [t, name] : {std::make_pair(&bias_ih, "bias_ih"), std::make_pair(&bias_hh, "bias_hh")}) {
+    if (!has_tensor(*t)) continue;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == 4 * H, "fastnlp.lstm: ", name, " must have shape (", 4 * H,
+                "), got ", (*t)->sizes());
+    check_like(**t, name, input);
+  }
+  if (has_tensor(weight_hr)) {
+    check_matrix(*weight_hr, "weight_hr", P, H);
+    check_like(*weight_hr, "weight_hr", input);
+  } else {
+    TORCH_CHECK(P == H, "fastnlp.lstm: without weight_hr, h0 (", h0.sizes(), ") and c0 (", c0.sizes(),
+                ") must have the same size");
+  }
+
+  TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong && batch_sizes.device().is_cpu(),
+              "fastnlp.lstm: batch_sizes must be a 1-D int64 CPU tensor, got ", batch_sizes.scalar_type(), " ",
+              batch_sizes.sizes(), " on ", batch_sizes.device());
+  if (batch_sizes.numel() == 0) {  // padded input
+    TORCH_CHECK((B == 0 && N == 0) || (B > 0 && N % B == 0), "fastnlp.lstm: padded input has ", N,
+                " rows, not a multiple of the batch size ", B);
+    return std::vector<int64_t>(B > 0 ? N / B : 0, B);
+  }
+  const at::Tensor sizes = batch_sizes.contiguous();
+  const int64_t* bs = sizes.data_ptr<int64_t>();
+  std::vector<int64_t> steps(bs, bs + sizes.numel());
+  TORCH_CHECK(steps[0] == B, "fastnlp.lstm: batch_sizes[0] is ", steps[0], " but h0 has batch size ", B);
+  int64_t total = 0;
+  for (size_t t = 0; t < steps.size(); ++t) {
+    TORCH_CHECK(steps[t] >= 1 && (t == 0 || steps[t] <= steps[t - 1]),
+                "fastnlp.lstm: batch_sizes must be positive and non-increasing, got ", batch_sizes);
+    total += steps[t];
+  }
+  TORCH_CHECK(total == N, "fastnlp.lstm: batch_sizes sum to ", total, " but input has ", N, " rows");
+  return steps;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_impl(
+    const LstmStepKernels& kernels, const at::Tensor& input_in, const at::Tensor& batch_sizes, const at::Tensor& h0,
+    const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+    const std::optional<at::Tensor>& weight_hr, bool reverse) {
+  const std::vector<int64_t> steps =
+      lstm_check_inputs(input_in, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
+  const std::vector<int64_t> offsets = step_offsets(steps);
+  const int64_t T = static_cast<int64_t>(steps.size()), N = input_in.size(0), B = h0.size(0);
+  const int64_t H = c0.size(1), P = h0.size(1);
+  const bool projected = has_tensor(weight_hr);
+  const at::Tensor input = input_in.contiguous();
+
+  at::Tensor gates;  // (N, 4H): the input half of every step's pre-activations, in one GEMM
+  if (has_tensor(bias_ih) && has_tensor(bias_hh))
+    gates = at::addmm(*bias_ih + *bias_hh, input, weight_ih.t());
+  else if (has_tensor(bias_ih) || has_tensor(bias_hh))
+    gates = at::addmm(has_tensor(bias_ih) ? *bias_ih : *bias_hh, input, weight_ih.t());
+  else
+    gates = at::mm(input, weight_ih.t());
+  at::Tensor cells = at::empty({N, H}, input.options());
+  at::Tensor output = at::empty({N, P}, input.options());
+  at::Tensor h_state = h0.contiguous().clone();
+  at::Tensor c_state = c0.contiguous().clone();
+  at::Tensor h_tilde = projected ? at::empty({B, H}, input.options()) : at::Tensor();
+  const at::Tensor weight_hh_t = weight_hh.t();
+
+  for (int64_t s = 0; s < T; ++s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const int64_t rows = steps[t];
+    at::Tensor step_gates = gates.narrow(0, offsets[t], rows);
+    at::Tensor h_prev = h_state.narrow(0, 0, rows);
+    step_gates.addmm_(h_prev, weight_hh_t);
+    at::Tensor step_out = output.narrow(0, offsets[t], rows);
+    at::Tensor step_cells = cells.narrow(0, offsets[t], rows);
+    at::Tensor step_c = c_state.narrow(0, 0, rows);
+    if (projected) {
+      at::Tensor step_tilde = h_tilde.narrow(0, 0, rows);
+      kernels.forward(step_gates, step_c, step_cells, step_tilde, at::Tensor());
+      at::mm_out(step_out, step_tilde, weight_hr->t());
+      h_prev.copy_(step_out);
+    } else {
+      kernels.forward(step_gates, step_c, step_cells, step_out, h_prev);
+    }
+  }
+  return {output, h_state, c_state, gates, cells};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_impl(
+    const LstmStepKernels& kernels, const at::Tensor& grad_output_in, const at::Tensor& grad_h_n,
+    const at::Tensor& grad_c_n, const at::Tensor& input_in, const at::Tensor& batch_sizes, const at::Tensor& h0_in,
+    const at::Tensor& c0_in, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+    const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse, const at::Tensor& output,
+    const at::Tensor& gates, const at::Tensor& cells) {
+  const std::vector<int64_t> steps = lstm_check_inputs(input_in, batch_sizes, h0_in, c0_in, weight_ih, weight_hh,
+                                                       std::nullopt, std::nullopt, weight_hr);
+  const std::vector<int64_t> offsets = step_offsets(steps);
+  const int64_t T = static_cast<int64_t>(steps.size()), N = input_in.size(0), B = h0_in.size(0);
+  const int64_t H = c0_in.size(1), P = h0_in.size(1);
+  TORCH_CHECK(grad_output_in.dim() == 2 && grad_output_in.size(0) == N && grad_output_in.size(1) == P,
+              "fastnlp.lstm: grad_output must have shape (", N, ", ", P, "), got ", grad_output_in.sizes());
+  TORCH_CHECK(gates.sizes() == at::IntArrayRef({N, 4 * H}) && cells.sizes() == at::IntArrayRef({N, H}) &&
+                  output.sizes() == at::IntArrayRef({N, P}),
+              "fastnlp.lstm: saved gates/cells/output do not match the input");
+  const bool projected = has_tensor(weight_hr);
+  const auto options = input_in.options();
+  const at::Tensor input = input_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  const at::Tensor grad_output = grad_output_in.contiguous();
+
+  // Gradients flowing back through the recurrence, per sequence; rows that
+  // are not alive yet (in backward order) still hold grad_h_n / grad_c_n.
+  at::Tensor dh_state = at::empty({B, P}, options);
+  dh_state.copy_(grad_h_n);
+  at::Tensor dc_state = at::empty({B, H}, options);
+  dc_state.copy_(grad_c_n);
+  at::Tensor grad_gates = at::empty({N, 4 * H}, options);
+  at::Tensor h_prev_all = at::empty({N, P}, options);  // h_{t-1} of every row, for grad_weight_hh
+  at::Tensor grad_h_all, grad_tilde, h_tilde_all;      // projection only
+  if (projected) {
+    grad_h_all = at::empty({N, P}, options);
+    grad_tilde = at::empty({B, H}, options);
+    h_tilde_all = at::empty({N, H}, options);
+  }
+
+  for (int64_t s = T - 1; s >= 0; --s) {
+    const int64_t t = reverse ? T - 1 - s : s;
+    const int64_t rows = steps[t], offset = offsets[t];
+    const int64_t prev = previous_step(t, T, reverse);
+    const int64_t rows_with_prev = prev < 0 ? 0 : std::min(rows, steps[prev]);
+    const int64_t prev_offset = prev < 0 ? 0 : offsets[prev];
+
+    at::Tensor h_prev = h_prev_all.narrow(0, offset, rows);
+    if (rows_with_prev > 0) h_prev.narrow(0, 0, rows_with_prev).copy_(output.narrow(0, prev_offset, rows_with_prev));
+    if (rows > rows_with_prev)
+      h_prev.narrow(0, rows_with_prev, rows - rows_with_prev).copy_(h0.narrow(0, rows_with_prev, rows - rows_with_prev));
+
+    const at::Tensor c_prev = cells.narrow(0, prev_offset, rows_with_prev);
+    at::Tensor step_grad_gates = grad_gates.narrow(0, offset, rows);
+    at::Tensor dh = dh_state.narrow(0, 0, rows);
+    const at::Tensor step_gates = gates.narrow(0, offset, rows), step_cells = cells.narrow(0, offset, rows);
+    if (projected) {
+      at::Tensor step_grad_h = grad_h_all.narrow(0, offset, rows);
+      at::add_out(step_grad_h, grad_output.narrow(0, offset, rows), dh);
+      at::Tensor step_grad_tilde = grad_tilde.narrow(0, 0, rows);
+      at::mm_out(step_grad_tilde, step_grad_h, *weight_hr);
+      kernels.backward(step_gates, step_cells, c_prev, rows_with_prev, c0, step_grad_tilde, at::Tensor(),
+                       dc_state.narrow(0, 0, rows), step_grad_gates, h_tilde_all.narrow(0, offset, rows));
+    } else {
+      kernels.backward(step_gates, step_cells, c_prev, rows_with_prev, c0, grad_output.narrow(0, offset, rows), dh,
+                       dc_state.narrow(0, 0, rows), step_grad_gates, at::Tensor());
+    }
+    at::mm_out(dh, step_grad_gates, weight_hh);
+  }
+
+  const at::Tensor grad_gates_t = grad_gates.t();
+  at::Tensor grad_input = at::mm(grad_gates, weight_ih);
+  at::Tensor grad_weight_ih = at::mm(grad_gates_t, input);
+  at::Tensor grad_weight_hh = at::mm(grad_gates_t, h_prev_all);
+  at::Tensor grad_bias = has_bias ? grad_gates.sum(0) : at::empty({0}, options);
+  at::Tensor grad_weight_hr = projected ? at::mm(grad_h_all.t(), h_tilde_all) : at::empty({0}, options);
+  return {grad_input, dh_state, dc_state, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr};
+}
+
+}  // namespace fastnlp

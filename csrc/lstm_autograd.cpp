@@ -1,0 +1,106 @@
+// Autograd for lstm_forward, registered once for every device; in C++ for
+// the same reason as crf_autograd.cpp: a Python wrapper adds ~0.1 ms per call,
+// which an LSTMCell step loop pays once per time step.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/autograd.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <tuple>
+
+namespace fastnlp {
+namespace {
+
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+using Forward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+
+bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+Forward call_forward(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+                     const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+                     const std::optional<at::Tensor>& weight_hr, bool reverse) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastnlp::lstm_forward", "")
+          .typed<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                         const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool)>();
+  return op.call(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse);
+}
+
+Backward call_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
+                       const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                       const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                       const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse,
+                       const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("fastnlp::lstm_backward", "")
+          .typed<Backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                          const at::Tensor&, const std::optional<at::Tensor>&, bool, bool, const at::Tensor&,
+                          const at::Tensor&, const at::Tensor&)>();
+  return op.call(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih, weight_hh, weight_hr,
+                 has_bias, reverse, output, gates, cells);
+}
+
+class LstmLayer : public torch::autograd::Function<LstmLayer> {
+ public:
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& batch_sizes,
+                               const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
+                               const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+                               const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr,
+                               bool reverse) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [output, h_n, c_n, gates, cells] =
+        call_forward(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse);
+    ctx->save_for_backward({input, batch_sizes, h0, c0, weight_ih, weight_hh, weight_hr.value_or(at::Tensor()),
+                            output, gates, cells});
+    ctx->saved_data["has_bias"] = has_tensor(bias_ih) || has_tensor(bias_hh);
+    ctx->saved_data["has_bias_ih"] = has_tensor(bias_ih);
+    ctx->saved_data["has_bias_hh"] = has_tensor(bias_hh);
+    ctx->saved_data["reverse"] = reverse;
+    ctx->mark_non_differentiable({gates, cells});
+    return {output, h_n, c_n, gates, cells};
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const std::optional<at::Tensor> weight_hr = s[6].defined() ? std::optional<at::Tensor>(s[6]) : std::nullopt;
+    auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
+        call_backward(grads[0], grads[1], grads[2], s[0], s[1], s[2], s[3], s[4], s[5], weight_hr,
+                      ctx->saved_data["has_bias"].toBool(), ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9]);
+    const at::Tensor none;
+    return {grad_input,
+            none,
+            grad_h0,
+            grad_c0,
+            grad_w_ih,
+            grad_w_hh,
+            ctx->saved_data["has_bias_ih"].toBool() ? grad_bias : none,
+            ctx->saved_data["has_bias_hh"].toBool() ? grad_bias : none,
+            weight_hr ? grad_w_hr : none,
+            none};
+  }
+};
+
+Forward lstm_forward_autograd(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                              const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                              const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
+                              const std::optional<at::Tensor>& weight_hr, bool reverse) {
+  const variable_list out =
+      LstmLayer::apply(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse);
+  return {out[0], out[1], out[2], out[3], out[4]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastnlp, Autograd, m) {
+  m.impl("lstm_forward", &lstm_forward_autograd);
+}
+
+}  // namespace fastnlp

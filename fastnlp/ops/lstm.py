@@ -1,0 +1,92 @@
+"""LSTM: registration of torch.ops.fastnlp.lstm_forward/lstm_backward (fake
+kernels; autograd is in csrc/lstm_autograd.cpp) and the functional API.
+
+The op runs one layer in one direction over a *time-major packed* batch, the
+layout of torch.nn.utils.rnn.PackedSequence: `input` (N, I) holds the rows of
+step 0 for the batch_sizes[0] sequences alive then, then those of step 1, and
+so on, with batch_sizes non-increasing. Each sequence stops at its own length
+and no work is spent on padding. An empty `batch_sizes` means padded input:
+all B = h0.size(0) sequences run N / B steps (a (T, B, I) tensor viewed as
+(T * B, I)). fastnlp.nn.LSTM stacks layers and directions on top of it.
+"""
+
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from fastnlp.ops._backend import use_reference
+from fastnlp.reference import lstm as reference
+
+__all__ = ["lstm_cell", "lstm_layer"]
+
+
+@torch.library.register_fake("fastnlp::lstm_forward")
+def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse):
+    rows, hidden = input.shape[0], c0.shape[1]
+    return (input.new_empty(rows, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
+            input.new_empty(rows, 4 * hidden), input.new_empty(rows, hidden))
+
+
+@torch.library.register_fake("fastnlp::lstm_backward")
+def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih, weight_hh,
+                        weight_hr, has_bias, reverse, output, gates, cells):
+    grad_bias = input.new_empty(weight_ih.shape[0] if has_bias else 0)
+    grad_weight_hr = torch.empty_like(weight_hr) if weight_hr is not None else input.new_empty(0)
+    return (torch.empty_like(input), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(weight_ih),
+            torch.empty_like(weight_hh), grad_bias, grad_weight_hr)
+
+
+# The CPU kernel computes in float32/float64; half-precision input is widened
+# to float32 around it (and autograd narrows the gradients back).
+_CPU_WIDENED = (torch.float16, torch.bfloat16)
+
+# "Padded input": an empty batch_sizes, made once rather than on every call.
+_PADDED = torch.empty(0, dtype=torch.long)
+
+
+def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, weight_ih: Tensor,
+               weight_hh: Tensor, bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
+               weight_hr: Optional[Tensor] = None, reverse: bool = False, *,
+               backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """One LSTM layer, one direction, over a time-major packed batch.
+
+    Args:
+        input: (N, I) rows, time-major (see the module docstring).
+        batch_sizes: (T,) int64 CPU tensor, non-increasing, or None / empty for
+            padded input (N / B steps of all B sequences).
+        h0: (B, P) initial hidden state; c0: (B, H) initial cell state.
+        weight_ih (4H, I), weight_hh (4H, P), bias_ih (4H,), bias_hh (4H,):
+            as in torch.nn.LSTM, gates in the order i, f, g, o.
+        weight_hr: (P, H) projection (torch.nn.LSTM's proj_size), or None.
+        reverse: run from the last step to the first.
+
+    Returns:
+        output (N, P), h_n (B, P), c_n (B, H): each sequence's state after its
+        own last step (its first, when reverse).
+    """
+    if batch_sizes is None:
+        batch_sizes = _PADDED
+    if use_reference(backend):
+        return reference.lstm_layer(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                    reverse)
+    if input.device.type == "cpu" and input.dtype in _CPU_WIDENED:
+        dtype = input.dtype
+        widen = [t.float() if t is not None else None
+                 for t in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)]
+        output, h_n, c_n = lstm_layer(widen[0], batch_sizes, *widen[1:], reverse=reverse)
+        return output.to(dtype), h_n.to(dtype), c_n.to(dtype)
+    output, h_n, c_n, _gates, _cells = torch.ops.fastnlp.lstm_forward(
+        input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse)
+    return output, h_n, c_n
+
+
+def lstm_cell(input: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+              bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
+              backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
+    """One LSTM step for a batch: input (B, I), h (B, H), c (B, H) -> (h', c').
+
+    The same fused kernel as lstm_layer, run for a single step.
+    """
+    _output, h_new, c_new = lstm_layer(input, _PADDED, h, c, weight_ih, weight_hh, bias_ih, bias_hh, backend=backend)
+    return h_new, c_new

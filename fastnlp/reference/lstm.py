@@ -1,0 +1,57 @@
+"""Pure-PyTorch LSTM: a plain loop over time steps, the oracle for the kernels.
+
+Same contract as fastnlp.ops.lstm_layer: one layer in one direction over a
+time-major packed batch (input (N, I) rows; step t holds the batch_sizes[t]
+sequences still alive; an empty batch_sizes means padded input, N / B steps
+for every one of the B = h0.size(0) sequences). Gates are in torch's order
+i, f, g, o.
+"""
+
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def step_sizes(batch_sizes: Tensor, rows: int, batch: int) -> List[int]:
+    if batch_sizes.numel() > 0:
+        return [int(size) for size in batch_sizes.tolist()]
+    return [batch] * (rows // batch) if batch > 0 else []
+
+
+def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+              bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
+              weight_hr: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+    """One step: returns (h', c')."""
+    gates = x @ weight_ih.t() + h @ weight_hh.t()
+    if bias_ih is not None:
+        gates = gates + bias_ih
+    if bias_hh is not None:
+        gates = gates + bias_hh
+    i, f, g, o = gates.chunk(4, dim=1)
+    c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    h_new = torch.sigmoid(o) * torch.tanh(c_new)
+    if weight_hr is not None:
+        h_new = h_new @ weight_hr.t()
+    return h_new, c_new
+
+
+def lstm_layer(input: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
+               bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
+               weight_hr: Optional[Tensor] = None, reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (output (N, P), h_n (B, P), c_n (B, H))."""
+    steps = step_sizes(batch_sizes, input.shape[0], h0.shape[0])
+    offsets = [sum(steps[:t]) for t in range(len(steps))]
+    order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
+    h, c = h0, c0
+    outputs: List[Optional[Tensor]] = [None] * len(steps)
+    for t in order:
+        alive = steps[t]
+        x = input[offsets[t]:offsets[t] + alive]
+        h_new, c_new = lstm_cell(x, h[:alive], c[:alive], weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+        outputs[t] = h_new
+        # Sequences that are not alive at this step keep their state.
+        h = torch.cat([h_new, h[alive:]])
+        c = torch.cat([c_new, c[alive:]])
+    output = torch.cat([o for o in outputs if o is not None]) if steps else input.new_empty(0, h0.shape[1])
+    return output, h, c
