@@ -2,5 +2,6 @@
 
 from fastnlp.nn.constraints import AllowedTransitions, allowed_transitions
 from fastnlp.nn.crf import CRF
+from fastnlp.nn.lstm import LSTM, LSTMCell
 
-__all__ = ["AllowedTransitions", "CRF", "allowed_transitions"]
+__all__ = ["AllowedTransitions", "CRF", "LSTM", "LSTMCell", "allowed_transitions"]

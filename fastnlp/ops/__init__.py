@@ -13,6 +13,7 @@ from fastnlp.ops.crf import (
     crf_viterbi,
     crf_viterbi_topk,
 )
+from fastnlp.ops.lstm import lstm_cell, lstm_layer
 
 __all__ = [
     "crf_gold_score",
@@ -21,4 +22,6 @@ __all__ = [
     "crf_marginals",
     "crf_viterbi",
     "crf_viterbi_topk",
+    "lstm_cell",
+    "lstm_layer",
 ]

@@ -1,0 +1,313 @@
+"""Drop-in torch.nn.LSTM and torch.nn.LSTMCell on fastnlp's fused, length-aware kernels.
+
+Same constructor arguments, parameter names, shapes and initialisation (in the
+same order, so a given torch seed gives the same weights), same inputs and
+outputs, same errors. What they add:
+
+- a PackedSequence is consumed as it is: each sequence stops at its own
+  length inside the kernel, so packed input costs less than padded input
+  rather than several times more;
+- the modules are plain nn.Modules over registered ops, so torch.compile
+  captures them (it refuses torch.nn.LSTM) with fullgraph=True.
+
+They deliberately do not subclass torch.nn.LSTM: TorchDynamo graph-breaks on
+every torch.nn.RNNBase instance.
+"""
+
+import math
+import numbers
+import warnings
+from typing import List, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils.rnn import PackedSequence
+
+from fastnlp.ops import lstm as lstm_ops
+
+__all__ = ["LSTM", "LSTMCell"]
+
+HiddenState = Tuple[Tensor, Tensor]
+
+
+def _check_constructor_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size) -> None:
+    """torch.nn.LSTM's argument checks, with its messages."""
+    if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
+        raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
+                         "element being zeroed")
+    if dropout > 0 and num_layers == 1:
+        warnings.warn("dropout option adds dropout after all but last recurrent layer, so non-zero dropout "
+                      f"expects num_layers greater than 1, but got dropout={dropout} and num_layers={num_layers}",
+                      stacklevel=3)
+    if not isinstance(bias, bool):
+        raise TypeError(f"bias should be of type bool, got: {type(bias).__name__}")
+    if not isinstance(batch_first, bool):
+        raise TypeError(f"batch_first should be of type bool, got: {type(batch_first).__name__}")
+    if not isinstance(input_size, int):
+        raise TypeError(f"input_size should be of type int, got: {type(input_size).__name__}")
+    if input_size <= 0:
+        raise ValueError("input_size must be greater than zero")
+    if not isinstance(hidden_size, int):
+        raise TypeError(f"hidden_size should be of type int, got: {type(hidden_size).__name__}")
+    if hidden_size <= 0:
+        raise ValueError("hidden_size must be greater than zero")
+    if num_layers <= 0:
+        raise ValueError("num_layers must be greater than zero")
+    if proj_size < 0:
+        raise ValueError("proj_size should be a positive integer or zero to disable projections")
+    if proj_size >= hidden_size:
+        raise ValueError("proj_size has to be smaller than hidden_size")
+
+
+class LSTM(nn.Module):
+    """Multi-layer LSTM, a drop-in for torch.nn.LSTM (see the module docstring).
+
+    Args are torch.nn.LSTM's: input_size, hidden_size, num_layers=1, bias=True,
+    batch_first=False, dropout=0.0, bidirectional=False, proj_size=0, device,
+    dtype. Parameters: weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k},
+    bias_hh_l{k}, weight_hr_l{k} and their _reverse twins, gates i, f, g, o.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
+                 batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
+                 device=None, dtype=None) -> None:
+        super().__init__()
+        _check_constructor_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
+        self.mode = "LSTM"
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.num_layers = num_layers
+        self.bias = bias
+        self.batch_first = batch_first
+        self.dropout = float(dropout)
+        self.bidirectional = bidirectional
+        self.proj_size = proj_size
+        factory = {"device": device, "dtype": dtype}
+        directions = 2 if bidirectional else 1
+        real_hidden = proj_size if proj_size > 0 else hidden_size
+        # Same parameters, created and registered in the same order as torch's,
+        # so reset_parameters() draws the same numbers from the same seed.
+        self._flat_weights_names: List[str] = []
+        self._all_weights: List[List[str]] = []
+        for layer in range(num_layers):
+            layer_input = input_size if layer == 0 else real_hidden * directions
+            for direction in range(directions):
+                suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                shapes = [("weight_ih", (4 * hidden_size, layer_input)), ("weight_hh", (4 * hidden_size, real_hidden))]
+                if bias:
+                    shapes += [("bias_ih", (4 * hidden_size,)), ("bias_hh", (4 * hidden_size,))]
+                if proj_size > 0:
+                    shapes += [("weight_hr", (proj_size, hidden_size))]
+                names = []
+                for kind, shape in shapes:
+                    setattr(self, kind + suffix, nn.Parameter(torch.empty(shape, **factory)))
+                    names.append(kind + suffix)
+                self._flat_weights_names.extend(names)
+                self._all_weights.append(names)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size)
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def flatten_parameters(self) -> None:
+        """A no-op kept for compatibility: fastnlp's kernels need no flat weight buffer."""
+
+    @property
+    def all_weights(self) -> List[List[nn.Parameter]]:
+        return [[getattr(self, name) for name in names] for names in self._all_weights]
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.proj_size != 0:
+            s += ", proj_size={proj_size}"
+        if self.num_layers != 1:
+            s += ", num_layers={num_layers}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        if self.batch_first is not False:
+            s += ", batch_first={batch_first}"
+        if self.dropout != 0:
+            s += ", dropout={dropout}"
+        if self.bidirectional is not False:
+            s += ", bidirectional={bidirectional}"
+        return s.format(**self.__dict__)
+
+    # -- input checks, as torch.nn.LSTM makes them ----------------------------
+
+    def _check_input(self, input: Tensor, packed: bool) -> None:
+        weight = self.weight_ih_l0
+        if input.dtype != weight.dtype and not torch.is_autocast_enabled():
+            raise ValueError(
+                f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
+                f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
+        expected_dim = 2 if packed else 3
+        if input.dim() != expected_dim:
+            raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
+        if self.input_size != input.size(-1):
+            raise RuntimeError(
+                f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.size(-1)}")
+
+    def _check_hidden(self, hx: HiddenState, batch: int) -> None:
+        directions = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        expected_h = (self.num_layers * directions, batch, real_hidden)
+        expected_c = (self.num_layers * directions, batch, self.hidden_size)
+        if hx[0].size() != expected_h:
+            raise RuntimeError(f"Expected hidden[0] size {expected_h}, got {list(hx[0].size())}")
+        if hx[1].size() != expected_c:
+            raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(hx[1].size())}")
+
+    def _zero_state(self, input: Tensor, batch: int) -> HiddenState:
+        directions = 2 if self.bidirectional else 1
+        real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
+        h = torch.zeros(self.num_layers * directions, batch, real_hidden, dtype=input.dtype, device=input.device)
+        c = torch.zeros(self.num_layers * directions, batch, self.hidden_size, dtype=input.dtype,
+                        device=input.device)
+        return h, c
+
+    # -- forward --------------------------------------------------------------
+
+    def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[HiddenState] = None):
+        """Same inputs and outputs as torch.nn.LSTM.forward: returns output, (h_n, c_n)."""
+        if isinstance(input, PackedSequence):
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            self._check_input(data, packed=True)
+            batch = int(batch_sizes[0])
+            if hx is None:
+                hx = self._zero_state(data, batch)
+            else:
+                self._check_hidden(hx, batch)
+                if sorted_indices is not None:  # hx follows the user's order
+                    hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
+            output, h_n, c_n = self._run(data, batch_sizes, hx)
+            if unsorted_indices is not None:
+                h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+            return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
+
+        if input.dim() not in (2, 3):
+            raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
+        batched = input.dim() == 3
+        batch_dim = 0 if self.batch_first else 1
+        if not batched:
+            input = input.unsqueeze(batch_dim)
+            if hx is not None:
+                if hx[0].dim() != 2 or hx[1].dim() != 2:
+                    raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
+                                       f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
+        elif hx is not None and (hx[0].dim() != 3 or hx[1].dim() != 3):
+            raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
+                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        self._check_input(input, packed=False)
+        batch = input.size(batch_dim)
+        if hx is None:
+            hx = self._zero_state(input, batch)
+        self._check_hidden(hx, batch)
+
+        time_major = input.transpose(0, 1) if self.batch_first else input
+        steps = time_major.size(0)
+        rows = time_major.reshape(steps * batch, self.input_size)
+        output, h_n, c_n = self._run(rows, None, hx)
+        output = output.view(steps, batch, output.size(-1))
+        if self.batch_first:
+            output = output.transpose(0, 1)
+        if not batched:
+            return output.squeeze(batch_dim), (h_n.squeeze(1), c_n.squeeze(1))
+        return output, (h_n, c_n)
+
+    def _run(self, rows: Tensor, batch_sizes: Optional[Tensor], hx: HiddenState) -> Tuple[Tensor, Tensor, Tensor]:
+        """All layers and directions over time-major packed rows (N, I)."""
+        directions = 2 if self.bidirectional else 1
+        h0, c0 = hx
+        h_n: List[Tensor] = []
+        c_n: List[Tensor] = []
+        layer_input = rows
+        for layer in range(self.num_layers):
+            outputs = []
+            for direction in range(directions):
+                weights = self.all_weights[layer * directions + direction]
+                weight_ih, weight_hh = weights[0], weights[1]
+                bias_ih = weights[2] if self.bias else None
+                bias_hh = weights[3] if self.bias else None
+                weight_hr = weights[-1] if self.proj_size > 0 else None
+                index = layer * directions + direction
+                out, h, c = lstm_ops.lstm_layer(layer_input, batch_sizes, h0[index], c0[index], weight_ih,
+                                                weight_hh, bias_ih, bias_hh, weight_hr, reverse=direction == 1)
+                outputs.append(out)
+                h_n.append(h)
+                c_n.append(c)
+            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
+                layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
+        return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+
+class LSTMCell(nn.Module):
+    """One LSTM step, a drop-in for torch.nn.LSTMCell on the fused kernel.
+
+    Args are torch.nn.LSTMCell's: input_size, hidden_size, bias=True, device,
+    dtype; parameters weight_ih (4H, I), weight_hh (4H, H), bias_ih, bias_hh.
+    """
+
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        self.input_size = input_size
+        self.hidden_size = hidden_size
+        self.bias = bias
+        self.weight_ih = nn.Parameter(torch.empty((4 * hidden_size, input_size), **factory))
+        self.weight_hh = nn.Parameter(torch.empty((4 * hidden_size, hidden_size), **factory))
+        if bias:
+            self.bias_ih = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+            self.bias_hh = nn.Parameter(torch.empty(4 * hidden_size, **factory))
+        else:
+            self.register_parameter("bias_ih", None)
+            self.register_parameter("bias_hh", None)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
+        for weight in self.parameters():
+            nn.init.uniform_(weight, -stdv, stdv)
+
+    def extra_repr(self) -> str:
+        s = "{input_size}, {hidden_size}"
+        if self.bias is not True:
+            s += ", bias={bias}"
+        return s.format(**self.__dict__)
+
+    def forward(self, input: Tensor, hx: Optional[HiddenState] = None) -> HiddenState:
+        """Same as torch.nn.LSTMCell.forward: returns (h', c')."""
+        if input.dim() not in (1, 2):
+            raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        if hx is not None:
+            for index, value in enumerate(hx):
+                if value.dim() not in (1, 2):
+                    raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
+        batched = input.dim() == 2
+        if not batched:
+            input = input.unsqueeze(0)
+        if hx is None:
+            zeros = torch.zeros(input.size(0), self.hidden_size, dtype=input.dtype, device=input.device)
+            hx = (zeros, zeros)
+        elif not batched:
+            hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
+        self._check_step(input, hx)
+        h, c = lstm_ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        if not batched:
+            return h.squeeze(0), c.squeeze(0)
+        return h, c
+
+    def _check_step(self, input: Tensor, hx: HiddenState) -> None:
+        """torch's checks for one cell step (ATen's check_rnn_cell_forward_*), with its messages."""
+        if input.size(1) != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        for index, value in enumerate(hx):
+            if input.size(0) != value.size(0):
+                raise RuntimeError(
+                    f"Input batch size {input.size(0)} doesn't match hidden{index} batch size {value.size(0)}")
+            if value.size(1) != self.hidden_size:
+                raise RuntimeError(
+                    f"hidden{index} has inconsistent hidden_size: got {value.size(1)}, expected {self.hidden_size}")

@@ -1,0 +1,186 @@
+"""The LSTM layer op (torch.ops.fastnlp.lstm_forward/backward) against the
+pure-PyTorch reference: outputs and every gradient over random shapes, lengths,
+directions, projections and dtypes; gradcheck; opcheck; torch.compile; errors."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastnlp
+from fastnlp.ops import lstm_cell, lstm_layer
+from markers import DEVICES
+
+
+def make_layer_inputs(lengths, input_size, hidden, proj, bias, dtype, device, seed=0, packed=True):
+    """Time-major packed rows for sequences of the given lengths (sorted longest first)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = sorted(lengths, reverse=True)
+    B, T = len(lengths), max(lengths)
+    if packed:
+        batch_sizes = torch.tensor([sum(n > t for n in lengths) for t in range(T)], dtype=torch.long)
+    else:
+        batch_sizes = torch.empty(0, dtype=torch.long)
+    rows = int(batch_sizes.sum()) if packed else B * T
+    P = proj or hidden
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype).to(device).requires_grad_()
+
+    tensors = {
+        "input": rand(rows, input_size),
+        "h0": rand(B, P),
+        "c0": rand(B, hidden),
+        "weight_ih": rand(4 * hidden, input_size),
+        "weight_hh": rand(4 * hidden, P),
+        "bias_ih": rand(4 * hidden) if bias in ("both", "ih") else None,
+        "bias_hh": rand(4 * hidden) if bias in ("both", "hh") else None,
+        "weight_hr": rand(P, hidden) if proj else None,
+    }
+    return batch_sizes, tensors
+
+
+def run_layer(batch_sizes, tensors, reverse, backend=None):
+    t = tensors
+    return lstm_layer(t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
+                      t["bias_hh"], t["weight_hr"], reverse, backend=backend)
+
+
+def outputs_and_grads(batch_sizes, tensors, reverse, backend=None, seed=1):
+    outputs = run_layer(batch_sizes, tensors, reverse, backend)
+    g = torch.Generator().manual_seed(seed)
+    # Random weights on every output, so each gradient path (output, h_n, c_n) counts.
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
+               for o in outputs)
+    wrt = [v for v in tensors.values() if v is not None]
+    return outputs, torch.autograd.grad(loss, wrt)
+
+
+TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(rtol=1e-4, atol=1e-5),
+              torch.bfloat16: dict(rtol=0.05, atol=0.05)}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=6),
+    input_size=st.integers(1, 9),
+    hidden=st.integers(1, 9),
+    use_proj=st.booleans(),
+    bias=st.sampled_from(["both", "none", "ih", "hh"]),
+    reverse=st.booleans(),
+    packed=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+)
+def test_layer_matches_reference(device, lengths, input_size, hidden, use_proj, bias, reverse, packed, dtype):
+    proj = max(1, hidden - 1) if use_proj and hidden > 1 else 0
+    if not packed:
+        lengths = [max(lengths)] * len(lengths)
+    batch_sizes, tensors = make_layer_inputs(lengths, input_size, hidden, proj, bias, dtype, device, packed=packed)
+    out, grads = outputs_and_grads(batch_sizes, tensors, reverse)
+    ref_out, ref_grads = outputs_and_grads(batch_sizes, tensors, reverse, backend="reference")
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        torch.testing.assert_close(a, b, **TOLERANCES[dtype])
+
+
+def test_packed_equals_padded_per_sequence():
+    """Packed sequences give what each sequence gives when run alone, padding never leaks in."""
+    lengths = [6, 4, 4, 1]
+    batch_sizes, tensors = make_layer_inputs(lengths, 5, 4, 0, "both", torch.float64, "cpu")
+    for reverse in (False, True):
+        output, h_n, c_n = run_layer(batch_sizes, tensors, reverse)
+        offsets = torch.cumsum(torch.cat([torch.zeros(1, dtype=torch.long), batch_sizes]), 0)
+        for b, n in enumerate(lengths):
+            rows = torch.stack([tensors["input"][offsets[t] + b] for t in range(n)])
+            alone = {k: v for k, v in tensors.items()}
+            alone.update(input=rows, h0=tensors["h0"][b:b + 1], c0=tensors["c0"][b:b + 1])
+            out_b, h_b, c_b = run_layer(None, alone, reverse)
+            torch.testing.assert_close(torch.stack([output[offsets[t] + b] for t in range(n)]), out_b)
+            torch.testing.assert_close(h_n[b:b + 1], h_b)
+            torch.testing.assert_close(c_n[b:b + 1], c_b)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj", [0, 2])
+def test_layer_gradcheck(reverse, proj):
+    batch_sizes, tensors = make_layer_inputs([4, 3, 1], 3, 3, proj, "both", torch.float64, "cpu")
+    names = [k for k, v in tensors.items() if v is not None]
+
+    def fn(*values):
+        t = dict.fromkeys(tensors)
+        t.update(zip(names, values))
+        return run_layer(batch_sizes, t, reverse)
+
+    assert torch.autograd.gradcheck(fn, [tensors[k] for k in names])
+
+
+def test_cell_gradcheck_and_reference():
+    _, t = make_layer_inputs([1, 1, 1], 4, 5, 0, "both", torch.float64, "cpu")
+    args = (t["input"], t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"])
+    assert torch.autograd.gradcheck(lambda *a: lstm_cell(*a), args)
+    h, c = lstm_cell(*args)
+    ref_h, ref_c = fastnlp.reference.lstm.lstm_cell(*args)
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(c, ref_c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("proj", [0, 2])
+def test_opcheck(device, packed, proj):
+    lengths = [5, 3, 3, 1] if packed else [4, 4]
+    batch_sizes, t = make_layer_inputs(lengths, 3, 4, proj, "both", torch.float32, device, packed=packed)
+    for reverse in (False, True):
+        args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
+                t["bias_hh"], t["weight_hr"], reverse)
+        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args)
+
+
+def test_half_precision_on_cpu_is_computed_in_float32():
+    batch_sizes, t = make_layer_inputs([5, 2], 4, 6, 0, "both", torch.float32, "cpu")
+    bf16 = {k: (v.detach().bfloat16().requires_grad_() if v is not None else None) for k, v in t.items()}
+    out = run_layer(batch_sizes, bf16, False)
+    ref = run_layer(batch_sizes, {k: (v.float() if v is not None else None) for k, v in bf16.items()}, False)
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b.bfloat16())
+    sum(o.float().sum() for o in out).backward()
+    assert bf16["weight_hh"].grad.dtype == torch.bfloat16
+
+
+def test_compiled_layer_matches_eager():
+    batch_sizes, t = make_layer_inputs([4, 3, 1], 3, 5, 2, "both", torch.float32, "cpu")
+    compiled = torch.compile(run_layer, fullgraph=True, backend="aot_eager")
+    eager_out, eager_grads = outputs_and_grads(batch_sizes, t, True)
+    outs = compiled(batch_sizes, t, True)
+    for a, b in zip(outs, eager_out):
+        torch.testing.assert_close(a, b)
+    grads = torch.autograd.grad(sum((o * o).sum() for o in outs), [v for v in t.values() if v is not None])
+    ref = torch.autograd.grad(sum((o * o).sum() for o in run_layer(batch_sizes, t, True)),
+                              [v for v in t.values() if v is not None])
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(batch_sizes=torch.tensor([3, 1, 2])), "non-increasing"),
+        (dict(batch_sizes=torch.tensor([3, 2, 2])), "sum to 7 but input has 6 rows"),
+        (dict(batch_sizes=torch.tensor([2, 2, 2])), "batch_sizes\\[0\\] is 2 but h0 has batch size 3"),
+        (dict(batch_sizes=torch.tensor([3, 0, 3])), "positive"),
+        (dict(batch_sizes=torch.tensor([3.0, 2.0, 1.0])), "int64 CPU tensor"),
+        (dict(weight_ih=torch.zeros(16, 5)), "weight_ih must have shape \\(16, 4\\)"),
+        (dict(weight_hh=torch.zeros(16, 3)), "weight_hh must have shape \\(16, 4\\)"),
+        (dict(bias_ih=torch.zeros(15)), "bias_ih must have shape \\(16\\)"),
+        (dict(c0=torch.zeros(2, 4)), "h0 and c0 disagree on the batch size"),
+        (dict(h0=torch.zeros(3, 4, dtype=torch.float64)), "h0 has dtype Double but input has dtype Float"),
+        (dict(input=torch.zeros(6, 4, dtype=torch.int64)), "float32 or float64, got Long"),
+    ],
+)
+def test_op_rejects_malformed_input(change, message):
+    args = dict(input=torch.zeros(6, 4), batch_sizes=torch.tensor([3, 2, 1]), h0=torch.zeros(3, 4),
+                c0=torch.zeros(3, 4), weight_ih=torch.zeros(16, 4), weight_hh=torch.zeros(16, 4),
+                bias_ih=None, bias_hh=None, weight_hr=None)
+    args.update(change)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastnlp.lstm_forward(*args.values(), False)

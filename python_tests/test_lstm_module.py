@@ -1,0 +1,291 @@
+"""fastnlp.nn.LSTM / LSTMCell as drop-ins for torch.nn.LSTM / LSTMCell: the
+same parameters and initialisation, state_dicts both ways, the same outputs
+and gradients over PyTorch's own module-test configurations and over random
+packed/padded batches, the same errors, and torch.compile."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import fastnlp
+from fastnlp.nn import LSTM, LSTMCell
+
+# PyTorch's own module tests: every constructor/forward configuration they
+# exercise for these modules (torch.testing._internal needs expecttest).
+from torch.testing._internal.common_modules import module_db  # noqa: E402
+
+TORCH_MODULE_INPUTS = {info.module_cls: info for info in module_db
+                       if info.module_cls in (torch.nn.LSTM, torch.nn.LSTMCell)}
+OURS = {torch.nn.LSTM: LSTM, torch.nn.LSTMCell: LSTMCell}
+
+
+def flatten(value):
+    """Every tensor in a (nested) output, PackedSequences included."""
+    if isinstance(value, PackedSequence):
+        return [value.data]
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, (tuple, list)):
+        return [t for v in value for t in flatten(v)]
+    return []
+
+
+def twin_modules(torch_cls, *args, **kwargs):
+    """The torch module and ours built from the same seed; ours must draw the same weights."""
+    torch.manual_seed(0)
+    theirs = torch_cls(*args, **kwargs)
+    torch.manual_seed(0)
+    ours = OURS[torch_cls](*args, **kwargs)
+    return theirs, ours
+
+
+def assert_same_forward_and_backward(theirs, ours, args, kwargs, rtol, atol):
+    args_t, kwargs_t = copy.deepcopy((args, kwargs))
+    args_o, kwargs_o = copy.deepcopy((args, kwargs))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "LSTM with projections is not supported with oneDNN"
+        out_t = flatten(theirs(*args_t, **kwargs_t))
+    out_o = flatten(ours(*args_o, **kwargs_o))
+    assert len(out_t) == len(out_o)
+    for a, b in zip(out_o, out_t):
+        assert a.shape == b.shape and a.dtype == b.dtype
+        torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(t.shape, generator=g, dtype=t.dtype) for t in out_t]
+    leaves_t = list(theirs.parameters()) + [t for t in flatten((args_t, list(kwargs_t.values()))) if t.requires_grad]
+    leaves_o = list(ours.parameters()) + [t for t in flatten((args_o, list(kwargs_o.values()))) if t.requires_grad]
+    grads_t = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out_t, weights)), leaves_t, allow_unused=True)
+    grads_o = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out_o, weights)), leaves_o, allow_unused=True)
+    for a, b in zip(grads_o, grads_t):
+        if b is None:
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("torch_cls", [torch.nn.LSTM, torch.nn.LSTMCell], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pytorch_module_test_configurations(torch_cls, dtype):
+    info = TORCH_MODULE_INPUTS[torch_cls]
+    samples = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True)
+    assert samples, "PyTorch's module tests gave no configurations"
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    for sample in samples:
+        ctor = sample.constructor_input
+        theirs, ours = twin_modules(torch_cls, *ctor.args, **ctor.kwargs)
+        theirs.to(dtype)
+        ours.to(dtype)
+        # Same names, shapes and initial values: a given seed builds the same module.
+        assert list(ours.state_dict()) == list(theirs.state_dict())
+        for (name, a), b in zip(ours.state_dict().items(), theirs.state_dict().values()):
+            assert torch.equal(a, b), name
+        assert repr(ours) == repr(theirs)
+        assert_same_forward_and_backward(theirs, ours, sample.forward_input.args, sample.forward_input.kwargs, **tol)
+
+
+CONFIGS = st.fixed_dictionaries({
+    "num_layers": st.integers(1, 3),
+    "bias": st.booleans(),
+    "batch_first": st.booleans(),
+    "bidirectional": st.booleans(),
+    "proj": st.booleans(),
+})
+
+
+@given(config=CONFIGS, lengths=st.lists(st.integers(1, 6), min_size=1, max_size=5),
+       packing=st.sampled_from(["padded", "sorted", "unsorted"]), with_hx=st.booleans())
+def test_matches_torch_lstm(config, lengths, packing, with_hx):
+    input_size, hidden = 4, 5
+    proj = 3 if config.pop("proj") else 0
+    theirs, ours = twin_modules(torch.nn.LSTM, input_size, hidden, proj_size=proj, **config)
+    g = torch.Generator().manual_seed(len(lengths))
+    if packing == "sorted":
+        lengths = sorted(lengths, reverse=True)
+    B, T = len(lengths), max(lengths)
+    shape = (B, T, input_size) if config["batch_first"] else (T, B, input_size)
+    x = torch.randn(shape, generator=g, requires_grad=True)
+    directions = 2 if config["bidirectional"] else 1
+    hx = None
+    if with_hx:
+        L = config["num_layers"] * directions
+        hx = (torch.randn(L, B, proj or hidden, generator=g, requires_grad=True),
+              torch.randn(L, B, hidden, generator=g, requires_grad=True))
+    if packing == "padded":
+        args = (x, hx)
+    else:
+        packed = pack_padded_sequence(x.detach(), torch.tensor(lengths), batch_first=config["batch_first"],
+                                      enforce_sorted=packing == "sorted")
+        # The packed data is the leaf whose gradient is compared.
+        args = (packed._replace(data=packed.data.requires_grad_()), hx)
+    assert_same_forward_and_backward(theirs, ours, args, {}, rtol=1e-5, atol=1e-5)
+
+
+def test_packed_output_equals_padded_output_per_sequence():
+    """What the user gets from packed input is what each sequence gives alone."""
+    torch.manual_seed(0)
+    lstm = LSTM(3, 4, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 6, 3)
+    lengths = torch.tensor([2, 6, 4])
+    out, (h, c) = lstm(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False))
+    padded, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True)
+    for b in range(3):
+        alone, (h_b, c_b) = lstm(x[b:b + 1, :lengths[b]])
+        torch.testing.assert_close(padded[b:b + 1, :lengths[b]], alone)
+        torch.testing.assert_close(h[:, b:b + 1], h_b)
+        torch.testing.assert_close(c[:, b:b + 1], c_b)
+
+
+def test_state_dicts_load_both_ways():
+    theirs = torch.nn.LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2)
+    ours = LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 2, 3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+    ours.reset_parameters()
+    theirs.load_state_dict(ours.state_dict())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+    cell_theirs, cell_ours = torch.nn.LSTMCell(3, 4, bias=False), LSTMCell(3, 4, bias=False)
+    cell_ours.load_state_dict(cell_theirs.state_dict())
+    torch.testing.assert_close(cell_ours(x[0])[0], cell_theirs(x[0])[0])
+
+
+def test_compatibility_attributes():
+    ours = LSTM(3, 4, num_layers=2, bidirectional=True)
+    theirs = torch.nn.LSTM(3, 4, num_layers=2, bidirectional=True)
+    ours.flatten_parameters()  # a no-op, but code written for torch calls it
+    assert [[p.shape for p in ws] for ws in ours.all_weights] == [[p.shape for p in ws] for ws in theirs.all_weights]
+    for attr in ["input_size", "hidden_size", "num_layers", "bias", "batch_first", "dropout", "bidirectional",
+                 "proj_size", "mode"]:
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+
+
+def test_dropout_between_layers():
+    ours = LSTM(3, 4, num_layers=2, dropout=0.5)
+    x = torch.randn(5, 2, 3)
+    ours.eval()
+    a, b = ours(x)[0], ours(x)[0]
+    torch.testing.assert_close(a, b)  # no dropout in eval mode
+    ours.train()
+    torch.manual_seed(1)
+    c = ours(x)[0]
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours(x)[0], c)  # deterministic for a given seed
+    assert not torch.allclose(c, a)
+
+
+def test_module_compiles_with_fullgraph():
+    torch.manual_seed(0)
+    lstm = LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True, proj_size=2)
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    eager_out, (eager_h, eager_c) = lstm(x)
+    eager_grads = torch.autograd.grad(eager_out.sum() + eager_c.sum(), [x] + list(lstm.parameters()))
+    compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
+    out, (h, c) = compiled(x)
+    grads = torch.autograd.grad(out.sum() + c.sum(), [x] + list(lstm.parameters()))
+    torch.testing.assert_close(out, eager_out)
+    torch.testing.assert_close(h, eager_h)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_bfloat16_module_on_cpu():
+    theirs, ours = twin_modules(torch.nn.LSTM, 4, 6, bidirectional=True)
+    theirs.bfloat16()
+    ours.bfloat16()
+    x = torch.randn(5, 3, 4).bfloat16()
+    out_t, out_o = theirs(x)[0], ours(x)[0]
+    assert out_o.dtype == torch.bfloat16
+    torch.testing.assert_close(out_o.float(), out_t.float(), rtol=0.05, atol=0.05)
+
+
+def raised(fn):
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001 - comparing whatever torch raises
+        return type(error), str(error)
+    return None
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m(torch.randn(5, 2, 4)),  # wrong input size
+        lambda m: m(torch.randn(2, 3, 4, 5)),  # 4-D
+        lambda m: m(torch.randn(5, 2, 3).double()),  # dtype differs from the weights
+        lambda m: m(torch.randn(5, 2, 3), (torch.zeros(2, 2, 4), torch.zeros(2, 2, 4))),  # wrong num_layers*dirs
+        lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 3, 4), torch.zeros(1, 2, 4))),  # wrong batch in h
+        lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 5))),  # wrong size in c
+        lambda m: m(torch.randn(5, 2, 3), (torch.zeros(2, 4), torch.zeros(2, 4))),  # 2-D hx for batched input
+        lambda m: m(torch.randn(5, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4))),  # 3-D hx, unbatched input
+    ],
+)
+def test_lstm_errors_match_torch(call):
+    theirs, ours = twin_modules(torch.nn.LSTM, 3, 4)
+    expected = raised(lambda: call(theirs))
+    assert expected is not None
+    assert raised(lambda: call(ours)) == expected
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(dropout=1.5), dict(dropout=True), dict(bias=1), dict(batch_first=None), dict(num_layers=0),
+     dict(proj_size=-1), dict(proj_size=4), dict(hidden_size=0), dict(input_size=2.0)],
+)
+def test_constructor_errors_match_torch(kwargs):
+    args = dict(input_size=3, hidden_size=4)
+    args.update(kwargs)
+    expected = raised(lambda: torch.nn.LSTM(**args))
+    assert expected is not None
+    assert raised(lambda: LSTM(**args)) == expected
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        lambda m: m(torch.randn(2, 3, 3)),  # 3-D input
+        lambda m: m(torch.randn(2, 5)),  # wrong input size
+        lambda m: m(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(2, 4))),  # batch mismatch
+        lambda m: m(torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(2, 5))),  # hidden size mismatch
+        lambda m: m(torch.randn(2, 3), (torch.zeros(2, 4, 1), torch.zeros(2, 4))),  # 3-D hx
+    ],
+)
+def test_cell_errors_match_torch(call):
+    theirs, ours = twin_modules(torch.nn.LSTMCell, 3, 4)
+    expected = raised(lambda: call(theirs))
+    assert expected is not None
+    assert raised(lambda: call(ours)) == expected
+
+
+class StepLoop(torch.nn.Module):
+    """A Python loop over time steps of a cell: how LSTMCell users run it."""
+
+    def __init__(self, cell):
+        super().__init__()
+        self.cell = cell
+
+    def forward(self, x):
+        h = c = x.new_zeros(x.size(1), self.cell.hidden_size)
+        outs = []
+        for t in range(x.size(0)):
+            h, c = self.cell(x[t], (h, c))
+            outs.append(h)
+        return torch.stack(outs), c
+
+
+def test_cell_step_loop_matches_torch():
+    theirs, ours = twin_modules(torch.nn.LSTMCell, 3, 4)
+    x = torch.randn(6, 2, 3, requires_grad=True)
+    assert_same_forward_and_backward(StepLoop(theirs), StepLoop(ours), (x,), {}, rtol=1e-5, atol=1e-5)
+
+
+def test_module_exported():
+    assert fastnlp.nn.LSTM is LSTM and fastnlp.nn.LSTMCell is LSTMCell
