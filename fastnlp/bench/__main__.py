@@ -11,6 +11,7 @@ import sys
 # does not stop the others.
 OPS = {
     "crf": "fastnlp.bench.crf",
+    "lstm": "fastnlp.bench.lstm",
 }
 
 DEFAULT_REPEATS = 15

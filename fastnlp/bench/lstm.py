@@ -1,0 +1,150 @@
+"""LSTM benchmark cases: fastnlp.nn.LSTM / LSTMCell against torch.nn.LSTM (padded
+and packed input; oneDNN on the CPU, cuDNN on CUDA) and a Python loop over
+torch.nn.LSTMCell.
+
+Per shape (B = batch, T = padded length, I = input size, H = hidden size,
+lengths drawn from [T/2, T]):
+
+* "fwd+bwd padded": one training step of the layer on the padded batch, the
+  gradient taken with respect to the input and every parameter;
+* "fwd+bwd packed": the same on a PackedSequence built from the batch (packing
+  is part of the step, as in a training loop); nn.LSTM on the padded batch is
+  a baseline too, since packed input should cost no more than padded input;
+* "cell loop fwd+bwd": a Python loop over T steps of an LSTMCell (one
+  direction), what users of a cell write for custom recurrences;
+* "inference B=1": forward only, no autograd, one sequence: serving latency.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional
+
+import torch
+from torch.nn.utils.rnn import pack_padded_sequence
+
+from .harness import Case
+
+OP = "lstm"
+SHAPES = [  # (B, T, I, H, bidirectional)
+    (32, 64, 256, 256, True),
+    (64, 128, 256, 512, False),
+]
+QUICK_SHAPES = SHAPES[:1]
+LATENCY_SHAPE = (1, 64, 256, 256, True)
+
+OURS = "fastnlp"
+TORCH = "nn.LSTM"
+TORCH_PACKED = "nn.LSTM packed"
+TORCH_PADDED = "nn.LSTM padded"
+OURS_PADDED = "fastnlp padded"
+TORCH_CELL = "nn.LSTMCell loop"
+
+
+def cases(device: str, quick: bool) -> List[Case]:
+    import fastnlp.nn  # here, not at import time: see fastnlp/bench/crf.py
+
+    out = []
+    for shape in QUICK_SHAPES if quick else SHAPES:
+        d = _Data(*shape, device=device, fastnlp_nn=fastnlp.nn)
+        out.append(_padded_case(d))
+        out.append(_packed_case(d))
+        out.append(_cell_loop_case(d))
+    out.append(_latency_case(_Data(*LATENCY_SHAPE, device=device, fastnlp_nn=fastnlp.nn)))
+    return out
+
+
+class _Data:
+    """Inputs and twin models (same weights) shared by all cases of one shape."""
+
+    def __init__(self, B, T, I, H, bidirectional, device, fastnlp_nn):
+        self.shape = f"B={B} T={T} I={I} H={H} {'bi' if bidirectional else 'uni'}"
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(T // 2, T + 1, (B,), generator=g)
+        lengths[0] = T  # a collate function pads to the longest sequence
+        self.lengths = lengths
+        self.x = torch.randn(T, B, I, generator=g).to(device).requires_grad_(True)
+        self.x_nograd = self.x.detach()
+
+        torch.manual_seed(0)
+        self.torch_lstm = torch.nn.LSTM(I, H, bidirectional=bidirectional).to(device)
+        self.ours_lstm = fastnlp_nn.LSTM(I, H, bidirectional=bidirectional).to(device)
+        self.ours_lstm.load_state_dict(self.torch_lstm.state_dict())
+        self.torch_cell = torch.nn.LSTMCell(I, H).to(device)
+        self.ours_cell = fastnlp_nn.LSTMCell(I, H).to(device)
+        self.ours_cell.load_state_dict(self.torch_cell.state_dict())
+
+
+def _step(module, x, lengths=None):
+    """Forward + backward with respect to the input and all parameters."""
+    if lengths is None:
+        out, _ = module(x)
+    else:
+        out, _ = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+        out = out.data
+    loss = out.sum()
+    return loss.detach(), torch.autograd.grad(loss, [x] + list(module.parameters()))
+
+
+def _cell_loop(cell, x):
+    h = c = x.new_zeros(x.size(1), cell.hidden_size)
+    total = 0
+    for x_t in x.unbind(0):  # not x[t]: each x[t]'s gradient would be a zero-filled copy of x
+        h, c = cell(x_t, (h, c))
+        total = total + h.sum()
+    return total.detach(), torch.autograd.grad(total, [x] + list(cell.parameters()))
+
+
+def _check_same(results: Dict[str, Any]) -> Optional[str]:
+    """Loss and every gradient agree with the first implementation's."""
+    names = list(results)
+    ref_loss, ref_grads = results[names[0]]
+    bad = []
+    for name in names[1:]:
+        loss, grads = results[name]
+        for i, (a, b) in enumerate(zip((ref_loss,) + tuple(ref_grads), (loss,) + tuple(grads))):
+            if not torch.allclose(a.float(), b.float(), rtol=1e-3, atol=1e-3):
+                err = (a.float() - b.float()).abs().max().item()
+                bad.append(f"{name} vs {names[0]}: tensor {i} max abs diff {err:.3g}")
+    return "; ".join(bad) if bad else None
+
+
+def _padded_case(d: _Data) -> Case:
+    impls = {OURS: lambda: _step(d.ours_lstm, d.x), TORCH: lambda: _step(d.torch_lstm, d.x)}
+    return Case(op=OP, name=f"fwd+bwd padded {d.shape}", impls=impls, baselines=[TORCH], ours=OURS,
+                check=_check_same)
+
+
+def _packed_case(d: _Data) -> Case:
+    impls = {
+        OURS: lambda: _step(d.ours_lstm, d.x, d.lengths),
+        TORCH_PACKED: lambda: _step(d.torch_lstm, d.x, d.lengths),
+        TORCH_PADDED: lambda: _step(d.torch_lstm, d.x),
+        OURS_PADDED: lambda: _step(d.ours_lstm, d.x),
+    }
+
+    def check(results):  # padded and packed runs compute different things: compare like with like
+        return _check_same({k: results[k] for k in (OURS, TORCH_PACKED)})
+
+    return Case(op=OP, name=f"fwd+bwd packed {d.shape}", impls=impls, baselines=[TORCH_PACKED, TORCH_PADDED],
+                ours=OURS, check=check)
+
+
+def _cell_loop_case(d: _Data) -> Case:
+    impls = {OURS: lambda: _cell_loop(d.ours_cell, d.x), TORCH_CELL: lambda: _cell_loop(d.torch_cell, d.x)}
+    return Case(op=OP, name=f"cell loop fwd+bwd {d.shape.replace(' bi', ' uni')}", impls=impls,
+                baselines=[TORCH_CELL], ours=OURS, check=_check_same)
+
+
+def _latency_case(d: _Data) -> Case:
+    def forward(module):
+        with torch.no_grad():
+            return module(d.x_nograd)[0]
+
+    impls = {OURS: lambda: forward(d.ours_lstm), TORCH: lambda: forward(d.torch_lstm)}
+
+    def check(results):
+        if torch.allclose(results[OURS], results[TORCH], rtol=1e-3, atol=1e-4):
+            return None
+        return f"outputs differ by {(results[OURS] - results[TORCH]).abs().max().item():.3g}"
+
+    return Case(op=OP, name=f"inference {d.shape}", impls=impls, baselines=[TORCH], ours=OURS, check=check)
