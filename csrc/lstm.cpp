@@ -106,18 +106,51 @@ std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor
   return steps;
 }
 
+namespace {
+
+at::Tensor contiguous_or_undefined(const std::optional<at::Tensor>& t) {
+  return has_tensor(t) ? t->contiguous() : at::Tensor();
+}
+
+void check_regularisers(const LstmRegularisers& reg, const at::Tensor& input, int64_t N, int64_t B, int64_t H,
+                        int64_t P) {
+  if (has_tensor(reg.recurrent_mask)) {
+    check_matrix(*reg.recurrent_mask, "recurrent_mask", B, P);
+    check_like(*reg.recurrent_mask, "recurrent_mask", input);
+  }
+  if (has_tensor(reg.zoneout_cell)) {
+    check_matrix(*reg.zoneout_cell, "zoneout_cell", N, H);
+    check_like(*reg.zoneout_cell, "zoneout_cell", input);
+  }
+  if (has_tensor(reg.zoneout_hidden)) {
+    check_matrix(*reg.zoneout_hidden, "zoneout_hidden", N, P);
+    check_like(*reg.zoneout_hidden, "zoneout_hidden", input);
+  }
+}
+
+// Rows [offset, offset + rows) of an optional per-row tensor.
+at::Tensor step_rows(const at::Tensor& t, int64_t offset, int64_t rows) {
+  return t.defined() ? t.narrow(0, offset, rows) : at::Tensor();
+}
+
+}  // namespace
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_impl(
     const LstmStepKernels& kernels, const at::Tensor& input_in, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    const std::optional<at::Tensor>& weight_hr, bool reverse) {
+    const std::optional<at::Tensor>& weight_hr, bool reverse, const LstmRegularisers& regularisers) {
   const std::vector<int64_t> steps =
       lstm_check_inputs(input_in, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
   const std::vector<int64_t> offsets = step_offsets(steps);
   const int64_t T = static_cast<int64_t>(steps.size()), N = input_in.size(0), B = h0.size(0);
   const int64_t H = c0.size(1), P = h0.size(1);
+  check_regularisers(regularisers, input_in, N, B, H, P);
   const bool projected = has_tensor(weight_hr);
   const at::Tensor input = input_in.contiguous();
+  const at::Tensor recurrent_mask = contiguous_or_undefined(regularisers.recurrent_mask);
+  const at::Tensor zoneout_cell = contiguous_or_undefined(regularisers.zoneout_cell);
+  const at::Tensor zoneout_hidden = contiguous_or_undefined(regularisers.zoneout_hidden);
 
   at::Tensor gates;  // (N, 4H): the input half of every step's pre-activations, in one GEMM
   if (has_tensor(bias_ih) && has_tensor(bias_hh))
@@ -131,24 +164,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
   at::Tensor h_state = h0.contiguous().clone();
   at::Tensor c_state = c0.contiguous().clone();
   at::Tensor h_tilde = projected ? at::empty({B, H}, input.options()) : at::Tensor();
+  at::Tensor h_masked = recurrent_mask.defined() ? at::empty({B, P}, input.options()) : at::Tensor();
   const at::Tensor weight_hh_t = weight_hh.t();
 
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
-    const int64_t rows = steps[t];
-    at::Tensor step_gates = gates.narrow(0, offsets[t], rows);
+    const int64_t rows = steps[t], offset = offsets[t];
+    at::Tensor step_gates = gates.narrow(0, offset, rows);
     at::Tensor h_prev = h_state.narrow(0, 0, rows);
-    step_gates.addmm_(h_prev, weight_hh_t);
-    at::Tensor step_out = output.narrow(0, offsets[t], rows);
-    at::Tensor step_cells = cells.narrow(0, offsets[t], rows);
-    at::Tensor step_c = c_state.narrow(0, 0, rows);
-    if (projected) {
-      at::Tensor step_tilde = h_tilde.narrow(0, 0, rows);
-      kernels.forward(step_gates, step_c, step_cells, step_tilde, at::Tensor());
-      at::mm_out(step_out, step_tilde, weight_hr->t());
-      h_prev.copy_(step_out);
+    if (recurrent_mask.defined()) {
+      at::Tensor masked = h_masked.narrow(0, 0, rows);
+      at::mul_out(masked, h_prev, recurrent_mask.narrow(0, 0, rows));
+      step_gates.addmm_(masked, weight_hh_t);
     } else {
-      kernels.forward(step_gates, step_c, step_cells, step_out, h_prev);
+      step_gates.addmm_(h_prev, weight_hh_t);
+    }
+    at::Tensor step_out = output.narrow(0, offset, rows);
+    LstmForwardStep step{step_gates,
+                         c_state.narrow(0, 0, rows),
+                         cells.narrow(0, offset, rows),
+                         projected ? h_tilde.narrow(0, 0, rows) : step_out,
+                         projected ? at::Tensor() : h_prev,
+                         step_rows(zoneout_cell, offset, rows),
+                         projected ? at::Tensor() : step_rows(zoneout_hidden, offset, rows)};
+    kernels.forward(step);
+    if (projected) {
+      at::mm_out(step_out, step.h_out, weight_hr->t());
+      if (zoneout_hidden.defined()) step_out.lerp_(h_prev, zoneout_hidden.narrow(0, offset, rows));
+      h_prev.copy_(step_out);
     }
   }
   return {output, h_state, c_state, gates, cells};
@@ -159,12 +202,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_c_n, const at::Tensor& input_in, const at::Tensor& batch_sizes, const at::Tensor& h0_in,
     const at::Tensor& c0_in, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& cells) {
+    const at::Tensor& gates, const at::Tensor& cells, const LstmRegularisers& regularisers) {
   const std::vector<int64_t> steps = lstm_check_inputs(input_in, batch_sizes, h0_in, c0_in, weight_ih, weight_hh,
                                                        std::nullopt, std::nullopt, weight_hr);
   const std::vector<int64_t> offsets = step_offsets(steps);
   const int64_t T = static_cast<int64_t>(steps.size()), N = input_in.size(0), B = h0_in.size(0);
   const int64_t H = c0_in.size(1), P = h0_in.size(1);
+  check_regularisers(regularisers, input_in, N, B, H, P);
   TORCH_CHECK(grad_output_in.dim() == 2 && grad_output_in.size(0) == N && grad_output_in.size(1) == P,
               "fastnlp.lstm: grad_output must have shape (", N, ", ", P, "), got ", grad_output_in.sizes());
   TORCH_CHECK(gates.sizes() == at::IntArrayRef({N, 4 * H}) && cells.sizes() == at::IntArrayRef({N, H}) &&
@@ -174,6 +218,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const auto options = input_in.options();
   const at::Tensor input = input_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous();
+  const at::Tensor recurrent_mask = contiguous_or_undefined(regularisers.recurrent_mask);
+  const at::Tensor zoneout_cell = contiguous_or_undefined(regularisers.zoneout_cell);
+  const at::Tensor zoneout_hidden = contiguous_or_undefined(regularisers.zoneout_hidden);
 
   // Gradients flowing back through the recurrence, per sequence; rows that
   // are not alive yet (in backward order) still hold grad_h_n / grad_c_n.
@@ -182,13 +229,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   at::Tensor dc_state = at::empty({B, H}, options);
   dc_state.copy_(grad_c_n);
   at::Tensor grad_gates = at::empty({N, 4 * H}, options);
-  at::Tensor h_prev_all = at::empty({N, P}, options);  // h_{t-1} of every row, for grad_weight_hh
+  at::Tensor h_prev_all = at::empty({N, P}, options);  // h_{t-1} as the recurrent GEMM saw it
   at::Tensor grad_h_all, grad_tilde, h_tilde_all;      // projection only
   if (projected) {
     grad_h_all = at::empty({N, P}, options);
     grad_tilde = at::empty({B, H}, options);
     h_tilde_all = at::empty({N, H}, options);
   }
+  // z * dL/dh_t: what zoneout passes straight on to h_{t-1}.
+  at::Tensor grad_h_zoneout = zoneout_hidden.defined() ? at::empty({B, P}, options) : at::Tensor();
 
   for (int64_t s = T - 1; s >= 0; --s) {
     const int64_t t = reverse ? T - 1 - s : s;
@@ -201,23 +250,45 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     if (rows_with_prev > 0) h_prev.narrow(0, 0, rows_with_prev).copy_(output.narrow(0, prev_offset, rows_with_prev));
     if (rows > rows_with_prev)
       h_prev.narrow(0, rows_with_prev, rows - rows_with_prev).copy_(h0.narrow(0, rows_with_prev, rows - rows_with_prev));
+    if (recurrent_mask.defined()) h_prev.mul_(recurrent_mask.narrow(0, 0, rows));
 
-    const at::Tensor c_prev = cells.narrow(0, prev_offset, rows_with_prev);
     at::Tensor step_grad_gates = grad_gates.narrow(0, offset, rows);
     at::Tensor dh = dh_state.narrow(0, 0, rows);
-    const at::Tensor step_gates = gates.narrow(0, offset, rows), step_cells = cells.narrow(0, offset, rows);
+    at::Tensor step_zoneout_h = step_rows(zoneout_hidden, offset, rows);
+    at::Tensor step_grad_h_zoneout = step_rows(grad_h_zoneout, 0, rows);
+    LstmBackwardStep step{gates.narrow(0, offset, rows),
+                          cells.narrow(0, prev_offset, rows_with_prev),
+                          rows_with_prev,
+                          c0,
+                          grad_output.narrow(0, offset, rows),
+                          dh,
+                          dc_state.narrow(0, 0, rows),
+                          step_grad_gates,
+                          at::Tensor(),
+                          step_rows(zoneout_cell, offset, rows),
+                          step_zoneout_h,
+                          step_grad_h_zoneout};
     if (projected) {
+      // dL/dh_t is complete here; zoneout splits it between h_{t-1} and the
+      // projection's output, and the projection's input gets the rest.
       at::Tensor step_grad_h = grad_h_all.narrow(0, offset, rows);
       at::add_out(step_grad_h, grad_output.narrow(0, offset, rows), dh);
+      if (step_zoneout_h.defined()) {
+        at::mul_out(step_grad_h_zoneout, step_grad_h, step_zoneout_h);
+        step_grad_h.sub_(step_grad_h_zoneout);
+      }
       at::Tensor step_grad_tilde = grad_tilde.narrow(0, 0, rows);
       at::mm_out(step_grad_tilde, step_grad_h, *weight_hr);
-      kernels.backward(step_gates, step_cells, c_prev, rows_with_prev, c0, step_grad_tilde, at::Tensor(),
-                       dc_state.narrow(0, 0, rows), step_grad_gates, h_tilde_all.narrow(0, offset, rows));
-    } else {
-      kernels.backward(step_gates, step_cells, c_prev, rows_with_prev, c0, grad_output.narrow(0, offset, rows), dh,
-                       dc_state.narrow(0, 0, rows), step_grad_gates, at::Tensor());
+      step.dh_a = step_grad_tilde;
+      step.dh_b = at::Tensor();
+      step.h_tilde = h_tilde_all.narrow(0, offset, rows);
+      step.zoneout_hidden = at::Tensor();
+      step.grad_h_prev = at::Tensor();
     }
+    kernels.backward(step);
     at::mm_out(dh, step_grad_gates, weight_hh);
+    if (recurrent_mask.defined()) dh.mul_(recurrent_mask.narrow(0, 0, rows));
+    if (step_grad_h_zoneout.defined()) dh.add_(step_grad_h_zoneout);
   }
 
   const at::Tensor grad_gates_t = grad_gates.t();

@@ -21,24 +21,49 @@
 
 namespace fastnlp {
 
+// The tensors of one step, each a view of its first `rows` rows (the
+// sequences alive at that step); undefined tensors are absent options.
+struct LstmForwardStep {
+  at::Tensor gates;           // (rows, 4H): pre-activations in, activations (sigmoid/tanh) out
+  at::Tensor c_state;         // (rows, H): c_{t-1} in, c_t out
+  at::Tensor cells;           // (rows, H): c_t out (saved for the backward pass)
+  at::Tensor h_out;           // (rows, H): h_t out; o * tanh(c~_t) when a projection follows
+  at::Tensor h_state;         // (rows, H): h_{t-1} in, h_t out; undefined when a projection follows
+  at::Tensor zoneout_cell;    // (rows, H) z: c_t = z * c_{t-1} + (1 - z) * c~_t; or undefined
+  at::Tensor zoneout_hidden;  // (rows, H) the same for h; undefined when a projection follows
+};
+
+struct LstmBackwardStep {
+  at::Tensor gates;           // (rows, 4H): the activations forward saved
+  at::Tensor c_prev;          // (rows_with_prev, H): c_{t-1} of the rows that have a previous step
+  int64_t rows_with_prev;     // the other rows start here: their c_{t-1} is row r of c0
+  at::Tensor c0;              // (B, H)
+  at::Tensor dh_a, dh_b;      // (rows, H): dL/dh_t = dh_a + dh_b (dh_b may be undefined)
+  at::Tensor dc_state;        // (rows, H): dL/dc_t in, dL/dc_{t-1} out
+  at::Tensor grad_gates;      // (rows, 4H) out: dL/d(pre-activations)
+  at::Tensor h_tilde;         // (rows, H) out, if defined: o * tanh(c~_t), the projection's input
+  at::Tensor zoneout_cell;    // as in LstmForwardStep
+  at::Tensor zoneout_hidden;  // as in LstmForwardStep; then:
+  at::Tensor grad_h_prev;     // (rows, H) out: z * dL/dh_t, the part of dL/dh_{t-1} zoneout carries
+};
+
+// The per-step pointwise work of one device: activations, the cell update
+// (c~_t = f * c_{t-1} + i * g, h~_t = o * tanh(c~_t), then zoneout) and
+// their gradients. The backward recomputes c~_t from the gates and c_{t-1}.
 struct LstmStepKernels {
-  // One forward step over the first `rows` sequences:
-  //   gates (rows, 4H): pre-activations in, activations (sigmoid/tanh) out;
-  //   c_state (rows, H): c_{t-1} in, c_t out; cells (rows, H): c_t out;
-  //   h_out (rows, H): o * tanh(c_t) out; h_state (rows, H): the same again,
-  //   or undefined when a projection follows (the caller writes h_state).
-  void (*forward)(const at::Tensor& gates, const at::Tensor& c_state, const at::Tensor& cells,
-                  const at::Tensor& h_out, const at::Tensor& h_state);
-  // One backward step over the first `rows` sequences:
-  //   gates, cells: what forward saved for this step; c_prev: c_{t-1} of the
-  //   first `rows_with_prev` rows, the rest read from c0 (rows start there);
-  //   dh (rows, H) = dh_a + dh_b (dh_b may be undefined): gradient w.r.t.
-  //   o * tanh(c_t); dc_state (rows, H): gradient w.r.t. c_t in, w.r.t.
-  //   c_{t-1} out; grad_gates (rows, 4H) out: w.r.t. the pre-activations;
-  //   h_tilde (rows, H), if defined: o * tanh(c_t) out (the projection's input).
-  void (*backward)(const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& c_prev,
-                   int64_t rows_with_prev, const at::Tensor& c0, const at::Tensor& dh_a, const at::Tensor& dh_b,
-                   const at::Tensor& dc_state, const at::Tensor& grad_gates, const at::Tensor& h_tilde);
+  void (*forward)(const LstmForwardStep& step);
+  void (*backward)(const LstmBackwardStep& step);
+};
+
+// Training-time regularisers, applied inside the time loop (all optional):
+//   recurrent_mask (B, P): h_{t-1} enters the recurrent GEMM as
+//     h_{t-1} * recurrent_mask (per-sequence recurrent dropout, Gal &
+//     Ghahramani); the outputs and h_n are not masked;
+//   zoneout_cell (N, H), zoneout_hidden (N, P): per-row zoneout weights z,
+//     (Krueger et al.): state_t = z * state_{t-1} + (1 - z) * new_state_t;
+//     Bernoulli(p) draws in training, p itself in evaluation.
+struct LstmRegularisers {
+  std::optional<at::Tensor> recurrent_mask, zoneout_cell, zoneout_hidden;
 };
 
 // Checks shapes, dtypes and devices (raising c10::Error that names the
@@ -56,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
     const LstmStepKernels& kernels, const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    const std::optional<at::Tensor>& weight_hr, bool reverse);
+    const std::optional<at::Tensor>& weight_hr, bool reverse, const LstmRegularisers& regularisers);
 
 // Returns (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh,
 // grad_bias, grad_weight_hr); grad_bias is the gradient of both bias_ih and
@@ -66,6 +91,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& cells);
+    const at::Tensor& gates, const at::Tensor& cells, const LstmRegularisers& regularisers);
 
 }  // namespace fastnlp

@@ -19,33 +19,47 @@ using Backward = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::
 
 bool has_tensor(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
+std::optional<at::Tensor> optional_tensor(const at::Tensor& t) {
+  return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt;
+}
+
+// The training-time masks: inputs of the op, but constants to autograd.
+struct Regularisers {
+  std::optional<at::Tensor> recurrent_mask, zoneout_cell, zoneout_hidden;
+};
+
 Forward call_forward(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
                      const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                      const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-                     const std::optional<at::Tensor>& weight_hr, bool reverse) {
+                     const std::optional<at::Tensor>& weight_hr, bool reverse, const Regularisers& reg) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastnlp::lstm_forward", "")
           .typed<Forward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                          const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool)>();
-  return op.call(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse);
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, bool,
+                         const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                         const std::optional<at::Tensor>&)>();
+  return op.call(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
+                 reg.recurrent_mask, reg.zoneout_cell, reg.zoneout_hidden);
 }
 
 Backward call_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
                        const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
                        const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                        const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse,
-                       const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+                       const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+                       const Regularisers& reg) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastnlp::lstm_backward", "")
           .typed<Backward(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
                           const at::Tensor&, const std::optional<at::Tensor>&, bool, bool, const at::Tensor&,
-                          const at::Tensor&, const at::Tensor&)>();
+                          const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&)>();
   return op.call(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih, weight_hh, weight_hr,
-                 has_bias, reverse, output, gates, cells);
+                 has_bias, reverse, output, gates, cells, reg.recurrent_mask, reg.zoneout_cell, reg.zoneout_hidden);
 }
 
 class LstmLayer : public torch::autograd::Function<LstmLayer> {
@@ -54,12 +68,17 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
                                const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
                                const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
                                const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr,
-                               bool reverse) {
+                               bool reverse, const std::optional<at::Tensor>& recurrent_mask,
+                               const std::optional<at::Tensor>& zoneout_cell,
+                               const std::optional<at::Tensor>& zoneout_hidden) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
+    const Regularisers reg{recurrent_mask, zoneout_cell, zoneout_hidden};
     auto [output, h_n, c_n, gates, cells] =
-        call_forward(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse);
+        call_forward(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, reg);
+    // Absent optional tensors are saved as undefined ones.
     ctx->save_for_backward({input, batch_sizes, h0, c0, weight_ih, weight_hh, weight_hr.value_or(at::Tensor()),
-                            output, gates, cells});
+                            output, gates, cells, recurrent_mask.value_or(at::Tensor()),
+                            zoneout_cell.value_or(at::Tensor()), zoneout_hidden.value_or(at::Tensor())});
     ctx->saved_data["has_bias"] = has_tensor(bias_ih) || has_tensor(bias_hh);
     ctx->saved_data["has_bias_ih"] = has_tensor(bias_ih);
     ctx->saved_data["has_bias_hh"] = has_tensor(bias_hh);
@@ -70,10 +89,11 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    const std::optional<at::Tensor> weight_hr = s[6].defined() ? std::optional<at::Tensor>(s[6]) : std::nullopt;
-    auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] =
-        call_backward(grads[0], grads[1], grads[2], s[0], s[1], s[2], s[3], s[4], s[5], weight_hr,
-                      ctx->saved_data["has_bias"].toBool(), ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9]);
+    const std::optional<at::Tensor> weight_hr = optional_tensor(s[6]);
+    const Regularisers reg{optional_tensor(s[10]), optional_tensor(s[11]), optional_tensor(s[12])};
+    auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = call_backward(
+        grads[0], grads[1], grads[2], s[0], s[1], s[2], s[3], s[4], s[5], weight_hr,
+        ctx->saved_data["has_bias"].toBool(), ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9], reg);
     const at::Tensor none;
     return {grad_input,
             none,
@@ -84,6 +104,9 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
             ctx->saved_data["has_bias_ih"].toBool() ? grad_bias : none,
             ctx->saved_data["has_bias_hh"].toBool() ? grad_bias : none,
             weight_hr ? grad_w_hr : none,
+            none,
+            none,
+            none,
             none};
   }
 };
@@ -91,9 +114,12 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
 Forward lstm_forward_autograd(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
                               const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                               const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-                              const std::optional<at::Tensor>& weight_hr, bool reverse) {
-  const variable_list out =
-      LstmLayer::apply(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse);
+                              const std::optional<at::Tensor>& weight_hr, bool reverse,
+                              const std::optional<at::Tensor>& recurrent_mask,
+                              const std::optional<at::Tensor>& zoneout_cell,
+                              const std::optional<at::Tensor>& zoneout_hidden) {
+  const variable_list out = LstmLayer::apply(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                                             weight_hr, reverse, recurrent_mask, zoneout_cell, zoneout_hidden);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

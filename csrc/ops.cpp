@@ -40,10 +40,14 @@ TORCH_LIBRARY(fastnlp, m) {
   // the B = h0.size(0) sequences N / B steps long); h0 (B, P), c0 (B, H);
   // weight_hr (P, H) is the projection, absent when P == H. reverse runs the
   // steps from last to first. gates (N, 4H) (activations i, f, g, o) and
-  // cells (N, H) are saved for the backward pass.
+  // cells (N, H) are saved for the backward pass. The regularisers are
+  // optional: recurrent_mask (B, P) multiplies h_{t-1} on its way into the
+  // recurrent GEMM; zoneout_cell (N, H) / zoneout_hidden (N, P) are per-unit
+  // weights z of the previous state: state_t = z * state_{t-1} + (1 - z) * new.
   m.def(
       "lstm_forward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor weight_ih, "
-      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, bool reverse) "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, bool reverse, "
+      "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None) "
       "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
   // Backward through time. grad_bias is the gradient of bias_ih and of
   // bias_hh alike (empty when has_bias is false); grad_weight_hr is empty
@@ -51,7 +55,8 @@ TORCH_LIBRARY(fastnlp, m) {
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
       "Tensor batch_sizes, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
-      "Tensor? weight_hr, bool has_bias, bool reverse, Tensor output, Tensor gates, Tensor cells) "
+      "Tensor? weight_hr, bool has_bias, bool reverse, Tensor output, Tensor gates, Tensor cells, "
+      "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "
       "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr)");
 }

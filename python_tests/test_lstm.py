@@ -40,14 +40,26 @@ def make_layer_inputs(lengths, input_size, hidden, proj, bias, dtype, device, se
     return batch_sizes, tensors
 
 
-def run_layer(batch_sizes, tensors, reverse, backend=None):
+def make_regularisers(batch_sizes, tensors, seed=2):
+    """Random recurrent-dropout mask and zoneout weights (any z in [0, 1] is valid)."""
+    g = torch.Generator().manual_seed(seed)
+    h0, c0, rows = tensors["h0"], tensors["c0"], tensors["input"].shape[0]
+
+    def rand(*shape):
+        return torch.rand(*shape, generator=g, dtype=torch.float64).to(h0.dtype).to(h0.device)
+
+    return {"recurrent_mask": (rand(*h0.shape) > 0.3).to(h0.dtype) / 0.7,
+            "zoneout_cell": rand(rows, c0.shape[1]), "zoneout_hidden": rand(rows, h0.shape[1])}
+
+
+def run_layer(batch_sizes, tensors, reverse, backend=None, regularisers=None):
     t = tensors
     return lstm_layer(t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
-                      t["bias_hh"], t["weight_hr"], reverse, backend=backend)
+                      t["bias_hh"], t["weight_hr"], reverse, backend=backend, **(regularisers or {}))
 
 
-def outputs_and_grads(batch_sizes, tensors, reverse, backend=None, seed=1):
-    outputs = run_layer(batch_sizes, tensors, reverse, backend)
+def outputs_and_grads(batch_sizes, tensors, reverse, backend=None, seed=1, regularisers=None):
+    outputs = run_layer(batch_sizes, tensors, reverse, backend, regularisers)
     g = torch.Generator().manual_seed(seed)
     # Random weights on every output, so each gradient path (output, h_n, c_n) counts.
     loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
@@ -70,14 +82,23 @@ TOLERANCES = {torch.float64: dict(rtol=1e-10, atol=1e-10), torch.float32: dict(r
     reverse=st.booleans(),
     packed=st.booleans(),
     dtype=st.sampled_from([torch.float32, torch.float64]),
+    regularise=st.sampled_from([None, "recurrent_mask", "zoneout", "all"]),
 )
-def test_layer_matches_reference(device, lengths, input_size, hidden, use_proj, bias, reverse, packed, dtype):
+def test_layer_matches_reference(device, lengths, input_size, hidden, use_proj, bias, reverse, packed, dtype,
+                                 regularise):
     proj = max(1, hidden - 1) if use_proj and hidden > 1 else 0
     if not packed:
         lengths = [max(lengths)] * len(lengths)
     batch_sizes, tensors = make_layer_inputs(lengths, input_size, hidden, proj, bias, dtype, device, packed=packed)
-    out, grads = outputs_and_grads(batch_sizes, tensors, reverse)
-    ref_out, ref_grads = outputs_and_grads(batch_sizes, tensors, reverse, backend="reference")
+    reg = None
+    if regularise is not None:
+        reg = make_regularisers(batch_sizes, tensors)
+        if regularise == "recurrent_mask":
+            reg = {"recurrent_mask": reg["recurrent_mask"]}
+        elif regularise == "zoneout":
+            del reg["recurrent_mask"]
+    out, grads = outputs_and_grads(batch_sizes, tensors, reverse, regularisers=reg)
+    ref_out, ref_grads = outputs_and_grads(batch_sizes, tensors, reverse, backend="reference", regularisers=reg)
     for a, b in zip(out + grads, ref_out + ref_grads):
         torch.testing.assert_close(a, b, **TOLERANCES[dtype])
 
@@ -99,16 +120,18 @@ def test_packed_equals_padded_per_sequence():
             torch.testing.assert_close(c_n[b:b + 1], c_b)
 
 
+@pytest.mark.parametrize("regularise", [False, True])
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("proj", [0, 2])
-def test_layer_gradcheck(reverse, proj):
+def test_layer_gradcheck(reverse, proj, regularise):
     batch_sizes, tensors = make_layer_inputs([4, 3, 1], 3, 3, proj, "both", torch.float64, "cpu")
     names = [k for k, v in tensors.items() if v is not None]
+    reg = make_regularisers(batch_sizes, tensors) if regularise else None
 
     def fn(*values):
         t = dict.fromkeys(tensors)
         t.update(zip(names, values))
-        return run_layer(batch_sizes, t, reverse)
+        return run_layer(batch_sizes, t, reverse, regularisers=reg)
 
     assert torch.autograd.gradcheck(fn, [tensors[k] for k in names])
 
@@ -129,10 +152,12 @@ def test_cell_gradcheck_and_reference():
 def test_opcheck(device, packed, proj):
     lengths = [5, 3, 3, 1] if packed else [4, 4]
     batch_sizes, t = make_layer_inputs(lengths, 3, 4, proj, "both", torch.float32, device, packed=packed)
+    reg = make_regularisers(batch_sizes, t)
     for reverse in (False, True):
         args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
                 t["bias_hh"], t["weight_hr"], reverse)
         torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args)
+        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args + tuple(reg.values()))
 
 
 def test_half_precision_on_cpu_is_computed_in_float32():

@@ -289,3 +289,55 @@ def test_cell_step_loop_matches_torch():
 
 def test_module_exported():
     assert fastnlp.nn.LSTM is LSTM and fastnlp.nn.LSTMCell is LSTMCell
+
+
+@pytest.mark.parametrize("kwargs", [dict(recurrent_dropout=0.4), dict(zoneout=0.3),
+                                    dict(recurrent_dropout=0.2, zoneout=0.2, proj_size=2)])
+def test_regularisers_in_training_match_the_reference(kwargs, monkeypatch):
+    """Same torch seed, same masks: the kernel and the pure-PyTorch path agree, gradients included."""
+    torch.manual_seed(0)
+    lstm = LSTM(3, 4, num_layers=2, bidirectional=True, **kwargs)
+    x = torch.randn(5, 3, 3, requires_grad=True)
+
+    def run():
+        torch.manual_seed(7)
+        out, (h, c) = lstm(pack_padded_sequence(x, torch.tensor([5, 2, 4]), enforce_sorted=False))
+        loss = (out.data ** 2).sum() + h.sum() + c.sum()
+        return [out.data, h, c] + list(torch.autograd.grad(loss, [x] + list(lstm.parameters())))
+
+    ours = run()
+    monkeypatch.setenv("FASTNLP_BACKEND", "reference")
+    reference = run()
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b)
+    monkeypatch.delenv("FASTNLP_BACKEND")
+    torch.testing.assert_close(run()[0], ours[0])  # deterministic for a seed
+    lstm.recurrent_dropout = lstm.zoneout = 0.0
+    assert not torch.allclose(run()[0], ours[0])  # and they do change the result
+
+
+def test_regularisers_at_evaluation():
+    torch.manual_seed(0)
+    plain = LSTM(3, 4)
+    dropped = LSTM(3, 4, recurrent_dropout=0.5).eval()
+    zoned = LSTM(3, 4, zoneout=0.25).eval()
+    for m in (dropped, zoned):
+        m.load_state_dict(plain.state_dict())
+    x = torch.randn(6, 2, 3)
+    torch.testing.assert_close(dropped(x)[0], plain(x)[0])  # recurrent dropout is off
+    # Zoneout at evaluation mixes in the previous state with its expected weight p.
+    rows = x.reshape(12, 3)
+    z_c, z_h = torch.full((12, 4), 0.25), torch.full((12, 4), 0.25)
+    expected, _, _ = fastnlp.reference.lstm.lstm_layer(
+        rows, torch.empty(0, dtype=torch.long), torch.zeros(2, 4), torch.zeros(2, 4), plain.weight_ih_l0,
+        plain.weight_hh_l0, plain.bias_ih_l0, plain.bias_hh_l0, zoneout_cell=z_c, zoneout_hidden=z_h)
+    torch.testing.assert_close(zoned(x)[0], expected.view(6, 2, 4))
+    assert "zoneout=0.25" in repr(zoned) and "recurrent_dropout=0.5" in repr(dropped)
+
+
+@pytest.mark.parametrize("kwargs", [dict(zoneout=1.0), dict(zoneout=-0.1), dict(recurrent_dropout=True),
+                                    dict(recurrent_dropout="0.1")])
+def test_regulariser_arguments_are_checked(kwargs):
+    name = next(iter(kwargs))
+    with pytest.raises(ValueError, match=name):
+        LSTM(3, 4, **kwargs)

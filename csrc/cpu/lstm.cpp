@@ -18,18 +18,55 @@ namespace {
 __attribute__((always_inline)) inline double sigmoid(double x) { return 1.0 / (1.0 + vmath_detail::exp_one(-x)); }
 __attribute__((always_inline)) inline double tanh_(double x) { return 1.0 - 2.0 / (1.0 + vmath_detail::exp_one(2.0 * x)); }
 
+// Pointers of one row (H units) of a step; optional ones are nullptr.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void forward_row_impl(int64_t H, scalar_t* __restrict gates,
-                                                            scalar_t* __restrict c_state, scalar_t* __restrict cells,
-                                                            scalar_t* __restrict h_out, scalar_t* __restrict h_state) {
-  scalar_t* gi = gates;
-  scalar_t* gf = gates + H;
-  scalar_t* gg = gates + 2 * H;
-  scalar_t* go = gates + 3 * H;
+struct ForwardRow {
+  scalar_t* gates;
+  scalar_t* c_state;
+  scalar_t* cells;
+  scalar_t* h_out;
+  scalar_t* h_state;
+  const scalar_t* zoneout_cell;
+  const scalar_t* zoneout_hidden;
+};
+
+template <typename scalar_t>
+struct BackwardRow {
+  const scalar_t* gates;
+  const scalar_t* c_prev;
+  const scalar_t* dh_a;
+  const scalar_t* dh_b;
+  scalar_t* dc_state;
+  scalar_t* grad_gates;
+  scalar_t* h_tilde;
+  const scalar_t* zoneout_cell;
+  const scalar_t* zoneout_hidden;
+  scalar_t* grad_h_prev;
+};
+
+// The optional parts are template flags, so each variant's loop has no
+// branches and vectorises; the caller picks the variant once per row.
+template <typename scalar_t, bool kZoneout>
+__attribute__((always_inline)) inline void forward_row_impl(int64_t H, const ForwardRow<scalar_t>& r) {
+  scalar_t* __restrict gi = r.gates;
+  scalar_t* __restrict gf = r.gates + H;
+  scalar_t* __restrict gg = r.gates + 2 * H;
+  scalar_t* __restrict go = r.gates + 3 * H;
+  scalar_t* __restrict c_state = r.c_state;
+  scalar_t* __restrict cells = r.cells;
+  scalar_t* __restrict h_out = r.h_out;
+  const scalar_t* __restrict zc = r.zoneout_cell;
+  const scalar_t* __restrict zh = r.zoneout_hidden;
+  const scalar_t* h_prev = r.h_state;  // read before the copy below overwrites it
   for (int64_t j = 0; j < H; ++j) {
     const double i = sigmoid(gi[j]), f = sigmoid(gf[j]), g = tanh_(gg[j]), o = sigmoid(go[j]);
-    const double c = f * c_state[j] + i * g;
-    const double h = o * tanh_(c);
+    const double c_prev = c_state[j];
+    const double c_new = f * c_prev + i * g;
+    double h = o * tanh_(c_new), c = c_new;
+    if (kZoneout) {
+      c = zc[j] * c_prev + (1.0 - zc[j]) * c_new;
+      if (zh != nullptr) h = zh[j] * double(h_prev[j]) + (1.0 - zh[j]) * h;
+    }
     gi[j] = static_cast<scalar_t>(i);
     gf[j] = static_cast<scalar_t>(f);
     gg[j] = static_cast<scalar_t>(g);
@@ -37,50 +74,68 @@ __attribute__((always_inline)) inline void forward_row_impl(int64_t H, scalar_t*
     c_state[j] = cells[j] = static_cast<scalar_t>(c);
     h_out[j] = static_cast<scalar_t>(h);
   }
-  if (h_state != nullptr)
-    for (int64_t j = 0; j < H; ++j) h_state[j] = h_out[j];
+  if (r.h_state != nullptr)
+    for (int64_t j = 0; j < H; ++j) r.h_state[j] = h_out[j];
 }
 
-template <typename scalar_t, bool kTwoGradSources, bool kWriteTilde>
-__attribute__((always_inline)) inline void backward_row_impl(int64_t H, const scalar_t* __restrict gates,
-                                                             const scalar_t* __restrict cell,
-                                                             const scalar_t* __restrict c_prev,
-                                                             const scalar_t* __restrict dh_a,
-                                                             const scalar_t* __restrict dh_b,
-                                                             scalar_t* __restrict dc_state,
-                                                             scalar_t* __restrict grad_gates,
-                                                             scalar_t* __restrict h_tilde) {
+template <typename scalar_t, bool kTwoGradSources, bool kWriteTilde, bool kZoneout>
+__attribute__((always_inline)) inline void backward_row_impl(int64_t H, const BackwardRow<scalar_t>& r) {
+  const scalar_t* __restrict gates = r.gates;
+  const scalar_t* __restrict c_prev = r.c_prev;
+  const scalar_t* __restrict dh_a = r.dh_a;
+  const scalar_t* __restrict dh_b = r.dh_b;
+  scalar_t* __restrict dc_state = r.dc_state;
+  scalar_t* __restrict grad_gates = r.grad_gates;
+  scalar_t* __restrict h_tilde = r.h_tilde;
+  const scalar_t* __restrict zc = r.zoneout_cell;
+  const scalar_t* __restrict zh = r.zoneout_hidden;
+  scalar_t* __restrict grad_h_prev = r.grad_h_prev;
   for (int64_t j = 0; j < H; ++j) {
     const double i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
-    const double tc = tanh_(cell[j]);
-    const double dh = kTwoGradSources ? double(dh_a[j]) + double(dh_b[j]) : double(dh_a[j]);
-    const double dc = dc_state[j] + dh * o * (1.0 - tc * tc);
+    const double cp = c_prev[j];
+    const double tc = tanh_(f * cp + i * g);  // c~_t, recomputed rather than stored
+    double dh = kTwoGradSources ? double(dh_a[j]) + double(dh_b[j]) : double(dh_a[j]);
+    double dc_carry = dc_state[j];
+    double dc_zone = 0.0;
+    if (kZoneout) {
+      dc_zone = zc[j] * dc_carry;
+      dc_carry -= dc_zone;
+      if (zh != nullptr) {
+        const double to_prev = zh[j] * dh;
+        grad_h_prev[j] = static_cast<scalar_t>(to_prev);
+        dh -= to_prev;
+      }
+    }
+    const double dc = dc_carry + dh * o * (1.0 - tc * tc);
     grad_gates[j] = static_cast<scalar_t>(dc * g * i * (1.0 - i));
-    grad_gates[H + j] = static_cast<scalar_t>(dc * c_prev[j] * f * (1.0 - f));
+    grad_gates[H + j] = static_cast<scalar_t>(dc * cp * f * (1.0 - f));
     grad_gates[2 * H + j] = static_cast<scalar_t>(dc * i * (1.0 - g * g));
     grad_gates[3 * H + j] = static_cast<scalar_t>(dh * tc * o * (1.0 - o));
-    dc_state[j] = static_cast<scalar_t>(dc * f);
+    dc_state[j] = static_cast<scalar_t>(dc * f + dc_zone);
     if (kWriteTilde) h_tilde[j] = static_cast<scalar_t>(o * tc);
   }
 }
 
 // Each function is compiled for AVX2+FMA and the baseline ISA (see
 // vector_loops.h); one call covers one row of H units.
-#define FASTNLP_LSTM_ROW_KERNELS(scalar_t)                                                                       \
-  FASTNLP_VECTOR_CLONES void forward_row(int64_t H, scalar_t* gates, scalar_t* c_state, scalar_t* cells,        \
-                                         scalar_t* h_out, scalar_t* h_state) {                                  \
-    forward_row_impl(H, gates, c_state, cells, h_out, h_state);                                                 \
-  }                                                                                                             \
-  FASTNLP_VECTOR_CLONES void backward_row(int64_t H, const scalar_t* gates, const scalar_t* cell,               \
-                                          const scalar_t* c_prev, const scalar_t* dh_a, const scalar_t* dh_b,   \
-                                          scalar_t* dc_state, scalar_t* grad_gates, scalar_t* h_tilde) {        \
-    if (dh_b != nullptr)                                                                                        \
-      backward_row_impl<scalar_t, true, false>(H, gates, cell, c_prev, dh_a, dh_b, dc_state, grad_gates, h_tilde); \
-    else if (h_tilde != nullptr)                                                                                \
-      backward_row_impl<scalar_t, false, true>(H, gates, cell, c_prev, dh_a, dh_b, dc_state, grad_gates, h_tilde); \
-    else                                                                                                        \
-      backward_row_impl<scalar_t, false, false>(H, gates, cell, c_prev, dh_a, dh_b, dc_state, grad_gates,       \
-                                                h_tilde);                                                       \
+#define FASTNLP_LSTM_ROW_KERNELS(scalar_t)                                               \
+  FASTNLP_VECTOR_CLONES void forward_row(int64_t H, const ForwardRow<scalar_t>& r) {   \
+    if (r.zoneout_cell != nullptr)                                                      \
+      forward_row_impl<scalar_t, true>(H, r);                                           \
+    else                                                                                \
+      forward_row_impl<scalar_t, false>(H, r);                                          \
+  }                                                                                     \
+  FASTNLP_VECTOR_CLONES void backward_row(int64_t H, const BackwardRow<scalar_t>& r) { \
+    if (r.zoneout_cell != nullptr) {                                                    \
+      if (r.dh_b != nullptr)                                                            \
+        backward_row_impl<scalar_t, true, false, true>(H, r);                          \
+      else                                                                              \
+        backward_row_impl<scalar_t, false, true, true>(H, r);                          \
+    } else if (r.dh_b != nullptr) {                                                     \
+      backward_row_impl<scalar_t, true, false, false>(H, r);                           \
+    } else {                                                                            \
+      backward_row_impl<scalar_t, false, true, false>(H, r);                           \
+    }                                                                                   \
   }
 FASTNLP_LSTM_ROW_KERNELS(float)
 FASTNLP_LSTM_ROW_KERNELS(double)
@@ -95,42 +150,58 @@ scalar_t* ptr_or_null(const at::Tensor& t) {
   return t.defined() ? t.data_ptr<scalar_t>() : nullptr;
 }
 
-void forward_step_cpu(const at::Tensor& gates, const at::Tensor& c_state, const at::Tensor& cells,
-                      const at::Tensor& h_out, const at::Tensor& h_state) {
-  const int64_t rows = gates.size(0), H = cells.size(1);
-  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_forward_step_cpu", [&] {
-    scalar_t* g = gates.data_ptr<scalar_t>();
-    scalar_t* cs = c_state.data_ptr<scalar_t>();
-    scalar_t* cl = cells.data_ptr<scalar_t>();
-    scalar_t* ho = h_out.data_ptr<scalar_t>();
-    scalar_t* hs = ptr_or_null<scalar_t>(h_state);
+template <typename scalar_t>
+scalar_t* row_or_null(scalar_t* base, int64_t r, int64_t width) {
+  return base != nullptr ? base + r * width : nullptr;
+}
+
+void forward_step_cpu(const LstmForwardStep& s) {
+  const int64_t rows = s.gates.size(0), H = s.cells.size(1);
+  AT_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "lstm_forward_step_cpu", [&] {
+    scalar_t* gates = s.gates.data_ptr<scalar_t>();
+    scalar_t* c_state = s.c_state.data_ptr<scalar_t>();
+    scalar_t* cells = s.cells.data_ptr<scalar_t>();
+    scalar_t* h_out = s.h_out.data_ptr<scalar_t>();
+    scalar_t* h_state = ptr_or_null<scalar_t>(s.h_state);
+    const scalar_t* zc = ptr_or_null<scalar_t>(s.zoneout_cell);
+    const scalar_t* zh = ptr_or_null<scalar_t>(s.zoneout_hidden);
+    TORCH_CHECK(zh == nullptr || zc != nullptr, "fastnlp.lstm: zoneout_hidden needs zoneout_cell");
     at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r)
-        forward_row(H, g + r * 4 * H, cs + r * H, cl + r * H, ho + r * H, hs ? hs + r * H : nullptr);
+        forward_row(H, ForwardRow<scalar_t>{gates + r * 4 * H, c_state + r * H, cells + r * H, h_out + r * H,
+                                            row_or_null(h_state, r, H), row_or_null(zc, r, H),
+                                            row_or_null(zh, r, H)});
     });
   });
 }
 
-void backward_step_cpu(const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& c_prev,
-                       int64_t rows_with_prev, const at::Tensor& c0, const at::Tensor& dh_a, const at::Tensor& dh_b,
-                       const at::Tensor& dc_state, const at::Tensor& grad_gates, const at::Tensor& h_tilde) {
-  const int64_t rows = gates.size(0), H = cells.size(1);
-  AT_DISPATCH_FLOATING_TYPES(gates.scalar_type(), "lstm_backward_step_cpu", [&] {
-    const scalar_t* g = gates.data_ptr<scalar_t>();
-    const scalar_t* cl = cells.data_ptr<scalar_t>();
-    const scalar_t* cp = rows_with_prev > 0 ? c_prev.data_ptr<scalar_t>() : nullptr;
-    const scalar_t* c0p = c0.data_ptr<scalar_t>();
-    const scalar_t* da = dh_a.data_ptr<scalar_t>();
-    const scalar_t* db = ptr_or_null<scalar_t>(dh_b);
-    scalar_t* dc = dc_state.data_ptr<scalar_t>();
-    scalar_t* dg = grad_gates.data_ptr<scalar_t>();
-    scalar_t* ht = ptr_or_null<scalar_t>(h_tilde);
+void backward_step_cpu(const LstmBackwardStep& s) {
+  const int64_t rows = s.gates.size(0), H = s.dc_state.size(1);
+  AT_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "lstm_backward_step_cpu", [&] {
+    const scalar_t* gates = s.gates.data_ptr<scalar_t>();
+    const scalar_t* c_prev = s.rows_with_prev > 0 ? s.c_prev.data_ptr<scalar_t>() : nullptr;
+    const scalar_t* c0 = s.c0.data_ptr<scalar_t>();
+    const scalar_t* dh_a = s.dh_a.data_ptr<scalar_t>();
+    const scalar_t* dh_b = ptr_or_null<scalar_t>(s.dh_b);
+    scalar_t* dc_state = s.dc_state.data_ptr<scalar_t>();
+    scalar_t* grad_gates = s.grad_gates.data_ptr<scalar_t>();
+    scalar_t* h_tilde = ptr_or_null<scalar_t>(s.h_tilde);
+    const scalar_t* zc = ptr_or_null<scalar_t>(s.zoneout_cell);
+    const scalar_t* zh = ptr_or_null<scalar_t>(s.zoneout_hidden);
+    scalar_t* grad_h_prev = ptr_or_null<scalar_t>(s.grad_h_prev);
+    // The row variants: dh from two sources (no projection) or one, with the
+    // projection's input written; see backward_row.
+    TORCH_CHECK((dh_b == nullptr) == (h_tilde != nullptr), "fastnlp.lstm: exactly one of dh_b, h_tilde");
+    TORCH_CHECK(zh == nullptr || (zc != nullptr && grad_h_prev != nullptr),
+                "fastnlp.lstm: zoneout_hidden needs zoneout_cell and grad_h_prev");
     at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         // A row whose first step this is reads c0.
-        const scalar_t* prev_row = r < rows_with_prev ? cp + r * H : c0p + r * H;
-        backward_row(H, g + r * 4 * H, cl + r * H, prev_row, da + r * H, db ? db + r * H : nullptr, dc + r * H,
-                     dg + r * 4 * H, ht ? ht + r * H : nullptr);
+        const scalar_t* prev_row = r < s.rows_with_prev ? c_prev + r * H : c0 + r * H;
+        backward_row(H, BackwardRow<scalar_t>{gates + r * 4 * H, prev_row, dh_a + r * H, row_or_null(dh_b, r, H),
+                                              dc_state + r * H, grad_gates + r * 4 * H, row_or_null(h_tilde, r, H),
+                                              row_or_null(zc, r, H), row_or_null(zh, r, H),
+                                              row_or_null(grad_h_prev, r, H)});
       }
     });
   });
@@ -146,20 +217,25 @@ void check_cpu_dtype(const at::Tensor& input) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr, bool reverse) {
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr, bool reverse,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden) {
   check_cpu_dtype(input);
   return lstm_forward_impl(kCpuKernels, input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                           reverse);
+                           reverse, LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden) {
   check_cpu_dtype(input);
   return lstm_backward_impl(kCpuKernels, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih,
-                            weight_hh, weight_hr, has_bias, reverse, output, gates, cells);
+                            weight_hh, weight_hr, has_bias, reverse, output, gates, cells,
+                            LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden});
 }
 
 }  // namespace

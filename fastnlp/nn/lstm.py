@@ -8,7 +8,14 @@ outputs, same errors. What they add:
   length inside the kernel, so packed input costs less than padded input
   rather than several times more;
 - the modules are plain nn.Modules over registered ops, so torch.compile
-  captures them (it refuses torch.nn.LSTM) with fullgraph=True.
+  captures them (it refuses torch.nn.LSTM) with fullgraph=True;
+- LSTM(..., recurrent_dropout=p): dropout on the recurrent input h_{t-1}
+  with one mask per sequence for all time steps (Gal & Ghahramani, 2016);
+- LSTM(..., zoneout=p): each unit of h and c keeps its previous value with
+  probability p at each step (Krueger et al., 2017), its expectation at
+  evaluation.
+Both are applied inside the fused layer op, in training mode, and draw from
+torch's default generator, so a torch seed makes them deterministic.
 
 They deliberately do not subclass torch.nn.LSTM: TorchDynamo graph-breaks on
 every torch.nn.RNNBase instance.
@@ -70,9 +77,14 @@ class LSTM(nn.Module):
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
-                 device=None, dtype=None) -> None:
+                 device=None, dtype=None, *, recurrent_dropout: float = 0.0, zoneout: float = 0.0) -> None:
         super().__init__()
         _check_constructor_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
+        for name, p in (("recurrent_dropout", recurrent_dropout), ("zoneout", zoneout)):
+            if isinstance(p, bool) or not isinstance(p, numbers.Number) or not 0 <= p < 1:
+                raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
+        self.recurrent_dropout = float(recurrent_dropout)
+        self.zoneout = float(zoneout)
         self.mode = "LSTM"
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -132,6 +144,10 @@ class LSTM(nn.Module):
             s += ", dropout={dropout}"
         if self.bidirectional is not False:
             s += ", bidirectional={bidirectional}"
+        if self.recurrent_dropout != 0:
+            s += ", recurrent_dropout={recurrent_dropout}"
+        if self.zoneout != 0:
+            s += ", zoneout={zoneout}"
         return s.format(**self.__dict__)
 
     # -- input checks, as torch.nn.LSTM makes them ----------------------------
@@ -233,8 +249,11 @@ class LSTM(nn.Module):
                 bias_hh = weights[3] if self.bias else None
                 weight_hr = weights[-1] if self.proj_size > 0 else None
                 index = layer * directions + direction
+                recurrent_mask, zoneout_cell, zoneout_hidden = self._regularisers(layer_input, h0[index], c0[index])
                 out, h, c = lstm_ops.lstm_layer(layer_input, batch_sizes, h0[index], c0[index], weight_ih,
-                                                weight_hh, bias_ih, bias_hh, weight_hr, reverse=direction == 1)
+                                                weight_hh, bias_ih, bias_hh, weight_hr, reverse=direction == 1,
+                                                recurrent_mask=recurrent_mask, zoneout_cell=zoneout_cell,
+                                                zoneout_hidden=zoneout_hidden)
                 outputs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -242,6 +261,24 @@ class LSTM(nn.Module):
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
         return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+    def _regularisers(self, rows: Tensor, h0: Tensor, c0: Tensor
+                      ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+        """This layer direction's recurrent-dropout mask and zoneout weights (see the module docstring)."""
+        recurrent_mask = zoneout_cell = zoneout_hidden = None
+        if self.recurrent_dropout > 0 and self.training:
+            keep = 1.0 - self.recurrent_dropout
+            recurrent_mask = torch.bernoulli(torch.full_like(h0, keep)) / keep
+        if self.zoneout > 0:
+            cell_shape = (rows.size(0), c0.size(1))
+            hidden_shape = (rows.size(0), h0.size(1))
+            if self.training:
+                zoneout_cell = torch.bernoulli(h0.new_full(cell_shape, self.zoneout))
+                zoneout_hidden = torch.bernoulli(h0.new_full(hidden_shape, self.zoneout))
+            else:  # the expectation of the training-time update
+                zoneout_cell = h0.new_full(cell_shape, self.zoneout)
+                zoneout_hidden = h0.new_full(hidden_shape, self.zoneout)
+        return recurrent_mask, zoneout_cell, zoneout_hidden
 
 
 class LSTMCell(nn.Module):

@@ -22,7 +22,8 @@ __all__ = ["lstm_cell", "lstm_layer"]
 
 
 @torch.library.register_fake("fastnlp::lstm_forward")
-def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse):
+def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
+                       recurrent_mask=None, zoneout_cell=None, zoneout_hidden=None):
     rows, hidden = input.shape[0], c0.shape[1]
     return (input.new_empty(rows, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
             input.new_empty(rows, 4 * hidden), input.new_empty(rows, hidden))
@@ -30,7 +31,8 @@ def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih
 
 @torch.library.register_fake("fastnlp::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih, weight_hh,
-                        weight_hr, has_bias, reverse, output, gates, cells):
+                        weight_hr, has_bias, reverse, output, gates, cells, recurrent_mask=None, zoneout_cell=None,
+                        zoneout_hidden=None):
     grad_bias = input.new_empty(weight_ih.shape[0] if has_bias else 0)
     grad_weight_hr = torch.empty_like(weight_hr) if weight_hr is not None else input.new_empty(0)
     return (torch.empty_like(input), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(weight_ih),
@@ -48,7 +50,8 @@ _PADDED = torch.empty(0, dtype=torch.long)
 def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, weight_ih: Tensor,
                weight_hh: Tensor, bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
                weight_hr: Optional[Tensor] = None, reverse: bool = False, *,
-               backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+               recurrent_mask: Optional[Tensor] = None, zoneout_cell: Optional[Tensor] = None,
+               zoneout_hidden: Optional[Tensor] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one direction, over a time-major packed batch.
 
     Args:
@@ -60,6 +63,11 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
             as in torch.nn.LSTM, gates in the order i, f, g, o.
         weight_hr: (P, H) projection (torch.nn.LSTM's proj_size), or None.
         reverse: run from the last step to the first.
+        recurrent_mask: (B, P) or None: h_{t-1} enters the recurrent product
+            as h_{t-1} * recurrent_mask (per-sequence recurrent dropout).
+        zoneout_cell (N, H), zoneout_hidden (N, P): per-row weights z of the
+            previous state, state_t = z * state_{t-1} + (1 - z) * new_t
+            (zoneout); zoneout_hidden needs zoneout_cell.
 
     Returns:
         output (N, P), h_n (B, P), c_n (B, H): each sequence's state after its
@@ -67,17 +75,22 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
     """
     if batch_sizes is None:
         batch_sizes = _PADDED
+    if zoneout_hidden is not None and zoneout_cell is None:
+        raise ValueError("zoneout_hidden needs zoneout_cell (pass zeros to zone out the hidden state only)")
     if use_reference(backend):
         return reference.lstm_layer(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                                    reverse)
+                                    reverse, recurrent_mask, zoneout_cell, zoneout_hidden)
     if input.device.type == "cpu" and input.dtype in _CPU_WIDENED:
         dtype = input.dtype
         widen = [t.float() if t is not None else None
-                 for t in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)]
-        output, h_n, c_n = lstm_layer(widen[0], batch_sizes, *widen[1:], reverse=reverse)
+                 for t in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, recurrent_mask,
+                           zoneout_cell, zoneout_hidden)]
+        output, h_n, c_n = lstm_layer(widen[0], batch_sizes, *widen[1:8], reverse=reverse,
+                                      recurrent_mask=widen[8], zoneout_cell=widen[9], zoneout_hidden=widen[10])
         return output.to(dtype), h_n.to(dtype), c_n.to(dtype)
     output, h_n, c_n, _gates, _cells = torch.ops.fastnlp.lstm_forward(
-        input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse)
+        input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, recurrent_mask,
+        zoneout_cell, zoneout_hidden)
     return output, h_n, c_n
 
 

@@ -38,17 +38,29 @@ def lstm_cell(x: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Ten
 
 def lstm_layer(input: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, weight_ih: Tensor, weight_hh: Tensor,
                bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
-               weight_hr: Optional[Tensor] = None, reverse: bool = False) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (output (N, P), h_n (B, P), c_n (B, H))."""
+               weight_hr: Optional[Tensor] = None, reverse: bool = False, recurrent_mask: Optional[Tensor] = None,
+               zoneout_cell: Optional[Tensor] = None,
+               zoneout_hidden: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (output (N, P), h_n (B, P), c_n (B, H)).
+
+    recurrent_mask (B, P) multiplies h_{t-1} where it enters the recurrent
+    product; zoneout_cell (N, H) and zoneout_hidden (N, P) hold, per row, the
+    weight z of the previous state: state_t = z * state_{t-1} + (1 - z) * new.
+    """
     steps = step_sizes(batch_sizes, input.shape[0], h0.shape[0])
     offsets = [sum(steps[:t]) for t in range(len(steps))]
     order = range(len(steps) - 1, -1, -1) if reverse else range(len(steps))
     h, c = h0, c0
     outputs: List[Optional[Tensor]] = [None] * len(steps)
     for t in order:
-        alive = steps[t]
-        x = input[offsets[t]:offsets[t] + alive]
-        h_new, c_new = lstm_cell(x, h[:alive], c[:alive], weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+        alive, rows = steps[t], slice(offsets[t], offsets[t] + steps[t])
+        h_prev, c_prev = h[:alive], c[:alive]
+        h_in = h_prev * recurrent_mask[:alive] if recurrent_mask is not None else h_prev
+        h_new, c_new = lstm_cell(input[rows], h_in, c_prev, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)
+        if zoneout_cell is not None:
+            c_new = zoneout_cell[rows] * c_prev + (1 - zoneout_cell[rows]) * c_new
+        if zoneout_hidden is not None:
+            h_new = zoneout_hidden[rows] * h_prev + (1 - zoneout_hidden[rows]) * h_new
         outputs[t] = h_new
         # Sequences that are not alive at this step keep their state.
         h = torch.cat([h_new, h[alive:]])
