@@ -5,6 +5,7 @@ tensors' device) or "reference" (pure PyTorch, for debugging); the
 FASTNLP_BACKEND environment variable sets the default.
 """
 
+from fastnlp.ops.attention import attention
 from fastnlp.ops.crf import (
     crf_gold_score,
     crf_log_likelihood,
@@ -15,6 +16,7 @@ from fastnlp.ops.crf import (
 )
 
 __all__ = [
+    "attention",
     "crf_gold_score",
     "crf_log_likelihood",
     "crf_log_partition",

@@ -1,6 +1,6 @@
 """Pure-PyTorch oracles for every fastnlp op: slow, obviously correct, the
 baseline that tests and benchmarks compare the kernels with."""
 
-from fastnlp.reference import crf
+from fastnlp.reference import attention, crf
 
-__all__ = ["crf"]
+__all__ = ["attention", "crf"]
