@@ -151,34 +151,42 @@ struct Problem {
 // What one (query block, key block) tile needs.
 template <typename acc_t>
 struct TilePlan {
-  bool column_bias = false;  // padding keys or columns past Lk: add bias[c] (0 or -inf)
+  // Keys j0 .. j0 + width can be visible (trailing padding keys and keys past
+  // the causal diagonal are cut off, so the products skip them too);
+  // width_pad rounds it up to the product's column block.
+  int64_t width = 0, width_pad = 0;
+  bool column_bias = false;  // padding keys or padded columns: add bias[c] (0 or -inf)
   bool causal = false;       // the diagonal crosses the tile
   bool mask = false;         // attn_mask has both visible and hidden entries here (or adds floats)
 };
 
 // Decides whether tile (rows i0..i0+mq, keys j0..j0+nk) of (b, h) can be
-// skipped, and which masks must be applied element-wise. Fills bias[0..nk_pad).
+// skipped (false), and otherwise its width and which masks must be applied
+// element-wise. Fills bias[0..width_pad) when plan.column_bias.
 template <typename scalar_t, typename acc_t>
 bool plan_tile(const Problem<scalar_t, acc_t>& pb, int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0,
-               int64_t nk, int64_t nk_pad, TilePlan<acc_t>& plan, acc_t* bias) {
+               int64_t nk, TilePlan<acc_t>& plan, acc_t* bias) {
+  constexpr int64_t cols = 2 * attention_detail::Simd<acc_t>::W;
   plan = TilePlan<acc_t>{};
+  int64_t width = nk;
   if (pb.causal) {
     if (j0 > i0 + mq - 1) return false;  // every key is after every query
-    plan.causal = j0 + nk - 1 > i0;
+    width = std::min(width, i0 + mq - j0);
+    plan.causal = j0 + width - 1 > i0;
   }
-  int64_t real = nk;
-  if (pb.key_padding) {
-    const bool* kp = pb.key_padding + b * pb.Lk + j0;
+  const bool* kp = pb.key_padding ? pb.key_padding + b * pb.Lk + j0 : nullptr;
+  int64_t real = width;
+  if (kp) {
+    while (width > 0 && !kp[width - 1]) --width;
+    if (width == 0) return false;
     real = 0;
-    for (int64_t c = 0; c < nk; ++c) real += kp[c];
-    if (real == 0) return false;
+    for (int64_t c = 0; c < width; ++c) real += kp[c];
   }
-  if (real < nk_pad) {
+  plan.width = width;
+  plan.width_pad = round_up(width, cols);
+  if (real < plan.width_pad) {
     plan.column_bias = true;
-    for (int64_t c = 0; c < nk_pad; ++c) {
-      const bool visible = c < nk && (!pb.key_padding || pb.key_padding[b * pb.Lk + j0 + c]);
-      bias[c] = visible ? acc_t(0) : -kInf<acc_t>;
-    }
+    for (int64_t c = 0; c < plan.width_pad; ++c) bias[c] = c < width && (!kp || kp[c]) ? acc_t(0) : -kInf<acc_t>;
   }
   if (pb.mask_bool || pb.mask_add) {
     // A scan of the mask block costs about as much as masking it once, and
@@ -187,13 +195,13 @@ bool plan_tile(const Problem<scalar_t, acc_t>& pb, int64_t b, int64_t h, int64_t
     for (int64_t r = 0; r < mq; ++r) {
       const int64_t base = b * pb.ms0 + h * pb.ms1 + (i0 + r) * pb.ms2 + j0 * pb.ms3;
       if (pb.mask_bool) {
-        for (int64_t c = 0; c < nk; ++c) visible += pb.mask_bool[base + c * pb.ms3];
+        for (int64_t c = 0; c < width; ++c) visible += pb.mask_bool[base + c * pb.ms3];
       } else {
-        for (int64_t c = 0; c < nk; ++c) visible += pb.mask_add[base + c * pb.ms3] != -kInf<acc_t>;
+        for (int64_t c = 0; c < width; ++c) visible += pb.mask_add[base + c * pb.ms3] != -kInf<acc_t>;
       }
     }
     if (visible == 0) return false;
-    plan.mask = pb.mask_add != nullptr || visible < mq * nk;
+    plan.mask = pb.mask_add != nullptr || visible < mq * width;
   }
   return true;
 }
@@ -229,7 +237,11 @@ void pack_rows(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_
     acc_t* out = dst + r * ld;
     if (r < rows) {
       const scalar_t* in = src.row(b, h, i0 + r);
-      for (int64_t d = 0; d < cols; ++d) out[d] = static_cast<acc_t>(in[d * src.s3]) * factor;
+      if (src.s3 == 1) {  // the usual layout: a loop the compiler vectorises
+        for (int64_t d = 0; d < cols; ++d) out[d] = static_cast<acc_t>(in[d]) * factor;
+      } else {
+        for (int64_t d = 0; d < cols; ++d) out[d] = static_cast<acc_t>(in[d * src.s3]) * factor;
+      }
       std::fill(out + cols, out + cols_pad, acc_t(0));
     } else {
       std::fill(out, out + cols_pad, acc_t(0));
@@ -237,14 +249,23 @@ void pack_rows(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_
   }
 }
 
-// dst[d * ld + r] = src row r element d: the transposed tile (a k^T or v^T block).
+// dst[d * ld + r] = src row r element d: the transposed tile (a k^T or v^T
+// block), written in 8-row strips so each destination line is filled by
+// consecutive stores rather than one element per cache line.
 template <typename scalar_t, typename acc_t>
 void pack_transposed(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t j0, int64_t rows,
                      int64_t rows_pad, int64_t cols, int64_t cols_pad, acc_t* dst, int64_t ld) {
-  for (int64_t d = 0; d < cols_pad; ++d) std::fill(dst + d * ld, dst + d * ld + rows_pad, acc_t(0));
-  for (int64_t r = 0; r < rows; ++r) {
-    const scalar_t* in = src.row(b, h, j0 + r);
-    for (int64_t d = 0; d < cols; ++d) dst[d * ld + r] = static_cast<acc_t>(in[d * src.s3]);
+  for (int64_t d = cols; d < cols_pad; ++d) std::fill(dst + d * ld, dst + d * ld + rows_pad, acc_t(0));
+  for (int64_t d = 0; d < cols; ++d) std::fill(dst + d * ld + rows, dst + d * ld + rows_pad, acc_t(0));
+  constexpr int64_t strip = 8;
+  for (int64_t r0 = 0; r0 < rows; r0 += strip) {
+    const int64_t n = std::min(strip, rows - r0);
+    const scalar_t* in[strip];
+    for (int64_t r = 0; r < n; ++r) in[r] = src.row(b, h, j0 + r0 + r);
+    for (int64_t d = 0; d < cols; ++d) {
+      acc_t* out = dst + d * ld + r0;
+      for (int64_t r = 0; r < n; ++r) out[r] = static_cast<acc_t>(in[r][d * src.s3]);
+    }
   }
 }
 
@@ -274,67 +295,80 @@ void for_each_task(int64_t n, const MakeScratch& make_scratch, const Body& body)
 
 template <typename acc_t>
 struct ForwardScratch {
+  // kt and v hold the whole kv-head: v as (Lk_pad x Dvp), kt as one (Dp x kBlockK)
+  // panel per key block -- a single (Dp x Lk_pad) matrix would put the rows a
+  // product reads 4 KB apart at Lk = 1024, all in the same few L1 sets.
   std::vector<acc_t> q, kt, v, s, o, m, l, bias;
-  std::vector<uint8_t> keep;
-  ForwardScratch(int64_t Dp, int64_t Dvp)
-      : q(kBlockQ * Dp), kt(Dp * kBlockK), v(kBlockK * Dvp), s(kBlockQ * kBlockK), o(kBlockQ * Dvp), m(kBlockQ),
-        l(kBlockQ), bias(kBlockK), keep(kBlockK) {}
+  std::vector<uint8_t> keep, packed;              // packed[kb]: key block kb of kt and v is filled
+  ForwardScratch(int64_t Dp, int64_t Dvp, int64_t Lk_pad, int64_t key_blocks)
+      : q(kBlockQ * Dp), kt(Dp * kBlockK * key_blocks), v(Lk_pad * Dvp), s(kBlockQ * kBlockK),
+        o(kBlockQ * Dvp), m(kBlockQ), l(kBlockQ), bias(kBlockK), keep(kBlockK), packed(key_blocks) {}
 };
 
+// Query blocks qb0 .. qb1 of head (b, h). The key and value blocks are packed
+// the first time a query block needs them and reused by the next ones, so
+// packing costs once per task rather than once per tile.
 template <typename scalar_t, typename acc_t>
-void forward_block(const Problem<scalar_t, acc_t>& pb, const Strided4<const scalar_t>& q,
-                   const Strided4<const scalar_t>& k, const Strided4<const scalar_t>& v, scalar_t* out,
-                   acc_t* lse, int64_t b, int64_t h, int64_t qb, ForwardScratch<acc_t>& w) {
+void forward_blocks(const Problem<scalar_t, acc_t>& pb, const Strided4<const scalar_t>& q,
+                    const Strided4<const scalar_t>& k, const Strided4<const scalar_t>& v, scalar_t* out,
+                    acc_t* lse, int64_t b, int64_t h, int64_t qb0, int64_t qb1, ForwardScratch<acc_t>& w) {
   constexpr int64_t cols = 2 * attention_detail::Simd<acc_t>::W;
-  const int64_t i0 = qb * kBlockQ, mq = std::min(kBlockQ, pb.Lq - i0);
-  const int64_t mq_pad = round_up(mq, attention_detail::kRows);
   const int64_t hk = h / pb.group, Dp = pb.Dp, Dvp = pb.Dvp;
-  // The scale is folded into q once rather than applied to every score.
-  pack_rows(q, b, h, i0, mq, mq_pad, pb.D, Dp, pb.scale, w.q.data(), Dp);
-  std::fill(w.o.begin(), w.o.begin() + mq_pad * Dvp, acc_t(0));
-  std::fill(w.m.begin(), w.m.end(), -kInf<acc_t>);
-  std::fill(w.l.begin(), w.l.end(), acc_t(0));
-  TilePlan<acc_t> plan;
   const int64_t key_blocks = ceil_div(pb.Lk, kBlockK);
-  for (int64_t kb = 0; kb < key_blocks; ++kb) {
-    const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, pb.Lk - j0), nk_pad = round_up(nk, cols);
-    if (!plan_tile(pb, b, h, i0, mq, j0, nk, nk_pad, plan, w.bias.data())) continue;
-    pack_transposed(k, b, hk, j0, nk, nk_pad, pb.D, Dp, w.kt.data(), kBlockK);
-    pack_rows(v, b, hk, j0, nk, nk_pad, pb.Dv, Dvp, acc_t(1), w.v.data(), Dvp);
-    acc_t* S = w.s.data();
-    tile_gemm(mq_pad, nk_pad, Dp, w.q.data(), Dp, w.kt.data(), kBlockK, S, kBlockK, false);
-    for (int64_t r = 0; r < mq; ++r) {
-      acc_t* s = S + r * kBlockK;
-      mask_row(pb, plan, w.bias.data(), b, h, i0 + r, j0, nk, nk_pad, s);
-      const acc_t m_new = std::max(w.m[r], row_max(nk_pad, s));
-      if (m_new == -kInf<acc_t>) {  // nothing visible to this row yet
-        std::fill(s, s + nk_pad, acc_t(0));
-        continue;
+  std::fill(w.packed.begin(), w.packed.end(), uint8_t(0));
+  TilePlan<acc_t> plan;
+  for (int64_t qb = qb0; qb < qb1; ++qb) {
+    const int64_t i0 = qb * kBlockQ, mq = std::min(kBlockQ, pb.Lq - i0);
+    const int64_t mq_pad = round_up(mq, attention_detail::kRows);
+    // The scale is folded into q once rather than applied to every score.
+    pack_rows(q, b, h, i0, mq, mq_pad, pb.D, Dp, pb.scale, w.q.data(), Dp);
+    std::fill(w.o.begin(), w.o.begin() + mq_pad * Dvp, acc_t(0));
+    std::fill(w.m.begin(), w.m.end(), -kInf<acc_t>);
+    std::fill(w.l.begin(), w.l.end(), acc_t(0));
+    for (int64_t kb = 0; kb < key_blocks; ++kb) {
+      const int64_t j0 = kb * kBlockK, nk = std::min(kBlockK, pb.Lk - j0), nk_pad = round_up(nk, cols);
+      if (!plan_tile(pb, b, h, i0, mq, j0, nk, plan, w.bias.data())) continue;
+      const int64_t nw = plan.width, nw_pad = plan.width_pad;
+      if (!w.packed[kb]) {
+        pack_transposed(k, b, hk, j0, nk, nk_pad, pb.D, Dp, w.kt.data() + kb * Dp * kBlockK, kBlockK);
+        pack_rows(v, b, hk, j0, nk, nk_pad, pb.Dv, Dvp, acc_t(1), w.v.data() + j0 * Dvp, Dvp);
+        w.packed[kb] = 1;
       }
-      const acc_t alpha = w.m[r] == -kInf<acc_t> ? acc_t(0) : std::exp(w.m[r] - m_new);
-      const acc_t sum = exp_shift_sum(nk_pad, s, m_new);
-      w.l[r] = w.l[r] * alpha + sum;  // the normaliser counts dropped elements too
-      w.m[r] = m_new;
-      if (alpha != acc_t(1)) {
-        acc_t* o = w.o.data() + r * Dvp;
-        for (int64_t e = 0; e < Dvp; ++e) o[e] *= alpha;
+      acc_t* S = w.s.data();
+      tile_gemm(mq_pad, nw_pad, Dp, w.q.data(), Dp, w.kt.data() + kb * Dp * kBlockK, kBlockK, S, kBlockK, false);
+      for (int64_t r = 0; r < mq; ++r) {
+        acc_t* s = S + r * kBlockK;
+        mask_row(pb, plan, w.bias.data(), b, h, i0 + r, j0, nw, nw_pad, s);
+        const acc_t m_new = std::max(w.m[r], row_max(nw_pad, s));
+        if (m_new == -kInf<acc_t>) {  // nothing visible to this row yet
+          std::fill(s, s + nw_pad, acc_t(0));
+          continue;
+        }
+        const acc_t alpha = w.m[r] == -kInf<acc_t> ? acc_t(0) : std::exp(w.m[r] - m_new);
+        const acc_t sum = exp_shift_sum(nw_pad, s, m_new);
+        w.l[r] = w.l[r] * alpha + sum;  // the normaliser counts dropped elements too
+        w.m[r] = m_new;
+        if (alpha != acc_t(1)) {
+          acc_t* o = w.o.data() + r * Dvp;
+          for (int64_t e = 0; e < Dvp; ++e) o[e] *= alpha;
+        }
+        if (pb.dropout.enabled) {
+          pb.dropout.row(b * pb.H + h, i0 + r, j0, nw, w.keep.data());
+          const acc_t inv = static_cast<acc_t>(pb.dropout.inv_keep);
+          for (int64_t c = 0; c < nw; ++c) s[c] = w.keep[c] ? s[c] * inv : acc_t(0);
+        }
       }
-      if (pb.dropout.enabled) {
-        pb.dropout.row(b * pb.H + h, i0 + r, j0, nk, w.keep.data());
-        const acc_t inv = static_cast<acc_t>(pb.dropout.inv_keep);
-        for (int64_t c = 0; c < nk; ++c) s[c] = w.keep[c] ? s[c] * inv : acc_t(0);
-      }
+      tile_gemm(mq_pad, Dvp, nw_pad, S, kBlockK, w.v.data() + j0 * Dvp, Dvp, w.o.data(), Dvp, true);
     }
-    tile_gemm(mq_pad, Dvp, nk_pad, S, kBlockK, w.v.data(), Dvp, w.o.data(), Dvp, true);
-  }
-  for (int64_t r = 0; r < mq; ++r) {
-    const int64_t row = (b * pb.H + h) * pb.Lq + i0 + r;
-    const bool any = w.l[r] > acc_t(0);
-    const acc_t inv = any ? acc_t(1) / w.l[r] : acc_t(0);
-    scalar_t* dst = out + row * pb.Dv;
-    const acc_t* o = w.o.data() + r * Dvp;
-    for (int64_t e = 0; e < pb.Dv; ++e) dst[e] = static_cast<scalar_t>(o[e] * inv);
-    lse[row] = any ? w.m[r] + std::log(w.l[r]) : -kInf<acc_t>;
+    for (int64_t r = 0; r < mq; ++r) {
+      const int64_t row = (b * pb.H + h) * pb.Lq + i0 + r;
+      const bool any = w.l[r] > acc_t(0);
+      const acc_t inv = any ? acc_t(1) / w.l[r] : acc_t(0);
+      scalar_t* dst = out + row * pb.Dv;
+      const acc_t* o = w.o.data() + r * Dvp;
+      for (int64_t e = 0; e < pb.Dv; ++e) dst[e] = static_cast<scalar_t>(o[e] * inv);
+      lse[row] = any ? w.m[r] + std::log(w.l[r]) : -kInf<acc_t>;
+    }
   }
 }
 
@@ -346,12 +380,12 @@ void forward_block(const Problem<scalar_t, acc_t>& pb, const Strided4<const scal
 template <typename acc_t>
 struct BackwardScratch {
   std::vector<acc_t> q, dout, dq, dk, dv, delta, lse;  // whole head / kv-head
-  std::vector<acc_t> k, kt, vt, s, dp, t, bias;        // one tile
+  std::vector<acc_t> k, kt, vt, s, dp, t, bias;        // one tile (t: the dropped probabilities)
   std::vector<uint8_t> keep;
   BackwardScratch(int64_t Lq_pad, int64_t Lk_pad, int64_t Dp, int64_t Dvp)
       : q(Lq_pad * Dp), dout(Lq_pad * Dvp), dq(Lq_pad * Dp), dk(Lk_pad * Dp), dv(Lk_pad * Dvp), delta(Lq_pad),
         lse(Lq_pad), k(kBlockK * Dp), kt(Dp * kBlockK), vt(Dvp * kBlockK), s(kBlockQ * kBlockK),
-        dp(kBlockQ * kBlockK), t(kBlockK * kBlockQ), bias(kBlockK), keep(kBlockQ * kBlockK) {}
+        dp(kBlockQ * kBlockK), t(kBlockQ * kBlockK), bias(kBlockK), keep(kBlockQ * kBlockK) {}
 };
 
 template <typename scalar_t, typename acc_t>
@@ -391,7 +425,8 @@ void backward_kv_head(const Problem<scalar_t, acc_t>& pb, const Strided4<const s
       bool packed = false;
       for (int64_t i0 = 0; i0 < Lq; i0 += kBlockQ) {
         const int64_t mq = std::min(kBlockQ, Lq - i0), mq_pad = round_up(mq, rows_step);
-        if (!plan_tile(pb, b, h, i0, mq, j0, nk, nk_pad, plan, w.bias.data())) continue;
+        if (!plan_tile(pb, b, h, i0, mq, j0, nk, plan, w.bias.data())) continue;
+      const int64_t nw = plan.width, nw_pad = plan.width_pad;
         if (!packed) {
           pack_rows(k, b, hk, j0, nk, nk_pad, pb.D, Dp, acc_t(1), w.k.data(), Dp);
           pack_transposed(k, b, hk, j0, nk, nk_pad, pb.D, Dp, w.kt.data(), kBlockK);
@@ -404,46 +439,44 @@ void backward_kv_head(const Problem<scalar_t, acc_t>& pb, const Strided4<const s
         acc_t* dP = w.dp.data();
         acc_t* T = w.t.data();
         // P = exp(q k^T * scale + mask - lse), exactly the forward's probabilities.
-        tile_gemm(mq_pad, nk_pad, Dp, qi, Dp, w.kt.data(), kBlockK, P, kBlockK, false);
+        tile_gemm(mq_pad, nw_pad, Dp, qi, Dp, w.kt.data(), kBlockK, P, kBlockK, false);
         for (int64_t r = 0; r < mq_pad; ++r) {
           acc_t* p = P + r * kBlockK;
           if (r >= mq) {
-            std::fill(p, p + nk_pad, acc_t(0));
+            std::fill(p, p + nw_pad, acc_t(0));
             continue;
           }
-          mask_row(pb, plan, w.bias.data(), b, h, i0 + r, j0, nk, nk_pad, p);
-          exp_shift_sum(nk_pad, p, w.lse[i0 + r]);
-          if (pb.dropout.enabled) pb.dropout.row(bh, i0 + r, j0, nk, w.keep.data() + r * kBlockK);
+          mask_row(pb, plan, w.bias.data(), b, h, i0 + r, j0, nw, nw_pad, p);
+          exp_shift_sum(nw_pad, p, w.lse[i0 + r]);
+          if (pb.dropout.enabled) pb.dropout.row(bh, i0 + r, j0, nw, w.keep.data() + r * kBlockK);
         }
-        // dV += P_dropped^T dO, through the transposed tile T.
-        for (int64_t r = 0; r < mq_pad; ++r) {
-          const acc_t* p = P + r * kBlockK;
-          const uint8_t* keep = w.keep.data() + r * kBlockK;
-          if (pb.dropout.enabled && r < mq) {
-            for (int64_t c = 0; c < nk_pad; ++c) T[c * kBlockQ + r] = c < nk && keep[c] ? p[c] * inv_keep : acc_t(0);
-          } else {
-            for (int64_t c = 0; c < nk_pad; ++c) T[c * kBlockQ + r] = p[c];
+        // dV += P_dropped^T dO.
+        const acc_t* P_used = P;
+        if (pb.dropout.enabled) {
+          for (int64_t r = 0; r < mq; ++r) {
+            const uint8_t* keep = w.keep.data() + r * kBlockK;
+            for (int64_t c = 0; c < nw_pad; ++c) T[r * kBlockK + c] = c < nw && keep[c] ? P[r * kBlockK + c] * inv_keep : acc_t(0);
           }
+          std::fill(T + mq * kBlockK, T + mq_pad * kBlockK, acc_t(0));
+          P_used = T;
         }
-        tile_gemm(nk_pad, Dvp, mq_pad, T, kBlockQ, gi, Dvp, w.dv.data() + j0 * Dvp, Dvp, true);
+        tile_gemm_at(nw_pad, Dvp, mq_pad, P_used, kBlockK, gi, Dvp, w.dv.data() + j0 * Dvp, Dvp, true);
         // dS = P * (dP_dropped - delta), dP = dO v^T.
-        tile_gemm(mq_pad, nk_pad, Dvp, gi, Dvp, w.vt.data(), kBlockK, dP, kBlockK, false);
+        tile_gemm(mq_pad, nw_pad, Dvp, gi, Dvp, w.vt.data(), kBlockK, dP, kBlockK, false);
         for (int64_t r = 0; r < mq_pad; ++r) {
           acc_t* p = P + r * kBlockK;
           const acc_t* g = dP + r * kBlockK;
           const acc_t delta = w.delta[i0 + r];
           if (pb.dropout.enabled && r < mq) {
             const uint8_t* keep = w.keep.data() + r * kBlockK;
-            for (int64_t c = 0; c < nk_pad; ++c) p[c] *= (c < nk && keep[c] ? g[c] * inv_keep : acc_t(0)) - delta;
+            for (int64_t c = 0; c < nw_pad; ++c) p[c] *= (c < nw && keep[c] ? g[c] * inv_keep : acc_t(0)) - delta;
           } else {
-            for (int64_t c = 0; c < nk_pad; ++c) p[c] *= g[c] - delta;
+            for (int64_t c = 0; c < nw_pad; ++c) p[c] *= g[c] - delta;
           }
         }
         // dQ += dS k (scaled at the end); dK += dS^T (q * scale).
-        tile_gemm(mq_pad, Dp, nk_pad, P, kBlockK, w.k.data(), Dp, w.dq.data() + i0 * Dp, Dp, true);
-        for (int64_t r = 0; r < mq_pad; ++r)
-          for (int64_t c = 0; c < nk_pad; ++c) T[c * kBlockQ + r] = P[r * kBlockK + c];
-        tile_gemm(nk_pad, Dp, mq_pad, T, kBlockQ, qi, Dp, w.dk.data() + j0 * Dp, Dp, true);
+        tile_gemm(mq_pad, Dp, nw_pad, P, kBlockK, w.k.data(), Dp, w.dq.data() + i0 * Dp, Dp, true);
+        tile_gemm_at(nw_pad, Dp, mq_pad, P, kBlockK, qi, Dp, w.dk.data() + j0 * Dp, Dp, true);
       }
     }
     for (int64_t i = 0; i < Lq; ++i) {
@@ -538,12 +571,21 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
     const Strided4<const scalar_t> q(query), k(key), v(value);
     scalar_t* o = out.data_ptr<scalar_t>();
     acc_t* l = lse.data_ptr<acc_t>();
+    // Whole heads when there are enough of them to keep every thread busy;
+    // otherwise heads are cut into runs of query blocks (each run repacks k, v).
     const int64_t query_blocks = ceil_div(pb.Lq, kBlockQ);
+    const int64_t wanted_tasks = 8 * static_cast<int64_t>(at::get_num_threads());
+    const int64_t chunks = std::clamp<int64_t>(ceil_div(wanted_tasks, std::max<int64_t>(1, B * H)), 1,
+                                               std::max<int64_t>(1, query_blocks));
+    const int64_t per_chunk = ceil_div(query_blocks, chunks);
+    constexpr int64_t cols = 2 * attention_detail::Simd<acc_t>::W;
+    const int64_t Lk_pad = round_up(pb.Lk, cols), key_blocks = ceil_div(pb.Lk, kBlockK);
     for_each_task(
-        B * H * query_blocks, [&] { return ForwardScratch<acc_t>(pb.Dp, pb.Dvp); },
+        B * H * chunks, [&] { return ForwardScratch<acc_t>(pb.Dp, pb.Dvp, Lk_pad, key_blocks); },
         [&](int64_t task, ForwardScratch<acc_t>& w) {
-          const int64_t qb = task % query_blocks, bh = task / query_blocks;
-          forward_block(pb, q, k, v, o, l, bh / H, bh % H, qb, w);
+          const int64_t chunk = task % chunks, bh = task / chunks;
+          const int64_t qb0 = chunk * per_chunk, qb1 = std::min(query_blocks, qb0 + per_chunk);
+          if (qb0 < qb1) forward_blocks(pb, q, k, v, o, l, bh / H, bh % H, qb0, qb1, w);
         });
   });
   return {out, lse};
