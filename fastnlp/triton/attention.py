@@ -48,13 +48,14 @@ LN2 = 0.6931471805599453
 def _philox_keep(k0, k1, offset, bh, rows, col0, threshold, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """Keep-mask [BLOCK_M, BLOCK_N] for query rows `rows` and keys col0 .. col0 + BLOCK_N (col0 % 4 == 0)."""
     QUARTER: tl.constexpr = BLOCK_N // 4
-    zero = tl.zeros([BLOCK_M, QUARTER], dtype=tl.uint32)
-    c0 = zero + (col0 // 4 + tl.arange(0, QUARTER)).to(tl.uint32)[None, :]
-    c1 = zero + rows.to(tl.uint32)[:, None]
-    c2 = zero + bh.to(tl.uint32)
-    c3 = zero + offset
-    key0 = zero + k0
-    key1 = zero + k1
+    # k0, k1 and offset come as int32 bit patterns (a uint32 argument would be typed int64).
+    zero = tl.zeros([BLOCK_M, QUARTER], dtype=tl.int32)
+    c0 = (zero + (col0 // 4 + tl.arange(0, QUARTER))[None, :]).to(tl.uint32, bitcast=True)
+    c1 = (zero + rows[:, None]).to(tl.uint32, bitcast=True)
+    c2 = (zero + bh).to(tl.uint32, bitcast=True)
+    c3 = (zero + offset).to(tl.uint32, bitcast=True)
+    key0 = (zero + k0).to(tl.uint32, bitcast=True)
+    key1 = (zero + k1).to(tl.uint32, bitcast=True)
     MUL0: tl.constexpr = 0xD2511F53
     MUL1: tl.constexpr = 0xCD9E8D57
     BUMP0: tl.constexpr = 0x9E3779B9
@@ -428,6 +429,12 @@ def _blocks(kernel: str, head_dim: int, blocks: Optional[Tuple[int, int]]):
     return config
 
 
+def _int32(x: int) -> int:
+    """The low 32 bits of x as a signed int32 (the kernels bitcast them back to uint32)."""
+    x &= 0xFFFFFFFF
+    return x - 2**32 if x >= 2**31 else x
+
+
 def _split(x: float) -> Tuple[float, float]:
     """x as float32 hi + lo, the kernels' float arguments being float32."""
     hi = float(torch.tensor(x, dtype=torch.float32))
@@ -492,8 +499,7 @@ class _Dropout:
             raise RuntimeError(f"rng_state must be an int64 tensor of 2 elements (seed, offset), got "
                                f"{rng_state.dtype} {tuple(rng_state.shape)}")
         seed, offset = (v % 2**64 for v in rng_state.tolist())
-        self.k0, self.k1 = seed & 0xFFFFFFFF, seed >> 32
-        self.offset = offset & 0xFFFFFFFF
+        self.k0, self.k1, self.offset = (_int32(x) for x in (seed, seed >> 32, offset))
         self.threshold = int(min(dropout_p * 16777216.0, 16777216.0))
         self.inv_keep = 1.0 / (1.0 - dropout_p)
 
