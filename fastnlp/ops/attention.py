@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
+from fastnlp import triton as _triton
 from fastnlp.ops._backend import is_compiling, use_reference
 from fastnlp.reference import attention as reference
 
@@ -69,6 +70,9 @@ def _backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("fastnlp::attention_forward", _backward, setup_context=_setup_context)
+
+# The CUDA kernels are Triton's (fastnlp/triton/attention.py); without triton they raise a clear error.
+_triton.register("attention", ["attention_forward", "attention_backward", "attention_dropout_mask"])
 
 
 # ---------------------------------------------------------------------------
@@ -185,8 +189,8 @@ def _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_
 def _check_kernel_exists(device: torch.device) -> None:
     key = "CPU" if device.type == "cpu" else device.type.upper()
     if not torch._C._dispatch_has_kernel_for_dispatch_key("fastnlp::attention_forward", key):
-        raise NotImplementedError(f"fastnlp.ops.attention has no {device.type} kernel in this build (only the CPU "
-                                  "kernel exists so far); pass backend='reference' for the pure-PyTorch version")
+        raise NotImplementedError(f"fastnlp.ops.attention has no {device.type} kernel in this build (there are CPU "
+                                  "and CUDA (Triton) kernels); pass backend='reference' for the pure-PyTorch version")
 
 
 def _draw_rng_state(dropout_p: float) -> Optional[Tensor]:
