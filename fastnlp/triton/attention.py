@@ -110,8 +110,10 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, offs_m, b, h, bh, K, V, skn, skd, svn, 
     visible, key_ok, bias = _visible(offs_m, offs_n, b, h, Lq, Lk, MASK, smb, smh, smm, smn, KPM, skpb, skpn,
                                      HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL_TILE)
     live = True
-    if HAS_MASK or HAS_KPM:
+    if HAS_MASK:
         live = tl.max(visible.to(tl.int32)) > 0
+    elif HAS_KPM:  # then the key-wise mask says it all, and is cheaper to reduce
+        live = tl.max(key_ok.to(tl.int32), 0) > 0
     if live:
         if COUNT_TILES:
             tl.atomic_add(COUNTER, 1)
@@ -318,8 +320,10 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, start_n, offs_m, b, h, bh, K, V, skn, s
     visible, key_ok, bias = _visible(offs_m, offs_n, b, h, Lq, Lk, MASK, smb, smh, smm, smn, KPM, skpb, skpn,
                                      HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL_TILE)
     live = True
-    if HAS_MASK or HAS_KPM:
+    if HAS_MASK:
         live = tl.max(visible.to(tl.int32)) > 0
+    elif HAS_KPM:  # then the key-wise mask says it all, and is cheaper to reduce
+        live = tl.max(key_ok.to(tl.int32), 0) > 0
     if live:
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
