@@ -28,7 +28,7 @@ kept when its top 24 bits are >= p * 2^24. So forward, backward and the
 dense mask of attention_dropout_mask agree on every device.
 """
 
-import math
+import contextlib
 from typing import Optional, Tuple
 
 import torch
@@ -508,6 +508,11 @@ class _Dropout:
         self.inv_keep = 1.0 / (1.0 - dropout_p)
 
 
+def _on_device(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensors' one."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise RuntimeError(f"query, key and value must be 4-D, got {tuple(query.shape)}, {tuple(key.shape)} "
@@ -533,8 +538,7 @@ def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
     """(out, lse); `blocks` = (BLOCK_M, BLOCK_N) overrides the tile shape, and
     `tile_counter` (int32, 1 element) counts the key tiles actually computed."""
     _check_qkv(query, key, value)
-    B, H, Lq, D = query.shape
-    Hk, Lk, DV = key.shape[1], key.shape[2], value.shape[3]
+    B, H, Lq, DV = query.shape[0], query.shape[1], query.shape[2], value.shape[3]
     masks = _Masks(query, key, attn_mask, key_padding_mask)
     drop = _Dropout(dropout_p, rng_state)
     acc = torch.float64 if query.dtype == torch.float64 else torch.float32
@@ -542,6 +546,14 @@ def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
     lse = torch.empty((B, H, Lq), dtype=acc, device=query.device)
     if B * H * Lq == 0:
         return out, lse
+    with _on_device(query):
+        _launch_forward(query, key, value, out, lse, masks, drop, is_causal, scale, blocks, tile_counter)
+    return out, lse
+
+
+def _launch_forward(query, key, value, out, lse, masks, drop, is_causal, scale, blocks, tile_counter):
+    B, H, Lq, D = query.shape
+    Hk, Lk, DV = key.shape[1], key.shape[2], value.shape[3]
     block_m, block_n, warps, stages = _blocks("fwd", max(D, DV), blocks)
     grid = (triton.cdiv(Lq, block_m), B * H)
     _attn_fwd[grid](
@@ -553,7 +565,6 @@ def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Opti
         HAS_MASK=masks.has_mask, MASK_BOOL=masks.mask_bool, HAS_KPM=masks.has_kpm, IS_CAUSAL=bool(is_causal),
         DROPOUT=drop.enabled, COUNT_TILES=tile_counter is not None, PRECISION=_precision(query.dtype),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV), num_warps=warps, num_stages=stages)
-    return out, lse
 
 
 def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tensor, out: Tensor, lse: Tensor,
@@ -562,7 +573,7 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
                        blocks: Optional[Tuple[int, int]] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """(grad_query, grad_key, grad_value)."""
     _check_qkv(query, key, value)
-    B, H, Lq, D = query.shape
+    B, H, Lq, _ = query.shape
     Hk, Lk, DV = key.shape[1], key.shape[2], value.shape[3]
     if tuple(grad_out.shape) != (B, H, Lq, DV) or tuple(out.shape) != (B, H, Lq, DV):
         raise RuntimeError(f"grad_out and out must be {(B, H, Lq, DV)}, got {tuple(grad_out.shape)} and "
@@ -581,6 +592,17 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
     if B * Hk * Lk == 0 or Lq == 0:
         grad_key.zero_(), grad_value.zero_()
         return grad_query.zero_(), grad_key, grad_value
+    with _on_device(query):
+        _launch_backward(grad_out, query, key, value, out, lse, grad_query, grad_key, grad_value, masks, drop,
+                         is_causal, scale, blocks)
+    return grad_query, grad_key, grad_value
+
+
+def _launch_backward(grad_out, query, key, value, out, lse, grad_query, grad_key, grad_value, masks, drop,
+                     is_causal, scale, blocks):
+    B, H, Lq, D = query.shape
+    Hk, Lk, DV = key.shape[1], key.shape[2], value.shape[3]
+    acc = lse.dtype
     common = dict(HAS_MASK=masks.has_mask, MASK_BOOL=masks.mask_bool, HAS_KPM=masks.has_kpm,
                   IS_CAUSAL=bool(is_causal), DROPOUT=drop.enabled, PRECISION=_precision(query.dtype),
                   BLOCK_D=_pow2(D), BLOCK_DV=_pow2(DV))
@@ -607,7 +629,6 @@ def attention_backward(grad_out: Tensor, query: Tensor, key: Tensor, value: Tens
         *masks.mask_strides, *masks.kpm_strides,
         H, H // Hk, Lq, Lk, D, DV, *scalars,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **common)
-    return grad_query, grad_key, grad_value
 
 
 def attention_dropout_mask(query: Tensor, key: Tensor, dropout_p: float, rng_state: Tensor) -> Tensor:
@@ -618,6 +639,7 @@ def attention_dropout_mask(query: Tensor, key: Tensor, dropout_p: float, rng_sta
     drop = _Dropout(dropout_p, rng_state)
     if not drop.enabled or keep.numel() == 0:
         return keep
-    _dropout_mask_kernel[(triton.cdiv(Lq, 32), B * H)](
-        keep.view(torch.int8), Lq, Lk, drop.k0, drop.k1, drop.offset, drop.threshold, BLOCK_M=32, BLOCK_N=64)
+    with _on_device(query):
+        _dropout_mask_kernel[(triton.cdiv(Lq, 32), B * H)](
+            keep.view(torch.int8), Lq, Lk, drop.k0, drop.k1, drop.offset, drop.threshold, BLOCK_M=32, BLOCK_N=64)
     return keep
