@@ -12,11 +12,14 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 pytest.importorskip("triton")
 
 from markers import requires_cuda  # noqa: E402
 
+import fastnlp.triton  # noqa: E402
 from fastnlp import ops  # noqa: E402  (registers the CUDA kernels)
 from fastnlp.ops import attention as attention_module  # noqa: E402
 from fastnlp.reference import attention as reference  # noqa: E402
@@ -148,6 +151,26 @@ def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradient():
         assert_close(g, e, 5e-5, name)
 
 
+@settings(max_examples=5)
+@given(data=st.data())
+def test_random_problems_float64(data):
+    batch = data.draw(st.integers(1, 2))
+    kv_heads = data.draw(st.integers(1, 2))
+    heads = kv_heads * data.draw(st.integers(1, 2))
+    lq, lk = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))
+    d, dv = data.draw(st.sampled_from([8, 16, 24, 32])), data.draw(st.sampled_from([8, 16, 24]))
+    mask = data.draw(st.sampled_from([None, "bool", "float"]))
+    lengths = data.draw(st.one_of(st.none(), st.lists(st.integers(0, lk), min_size=batch, max_size=batch)))
+    causal = data.draw(st.booleans())
+    q, k, v, attn_mask, kpm = make(batch, heads, kv_heads, lq, lk, d, dv, dtype=torch.float64, mask=mask,
+                                   lengths=lengths, seed=data.draw(st.integers(0, 1000)))
+    grad_out = torch.randn(batch, heads, lq, dv, dtype=torch.float64)
+    out, lse, grads = run_kernels(q, k, v, attn_mask, kpm, causal, 0.3, grad_out)
+    exp_out, exp_grads = run_reference(q, k, v, attn_mask, kpm, causal, 0.3, grad_out)
+    for name, got, exp in zip(("out", "dq", "dk", "dv"), (out,) + grads, (exp_out,) + exp_grads):
+        assert_close(got, exp, 1e-11, name)
+
+
 def test_same_lse_convention_as_the_cpu_kernel():
     q, k, v, attn_mask, kpm = make(2, 2, 1, 5, 37, 16, 16, mask="bool", lengths=[37, 0], seed=4)
     out, lse = tri.attention_forward(q, k, v, attn_mask, kpm, True, 0.0, 0.25, None, blocks=BLOCKS)
@@ -249,6 +272,12 @@ def test_nan_keys_and_values_in_hidden_blocks_do_not_leak():
 def test_registered_as_the_cuda_kernels():
     for name in ("attention_forward", "attention_backward", "attention_dropout_mask"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnlp::{name}", "CUDA")
+
+
+def test_without_triton_the_cuda_kernel_says_why():
+    kernel = fastnlp.triton._missing("attention_forward", "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(NotImplementedError, match="triton could not be imported.*No module named 'triton'"):
+        kernel(torch.zeros(1))
 
 
 def test_kernel_checks_its_arguments():
