@@ -136,7 +136,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, offs_m, b, h, bh, K, V, skn, skd, svn, 
             p = tl.where(keep, p, 0.0)
         v = tl.load(V + offs_n[:, None] * svn + offs_dv[None, :] * svd,
                     mask=key_ok[:, None] & (offs_dv < DV)[None, :], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, m_i, l_i
 
@@ -299,9 +299,9 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, MASK, KPM, KV_END,
                         dp = tl.where(keep, dp * inv_keep, 0.0)
                     else:
                         p_kept = p
-                    dv += tl.dot(tl.trans(p_kept.to(do.dtype)), do, input_precision=PRECISION)
+                    dv = tl.dot(tl.trans(p_kept.to(do.dtype)), do, dv, input_precision=PRECISION)
                     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
-                    dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PRECISION)
+                    dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
         dk = dk * (qk_scale * 0.6931471805599453)
     inside = offs_n < Lk
     tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
@@ -340,7 +340,7 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, start_n, offs_m, b, h, bh, K, V, skn, s
             keep = _philox_keep(k0, k1, rng_offset, bh, offs_m, start_n, threshold, BLOCK_M, BLOCK_N)
             dp = tl.where(keep, dp * inv_keep, 0.0)
         ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
-        dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
