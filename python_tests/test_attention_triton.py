@@ -9,6 +9,10 @@ fastnlp.ops.attention and are skipped here.
 """
 
 import math
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -272,6 +276,58 @@ def test_nan_keys_and_values_in_hidden_blocks_do_not_leak():
 def test_registered_as_the_cuda_kernels():
     for name in ("attention_forward", "attention_backward", "attention_dropout_mask"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnlp::{name}", "CUDA")
+
+
+# The registered functions, called by the dispatcher and autograd as on a GPU:
+# in a fresh process they replace the CPU kernels, with their default (GPU) tiles.
+_THROUGH_THE_DISPATCHER = """
+import os, warnings
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from fastnlp import ops
+from fastnlp.reference import attention as reference
+from fastnlp.triton import attention as tri
+
+warnings.simplefilter("ignore")  # the dispatcher warns that the CPU kernels are overridden
+lib = torch.library.Library("fastnlp", "IMPL")
+calls = set()
+
+
+def counted(name):
+    def kernel(*args):
+        calls.add(name)
+        return getattr(tri, name)(*args)
+    return kernel
+
+
+for name in ("attention_forward", "attention_backward", "attention_dropout_mask"):
+    lib.impl(name, counted(name), "CPU")
+gen = torch.Generator().manual_seed(0)
+q = torch.randn(2, 4, 9, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+k = torch.randn(2, 2, 30, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+v = torch.randn(2, 2, 30, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+mask = torch.rand(9, 30, generator=gen) < 0.8
+kw = dict(attn_mask=mask, key_padding_mask=torch.tensor([30, 5]), is_causal=True)
+for p in (0.0, 0.3):
+    torch.manual_seed(1)
+    out = ops.attention(q, k, v, dropout_p=p, **kw)
+    torch.manual_seed(1)
+    expected = ops.attention(q, k, v, dropout_p=p, backend="reference", **kw)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for g, e in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+assert calls == {"attention_forward", "attention_backward", "attention_dropout_mask"}, calls
+print("ok")
+"""
+
+
+def test_registered_functions_through_the_dispatcher_and_autograd():
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", _THROUGH_THE_DISPATCHER], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
 
 
 def test_without_triton_the_cuda_kernel_says_why():
