@@ -59,6 +59,30 @@ TORCH_LIBRARY(fastnlp, m) {
       "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "
       "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr)");
+
+  // Fused scaled-dot-product attention, flash style: the (Lq, Lk) score matrix
+  // is never stored. query (B, H, Lq, D), key (B, Hk, Lk, D), value
+  // (B, Hk, Lk, Dv) with H % Hk == 0 (head h reads kv-head h / (H / Hk)).
+  // attn_mask: bool (True = take part) or additive float, already expanded
+  // (stride 0 where broadcast) to (B, H, Lq, Lk). key_padding_mask: bool
+  // (B, Lk), True = real key. is_causal: query i sees keys j <= i.
+  // rng_state: int64 (2,) on the CPU, (seed, offset) of the counter-based
+  // dropout; a tensor rather than two ints so that drawing it from torch's
+  // generator stays inside a torch.compile graph. None when dropout_p == 0.
+  // lse (B, H, Lq): log-sum-exp of each row of scaled, masked scores (float32;
+  // float64 for float64 inputs), -inf for a row with no visible key (its
+  // output is 0). Saved for the backward pass.
+  m.def(
+      "attention_forward(Tensor query, Tensor key, Tensor value, Tensor? attn_mask, "
+      "Tensor? key_padding_mask, bool is_causal, float dropout_p, float scale, Tensor? rng_state) "
+      "-> (Tensor out, Tensor lse)");
+  m.def(
+      "attention_backward(Tensor grad_out, Tensor query, Tensor key, Tensor value, Tensor out, "
+      "Tensor lse, Tensor? attn_mask, Tensor? key_padding_mask, bool is_causal, float dropout_p, "
+      "float scale, Tensor? rng_state) -> (Tensor grad_query, Tensor grad_key, Tensor grad_value)");
+  // The dense keep-mask (B, H, Lq, Lk) bool that the kernels draw for these
+  // shapes and rng_state: for testing dropout against the reference.
+  m.def("attention_dropout_mask(Tensor query, Tensor key, float dropout_p, Tensor rng_state) -> Tensor");
 }
 
 namespace {

@@ -1,4 +1,4 @@
-"""Command line: python -m fastnlp.bench [--op crf|all] [--device cpu|cuda] [--quick]
+"""Command line: python -m fastnlp.bench [--op attention|crf|all] [--device cpu|cuda] [--quick]
 [--out DIR] [--repeats N]."""
 
 import argparse
@@ -10,6 +10,7 @@ import sys
 # Modules are imported only when their op is run, so a broken or not-yet-built op
 # does not stop the others.
 OPS = {
+    "attention": "fastnlp.bench.attention",
     "crf": "fastnlp.bench.crf",
     "lstm": "fastnlp.bench.lstm",
 }

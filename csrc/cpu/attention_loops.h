@@ -1,0 +1,186 @@
+// Inner loops of the CPU attention kernel (csrc/cpu/attention.cpp): a small
+// register-blocked matrix product for the tiles and the row operations of the
+// online softmax. Like vector_loops.h they are compiled for x86-64-v3 and for
+// the baseline ISA with the right one picked at load time; each entry point
+// does a whole tile, so the dispatch is paid per tile, not per element.
+//
+// The code uses GCC's vector extensions (32-byte vectors: 8 floats or 4
+// doubles) rather than intrinsics: the same source then compiles to AVX2+FMA in
+// the x86-64-v3 clone and to pairs of SSE registers in the default one.
+#pragma once
+
+#include <cstdint>
+#include <limits>
+
+#include "cpu/vector_loops.h"
+
+namespace fastnlp {
+namespace attention_detail {
+
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef float U __attribute__((vector_size(32), may_alias, aligned(4)));  // unaligned load/store
+  static constexpr int W = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef double U __attribute__((vector_size(32), may_alias, aligned(8)));
+  static constexpr int W = 4;
+};
+
+// The product works on a strip of R rows x 2 vectors of C at a time, R = 6
+// where the rows allow (12 accumulators, two loads of B and six broadcasts of
+// A per step of k: both FMA ports stay busy without spilling the 16 AVX2
+// registers), 4 or 2 at the bottom of a tile. Tiles are padded to kRows rows.
+constexpr int kRows = 4;
+
+template <bool TransA, int R, typename T>
+__attribute__((always_inline)) inline void gemm_strip(int64_t K, const T* __restrict a, int64_t lda,
+                                                      const T* __restrict B, int64_t ldb, T* __restrict C,
+                                                      int64_t ldc, bool accumulate) {
+  using V = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  constexpr int W = Simd<T>::W;
+  V c[R][2];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 2; ++v) c[r][v] = accumulate ? *reinterpret_cast<const U*>(C + r * ldc + v * W) : V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V b[2];
+    for (int v = 0; v < 2; ++v) b[v] = *reinterpret_cast<const U*>(B + k * ldb + v * W);
+    for (int r = 0; r < R; ++r) {
+      const T ar = TransA ? a[k * lda + r] : a[r * lda + k];
+      for (int v = 0; v < 2; ++v) c[r][v] += ar * b[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 2; ++v) *reinterpret_cast<U*>(C + r * ldc + v * W) = c[r][v];
+}
+
+// C[M x N] (+)= op(A) * B[K x N], all row major with leading dimensions lda,
+// ldb, ldc; op(A) is A[M x K], or with TransA the transpose of A[K x M] (so
+// the backward pass needs no transposed copies of its tiles). M must be a
+// multiple of kRows and N of 2 * W: the kernel pads its tiles (with zeros
+// where the padding enters a sum) so no edge code is needed.
+template <bool TransA, typename T>
+__attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64_t K, const T* __restrict A,
+                                                     int64_t lda, const T* __restrict B, int64_t ldb,
+                                                     T* __restrict C, int64_t ldc, bool accumulate) {
+  constexpr int W = Simd<T>::W;
+  for (int64_t j = 0; j < N; j += 2 * W) {
+    int64_t i = 0;
+    for (; i + 6 <= M; i += 6)
+      gemm_strip<TransA, 6>(K, TransA ? A + i : A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    for (; i + 4 <= M; i += 4)
+      gemm_strip<TransA, 4>(K, TransA ? A + i : A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    for (; i + 2 <= M; i += 2)
+      gemm_strip<TransA, 2>(K, TransA ? A + i : A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+  }
+}
+
+// exp for float, same construction as vmath_detail::exp_one: round x / ln 2 to
+// an integer k with the 1.5 * 2^23 trick, a Taylor polynomial on the
+// remainder (|r| <= ln(2)/2, degree 7: truncation < 1e-8 relative) and 2^k
+// built in the exponent bits. Arguments below -87 (including -inf) give 0.
+__attribute__((always_inline)) inline float exp_one_float(float x) {
+  constexpr float kLog2e = 1.44269504f;
+  constexpr float kLn2Hi = 0.693145752f;  // ln 2 with the low bits cleared, so k * kLn2Hi is exact
+  constexpr float kLn2Lo = 1.42860677e-6f;
+  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
+  const float t = x * kLog2e + kShifter;
+  const float k = t - kShifter;
+  const float r = (x - k * kLn2Hi) - k * kLn2Lo;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  uint32_t tb, sb;
+  __builtin_memcpy(&tb, &t, 4);
+  const float shifter = kShifter;
+  __builtin_memcpy(&sb, &shifter, 4);
+  const uint32_t biased = (tb - sb + 127u) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &biased, 4);
+  const float result = p * scale;
+  return x < -87.0f ? 0.0f : (x > 88.0f ? __builtin_inff() : result);
+}
+
+__attribute__((always_inline)) inline float exp_any(float x) { return exp_one_float(x); }
+__attribute__((always_inline)) inline double exp_any(double x) { return vmath_detail::exp_one(x); }
+
+// x[j] = exp(x[j] - shift) for j < n (n a multiple of W); returns the sum.
+// The exp loop is left to the vectoriser; the sum is kept in a vector so it
+// vectorises without -ffast-math (a scalar float sum may not be reordered).
+template <typename T>
+__attribute__((always_inline)) inline T exp_shift_sum_impl(int64_t n, T* x, T shift) {
+  using V = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  constexpr int W = Simd<T>::W;
+  for (int64_t j = 0; j < n; ++j) x[j] = exp_any(x[j] - shift);
+  V acc{};
+  for (int64_t j = 0; j < n; j += W) acc += *reinterpret_cast<const U*>(x + j);
+  T s = 0;
+  for (int l = 0; l < W; ++l) s += acc[l];
+  return s;
+}
+
+// max_j x[j] (n a multiple of W); -inf for a row that is all -inf.
+template <typename T>
+__attribute__((always_inline)) inline T row_max_impl(int64_t n, const T* x) {
+  using V = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  constexpr int W = Simd<T>::W;
+  V acc = V{} - std::numeric_limits<T>::infinity();
+  for (int64_t j = 0; j < n; j += W) {
+    const V v = *reinterpret_cast<const U*>(x + j);
+    acc = v > acc ? v : acc;
+  }
+  T m = acc[0];
+  for (int l = 1; l < W; ++l) m = acc[l] > m ? acc[l] : m;
+  return m;
+}
+
+}  // namespace attention_detail
+
+// C (+)= A B.
+FASTNLP_VECTOR_CLONES inline void tile_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                            const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  attention_detail::gemm_impl<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+FASTNLP_VECTOR_CLONES inline void tile_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                                            const double* B, int64_t ldb, double* C, int64_t ldc,
+                                            bool accumulate) {
+  attention_detail::gemm_impl<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+// C (+)= A^T B, A given as (K x M).
+FASTNLP_VECTOR_CLONES inline void tile_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                               const float* B, int64_t ldb, float* C, int64_t ldc,
+                                               bool accumulate) {
+  attention_detail::gemm_impl<true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+FASTNLP_VECTOR_CLONES inline void tile_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                                               const double* B, int64_t ldb, double* C, int64_t ldc,
+                                               bool accumulate) {
+  attention_detail::gemm_impl<true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+
+FASTNLP_VECTOR_CLONES inline float exp_shift_sum(int64_t n, float* x, float shift) {
+  return attention_detail::exp_shift_sum_impl(n, x, shift);
+}
+FASTNLP_VECTOR_CLONES inline double exp_shift_sum(int64_t n, double* x, double shift) {
+  return attention_detail::exp_shift_sum_impl(n, x, shift);
+}
+
+FASTNLP_VECTOR_CLONES inline float row_max(int64_t n, const float* x) { return attention_detail::row_max_impl(n, x); }
+FASTNLP_VECTOR_CLONES inline double row_max(int64_t n, const double* x) {
+  return attention_detail::row_max_impl(n, x);
+}
+
+}  // namespace fastnlp

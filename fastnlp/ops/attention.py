@@ -1,0 +1,245 @@
+"""Fused scaled-dot-product attention: registration of the
+torch.ops.fastnlp.attention_* ops (fake kernels, autograd) and the functional
+API fastnlp.ops.attention.
+
+Same result as torch.nn.functional.scaled_dot_product_attention given the
+equivalent dense mask, but the masks are given in their natural, small form --
+key_padding_mask (B, Lk) or key lengths (B,), is_causal, an attn_mask that
+broadcasts -- and the kernel skips the work they hide, so its cost follows the
+visible area. A query row with no visible key gives 0, not NaN. See
+fastnlp/reference/attention.py for the semantics in plain PyTorch.
+"""
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from fastnlp import triton as _triton
+from fastnlp.ops._backend import is_compiling, use_reference
+from fastnlp.reference import attention as reference
+
+__all__ = ["attention"]
+
+MAX_HEAD_DIM = 256  # what the GPU kernels will support; the CPU kernel keeps to it for one contract
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+# ---------------------------------------------------------------------------
+# Registration: shapes for tracing (torch.compile, meta tensors) and autograd.
+
+
+@torch.library.register_fake("fastnlp::attention_forward")
+def _forward_fake(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, rng_state):
+    batch, heads, query_len, _ = query.shape
+    out = query.new_empty((batch, heads, query_len, value.shape[-1]))
+    lse = query.new_empty((batch, heads, query_len), dtype=_accumulation_dtype(query.dtype))
+    return out, lse
+
+
+@torch.library.register_fake("fastnlp::attention_backward")
+def _backward_fake(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                   rng_state):
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
+
+
+@torch.library.register_fake("fastnlp::attention_dropout_mask")
+def _dropout_mask_fake(query, key, dropout_p, rng_state):
+    batch, heads, query_len, _ = query.shape
+    return query.new_empty((batch, heads, query_len, key.shape[2]), dtype=torch.bool)
+
+
+def _setup_context(ctx, inputs, output):
+    query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, rng_state = inputs
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, key_padding_mask, rng_state)
+    ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, grad_lse):
+    query, key, value, out, lse, attn_mask, key_padding_mask, rng_state = ctx.saved_tensors
+    grad_query, grad_key, grad_value = torch.ops.fastnlp.attention_backward(
+        grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, ctx.is_causal, ctx.dropout_p,
+        ctx.scale, rng_state)
+    return grad_query, grad_key, grad_value, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastnlp::attention_forward", _backward, setup_context=_setup_context)
+
+# The CUDA kernels are Triton's (fastnlp/triton/attention.py); without triton they raise a clear error.
+_triton.register("attention", ["attention_forward", "attention_backward", "attention_dropout_mask"])
+
+
+# ---------------------------------------------------------------------------
+# Input checks: every problem is reported before any kernel runs, naming the
+# argument and what was wrong with it.
+
+
+def _shape(shape: Sequence[int]) -> str:
+    return "(" + ", ".join(str(int(s)) for s in shape) + ")"
+
+
+def _check_qkv(query, key, value) -> None:
+    for name, tensor in (("query", query), ("key", key), ("value", value)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
+        if tensor.dim() != 4:
+            raise ValueError(f"{name} must be 4-D (batch, heads, length, head_dim), got shape {_shape(tensor.shape)}")
+        if tensor.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
+            raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {tensor.dtype}")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise TypeError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype} and {value.dtype}")
+    if key.device != query.device or value.device != query.device:
+        raise ValueError(f"query, key and value must be on one device, got {query.device}, {key.device} "
+                         f"and {value.device}")
+    batch, heads, _, head_dim = query.shape
+    if key.shape[0] != batch or value.shape[0] != batch:
+        raise ValueError(f"query, key and value must have the same batch size, got shapes {_shape(query.shape)}, "
+                         f"{_shape(key.shape)} and {_shape(value.shape)}")
+    if key.shape[1] != value.shape[1]:
+        raise ValueError(f"key and value must have the same number of heads, got shapes {_shape(key.shape)} "
+                         f"and {_shape(value.shape)}")
+    if key.shape[1] == 0 or heads % key.shape[1] != 0:
+        raise ValueError(f"the heads of query ({heads}) must be a multiple of the heads of key and value "
+                         f"({key.shape[1]}), got shapes {_shape(query.shape)} and {_shape(key.shape)}")
+    if key.shape[2] != value.shape[2]:
+        raise ValueError(f"key and value must have the same length, got shapes {_shape(key.shape)} "
+                         f"and {_shape(value.shape)}")
+    if key.shape[3] != head_dim:
+        raise ValueError(f"query and key must have the same head dim, got shapes {_shape(query.shape)} "
+                         f"and {_shape(key.shape)}")
+    for name, dim in (("query and key", head_dim), ("value", value.shape[3])):
+        if not 0 < dim <= MAX_HEAD_DIM:
+            raise ValueError(f"the head dim of {name} must be in [1, {MAX_HEAD_DIM}], got {dim}")
+
+
+def _prepare_attn_mask(attn_mask, query: Tensor, key: Tensor) -> Optional[Tensor]:
+    """The mask as the kernel takes it: bool, or float in the accumulation dtype,
+    expanded (never copied) to (B, H, Lq, Lk)."""
+    if attn_mask is None:
+        return None
+    if not isinstance(attn_mask, Tensor):
+        raise TypeError(f"attn_mask must be a Tensor or None, got {type(attn_mask).__name__}")
+    if attn_mask.dtype != torch.bool and attn_mask.dtype not in (query.dtype, torch.float32):
+        raise TypeError(f"attn_mask must be bool, {query.dtype} (the dtype of query) or float32, "
+                        f"got {attn_mask.dtype}")
+    if attn_mask.device != query.device:
+        raise ValueError(f"attn_mask is on {attn_mask.device} but query is on {query.device}")
+    full = (query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    shape = tuple(attn_mask.shape)
+    if len(shape) > 4 or any(s != 1 and s != f for s, f in zip(reversed(shape), reversed(full))):
+        raise ValueError(f"attn_mask of shape {_shape(shape)} does not broadcast to (batch, heads, query_len, "
+                         f"key_len) = {_shape(full)}")
+    if attn_mask.requires_grad:
+        raise ValueError("attn_mask must not require grad: gradients with respect to the mask are not computed")
+    if attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(_accumulation_dtype(query.dtype))
+    return attn_mask.reshape((1,) * (4 - len(shape)) + shape).expand(full)
+
+
+def _prepare_key_padding_mask(key_padding_mask, query: Tensor, key: Tensor) -> Optional[Tensor]:
+    """bool (B, Lk), True = real key; integer lengths (B,) become their prefix mask."""
+    if key_padding_mask is None:
+        return None
+    if not isinstance(key_padding_mask, Tensor):
+        raise TypeError(f"key_padding_mask must be a Tensor or None, got {type(key_padding_mask).__name__}")
+    if key_padding_mask.device != query.device:
+        raise ValueError(f"key_padding_mask is on {key_padding_mask.device} but query is on {query.device}")
+    batch, key_len = query.shape[0], key.shape[2]
+    if key_padding_mask.dtype == torch.bool:
+        if tuple(key_padding_mask.shape) != (batch, key_len):
+            raise ValueError(f"key_padding_mask must have shape (batch, key_len) = {_shape((batch, key_len))}, "
+                             f"got {_shape(key_padding_mask.shape)}")
+        return key_padding_mask
+    if key_padding_mask.is_floating_point() or key_padding_mask.is_complex():
+        raise TypeError("key_padding_mask must be bool (batch, key_len) or integer key lengths (batch,), "
+                        f"got {key_padding_mask.dtype}")
+    if tuple(key_padding_mask.shape) != (batch,):
+        raise ValueError(f"key lengths given as key_padding_mask must have shape (batch,) = ({batch},), "
+                         f"got {_shape(key_padding_mask.shape)}")
+    if not is_compiling():
+        bad = (key_padding_mask < 0) | (key_padding_mask > key_len)
+        if bool(bad.any()):
+            where = int(bad.nonzero()[0, 0])
+            raise ValueError(f"key lengths given as key_padding_mask must be in [0, {key_len}], got "
+                             f"{int(key_padding_mask[where])} at batch {where}")
+    return torch.arange(key_len, device=key.device)[None, :] < key_padding_mask[:, None]
+
+
+def _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale):
+    _check_qkv(query, key, value)
+    if not isinstance(is_causal, bool):
+        raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    if scale is None:
+        scale = 1.0 / math.sqrt(query.shape[-1])
+    elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    attn_mask = _prepare_attn_mask(attn_mask, query, key)
+    key_padding_mask = _prepare_key_padding_mask(key_padding_mask, query, key)
+    return attn_mask, key_padding_mask, float(dropout_p), float(scale)
+
+
+def _check_kernel_exists(device: torch.device) -> None:
+    key = "CPU" if device.type == "cpu" else device.type.upper()
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastnlp::attention_forward", key):
+        raise NotImplementedError(f"fastnlp.ops.attention has no {device.type} kernel in this build (there are CPU "
+                                  "and CUDA (Triton) kernels); pass backend='reference' for the pure-PyTorch version")
+
+
+def _draw_rng_state(dropout_p: float) -> Optional[Tensor]:
+    """(seed, offset) for the kernel's counter-based dropout, drawn from torch's
+    default generator, so torch.manual_seed makes a run repeatable. A tensor, so
+    torch.compile can keep the draw inside its graph."""
+    if dropout_p == 0.0:
+        return None
+    return torch.randint(0, 2**62, (2,), dtype=torch.int64)
+
+
+# ---------------------------------------------------------------------------
+# The functional API.
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+              key_padding_mask: Optional[Tensor] = None, is_causal: bool = False, dropout_p: float = 0.0,
+              scale: Optional[float] = None, *, backend: Optional[str] = None) -> Tensor:
+    """softmax(query key^T * scale + masks) value, shape (B, H, Lq, Dv).
+
+    query (B, H, Lq, D); key (B, Hk, Lk, D) and value (B, Hk, Lk, Dv) with H a
+    multiple of Hk (grouped-query attention: head h reads kv-head h // (H // Hk));
+    head dims up to 256. float32, float64, bfloat16 or float16 (accumulated in
+    float32; float64 in float64).
+
+    attn_mask: bool (True = take part) or additive float (query's dtype or
+    float32), broadcastable to (B, H, Lq, Lk). key_padding_mask: bool (B, Lk),
+    True = real key, or integer key lengths (B,). is_causal: query i sees keys
+    j <= i. dropout_p: probability of dropping an attention weight (kept ones
+    are scaled by 1 / (1 - p)); the random stream comes from torch's default
+    generator. scale defaults to 1 / sqrt(D). Rows with no visible key give 0.
+
+    Differentiable with respect to query, key and value.
+    """
+    attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
+                                                             is_causal, dropout_p, scale)
+    rng_state = _draw_rng_state(dropout_p)
+    if use_reference(backend):
+        dropout_mask = None
+        if rng_state is not None:
+            dropout_mask = torch.ops.fastnlp.attention_dropout_mask(query, key, dropout_p, rng_state)
+        return reference.attention(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                                   dropout_mask)
+    if not is_compiling():  # a dispatcher query dynamo cannot trace; the dispatcher itself still refuses
+        _check_kernel_exists(query.device)
+    return torch.ops.fastnlp.attention_forward(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p,
+                                               scale, rng_state)[0]
+
+
+def dropout_mask(query: Tensor, key: Tensor, dropout_p: float, rng_state: Tensor) -> Tensor:
+    """The keep-mask (B, H, Lq, Lk) the kernels draw for this rng_state: for tests."""
+    return torch.ops.fastnlp.attention_dropout_mask(query, key, float(dropout_p), rng_state)

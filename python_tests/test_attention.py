@@ -1,0 +1,445 @@
+"""fastnlp.ops.attention against the pure-PyTorch reference and
+F.scaled_dot_product_attention: outputs and gradients over random shapes,
+masks and dtypes; fully-masked rows; dropout; errors; gradcheck, opcheck and
+torch.compile."""
+
+import importlib
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fastnlp  # noqa: F401  (loads the ops)
+from fastnlp import ops
+from fastnlp.reference import attention as reference
+from markers import DEVICES
+
+# The module, not the function fastnlp.ops.attention that shadows its name.
+attention_module = importlib.import_module("fastnlp.ops.attention")
+
+MASK_KINDS = ["none", "bool", "float", "padding", "lengths", "causal", "bool+padding+causal", "float+lengths",
+              "padding+causal"]
+
+
+def make_problem(batch, heads, kv_heads, query_len, key_len, head_dim, value_dim, mask_kind, seed,
+                 dtype=torch.float64, device="cpu", mask_shape=None):
+    """Inputs for ops.attention: q, k, v and the keyword arguments for the masks."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, query_len, head_dim, generator=gen, dtype=torch.float64)
+    k = torch.randn(batch, kv_heads, key_len, head_dim, generator=gen, dtype=torch.float64)
+    v = torch.randn(batch, kv_heads, key_len, value_dim, generator=gen, dtype=torch.float64)
+    kwargs = {}
+    if mask_shape is None:
+        mask_shape = (batch, heads, query_len, key_len)
+    if "bool" in mask_kind:
+        kwargs["attn_mask"] = (torch.rand(mask_shape, generator=gen) < 0.75).to(device)
+    if "float" in mask_kind:
+        additive = torch.randn(mask_shape, generator=gen, dtype=torch.float64)
+        additive[torch.rand(mask_shape, generator=gen) < 0.2] = float("-inf")
+        kwargs["attn_mask"] = additive.to(dtype=dtype, device=device)
+    lengths = torch.randint(0, key_len + 1, (batch,), generator=gen)
+    if "padding" in mask_kind:
+        kwargs["key_padding_mask"] = (torch.arange(key_len)[None, :] < lengths[:, None]).to(device)
+    if "lengths" in mask_kind:
+        kwargs["key_padding_mask"] = lengths.to(device)
+    if "causal" in mask_kind:
+        kwargs["is_causal"] = True
+    q, k, v = (x.to(dtype=dtype, device=device) for x in (q, k, v))
+    return q, k, v, kwargs
+
+
+def reference_kwargs(kwargs, key_len):
+    """The reference takes a bool key_padding_mask only."""
+    kwargs = dict(kwargs)
+    kpm = kwargs.get("key_padding_mask")
+    if kpm is not None and kpm.dtype != torch.bool:
+        kwargs["key_padding_mask"] = torch.arange(key_len, device=kpm.device)[None, :] < kpm[:, None]
+    return kwargs
+
+
+def sdpa_equivalent(q, k, v, kwargs):
+    """F.scaled_dot_product_attention with one dense float mask, and which rows see a key."""
+    batch, heads, query_len, _ = q.shape
+    key_len = k.shape[2]
+    kw = reference_kwargs(kwargs, key_len)
+    attn_mask = kw.get("attn_mask")
+    visible = reference.visible_mask(batch, heads, query_len, key_len, attn_mask, kw.get("key_padding_mask"),
+                                     kw.get("is_causal", False), q.device)
+    dense = torch.zeros(visible.shape, dtype=q.dtype, device=q.device)
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        dense = dense + attn_mask.to(q.dtype)
+        visible = visible & (dense != float("-inf"))
+    dense = dense.masked_fill(~visible, float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=dense, enable_gqa=k.shape[1] != q.shape[1])
+    return out, visible.any(dim=-1)
+
+
+def grads(out, inputs, grad_out):
+    return torch.autograd.grad(out, inputs, grad_out)
+
+
+def leaves(*tensors):
+    return [t.detach().clone().requires_grad_(True) for t in tensors]
+
+
+# ---------------------------------------------------------------------------
+# Values and gradients against the reference (float64: to rounding) and SDPA.
+
+shapes = st.tuples(
+    st.integers(1, 2),                        # batch
+    st.sampled_from([(1, 1), (2, 1), (4, 2), (3, 3)]),  # (heads, kv heads)
+    st.sampled_from([1, 5, 64, 70]),         # query length: one block, an odd size, block edges
+    st.sampled_from([1, 7, 64, 123]),        # key length
+    st.sampled_from([1, 8, 17, 64]),         # head dim
+    st.sampled_from([None, 9, 40]),          # value head dim (None: same as head dim)
+    st.sampled_from(MASK_KINDS),
+    st.integers(0, 2**16),
+)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(problem=shapes)
+def test_matches_reference_and_sdpa_float64(device, problem):
+    batch, (heads, kv_heads), query_len, key_len, head_dim, value_dim, mask_kind, seed = problem
+    q, k, v, kwargs = make_problem(batch, heads, kv_heads, query_len, key_len, head_dim, value_dim or head_dim,
+                                   mask_kind, seed, device=device)
+    q, k, v = leaves(q, k, v)
+    out = ops.attention(q, k, v, **kwargs)
+    grad_out = torch.randn_like(out)
+    got = grads(out, (q, k, v), grad_out)
+
+    rq, rk, rv = leaves(q, k, v)
+    expected = reference.attention(rq, rk, rv, **reference_kwargs(kwargs, key_len))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for g, e in zip(got, grads(expected, (rq, rk, rv), grad_out)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+    sq, sk, sv = leaves(q, k, v)
+    sdpa, seen = sdpa_equivalent(sq, sk, sv, kwargs)
+    torch.testing.assert_close(out[seen], sdpa[seen], rtol=1e-10, atol=1e-10)
+    if bool(seen.all()):  # SDPA gives NaN for rows with nothing visible
+        for g, e in zip(got, grads(sdpa, (sq, sk, sv), grad_out)):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(problem=shapes)
+@settings(max_examples=15)
+def test_matches_reference_float32(device, problem):
+    batch, (heads, kv_heads), query_len, key_len, head_dim, value_dim, mask_kind, seed = problem
+    q, k, v, kwargs = make_problem(batch, heads, kv_heads, query_len, key_len, head_dim, value_dim or head_dim,
+                                   mask_kind, seed, dtype=torch.float32, device=device)
+    q, k, v = leaves(q, k, v)
+    out = ops.attention(q, k, v, **kwargs)
+    grad_out = torch.randn_like(out)
+    got = grads(out, (q, k, v), grad_out)
+    # The oracle in float64, so the tolerance measures the kernel's float32 error only.
+    q64, k64, v64 = leaves(q.double(), k.double(), v.double())
+    kw64 = {n: (m.double() if n == "attn_mask" and m.is_floating_point() else m) for n, m in kwargs.items()}
+    expected = reference.attention(q64, k64, v64, **reference_kwargs(kw64, key_len))
+    torch.testing.assert_close(out.double(), expected, rtol=2e-5, atol=2e-5)
+    for g, e in zip(got, grads(expected, (q64, k64, v64), grad_out.double())):
+        torch.testing.assert_close(g.double(), e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("mask_kind", ["none", "float+lengths", "bool+padding+causal"])
+def test_half_precision_error_bounded_by_reference_error(device, dtype, mask_kind):
+    # As flash-attention's tests: the kernel's error against a float64 oracle may
+    # be at most a small multiple of the error of the reference itself run in
+    # the same low precision.
+    q, k, v, kwargs = make_problem(2, 4, 2, 70, 123, 64, 40, mask_kind, seed=3, dtype=dtype, device=device,
+                                   mask_shape=(1, 4, 70, 123))
+    key_len = k.shape[2]
+    q, k, v = leaves(q, k, v)
+    out = ops.attention(q, k, v, **kwargs)
+    assert out.dtype == dtype
+    grad_out = torch.randn_like(out)
+    got = grads(out, (q, k, v), grad_out)
+
+    lq, lk, lv = leaves(q, k, v)
+    low = reference.attention(lq, lk, lv, **reference_kwargs(kwargs, key_len))
+    low_grads = grads(low, (lq, lk, lv), grad_out)
+
+    q64, k64, v64 = leaves(q.double(), k.double(), v.double())
+    kw64 = {n: (m.double() if n == "attn_mask" and m.is_floating_point() else m) for n, m in kwargs.items()}
+    exact = reference.attention(q64, k64, v64, **reference_kwargs(kw64, key_len))
+    exact_grads = grads(exact, (q64, k64, v64), grad_out.double())
+    for name, ours, ref_low, truth in zip(["out", "dq", "dk", "dv"], (out,) + got, (low,) + low_grads,
+                                           (exact,) + exact_grads):
+        ours_err = (ours.double() - truth).abs().max().item()
+        ref_err = (ref_low.double() - truth).abs().max().item()
+        assert ours_err <= 2 * ref_err + 1e-5, f"{name}: error {ours_err:.3g} vs reference's own {ref_err:.3g}"
+
+
+def test_strided_inputs_and_broadcast_masks():
+    # (B, L, H, D) storage seen through a transpose, and masks of every broadcast rank.
+    gen = torch.Generator().manual_seed(5)
+    q = torch.randn(2, 33, 4, 16, generator=gen, dtype=torch.float64).transpose(1, 2)
+    k = torch.randn(2, 45, 2, 16, generator=gen, dtype=torch.float64).transpose(1, 2)
+    v = torch.randn(2, 45, 2, 24, generator=gen, dtype=torch.float64).transpose(1, 2)
+    for shape in [(45,), (33, 45), (33, 1), (1, 45), (4, 33, 45), (2, 1, 1, 45), (2, 4, 1, 1), (1, 4, 33, 45)]:
+        for dtype in (torch.bool, torch.float64, torch.float32):
+            if dtype == torch.bool:
+                mask = torch.rand(shape, generator=gen) < 0.7
+            else:
+                mask = torch.randn(shape, generator=gen).to(dtype)
+            out = ops.attention(q, k, v, attn_mask=mask)
+            expected = reference.attention(q, k, v, attn_mask=mask)
+            torch.testing.assert_close(out, expected, rtol=1e-6 if dtype == torch.float32 else 1e-10,
+                                       atol=1e-6 if dtype == torch.float32 else 1e-10, msg=f"mask {shape} {dtype}")
+
+
+@pytest.mark.parametrize("head_dim", [1, 255, 256])
+def test_head_dim_extremes(head_dim):
+    q, k, v, kwargs = make_problem(1, 2, 1, 9, 70, head_dim, head_dim, "padding+causal", seed=head_dim)
+    q, k, v = leaves(q, k, v)
+    out = ops.attention(q, k, v, scale=0.3, **kwargs)
+    grad_out = torch.randn_like(out)
+    rq, rk, rv = leaves(q, k, v)
+    expected = reference.attention(rq, rk, rv, scale=0.3, **kwargs)
+    torch.testing.assert_close(out, expected)
+    for g, e in zip(grads(out, (q, k, v), grad_out), grads(expected, (rq, rk, rv), grad_out)):
+        torch.testing.assert_close(g, e)
+
+
+# ---------------------------------------------------------------------------
+# Rows that see no key at all.
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_fully_masked_rows_give_zero_output_and_zero_gradient(device, dtype):
+    q, k, v, _ = make_problem(3, 2, 2, 20, 70, 16, 16, "none", seed=11, dtype=dtype, device=device)
+    attn_mask = torch.ones(3, 2, 20, 70, dtype=torch.bool, device=device)
+    attn_mask[0, 1, 4] = False              # one row hidden by attn_mask
+    attn_mask[:, :, 7, :65] = False         # one row whose only visible keys are padding
+    lengths = torch.tensor([70, 0, 60], device=device)  # batch 1: no key at all
+    q, k, v = leaves(q, k, v)
+    out = ops.attention(q, k, v, attn_mask=attn_mask, key_padding_mask=lengths)
+    gq, gk, gv = grads(out, (q, k, v), torch.ones_like(out))
+    for g in (out, gq, gk, gv):
+        assert torch.isfinite(g.float()).all()
+    assert (out[1] == 0).all() and (out[0, 1, 4] == 0).all() and (out[2, :, 7] == 0).all()
+    assert (gq[1] == 0).all() and (gq[0, 1, 4] == 0).all() and (gq[2, :, 7] == 0).all()
+    assert (gk[1] == 0).all() and (gv[1] == 0).all()
+    assert (gk[2, :, 60:] == 0).all() and (gv[2, :, 60:] == 0).all()  # padding keys get no gradient
+
+
+def test_causal_with_leading_padding_and_more_queries_than_keys():
+    # Query 0 under is_causal sees key 0 only; with key 0 hidden, nothing.
+    q, k, v, _ = make_problem(1, 1, 1, 100, 10, 8, 8, "none", seed=13)
+    mask = torch.ones(1, 10, dtype=torch.bool)
+    mask[0, 0] = False
+    out = ops.attention(q, k, v, key_padding_mask=mask, is_causal=True)
+    expected = reference.attention(q, k, v, key_padding_mask=mask, is_causal=True)
+    torch.testing.assert_close(out, expected)
+    assert (out[0, 0, 0] == 0).all()
+
+
+# ---------------------------------------------------------------------------
+# Dropout.
+
+
+def test_dropout_is_deterministic_for_a_seed_and_differs_across_seeds():
+    q, k, v, kwargs = make_problem(2, 2, 2, 30, 50, 16, 16, "lengths", seed=17, dtype=torch.float32)
+    results = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        results.append(ops.attention(q, k, v, dropout_p=0.3, **kwargs))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    assert not torch.equal(results[0], results[2])
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool+padding+causal"])
+def test_dropout_forward_and_backward_match_reference_with_the_kernels_mask(mask_kind):
+    p = 0.4
+    q, k, v, kwargs = make_problem(2, 4, 2, 70, 123, 17, 9, mask_kind, seed=19)
+    q, k, v = leaves(q, k, v)
+    torch.manual_seed(7)
+    out = ops.attention(q, k, v, dropout_p=p, **kwargs)
+    torch.manual_seed(7)
+    rng_state = attention_module._draw_rng_state(p)  # the same draw ops.attention made
+    keep = attention_module.dropout_mask(q, k, p, rng_state)
+    grad_out = torch.randn_like(out)
+    rq, rk, rv = leaves(q, k, v)
+    expected = reference.attention(rq, rk, rv, dropout_p=p, dropout_mask=keep,
+                                   **reference_kwargs(kwargs, k.shape[2]))
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    for g, e in zip(grads(out, (q, k, v), grad_out), grads(expected, (rq, rk, rv), grad_out)):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-9)
+    # backend="reference" draws the same mask.
+    torch.manual_seed(7)
+    torch.testing.assert_close(ops.attention(q, k, v, dropout_p=p, backend="reference", **kwargs), expected)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_keep_rate(p):
+    q = torch.empty(4, 4, 64, 8)
+    k = torch.empty(4, 4, 256, 8)
+    keep = attention_module.dropout_mask(q, k, p, torch.tensor([12345, 678]))
+    assert keep.shape == (4, 4, 64, 256) and keep.dtype == torch.bool
+    assert abs(keep.float().mean().item() - (1 - p)) < 0.01
+    # Rows, columns and heads are not copies of each other.
+    assert not torch.equal(keep[0, 0, 0], keep[0, 0, 1]) and not torch.equal(keep[0, 0], keep[0, 1])
+
+
+def test_dropout_zero_is_no_dropout():
+    q, k, v, kwargs = make_problem(1, 2, 2, 10, 20, 8, 8, "lengths", seed=23)
+    torch.testing.assert_close(ops.attention(q, k, v, dropout_p=0.0, **kwargs), ops.attention(q, k, v, **kwargs))
+
+
+# ---------------------------------------------------------------------------
+# Errors: named argument, offending shape or dtype.
+
+
+def _bad_calls():
+    q = torch.randn(2, 4, 5, 8)
+    k = torch.randn(2, 2, 7, 8)
+    v = torch.randn(2, 2, 7, 6)
+    return [
+        (dict(query=q[0]), ValueError, r"query must be 4-D .* got shape \(4, 5, 8\)"),
+        (dict(key=k.double()), TypeError, "query, key and value must have one dtype"),
+        (dict(query=q.long(), key=k.long(), value=v.long()), TypeError, "query must be float32"),
+        (dict(key=k[:1], value=v[:1]), ValueError, "same batch size"),
+        (dict(key=torch.randn(2, 3, 7, 8), value=torch.randn(2, 3, 7, 6)), ValueError,
+         r"heads of query \(4\) must be a multiple of the heads of key and value \(3\)"),
+        (dict(value=v[:, :1]), ValueError, "key and value must have the same number of heads"),
+        (dict(value=v[:, :, :3]), ValueError, "key and value must have the same length"),
+        (dict(key=torch.randn(2, 2, 7, 9)), ValueError, r"query and key must have the same head dim"),
+        (dict(query=torch.randn(1, 1, 2, 300), key=torch.randn(1, 1, 2, 300), value=torch.randn(1, 1, 2, 3)),
+         ValueError, r"head dim of query and key must be in \[1, 256\], got 300"),
+        (dict(attn_mask=torch.ones(5, 6, dtype=torch.bool)), ValueError,
+         r"attn_mask of shape \(5, 6\) does not broadcast to .* \(2, 4, 5, 7\)"),
+        (dict(attn_mask=torch.ones(3, 1, 5, 7, dtype=torch.bool)), ValueError, "attn_mask of shape"),
+        (dict(attn_mask=torch.ones(5, 7, dtype=torch.int32)), TypeError, "attn_mask must be bool"),
+        (dict(attn_mask=torch.zeros(5, 7, dtype=torch.float64)), TypeError, "attn_mask must be bool"),
+        (dict(key_padding_mask=torch.ones(2, 6, dtype=torch.bool)), ValueError,
+         r"key_padding_mask must have shape \(batch, key_len\) = \(2, 7\), got \(2, 6\)"),
+        (dict(key_padding_mask=torch.tensor([3, 8])), ValueError, r"must be in \[0, 7\], got 8 at batch 1"),
+        (dict(key_padding_mask=torch.tensor([3])), ValueError, r"must have shape \(batch,\) = \(2,\)"),
+        (dict(key_padding_mask=torch.ones(2, 7)), TypeError, "key_padding_mask must be bool"),
+        (dict(dropout_p=1.0), ValueError, r"dropout_p must be a number in \[0, 1\), got 1.0"),
+        (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+        (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
+        (dict(is_causal=1), TypeError, "is_causal must be a bool"),
+        (dict(query=q.to("meta")), ValueError, "query, key and value must be on one device"),
+        (dict(backend="fast"), ValueError, "backend must be one of"),
+    ], dict(query=q, key=k, value=v)
+
+
+@pytest.mark.parametrize("index", range(len(_bad_calls()[0])))
+def test_errors_name_the_argument(index):
+    calls, base = _bad_calls()
+    override, error, pattern = calls[index]
+    kwargs = {**base, **override}
+    with pytest.raises(error, match=pattern):
+        ops.attention(**kwargs)
+
+
+def test_missing_device_kernel_is_a_clear_not_implemented_error(monkeypatch):
+    monkeypatch.setattr(torch._C, "_dispatch_has_kernel_for_dispatch_key", lambda name, key: False)
+    q = torch.randn(1, 1, 2, 4)
+    with pytest.raises(NotImplementedError, match="has no cpu kernel in this build"):
+        ops.attention(q, q, q)
+
+
+def test_kernel_checks_its_arguments_itself():
+    # Called directly (as torch.compile does, past the Python checks).
+    q = torch.randn(1, 2, 3, 4)
+    with pytest.raises(RuntimeError, match="multiple of key/value heads"):
+        torch.ops.fastnlp.attention_forward(q, q[:, :1].expand(1, 3, 3, 4), q, None, None, False, 0.0, 1.0, None)
+    with pytest.raises(RuntimeError, match="attn_mask must be expanded"):
+        torch.ops.fastnlp.attention_forward(q, q, q, torch.ones(3, 3, dtype=torch.bool), None, False, 0.0, 1.0, None)
+    with pytest.raises(RuntimeError, match="needs rng_state"):
+        torch.ops.fastnlp.attention_forward(q, q, q, None, None, False, 0.5, 1.0, None)
+
+
+# ---------------------------------------------------------------------------
+# PyTorch integration: gradcheck, opcheck, torch.compile.
+
+
+@pytest.mark.parametrize("mask_kind", ["padding+causal", "float+lengths", "bool"])
+def test_gradcheck_float64(mask_kind):
+    q, k, v, kwargs = make_problem(1, 2, 1, 6, 9, 5, 3, mask_kind, seed=29)
+    assert torch.autograd.gradcheck(lambda q, k, v: ops.attention(q, k, v, **kwargs), leaves(q, k, v))
+
+
+def test_gradcheck_float64_with_dropout():
+    q, k, v, kwargs = make_problem(1, 2, 2, 6, 9, 5, 3, "lengths", seed=31)
+
+    def fn(q, k, v):
+        torch.manual_seed(0)  # the same mask on every evaluation
+        return ops.attention(q, k, v, dropout_p=0.3, **kwargs)
+
+    assert torch.autograd.gradcheck(fn, leaves(q, k, v))
+
+
+def opcheck_samples(device):
+    for mask_kind, dtype, dropout in [("none", torch.float32, 0.0), ("bool+padding+causal", torch.float64, 0.0),
+                                      ("float+lengths", torch.float32, 0.2), ("padding", torch.bfloat16, 0.0)]:
+        q, k, v, kwargs = make_problem(2, 4, 2, 9, 70, 8, 12, mask_kind, seed=37, dtype=dtype, device=device,
+                                       mask_shape=(9, 70))
+        attn_mask, key_padding_mask, p, scale = attention_module._prepare(
+            q, k, v, kwargs.get("attn_mask"), kwargs.get("key_padding_mask"), kwargs.get("is_causal", False),
+            dropout, None)
+        rng_state = torch.tensor([3, 4]) if p > 0 else None
+        yield q, k, v, attn_mask, key_padding_mask, kwargs.get("is_causal", False), p, scale, rng_state
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck(device):
+    for q, k, v, attn_mask, kpm, causal, p, scale, rng in opcheck_samples(device):
+        q, k, v = leaves(q, k, v)
+        args = (q, k, v, attn_mask, kpm, causal, p, scale, rng)
+        torch.library.opcheck(torch.ops.fastnlp.attention_forward.default, args)
+        with torch.no_grad():
+            out, lse = torch.ops.fastnlp.attention_forward(*args)
+        backward_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out, lse, attn_mask, kpm, causal,
+                         p, scale, rng)
+        torch.library.opcheck(torch.ops.fastnlp.attention_backward.default, backward_args)
+        if rng is not None:
+            torch.library.opcheck(torch.ops.fastnlp.attention_dropout_mask.default, (q.detach(), k.detach(), p, rng))
+
+
+def test_torch_compile_fullgraph_forward_and_backward():
+    q, k, v, _ = make_problem(2, 4, 2, 33, 70, 16, 16, "none", seed=41, dtype=torch.float32)
+    lengths = torch.tensor([70, 20])
+    bias = torch.randn(33, 70)
+
+    def loss(q, k, v):
+        a = ops.attention(q, k, v, key_padding_mask=lengths, is_causal=True)
+        b = ops.attention(q, k, v, attn_mask=bias, dropout_p=0.25)
+        return (a * a).sum() + (b * b).sum()
+
+    compiled = torch.compile(loss, fullgraph=True, backend="aot_eager")
+    cq, ck, cv = leaves(q, k, v)
+    torch.manual_seed(3)
+    got = compiled(cq, ck, cv)
+    eq, ek, ev = leaves(q, k, v)
+    torch.manual_seed(3)
+    expected = loss(eq, ek, ev)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(torch.autograd.grad(got, (cq, ck, cv)), torch.autograd.grad(expected, (eq, ek, ev))):
+        torch.testing.assert_close(g, e)
+
+
+def test_backend_reference_and_environment_variable(monkeypatch):
+    q, k, v, kwargs = make_problem(2, 2, 1, 12, 30, 8, 8, "bool+padding+causal", seed=43)
+    called = []
+    original = reference.attention
+    monkeypatch.setattr(reference, "attention", lambda *a, **kw: called.append(1) or original(*a, **kw))
+    monkeypatch.setenv("FASTNLP_BACKEND", "reference")
+    out = ops.attention(q, k, v, **kwargs)
+    assert called
+    monkeypatch.delenv("FASTNLP_BACKEND")
+    torch.testing.assert_close(ops.attention(q, k, v, **kwargs), out)
+
+
+def test_default_scale_is_one_over_sqrt_head_dim():
+    q, k, v, _ = make_problem(1, 1, 1, 4, 6, 9, 9, "none", seed=47)
+    torch.testing.assert_close(ops.attention(q, k, v), ops.attention(q, k, v, scale=1 / math.sqrt(9)))

@@ -1,0 +1,448 @@
+"""The Triton attention kernels (fastnlp/triton/attention.py).
+
+Without a GPU the launchers run on CPU tensors through Triton's interpreter
+(conftest.py sets TRITON_INTERPRET=1), so every shape here is tiny and the
+tiles are 16 x 16: a few key blocks per row, partial last blocks, head dims
+padded up to a power of two. The oracle is fastnlp.reference.attention in
+float64 on the same (rounded) inputs. The CUDA tests at the end go through
+fastnlp.ops.attention and are skipped here.
+"""
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytest.importorskip("triton")
+
+from markers import requires_cuda  # noqa: E402
+
+import fastnlp.triton  # noqa: E402
+from fastnlp import ops  # noqa: E402  (registers the CUDA kernels)
+from fastnlp.ops import attention as attention_module  # noqa: E402
+from fastnlp.reference import attention as reference  # noqa: E402
+from fastnlp.triton import attention as tri  # noqa: E402
+
+BLOCKS = (16, 16)
+
+
+def make(batch, heads, kv_heads, query_len, key_len, head_dim, value_dim, dtype=torch.float32, seed=0,
+         mask=None, lengths=None):
+    """q, k, v in `dtype` and the masks as the kernels take them (expanded attn_mask, bool padding)."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(batch, heads, query_len, head_dim, generator=gen).to(dtype)
+    k = torch.randn(batch, kv_heads, key_len, head_dim, generator=gen).to(dtype)
+    v = torch.randn(batch, kv_heads, key_len, value_dim, generator=gen).to(dtype)
+    full = (batch, heads, query_len, key_len)
+    attn_mask = None
+    if mask == "bool":  # broadcast over batch: stride 0 there
+        attn_mask = (torch.rand(1, heads, query_len, key_len, generator=gen) < 0.7).expand(full)
+    elif mask == "float":  # broadcast over heads, with some -inf
+        bias = torch.randn(batch, 1, query_len, key_len, generator=gen)
+        bias[torch.rand(bias.shape, generator=gen) < 0.2] = -math.inf
+        attn_mask = bias.to(torch.float64 if dtype == torch.float64 else torch.float32).expand(full)
+    kpm = None
+    if lengths is not None:
+        kpm = torch.arange(key_len)[None, :] < torch.tensor(lengths)[:, None]
+    return q, k, v, attn_mask, kpm
+
+
+def run_kernels(q, k, v, attn_mask, kpm, causal, scale, grad_out, dropout_p=0.0, rng_state=None):
+    out, lse = tri.attention_forward(q, k, v, attn_mask, kpm, causal, dropout_p, scale, rng_state, blocks=BLOCKS)
+    grads = tri.attention_backward(grad_out, q, k, v, out, lse, attn_mask, kpm, causal, dropout_p, scale, rng_state,
+                                   blocks=BLOCKS)
+    return out, lse, grads
+
+
+def run_reference(q, k, v, attn_mask, kpm, causal, scale, grad_out, dtype=torch.float64, dropout_p=0.0,
+                  dropout_mask=None):
+    leaves = [x.detach().to(dtype).requires_grad_(True) for x in (q, k, v)]
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        attn_mask = attn_mask.to(dtype)
+    out = reference.attention(*leaves, attn_mask, kpm, causal, dropout_p, scale, dropout_mask)
+    out.backward(grad_out.to(dtype))
+    return out.detach(), tuple(x.grad for x in leaves)
+
+
+def reference_lse(q, k, attn_mask, kpm, causal, scale):
+    q, k = q.double(), k.double().repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scores = q @ k.transpose(-1, -2) * scale
+    if attn_mask is not None and attn_mask.dtype != torch.bool:
+        scores = scores + attn_mask.double()
+    visible = reference.visible_mask(*scores.shape, attn_mask, kpm, causal, q.device)
+    return torch.logsumexp(scores.masked_fill(~visible, -math.inf), dim=-1)
+
+
+def assert_close(got, expected, tol, what):
+    err = (got.double() - expected.double()).abs().max().item() if got.numel() else 0.0
+    assert err <= tol, f"{what}: max error {err:.3g} > {tol:.3g}"
+
+
+# (batch, heads, kv_heads, Lq, Lk, D, Dv, mask, lengths, causal)
+CASES = {
+    "odd-gqa": (2, 4, 2, 5, 37, 16, 24, None, None, False),
+    "bool-causal": (1, 2, 1, 37, 37, 24, 16, "bool", None, True),
+    "float-padding": (2, 2, 2, 21, 37, 16, 16, "float", [37, 13], False),
+    "all-masks-more-queries": (2, 3, 1, 40, 29, 24, 8, "bool", [29, 20], True),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_float32_matches_reference(case):
+    batch, heads, kv_heads, lq, lk, d, dv, mask, lengths, causal = CASES[case]
+    q, k, v, attn_mask, kpm = make(batch, heads, kv_heads, lq, lk, d, dv, mask=mask, lengths=lengths, seed=1)
+    scale = 1 / math.sqrt(d)
+    grad_out = torch.randn(batch, heads, lq, dv, generator=torch.Generator().manual_seed(2))
+    out, lse, grads = run_kernels(q, k, v, attn_mask, kpm, causal, scale, grad_out)
+    exp_out, exp_grads = run_reference(q, k, v, attn_mask, kpm, causal, scale, grad_out)
+    assert out.dtype == torch.float32 and lse.dtype == torch.float32
+    assert_close(out, exp_out, 1e-5, "out")
+    exp_lse = reference_lse(q, k, attn_mask, kpm, causal, scale)
+    finite = torch.isfinite(exp_lse)
+    assert torch.equal(torch.isfinite(lse), finite)
+    assert_close(lse[finite], exp_lse[finite], 1e-5, "lse")
+    for name, g, e in zip(("dq", "dk", "dv"), grads, exp_grads):
+        assert g.shape == e.shape
+        assert_close(g, e, 5e-5, name)
+
+
+def test_float64_to_rounding_with_float_mask_and_custom_scale():
+    q, k, v, attn_mask, kpm = make(2, 2, 1, 9, 37, 16, 24, dtype=torch.float64, mask="float", lengths=[30, 37])
+    grad_out = torch.randn(2, 2, 9, 24, dtype=torch.float64)
+    out, lse, grads = run_kernels(q, k, v, attn_mask, kpm, False, 0.37, grad_out)
+    exp_out, exp_grads = run_reference(q, k, v, attn_mask, kpm, False, 0.37, grad_out)
+    assert lse.dtype == torch.float64
+    for name, got, exp in zip(("out", "dq", "dk", "dv"), (out,) + grads, (exp_out,) + exp_grads):
+        assert_close(got, exp, 1e-12, name)
+
+
+def test_float16_error_bounded_by_reference_error():
+    q, k, v, attn_mask, kpm = make(2, 2, 1, 24, 37, 32, 16, dtype=torch.float16, mask="bool", lengths=[37, 19], seed=5)
+    grad_out = torch.randn(2, 2, 24, 16, generator=torch.Generator().manual_seed(6)).half()
+    scale = 1 / math.sqrt(32)
+    out, lse, grads = run_kernels(q, k, v, attn_mask, kpm, True, scale, grad_out)
+    assert out.dtype == torch.float16 and all(g.dtype == torch.float16 for g in grads)
+    low_out, low_grads = run_reference(q, k, v, attn_mask, kpm, True, scale, grad_out, dtype=torch.float16)
+    exact_out, exact_grads = run_reference(q, k, v, attn_mask, kpm, True, scale, grad_out)
+    for name, ours, low, exact in zip(("out", "dq", "dk", "dv"), (out,) + grads, (low_out,) + low_grads,
+                                      (exact_out,) + exact_grads):
+        ours_err = (ours.double() - exact).abs().max().item()
+        low_err = (low.double() - exact).abs().max().item()
+        assert ours_err <= 2 * low_err + 1e-4, f"{name}: error {ours_err:.3g} vs reference's own {low_err:.3g}"
+
+
+def test_fully_masked_rows_give_zero_output_minus_inf_lse_and_zero_gradient():
+    # batch 1 has no key at all; row 3 of head 0 has every key hidden by attn_mask.
+    q, k, v, attn_mask, kpm = make(2, 2, 2, 7, 37, 16, 16, mask="bool", lengths=[37, 0], seed=3)
+    attn_mask = attn_mask.clone()
+    attn_mask[:, 0, 3] = False
+    grad_out = torch.randn(2, 2, 7, 16)
+    out, lse, (dq, dk, dv) = run_kernels(q, k, v, attn_mask, kpm, False, 0.25, grad_out)
+    for t in (out, dq, dk, dv):
+        assert not torch.isnan(t).any()
+    assert (out[1] == 0).all() and (out[0, 0, 3] == 0).all()
+    assert (dq[1] == 0).all() and (dq[0, 0, 3] == 0).all() and (dk[1] == 0).all() and (dv[1] == 0).all()
+    assert (lse[1] == -math.inf).all() and lse[0, 0, 3] == -math.inf
+    exp_out, exp_grads = run_reference(q, k, v, attn_mask, kpm, False, 0.25, grad_out)
+    assert_close(out, exp_out, 1e-5, "out")
+    for name, g, e in zip(("dq", "dk", "dv"), (dq, dk, dv), exp_grads):
+        assert_close(g, e, 5e-5, name)
+
+
+@settings(max_examples=5)
+@given(data=st.data())
+def test_random_problems_float64(data):
+    batch = data.draw(st.integers(1, 2))
+    kv_heads = data.draw(st.integers(1, 2))
+    heads = kv_heads * data.draw(st.integers(1, 2))
+    lq, lk = data.draw(st.integers(1, 40)), data.draw(st.integers(1, 40))
+    d, dv = data.draw(st.sampled_from([8, 16, 24, 32])), data.draw(st.sampled_from([8, 16, 24]))
+    mask = data.draw(st.sampled_from([None, "bool", "float"]))
+    lengths = data.draw(st.one_of(st.none(), st.lists(st.integers(0, lk), min_size=batch, max_size=batch)))
+    causal = data.draw(st.booleans())
+    q, k, v, attn_mask, kpm = make(batch, heads, kv_heads, lq, lk, d, dv, dtype=torch.float64, mask=mask,
+                                   lengths=lengths, seed=data.draw(st.integers(0, 1000)))
+    grad_out = torch.randn(batch, heads, lq, dv, dtype=torch.float64)
+    out, lse, grads = run_kernels(q, k, v, attn_mask, kpm, causal, 0.3, grad_out)
+    exp_out, exp_grads = run_reference(q, k, v, attn_mask, kpm, causal, 0.3, grad_out)
+    for name, got, exp in zip(("out", "dq", "dk", "dv"), (out,) + grads, (exp_out,) + exp_grads):
+        assert_close(got, exp, 1e-11, name)
+
+
+def test_same_lse_convention_as_the_cpu_kernel():
+    q, k, v, attn_mask, kpm = make(2, 2, 1, 5, 37, 16, 16, mask="bool", lengths=[37, 0], seed=4)
+    out, lse = tri.attention_forward(q, k, v, attn_mask, kpm, True, 0.0, 0.25, None, blocks=BLOCKS)
+    cpu_out, cpu_lse = torch.ops.fastnlp.attention_forward(q, k, v, attn_mask, kpm, True, 0.0, 0.25, None)
+    assert torch.equal(torch.isinf(lse), torch.isinf(cpu_lse))
+    assert_close(lse[torch.isfinite(lse)], cpu_lse[torch.isfinite(cpu_lse)], 1e-5, "lse")
+    assert_close(out, cpu_out, 1e-5, "out")
+
+
+# ---------------------------------------------------------------------------
+# Dropout: the kernels draw the CPU kernel's Philox stream.
+
+
+def test_dropout_mask_is_the_cpu_kernels_mask():
+    q = torch.empty(2, 3, 19, 8)
+    k = torch.empty(2, 1, 45, 8)
+    rng_state = torch.tensor([0x0123456789ABCDEF >> 2, 987654321])
+    keep = tri.attention_dropout_mask(q, k, 0.3, rng_state)
+    assert torch.equal(keep, torch.ops.fastnlp.attention_dropout_mask(q, k, 0.3, rng_state))
+    assert 0.6 < keep.float().mean().item() < 0.8
+
+
+def test_dropout_forward_and_backward_match_reference_with_the_same_mask():
+    p = 0.4
+    rng_state = torch.tensor([2**61 + 12345, 77])
+    q, k, v, attn_mask, kpm = make(2, 2, 1, 21, 37, 16, 24, dtype=torch.float64, mask="bool", lengths=[37, 25],
+                                   seed=8)
+    grad_out = torch.randn(2, 2, 21, 24, dtype=torch.float64)
+    out, lse, grads = run_kernels(q, k, v, attn_mask, kpm, True, 0.25, grad_out, p, rng_state)
+    keep = torch.ops.fastnlp.attention_dropout_mask(q, k, p, rng_state)
+    exp_out, exp_grads = run_reference(q, k, v, attn_mask, kpm, True, 0.25, grad_out, dropout_p=p,
+                                       dropout_mask=keep)
+    for name, got, exp in zip(("out", "dq", "dk", "dv"), (out,) + grads, (exp_out,) + exp_grads):
+        assert_close(got, exp, 1e-12, name)
+    # Deterministic for a given rng_state, different for another.
+    again, _ = tri.attention_forward(q, k, v, attn_mask, kpm, True, p, 0.25, rng_state, blocks=BLOCKS)
+    assert torch.equal(out, again)
+    other, _ = tri.attention_forward(q, k, v, attn_mask, kpm, True, p, 0.25, rng_state + 1, blocks=BLOCKS)
+    assert not torch.equal(out, other)
+
+
+# ---------------------------------------------------------------------------
+# Block skipping.
+
+
+def count_tiles(q, k, v, attn_mask, kpm, causal):
+    counter = torch.zeros(1, dtype=torch.int32)
+    tri.attention_forward(q, k, v, attn_mask, kpm, causal, 0.0, 0.25, None, blocks=BLOCKS, tile_counter=counter)
+    return int(counter.item())
+
+
+def test_skipped_tiles_are_not_computed():
+    # Lq = 48, Lk = 64: 3 query blocks x 4 key blocks per head, 2 heads.
+    q, k, v, _, _ = make(2, 2, 2, 48, 64, 16, 16)
+    assert count_tiles(q, k, v, None, None, False) == 2 * 2 * 3 * 4
+    # Causal: query block i sees key blocks 0..i.
+    assert count_tiles(q, k, v, None, None, True) == 2 * 2 * (1 + 2 + 3)
+    # Padding: batch 0 has 64 real keys, batch 1 only 17 (two blocks, and the
+    # loop stops there); a key block of padding in the middle is skipped too.
+    kpm = torch.arange(64)[None, :] < torch.tensor([64, 17])[:, None]
+    assert count_tiles(q, k, v, None, kpm, False) == 2 * 3 * (4 + 2)
+    kpm[0, 16:32] = False
+    assert count_tiles(q, k, v, None, kpm, False) == 2 * 3 * (3 + 2)
+    # attn_mask: a query block x key block tile that is all False.
+    attn_mask = torch.ones(2, 2, 48, 64, dtype=torch.bool)
+    attn_mask[:, :, 16:32, 48:64] = False
+    assert count_tiles(q, k, v, attn_mask, None, False) == 2 * 2 * (3 * 4 - 1)
+    bias = torch.zeros(2, 2, 48, 64)
+    bias[:, :, :, 0:16] = -math.inf
+    assert count_tiles(q, k, v, bias, None, False) == 2 * 2 * 3 * 3
+
+
+def test_nan_keys_and_values_in_hidden_blocks_do_not_leak():
+    q, k, v, _, _ = make(2, 2, 1, 20, 45, 16, 16, seed=9)
+    kpm = torch.arange(45)[None, :] < torch.tensor([45, 21])[:, None]  # batch 1: block 1 partly padding
+    attn_mask = torch.ones(2, 2, 20, 45, dtype=torch.bool)
+    attn_mask[0, :, :, 32:45] = False  # batch 0: the last key block is hidden from every query
+    clean_k, clean_v = k.clone(), v.clone()
+    k[1, :, 21:], v[1, :, 21:] = math.nan, math.nan
+    k[0, :, 32:], v[0, :, 32:] = math.nan, math.nan
+    clean_k[1, :, 21:], clean_v[1, :, 21:] = 0, 0
+    clean_k[0, :, 32:], clean_v[0, :, 32:] = 0, 0
+    grad_out = torch.randn(2, 2, 20, 16)
+    out, lse, (dq, dk, dv) = run_kernels(q, k, v, attn_mask, kpm, False, 0.25, grad_out)
+    for t in (out, lse, dq):
+        assert not torch.isnan(t).any()
+    assert not torch.isnan(dk[1]).any() and not torch.isnan(dv[1]).any()
+    assert (dk[1, :, 21:] == 0).all() and (dv[1, :, 21:] == 0).all()
+    assert (dk[0, :, 32:] == 0).all() and (dv[0, :, 32:] == 0).all()
+    exp_out, exp_grads = run_reference(q, clean_k, clean_v, attn_mask, kpm, False, 0.25, grad_out)
+    assert_close(out, exp_out, 1e-5, "out")
+    assert_close(dq, exp_grads[0], 5e-5, "dq")
+
+
+# ---------------------------------------------------------------------------
+# Registration and the CUDA path.
+
+
+def test_registered_as_the_cuda_kernels():
+    for name in ("attention_forward", "attention_backward", "attention_dropout_mask"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnlp::{name}", "CUDA")
+
+
+# The registered functions, called by the dispatcher and autograd as on a GPU:
+# in a fresh process they replace the CPU kernels, with their default (GPU) tiles.
+_THROUGH_THE_DISPATCHER = """
+import os, warnings
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from fastnlp import ops
+from fastnlp.reference import attention as reference
+from fastnlp.triton import attention as tri
+
+warnings.simplefilter("ignore")  # the dispatcher warns that the CPU kernels are overridden
+lib = torch.library.Library("fastnlp", "IMPL")
+calls = set()
+
+
+def counted(name):
+    def kernel(*args):
+        calls.add(name)
+        return getattr(tri, name)(*args)
+    return kernel
+
+
+for name in ("attention_forward", "attention_backward", "attention_dropout_mask"):
+    lib.impl(name, counted(name), "CPU")
+gen = torch.Generator().manual_seed(0)
+q = torch.randn(2, 4, 9, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+k = torch.randn(2, 2, 30, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+v = torch.randn(2, 2, 30, 24, generator=gen, dtype=torch.float64, requires_grad=True)
+mask = torch.rand(9, 30, generator=gen) < 0.8
+kw = dict(attn_mask=mask, key_padding_mask=torch.tensor([30, 5]), is_causal=True)
+for p in (0.0, 0.3):
+    torch.manual_seed(1)
+    out = ops.attention(q, k, v, dropout_p=p, **kw)
+    torch.manual_seed(1)
+    expected = ops.attention(q, k, v, dropout_p=p, backend="reference", **kw)
+    torch.testing.assert_close(out, expected, rtol=1e-10, atol=1e-10)
+    grad = torch.randn_like(out)
+    for g, e in zip(torch.autograd.grad(out, (q, k, v), grad), torch.autograd.grad(expected, (q, k, v), grad)):
+        torch.testing.assert_close(g, e, rtol=1e-10, atol=1e-10)
+assert calls == {"attention_forward", "attention_backward", "attention_dropout_mask"}, calls
+print("ok")
+"""
+
+
+def test_registered_functions_through_the_dispatcher_and_autograd():
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")]))
+    result = subprocess.run([sys.executable, "-c", _THROUGH_THE_DISPATCHER], env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+# Compiling the kernels for Hopper needs no GPU, only Triton's own ptxas: it
+# catches what the interpreter cannot (types, layouts, shared memory). Slow (a
+# minute or more), so opt-in: FASTNLP_TRITON_COMPILE=1.
+_COMPILE_FOR_SM90 = """
+from triton import compile
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fastnlp.triton import attention as tri
+
+FLOATS = {"qk_hi", "qk_lo", "ik_hi", "ik_lo"}
+for dtype, head_dim, masks in [("bf16", 128, False), ("fp16", 64, True), ("fp32", 256, True)]:
+    pointers = dict(LSE="*fp32", DELTA="*fp32", MASK="*u8", KPM="*u8", KV_END="*i32", COUNTER="*i32")
+    for name in ("Q", "K", "V", "O", "DO", "DK", "DV_", "DQ"):
+        pointers[name] = "*" + dtype
+    for kernel, kind in ((tri._attn_fwd, "fwd"), (tri._attn_bwd_dkdv, "dkdv"), (tri._attn_bwd_dq, "dq")):
+        block_m, block_n, warps, stages = tri._blocks(kind, head_dim, None)
+        consts = dict(HAS_MASK=masks, MASK_BOOL=True, HAS_KPM=masks, IS_CAUSAL=masks, DROPOUT=masks,
+                      PRECISION="ieee", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim)
+        if kind == "fwd":
+            consts["COUNT_TILES"] = False
+        signature = {a: "constexpr" if a in consts else pointers.get(a, "fp32" if a in FLOATS else "i32")
+                     for a in kernel.arg_names}
+        compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32),
+                options=dict(num_warps=warps, num_stages=stages))
+print("ok")
+"""
+
+
+@pytest.mark.skipif(os.environ.get("FASTNLP_TRITON_COMPILE") != "1", reason="opt-in: FASTNLP_TRITON_COMPILE=1")
+def test_kernels_compile_for_sm90():
+    root = Path(__file__).resolve().parent.parent
+    env = {n: v for n, v in os.environ.items() if n != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])
+    result = subprocess.run([sys.executable, "-c", _COMPILE_FOR_SM90], env=env, capture_output=True, text=True,
+                            timeout=1800)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr[-3000:]
+
+
+def test_without_triton_the_cuda_kernel_says_why():
+    kernel = fastnlp.triton._missing("attention_forward", "ModuleNotFoundError: No module named 'triton'")
+    with pytest.raises(NotImplementedError, match="triton could not be imported.*No module named 'triton'"):
+        kernel(torch.zeros(1))
+
+
+def test_kernel_checks_its_arguments():
+    q = torch.randn(1, 2, 3, 16)
+    with pytest.raises(RuntimeError, match="multiple of key/value heads"):
+        tri.attention_forward(q, q[:, :1].expand(1, 3, 3, 16), q, None, None, False, 0.0, 1.0, None)
+    with pytest.raises(RuntimeError, match="attn_mask must be expanded"):
+        tri.attention_forward(q, q, q, torch.ones(3, 3, dtype=torch.bool), None, False, 0.0, 1.0, None)
+    with pytest.raises(RuntimeError, match="needs rng_state"):
+        tri.attention_forward(q, q, q, None, None, False, 0.5, 1.0, None)
+
+
+GPU_CASES = [  # (B, H, Hk, Lq, Lk, D, Dv, mask kind, causal)
+    (2, 4, 2, 70, 123, 64, 40, "none", False),
+    (2, 4, 4, 128, 300, 128, 128, "padding", False),
+    (2, 4, 1, 257, 257, 128, 128, "bool+padding", True),
+    (1, 2, 2, 100, 190, 256, 256, "float", False),
+    (2, 2, 1, 513, 130, 96, 80, "padding", True),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("case", GPU_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cuda_half_precision_error_bounded_by_reference_error(dtype, case):
+    batch, heads, kv_heads, lq, lk, d, dv, mask, causal = case
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(batch, heads, lq, d, generator=gen)
+    k = torch.randn(batch, kv_heads, lk, d, generator=gen)
+    v = torch.randn(batch, kv_heads, lk, dv, generator=gen)
+    grad_out = torch.randn(batch, heads, lq, dv, generator=gen)
+    kwargs = dict(is_causal=causal)
+    if "padding" in mask:
+        kwargs["key_padding_mask"] = torch.randint(0, lk + 1, (batch,), generator=gen).cuda()
+    if "bool" in mask:
+        kwargs["attn_mask"] = (torch.rand(1, heads, lq, lk, generator=gen) < 0.8).cuda()
+    if "float" in mask:
+        kwargs["attn_mask"] = torch.randn(batch, 1, lq, lk, generator=gen).cuda()
+
+    def result(dtype_, backend):
+        leaves = [x.cuda().to(dtype).to(dtype_).requires_grad_(True) for x in (q, k, v)]
+        kw = {n: (m.to(dtype_) if m.is_floating_point() else m) for n, m in kwargs.items()}
+        out = ops.attention(*leaves, backend=backend, **kw)
+        grads = torch.autograd.grad(out, leaves, grad_out.cuda().to(dtype).to(dtype_))
+        return (out,) + grads
+
+    ours = result(dtype, None)
+    low = result(dtype, "reference")
+    exact = result(torch.float64, "reference")
+    for name, o, l, e in zip(("out", "dq", "dk", "dv"), ours, low, exact):
+        assert o.dtype == dtype and not torch.isnan(o).any()
+        ours_err = (o.double() - e).abs().max().item()
+        low_err = (l.double() - e).abs().max().item()
+        assert ours_err <= 3 * low_err + 1e-4, f"{name}: error {ours_err:.3g} vs reference's own {low_err:.3g}"
+
+
+@requires_cuda
+def test_cuda_dropout_matches_reference_with_the_kernels_mask():
+    p = 0.25
+    gen = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(2, 4, 150, 64, generator=gen, dtype=torch.float64).cuda().requires_grad_(True)
+               for _ in range(3))
+    lengths = torch.tensor([150, 77]).cuda()
+    torch.manual_seed(3)
+    out = ops.attention(q, k, v, key_padding_mask=lengths, is_causal=True, dropout_p=p)
+    torch.manual_seed(3)
+    expected = ops.attention(q, k, v, key_padding_mask=lengths, is_causal=True, dropout_p=p, backend="reference")
+    torch.testing.assert_close(out, expected, rtol=1e-9, atol=1e-9)
+    rng_state = torch.tensor([123456789, 42])
+    assert torch.equal(attention_module.dropout_mask(q, k, p, rng_state).cpu(),
+                       attention_module.dropout_mask(q.cpu(), k.cpu(), p, rng_state))
+    grad_out = torch.randn_like(out)
+    for g, e in zip(torch.autograd.grad(out, (q, k, v), grad_out), torch.autograd.grad(expected, (q, k, v), grad_out)):
+        torch.testing.assert_close(g, e, rtol=1e-8, atol=1e-8)
