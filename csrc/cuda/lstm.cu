@@ -7,10 +7,11 @@
 // written in coalesced runs. Units are independent, so there is no shared
 // memory and no synchronisation.
 //
-// A step moves 9 to 12 values per unit and does a handful of exp/tanh, so it
-// is bound by memory traffic; that is why the full-accuracy expf/tanhf are
-// used rather than the __expf intrinsics: they cost nothing measurable here
-// and keep float32 close to the CPU kernel's correctly rounded results.
+// A step reads and writes 12 to 15 values per unit and evaluates at most five
+// exp/tanh, so it is bound by memory traffic; that is why the full-accuracy
+// expf/tanhf are used rather than the __expf intrinsics: they should cost
+// nothing measurable here and keep float32 close to the CPU kernel's
+// correctly rounded results.
 //
 // The per-unit functions are __host__ __device__ so that the arithmetic and
 // the index mapping can be exercised on a machine without a GPU.

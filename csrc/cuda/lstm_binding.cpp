@@ -39,9 +39,15 @@ void check_step_tensor(const at::Tensor& t, const char* name, const at::Tensor& 
 
 // T is the kernel-side element type; at::Half and at::BFloat16 have the same
 // bits as __half and __nv_bfloat16, so the storage is passed through as is.
+// An undefined tensor (an optional argument) becomes nullptr.
 template <typename T>
-T* ptr(const at::Tensor& t) {
-  return t.defined() ? static_cast<T*>(t.data_ptr()) : nullptr;
+const T* in_ptr(const at::Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+
+template <typename T>
+T* out_ptr(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.mutable_data_ptr()) : nullptr;
 }
 
 // Calls f(T{}) with T the kernel-side element type of `dtype`.
@@ -73,8 +79,8 @@ void forward_step_cuda(const at::Tensor& gates, const at::Tensor& c_state, const
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    C10_CUDA_CHECK(kern::lstm_forward_step(ptr<T>(gates), ptr<T>(c_state), ptr<T>(cells), ptr<T>(h_out),
-                                           ptr<T>(h_state), rows, H, stream));
+    C10_CUDA_CHECK(kern::lstm_forward_step(out_ptr<T>(gates), out_ptr<T>(c_state), out_ptr<T>(cells),
+                                           out_ptr<T>(h_out), out_ptr<T>(h_state), rows, H, stream));
   });
 }
 
@@ -99,10 +105,9 @@ void backward_step_cuda(const at::Tensor& gates, const at::Tensor& cells, const 
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    C10_CUDA_CHECK(kern::lstm_backward_step(ptr<const T>(gates), ptr<const T>(cells), ptr<const T>(c_prev),
-                                            rows_with_prev, ptr<const T>(c0), ptr<const T>(dh_a),
-                                            ptr<const T>(dh_b), ptr<T>(dc_state), ptr<T>(grad_gates),
-                                            ptr<T>(h_tilde), rows, H, stream));
+    C10_CUDA_CHECK(kern::lstm_backward_step(in_ptr<T>(gates), in_ptr<T>(cells), in_ptr<T>(c_prev), rows_with_prev,
+                                            in_ptr<T>(c0), in_ptr<T>(dh_a), in_ptr<T>(dh_b), out_ptr<T>(dc_state),
+                                            out_ptr<T>(grad_gates), out_ptr<T>(h_tilde), rows, H, stream));
   });
 }
 
