@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import fastnlp
 from fastnlp.ops import lstm_cell, lstm_layer
-from markers import DEVICES
+from markers import DEVICES, requires_cuda
 
 
 def make_layer_inputs(lengths, input_size, hidden, proj, bias, dtype, device, seed=0, packed=True):
@@ -209,3 +209,81 @@ def test_op_rejects_malformed_input(change, message):
     args.update(change)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fastnlp.lstm_forward(*args.values(), False)
+
+
+def scaled_copy(tensors, hidden, dtype, scale=1.0):
+    """Leaf copies in `dtype`, weights and biases in nn.LSTM's init range 1/sqrt(hidden) times `scale`."""
+    out = {}
+    for name, value in tensors.items():
+        if value is None:
+            out[name] = None
+            continue
+        value = value.detach()
+        if name.startswith(("weight", "bias")):
+            value = value * (scale / hidden ** 0.5)
+        out[name] = value.to(dtype).requires_grad_()
+    return out
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("proj", [0, 5])
+@pytest.mark.parametrize("reverse", [False, True])
+def test_cuda_half_precision_error_is_bounded_by_the_references(dtype, proj, reverse):
+    """float16/bfloat16 on CUDA (stored in the dtype, computed in float32): the error against a float64 run
+    on the same rounded inputs is at most a few times that of the reference computed in the same dtype."""
+    hidden = 33
+    batch_sizes, t = make_layer_inputs([9, 7, 7, 3, 1], 13, hidden, proj, "both", torch.float64, "cuda", seed=3)
+    low = scaled_copy(t, hidden, dtype)
+    exact = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in low.items()}
+    out, grads = outputs_and_grads(batch_sizes, low, reverse)
+    ref_out, ref_grads = outputs_and_grads(batch_sizes, low, reverse, backend="reference")
+    exact_out, exact_grads = outputs_and_grads(batch_sizes, exact, reverse, backend="reference")
+    names = ["output", "h_n", "c_n"] + [k for k, v in low.items() if v is not None]
+    for name, a, r, e in zip(names, out + grads, ref_out + ref_grads, exact_out + exact_grads):
+        assert a.dtype == dtype, name
+        err = (a.double() - e).abs().max().item()
+        ref_err = (r.double() - e).abs().max().item()
+        # The floor keeps a lucky, near-exact reference from making the bound zero.
+        floor = torch.finfo(dtype).eps * max(e.abs().max().item(), 1.0)
+        assert err <= 3 * ref_err + floor, f"{name}: error {err:.3g}, reference's error {ref_err:.3g}"
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16])
+def test_cuda_saturated_gates_are_exact_and_finite(dtype):
+    """Pre-activations of +-1e4 drive every gate to exactly 0 or 1 (g to -1 or 1): no NaN, and the
+    states are what the float64 reference gives for the same inputs."""
+    hidden = 6
+    g = torch.Generator().manual_seed(5)
+    signs = torch.randint(0, 2, (4 * hidden, 1), generator=g).double() * 2 - 1
+    exact = {
+        "input": torch.ones(8, 1, dtype=torch.float64),
+        "h0": torch.zeros(2, hidden, dtype=torch.float64),
+        "c0": torch.rand(2, hidden, generator=g, dtype=torch.float64) * 2 - 1,
+        "weight_ih": signs * 1e4,
+        "weight_hh": torch.zeros(4 * hidden, hidden, dtype=torch.float64),
+        "bias_ih": None, "bias_hh": None, "weight_hr": None,
+    }
+    low = {k: (v.to(dtype).cuda().requires_grad_() if v is not None else None) for k, v in exact.items()}
+    exact = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in low.items()}
+    batch_sizes = torch.empty(0, dtype=torch.long)
+    out, grads = outputs_and_grads(batch_sizes, low, False)
+    ref_out, ref_grads = outputs_and_grads(batch_sizes, exact, False, backend="reference")
+    # A few roundings of the cell state, which grows by up to 1 per step.
+    tol = max(8 * torch.finfo(dtype).eps, 1e-12)
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        assert torch.isfinite(a).all()
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+
+
+@requires_cuda
+def test_cuda_step_larger_than_one_grid_pass():
+    """2100 rows x 1024 units is more than the kernels' 8192 blocks x 256 threads, so threads loop."""
+    hidden = 1024
+    batch_sizes, t = make_layer_inputs([2] * 2100, 8, hidden, 0, "both", torch.float32, "cuda")
+    t = scaled_copy(t, hidden, torch.float32)
+    out, grads = outputs_and_grads(batch_sizes, t, True)
+    ref_out, ref_grads = outputs_and_grads(batch_sizes, t, True, backend="reference")
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)

@@ -1,0 +1,151 @@
+// CUDA implementations of the fastnlp LSTM ops (schemas in csrc/ops.cpp): the
+// device-generic time loop of csrc/lstm.cpp, whose GEMMs run on cuBLAS
+// through ATen, with the pointwise step kernels of lstm.cu (behind the
+// torch-free lstm.h in this directory) as its LstmStepKernels.
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <cstdint>
+#include <optional>
+#include <tuple>
+
+// Two headers share the name: "../lstm.h" is the time loop (csrc/lstm.h),
+// "lstm.h" the launchers beside this file.
+#include "../lstm.h"
+#include "lstm.h"
+
+namespace fastnlp {
+namespace {
+
+namespace kern = ::fastnlp::cuda_impl;
+
+// The loop hands the step functions row slices of contiguous buffers it
+// allocated itself, plus the saved gates/cells that lstm_backward received;
+// checking them here keeps a malformed direct call of lstm_backward from
+// reading memory with the wrong layout or type.
+void check_step_tensor(const at::Tensor& t, const char* name, const at::Tensor& gates, int64_t rows, int64_t cols) {
+  TORCH_CHECK(t.is_cuda() && t.device() == gates.device(), "fastnlp.lstm (CUDA step): ", name, " is on ",
+              t.device(), " but gates is on ", gates.device());
+  TORCH_CHECK(t.scalar_type() == gates.scalar_type(), "fastnlp.lstm (CUDA step): ", name, " has dtype ",
+              t.scalar_type(), " but gates has dtype ", gates.scalar_type());
+  TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols, "fastnlp.lstm (CUDA step): ", name,
+              " must have shape (", rows, ", ", cols, "), got ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "fastnlp.lstm (CUDA step): ", name, " must be contiguous, got strides ",
+              t.strides());
+}
+
+// T is the kernel-side element type; at::Half and at::BFloat16 have the same
+// bits as __half and __nv_bfloat16, so the storage is passed through as is.
+// An undefined tensor (an optional argument) becomes nullptr.
+template <typename T>
+const T* in_ptr(const at::Tensor& t) {
+  return t.defined() ? static_cast<const T*>(t.const_data_ptr()) : nullptr;
+}
+
+template <typename T>
+T* out_ptr(const at::Tensor& t) {
+  return t.defined() ? static_cast<T*>(t.mutable_data_ptr()) : nullptr;
+}
+
+// Calls f(T{}) with T the kernel-side element type of `dtype`.
+template <typename F>
+void with_kernel_type(at::ScalarType dtype, const F& f) {
+  switch (dtype) {
+    case at::kFloat:
+      return f(float{});
+    case at::kDouble:
+      return f(double{});
+    case at::kHalf:
+      return f(__half{});
+    case at::kBFloat16:
+      return f(__nv_bfloat16{});
+    default:
+      TORCH_CHECK(false, "fastnlp.lstm: the CUDA kernel takes float32, float64, float16 or bfloat16, got ", dtype);
+  }
+}
+
+void forward_step_cuda(const at::Tensor& gates, const at::Tensor& c_state, const at::Tensor& cells,
+                       const at::Tensor& h_out, const at::Tensor& h_state) {
+  const int64_t rows = gates.size(0), H = cells.size(1);
+  check_step_tensor(gates, "gates", gates, rows, 4 * H);
+  check_step_tensor(c_state, "c_state", gates, rows, H);
+  check_step_tensor(cells, "cells", gates, rows, H);
+  check_step_tensor(h_out, "h_out", gates, rows, H);
+  if (h_state.defined()) check_step_tensor(h_state, "h_state", gates, rows, H);
+  const c10::cuda::OptionalCUDAGuard guard(gates.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  with_kernel_type(gates.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(kern::lstm_forward_step(out_ptr<T>(gates), out_ptr<T>(c_state), out_ptr<T>(cells),
+                                           out_ptr<T>(h_out), out_ptr<T>(h_state), rows, H, stream));
+  });
+}
+
+void backward_step_cuda(const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& c_prev,
+                        int64_t rows_with_prev, const at::Tensor& c0, const at::Tensor& dh_a, const at::Tensor& dh_b,
+                        const at::Tensor& dc_state, const at::Tensor& grad_gates, const at::Tensor& h_tilde) {
+  const int64_t rows = gates.size(0), H = cells.size(1);
+  TORCH_CHECK(rows_with_prev >= 0 && rows_with_prev <= rows, "fastnlp.lstm (CUDA step): rows_with_prev must be in [0, ",
+              rows, "], got ", rows_with_prev);
+  check_step_tensor(gates, "gates", gates, rows, 4 * H);
+  check_step_tensor(cells, "cells", gates, rows, H);
+  check_step_tensor(c_prev, "c_prev", gates, rows_with_prev, H);
+  // Rows from rows_with_prev on read c0 at their own row index.
+  check_step_tensor(c0, "c0", gates, c0.size(0), H);
+  TORCH_CHECK(c0.size(0) >= rows, "fastnlp.lstm (CUDA step): c0 has ", c0.size(0), " rows, fewer than ", rows);
+  check_step_tensor(dh_a, "dh_a", gates, rows, H);
+  if (dh_b.defined()) check_step_tensor(dh_b, "dh_b", gates, rows, H);
+  check_step_tensor(dc_state, "dc_state", gates, rows, H);
+  check_step_tensor(grad_gates, "grad_gates", gates, rows, 4 * H);
+  if (h_tilde.defined()) check_step_tensor(h_tilde, "h_tilde", gates, rows, H);
+  const c10::cuda::OptionalCUDAGuard guard(gates.device());
+  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  with_kernel_type(gates.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    C10_CUDA_CHECK(kern::lstm_backward_step(in_ptr<T>(gates), in_ptr<T>(cells), in_ptr<T>(c_prev), rows_with_prev,
+                                            in_ptr<T>(c0), in_ptr<T>(dh_a), in_ptr<T>(dh_b), out_ptr<T>(dc_state),
+                                            out_ptr<T>(grad_gates), out_ptr<T>(h_tilde), rows, H, stream));
+  });
+}
+
+constexpr LstmStepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda};
+
+void check_cuda_input(const at::Tensor& input) {
+  TORCH_CHECK(input.is_cuda(), "fastnlp.lstm: input must be a CUDA tensor here, got one on ", input.device());
+  const at::ScalarType dtype = input.scalar_type();
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "fastnlp.lstm: the CUDA kernel takes float32, float64, float16 or bfloat16, got ", dtype);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr, bool reverse) {
+  check_cuda_input(input);
+  // The whole loop, allocations and GEMMs included, on the input's device.
+  const c10::cuda::OptionalCUDAGuard guard(input.device());
+  return lstm_forward_impl(kCudaKernels, input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                           weight_hr, reverse);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_cuda(
+    const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
+    const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse,
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+  check_cuda_input(input);
+  const c10::cuda::OptionalCUDAGuard guard(input.device());
+  return lstm_backward_impl(kCudaKernels, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih,
+                            weight_hh, weight_hr, has_bias, reverse, output, gates, cells);
+}
+
+}  // namespace
+}  // namespace fastnlp
+
+TORCH_LIBRARY_IMPL(fastnlp, CUDA, m) {
+  m.impl("lstm_forward", &fastnlp::lstm_forward_cuda);
+  m.impl("lstm_backward", &fastnlp::lstm_backward_cuda);
+}
