@@ -1,4 +1,4 @@
-// CUDA kernels for the LSTM pointwise steps (semantics: lstm.h here and
+// CUDA kernels for the LSTM pointwise steps (semantics: lstm_step.h here and
 // csrc/lstm.h; csrc/cpu/lstm.cpp is the same math on the CPU).
 //
 // Layout of the work: one thread per (row, unit j), flattened to u = r * H + j
@@ -16,7 +16,7 @@
 // The per-unit functions are __host__ __device__ so that the arithmetic and
 // the index mapping can be exercised on a machine without a GPU.
 
-#include "lstm.h"
+#include "lstm_step.h"
 
 #include <cmath>
 #include <cstdint>
@@ -65,31 +65,9 @@ __host__ __device__ __forceinline__ float tanh_(float x) { return ::tanhf(x); }
 __host__ __device__ __forceinline__ double tanh_(double x) { return ::tanh(x); }
 
 template <typename T>
-struct ForwardArgs {
-  T* gates;    // (rows, 4H), in place
-  T* c_state;  // (rows, H), in place
-  T* cells;    // (rows, H)
-  T* h_out;    // (rows, H)
-  T* h_state;  // (rows, H) or nullptr
-  int64_t rows;
-  int64_t H;
-};
-
+using ForwardArgs = LstmForwardStepArgs<T>;
 template <typename T>
-struct BackwardArgs {
-  const T* gates;       // (rows, 4H) activations
-  const T* cells;       // (rows, H)
-  const T* c_prev;      // (rows_with_prev, H)
-  int64_t rows_with_prev;
-  const T* c0;          // (>= rows, H)
-  const T* dh_a;        // (rows, H)
-  const T* dh_b;        // (rows, H) or nullptr
-  T* dc_state;          // (rows, H), in place
-  T* grad_gates;        // (rows, 4H)
-  T* h_tilde;           // (rows, H) or nullptr
-  int64_t rows;
-  int64_t H;
-};
+using BackwardArgs = LstmBackwardStepArgs<T>;
 
 template <typename T>
 __host__ __device__ __forceinline__ void forward_unit(const ForwardArgs<T>& a, int64_t r, int64_t j) {
@@ -103,8 +81,18 @@ __host__ __device__ __forceinline__ void forward_unit(const ForwardArgs<T>& a, i
   const acc_t o = sigmoid(load(g + 3 * H));
   // c and h come from the unrounded activations, as on the CPU; only the
   // stored copies are rounded.
-  const acc_t c = f * load(a.c_state + k) + i * gg;
-  const acc_t h = o * tanh_(c);
+  const acc_t c_prev = load(a.c_state + k);
+  const acc_t c_new = f * c_prev + i * gg;
+  const acc_t one = 1;
+  acc_t c = c_new, h = o * tanh_(c_new);
+  if (a.zoneout_cell != nullptr) {
+    const acc_t zc = load(a.zoneout_cell + k);
+    c = zc * c_prev + (one - zc) * c_new;
+    if (a.zoneout_hidden != nullptr) {
+      const acc_t zh = load(a.zoneout_hidden + k);
+      h = zh * load(a.h_state + k) + (one - zh) * h;
+    }
+  }
   store(g, i);
   store(g + H, f);
   store(g + 2 * H, gg);
@@ -122,19 +110,30 @@ __host__ __device__ __forceinline__ void backward_unit(const BackwardArgs<T>& a,
   const T* g = a.gates + r * 4 * H + j;
   const int64_t k = r * H + j;
   const acc_t i = load(g), f = load(g + H), gg = load(g + 2 * H), o = load(g + 3 * H);
-  const acc_t tc = tanh_(load(a.cells + k));
-  acc_t dh = load(a.dh_a + k);
-  if (a.dh_b != nullptr) dh += load(a.dh_b + k);
   // A row whose first step this is has no saved c_{t-1}: it starts from c0.
   const acc_t c_prev = r < a.rows_with_prev ? load(a.c_prev + k) : load(a.c0 + k);
+  const acc_t tc = tanh_(f * c_prev + i * gg);  // tanh(c~), recomputed rather than stored
+  acc_t dh = load(a.dh_a + k);
+  if (a.dh_b != nullptr) dh += load(a.dh_b + k);
+  acc_t dc_carry = load(a.dc_state + k);
+  acc_t dc_zone = 0;
+  if (a.zoneout_cell != nullptr) {
+    dc_zone = load(a.zoneout_cell + k) * dc_carry;
+    dc_carry -= dc_zone;
+    if (a.zoneout_hidden != nullptr) {
+      const acc_t to_prev = load(a.zoneout_hidden + k) * dh;
+      store(a.grad_h_prev + k, to_prev);
+      dh -= to_prev;
+    }
+  }
   const acc_t one = 1;
-  const acc_t dc = load(a.dc_state + k) + dh * o * (one - tc * tc);
+  const acc_t dc = dc_carry + dh * o * (one - tc * tc);
   T* dg = a.grad_gates + r * 4 * H + j;
   store(dg, dc * gg * i * (one - i));
   store(dg + H, dc * c_prev * f * (one - f));
   store(dg + 2 * H, dc * i * (one - gg * gg));
   store(dg + 3 * H, dh * tc * o * (one - o));
-  store(a.dc_state + k, dc * f);
+  store(a.dc_state + k, dc * f + dc_zone);
   if (a.h_tilde != nullptr) store(a.h_tilde + k, o * tc);
 }
 
@@ -171,87 +170,56 @@ unsigned grid_blocks(int64_t units) {
 }
 
 template <typename T>
-cudaError_t launch_forward(T* gates, T* c_state, T* cells, T* h_out, T* h_state, int64_t rows, int64_t H,
-                           cudaStream_t stream) {
-  if (!sizes_ok(rows, H)) return cudaErrorInvalidValue;
-  const int64_t units = rows * H;
+cudaError_t launch_forward(const ForwardArgs<T>& a, cudaStream_t stream) {
+  if (!sizes_ok(a.rows, a.H)) return cudaErrorInvalidValue;
+  const int64_t units = a.rows * a.H;
   if (units == 0) return cudaSuccess;
-  if (gates == nullptr || c_state == nullptr || cells == nullptr || h_out == nullptr) return cudaErrorInvalidValue;
-  const ForwardArgs<T> args{gates, c_state, cells, h_out, h_state, rows, H};
-  lstm_forward_kernel<T><<<grid_blocks(units), kThreads, 0, stream>>>(args);
+  if (a.gates == nullptr || a.c_state == nullptr || a.cells == nullptr || a.h_out == nullptr ||
+      (a.zoneout_hidden != nullptr && (a.zoneout_cell == nullptr || a.h_state == nullptr)))
+    return cudaErrorInvalidValue;
+  lstm_forward_kernel<T><<<grid_blocks(units), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t launch_backward(const T* gates, const T* cells, const T* c_prev, int64_t rows_with_prev, const T* c0,
-                            const T* dh_a, const T* dh_b, T* dc_state, T* grad_gates, T* h_tilde, int64_t rows,
-                            int64_t H, cudaStream_t stream) {
-  if (!sizes_ok(rows, H) || rows_with_prev < 0 || rows_with_prev > rows) return cudaErrorInvalidValue;
-  const int64_t units = rows * H;
+cudaError_t launch_backward(const BackwardArgs<T>& a, cudaStream_t stream) {
+  if (!sizes_ok(a.rows, a.H) || a.rows_with_prev < 0 || a.rows_with_prev > a.rows) return cudaErrorInvalidValue;
+  const int64_t units = a.rows * a.H;
   if (units == 0) return cudaSuccess;
-  if (gates == nullptr || cells == nullptr || dh_a == nullptr || dc_state == nullptr || grad_gates == nullptr ||
-      (rows_with_prev > 0 && c_prev == nullptr) || (rows_with_prev < rows && c0 == nullptr))
+  if (a.gates == nullptr || a.dh_a == nullptr || a.dc_state == nullptr || a.grad_gates == nullptr ||
+      (a.rows_with_prev > 0 && a.c_prev == nullptr) || (a.rows_with_prev < a.rows && a.c0 == nullptr) ||
+      (a.zoneout_hidden != nullptr && (a.zoneout_cell == nullptr || a.grad_h_prev == nullptr)))
     return cudaErrorInvalidValue;
-  const BackwardArgs<T> args{gates, cells, c_prev, rows_with_prev, c0, dh_a, dh_b, dc_state, grad_gates, h_tilde,
-                             rows, H};
-  lstm_backward_kernel<T><<<grid_blocks(units), kThreads, 0, stream>>>(args);
+  lstm_backward_kernel<T><<<grid_blocks(units), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-cudaError_t lstm_forward_step(float* gates, float* c_state, float* cells, float* h_out, float* h_state,
-                              int64_t rows, int64_t H, cudaStream_t stream) {
-  return launch_forward(gates, c_state, cells, h_out, h_state, rows, H, stream);
+cudaError_t lstm_forward_step(const LstmForwardStepArgs<float>& args, cudaStream_t stream) {
+  return launch_forward(args, stream);
+}
+cudaError_t lstm_forward_step(const LstmForwardStepArgs<double>& args, cudaStream_t stream) {
+  return launch_forward(args, stream);
+}
+cudaError_t lstm_forward_step(const LstmForwardStepArgs<__half>& args, cudaStream_t stream) {
+  return launch_forward(args, stream);
+}
+cudaError_t lstm_forward_step(const LstmForwardStepArgs<__nv_bfloat16>& args, cudaStream_t stream) {
+  return launch_forward(args, stream);
 }
 
-cudaError_t lstm_forward_step(double* gates, double* c_state, double* cells, double* h_out, double* h_state,
-                              int64_t rows, int64_t H, cudaStream_t stream) {
-  return launch_forward(gates, c_state, cells, h_out, h_state, rows, H, stream);
+cudaError_t lstm_backward_step(const LstmBackwardStepArgs<float>& args, cudaStream_t stream) {
+  return launch_backward(args, stream);
 }
-
-cudaError_t lstm_forward_step(__half* gates, __half* c_state, __half* cells, __half* h_out, __half* h_state,
-                              int64_t rows, int64_t H, cudaStream_t stream) {
-  return launch_forward(gates, c_state, cells, h_out, h_state, rows, H, stream);
+cudaError_t lstm_backward_step(const LstmBackwardStepArgs<double>& args, cudaStream_t stream) {
+  return launch_backward(args, stream);
 }
-
-cudaError_t lstm_forward_step(__nv_bfloat16* gates, __nv_bfloat16* c_state, __nv_bfloat16* cells,
-                              __nv_bfloat16* h_out, __nv_bfloat16* h_state, int64_t rows, int64_t H,
-                              cudaStream_t stream) {
-  return launch_forward(gates, c_state, cells, h_out, h_state, rows, H, stream);
+cudaError_t lstm_backward_step(const LstmBackwardStepArgs<__half>& args, cudaStream_t stream) {
+  return launch_backward(args, stream);
 }
-
-cudaError_t lstm_backward_step(const float* gates, const float* cells, const float* c_prev,
-                               int64_t rows_with_prev, const float* c0, const float* dh_a, const float* dh_b,
-                               float* dc_state, float* grad_gates, float* h_tilde, int64_t rows, int64_t H,
-                               cudaStream_t stream) {
-  return launch_backward(gates, cells, c_prev, rows_with_prev, c0, dh_a, dh_b, dc_state, grad_gates, h_tilde, rows,
-                         H, stream);
-}
-
-cudaError_t lstm_backward_step(const double* gates, const double* cells, const double* c_prev,
-                               int64_t rows_with_prev, const double* c0, const double* dh_a, const double* dh_b,
-                               double* dc_state, double* grad_gates, double* h_tilde, int64_t rows, int64_t H,
-                               cudaStream_t stream) {
-  return launch_backward(gates, cells, c_prev, rows_with_prev, c0, dh_a, dh_b, dc_state, grad_gates, h_tilde, rows,
-                         H, stream);
-}
-
-cudaError_t lstm_backward_step(const __half* gates, const __half* cells, const __half* c_prev,
-                               int64_t rows_with_prev, const __half* c0, const __half* dh_a, const __half* dh_b,
-                               __half* dc_state, __half* grad_gates, __half* h_tilde, int64_t rows, int64_t H,
-                               cudaStream_t stream) {
-  return launch_backward(gates, cells, c_prev, rows_with_prev, c0, dh_a, dh_b, dc_state, grad_gates, h_tilde, rows,
-                         H, stream);
-}
-
-cudaError_t lstm_backward_step(const __nv_bfloat16* gates, const __nv_bfloat16* cells,
-                               const __nv_bfloat16* c_prev, int64_t rows_with_prev, const __nv_bfloat16* c0,
-                               const __nv_bfloat16* dh_a, const __nv_bfloat16* dh_b, __nv_bfloat16* dc_state,
-                               __nv_bfloat16* grad_gates, __nv_bfloat16* h_tilde, int64_t rows, int64_t H,
-                               cudaStream_t stream) {
-  return launch_backward(gates, cells, c_prev, rows_with_prev, c0, dh_a, dh_b, dc_state, grad_gates, h_tilde, rows,
-                         H, stream);
+cudaError_t lstm_backward_step(const LstmBackwardStepArgs<__nv_bfloat16>& args, cudaStream_t stream) {
+  return launch_backward(args, stream);
 }
 
 }  // namespace cuda_impl

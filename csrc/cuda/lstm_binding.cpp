@@ -1,7 +1,7 @@
 // CUDA implementations of the fastnlp LSTM ops (schemas in csrc/ops.cpp): the
 // device-generic time loop of csrc/lstm.cpp, whose GEMMs run on cuBLAS
 // through ATen, with the pointwise step kernels of lstm.cu (behind the
-// torch-free lstm.h in this directory) as its LstmStepKernels.
+// torch-free lstm_step.h) as its LstmStepKernels.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
@@ -12,9 +12,7 @@
 #include <optional>
 #include <tuple>
 
-// Two headers share the name: "../lstm.h" is the time loop (csrc/lstm.h),
-// "lstm.h" the launchers beside this file.
-#include "../lstm.h"
+#include "cuda/lstm_step.h"
 #include "lstm.h"
 
 namespace fastnlp {
@@ -67,47 +65,71 @@ void with_kernel_type(at::ScalarType dtype, const F& f) {
   }
 }
 
-void forward_step_cuda(const at::Tensor& gates, const at::Tensor& c_state, const at::Tensor& cells,
-                       const at::Tensor& h_out, const at::Tensor& h_state) {
-  const int64_t rows = gates.size(0), H = cells.size(1);
+void check_optional_step_tensor(const at::Tensor& t, const char* name, const at::Tensor& gates, int64_t rows,
+                                int64_t cols) {
+  if (t.defined()) check_step_tensor(t, name, gates, rows, cols);
+}
+
+void forward_step_cuda(const LstmForwardStep& s) {
+  const at::Tensor& gates = s.gates;
+  const int64_t rows = gates.size(0), H = s.cells.size(1);
   check_step_tensor(gates, "gates", gates, rows, 4 * H);
-  check_step_tensor(c_state, "c_state", gates, rows, H);
-  check_step_tensor(cells, "cells", gates, rows, H);
-  check_step_tensor(h_out, "h_out", gates, rows, H);
-  if (h_state.defined()) check_step_tensor(h_state, "h_state", gates, rows, H);
+  check_step_tensor(s.c_state, "c_state", gates, rows, H);
+  check_step_tensor(s.cells, "cells", gates, rows, H);
+  check_step_tensor(s.h_out, "h_out", gates, rows, H);
+  check_optional_step_tensor(s.h_state, "h_state", gates, rows, H);
+  check_optional_step_tensor(s.zoneout_cell, "zoneout_cell", gates, rows, H);
+  check_optional_step_tensor(s.zoneout_hidden, "zoneout_hidden", gates, rows, H);
   const c10::cuda::OptionalCUDAGuard guard(gates.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    C10_CUDA_CHECK(kern::lstm_forward_step(out_ptr<T>(gates), out_ptr<T>(c_state), out_ptr<T>(cells),
-                                           out_ptr<T>(h_out), out_ptr<T>(h_state), rows, H, stream));
+    const kern::LstmForwardStepArgs<T> args{out_ptr<T>(gates),         out_ptr<T>(s.c_state),
+                                            out_ptr<T>(s.cells),       out_ptr<T>(s.h_out),
+                                            out_ptr<T>(s.h_state),     in_ptr<T>(s.zoneout_cell),
+                                            in_ptr<T>(s.zoneout_hidden), rows,
+                                            H};
+    C10_CUDA_CHECK(kern::lstm_forward_step(args, stream));
   });
 }
 
-void backward_step_cuda(const at::Tensor& gates, const at::Tensor& cells, const at::Tensor& c_prev,
-                        int64_t rows_with_prev, const at::Tensor& c0, const at::Tensor& dh_a, const at::Tensor& dh_b,
-                        const at::Tensor& dc_state, const at::Tensor& grad_gates, const at::Tensor& h_tilde) {
-  const int64_t rows = gates.size(0), H = cells.size(1);
-  TORCH_CHECK(rows_with_prev >= 0 && rows_with_prev <= rows, "fastnlp.lstm (CUDA step): rows_with_prev must be in [0, ",
-              rows, "], got ", rows_with_prev);
+void backward_step_cuda(const LstmBackwardStep& s) {
+  const at::Tensor& gates = s.gates;
+  const int64_t rows = gates.size(0), H = s.dc_state.size(1);
+  TORCH_CHECK(s.rows_with_prev >= 0 && s.rows_with_prev <= rows,
+              "fastnlp.lstm (CUDA step): rows_with_prev must be in [0, ", rows, "], got ", s.rows_with_prev);
   check_step_tensor(gates, "gates", gates, rows, 4 * H);
-  check_step_tensor(cells, "cells", gates, rows, H);
-  check_step_tensor(c_prev, "c_prev", gates, rows_with_prev, H);
+  check_step_tensor(s.c_prev, "c_prev", gates, s.rows_with_prev, H);
   // Rows from rows_with_prev on read c0 at their own row index.
-  check_step_tensor(c0, "c0", gates, c0.size(0), H);
-  TORCH_CHECK(c0.size(0) >= rows, "fastnlp.lstm (CUDA step): c0 has ", c0.size(0), " rows, fewer than ", rows);
-  check_step_tensor(dh_a, "dh_a", gates, rows, H);
-  if (dh_b.defined()) check_step_tensor(dh_b, "dh_b", gates, rows, H);
-  check_step_tensor(dc_state, "dc_state", gates, rows, H);
-  check_step_tensor(grad_gates, "grad_gates", gates, rows, 4 * H);
-  if (h_tilde.defined()) check_step_tensor(h_tilde, "h_tilde", gates, rows, H);
+  check_step_tensor(s.c0, "c0", gates, s.c0.size(0), H);
+  TORCH_CHECK(s.c0.size(0) >= rows, "fastnlp.lstm (CUDA step): c0 has ", s.c0.size(0), " rows, fewer than ", rows);
+  check_step_tensor(s.dh_a, "dh_a", gates, rows, H);
+  check_optional_step_tensor(s.dh_b, "dh_b", gates, rows, H);
+  check_step_tensor(s.dc_state, "dc_state", gates, rows, H);
+  check_step_tensor(s.grad_gates, "grad_gates", gates, rows, 4 * H);
+  check_optional_step_tensor(s.h_tilde, "h_tilde", gates, rows, H);
+  check_optional_step_tensor(s.zoneout_cell, "zoneout_cell", gates, rows, H);
+  check_optional_step_tensor(s.zoneout_hidden, "zoneout_hidden", gates, rows, H);
+  check_optional_step_tensor(s.grad_h_prev, "grad_h_prev", gates, rows, H);
   const c10::cuda::OptionalCUDAGuard guard(gates.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    C10_CUDA_CHECK(kern::lstm_backward_step(in_ptr<T>(gates), in_ptr<T>(cells), in_ptr<T>(c_prev), rows_with_prev,
-                                            in_ptr<T>(c0), in_ptr<T>(dh_a), in_ptr<T>(dh_b), out_ptr<T>(dc_state),
-                                            out_ptr<T>(grad_gates), out_ptr<T>(h_tilde), rows, H, stream));
+    const kern::LstmBackwardStepArgs<T> args{in_ptr<T>(gates),
+                                             in_ptr<T>(s.c_prev),
+                                             s.rows_with_prev,
+                                             in_ptr<T>(s.c0),
+                                             in_ptr<T>(s.dh_a),
+                                             in_ptr<T>(s.dh_b),
+                                             out_ptr<T>(s.dc_state),
+                                             out_ptr<T>(s.grad_gates),
+                                             out_ptr<T>(s.h_tilde),
+                                             in_ptr<T>(s.zoneout_cell),
+                                             in_ptr<T>(s.zoneout_hidden),
+                                             out_ptr<T>(s.grad_h_prev),
+                                             rows,
+                                             H};
+    C10_CUDA_CHECK(kern::lstm_backward_step(args, stream));
   });
 }
 
@@ -123,23 +145,28 @@ void check_cuda_input(const at::Tensor& input) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
-    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr, bool reverse) {
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr, bool reverse,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden) {
   check_cuda_input(input);
   // The whole loop, allocations and GEMMs included, on the input's device.
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   return lstm_forward_impl(kCudaKernels, input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
-                           weight_hr, reverse);
+                           weight_hr, reverse, LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden});
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse,
-    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells) {
+    const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
+    const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
+    const std::optional<at::Tensor>& zoneout_hidden) {
   check_cuda_input(input);
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   return lstm_backward_impl(kCudaKernels, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih,
-                            weight_hh, weight_hr, has_bias, reverse, output, gates, cells);
+                            weight_hh, weight_hr, has_bias, reverse, output, gates, cells,
+                            LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden});
 }
 
 }  // namespace

@@ -1,0 +1,106 @@
+// Host launchers for the LSTM pointwise step kernels.
+//
+// Torch-free on purpose: raw device pointers, sizes and a stream in, a
+// cudaError_t out (the error of the launch itself; kernels run asynchronously
+// on `stream`). csrc/cuda/lstm_binding.cpp plugs them into the device-generic
+// time loop of csrc/lstm.cpp as its LstmStepKernels, whose comments in
+// csrc/lstm.h are the contract; the GEMMs between the steps are cuBLAS calls
+// made there, not here.
+//
+// Layouts, all row-major and contiguous, one row per sequence alive at the
+// step (`rows` of them), H = hidden size:
+//   gates (rows, 4H): the four gate blocks i, f, g, o side by side, so unit j
+//     of row r has its gates at r * 4H + {0, H, 2H, 3H} + j;
+//   every other tensor (rows, H): unit j of row r at r * H + j.
+// Every floating pointer of one call has the same type. float and double are
+// computed in their own type; __half and __nv_bfloat16 are stored in that
+// type and computed in float (each value is widened on load and rounded once
+// on store).
+//
+// Buffers must not overlap, except where a pointer is documented as read and
+// then overwritten in place.
+//
+// Sizes: rows, H >= 0; rows * H <= 2^60. rows == 0 or H == 0 returns
+// cudaSuccess without launching. Invalid sizes, or a null pointer that the
+// sizes require, return cudaErrorInvalidValue.
+#pragma once
+
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime_api.h>
+
+namespace fastnlp {
+namespace cuda_impl {
+
+// One forward step. With c~ = f * c_{t-1} + i * g and zoneout weights z
+// (absent: z = 0):
+//   gates (rows, 4H): pre-activations in; sigmoid(i), sigmoid(f), tanh(g),
+//     sigmoid(o) out, in place;
+//   c_state (rows, H): c_{t-1} in, c_t = zc * c_{t-1} + (1 - zc) * c~ out;
+//   cells (rows, H): c_t out;
+//   h_out (rows, H): h_t = zh * h_{t-1} + (1 - zh) * o * tanh(c~) out;
+//   h_state (rows, H) or nullptr: h_{t-1} in (read only when zoneout_hidden
+//     is given), h_t out (the recurrent state when no projection follows);
+//   zoneout_cell (rows, H) or nullptr: zc;
+//   zoneout_hidden (rows, H) or nullptr: zh; needs zoneout_cell and h_state.
+template <typename T>
+struct LstmForwardStepArgs {
+  T* gates;
+  T* c_state;
+  T* cells;
+  T* h_out;
+  T* h_state;
+  const T* zoneout_cell;
+  const T* zoneout_hidden;
+  int64_t rows;
+  int64_t H;
+};
+
+// One backward step, from what the forward step saved:
+//   gates (rows, 4H): the activations i, f, g, o (forward's output gates);
+//   c_prev (rows_with_prev, H): c_{t-1} of rows 0..rows_with_prev-1; nullptr
+//     allowed when rows_with_prev == 0;
+//   c0 (>= rows, H): c_{t-1} of rows rows_with_prev..rows-1 (those whose first
+//     step this is), read at the same row index; nullptr allowed when
+//     rows_with_prev == rows;
+//   dh_a (rows, H), dh_b (rows, H) or nullptr: dL/dh_t = dh_a + dh_b;
+//   dc_state (rows, H): dL/dc_t in, dL/dc_{t-1} out, in place;
+//   grad_gates (rows, 4H): dL/d(pre-activations) out, same layout as gates;
+//   h_tilde (rows, H) or nullptr: o * tanh(c~) out (the input of a
+//     projection, which the caller needs for its weight gradient);
+//   zoneout_cell, zoneout_hidden: as in the forward step;
+//   grad_h_prev (rows, H): zh * dL/dh_t out, the part of dL/dh_{t-1} that
+//     zoneout carries past the cell; needed with zoneout_hidden.
+// c~ is recomputed from the gates and c_{t-1}. Needs 0 <= rows_with_prev <= rows.
+template <typename T>
+struct LstmBackwardStepArgs {
+  const T* gates;
+  const T* c_prev;
+  int64_t rows_with_prev;
+  const T* c0;
+  const T* dh_a;
+  const T* dh_b;
+  T* dc_state;
+  T* grad_gates;
+  T* h_tilde;
+  const T* zoneout_cell;
+  const T* zoneout_hidden;
+  T* grad_h_prev;
+  int64_t rows;
+  int64_t H;
+};
+
+cudaError_t lstm_forward_step(const LstmForwardStepArgs<float>& args, cudaStream_t stream);
+cudaError_t lstm_forward_step(const LstmForwardStepArgs<double>& args, cudaStream_t stream);
+cudaError_t lstm_forward_step(const LstmForwardStepArgs<__half>& args, cudaStream_t stream);
+cudaError_t lstm_forward_step(const LstmForwardStepArgs<__nv_bfloat16>& args, cudaStream_t stream);
+
+cudaError_t lstm_backward_step(const LstmBackwardStepArgs<float>& args, cudaStream_t stream);
+cudaError_t lstm_backward_step(const LstmBackwardStepArgs<double>& args, cudaStream_t stream);
+cudaError_t lstm_backward_step(const LstmBackwardStepArgs<__half>& args, cudaStream_t stream);
+cudaError_t lstm_backward_step(const LstmBackwardStepArgs<__nv_bfloat16>& args, cudaStream_t stream);
+
+}  // namespace cuda_impl
+}  // namespace fastnlp
