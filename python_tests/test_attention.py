@@ -443,3 +443,12 @@ def test_backend_reference_and_environment_variable(monkeypatch):
 def test_default_scale_is_one_over_sqrt_head_dim():
     q, k, v, _ = make_problem(1, 1, 1, 4, 6, 9, 9, "none", seed=47)
     torch.testing.assert_close(ops.attention(q, k, v), ops.attention(q, k, v, scale=1 / math.sqrt(9)))
+
+
+@pytest.mark.parametrize("query_len, key_len", [(0, 5), (5, 0), (0, 0)])
+def test_empty_lengths(query_len, key_len):
+    q, k, v = leaves(torch.randn(2, 2, query_len, 8), torch.randn(2, 1, key_len, 8), torch.randn(2, 1, key_len, 4))
+    out = ops.attention(q, k, v, is_causal=True)
+    assert out.shape == (2, 2, query_len, 4) and (out == 0).all()
+    for g, x in zip(grads(out, (q, k, v), torch.ones_like(out)), (q, k, v)):
+        assert g.shape == x.shape and (g == 0).all()
