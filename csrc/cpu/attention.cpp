@@ -206,22 +206,22 @@ bool plan_tile(const Problem<scalar_t, acc_t>& pb, int64_t b, int64_t h, int64_t
   return true;
 }
 
-// Applies the tile's masks to the scores s[0..nk_pad) of query row i.
+// Applies the tile's masks to the scores s[0..width_pad) of query row i.
 template <typename scalar_t, typename acc_t>
 void mask_row(const Problem<scalar_t, acc_t>& pb, const TilePlan<acc_t>& plan, const acc_t* bias, int64_t b,
-              int64_t h, int64_t i, int64_t j0, int64_t nk, int64_t nk_pad, acc_t* s) {
+              int64_t h, int64_t i, int64_t j0, int64_t width, int64_t width_pad, acc_t* s) {
   if (plan.column_bias)
-    for (int64_t c = 0; c < nk_pad; ++c) s[c] += bias[c];
+    for (int64_t c = 0; c < width_pad; ++c) s[c] += bias[c];
   if (plan.causal)
-    for (int64_t c = std::max<int64_t>(0, i + 1 - j0); c < nk; ++c) s[c] = -kInf<acc_t>;
+    for (int64_t c = std::max<int64_t>(0, i + 1 - j0); c < width; ++c) s[c] = -kInf<acc_t>;
   if (plan.mask) {
     const int64_t base = b * pb.ms0 + h * pb.ms1 + i * pb.ms2 + j0 * pb.ms3;
     if (pb.mask_bool) {
       const bool* m = pb.mask_bool + base;
-      for (int64_t c = 0; c < nk; ++c) s[c] = m[c * pb.ms3] ? s[c] : -kInf<acc_t>;
+      for (int64_t c = 0; c < width; ++c) s[c] = m[c * pb.ms3] ? s[c] : -kInf<acc_t>;
     } else {
       const acc_t* m = pb.mask_add + base;
-      for (int64_t c = 0; c < nk; ++c) s[c] += m[c * pb.ms3];
+      for (int64_t c = 0; c < width; ++c) s[c] += m[c * pb.ms3];
     }
   }
 }
@@ -448,7 +448,8 @@ void backward_kv_head(const Problem<scalar_t, acc_t>& pb, const Strided4<const s
         if (pb.dropout.enabled) {
           for (int64_t r = 0; r < mq; ++r) {
             const uint8_t* keep = w.keep.data() + r * kBlockK;
-            for (int64_t c = 0; c < nw_pad; ++c) T[r * kBlockK + c] = c < nw && keep[c] ? P[r * kBlockK + c] * inv_keep : acc_t(0);
+            for (int64_t c = 0; c < nw_pad; ++c)
+              T[r * kBlockK + c] = c < nw && keep[c] ? P[r * kBlockK + c] * inv_keep : acc_t(0);
           }
           std::fill(T + mq * kBlockK, T + mq_pad * kBlockK, acc_t(0));
           P_used = T;
