@@ -464,3 +464,18 @@ def test_backward_is_deterministic():
         runs.append((out,) + grads(out, (q, k, v), torch.ones_like(out)))
     for a, b in zip(*runs):
         assert torch.equal(a, b)
+
+
+def test_gradient_with_broadcast_and_transposed_grad_out():
+    # out.sum() hands the backward a stride-0 gradient; a transposed one has no unit stride.
+    q, k, v, kwargs = make_problem(2, 4, 2, 37, 50, 16, 8, "causal", seed=59)
+    q, k, v = leaves(q, k, v)
+    for grad_out in (None, torch.randn(2, 4, 8, 37, dtype=torch.float64).transpose(-1, -2)):
+        out = ops.attention(q, k, v, **kwargs)
+        expected = reference.attention(q, k, v, **kwargs)
+        if grad_out is None:
+            got, want = torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))
+        else:
+            got, want = grads(out, (q, k, v), grad_out), grads(expected, (q, k, v), grad_out)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e)
