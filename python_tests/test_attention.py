@@ -443,3 +443,39 @@ def test_backend_reference_and_environment_variable(monkeypatch):
 def test_default_scale_is_one_over_sqrt_head_dim():
     q, k, v, _ = make_problem(1, 1, 1, 4, 6, 9, 9, "none", seed=47)
     torch.testing.assert_close(ops.attention(q, k, v), ops.attention(q, k, v, scale=1 / math.sqrt(9)))
+
+
+@pytest.mark.parametrize("query_len, key_len", [(0, 5), (5, 0), (0, 0)])
+def test_empty_lengths(query_len, key_len):
+    q, k, v = leaves(torch.randn(2, 2, query_len, 8), torch.randn(2, 1, key_len, 8), torch.randn(2, 1, key_len, 4))
+    out = ops.attention(q, k, v, is_causal=True)
+    assert out.shape == (2, 2, query_len, 4) and (out == 0).all()
+    for g, x in zip(grads(out, (q, k, v), torch.ones_like(out)), (q, k, v)):
+        assert g.shape == x.shape and (g == 0).all()
+
+
+def test_backward_is_deterministic():
+    # Each gradient is owned by one task and summed in a fixed order, whatever the threads do.
+    q, k, v, kwargs = make_problem(3, 4, 2, 130, 200, 32, 32, "bool+padding+causal", seed=53, dtype=torch.float32)
+    q, k, v = leaves(q, k, v)
+    runs = []
+    for _ in range(2):
+        out = ops.attention(q, k, v, **kwargs)
+        runs.append((out,) + grads(out, (q, k, v), torch.ones_like(out)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_gradient_with_broadcast_and_transposed_grad_out():
+    # out.sum() hands the backward a stride-0 gradient; a transposed one has no unit stride.
+    q, k, v, kwargs = make_problem(2, 4, 2, 37, 50, 16, 8, "causal", seed=59)
+    q, k, v = leaves(q, k, v)
+    for grad_out in (None, torch.randn(2, 4, 8, 37, dtype=torch.float64).transpose(-1, -2)):
+        out = ops.attention(q, k, v, **kwargs)
+        expected = reference.attention(q, k, v, **kwargs)
+        if grad_out is None:
+            got, want = torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))
+        else:
+            got, want = grads(out, (q, k, v), grad_out), grads(expected, (q, k, v), grad_out)
+        for g, e in zip(got, want):
+            torch.testing.assert_close(g, e)

@@ -206,22 +206,22 @@ bool plan_tile(const Problem<scalar_t, acc_t>& pb, int64_t b, int64_t h, int64_t
   return true;
 }
 
-// Applies the tile's masks to the scores s[0..nk_pad) of query row i.
+// Applies the tile's masks to the scores s[0..width_pad) of query row i.
 template <typename scalar_t, typename acc_t>
 void mask_row(const Problem<scalar_t, acc_t>& pb, const TilePlan<acc_t>& plan, const acc_t* bias, int64_t b,
-              int64_t h, int64_t i, int64_t j0, int64_t nk, int64_t nk_pad, acc_t* s) {
+              int64_t h, int64_t i, int64_t j0, int64_t width, int64_t width_pad, acc_t* s) {
   if (plan.column_bias)
-    for (int64_t c = 0; c < nk_pad; ++c) s[c] += bias[c];
+    for (int64_t c = 0; c < width_pad; ++c) s[c] += bias[c];
   if (plan.causal)
-    for (int64_t c = std::max<int64_t>(0, i + 1 - j0); c < nk; ++c) s[c] = -kInf<acc_t>;
+    for (int64_t c = std::max<int64_t>(0, i + 1 - j0); c < width; ++c) s[c] = -kInf<acc_t>;
   if (plan.mask) {
     const int64_t base = b * pb.ms0 + h * pb.ms1 + i * pb.ms2 + j0 * pb.ms3;
     if (pb.mask_bool) {
       const bool* m = pb.mask_bool + base;
-      for (int64_t c = 0; c < nk; ++c) s[c] = m[c * pb.ms3] ? s[c] : -kInf<acc_t>;
+      for (int64_t c = 0; c < width; ++c) s[c] = m[c * pb.ms3] ? s[c] : -kInf<acc_t>;
     } else {
       const acc_t* m = pb.mask_add + base;
-      for (int64_t c = 0; c < nk; ++c) s[c] += m[c * pb.ms3];
+      for (int64_t c = 0; c < width; ++c) s[c] += m[c * pb.ms3];
     }
   }
 }
@@ -298,11 +298,11 @@ struct ForwardScratch {
   // kt and v hold the whole kv-head: v as (Lk_pad x Dvp), kt as one (Dp x kBlockK)
   // panel per key block -- a single (Dp x Lk_pad) matrix would put the rows a
   // product reads 4 KB apart at Lk = 1024, all in the same few L1 sets.
-  std::vector<acc_t> q, kt, v, s, o, m, l, bias;
+  std::vector<acc_t> q, kt, v, s, o, m, l, alpha, bias;
   std::vector<uint8_t> keep, packed;              // packed[kb]: key block kb of kt and v is filled
   ForwardScratch(int64_t Dp, int64_t Dvp, int64_t Lk_pad, int64_t key_blocks)
       : q(kBlockQ * Dp), kt(Dp * kBlockK * key_blocks), v(Lk_pad * Dvp), s(kBlockQ * kBlockK),
-        o(kBlockQ * Dvp), m(kBlockQ), l(kBlockQ), bias(kBlockK), keep(kBlockK), packed(key_blocks) {}
+        o(kBlockQ * Dvp), m(kBlockQ), l(kBlockQ), alpha(kBlockQ), bias(kBlockK), keep(kBlockK), packed(key_blocks) {}
 };
 
 // Query blocks qb0 .. qb1 of head (b, h). The key and value blocks are packed
@@ -336,23 +336,19 @@ void forward_blocks(const Problem<scalar_t, acc_t>& pb, const Strided4<const sca
       }
       acc_t* S = w.s.data();
       tile_gemm(mq_pad, nw_pad, Dp, w.q.data(), Dp, w.kt.data() + kb * Dp * kBlockK, kBlockK, S, kBlockK, false);
+      if (plan.column_bias || plan.causal || plan.mask)
+        for (int64_t r = 0; r < mq; ++r)
+          mask_row(pb, plan, w.bias.data(), b, h, i0 + r, j0, nw, nw_pad, S + r * kBlockK);
+      // The normaliser l counts dropped elements too: dropout acts on the probabilities.
+      online_softmax(mq, nw_pad, S, kBlockK, w.m.data(), w.l.data(), w.alpha.data());
       for (int64_t r = 0; r < mq; ++r) {
-        acc_t* s = S + r * kBlockK;
-        mask_row(pb, plan, w.bias.data(), b, h, i0 + r, j0, nw, nw_pad, s);
-        const acc_t m_new = std::max(w.m[r], row_max(nw_pad, s));
-        if (m_new == -kInf<acc_t>) {  // nothing visible to this row yet
-          std::fill(s, s + nw_pad, acc_t(0));
-          continue;
-        }
-        const acc_t alpha = w.m[r] == -kInf<acc_t> ? acc_t(0) : std::exp(w.m[r] - m_new);
-        const acc_t sum = exp_shift_sum(nw_pad, s, m_new);
-        w.l[r] = w.l[r] * alpha + sum;  // the normaliser counts dropped elements too
-        w.m[r] = m_new;
-        if (alpha != acc_t(1)) {
+        if (w.alpha[r] != acc_t(1)) {
           acc_t* o = w.o.data() + r * Dvp;
+          const acc_t alpha = w.alpha[r];
           for (int64_t e = 0; e < Dvp; ++e) o[e] *= alpha;
         }
         if (pb.dropout.enabled) {
+          acc_t* s = S + r * kBlockK;
           pb.dropout.row(b * pb.H + h, i0 + r, j0, nw, w.keep.data());
           const acc_t inv = static_cast<acc_t>(pb.dropout.inv_keep);
           for (int64_t c = 0; c < nw; ++c) s[c] = w.keep[c] ? s[c] * inv : acc_t(0);
@@ -440,22 +436,20 @@ void backward_kv_head(const Problem<scalar_t, acc_t>& pb, const Strided4<const s
         acc_t* T = w.t.data();
         // P = exp(q k^T * scale + mask - lse), exactly the forward's probabilities.
         tile_gemm(mq_pad, nw_pad, Dp, qi, Dp, w.kt.data(), kBlockK, P, kBlockK, false);
-        for (int64_t r = 0; r < mq_pad; ++r) {
-          acc_t* p = P + r * kBlockK;
-          if (r >= mq) {
-            std::fill(p, p + nw_pad, acc_t(0));
-            continue;
-          }
-          mask_row(pb, plan, w.bias.data(), b, h, i0 + r, j0, nw, nw_pad, p);
-          exp_shift_sum(nw_pad, p, w.lse[i0 + r]);
-          if (pb.dropout.enabled) pb.dropout.row(bh, i0 + r, j0, nw, w.keep.data() + r * kBlockK);
-        }
+        if (plan.column_bias || plan.causal || plan.mask)
+          for (int64_t r = 0; r < mq; ++r)
+            mask_row(pb, plan, w.bias.data(), b, h, i0 + r, j0, nw, nw_pad, P + r * kBlockK);
+        exp_rows(mq, nw_pad, P, kBlockK, w.lse.data() + i0);
+        std::fill(P + mq * kBlockK, P + mq_pad * kBlockK, acc_t(0));
+        if (pb.dropout.enabled)
+          for (int64_t r = 0; r < mq; ++r) pb.dropout.row(bh, i0 + r, j0, nw, w.keep.data() + r * kBlockK);
         // dV += P_dropped^T dO.
         const acc_t* P_used = P;
         if (pb.dropout.enabled) {
           for (int64_t r = 0; r < mq; ++r) {
             const uint8_t* keep = w.keep.data() + r * kBlockK;
-            for (int64_t c = 0; c < nw_pad; ++c) T[r * kBlockK + c] = c < nw && keep[c] ? P[r * kBlockK + c] * inv_keep : acc_t(0);
+            for (int64_t c = 0; c < nw_pad; ++c)
+              T[r * kBlockK + c] = c < nw && keep[c] ? P[r * kBlockK + c] * inv_keep : acc_t(0);
           }
           std::fill(T + mq * kBlockK, T + mq_pad * kBlockK, acc_t(0));
           P_used = T;
