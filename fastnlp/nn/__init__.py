@@ -1,6 +1,7 @@
 """Drop-in modules: same constructor, parameter names and forward as the layers they replace."""
 
+from fastnlp.nn.attention import MultiheadAttention
 from fastnlp.nn.constraints import AllowedTransitions, allowed_transitions
 from fastnlp.nn.crf import CRF
 
-__all__ = ["AllowedTransitions", "CRF", "allowed_transitions"]
+__all__ = ["AllowedTransitions", "CRF", "MultiheadAttention", "allowed_transitions"]
