@@ -247,7 +247,7 @@ def keep_rows(dead, c):
     """Bool masks over the output and the weights, False on the rows of dead batch elements."""
     keep = ~dead
     if c["unbatched"]:
-        return keep.reshape(1, 1), keep.reshape(1, 1, 1)
+        return keep.reshape(1, 1), keep.reshape(1, 1) if c["average"] else keep.reshape(1, 1, 1)
     out_keep = keep.reshape(-1, 1, 1) if c["batch_first"] else keep.reshape(1, -1, 1)
     return out_keep, keep.reshape(-1, 1, 1, 1) if not c["average"] else keep.reshape(-1, 1, 1)
 
