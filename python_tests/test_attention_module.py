@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fastnlp  # noqa: F401  (loads the ops)
+from fastnlp import ops
 from fastnlp.nn import MultiheadAttention
 from markers import DEVICES
 
@@ -394,6 +395,8 @@ ERROR_CASES = [
      dict(attn_mask=torch.zeros(3, 5, dtype=torch.int32))),
     (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
      dict(attn_mask=[[0.0] * 5] * 3)),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(key_padding_mask=[[False] * 5] * 2)),
     (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)), dict(is_causal=True)),
     (dict(embed_dim=4, num_heads=2), (_q(3, 2, 6), _q(5, 2, 6), _q(5, 2, 6)), {}),
     (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(6, 2, 4)), {}),
@@ -493,6 +496,52 @@ def test_dropout_weights_are_the_ones_the_output_used():
     theirs = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True).eval()
     theirs.load_state_dict(m.state_dict())
     torch.testing.assert_close(m(x, x, x)[0], theirs(x, x, x)[0], rtol=1e-5, atol=1e-5)  # eval: no dropout
+
+
+# ---------------------------------------------------------------------------
+# fastnlp.ops.attention_with_weights, the path need_weights=True takes.
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_with_weights_is_the_softmax_and_its_gradient(kv_heads):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, kv_heads, 7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, kv_heads, 7, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    attn_mask = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    attn_mask[1] = float("-inf")  # query 1 sees nothing
+    lengths = torch.tensor([7, 3])
+    out, weights = ops.attention_with_weights(q, k, v, attn_mask=attn_mask, key_padding_mask=lengths)
+    group = 4 // kv_heads
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ kk.transpose(-2, -1) / 3 ** 0.5 + attn_mask
+    scores = scores.masked_fill(torch.arange(7)[None, None, None, :] >= lengths[:, None, None, None], float("-inf"))
+    seen = (scores != float("-inf")).any(dim=-1, keepdim=True)
+    expected = torch.softmax(torch.where(seen, scores, torch.zeros_like(scores)), dim=-1)
+    expected = torch.where(seen, expected, torch.zeros_like(expected))
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(out, expected @ vv)
+    assert torch.all(weights[:, :, 1] == 0)
+    g_out, g_w = torch.randn_like(out), torch.randn_like(weights)
+    got = torch.autograd.grad((out * g_out).sum() + (weights * g_w).sum(), [q, k, v])
+    want = torch.autograd.grad((expected @ vv * g_out).sum() + (expected * g_w).sum(), [q, k, v])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_inference_matches_torch_fast_path():
+    """In eval mode without grad torch takes its native fast path; ours still runs the kernel."""
+    theirs, ours = make_pair(embed_dim=16, num_heads=4, batch_first=True)
+    theirs.eval(), ours.eval()
+    x = torch.randn(3, 7, 16)
+    kpm = torch.tensor([[False] * 7, [False] * 4 + [True] * 3, [False] * 2 + [True] * 5])
+    with torch.no_grad():
+        for need_weights in (False, True):
+            t_out, t_w = theirs(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+            o_out, o_w = ours(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+            torch.testing.assert_close(o_out, t_out, rtol=1e-5, atol=1e-5)
+            if need_weights:
+                torch.testing.assert_close(o_w, t_w, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------
