@@ -249,13 +249,12 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
 
     Same arguments and semantics as fastnlp.ops.attention. The output comes
     from the fused kernel, which also returns each row's log-sum-exp; the
-    weights are then exp(q k^T * scale + mask - lse), one (Lq, Lk) product and
-    no second softmax. With dropout they are the weights after dropout (kept
+    weights are then exp(q k^T * scale + mask - lse), renormalised: one
+    (Lq, Lk) product and no pass for the row maxima. With dropout they are the weights after dropout (kept
     ones scaled by 1 / (1 - dropout_p)), drawn from the same random stream as
     the output's, so out == weights @ value. Rows with no visible key give 0
-    weights. Both results are differentiable with respect to query and key
-    (the weights' gradient is the softmax's). Always the compiled kernel: the
-    weights need its lse.
+    weights. Both results are differentiable with respect to query, key and
+    value. Always the compiled kernel: the weights need its lse.
     """
     attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
                                                              is_causal, dropout_p, scale)
@@ -295,10 +294,12 @@ def _weights_from_lse(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
     shifted = logits - lse
     if visible is not None:
         shifted = shifted.masked_fill(~visible, float("-inf"))
-    # The kernel's lse is a constant to autograd; the softmax gradient also
-    # needs its derivative with respect to the scores, which is the weights
-    # themselves. This term is 0 in value and adds exactly that derivative.
-    probs = torch.exp(shifted).detach()
-    lse_grad = (probs * (scores - scores.detach())).sum(dim=-1, keepdim=True)
-    weights = torch.exp(shifted - lse_grad)
+    # exp(s - lse) alone is the softmax up to the rounding of the kernel's own
+    # scores, which can differ from these in the last bits (relative error of
+    # |s| * eps); dividing by the row sum (1 up to that error) removes it, and
+    # autograd then gives the softmax's own gradient. lse is a constant shift
+    # that keeps exp() in range without another pass for the row maximum.
+    exps = torch.exp(shifted)
+    total = exps.sum(dim=-1, keepdim=True)
+    weights = exps / torch.where(seen, total, torch.ones_like(total))
     return torch.where(seen, weights, torch.zeros_like(weights))
