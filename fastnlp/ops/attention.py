@@ -249,12 +249,14 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
 
     Same arguments and semantics as fastnlp.ops.attention. The output comes
     from the fused kernel, which also returns each row's log-sum-exp; the
-    weights are then exp(q k^T * scale + mask - lse), renormalised: one
-    (Lq, Lk) product and no pass for the row maxima. With dropout they are the weights after dropout (kept
-    ones scaled by 1 / (1 - dropout_p)), drawn from the same random stream as
-    the output's, so out == weights @ value. Rows with no visible key give 0
-    weights. Both results are differentiable with respect to query, key and
-    value. Always the compiled kernel: the weights need its lse.
+    weights are then exp(q k^T * scale + mask - lse), renormalised by their row
+    sum: one (Lq, Lk) product and no pass for the row maxima. With dropout they
+    are the weights after dropout (kept ones scaled by 1 / (1 - dropout_p)),
+    drawn from the same random stream as the output's, so out == weights @
+    value. Rows with no visible key give 0 weights. The output is
+    differentiable with respect to query, key and value, the weights with
+    respect to query and key (the softmax's gradient). Always the compiled
+    kernel: the weights need its lse.
     """
     attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
                                                              is_causal, dropout_p, scale)
