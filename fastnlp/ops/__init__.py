@@ -5,7 +5,7 @@ tensors' device) or "reference" (pure PyTorch, for debugging); the
 FASTNLP_BACKEND environment variable sets the default.
 """
 
-from fastnlp.ops.attention import attention
+from fastnlp.ops.attention import attention, attention_with_weights
 from fastnlp.ops.crf import (
     crf_gold_score,
     crf_log_likelihood,
@@ -18,6 +18,7 @@ from fastnlp.ops.lstm import lstm_cell, lstm_layer
 
 __all__ = [
     "attention",
+    "attention_with_weights",
     "crf_gold_score",
     "crf_log_likelihood",
     "crf_log_partition",

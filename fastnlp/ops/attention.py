@@ -20,7 +20,7 @@ from fastnlp import triton as _triton
 from fastnlp.ops._backend import is_compiling, use_reference
 from fastnlp.reference import attention as reference
 
-__all__ = ["attention"]
+__all__ = ["attention", "attention_with_weights"]
 
 MAX_HEAD_DIM = 256  # what the GPU kernels will support; the CPU kernel keeps to it for one contract
 
@@ -243,3 +243,69 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
 def dropout_mask(query: Tensor, key: Tensor, dropout_p: float, rng_state: Tensor) -> Tensor:
     """The keep-mask (B, H, Lq, Lk) the kernels draw for this rng_state: for tests."""
     return torch.ops.fastnlp.attention_dropout_mask(query, key, float(dropout_p), rng_state)
+
+
+def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+                           key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
+                           dropout_p: float = 0.0, scale: Optional[float] = None) -> tuple:
+    """fastnlp.ops.attention and, beside it, the attention weights it used:
+    (out (B, H, Lq, Dv), weights (B, H, Lq, Lk) in query's dtype).
+
+    Same arguments and semantics as fastnlp.ops.attention. The output comes
+    from the fused kernel, which also returns each row's log-sum-exp; the
+    weights are then exp(q k^T * scale + mask - lse), renormalised by their row
+    sum: one (Lq, Lk) product and no pass for the row maxima. With dropout they
+    are the weights after dropout (kept ones scaled by 1 / (1 - dropout_p)),
+    drawn from the same random stream as the output's, so out == weights @
+    value. Rows with no visible key give 0 weights. The output is
+    differentiable with respect to query, key and value, the weights with
+    respect to query and key (the softmax's gradient). Always the compiled
+    kernel: the weights need its lse.
+    """
+    attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
+                                                             is_causal, dropout_p, scale)
+    if not is_compiling():
+        _check_kernel_exists(query.device)
+    rng_state = _draw_rng_state(dropout_p)
+    out, lse = torch.ops.fastnlp.attention_forward(query, key, value, attn_mask, key_padding_mask, is_causal,
+                                                   dropout_p, scale, rng_state)
+    weights = _weights_from_lse(query, key, lse, attn_mask, key_padding_mask, is_causal, scale)
+    if rng_state is not None:
+        keep = torch.ops.fastnlp.attention_dropout_mask(query, key, dropout_p, rng_state)
+        weights = weights * keep.to(weights.dtype) / (1.0 - dropout_p)
+    return out, weights.to(query.dtype)
+
+
+def _weights_from_lse(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Optional[Tensor],
+                      key_padding_mask: Optional[Tensor], is_causal: bool, scale: float) -> Tensor:
+    """softmax(q k^T * scale + masks) from the kernel's row log-sum-exp, with
+    the masks as _prepare leaves them (bool = take part)."""
+    heads, query_len, key_len = query.shape[1], query.shape[2], key.shape[2]
+    if key.shape[1] != heads:
+        key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    scores = torch.matmul(query.to(lse.dtype), key.to(lse.dtype).transpose(-2, -1)) * scale
+    visible = None
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        visible = attn_mask
+    if key_padding_mask is not None:
+        padding = key_padding_mask[:, None, None, :]
+        visible = padding if visible is None else visible & padding
+    if is_causal:
+        causal = torch.ones(query_len, key_len, dtype=torch.bool, device=query.device).tril()
+        visible = causal if visible is None else visible & causal
+    logits = scores if attn_mask is None or attn_mask.dtype == torch.bool else scores + attn_mask
+    # lse is -inf on rows that saw no key; 0 there keeps exp() and its gradient finite.
+    seen = torch.isfinite(lse)[..., None]
+    lse = torch.where(seen, lse[..., None], torch.zeros_like(lse[..., None]))
+    shifted = logits - lse
+    if visible is not None:
+        shifted = shifted.masked_fill(~visible, float("-inf"))
+    # exp(s - lse) alone is the softmax up to the rounding of the kernel's own
+    # scores, which can differ from these in the last bits (relative error of
+    # |s| * eps); dividing by the row sum (1 up to that error) removes it, and
+    # autograd then gives the softmax's own gradient. lse is a constant shift
+    # that keeps exp() in range without another pass for the row maximum.
+    exps = torch.exp(shifted)
+    total = exps.sum(dim=-1, keepdim=True)
+    weights = exps / torch.where(seen, total, torch.ones_like(total))
+    return torch.where(seen, weights, torch.zeros_like(weights))

@@ -1,0 +1,376 @@
+"""fastnlp.nn.MultiheadAttention: a drop-in for torch.nn.MultiheadAttention on the fused attention kernel."""
+
+import warnings
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
+from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
+
+from fastnlp import ops
+
+__all__ = ["MultiheadAttention"]
+
+
+class MultiheadAttention(nn.Module):
+    r"""Multi-head attention, ``Concat(head_1, ..., head_h) W^O`` with
+    ``head_i = Attention(Q W_i^Q, K W_i^K, V W_i^V)``.
+
+    Same constructor, parameters (names, shapes, registration order and
+    initialisation: one seed gives both modules the same weights), state_dict,
+    forward and errors as :class:`torch.nn.MultiheadAttention`; a state_dict
+    of one loads unchanged into the other. Masks follow torch's conventions: a
+    boolean ``True`` means *masked out*; float masks are added to the scores;
+    ``attn_mask`` is (L, S) or (N * num_heads, L, S), ``key_padding_mask`` (N, S).
+
+    The attention itself always runs in :func:`fastnlp.ops.attention` (the
+    fused, flash-style kernel); with ``need_weights=True`` the weights are
+    recomputed beside it from q, k and the kernel's row log-sum-exp
+    (:func:`fastnlp.ops.attention_with_weights`). Beyond torch's module:
+
+    * a query row that sees no key at all (every key masked or padded) gets
+      attention output 0 (so its result is ``out_proj.bias``), weights 0 and
+      gradient 0, where torch gives NaN (which then spreads to every
+      parameter's gradient);
+    * key blocks hidden by ``key_padding_mask``, a causal mask or a boolean
+      ``attn_mask`` are skipped by the kernel, so the cost follows the visible
+      area; the (L, S) score matrix is never stored when ``need_weights=False``;
+    * works under ``torch.compile(fullgraph=True)``, forward and backward.
+
+    Differences from torch: dropout draws from the kernel's counter-based
+    stream, so the dropped entries differ from torch's for one seed (the rate
+    and scaling are the same), and ``dropout`` must be below 1; there is no
+    inference fast path and no NestedTensor input (torch takes those only on
+    its fast path).
+
+    Args:
+        embed_dim: total dimension of the model; split across ``num_heads``.
+        num_heads: number of parallel attention heads; must divide ``embed_dim``.
+        dropout: dropout probability on the attention weights (training only).
+        bias: add biases to the input and output projections.
+        add_bias_kv: append a learned key and value (``bias_k``, ``bias_v``)
+            to the key and value sequences.
+        add_zero_attn: append a zero key and value (after ``bias_k``/``bias_v``).
+        kdim, vdim: feature sizes of key and value (default ``embed_dim``);
+            when they differ from it the input projection is kept as
+            ``q_proj_weight``, ``k_proj_weight`` and ``v_proj_weight``.
+        batch_first: inputs and output are (N, L, E) instead of (L, N, E).
+    """
+
+    __constants__ = ["batch_first"]
+    bias_k: Optional[Tensor]
+    bias_v: Optional[Tensor]
+
+    def __init__(self, embed_dim, num_heads, dropout=0.0, bias=True, add_bias_kv=False, add_zero_attn=False,
+                 kdim=None, vdim=None, batch_first=False, device=None, dtype=None) -> None:
+        if embed_dim <= 0 or num_heads <= 0:
+            raise ValueError(f"embed_dim and num_heads must be greater than 0,"
+                             f" got embed_dim={embed_dim} and num_heads={num_heads} instead")
+        factory = {"device": device, "dtype": dtype}
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.kdim = kdim if kdim is not None else embed_dim
+        self.vdim = vdim if vdim is not None else embed_dim
+        self._qkv_same_embed_dim = self.kdim == embed_dim and self.vdim == embed_dim
+        self.num_heads = num_heads
+        self.dropout = dropout
+        self.batch_first = batch_first
+        self.head_dim = embed_dim // num_heads
+        if self.head_dim * num_heads != self.embed_dim:
+            raise AssertionError("embed_dim must be divisible by num_heads")
+
+        # Registration order matters: it is the state_dict's key order, and
+        # the order of the random draws at initialisation.
+        if self._qkv_same_embed_dim:
+            self.in_proj_weight = nn.Parameter(torch.empty((3 * embed_dim, embed_dim), **factory))
+            self.register_parameter("q_proj_weight", None)
+            self.register_parameter("k_proj_weight", None)
+            self.register_parameter("v_proj_weight", None)
+        else:
+            self.q_proj_weight = nn.Parameter(torch.empty((embed_dim, embed_dim), **factory))
+            self.k_proj_weight = nn.Parameter(torch.empty((embed_dim, self.kdim), **factory))
+            self.v_proj_weight = nn.Parameter(torch.empty((embed_dim, self.vdim), **factory))
+            self.register_parameter("in_proj_weight", None)
+        if bias:
+            self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory))
+        else:
+            self.register_parameter("in_proj_bias", None)
+        # torch's own class (a plain Linear that quantization leaves alone), so
+        # repr, quantization and state_dict treat both modules alike.
+        self.out_proj = NonDynamicallyQuantizableLinear(embed_dim, embed_dim, bias=bias, **factory)
+        if add_bias_kv:
+            self.bias_k = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+            self.bias_v = nn.Parameter(torch.empty((1, 1, embed_dim), **factory))
+        else:
+            self.bias_k = self.bias_v = None  # plain attributes, as in torch: no state_dict entry
+        self.add_zero_attn = add_zero_attn
+        self._reset_parameters()
+
+    def _reset_parameters(self) -> None:
+        if self._qkv_same_embed_dim:
+            xavier_uniform_(self.in_proj_weight)
+        else:
+            xavier_uniform_(self.q_proj_weight)
+            xavier_uniform_(self.k_proj_weight)
+            xavier_uniform_(self.v_proj_weight)
+        if self.in_proj_bias is not None:
+            constant_(self.in_proj_bias, 0.0)
+            constant_(self.out_proj.bias, 0.0)
+        if self.bias_k is not None:
+            xavier_normal_(self.bias_k)
+        if self.bias_v is not None:
+            xavier_normal_(self.bias_v)
+
+    def __setstate__(self, state):
+        # Modules pickled by torch 1.1 predate separate projection weights.
+        if "_qkv_same_embed_dim" not in state:
+            state["_qkv_same_embed_dim"] = True
+        super().__setstate__(state)
+
+    def forward(self, query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor] = None,
+                need_weights: bool = True, attn_mask: Optional[Tensor] = None, average_attn_weights: bool = True,
+                is_causal: bool = False) -> Tuple[Tensor, Optional[Tensor]]:
+        r"""Attention of ``query`` over ``key``/``value``; returns ``(attn_output, attn_weights)``.
+
+        Args:
+            query: (L, E) unbatched, (L, N, E), or (N, L, E) if ``batch_first``.
+            key: (S, kdim), (S, N, kdim) or (N, S, kdim).
+            value: (S, vdim), (S, N, vdim) or (N, S, vdim).
+            key_padding_mask: (N, S) or (S,) unbatched; bool (``True`` = padding,
+                ignored) or float (added to the scores of that key).
+            need_weights: also return the attention weights.
+            attn_mask: (L, S) or (N * num_heads, L, S) ((num_heads, L, S)
+                unbatched); bool (``True`` = not allowed to attend) or float (added).
+            average_attn_weights: average the returned weights over heads.
+            is_causal: a hint that ``attn_mask`` is the causal mask, which
+                must then be given, as in torch. Where torch would use the hint
+                (no key_padding_mask, ``need_weights=False``) the kernel applies
+                the causal mask itself and ``attn_mask`` is not read; otherwise
+                ``attn_mask`` is used.
+
+        Returns:
+            attn_output: (L, E), (L, N, E) or (N, L, E) if ``batch_first``.
+            attn_weights: None unless ``need_weights``; (N, L, S) averaged over
+                heads or (N, num_heads, L, S) (without N for unbatched input),
+                S counting the ``bias_k`` and zero-attention keys.
+        """
+        # torch's checks, in torch's order, so malformed calls fail alike;
+        # its first look at the masks is this test for its inference fast path.
+        _ = ((attn_mask is not None and torch.is_floating_point(attn_mask))
+             or (key_padding_mask is not None and torch.is_floating_point(key_padding_mask)))
+        is_batched = query.dim() == 3
+        _check_mask_type(key_padding_mask, "key_padding_mask", _dtype_or_none(attn_mask), "attn_mask")
+        _check_mask_type(attn_mask, "attn_mask", None, "")
+        if query.is_nested or key.is_nested or value.is_nested:
+            raise AssertionError("fastnlp.nn.MultiheadAttention does not support NestedTensor input")
+        batch_first = self.batch_first and is_batched
+        if batch_first:
+            # torch transposes these before checking their shapes: a 1-D key
+            # or value fails in that transpose first.
+            for tensor in (key, value):
+                if tensor.dim() < 2:
+                    tensor.transpose(1, 0)
+        _check_shapes(query, key, value, key_padding_mask, attn_mask, self.num_heads)
+
+        # Self- and encoder-decoder attention share one projection product; as
+        # in torch, unbatched inputs are treated as distinct tensors.
+        self_attention = is_batched and query is key and key is value
+        shared_kv = is_batched and key is value
+        if not is_batched:  # a batch of one, sequence first
+            query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+            if key_padding_mask is not None:
+                key_padding_mask = key_padding_mask.unsqueeze(0)
+        seq_dim = 1 if batch_first else 0
+        tgt_len, bsz, embed_dim = query.shape[seq_dim], query.shape[1 - seq_dim], query.shape[2]
+        src_len = key.shape[seq_dim]
+
+        if is_causal and attn_mask is None:
+            raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
+                               "module method `generate_square_subsequent_mask` to create this mask.")
+        # Where torch hands the hint to SDPA, the kernel applies the causal
+        # mask; everywhere else torch uses attn_mask and ignores the hint.
+        kernel_causal = is_causal and key_padding_mask is None and not need_weights
+        if kernel_causal:
+            attn_mask = None
+        if embed_dim != self.embed_dim:
+            raise AssertionError(f"was expecting embedding dimension of {self.embed_dim}, but got {embed_dim}")
+        if self._qkv_same_embed_dim:
+            if key.shape != value.shape:
+                raise AssertionError(f"key shape {_seq_first(key.shape, batch_first)} does not match value shape "
+                                     f"{_seq_first(value.shape, batch_first)}")
+        elif key.shape[:2] != value.shape[:2]:
+            raise AssertionError(f"key's sequence and batch dims {_seq_first(key.shape, batch_first)[:2]} do not "
+                                 f"match value's {_seq_first(value.shape, batch_first)[:2]}")
+
+        q, k, v = self._in_projection(query, key, value, self_attention, shared_kv)
+
+        if attn_mask is not None:
+            expected = (tgt_len, src_len) if attn_mask.dim() == 2 else (bsz * self.num_heads, tgt_len, src_len)
+            if attn_mask.shape != expected:
+                raise RuntimeError(f"The shape of the {attn_mask.dim()}D attn_mask is {attn_mask.shape}, "
+                                   f"but should be {expected}.")
+        if self.bias_k is not None and self.bias_v is None:
+            raise AssertionError("bias_k is set but bias_v is None")
+        if self.bias_v is not None and self.bias_k is None:
+            raise AssertionError("bias_v is set but bias_k is None")
+        extra = (self.bias_k is not None) + bool(self.add_zero_attn)  # keys appended after the sequence
+        if key_padding_mask is not None:
+            for dim, want in ((0, bsz), (1, src_len)):
+                got = key_padding_mask.shape[dim]
+                if got != want:
+                    raise AssertionError(f"Expected key_padded_mask.shape[{dim}] to be {want + extra * dim}, "
+                                         f"but got {got + extra * dim}")
+
+        k, v = self._append_keys(k, v, bsz, seq_dim)
+        mask, padding = _kernel_masks(attn_mask, key_padding_mask, extra, bsz, self.num_heads, tgt_len, q.dtype)
+        q, k, v = (self._split_heads(x, seq_dim) for x in (q, k, v))
+        dropout_p = self.dropout if self.training else 0.0
+        if need_weights:
+            out, weights = ops.attention_with_weights(q, k, v, mask, padding, kernel_causal, dropout_p)
+        else:
+            out, weights = ops.attention(q, k, v, mask, padding, kernel_causal, dropout_p), None
+        out = self._merge_heads(out, seq_dim)
+        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+
+        if weights is not None and average_attn_weights:
+            weights = weights.mean(dim=1)
+        if not is_batched:
+            out = out.squeeze(1)
+            if weights is not None:
+                weights = weights.squeeze(0)
+        return out, weights
+
+    def _in_projection(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool,
+                       shared_kv: bool) -> Tuple[Tensor, Tensor, Tensor]:
+        bias_q = bias_k = bias_v = None
+        if self.in_proj_bias is not None:
+            bias_q, bias_k, bias_v = self.in_proj_bias.chunk(3)
+        if not self._qkv_same_embed_dim:
+            embed, kdim, vdim = query.shape[-1], key.shape[-1], value.shape[-1]
+            for name, weight, width in (("query", self.q_proj_weight, embed), ("key", self.k_proj_weight, kdim),
+                                        ("value", self.v_proj_weight, vdim)):
+                if weight.shape != (embed, width):
+                    raise AssertionError(f"expecting {name} weights shape of {(embed, width)}, "
+                                         f"but got {weight.shape}")
+            return (F.linear(query, self.q_proj_weight, bias_q), F.linear(key, self.k_proj_weight, bias_k),
+                    F.linear(value, self.v_proj_weight, bias_v))
+        weight = self.in_proj_weight
+        if self_attention:
+            return F.linear(query, weight, self.in_proj_bias).chunk(3, dim=-1)
+        weight_q, weight_k, weight_v = weight.chunk(3)
+        if shared_kv:
+            bias_kv = None if self.in_proj_bias is None else self.in_proj_bias[self.embed_dim:]
+            k, v = F.linear(key, weight[self.embed_dim:], bias_kv).chunk(2, dim=-1)
+            return F.linear(query, weight_q, bias_q), k, v
+        return F.linear(query, weight_q, bias_q), F.linear(key, weight_k, bias_k), F.linear(value, weight_v, bias_v)
+
+    def _append_keys(self, k: Tensor, v: Tensor, bsz: int, seq_dim: int) -> Tuple[Tensor, Tensor]:
+        """bias_k/bias_v, then a zero key/value, after the last position."""
+        step = (1, bsz, self.embed_dim) if seq_dim == 0 else (bsz, 1, self.embed_dim)
+        k_parts, v_parts = [k], [v]
+        if self.bias_k is not None:
+            k_parts.append(self.bias_k.reshape(1, 1, -1).expand(step))
+            v_parts.append(self.bias_v.reshape(1, 1, -1).expand(step))
+        if self.add_zero_attn:
+            k_parts.append(k.new_zeros(step))
+            v_parts.append(v.new_zeros(step))
+        if len(k_parts) == 1:
+            return k, v
+        return torch.cat(k_parts, dim=seq_dim), torch.cat(v_parts, dim=seq_dim)
+
+    def _split_heads(self, x: Tensor, seq_dim: int) -> Tensor:
+        """(L, N, E) or (N, L, E) -> (N, H, L, E / H), a view: the kernel takes any strides."""
+        if seq_dim == 0:
+            return x.unflatten(-1, (self.num_heads, -1)).permute(1, 2, 0, 3)
+        return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def _merge_heads(self, x: Tensor, seq_dim: int) -> Tensor:
+        if seq_dim == 0:
+            return x.permute(2, 0, 1, 3).flatten(2)
+        return x.transpose(1, 2).flatten(2)
+
+
+def _dtype_or_none(mask) -> Optional[torch.dtype]:
+    if mask is None:
+        return None
+    if isinstance(mask, Tensor):
+        return mask.dtype
+    raise RuntimeError("input to _none_or_dtype() must be None or torch.Tensor")
+
+
+def _check_mask_type(mask: Optional[Tensor], name: str, other_type: Optional[torch.dtype], other_name: str) -> None:
+    if mask is None:
+        return
+    if mask.dtype != torch.bool and not torch.is_floating_point(mask):
+        raise AssertionError(f"only bool and floating types of {name} are supported")
+    if other_type is not None and mask.dtype != other_type:
+        warnings.warn(f"Support for mismatched {name} and {other_name} is deprecated. Use same type for both "
+                      "instead.", stacklevel=3)
+
+
+def _check_shapes(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],
+                  attn_mask: Optional[Tensor], num_heads: int) -> None:
+    """Dimensions of the inputs and masks, with torch's messages."""
+    if query.dim() == 3:
+        if key.dim() != 3 or value.dim() != 3:
+            raise AssertionError("For batched (3-D) `query`, expected `key` and `value` to be 3-D"
+                                 f" but found {key.dim()}-D and {value.dim()}-D tensors respectively")
+        if key_padding_mask is not None and key_padding_mask.dim() != 2:
+            raise AssertionError("For batched (3-D) `query`, expected `key_padding_mask` to be `None` or 2-D"
+                                 f" but found {key_padding_mask.dim()}-D tensor instead")
+        if attn_mask is not None and attn_mask.dim() not in (2, 3):
+            raise AssertionError("For batched (3-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
+                                 f" but found {attn_mask.dim()}-D tensor instead")
+    elif query.dim() == 2:
+        if key.dim() != 2 or value.dim() != 2:
+            raise AssertionError("For unbatched (2-D) `query`, expected `key` and `value` to be 2-D"
+                                 f" but found {key.dim()}-D and {value.dim()}-D tensors respectively")
+        if key_padding_mask is not None and key_padding_mask.dim() != 1:
+            raise AssertionError("For unbatched (2-D) `query`, expected `key_padding_mask` to be `None` or 1-D"
+                                 f" but found {key_padding_mask.dim()}-D tensor instead")
+        if attn_mask is not None:
+            if attn_mask.dim() not in (2, 3):
+                raise AssertionError("For unbatched (2-D) `query`, expected `attn_mask` to be `None`, 2-D or 3-D"
+                                     f" but found {attn_mask.dim()}-D tensor instead")
+            expected = (num_heads, query.shape[0], key.shape[0])
+            if attn_mask.dim() == 3 and attn_mask.shape != expected:
+                raise AssertionError(f"Expected `attn_mask` shape to be {expected} but got {attn_mask.shape}")
+    else:
+        raise AssertionError("query should be unbatched 2D or batched 3D tensor but received "
+                             f"{query.dim()}-D query tensor")
+
+
+def _seq_first(shape: torch.Size, batch_first: bool) -> torch.Size:
+    """A shape as torch's functional sees it (sequence first), for its messages."""
+    return torch.Size((shape[1], shape[0], shape[2])) if batch_first else shape
+
+
+def _kernel_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], extra: int, bsz: int,
+                  num_heads: int, tgt_len: int, dtype: torch.dtype) -> Tuple[Optional[Tensor], Optional[Tensor]]:
+    """torch's masks (bool True = masked out, float added) as the kernel takes
+    them (bool True = take part), widened by `extra` appended keys that every
+    query sees. Boolean masks stay boolean so the kernel can skip what they
+    hide; a float key_padding_mask is folded into the additive attn_mask."""
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            attn_mask = ~attn_mask
+            attn_mask = F.pad(attn_mask, (0, extra), value=True) if extra else attn_mask
+        else:
+            attn_mask = F.pad(attn_mask.to(dtype), (0, extra)) if extra else attn_mask.to(dtype)
+        if attn_mask.dim() == 3:  # (N * H, L, S) -> (N, H, L, S); a 2-D mask broadcasts as it is
+            attn_mask = attn_mask.reshape(bsz, num_heads, tgt_len, -1)
+    if key_padding_mask is None:
+        return attn_mask, None
+    if key_padding_mask.dtype == torch.bool:
+        key_padding_mask = ~key_padding_mask
+        return attn_mask, F.pad(key_padding_mask, (0, extra), value=True) if extra else key_padding_mask
+    additive = key_padding_mask.to(dtype)
+    additive = (F.pad(additive, (0, extra)) if extra else additive)[:, None, None, :]
+    if attn_mask is None:
+        return additive, None
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=dtype, device=attn_mask.device).masked_fill(
+            ~attn_mask, float("-inf"))
+    return attn_mask + additive, None

@@ -1,0 +1,652 @@
+"""fastnlp.nn.MultiheadAttention against torch.nn.MultiheadAttention: PyTorch's
+own module test inputs, random configurations, state_dict both ways, errors,
+fully-masked rows, dropout, is_causal and torch.compile."""
+
+import copy
+import functools
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+import fastnlp  # noqa: F401  (loads the ops)
+from fastnlp import ops
+from fastnlp.nn import MultiheadAttention
+from markers import DEVICES
+
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+
+
+def assert_close(actual, expected, dtype, msg="", exact=None):
+    """rtol = atol = TOLERANCE[dtype], the atol relative to the tensor's largest
+    entry. In float32 a result summed over many large terms (PyTorch's test
+    inputs are drawn from [-9, 9]) carries a rounding error of about that size
+    in torch's own result too; where the two differ by more, `exact` (torch's
+    module run in float64) decides: ours must then be no further from it than
+    5x torch's float32 error (+ 1e-6 of the scale). Not 2x: the kernel's
+    flash-style backward recomputes P = exp(s - lse), which in float32 carries a
+    relative error of about |s| * eps; with PyTorch's large inputs (|s| ~ 50)
+    that is a few times the error of torch's math path, whose P is stored."""
+    tol = TOLERANCE[dtype]
+    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    try:
+        torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * scale,
+                                   msg=(lambda m: f"{msg}: {m}") if msg else None)
+    except AssertionError:
+        if exact is None:
+            raise
+        ours_error = (actual.double() - exact).abs().max().item()
+        torch_error = (expected.double() - exact).abs().max().item()
+        assert ours_error <= 5 * torch_error + 1e-6 * scale, (
+            f"{msg}: max error against float64 {ours_error:.3g}, torch's float32 error {torch_error:.3g}")
+
+
+def make_pair(seed=0, device="cpu", dtype=None, **kwargs):
+    """torch's module and ours, built from the same seed: same weights."""
+    torch.manual_seed(seed)
+    theirs = nn.MultiheadAttention(device=device, dtype=dtype, **kwargs)
+    torch.manual_seed(seed)
+    ours = MultiheadAttention(device=device, dtype=dtype, **kwargs)
+    return theirs, ours
+
+
+def assert_same_parameters(theirs, ours):
+    assert repr(ours) == repr(theirs)
+    a, b = theirs.state_dict(), ours.state_dict()
+    assert list(a) == list(b)
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    assert [n for n, _ in theirs.named_parameters()] == [n for n, _ in ours.named_parameters()]
+    for attr in ("embed_dim", "kdim", "vdim", "_qkv_same_embed_dim", "num_heads", "dropout", "batch_first",
+                 "head_dim", "add_zero_attn"):
+        assert getattr(ours, attr) == getattr(theirs, attr), attr
+    assert (ours.bias_k is None) == (theirs.bias_k is None)
+
+
+def clone_inputs(args):
+    """Fresh leaves, keeping `query is key` / `key is value` (torch takes other paths for them)."""
+    fresh = {}
+    out = []
+    for a in args:
+        if id(a) not in fresh:
+            fresh[id(a)] = a.detach().clone().requires_grad_(a.requires_grad)
+        out.append(fresh[id(a)])
+    return out
+
+
+def _where(keep, x):
+    return x if keep is None else torch.where(keep, x, torch.zeros_like(x))
+
+
+def run(module, args, kwargs, out_grad, weights_grad, keep=None, keep_weights=None):
+    """Output, weights and the gradients of a random linear function of both,
+    with respect to the inputs and every parameter. `keep` and `keep_weights`
+    (broadcastable to the output and the weights) drop rows from the loss,
+    through a where so that NaN rows contribute exactly nothing."""
+    inputs = clone_inputs(args)
+    out, weights = module(*inputs, **kwargs)
+    loss = (_where(keep, out) * out_grad).sum()
+    if weights is not None:
+        loss = loss + (_where(keep_weights, weights).nan_to_num(0.0) * weights_grad).sum()
+    leaves = list({id(x): x for x in inputs if x.requires_grad}.values())
+    params = [p for _, p in module.named_parameters()]
+    grads = torch.autograd.grad(loss, leaves + params, allow_unused=True)
+    return out.detach(), None if weights is None else weights.detach(), grads
+
+
+def as_float64(args, kwargs):
+    """Inputs and float masks in float64, keeping `query is key` / `key is value`."""
+    fresh = {}
+    for a in args:
+        fresh.setdefault(id(a), a.detach().double().requires_grad_(a.requires_grad))
+    kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in kwargs.items()}
+    return [fresh[id(a)] for a in args], kwargs
+
+
+def compare(theirs, ours, args, kwargs, dtype, keep=None, keep_weights=None, kwargs_theirs=None, seed=0):
+    """Runs both modules; outputs, weights and gradients must agree (on the
+    kept rows; weights also only where torch's are finite, ours being 0 there).
+    In float32, torch's module in float64 settles differences above the
+    tolerance (see assert_close)."""
+    kwargs_theirs = kwargs_theirs or kwargs
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        probe, probe_w = theirs(*args, **kwargs_theirs)
+    out_grad = torch.randn(probe.shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=probe.device)
+    w_shape = probe_w.shape if probe_w is not None else (1,)
+    weights_grad = torch.randn(w_shape, generator=gen, dtype=torch.float64).to(dtype=dtype, device=probe.device)
+    t_out, t_w, t_grads = run(theirs, args, kwargs_theirs, out_grad, weights_grad, keep, keep_weights)
+    o_out, o_w, o_grads = run(ours, args, kwargs, out_grad, weights_grad, keep, keep_weights)
+    e_out = e_w = None
+    e_grads = [None] * len(t_grads)
+    if dtype == torch.float32:
+        args64, kwargs64 = as_float64(args, kwargs_theirs)
+        e_out, e_w, e_grads = run(copy.deepcopy(theirs).double(), args64, kwargs64, out_grad.double(),
+                                  weights_grad.double(), keep, keep_weights)
+    assert o_out.shape == t_out.shape and o_out.dtype == t_out.dtype
+    rows = torch.ones_like(o_out, dtype=torch.bool) if keep is None else keep.expand_as(o_out)
+    assert_close(o_out[rows], t_out[rows], dtype, "output", None if e_out is None else e_out[rows])
+    assert (o_w is None) == (t_w is None)
+    if o_w is not None:
+        assert o_w.shape == t_w.shape and o_w.dtype == t_w.dtype
+        finite = t_w.isfinite()
+        if keep_weights is not None:
+            finite = finite & keep_weights.expand_as(finite)
+        assert_close(o_w[finite], t_w[finite], dtype, "weights", None if e_w is None else e_w[finite])
+        assert torch.all(o_w[~t_w.isfinite()] == 0)
+    assert len(o_grads) == len(t_grads)
+    for i, (a, b, e) in enumerate(zip(o_grads, t_grads, e_grads)):
+        if a is None or b is None:
+            assert a is None and b is None, i
+            continue
+        assert_close(a, b, dtype, f"gradient {i}", e)
+    return o_out, o_w
+
+
+# ---------------------------------------------------------------------------
+# PyTorch's own module test inputs (torch.testing._internal.common_modules).
+
+
+@functools.lru_cache(maxsize=None)
+def torch_module_inputs(dtype):
+    from torch.testing._internal.common_modules import module_db  # slow import: only when this test runs
+
+    info = next(i for i in module_db if i.module_cls is torch.nn.MultiheadAttention)
+    torch.manual_seed(0)  # the samples are drawn from the global generator
+    return info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_pytorch_module_db_inputs(dtype):
+    samples = torch_module_inputs(dtype)
+    assert len(samples) > 0
+    for index, sample in enumerate(samples):
+        ctor_args, ctor_kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
+        args, kwargs = sample.forward_input.args, sample.forward_input.kwargs
+        theirs, ours = make_pair(index, dtype=dtype, **dict(zip(("embed_dim", "num_heads"), ctor_args)),
+                                 **ctor_kwargs)
+        assert_same_parameters(theirs, ours)
+        theirs.eval()
+        ours.eval()
+        for need_weights in (True, False):
+            try:
+                compare(theirs, ours, args, dict(kwargs, need_weights=need_weights), dtype, seed=index)
+            except AssertionError as error:
+                raise AssertionError(f"sample {index} ({ctor_kwargs}, {kwargs}, need_weights={need_weights}): "
+                                     f"{error}") from error
+
+
+# ---------------------------------------------------------------------------
+# Random configurations.
+
+
+@st.composite
+def configs(draw):
+    heads = draw(st.integers(1, 3))
+    head_dim = draw(st.integers(1, 4))
+    embed = heads * head_dim
+    c = dict(
+        heads=heads, embed=embed,
+        kdim=draw(st.sampled_from([None, embed, 2, 5])),
+        vdim=draw(st.sampled_from([None, embed, 3])),
+        bias=draw(st.booleans()),
+        add_bias_kv=draw(st.booleans()),
+        add_zero_attn=draw(st.booleans()),
+        batch_first=draw(st.booleans()),
+        unbatched=draw(st.booleans()),
+        batch=draw(st.integers(1, 3)),
+        tgt_len=draw(st.integers(1, 5)),
+        src_len=draw(st.integers(1, 6)),
+        attn_mask=draw(st.sampled_from(["none", "bool2d", "bool3d", "float2d", "float3d"])),
+        padding=draw(st.sampled_from(["none", "bool", "float"])),
+        dead=draw(st.booleans()),  # some batch rows fully padded
+        sharing=draw(st.sampled_from(["self", "kv", "none"])),
+        need_weights=draw(st.booleans()),
+        average=draw(st.booleans()),
+        seed=draw(st.integers(0, 2**16)),
+    )
+    return c
+
+
+def make_inputs(c, dtype=torch.float64):
+    """Inputs and masks for one config. Column 0 of every mask and every
+    partially padded row stays visible, so the only rows torch turns into NaN
+    are those of fully padded batch elements without extra keys."""
+    gen = torch.Generator().manual_seed(c["seed"])
+    B = 1 if c["unbatched"] else c["batch"]
+    L, S, E, H = c["tgt_len"], c["src_len"], c["embed"], c["heads"]
+    kdim, vdim = c["kdim"] or E, c["vdim"] or E
+    sharing = c["sharing"]
+    if sharing == "self" and (kdim != E or vdim != E or L != S):
+        sharing = "none"
+    if sharing == "kv" and kdim != vdim:
+        sharing = "none"
+
+    def seq(length, width):
+        shape = (length, width) if c["unbatched"] else (B, length, width) if c["batch_first"] else (length, B, width)
+        return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype).requires_grad_(True)
+
+    query = seq(L, E)
+    key = query if sharing == "self" else seq(S, kdim)
+    value = key if sharing in ("self", "kv") else seq(S, vdim)
+    kwargs = dict(need_weights=c["need_weights"], average_attn_weights=c["average"])
+    if c["attn_mask"] != "none":
+        shape = (L, S) if c["attn_mask"].endswith("2d") else (B * H, L, S)
+        if c["attn_mask"].startswith("bool"):
+            mask = torch.rand(shape, generator=gen) < 0.4
+            mask[..., 0] = False
+        else:
+            mask = torch.randn(shape, generator=gen, dtype=torch.float64)
+            mask[torch.rand(shape, generator=gen) < 0.3] = float("-inf")
+            mask[..., 0] = 0.5
+            mask = mask.to(dtype)
+        kwargs["attn_mask"] = mask
+    dead = torch.zeros(B, dtype=torch.bool)
+    if c["padding"] != "none":
+        lengths = torch.randint(1, S + 1, (B,), generator=gen)
+        if c["dead"]:
+            dead = torch.rand(B, generator=gen) < 0.5
+            lengths[dead] = 0
+        padded = torch.arange(S)[None, :] >= lengths[:, None]
+        if c["padding"] == "float":
+            padded = torch.zeros(B, S, dtype=dtype).masked_fill(padded, float("-inf"))
+        kwargs["key_padding_mask"] = padded[0] if c["unbatched"] else padded
+    module_kwargs = dict(embed_dim=E, num_heads=H, bias=c["bias"], add_bias_kv=c["add_bias_kv"],
+                         add_zero_attn=c["add_zero_attn"], kdim=c["kdim"], vdim=c["vdim"],
+                         batch_first=c["batch_first"])
+    if c["add_bias_kv"] or c["add_zero_attn"]:
+        dead[:] = False  # the appended keys are always visible
+    return module_kwargs, (query, key, value), kwargs, dead
+
+
+def torch_safe(kwargs, dead, unbatched):
+    """torch's masks with the fully padded rows unpadded, so that torch stays
+    NaN-free there; those rows are then left out of the comparison."""
+    if not dead.any():
+        return kwargs
+    kwargs = dict(kwargs)
+    kpm = kwargs["key_padding_mask"].clone()
+    if unbatched:
+        kpm.zero_()
+    else:
+        kpm[dead] = 0
+    kwargs["key_padding_mask"] = kpm
+    return kwargs
+
+
+def keep_rows(dead, c):
+    """Bool masks over the output and the weights, False on the rows of dead batch elements."""
+    keep = ~dead
+    if c["unbatched"]:
+        return keep.reshape(1, 1), keep.reshape(1, 1) if c["average"] else keep.reshape(1, 1, 1)
+    out_keep = keep.reshape(-1, 1, 1) if c["batch_first"] else keep.reshape(1, -1, 1)
+    return out_keep, keep.reshape(-1, 1, 1, 1) if not c["average"] else keep.reshape(-1, 1, 1)
+
+
+@given(configs())
+@settings(max_examples=40)
+def test_random_configs_match_torch(c):
+    module_kwargs, args, kwargs, dead = make_inputs(c)
+    theirs, ours = make_pair(c["seed"], dtype=torch.float64, **module_kwargs)
+    assert_same_parameters(theirs, ours)
+    keep, keep_weights = keep_rows(dead, c) if dead.any() else (None, None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # mismatched mask types: torch's deprecation warning, in both
+        out, weights = compare(theirs, ours, args, kwargs, torch.float64, keep=keep, keep_weights=keep_weights,
+                               kwargs_theirs=torch_safe(kwargs, dead, c["unbatched"]), seed=c["seed"])
+    if keep is not None:
+        # Fully padded rows: attention output 0, so the result is out_proj's bias.
+        rows = out[~keep.expand_as(out)].reshape(-1, c["embed"])
+        expected = ours.out_proj.bias if c["bias"] else torch.zeros(c["embed"], dtype=torch.float64)
+        assert torch.equal(rows, expected.detach().expand_as(rows))
+        if weights is not None:
+            dead_weights = weights[dead] if not c["unbatched"] else weights
+            assert torch.all(dead_weights == 0)
+
+
+# ---------------------------------------------------------------------------
+# Fully masked rows: 0, never NaN.
+
+
+def test_fully_masked_rows_give_bias_output_zero_weights_and_zero_gradients():
+    theirs, ours = make_pair(embed_dim=8, num_heads=2)
+    query = torch.randn(5, 3, 8, requires_grad=True)
+    kpm = torch.zeros(3, 5, dtype=torch.bool)
+    kpm[1] = True  # batch element 1 sees no key
+    attn_mask = torch.zeros(5, 5, dtype=torch.bool)
+    attn_mask[2] = True  # query 2 sees no key, in every batch element
+    out, weights = ours(query, query, query, key_padding_mask=kpm, attn_mask=attn_mask,
+                        average_attn_weights=False)
+    t_out, _ = theirs(query, query, query, key_padding_mask=kpm, attn_mask=attn_mask)
+    assert torch.isnan(t_out).any()  # what torch does
+    assert torch.isfinite(out).all() and torch.isfinite(weights).all()
+    dead = torch.zeros(5, 3, dtype=torch.bool)
+    dead[:, 1] = True
+    dead[2, :] = True
+    torch.testing.assert_close(out[~dead], t_out[~dead], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out[dead], ours.out_proj.bias.detach().expand(int(dead.sum()), 8))
+    assert torch.all(weights[1] == 0) and torch.all(weights[:, :, 2] == 0)
+
+    grad_query, *grad_params = torch.autograd.grad(out.sum(), [query, *ours.parameters()])
+    assert all(torch.isfinite(g).all() for g in [grad_query, *grad_params])
+    # Batch element 1 attends to nothing: its query, key and value get no gradient.
+    assert torch.all(grad_query[:, 1] == 0)
+
+
+def test_a_head_with_a_fully_masked_row_adds_nothing():
+    """A (N * H, L, S) mask can hide every key from one head only: that head adds 0, the others are torch's."""
+    theirs, ours = make_pair(embed_dim=6, num_heads=3, batch_first=True)
+    theirs.eval(), ours.eval()
+    query = torch.randn(2, 4, 6)
+    key = torch.randn(2, 5, 6)
+    mask = torch.zeros(2 * 3, 4, 5, dtype=torch.bool)
+    mask[1, 3] = True  # batch 0, head 1, query 3
+    out, weights = ours(query, key, key, attn_mask=mask, average_attn_weights=False)
+    _, t_weights = theirs(query, key, key, attn_mask=mask, average_attn_weights=False)
+    assert torch.all(weights[0, 1, 3] == 0)
+    finite = t_weights.isfinite()
+    assert not finite.all()
+    torch.testing.assert_close(weights[finite], t_weights[finite], rtol=1e-5, atol=1e-5)
+    # The output is out_proj(weights @ v, heads concatenated), with those weights.
+    v = torch.nn.functional.linear(key, ours.in_proj_weight[12:], ours.in_proj_bias[12:])
+    heads = weights @ v.unflatten(-1, (3, 2)).transpose(1, 2)
+    expected = ours.out_proj(heads.transpose(1, 2).flatten(2))
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# state_dict, constructor, repr.
+
+
+@pytest.mark.parametrize("kwargs", [
+    dict(embed_dim=8, num_heads=2),
+    dict(embed_dim=8, num_heads=4, bias=False),
+    dict(embed_dim=6, num_heads=3, add_bias_kv=True, add_zero_attn=True, batch_first=True),
+    dict(embed_dim=8, num_heads=2, kdim=5, vdim=3),
+    dict(embed_dim=8, num_heads=2, kdim=8, vdim=3, bias=False, add_bias_kv=True),
+])
+def test_state_dict_loads_both_ways(kwargs):
+    theirs, ours = make_pair(seed=3, **kwargs)
+    assert_same_parameters(theirs, ours)
+    embed = kwargs["embed_dim"]
+    packed = kwargs.get("kdim", embed) == embed and kwargs.get("vdim", embed) == embed
+    assert ("in_proj_weight" in ours.state_dict()) == packed
+    assert ("q_proj_weight" in ours.state_dict()) == (not packed)
+    torch.manual_seed(11)
+    other_theirs = nn.MultiheadAttention(**kwargs)
+    ours.load_state_dict(other_theirs.state_dict())  # strict
+    assert_same_parameters(other_theirs, ours)
+    torch.manual_seed(12)
+    other_ours = MultiheadAttention(**kwargs)
+    theirs.load_state_dict(other_ours.state_dict())
+    assert_same_parameters(theirs, other_ours)
+
+
+def test_constructor_device_dtype_and_old_pickles():
+    m = MultiheadAttention(4, 2, dtype=torch.float64, device="cpu")
+    assert all(p.dtype == torch.float64 for p in m.parameters())
+    state = m.__dict__.copy()
+    del state["_qkv_same_embed_dim"]
+    fresh = MultiheadAttention.__new__(MultiheadAttention)
+    fresh.__setstate__(state)
+    assert fresh._qkv_same_embed_dim is True
+
+
+# ---------------------------------------------------------------------------
+# Errors: same type and message as torch's.
+
+
+def _q(*shape):
+    return torch.randn(*shape)
+
+
+ERROR_CASES = [
+    # (constructor kwargs, forward args, forward kwargs)
+    (dict(embed_dim=0, num_heads=2), None, None),
+    (dict(embed_dim=4, num_heads=-1), None, None),
+    (dict(embed_dim=6, num_heads=4), None, None),
+    (dict(embed_dim=4, num_heads=2), (_q(5), _q(5), _q(5)), {}),
+    (dict(embed_dim=4, num_heads=2), (_q(1, 2, 3, 4),) * 3, {}),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 4), _q(5, 2, 4)), {}),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 4), _q(5, 2, 4), _q(5, 4)), {}),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(key_padding_mask=torch.zeros(5, dtype=torch.bool))),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 4), _q(5, 4), _q(5, 4)),
+     dict(key_padding_mask=torch.zeros(1, 5, dtype=torch.bool))),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(attn_mask=torch.zeros(3, dtype=torch.bool))),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 4), _q(5, 4), _q(5, 4)),
+     dict(attn_mask=torch.zeros(1, 1, 3, 5, dtype=torch.bool))),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 4), _q(5, 4), _q(5, 4)),
+     dict(attn_mask=torch.zeros(3, 3, 5, dtype=torch.bool))),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(key_padding_mask=torch.zeros(2, 5, dtype=torch.int64))),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(attn_mask=torch.zeros(3, 5, dtype=torch.int32))),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(attn_mask=[[0.0] * 5] * 3)),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(key_padding_mask=[[False] * 5] * 2)),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)), dict(is_causal=True)),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 6), _q(5, 2, 6), _q(5, 2, 6)), {}),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(6, 2, 4)), {}),
+    (dict(embed_dim=4, num_heads=2, batch_first=True), (_q(2, 3, 4), _q(2, 5, 4), _q(2, 6, 4)), {}),
+    (dict(embed_dim=4, num_heads=2, kdim=3, vdim=2), (_q(3, 2, 4), _q(5, 2, 3), _q(6, 2, 2)), {}),
+    (dict(embed_dim=4, num_heads=2, kdim=3, vdim=2), (_q(3, 2, 4), _q(5, 2, 5), _q(5, 2, 2)), {}),
+    (dict(embed_dim=4, num_heads=2, kdim=3, vdim=2), (_q(3, 2, 4), _q(5, 2, 3), _q(5, 2, 7)), {}),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 3), _q(5, 2, 3)), {}),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4).double(),) * 3, {}),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(attn_mask=torch.zeros(3, 4, dtype=torch.bool))),
+    (dict(embed_dim=4, num_heads=2), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(attn_mask=torch.zeros(2, 3, 5, dtype=torch.bool))),
+    (dict(embed_dim=4, num_heads=2, add_bias_kv=True), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(key_padding_mask=torch.zeros(2, 4, dtype=torch.bool))),
+    (dict(embed_dim=4, num_heads=2, add_zero_attn=True), (_q(3, 2, 4), _q(5, 2, 4), _q(5, 2, 4)),
+     dict(key_padding_mask=torch.zeros(3, 5, dtype=torch.bool))),
+    (dict(embed_dim=4, num_heads=2, batch_first=True), (_q(2, 3, 4), _q(5), _q(5)), {}),
+]
+
+
+def _outcome(fn):
+    try:
+        fn()
+    except Exception as error:  # noqa: BLE001  (comparing whatever torch raises)
+        return type(error), str(error)
+    return None
+
+
+@pytest.mark.parametrize("index", range(len(ERROR_CASES)))
+def test_errors_match_torch(index):
+    ctor, args, kwargs = ERROR_CASES[index]
+    if args is None:
+        theirs = _outcome(lambda: nn.MultiheadAttention(**ctor))
+        ours = _outcome(lambda: MultiheadAttention(**ctor))
+    else:
+        t_module, o_module = make_pair(**ctor)
+        theirs = _outcome(lambda: t_module(*args, **kwargs))
+        ours = _outcome(lambda: o_module(*args, **kwargs))
+    assert theirs is not None, "torch accepts this call: not an error case"
+    assert ours == theirs
+
+
+def test_mismatched_mask_types_warn_like_torch():
+    theirs, ours = make_pair(embed_dim=4, num_heads=2)
+    x = torch.randn(3, 2, 4)
+    kwargs = dict(key_padding_mask=torch.zeros(2, 3, dtype=torch.bool), attn_mask=torch.zeros(3, 3))
+    for module in (theirs, ours):
+        with pytest.warns(UserWarning, match="Support for mismatched key_padding_mask and attn_mask is deprecated"):
+            module(x, x, x, **kwargs)
+
+
+# ---------------------------------------------------------------------------
+# is_causal: torch's use of the hint, reproduced.
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("padding", [False, True])
+@pytest.mark.parametrize("causal_mask", [True, False])
+def test_is_causal_follows_torch(need_weights, padding, causal_mask):
+    """With a wrong hint (attn_mask not causal) torch uses the causal mask where
+    it hands the hint to SDPA and attn_mask elsewhere: ours does the same."""
+    theirs, ours = make_pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(3, 6, 8, dtype=torch.float32, requires_grad=True)
+    if causal_mask:
+        mask = nn.Transformer.generate_square_subsequent_mask(6)
+    else:
+        mask = torch.rand(6, 6) < 0.3
+        mask[:, 0] = False
+        mask = torch.zeros(6, 6).masked_fill(mask, float("-inf"))
+    kwargs = dict(attn_mask=mask, is_causal=True, need_weights=need_weights)
+    if padding:
+        kwargs["key_padding_mask"] = torch.tensor([[0.0] * 6, [0.0] * 4 + [float("-inf")] * 2, [0.0] * 6])
+    compare(theirs, ours, (x, x, x), kwargs, torch.float32)
+
+
+# ---------------------------------------------------------------------------
+# Dropout (training mode): the kernel's random stream, so compared with itself.
+
+
+def test_dropout_weights_are_the_ones_the_output_used():
+    torch.manual_seed(0)
+    m = MultiheadAttention(8, 2, dropout=0.5, batch_first=True)
+    x = torch.randn(2, 7, 8)
+    torch.manual_seed(1)
+    out, weights = m(x, x, x, average_attn_weights=False)
+    torch.manual_seed(1)
+    out_fast, _ = m(x, x, x, need_weights=False)
+    torch.testing.assert_close(out, out_fast)  # same draw with or without weights
+    assert ((weights == 0).float().mean() - 0.5).abs() < 0.1
+    v = torch.nn.functional.linear(x, m.in_proj_weight[16:], m.in_proj_bias[16:]).unflatten(-1, (2, 4))
+    heads = weights @ v.transpose(1, 2)
+    torch.testing.assert_close(out, m.out_proj(heads.transpose(1, 2).flatten(2)), rtol=1e-5, atol=1e-5)
+    torch.manual_seed(2)
+    assert not torch.equal(m(x, x, x, need_weights=False)[0], out)
+    m.eval()
+    theirs = nn.MultiheadAttention(8, 2, dropout=0.5, batch_first=True).eval()
+    theirs.load_state_dict(m.state_dict())
+    torch.testing.assert_close(m(x, x, x)[0], theirs(x, x, x)[0], rtol=1e-5, atol=1e-5)  # eval: no dropout
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_error_bounded_by_torchs(dtype):
+    """Against torch in float32: ours in low precision errs no more than torch in the same precision (x2)."""
+    theirs, ours = make_pair(embed_dim=16, num_heads=4, batch_first=True)
+    x = torch.randn(2, 9, 16)
+    kpm = torch.tensor([[False] * 9, [False] * 5 + [True] * 4])
+    want, want_w = theirs(x, x, x, key_padding_mask=kpm)
+    low_theirs, low_ours = theirs.to(dtype), ours.to(dtype)
+    xl = x.to(dtype)
+    t_out, t_w = low_theirs(xl, xl, xl, key_padding_mask=kpm)
+    for need_weights in (True, False):
+        out, weights = low_ours(xl, xl, xl, key_padding_mask=kpm, need_weights=need_weights)
+        assert out.dtype == dtype
+        assert (out.float() - want).abs().max() <= 2 * (t_out.float() - want).abs().max() + 1e-3
+        if need_weights:
+            assert weights.dtype == dtype
+            assert (weights.float() - want_w).abs().max() <= 2 * (t_w.float() - want_w).abs().max() + 1e-3
+
+
+# ---------------------------------------------------------------------------
+# fastnlp.ops.attention_with_weights, the path need_weights=True takes.
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_attention_with_weights_is_the_softmax_and_its_gradient(kv_heads):
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 5, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, kv_heads, 7, 3, generator=gen, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, kv_heads, 7, 2, generator=gen, dtype=torch.float64, requires_grad=True)
+    attn_mask = torch.randn(5, 7, generator=gen, dtype=torch.float64)
+    attn_mask[1] = float("-inf")  # query 1 sees nothing
+    lengths = torch.tensor([7, 3])
+    out, weights = ops.attention_with_weights(q, k, v, attn_mask=attn_mask, key_padding_mask=lengths)
+    group = 4 // kv_heads
+    kk, vv = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = q @ kk.transpose(-2, -1) / 3 ** 0.5 + attn_mask
+    scores = scores.masked_fill(torch.arange(7)[None, None, None, :] >= lengths[:, None, None, None], float("-inf"))
+    seen = (scores != float("-inf")).any(dim=-1, keepdim=True)
+    expected = torch.softmax(torch.where(seen, scores, torch.zeros_like(scores)), dim=-1)
+    expected = torch.where(seen, expected, torch.zeros_like(expected))
+    torch.testing.assert_close(weights, expected)
+    torch.testing.assert_close(out, expected @ vv)
+    assert torch.all(weights[:, :, 1] == 0)
+    g_out, g_w = torch.randn_like(out), torch.randn_like(weights)
+    got = torch.autograd.grad((out * g_out).sum() + (weights * g_w).sum(), [q, k, v])
+    want = torch.autograd.grad((expected @ vv * g_out).sum() + (expected * g_w).sum(), [q, k, v])
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_inference_matches_torch_fast_path():
+    """In eval mode without grad torch takes its native fast path; ours still runs the kernel."""
+    theirs, ours = make_pair(embed_dim=16, num_heads=4, batch_first=True)
+    theirs.eval(), ours.eval()
+    x = torch.randn(3, 7, 16)
+    kpm = torch.tensor([[False] * 7, [False] * 4 + [True] * 3, [False] * 2 + [True] * 5])
+    with torch.no_grad():
+        for need_weights in (False, True):
+            t_out, t_w = theirs(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+            o_out, o_w = ours(x, x, x, key_padding_mask=kpm, need_weights=need_weights)
+            torch.testing.assert_close(o_out, t_out, rtol=1e-5, atol=1e-5)
+            if need_weights:
+                torch.testing.assert_close(o_w, t_w, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# torch.compile, other devices.
+
+
+def test_torch_compile_fullgraph_training_with_dropout():
+    torch.manual_seed(0)
+    m = MultiheadAttention(8, 2, dropout=0.3)
+    x = torch.randn(5, 3, 8)
+    compiled = torch.compile(lambda x: m(x, x, x, average_attn_weights=False), fullgraph=True, backend="aot_eager")
+    torch.manual_seed(1)
+    out, weights = compiled(x)
+    torch.manual_seed(1)
+    eager, eager_weights = m(x, x, x, average_attn_weights=False)
+    torch.testing.assert_close(out, eager)
+    torch.testing.assert_close(weights, eager_weights)
+
+
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_torch_compile_fullgraph_forward_and_backward(need_weights):
+    torch.manual_seed(0)
+    m = MultiheadAttention(8, 2, batch_first=True, add_zero_attn=need_weights)
+    x = torch.randn(3, 5, 8)
+    kpm = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [True] * 5])
+    mask = torch.rand(5, 5) < 0.2
+
+    def forward(x):
+        return m(x, x, x, key_padding_mask=kpm, attn_mask=mask, need_weights=need_weights)
+
+    compiled = torch.compile(forward, fullgraph=True, backend="aot_eager")
+    x_eager = x.clone().requires_grad_(True)
+    x_comp = x.clone().requires_grad_(True)
+    out, w = forward(x_eager)
+    c_out, c_w = compiled(x_comp)
+    torch.testing.assert_close(c_out, out)
+    loss = out.square().sum() + (0 if w is None else w.square().sum())
+    c_loss = c_out.square().sum() + (0 if c_w is None else c_w.square().sum())
+    grads = torch.autograd.grad(loss, [x_eager, *m.parameters()])
+    c_grads = torch.autograd.grad(c_loss, [x_comp, *m.parameters()])
+    for a, b in zip(c_grads, grads):
+        torch.testing.assert_close(a, b)
+        assert torch.isfinite(a).all()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_torch_on_device(device):
+    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastnlp::attention_forward",
+                                                           "CPU" if device == "cpu" else device.upper()):
+        pytest.skip(f"no {device} attention kernel in this build")
+    theirs, ours = make_pair(device=device, embed_dim=16, num_heads=4, batch_first=True)
+    x = torch.randn(2, 9, 16, device=device, requires_grad=True)
+    kpm = torch.tensor([[False] * 9, [False] * 5 + [True] * 4], device=device)
+    for need_weights in (False, True):
+        compare(theirs, ours, (x, x, x), dict(key_padding_mask=kpm, need_weights=need_weights), torch.float32)
