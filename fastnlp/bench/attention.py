@@ -57,6 +57,10 @@ def cases(device: str, quick: bool) -> List[Case]:
         for B, H, T, D in CUDA_SHAPES:
             d = _Data(B, H, T, D, device, torch.bfloat16)
             out.extend(_cuda_cases(d, fastnlp.ops))
+    # The drop-in module against nn.MultiheadAttention (fastnlp/bench/attention_module.py).
+    from .attention_module import module_cases
+
+    out.extend(module_cases(device, quick))
     return out
 
 
