@@ -84,6 +84,9 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     ctx->saved_data["has_bias_hh"] = has_tensor(bias_hh);
     ctx->saved_data["reverse"] = reverse;
     ctx->mark_non_differentiable({gates, cells});
+    // Left on, autograd would zero-fill a gradient for gates and cells (N x 4H
+    // and N x H) on every backward pass only for it to be ignored.
+    ctx->set_materialize_grads(false);
     return {output, h_n, c_n, gates, cells};
   }
 
@@ -91,8 +94,12 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     const variable_list s = ctx->get_saved_variables();
     const std::optional<at::Tensor> weight_hr = optional_tensor(s[6]);
     const Regularisers reg{optional_tensor(s[10]), optional_tensor(s[11]), optional_tensor(s[12])};
+    // An output that did not reach the loss has no gradient: zeros.
+    const at::Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(s[7]);
+    const at::Tensor grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(s[2]);
+    const at::Tensor grad_c_n = grads[2].defined() ? grads[2] : at::zeros_like(s[3]);
     auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr] = call_backward(
-        grads[0], grads[1], grads[2], s[0], s[1], s[2], s[3], s[4], s[5], weight_hr,
+        grad_output, grad_h_n, grad_c_n, s[0], s[1], s[2], s[3], s[4], s[5], weight_hr,
         ctx->saved_data["has_bias"].toBool(), ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9], reg);
     const at::Tensor none;
     return {grad_input,
