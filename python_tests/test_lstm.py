@@ -287,3 +287,22 @@ def test_cuda_step_larger_than_one_grid_pass():
     ref_out, ref_grads = outputs_and_grads(batch_sizes, t, True, backend="reference")
     for a, b in zip(out + grads, ref_out + ref_grads):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_small_batch_wide_layer_splits_the_recurrent_product():
+    """Few rows and a wide layer take the CPU path that splits the per-step
+    products over threads (csrc/lstm.cpp, recurrent_addmm): values and
+    gradients must not change, and the worker threads must not see autograd."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for proj in (0, 129):
+            batch_sizes, tensors = make_layer_inputs([5, 3, 1], 7, 130, proj, "both", torch.float64, "cpu")
+            for reverse in (False, True):
+                out, grads = outputs_and_grads(batch_sizes, tensors, reverse)
+                ref_out, ref_grads = outputs_and_grads(batch_sizes, tensors, reverse, backend="reference")
+                for a, b in zip(out + grads, ref_out + ref_grads):
+                    # Sums over 520 gate rows of unit-range weights: float64 rounding reaches 1e-10.
+                    torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+    finally:
+        torch.set_num_threads(threads)
