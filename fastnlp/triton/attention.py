@@ -100,6 +100,17 @@ def _visible(offs_m, offs_n, b, h, Lq, Lk, MASK, smb, smh, smm, smn, KPM, skpb, 
 
 
 @triton.jit
+def _tile_is_live(visible, key_ok, HAS_MASK: tl.constexpr, HAS_KPM: tl.constexpr):
+    """Whether any entry of a tile takes part (a dead tile is skipped unread)."""
+    if HAS_MASK:
+        return tl.max(visible.to(tl.int32)) > 0
+    elif HAS_KPM:  # then the key-wise mask says it all, and is cheaper to reduce
+        return tl.max(key_ok.to(tl.int32), 0) > 0
+    else:
+        return True
+
+
+@triton.jit
 def _fwd_tile(acc, m_i, l_i, q, start_n, offs_m, b, h, bh, K, V, skn, skd, svn, svd, Lq, Lk, D, DV,
               MASK, smb, smh, smm, smn, KPM, skpb, skpn, qk_scale, k0, k1, rng_offset, threshold, COUNTER,
               HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, HAS_KPM: tl.constexpr, CAUSAL_TILE: tl.constexpr,
@@ -108,12 +119,7 @@ def _fwd_tile(acc, m_i, l_i, q, start_n, offs_m, b, h, bh, K, V, skn, skd, svn, 
     offs_n = start_n + tl.arange(0, BLOCK_N)
     visible, key_ok, bias = _visible(offs_m, offs_n, b, h, Lq, Lk, MASK, smb, smh, smm, smn, KPM, skpb, skpn,
                                      HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL_TILE)
-    live = True
-    if HAS_MASK:
-        live = tl.max(visible.to(tl.int32)) > 0
-    elif HAS_KPM:  # then the key-wise mask says it all, and is cheaper to reduce
-        live = tl.max(key_ok.to(tl.int32), 0) > 0
-    if live:
+    if _tile_is_live(visible, key_ok, HAS_MASK, HAS_KPM):
         if COUNT_TILES:
             tl.atomic_add(COUNTER, 1)
         offs_d = tl.arange(0, BLOCK_D)
@@ -318,12 +324,7 @@ def _bwd_dq_tile(dq, q, do, lse2, delta, start_n, offs_m, b, h, bh, K, V, skn, s
     offs_n = start_n + tl.arange(0, BLOCK_N)
     visible, key_ok, bias = _visible(offs_m, offs_n, b, h, Lq, Lk, MASK, smb, smh, smm, smn, KPM, skpb, skpn,
                                      HAS_MASK, MASK_BOOL, HAS_KPM, CAUSAL_TILE)
-    live = True
-    if HAS_MASK:
-        live = tl.max(visible.to(tl.int32)) > 0
-    elif HAS_KPM:  # then the key-wise mask says it all, and is cheaper to reduce
-        live = tl.max(key_ok.to(tl.int32), 0) > 0
-    if live:
+    if _tile_is_live(visible, key_ok, HAS_MASK, HAS_KPM):
         offs_d = tl.arange(0, BLOCK_D)
         offs_dv = tl.arange(0, BLOCK_DV)
         k = tl.load(K + offs_n[:, None] * skn + offs_d[None, :] * skd,
