@@ -504,49 +504,54 @@ def plot(csv_path: str, png_path: str) -> Optional[str]:
         if row["device_name"] == machine:
             latest[(row["op"], row["case"], row["impl"])] = row
 
-    groups = []  # (op, case) in first-seen order
-    baselines = []  # baseline impl names in first-seen order, one colour each
+    # One panel per op, each with only its own baselines: a shared axis would
+    # reserve a slot for every baseline of every op in every group.
+    panels: Dict[str, Dict[str, List[tuple]]] = {}  # op -> case -> [(baseline, speed-up)]
     for (op, case, impl), row in latest.items():
-        if (op, case) not in groups:
-            groups.append((op, case))
-        if row["role"] == "baseline" and impl not in baselines:
-            baselines.append(impl)
-    if not baselines:
+        cases_of_op = panels.setdefault(op, {})
+        cases_of_op.setdefault(case, [])
+        if row["role"] == "baseline":
+            cases_of_op[case].append((impl, float(row["speedup_vs_this"])))
+    panels = {op: {case: bars for case, bars in cases_of_op.items() if bars}
+              for op, cases_of_op in panels.items()}
+    panels = {op: cases_of_op for op, cases_of_op in panels.items() if cases_of_op}
+    if not panels:
         return None
 
-    n_ops = len({op for op, _ in groups})
-    fig_w = max(6.0, 0.45 * len(groups) * max(len(baselines), 2) + 2)
-    fig, ax = plt.subplots(figsize=(fig_w, 5.5))
-    bar_w = 0.8 / len(baselines)
-    all_ys = []
-    for j, impl in enumerate(baselines):
-        xs, ys = [], []
-        for i, (op, case) in enumerate(groups):
-            row = latest.get((op, case, impl))
-            if row is None or row["role"] != "baseline":
-                continue
-            xs.append(i - 0.4 + bar_w * (j + 0.5))
-            ys.append(float(row["speedup_vs_this"]))
-        all_ys += ys
-        # Bars grow from 1x, so a baseline that beats us points down, visibly.
-        ax.bar(xs, [y - 1.0 for y in ys], bottom=1.0, width=bar_w, label=impl)
-        for x, y in zip(xs, ys):
-            ax.annotate(_fmt_speedup(y), (x, y), ha="center",
-                        va="bottom" if y >= 1 else "top", fontsize=7, rotation=90,
-                        xytext=(0, 2 if y >= 1 else -2), textcoords="offset points")
-    ax.set_yscale("log")
-    # Head- and foot-room for the labels on a log axis.
-    ax.set_ylim(min(0.5, min(all_ys) / 3), max(2.0, max(all_ys) * 4))
-    ax.axhline(1.0, color="black", linewidth=0.8)  # below this line ours is slower
-    ax.set_xticks(range(len(groups)))
-    labels = [f"{op}: {case}" if n_ops > 1 else case for op, case in groups]
-    ax.set_xticklabels(labels, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("speed-up of fastnlp (baseline time / fastnlp time, log)")
+    heights = [sum(len(bars) for bars in cases_of_op.values()) + 1 for cases_of_op in panels.values()]
+    fig, axes = plt.subplots(len(panels), 1, figsize=(10, 0.28 * sum(heights) + 1.2 * len(panels)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, (op, cases_of_op) in zip(axes[:, 0], panels.items()):
+        baselines = list(dict.fromkeys(impl for bars in cases_of_op.values() for impl, _ in bars))
+        ys, labels, all_x = [], [], []
+        y = 0.0
+        for case, bars in cases_of_op.items():
+            group_top = y
+            for impl, x in bars:
+                colour = colours[baselines.index(impl) % len(colours)]
+                # Bars grow from 1x, so a baseline that beats us points left, visibly.
+                ax.barh(y, x - 1.0, left=1.0, height=0.8, color=colour,
+                        label=impl if impl not in ax.get_legend_handles_labels()[1] else None)
+                ax.annotate(_fmt_speedup(x), (x, y), va="center", ha="left" if x >= 1 else "right",
+                            fontsize=7, xytext=(3 if x >= 1 else -3, 0), textcoords="offset points")
+                all_x.append(x)
+                y += 1
+            ys.append((group_top + y - 1) / 2)
+            labels.append(case)
+            y += 0.6  # a gap between cases
+        ax.set_xscale("log")
+        ax.set_xlim(min(0.3, min(all_x) / 2), max(3.0, max(all_x) * 3))
+        ax.axvline(1.0, color="black", linewidth=0.8)  # left of this line fastnlp is slower
+        ax.set_yticks(ys)
+        ax.set_yticklabels(labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(op, fontsize=9, loc="left")
+        ax.legend(fontsize=7, loc="lower right")
+    axes[-1, 0].set_xlabel("speed-up of fastnlp (baseline time / fastnlp time, log scale)")
     last = rows[-1]
-    ax.set_title(f"fastnlp speed-up on {machine}\n"
-                 f"torch {last['torch']}, fastnlp {last['fastnlp']}, "
-                 f"commit {last['commit']}, {last['date']}", fontsize=9)
-    ax.legend(fontsize=8, loc="upper left")
+    fig.suptitle(f"fastnlp speed-up on {machine} (latest run of each case; last: torch {last['torch']}, "
+                 f"commit {last['commit']}, {last['date']})", fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(png_path)), exist_ok=True)
     fig.savefig(png_path, dpi=120)
