@@ -298,7 +298,7 @@ def train(model: nn.Module, batches: Sequence[Batch], lr: float = 5e-3, *,
     """Adam on `batches`, one step each. Evaluates span F1 on `eval_batches`
     at step 0, every `eval_every` steps and at the end; the first `warmup`
     steps (where a compiled model compiles) and the evaluations are not timed."""
-    loss_fn = loss_fn or model
+    loss_fn = model if loss_fn is None else loss_fn
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     result = TrainResult()
     steps = len(batches)
@@ -344,10 +344,13 @@ def add_arguments(parser, steps: int, batch_size: int) -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--compile", action="store_true",
-                        help="train torch.compile(model, fullgraph=True) (the baseline stays eager: "
-                             "TorchDynamo graph-breaks on nn.LSTM)")
+                        help="train torch.compile(model, fullgraph=True); implies --padded (TorchDynamo "
+                             "does not trace pack_padded_sequence). The baseline stays eager: TorchDynamo "
+                             "graph-breaks on nn.LSTM")
+    parser.add_argument("--compile-backend", default="inductor", help="torch.compile backend")
     parser.add_argument("--padded", action="store_true",
-                        help="feed the BiLSTMs padded batches instead of packed sequences")
+                        help="feed the BiLSTMs padded batches (all of the same width) instead of "
+                             "packed sequences")
     parser.add_argument("--no-baseline", action="store_true", help="skip timing the torch / pytorch-crf twin")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -359,17 +362,18 @@ def run(args, build: Callable[[TaggingTask, str, bool], nn.Module], title: str, 
     if args.threads:
         torch.set_num_threads(args.threads)
     task = TaggingTask()
-    # Under torch.compile every batch has the same width, so one graph serves them all.
-    pad_to = task.max_len if args.compile else None
+    # Padded batches all have the same width, so that one compiled graph serves them all.
+    packed = not (args.padded or args.compile)
+    pad_to = None if packed else task.max_len
     train_batches = task.batches(args.seed, args.steps, args.batch_size, pad_to)
     eval_batches = task.batches(args.seed + 10_000, max(1, -(-args.eval_sentences // args.batch_size)),
                                 args.batch_size, pad_to)
-    ours, theirs = make_twins(lambda kind: build(task, kind, not args.padded), args.seed)
+    ours, theirs = make_twins(lambda kind: build(task, kind, packed), args.seed)
     parameters = sum(p.numel() for p in ours.parameters())
     print(f"{title}: {parameters:,} parameters, {len(LABELS)} BIO tags, {args.steps} steps of "
           f"{args.batch_size} sentences, {torch.get_num_threads()} threads"
-          f"{', compiled (fullgraph)' if args.compile else ''}{', padded' if args.padded else ', packed'}")
-    loss_fn = torch.compile(ours, fullgraph=True) if args.compile else ours
+          f"{', compiled (fullgraph)' if args.compile else ''}{', packed' if packed else ', padded'}")
+    loss_fn = torch.compile(ours, fullgraph=True, backend=args.compile_backend) if args.compile else ours
     ours_result = train(ours, train_batches, args.lr, loss_fn=loss_fn, eval_batches=eval_batches,
                         eval_every=max(1, args.steps // 4), desc="fastnlp", progress=not args.no_progress)
     first, last = ours_result.checkpoints[0], ours_result.checkpoints[-1]

@@ -1,11 +1,15 @@
 """Shared test set-up. Markers live in markers.py; this file applies them."""
 
 import os
+import sys
 
 import pytest
 from hypothesis import HealthCheck, settings
 
 from markers import DEVICES, HAS_CUDA
+
+# The examples (examples/tagging.py and the scripts) are imported by the tests.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 # Triton kernels must run through the interpreter on a GPU-less machine; the
 # variable is read when fastnlp's Triton modules are imported, so set it first.
