@@ -53,7 +53,7 @@ def bert_bilstm_crf(task: TaggingTask, kind: str, packed: bool = True, constrain
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser, steps=300, batch_size=32)
+    add_arguments(parser, steps=150, batch_size=32)
     args = parser.parse_args(argv)
     return run(args, lambda task, kind, packed: bert_bilstm_crf(task, kind, packed=packed),
                "BERT-BiLSTM-CRF", "sdpa + nn.LSTM + pytorch-crf")

@@ -21,7 +21,7 @@ from tagging import add_arguments, bilstm_crf, run  # noqa: E402
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(parser, steps=300, batch_size=32)
+    add_arguments(parser, steps=150, batch_size=32)
     args = parser.parse_args(argv)
     return run(args, lambda task, kind, packed: bilstm_crf(task, kind, packed=packed),
                "BiLSTM-CRF", "nn.LSTM + pytorch-crf")

@@ -294,14 +294,16 @@ class TrainResult:
 
 def train(model: nn.Module, batches: Sequence[Batch], lr: float = 5e-3, *,
           loss_fn: Optional[Callable[..., Tensor]] = None, eval_batches: Sequence[Batch] = (),
-          eval_every: int = 0, warmup: int = 2, desc: str = "train", progress: bool = True) -> TrainResult:
-    """Adam on `batches`, one step each. Evaluates span F1 on `eval_batches`
-    at step 0, every `eval_every` steps and at the end; the first `warmup`
-    steps (where a compiled model compiles) and the evaluations are not timed."""
+          evaluations: int = 4, warmup: int = 2, desc: str = "train", progress: bool = True) -> TrainResult:
+    """Adam on `batches`, one step each. Evaluates loss and span F1 on
+    `eval_batches` at step 0 and `evaluations` times evenly spread to the end;
+    the first `warmup` steps (where a compiled model compiles) and the
+    evaluations are not timed."""
     loss_fn = model if loss_fn is None else loss_fn
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     result = TrainResult()
     steps = len(batches)
+    eval_steps = {round(steps * i / evaluations) for i in range(1, evaluations + 1)} if evaluations else {steps}
     bar = tqdm(total=steps, desc=desc, unit="step", leave=False) if progress and tqdm else None
     say = bar.write if bar is not None else print
 
@@ -327,7 +329,7 @@ def train(model: nn.Module, batches: Sequence[Batch], lr: float = 5e-3, *,
         if bar is not None:
             bar.update()
             bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
-        if eval_batches and (step == steps or (eval_every and step % eval_every == 0)):
+        if eval_batches and step in eval_steps:
             checkpoint(step)
     if bar is not None:
         bar.close()
@@ -375,7 +377,7 @@ def run(args, build: Callable[[TaggingTask, str, bool], nn.Module], title: str, 
           f"{', compiled (fullgraph)' if args.compile else ''}{', packed' if packed else ', padded'}")
     loss_fn = torch.compile(ours, fullgraph=True, backend=args.compile_backend) if args.compile else ours
     ours_result = train(ours, train_batches, args.lr, loss_fn=loss_fn, eval_batches=eval_batches,
-                        eval_every=max(1, args.steps // 4), desc="fastnlp", progress=not args.no_progress)
+                        desc="fastnlp", progress=not args.no_progress)
     first, last = ours_result.checkpoints[0], ours_result.checkpoints[-1]
     print(f"fastnlp:  held-out loss {first['loss']:.2f} -> {last['loss']:.3f}, span F1 {first['f1']:.3f} -> "
           f"{last['f1']:.3f}; {ours_result.tokens_per_second:,.0f} tokens/s")
