@@ -7,7 +7,7 @@ nothing is downloaded) and runs its attention on fastnlp through
 attn_implementation="fastnlp"; the BiLSTM and the CRF are fastnlp's too. The
 baseline twin is the same model with attn_implementation="sdpa",
 torch.nn.LSTM and pytorch-crf, started from the same weights and trained on
-the same batches. The task is the one of bilstm_crf.py (tagging.TaggingTask).
+the same batches, its steps interleaved with the fastnlp model's. The task is the one of bilstm_crf.py (tagging.TaggingTask).
 `--steps 20` makes it a smoke test.
 """
 

@@ -4,10 +4,11 @@
 
 The task is generated in process (see tagging.TaggingTask: entity mentions
 whose type only the words around them tell, BIO tags). The script trains the
-fastnlp model with a progress bar, prints the held-out loss and span F1 as
-they move, the throughput in tokens/s, and then trains the same model built
-from torch.nn.LSTM and pytorch-crf (same initial weights, same batches) to
-print the speed-up. `--steps 20` makes it a smoke test.
+fastnlp model with a progress bar and prints the held-out loss and span F1 as
+they move and the throughput in tokens/s. Step by step interleaved with it,
+it trains the same model built from torch.nn.LSTM and pytorch-crf (same
+initial weights, same batches) and prints the speed-up. `--steps 20` makes
+it a smoke test.
 """
 
 import argparse

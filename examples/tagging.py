@@ -8,7 +8,7 @@
   fastnlp layers or from torch / pytorch-crf layers, with identical weights,
   so that the two differ only in the layers' implementation.
 - `train`: the training loop both examples use (progress bar, checkpoints,
-  tokens/s).
+  tokens/s, the baseline twin's steps interleaved with the model's).
 """
 
 import random
@@ -292,16 +292,43 @@ class TrainResult:
         return self.tokens / self.seconds if self.seconds else float("nan")
 
 
+class _Trainee:
+    """One model being trained: its loss function, optimizer and figures."""
+
+    def __init__(self, model: nn.Module, loss_fn: Optional[Callable[..., Tensor]], lr: float) -> None:
+        self.model = model
+        self.loss_fn = model if loss_fn is None else loss_fn
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=lr)
+        self.result = TrainResult()
+
+    def step(self, batch: Batch, timed: bool) -> None:
+        start = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss = self.loss_fn(batch.tokens, batch.tags, batch.lengths)
+        loss.backward()
+        self.optimizer.step()
+        elapsed = time.perf_counter() - start
+        self.result.losses.append(loss.item())
+        if timed:
+            self.result.seconds += elapsed
+            self.result.tokens += batch.num_tokens
+
+
 def train(model: nn.Module, batches: Sequence[Batch], lr: float = 5e-3, *,
           loss_fn: Optional[Callable[..., Tensor]] = None, eval_batches: Sequence[Batch] = (),
-          evaluations: int = 4, warmup: int = 2, desc: str = "train", progress: bool = True) -> TrainResult:
-    """Adam on `batches`, one step each. Evaluates loss and span F1 on
-    `eval_batches` at step 0 and `evaluations` times evenly spread to the end;
-    the first `warmup` steps (where a compiled model compiles) and the
-    evaluations are not timed."""
-    loss_fn = model if loss_fn is None else loss_fn
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
-    result = TrainResult()
+          evaluations: int = 4, warmup: int = 2, baseline: Optional[nn.Module] = None,
+          desc: str = "train", progress: bool = True) -> Tuple[TrainResult, Optional[TrainResult]]:
+    """Adam on `batches`, one step each.
+
+    Evaluates loss and span F1 on `eval_batches` at step 0 and `evaluations`
+    times evenly spread to the end. A `baseline` model, if given, takes the
+    same steps interleaved with the model's (in alternating order), so that
+    the load of a shared machine weighs on both timings alike; it is not
+    evaluated. The first `warmup` steps (where a compiled model compiles) and
+    the evaluations are not timed. Returns the model's and the baseline's figures.
+    """
+    trainees = [_Trainee(model, loss_fn, lr)] + ([_Trainee(baseline, None, lr)] if baseline is not None else [])
+    ours = trainees[0].result
     steps = len(batches)
     eval_steps = {round(steps * i / evaluations) for i in range(1, evaluations + 1)} if evaluations else {steps}
     bar = tqdm(total=steps, desc=desc, unit="step", leave=False) if progress and tqdm else None
@@ -309,31 +336,24 @@ def train(model: nn.Module, batches: Sequence[Batch], lr: float = 5e-3, *,
 
     def checkpoint(step: int) -> None:
         loss, f1 = evaluate(model, eval_batches)
-        result.checkpoints.append({"step": step, "loss": loss, "f1": f1})
+        ours.checkpoints.append({"step": step, "loss": loss, "f1": f1})
         say(f"  step {step:5d}  held-out loss {loss:8.3f}  span F1 {f1:.3f}")
 
     if eval_batches:
         checkpoint(0)
-    model.train()
+    for trainee in trainees:
+        trainee.model.train()
     for step, batch in enumerate(batches, start=1):
-        start = time.perf_counter()
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(batch.tokens, batch.tags, batch.lengths)
-        loss.backward()
-        optimizer.step()
-        elapsed = time.perf_counter() - start
-        result.losses.append(loss.item())
-        if step > warmup:
-            result.seconds += elapsed
-            result.tokens += batch.num_tokens
+        for trainee in (trainees if step % 2 else trainees[::-1]):
+            trainee.step(batch, timed=step > warmup)
         if bar is not None:
             bar.update()
-            bar.set_postfix(loss=f"{result.losses[-1]:.3f}")
+            bar.set_postfix(loss=f"{ours.losses[-1]:.3f}")
         if eval_batches and step in eval_steps:
             checkpoint(step)
     if bar is not None:
         bar.close()
-    return result
+    return ours, (trainees[1].result if baseline is not None else None)
 
 
 # --------------------------------------------------------------------------- the examples' command line
@@ -358,8 +378,9 @@ def add_arguments(parser, steps: int, batch_size: int) -> None:
 
 
 def run(args, build: Callable[[TaggingTask, str, bool], nn.Module], title: str, baseline_name: str) -> Dict:
-    """Train the fastnlp model, report loss / F1 / tokens/s, then time the
-    baseline twin on the same batches. Returns the figures (for tests)."""
+    """Train the fastnlp model and, step by step interleaved with it, its
+    baseline twin on the same batches; report loss / F1 / tokens/s and the
+    speed-up. Returns the figures (for tests)."""
     wall = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -376,15 +397,16 @@ def run(args, build: Callable[[TaggingTask, str, bool], nn.Module], title: str, 
           f"{args.batch_size} sentences, {torch.get_num_threads()} threads"
           f"{', compiled (fullgraph)' if args.compile else ''}{', packed' if packed else ', padded'}")
     loss_fn = torch.compile(ours, fullgraph=True, backend=args.compile_backend) if args.compile else ours
-    ours_result = train(ours, train_batches, args.lr, loss_fn=loss_fn, eval_batches=eval_batches,
-                        desc="fastnlp", progress=not args.no_progress)
+    desc = "fastnlp" if args.no_baseline else f"fastnlp and {baseline_name}, interleaved"
+    ours_result, theirs_result = train(ours, train_batches, args.lr, loss_fn=loss_fn, eval_batches=eval_batches,
+                                       baseline=None if args.no_baseline else theirs, desc=desc,
+                                       progress=not args.no_progress)
     first, last = ours_result.checkpoints[0], ours_result.checkpoints[-1]
     print(f"fastnlp:  held-out loss {first['loss']:.2f} -> {last['loss']:.3f}, span F1 {first['f1']:.3f} -> "
           f"{last['f1']:.3f}; {ours_result.tokens_per_second:,.0f} tokens/s")
     figures = {"losses": ours_result.losses, "checkpoints": ours_result.checkpoints,
                "tokens_per_second": ours_result.tokens_per_second}
-    if not args.no_baseline:
-        theirs_result = train(theirs, train_batches, args.lr, desc=baseline_name, progress=not args.no_progress)
+    if theirs_result is not None:
         speedup = theirs_result.seconds / ours_result.seconds if ours_result.seconds else float("nan")
         print(f"baseline ({baseline_name}): {theirs_result.tokens_per_second:,.0f} tokens/s; "
               f"final training loss {theirs_result.losses[-1]:.3f} (fastnlp {ours_result.losses[-1]:.3f})")
