@@ -381,9 +381,17 @@ def run(args, build: Callable[[TaggingTask, str, bool], nn.Module], title: str, 
     """Train the fastnlp model and, step by step interleaved with it, its
     baseline twin on the same batches; report loss / F1 / tokens/s and the
     speed-up. Returns the figures (for tests)."""
-    wall = time.perf_counter()
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        return _run(args, build, title, baseline_name)
+    finally:  # called in process (by the tests), leave the thread count as it was
+        torch.set_num_threads(threads)
+
+
+def _run(args, build: Callable[[TaggingTask, str, bool], nn.Module], title: str, baseline_name: str) -> Dict:
+    wall = time.perf_counter()
     task = TaggingTask()
     # Padded batches all have the same width, so that one compiled graph serves them all.
     packed = not (args.padded or args.compile)
