@@ -24,8 +24,10 @@ def check_run(figures, out):
 
 
 def test_bilstm_crf_smoke(capsys):
+    threads = torch.get_num_threads()
     figures = bilstm_crf.main(SMOKE + ["--steps", "24"])
     out = capsys.readouterr().out
+    assert torch.get_num_threads() == threads  # --threads does not leak into the rest of the suite
     check_run(figures, out)
     assert figures["speedup"] > 0 and "speed-up" in out
     assert figures["checkpoints"][-1]["f1"] > figures["checkpoints"][0]["f1"]
