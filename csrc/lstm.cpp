@@ -463,7 +463,10 @@ LstmBackwardResult lstm_backward_impl(
   // dL/d(x W_ih^T): through LN_ih under layer norm, all rows at once:
   // rstd * (d - mean(d) - n * mean(d * n)) with d = gain * dL/dgates.
   at::Tensor grad_product = grad_gates;
-  if (ln) {
+  if (ln && kernels.layer_norm_backward != nullptr) {
+    grad_product = at::empty({N, 4 * H}, options);
+    kernels.layer_norm_backward(grad_gates, norm_ih, ln_stats, layer_norm.ih_weight->contiguous(), grad_product);
+  } else if (ln) {
     const auto stats = options.dtype(ln_stats_dtype(input_in));
     const at::Tensor n = norm_ih.to(stats);
     const at::Tensor d = grad_gates.to(stats) * layer_norm.ih_weight->to(stats);

@@ -67,6 +67,11 @@ struct LstmBackwardStep {
 struct LstmStepKernels {
   void (*forward)(const LstmForwardStep& step);
   void (*backward)(const LstmBackwardStep& step);
+  // Optional: out (N, G) = rstd * (d - mean(d) - norm * mean(d * norm)) per
+  // row, d = grad * gain, rstd = ln_stats[:, 0]; the input half's LN backward,
+  // all rows at once (all contiguous). nullptr: composed from ATen ops.
+  void (*layer_norm_backward)(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& ln_stats,
+                              const at::Tensor& gain, at::Tensor& out) = nullptr;
 };
 
 // Training-time regularisers, applied inside the time loop (all optional):

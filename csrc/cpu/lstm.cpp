@@ -140,10 +140,14 @@ struct LayerNormRow {
 // one-pass formula cancels badly when the mean is large against the spread).
 template <typename T>
 __attribute__((always_inline)) inline void mean_rstd(int64_t n, const T* __restrict x, double& mean, double& rstd) {
+  // `omp simd reduction` lets the compiler reorder the sums into vector
+  // lanes (it otherwise keeps a double sum in order, one element at a time).
   double sum = 0;
+#pragma omp simd reduction(+ : sum)
   for (int64_t j = 0; j < n; ++j) sum += x[j];
   mean = sum / n;
   double sq = 0;
+#pragma omp simd reduction(+ : sq)
   for (int64_t j = 0; j < n; ++j) {
     const double d = x[j] - mean;
     sq += d * d;
@@ -250,6 +254,7 @@ __attribute__((always_inline)) inline void backward_row_ln_impl(int64_t H, const
     dh_row[j] = dh;
   }
   double sum_d = 0, sum_dn = 0;
+#pragma omp simd reduction(+ : sum_d, sum_dn)
   for (int64_t j = 0; j < H; ++j) {
     sum_d += d_row[j];
     sum_dn += d_row[j] * n_row[j];
@@ -275,6 +280,7 @@ __attribute__((always_inline)) inline void backward_row_ln_impl(int64_t H, const
   // Through LN_hh: the recurrent product's gradient, from the stored gate gradients.
   const int64_t G = 4 * H;
   double sum_g = 0, sum_gn = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gn)
   for (int64_t u = 0; u < G; ++u) {
     const double d = double(grad_gates[u]) * w_hh[u];
     sum_g += d;
@@ -283,6 +289,25 @@ __attribute__((always_inline)) inline void backward_row_ln_impl(int64_t H, const
   const double mean_g = sum_g / G, mean_gn = sum_gn / G;
   for (int64_t u = 0; u < G; ++u)
     grad_rec[u] = static_cast<scalar_t>(rstd_hh * (double(grad_gates[u]) * w_hh[u] - mean_g - rec[u] * mean_gn));
+}
+
+// out = rstd * (d - mean(d) - n * mean(d * n)), d = grad * gain, over one
+// row of G values: the input half's LN backward (see lstm.h).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void layer_norm_backward_row_impl(int64_t G, const scalar_t* __restrict grad,
+                                                                        const scalar_t* __restrict norm,
+                                                                        const scalar_t* __restrict gain,
+                                                                        double rstd, scalar_t* __restrict out) {
+  double sum_d = 0, sum_dn = 0;
+#pragma omp simd reduction(+ : sum_d, sum_dn)
+  for (int64_t u = 0; u < G; ++u) {
+    const double d = double(grad[u]) * gain[u];
+    sum_d += d;
+    sum_dn += d * norm[u];
+  }
+  const double mean_d = sum_d / G, mean_dn = sum_dn / G;
+  for (int64_t u = 0; u < G; ++u)
+    out[u] = static_cast<scalar_t>(rstd * (double(grad[u]) * gain[u] - mean_d - norm[u] * mean_dn));
 }
 
 // Each function is compiled for AVX2+FMA and the baseline ISA (see
@@ -305,6 +330,12 @@ __attribute__((always_inline)) inline void backward_row_ln_impl(int64_t H, const
     } else {                                                                            \
       backward_row_impl<scalar_t, false, true, false>(H, r);                           \
     }                                                                                   \
+  }                                                                                     \
+  FASTNLP_VECTOR_CLONES void layer_norm_backward_row(int64_t G, const scalar_t* grad,   \
+                                                     const scalar_t* norm,              \
+                                                     const scalar_t* gain, double rstd, \
+                                                     scalar_t* out) {                   \
+    layer_norm_backward_row_impl<scalar_t>(G, grad, norm, gain, rstd, out);             \
   }                                                                                     \
   FASTNLP_VECTOR_CLONES void forward_row_ln(int64_t H, const ForwardRow<scalar_t>& r,  \
                                             const LayerNormRow<scalar_t>& l) {          \
@@ -432,7 +463,27 @@ void backward_step_cpu(const LstmBackwardStep& s) {
   });
 }
 
-constexpr LstmStepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu};
+void layer_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& ln_stats,
+                             const at::Tensor& gain, at::Tensor& out) {
+  const int64_t rows = grad.size(0), G = grad.size(1);
+  TORCH_CHECK(grad.is_contiguous() && norm.is_contiguous() && ln_stats.is_contiguous() && gain.is_contiguous() &&
+                  out.is_contiguous() && norm.sizes() == grad.sizes() && out.sizes() == grad.sizes() &&
+                  ln_stats.size(0) == rows && gain.numel() == G,
+              "fastnlp.lstm: layer_norm_backward_cpu got mismatched tensors");
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "lstm_layer_norm_backward_cpu", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* n = norm.data_ptr<scalar_t>();
+    const scalar_t* w = gain.data_ptr<scalar_t>();
+    const scalar_t* stats = ln_stats.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(G), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        layer_norm_backward_row(G, g + r * G, n + r * G, w, stats[r * 4], o + r * G);
+    });
+  });
+}
+
+constexpr LstmStepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &layer_norm_backward_cpu};
 
 void check_cpu_dtype(const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,

@@ -190,7 +190,8 @@ void backward_step_cuda(const LstmBackwardStep& s) {
   });
 }
 
-constexpr LstmStepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda};
+// The input half's LN backward (all rows at once) is composed from ATen ops here.
+constexpr LstmStepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda, /*layer_norm_backward=*/nullptr};
 
 void check_cuda_input(const at::Tensor& input) {
   TORCH_CHECK(input.is_cuda(), "fastnlp.lstm: input must be a CUDA tensor here, got one on ", input.device());
