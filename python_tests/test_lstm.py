@@ -476,3 +476,43 @@ def test_layer_norm_arguments_are_checked():
         torch.ops.fastnlp.lstm_forward(*args, **dict(ln, layer_norm_cell_bias=torch.zeros(16)))
     with pytest.raises(RuntimeError, match="layer_norm_ih_weight has dtype Double"):
         torch.ops.fastnlp.lstm_forward(*args, **dict(ln, layer_norm_ih_weight=torch.ones(16, dtype=torch.float64)))
+
+
+@requires_cuda
+def test_cuda_layer_norm_rows_beyond_one_grid_and_units_beyond_one_block():
+    """The layer-norm step kernels run one block per row: 8200 rows is more than their 8192 blocks (so blocks
+    loop over rows) and H = 300 more than a block's 256 threads (so threads loop over units)."""
+    hidden = 300
+    batch_sizes, t = make_layer_inputs([2] * 8200, 5, hidden, 0, "both", torch.float32, "cuda")
+    t = scaled_copy(t, hidden, torch.float32)
+    ln = make_layer_norm(hidden, torch.float32, "cuda")
+    reg = make_regularisers(batch_sizes, t)
+    out, grads = layer_norm_outputs_and_grads(batch_sizes, t, ln, True, regularisers=reg)
+    ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, t, ln, True, backend="reference",
+                                                      regularisers=reg)
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        # Gradients of the gains sum over 16400 rows: compare relative to the largest entry.
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a / scale, b / scale, rtol=1e-4, atol=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_layer_norm_half_precision_error_is_bounded_by_the_references(dtype):
+    hidden = 33
+    batch_sizes, t = make_layer_inputs([9, 7, 7, 3, 1], 13, hidden, 5, "both", torch.float64, "cuda", seed=3)
+    low = scaled_copy(t, hidden, dtype)
+    ln_low = {k: v.detach().to(dtype).requires_grad_() for k, v in make_layer_norm(hidden, torch.float64,
+                                                                                    "cuda").items()}
+    exact = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in low.items()}
+    ln_exact = {k: v.detach().double().requires_grad_() for k, v in ln_low.items()}
+    out, grads = layer_norm_outputs_and_grads(batch_sizes, low, ln_low, False)
+    ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, low, ln_low, False, backend="reference")
+    exact_out, exact_grads = layer_norm_outputs_and_grads(batch_sizes, exact, ln_exact, False, backend="reference")
+    names = ["output", "h_n", "c_n"] + [k for k, v in low.items() if v is not None] + list(ln_low)
+    for name, a, r, e in zip(names, out + grads, ref_out + ref_grads, exact_out + exact_grads):
+        assert a.dtype == dtype, name
+        err = (a.double() - e).abs().max().item()
+        ref_err = (r.double() - e).abs().max().item()
+        floor = torch.finfo(dtype).eps * max(e.abs().max().item(), 1.0)
+        assert err <= 3 * ref_err + floor, f"{name}: error {err:.3g}, reference's error {ref_err:.3g}"
