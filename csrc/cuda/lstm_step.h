@@ -54,7 +54,9 @@ using ln_stat_t = typename LayerNormStat<T>::type;
 //   h~ = o * tanh(ln_cell_weight * norm(c~) + ln_cell_bias),
 // norm(v) = (v - mean) * rstd, rstd = 1 / sqrt(biased var + kLayerNormEps).
 // Those steps run one block of threads per row (block reductions) instead
-// of one thread per unit; the arithmetic per unit is the same.
+// of one thread per unit; the arithmetic per unit is the same. c~ waits for
+// its row's statistics in `cells`, so for __half/__nv_bfloat16 it is rounded
+// to the storage type before it is normalised.
 constexpr double kLayerNormEps = 1e-5;
 
 // One forward step. With c~ = f * c_{t-1} + i * g and zoneout weights z
