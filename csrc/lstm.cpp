@@ -10,6 +10,13 @@
 // Backward runs the steps in the opposite order and leaves every GEMM that
 // does not feed the recursion (input and weight gradients) to the end, as one
 // GEMM each over all N rows.
+//
+// Layer normalisation (LstmLayerNorm) changes three things: the input half is
+// normalised per row once for all steps before the loop (and its backward
+// after it), both ATen ops; the recurrent product is written to its own
+// buffer, which the step kernel normalises in place and adds to the gates;
+// the step kernel also normalises c~_t before its tanh. The step kernels
+// back-propagate through the last two.
 #include "lstm.h"
 
 #include <ATen/ATen.h>
@@ -130,6 +137,31 @@ void check_regularisers(const LstmRegularisers& reg, const at::Tensor& input, in
   }
 }
 
+// All six LN tensors or none; the gains and biases of the gate LNs are (4H),
+// those of the cell LN (H). Named in the error as the Python arguments are.
+void check_layer_norm(const LstmLayerNorm& ln, const at::Tensor& input, int64_t H, bool backward) {
+  const std::pair<const std::optional<at::Tensor>*, const char*> all[] = {
+      {&ln.ih_weight, "layer_norm_ih_weight"},     {&ln.ih_bias, "layer_norm_ih_bias"},
+      {&ln.hh_weight, "layer_norm_hh_weight"},     {&ln.hh_bias, "layer_norm_hh_bias"},
+      {&ln.cell_weight, "layer_norm_cell_weight"}, {&ln.cell_bias, "layer_norm_cell_bias"}};
+  const bool enabled = ln.enabled();
+  for (const auto& [t, name] : all) {
+    // The backward pass needs neither gate LN bias.
+    if (backward && (t == &ln.ih_bias || t == &ln.hh_bias)) continue;
+    TORCH_CHECK(has_tensor(*t) == enabled, "fastnlp.lstm: layer normalisation needs all of its tensors, but ",
+                name, enabled ? " is missing" : " is given without layer_norm_ih_weight");
+    if (!enabled) continue;
+    const int64_t size = (t == &ln.cell_weight || t == &ln.cell_bias) ? H : 4 * H;
+    TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == size, "fastnlp.lstm: ", name, " must have shape (", size,
+                "), got ", (*t)->sizes());
+    check_like(**t, name, input);
+  }
+}
+
+at::ScalarType ln_stats_dtype(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // Runs body(c0, c1) over column blocks of [0, n) on the intra-op threads,
 // each with this thread's dispatcher state (the worker threads would
 // otherwise see autograd and grad mode as if at top level).
@@ -193,17 +225,20 @@ at::Tensor step_rows(const at::Tensor& t, int64_t offset, int64_t rows) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_impl(
+LstmForwardResult lstm_forward_impl(
     const LstmStepKernels& kernels, const at::Tensor& input_in, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    const std::optional<at::Tensor>& weight_hr, bool reverse, const LstmRegularisers& regularisers) {
+    const std::optional<at::Tensor>& weight_hr, bool reverse, const LstmRegularisers& regularisers,
+    const LstmLayerNorm& layer_norm) {
   const std::vector<int64_t> steps =
       lstm_check_inputs(input_in, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
   const std::vector<int64_t> offsets = step_offsets(steps);
   const int64_t T = static_cast<int64_t>(steps.size()), N = input_in.size(0), B = h0.size(0);
   const int64_t H = c0.size(1), P = h0.size(1);
   check_regularisers(regularisers, input_in, N, B, H, P);
+  check_layer_norm(layer_norm, input_in, H, /*backward=*/false);
+  const bool ln = layer_norm.enabled();
   const bool projected = has_tensor(weight_hr);
   const at::Tensor input = input_in.contiguous();
   const at::Tensor recurrent_mask = contiguous_or_undefined(regularisers.recurrent_mask);
@@ -211,12 +246,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
   const at::Tensor zoneout_hidden = contiguous_or_undefined(regularisers.zoneout_hidden);
 
   at::Tensor gates;  // (N, 4H): the input half of every step's pre-activations, in one GEMM
-  if (has_tensor(bias_ih) && has_tensor(bias_hh))
+  at::Tensor norm_ih, norm_hh, ln_stats;
+  if (ln) {
+    // Normalised without gain and bias, which then come in with the LSTM
+    // biases in one pass; the normalised product is kept for the backward.
+    const at::Tensor product = at::mm(input, weight_ih.t());
+    auto [normalised, mean, rstd] =
+        at::native_layer_norm(product, {4 * H}, std::nullopt, std::nullopt, kLstmLayerNormEps);
+    (void)mean;
+    norm_ih = normalised;
+    // (LN_hh's bias is added by the step kernel, with its normalised product.)
+    at::Tensor shift = *layer_norm.ih_bias;
+    if (has_tensor(bias_ih)) shift = shift + *bias_ih;
+    if (has_tensor(bias_hh)) shift = shift + *bias_hh;
+    gates = at::addcmul(shift, norm_ih, *layer_norm.ih_weight);
+    norm_hh = at::empty({N, 4 * H}, input.options());
+    ln_stats = at::empty({N, 4}, input.options().dtype(ln_stats_dtype(input)));
+    ln_stats.select(1, 0).copy_(rstd.reshape({N}));
+  } else if (has_tensor(bias_ih) && has_tensor(bias_hh))
     gates = at::addmm(*bias_ih + *bias_hh, input, weight_ih.t());
   else if (has_tensor(bias_ih) || has_tensor(bias_hh))
     gates = at::addmm(has_tensor(bias_ih) ? *bias_ih : *bias_hh, input, weight_ih.t());
   else
     gates = at::mm(input, weight_ih.t());
+  if (!ln) {  // three distinct tensors: outputs of an op must not alias
+    norm_ih = at::empty({0}, input.options());
+    norm_hh = at::empty({0}, input.options());
+    ln_stats = at::empty({0}, input.options());
+  }
   at::Tensor cells = at::empty({N, H}, input.options());
   at::Tensor output = at::empty({N, P}, input.options());
   at::Tensor h_state = h0.contiguous().clone();
@@ -224,19 +281,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
   at::Tensor h_tilde = projected ? at::empty({B, H}, input.options()) : at::Tensor();
   at::Tensor h_masked = recurrent_mask.defined() ? at::empty({B, P}, input.options()) : at::Tensor();
   const at::Tensor weight_hh_t = weight_hh.t();
+  // The step kernels index them as plain arrays.
+  const at::Tensor ln_hh_weight = contiguous_or_undefined(layer_norm.hh_weight);
+  const at::Tensor ln_hh_bias = contiguous_or_undefined(layer_norm.hh_bias);
+  const at::Tensor ln_cell_weight = contiguous_or_undefined(layer_norm.cell_weight);
+  const at::Tensor ln_cell_bias = contiguous_or_undefined(layer_norm.cell_bias);
 
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t rows = steps[t], offset = offsets[t];
     at::Tensor step_gates = gates.narrow(0, offset, rows);
     at::Tensor h_prev = h_state.narrow(0, 0, rows);
+    at::Tensor h_in = h_prev;
     if (recurrent_mask.defined()) {
-      at::Tensor masked = h_masked.narrow(0, 0, rows);
-      at::mul_out(masked, h_prev, recurrent_mask.narrow(0, 0, rows));
-      recurrent_addmm(step_gates, masked, weight_hh_t);
-    } else {
-      recurrent_addmm(step_gates, h_prev, weight_hh_t);
+      h_in = h_masked.narrow(0, 0, rows);
+      at::mul_out(h_in, h_prev, recurrent_mask.narrow(0, 0, rows));
     }
+    // Under layer norm the recurrent product is normalised on its own before
+    // it joins the gates, so it gets its own rows.
+    at::Tensor step_rec = ln ? norm_hh.narrow(0, offset, rows) : at::Tensor();
+    if (ln)
+      recurrent_mm_out(step_rec, h_in, weight_hh_t);
+    else
+      recurrent_addmm(step_gates, h_in, weight_hh_t);
     at::Tensor step_out = output.narrow(0, offset, rows);
     LstmForwardStep step{step_gates,
                          c_state.narrow(0, 0, rows),
@@ -245,6 +312,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
                          projected ? at::Tensor() : h_prev,
                          step_rows(zoneout_cell, offset, rows),
                          projected ? at::Tensor() : step_rows(zoneout_hidden, offset, rows)};
+    if (ln) {
+      step.norm_hh = step_rec;
+      step.ln_hh_weight = ln_hh_weight;
+      step.ln_hh_bias = ln_hh_bias;
+      step.ln_cell_weight = ln_cell_weight;
+      step.ln_cell_bias = ln_cell_bias;
+      step.ln_stats = ln_stats.narrow(0, offset, rows);
+    }
     kernels.forward(step);
     if (projected) {
       at::mm_out(step_out, step.h_out, weight_hr->t());
@@ -252,15 +327,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forw
       h_prev.copy_(step_out);
     }
   }
-  return {output, h_state, c_state, gates, cells};
+  return {output, h_state, c_state, gates, cells, norm_ih, norm_hh, ln_stats};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_impl(
+LstmBackwardResult lstm_backward_impl(
     const LstmStepKernels& kernels, const at::Tensor& grad_output_in, const at::Tensor& grad_h_n,
     const at::Tensor& grad_c_n, const at::Tensor& input_in, const at::Tensor& batch_sizes, const at::Tensor& h0_in,
     const at::Tensor& c0_in, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& cells, const LstmRegularisers& regularisers) {
+    const at::Tensor& gates, const at::Tensor& cells, const LstmRegularisers& regularisers,
+    const LstmLayerNorm& layer_norm, const LstmLayerNormSaved& saved) {
   const std::vector<int64_t> steps = lstm_check_inputs(input_in, batch_sizes, h0_in, c0_in, weight_ih, weight_hh,
                                                        std::nullopt, std::nullopt, weight_hr);
   const std::vector<int64_t> offsets = step_offsets(steps);
@@ -272,6 +348,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   TORCH_CHECK(gates.sizes() == at::IntArrayRef({N, 4 * H}) && cells.sizes() == at::IntArrayRef({N, H}) &&
                   output.sizes() == at::IntArrayRef({N, P}),
               "fastnlp.lstm: saved gates/cells/output do not match the input");
+  check_layer_norm(layer_norm, input_in, H, /*backward=*/true);
+  const bool ln = layer_norm.enabled();
+  TORCH_CHECK(has_tensor(saved.norm_ih) == ln && has_tensor(saved.norm_hh) == ln && has_tensor(saved.ln_stats) == ln,
+              "fastnlp.lstm: norm_ih, norm_hh and ln_stats must be given exactly when the layer-norm weights are");
+  at::Tensor norm_ih, norm_hh, ln_stats;
+  if (ln) {
+    norm_ih = saved.norm_ih->contiguous();
+    norm_hh = saved.norm_hh->contiguous();
+    ln_stats = saved.ln_stats->contiguous();
+    TORCH_CHECK(norm_ih.sizes() == at::IntArrayRef({N, 4 * H}) && norm_hh.sizes() == at::IntArrayRef({N, 4 * H}) &&
+                    ln_stats.sizes() == at::IntArrayRef({N, 4}),
+                "fastnlp.lstm: saved norm_ih/norm_hh (", N, ", ", 4 * H, ") and ln_stats (", N,
+                ", 4) do not match the input: got ", norm_ih.sizes(), ", ", norm_hh.sizes(), ", ", ln_stats.sizes());
+    check_like(norm_ih, "norm_ih", input_in);
+    check_like(norm_hh, "norm_hh", input_in);
+    TORCH_CHECK(ln_stats.scalar_type() == ln_stats_dtype(input_in) && ln_stats.device() == input_in.device(),
+                "fastnlp.lstm: ln_stats must be ", ln_stats_dtype(input_in), " on ", input_in.device(), ", got ",
+                ln_stats.scalar_type(), " on ", ln_stats.device());
+  }
   const bool projected = has_tensor(weight_hr);
   const auto options = input_in.options();
   const at::Tensor input = input_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
@@ -294,6 +389,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
     grad_tilde = at::empty({B, H}, options);
     h_tilde_all = at::empty({N, H}, options);
   }
+  // dL/d(h_{t-1} W_hh^T) through LN_hh, and the per-row terms of the cell
+  // LN's gain and bias gradients.
+  at::Tensor grad_rec = ln ? at::empty({N, 4 * H}, options) : at::Tensor();
+  at::Tensor grad_ln_cell = ln ? at::empty({N, 2 * H}, options) : at::Tensor();
+  const at::Tensor ln_hh_weight = contiguous_or_undefined(layer_norm.hh_weight);
+  const at::Tensor ln_cell_weight = contiguous_or_undefined(layer_norm.cell_weight);
+  const at::Tensor ln_cell_bias = contiguous_or_undefined(layer_norm.cell_bias);
   // z * dL/dh_t: what zoneout passes straight on to h_{t-1}.
   at::Tensor grad_h_zoneout = zoneout_hidden.defined() ? at::empty({B, P}, options) : at::Tensor();
 
@@ -343,19 +445,54 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
       step.zoneout_hidden = at::Tensor();
       step.grad_h_prev = at::Tensor();
     }
+    if (ln) {
+      step.norm_hh = norm_hh.narrow(0, offset, rows);
+      step.ln_stats = ln_stats.narrow(0, offset, rows);
+      step.ln_hh_weight = ln_hh_weight;
+      step.ln_cell_weight = ln_cell_weight;
+      step.ln_cell_bias = ln_cell_bias;
+      step.grad_rec = grad_rec.narrow(0, offset, rows);
+      step.grad_ln_cell = grad_ln_cell.narrow(0, offset, rows);
+    }
     kernels.backward(step);
-    recurrent_mm_out(dh, step_grad_gates, weight_hh);
+    recurrent_mm_out(dh, ln ? step.grad_rec : step_grad_gates, weight_hh);
     if (recurrent_mask.defined()) dh.mul_(recurrent_mask.narrow(0, 0, rows));
     if (step_grad_h_zoneout.defined()) dh.add_(step_grad_h_zoneout);
   }
 
-  const at::Tensor grad_gates_t = grad_gates.t();
-  at::Tensor grad_input = at::mm(grad_gates, weight_ih);
-  at::Tensor grad_weight_ih = at::mm(grad_gates_t, input);
-  at::Tensor grad_weight_hh = at::mm(grad_gates_t, h_prev_all);
-  at::Tensor grad_bias = has_bias ? grad_gates.sum(0) : at::empty({0}, options);
+  // dL/d(x W_ih^T): through LN_ih under layer norm, all rows at once:
+  // rstd * (d - mean(d) - n * mean(d * n)) with d = gain * dL/dgates.
+  at::Tensor grad_product = grad_gates;
+  if (ln && kernels.layer_norm_backward != nullptr) {
+    grad_product = at::empty({N, 4 * H}, options);
+    kernels.layer_norm_backward(grad_gates, norm_ih, ln_stats, layer_norm.ih_weight->contiguous(), grad_product);
+  } else if (ln) {
+    const auto stats = options.dtype(ln_stats_dtype(input_in));
+    const at::Tensor n = norm_ih.to(stats);
+    const at::Tensor d = grad_gates.to(stats) * layer_norm.ih_weight->to(stats);
+    grad_product = ((d - d.mean(1, true) - n * (d * n).mean(1, true)) * ln_stats.narrow(1, 0, 1)).to(options);
+  }
+  const at::Tensor grad_rec_all = ln ? grad_rec : grad_gates;
+  at::Tensor grad_input = at::mm(grad_product, weight_ih);
+  at::Tensor grad_weight_ih = at::mm(grad_product.t(), input);
+  at::Tensor grad_weight_hh = at::mm(grad_rec_all.t(), h_prev_all);
+  at::Tensor grad_bias = has_bias || ln ? grad_gates.sum(0) : at::Tensor();
   at::Tensor grad_weight_hr = projected ? at::mm(grad_h_all.t(), h_tilde_all) : at::empty({0}, options);
-  return {grad_input, dh_state, dc_state, grad_weight_ih, grad_weight_hh, grad_bias, grad_weight_hr};
+  // Empty results are distinct tensors: outputs of an op must not alias.
+  const auto empty = [&] { return at::empty({0}, options); };
+  at::Tensor grad_ln_ih_weight = empty(), grad_ln_hh_weight = empty(), grad_ln_gate_bias = empty();
+  at::Tensor grad_ln_cell_weight = empty(), grad_ln_cell_bias = empty();
+  if (ln) {
+    grad_ln_ih_weight = (grad_gates * norm_ih).sum(0);
+    grad_ln_hh_weight = (grad_gates * norm_hh).sum(0);
+    grad_ln_gate_bias = has_bias ? grad_bias.clone() : grad_bias;
+    grad_ln_cell_weight = grad_ln_cell.narrow(1, 0, H).sum(0);
+    grad_ln_cell_bias = grad_ln_cell.narrow(1, H, H).sum(0);
+  }
+  if (!has_bias) grad_bias = empty();
+  return {grad_input,     dh_state,          dc_state,          grad_weight_ih,      grad_weight_hh,     grad_bias,
+          grad_weight_hr, grad_ln_ih_weight, grad_ln_hh_weight, grad_ln_gate_bias, grad_ln_cell_weight,
+          grad_ln_cell_bias};
 }
 
 }  // namespace fastnlp

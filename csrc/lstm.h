@@ -31,6 +31,12 @@ struct LstmForwardStep {
   at::Tensor h_state;         // (rows, H): h_{t-1} in, h_t out; undefined when a projection follows
   at::Tensor zoneout_cell;    // (rows, H) z: c_t = z * c_{t-1} + (1 - z) * c~_t; or undefined
   at::Tensor zoneout_hidden;  // (rows, H) the same for h; undefined when a projection follows
+  // Layer normalisation; all undefined without it. Then gates holds LN_ih(x W_ih^T) + biases
+  // and the recurrent product arrives separately in norm_hh:
+  at::Tensor norm_hh;         // (rows, 4H): h_{t-1} W_hh^T in, normalised (x - mean) * rstd out
+  at::Tensor ln_hh_weight, ln_hh_bias;      // (4H): gates += ln_hh_weight * norm_hh + ln_hh_bias
+  at::Tensor ln_cell_weight, ln_cell_bias;  // (H): h~_t = o * tanh(ln_cell_weight * norm(c~_t) + ln_cell_bias)
+  at::Tensor ln_stats;        // (rows, 4) float/double: columns 1..3 (rstd_hh, mean_cell, rstd_cell) out
 };
 
 struct LstmBackwardStep {
@@ -45,14 +51,27 @@ struct LstmBackwardStep {
   at::Tensor zoneout_cell;    // as in LstmForwardStep
   at::Tensor zoneout_hidden;  // as in LstmForwardStep; then:
   at::Tensor grad_h_prev;     // (rows, H) out: z * dL/dh_t, the part of dL/dh_{t-1} zoneout carries
+  // Layer normalisation (as in LstmForwardStep; all undefined without it):
+  at::Tensor norm_hh;         // (rows, 4H): what forward left there
+  at::Tensor ln_stats;        // (rows, 4): what forward wrote
+  at::Tensor ln_hh_weight, ln_cell_weight, ln_cell_bias;
+  at::Tensor grad_rec;        // (rows, 4H) out: dL/d(h_{t-1} W_hh^T), through LN_hh
+  at::Tensor grad_ln_cell;    // (rows, 2H) out: per row [dL/dy * norm(c~), dL/dy], y = LN_cell(c~)
 };
 
 // The per-step pointwise work of one device: activations, the cell update
 // (c~_t = f * c_{t-1} + i * g, h~_t = o * tanh(c~_t), then zoneout) and
 // their gradients. The backward recomputes c~_t from the gates and c_{t-1}.
+// With layer normalisation the step also normalises the recurrent product
+// and c~_t (per row) and back-propagates through both.
 struct LstmStepKernels {
   void (*forward)(const LstmForwardStep& step);
   void (*backward)(const LstmBackwardStep& step);
+  // Optional: out (N, G) = rstd * (d - mean(d) - norm * mean(d * norm)) per
+  // row, d = grad * gain, rstd = ln_stats[:, 0]; the input half's LN backward,
+  // all rows at once (all contiguous). nullptr: composed from ATen ops.
+  void (*layer_norm_backward)(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& ln_stats,
+                              const at::Tensor& gain, at::Tensor& out) = nullptr;
 };
 
 // Training-time regularisers, applied inside the time loop (all optional):
@@ -66,6 +85,24 @@ struct LstmRegularisers {
   std::optional<at::Tensor> recurrent_mask, zoneout_cell, zoneout_hidden;
 };
 
+// Layer normalisation (Ba et al., 2016), all six or none: gains (weight) and
+// biases of LN over the 4H pre-activations of x_t W_ih^T and of
+// h_{t-1} W_hh^T, and over the H units of the cell before its tanh:
+//   gates = LN_ih(x_t W_ih^T) + LN_hh(h_{t-1} W_hh^T) + bias_ih + bias_hh,
+//   h~_t = o * tanh(LN_cell(c~_t)),  LN(v) = weight * (v - mean) * rstd + bias,
+// rstd = 1 / sqrt(var + 1e-5) (biased variance), c_t = c~_t (before zoneout).
+struct LstmLayerNorm {
+  std::optional<at::Tensor> ih_weight, ih_bias, hh_weight, hh_bias, cell_weight, cell_bias;
+  bool enabled() const { return ih_weight.has_value() && ih_weight->defined(); }
+};
+
+// What the forward pass saved for the backward one under layer norm.
+struct LstmLayerNormSaved {
+  std::optional<at::Tensor> norm_ih, norm_hh, ln_stats;
+};
+
+constexpr double kLstmLayerNormEps = 1e-5;
+
 // Checks shapes, dtypes and devices (raising c10::Error that names the
 // argument) and returns the step sizes: batch_sizes as a vector, or B
 // repeated N / B times for padded input.
@@ -75,22 +112,32 @@ std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor
                                        const std::optional<at::Tensor>& bias_hh,
                                        const std::optional<at::Tensor>& weight_hr);
 
-// Returns (output (N, P), h_n (B, P), c_n (B, H), gates (N, 4H), cells (N, H));
-// gates and cells are saved for the backward pass.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_impl(
+// Returns (output (N, P), h_n (B, P), c_n (B, H), gates (N, 4H), cells (N, H),
+// norm_ih (N, 4H), norm_hh (N, 4H), ln_stats (N, 4)); all but the first three
+// are saved for the backward pass (the last three are empty without layer norm).
+using LstmForwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+LstmForwardResult lstm_forward_impl(
     const LstmStepKernels& kernels, const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
-    const std::optional<at::Tensor>& weight_hr, bool reverse, const LstmRegularisers& regularisers);
+    const std::optional<at::Tensor>& weight_hr, bool reverse, const LstmRegularisers& regularisers,
+    const LstmLayerNorm& layer_norm);
 
 // Returns (grad_input, grad_h0, grad_c0, grad_weight_ih, grad_weight_hh,
 // grad_bias, grad_weight_hr); grad_bias is the gradient of both bias_ih and
-// bias_hh (empty without bias), grad_weight_hr is empty without projection.
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_impl(
+// bias_hh (empty without bias), grad_weight_hr is empty without projection;
+// then the gradients of the LN gains ih and hh, of both gate LN biases, and of
+// the cell LN gain and bias (all empty without layer norm).
+using LstmBackwardResult =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+               at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+LstmBackwardResult lstm_backward_impl(
     const LstmStepKernels& kernels, const at::Tensor& grad_output, const at::Tensor& grad_h_n,
     const at::Tensor& grad_c_n, const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
     const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse, const at::Tensor& output,
-    const at::Tensor& gates, const at::Tensor& cells, const LstmRegularisers& regularisers);
+    const at::Tensor& gates, const at::Tensor& cells, const LstmRegularisers& regularisers,
+    const LstmLayerNorm& layer_norm, const LstmLayerNormSaved& saved);
 
 }  // namespace fastnlp

@@ -44,21 +44,36 @@ TORCH_LIBRARY(fastnlp, m) {
   // optional: recurrent_mask (B, P) multiplies h_{t-1} on its way into the
   // recurrent GEMM; zoneout_cell (N, H) / zoneout_hidden (N, P) are per-unit
   // weights z of the previous state: state_t = z * state_{t-1} + (1 - z) * new.
+  // Layer normalisation (all six layer_norm_* or none; gains and biases (4H)
+  // for ih/hh, (H) for cell): gates = LN_ih(x W_ih^T) + LN_hh(h W_hh^T) +
+  // bias_ih + bias_hh, h~ = o * tanh(LN_cell(c~)). Saved for the backward pass:
+  // norm_ih, norm_hh (N, 4H) the normalised (pre-gain) products and ln_stats
+  // (N, 4) = [rstd_ih, rstd_hh, mean_cell, rstd_cell] (float32; float64 for
+  // float64 input); all three empty without layer_norm.
   m.def(
       "lstm_forward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor weight_ih, "
       "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, bool reverse, "
-      "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None) "
-      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells)");
+      "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None, "
+      "Tensor? layer_norm_ih_weight=None, Tensor? layer_norm_ih_bias=None, Tensor? layer_norm_hh_weight=None, "
+      "Tensor? layer_norm_hh_bias=None, Tensor? layer_norm_cell_weight=None, Tensor? layer_norm_cell_bias=None) "
+      "-> (Tensor output, Tensor h_n, Tensor c_n, Tensor gates, Tensor cells, Tensor norm_ih, Tensor norm_hh, "
+      "Tensor ln_stats)");
   // Backward through time. grad_bias is the gradient of bias_ih and of
   // bias_hh alike (empty when has_bias is false); grad_weight_hr is empty
-  // without a projection.
+  // without a projection. With layer_norm (its gains and cell bias, and what
+  // forward saved), grad_layer_norm_gate_bias is the gradient of the ih and hh
+  // LN biases alike; the LN gradients are empty without layer_norm.
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
       "Tensor batch_sizes, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? weight_hr, bool has_bias, bool reverse, Tensor output, Tensor gates, Tensor cells, "
-      "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None) "
+      "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None, "
+      "Tensor? layer_norm_ih_weight=None, Tensor? layer_norm_hh_weight=None, Tensor? layer_norm_cell_weight=None, "
+      "Tensor? layer_norm_cell_bias=None, Tensor? norm_ih=None, Tensor? norm_hh=None, Tensor? ln_stats=None) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "
-      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr)");
+      "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr, Tensor grad_layer_norm_ih_weight, "
+      "Tensor grad_layer_norm_hh_weight, Tensor grad_layer_norm_gate_bias, Tensor grad_layer_norm_cell_weight, "
+      "Tensor grad_layer_norm_cell_bias)");
 
   // Fused scaled-dot-product attention, flash style: the (Lq, Lk) score matrix
   // is never stored. query (B, H, Lq, D), key (B, Hk, Lk, D), value

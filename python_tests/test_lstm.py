@@ -306,3 +306,213 @@ def test_small_batch_wide_layer_splits_the_recurrent_product():
                     torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
     finally:
         torch.set_num_threads(threads)
+
+
+# -- layer normalisation (the LayerNorm-LSTM of Ba et al.) --------------------
+
+LAYER_NORM_NAMES = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_hh_weight", "layer_norm_hh_bias",
+                    "layer_norm_cell_weight", "layer_norm_cell_bias")
+
+
+def make_layer_norm(hidden, dtype, device, seed=4):
+    """Gains in [0.5, 1.5] and biases in [-0.5, 0.5], so none of them is a no-op."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for name in LAYER_NORM_NAMES:
+        size = hidden if "cell" in name else 4 * hidden
+        value = torch.rand(size, generator=g, dtype=torch.float64) - 0.5
+        if name.endswith("weight"):
+            value = value + 1.0
+        out[name] = value.to(dtype).to(device).requires_grad_()
+    return out
+
+
+def layer_norm_outputs_and_grads(batch_sizes, tensors, layer_norm, reverse, backend=None, regularisers=None):
+    """outputs_and_grads with the layer-norm tensors among the arguments and the differentiated leaves."""
+    outputs = run_layer(batch_sizes, tensors, reverse, backend, dict(regularisers or {}, **layer_norm))
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o.device)).sum()
+               for o in outputs)
+    wrt = [v for v in tensors.values() if v is not None] + list(layer_norm.values())
+    return outputs, torch.autograd.grad(loss, wrt)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(
+    lengths=st.lists(st.integers(1, 7), min_size=1, max_size=6),
+    input_size=st.integers(1, 9),
+    hidden=st.integers(1, 9),
+    use_proj=st.booleans(),
+    bias=st.sampled_from(["both", "none", "ih", "hh"]),
+    reverse=st.booleans(),
+    packed=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    regularise=st.sampled_from([None, "recurrent_mask", "zoneout", "all"]),
+)
+def test_layer_norm_layer_matches_reference(device, lengths, input_size, hidden, use_proj, bias, reverse, packed,
+                                            dtype, regularise):
+    proj = max(1, hidden - 1) if use_proj and hidden > 1 else 0
+    if not packed:
+        lengths = [max(lengths)] * len(lengths)
+    batch_sizes, tensors = make_layer_inputs(lengths, input_size, hidden, proj, bias, dtype, device, packed=packed)
+    ln = make_layer_norm(hidden, dtype, device)
+    reg = None
+    if regularise is not None:
+        reg = make_regularisers(batch_sizes, tensors)
+        if regularise == "recurrent_mask":
+            reg = {"recurrent_mask": reg["recurrent_mask"]}
+        elif regularise == "zoneout":
+            del reg["recurrent_mask"]
+    out, grads = layer_norm_outputs_and_grads(batch_sizes, tensors, ln, reverse, regularisers=reg)
+    ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, tensors, ln, reverse, backend="reference",
+                                                      regularisers=reg)
+    # LN divides by the spread of a handful of values: float32 loses a little more than without it.
+    tol = TOLERANCES[dtype] if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        torch.testing.assert_close(a, b, **tol)
+
+
+def test_layer_norm_changes_the_result_and_its_parameters_matter():
+    """Guards against a kernel that ignores layer_norm: output differs from the plain LSTM, and
+    every LN tensor gets a non-zero gradient."""
+    batch_sizes, t = make_layer_inputs([5, 3, 2], 4, 6, 0, "both", torch.float64, "cpu")
+    ln = make_layer_norm(6, torch.float64, "cpu")
+    plain = run_layer(batch_sizes, t, False)
+    normed = run_layer(batch_sizes, t, False, regularisers=ln)
+    assert not torch.allclose(plain[0], normed[0])
+    grads = torch.autograd.grad(sum(o.sum() for o in normed), list(ln.values()))
+    for name, g in zip(ln, grads):
+        assert g.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("regularise", [False, True])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("proj", [0, 2])
+def test_layer_norm_layer_gradcheck(reverse, proj, regularise):
+    batch_sizes, tensors = make_layer_inputs([4, 3, 1], 3, 3, proj, "both", torch.float64, "cpu")
+    ln = make_layer_norm(3, torch.float64, "cpu")
+    names = [k for k, v in tensors.items() if v is not None]
+    reg = make_regularisers(batch_sizes, tensors) if regularise else {}
+
+    def fn(*values):
+        t = dict.fromkeys(tensors)
+        t.update(zip(names, values[:len(names)]))
+        return run_layer(batch_sizes, t, reverse, regularisers=dict(reg, **dict(zip(ln, values[len(names):]))))
+
+    assert torch.autograd.gradcheck(fn, [tensors[k] for k in names] + list(ln.values()))
+
+
+def test_layer_norm_cell_gradcheck_and_reference():
+    _, t = make_layer_inputs([1, 1, 1], 4, 5, 0, "both", torch.float64, "cpu")
+    ln = make_layer_norm(5, torch.float64, "cpu")
+    args = (t["input"], t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"])
+    n = len(args)
+    assert torch.autograd.gradcheck(lambda *a: lstm_cell(*a[:n], **dict(zip(ln, a[n:]))), args + tuple(ln.values()))
+    h, c = lstm_cell(*args, **ln)
+    ref_h, ref_c = fastnlp.reference.lstm.lstm_cell(*args, layer_norm=tuple(ln.values()))
+    torch.testing.assert_close(h, ref_h)
+    torch.testing.assert_close(c, ref_c)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("proj", [0, 2])
+def test_layer_norm_opcheck(device, packed, proj):
+    lengths = [5, 3, 3, 1] if packed else [4, 4]
+    batch_sizes, t = make_layer_inputs(lengths, 3, 4, proj, "both", torch.float32, device, packed=packed)
+    reg = make_regularisers(batch_sizes, t)
+    ln = make_layer_norm(4, torch.float32, device)
+    for reverse in (False, True):
+        args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
+                t["bias_hh"], t["weight_hr"], reverse)
+        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args, kwargs=ln)
+        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args + tuple(reg.values()) + tuple(ln.values()))
+
+
+def test_layer_norm_compiled_layer_matches_eager():
+    batch_sizes, t = make_layer_inputs([4, 3, 1], 3, 5, 2, "both", torch.float32, "cpu")
+    ln = make_layer_norm(5, torch.float32, "cpu")
+    reg = make_regularisers(batch_sizes, t)
+
+    def run(batch_sizes, t, ln):
+        return run_layer(batch_sizes, t, True, regularisers=dict(reg, **ln))
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    leaves = [v for v in t.values() if v is not None] + list(ln.values())
+    outs = compiled(batch_sizes, t, ln)
+    eager = run(batch_sizes, t, ln)
+    for a, b in zip(outs, eager):
+        torch.testing.assert_close(a, b)
+    grads = torch.autograd.grad(sum((o * o).sum() for o in outs), leaves)
+    ref = torch.autograd.grad(sum((o * o).sum() for o in eager), leaves)
+    for a, b in zip(grads, ref):
+        torch.testing.assert_close(a, b)
+
+
+def test_layer_norm_half_precision_on_cpu_is_computed_in_float32():
+    batch_sizes, t = make_layer_inputs([5, 2], 4, 6, 0, "both", torch.float32, "cpu")
+    ln = make_layer_norm(6, torch.bfloat16, "cpu")
+    bf16 = {k: (v.detach().bfloat16().requires_grad_() if v is not None else None) for k, v in t.items()}
+    out = run_layer(batch_sizes, bf16, False, regularisers=ln)
+    ref = run_layer(batch_sizes, {k: (v.float() if v is not None else None) for k, v in bf16.items()}, False,
+                    regularisers={k: v.float() for k, v in ln.items()})
+    for a, b in zip(out, ref):
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b.bfloat16())
+    sum(o.float().sum() for o in out).backward()
+    assert ln["layer_norm_cell_weight"].grad.dtype == torch.bfloat16
+
+
+def test_layer_norm_arguments_are_checked():
+    batch_sizes, t = make_layer_inputs([3, 2], 4, 4, 0, "both", torch.float32, "cpu")
+    ln = make_layer_norm(4, torch.float32, "cpu")
+    partial = {k: v for k, v in ln.items() if k != "layer_norm_hh_bias"}
+    with pytest.raises(ValueError, match="missing: layer_norm_hh_bias"):
+        run_layer(batch_sizes, t, False, regularisers=partial)
+    args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], None, None, None, False)
+    with pytest.raises(RuntimeError, match="layer_norm_hh_bias is missing"):
+        torch.ops.fastnlp.lstm_forward(*args, **partial)
+    with pytest.raises(RuntimeError, match="layer_norm_cell_bias must have shape \\(4\\)"):
+        torch.ops.fastnlp.lstm_forward(*args, **dict(ln, layer_norm_cell_bias=torch.zeros(16)))
+    with pytest.raises(RuntimeError, match="layer_norm_ih_weight has dtype Double"):
+        torch.ops.fastnlp.lstm_forward(*args, **dict(ln, layer_norm_ih_weight=torch.ones(16, dtype=torch.float64)))
+
+
+@requires_cuda
+def test_cuda_layer_norm_rows_beyond_one_grid_and_units_beyond_one_block():
+    """The layer-norm step kernels run one block per row: 8200 rows is more than their 8192 blocks (so blocks
+    loop over rows) and H = 300 more than a block's 256 threads (so threads loop over units)."""
+    hidden = 300
+    batch_sizes, t = make_layer_inputs([2] * 8200, 5, hidden, 0, "both", torch.float32, "cuda")
+    t = scaled_copy(t, hidden, torch.float32)
+    ln = make_layer_norm(hidden, torch.float32, "cuda")
+    reg = make_regularisers(batch_sizes, t)
+    out, grads = layer_norm_outputs_and_grads(batch_sizes, t, ln, True, regularisers=reg)
+    ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, t, ln, True, backend="reference",
+                                                      regularisers=reg)
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        # Gradients of the gains sum over 16400 rows: compare relative to the largest entry.
+        scale = max(b.abs().max().item(), 1.0)
+        torch.testing.assert_close(a / scale, b / scale, rtol=1e-4, atol=1e-4)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_layer_norm_half_precision_error_is_bounded_by_the_references(dtype):
+    hidden = 33
+    batch_sizes, t = make_layer_inputs([9, 7, 7, 3, 1], 13, hidden, 5, "both", torch.float64, "cuda", seed=3)
+    low = scaled_copy(t, hidden, dtype)
+    ln_low = {k: v.detach().to(dtype).requires_grad_() for k, v in make_layer_norm(hidden, torch.float64,
+                                                                                    "cuda").items()}
+    exact = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in low.items()}
+    ln_exact = {k: v.detach().double().requires_grad_() for k, v in ln_low.items()}
+    out, grads = layer_norm_outputs_and_grads(batch_sizes, low, ln_low, False)
+    ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, low, ln_low, False, backend="reference")
+    exact_out, exact_grads = layer_norm_outputs_and_grads(batch_sizes, exact, ln_exact, False, backend="reference")
+    names = ["output", "h_n", "c_n"] + [k for k, v in low.items() if v is not None] + list(ln_low)
+    for name, a, r, e in zip(names, out + grads, ref_out + ref_grads, exact_out + exact_grads):
+        assert a.dtype == dtype, name
+        err = (a.double() - e).abs().max().item()
+        ref_err = (r.double() - e).abs().max().item()
+        floor = torch.finfo(dtype).eps * max(e.abs().max().item(), 1.0)
+        assert err <= 3 * ref_err + floor, f"{name}: error {err:.3g}, reference's error {ref_err:.3g}"

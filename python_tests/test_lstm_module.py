@@ -341,3 +341,151 @@ def test_regulariser_arguments_are_checked(kwargs):
     name = next(iter(kwargs))
     with pytest.raises(ValueError, match=name):
         LSTM(3, 4, **kwargs)
+
+
+# -- layer_norm=True ----------------------------------------------------------
+
+LN_KINDS = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_hh_weight", "layer_norm_hh_bias",
+            "layer_norm_cell_weight", "layer_norm_cell_bias")
+
+
+def perturb_layer_norm(module, seed=3):
+    """Gains and biases away from their 1 / 0 init, so that each one matters."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.startswith("layer_norm_"):
+                p.add_(torch.rand(p.shape, generator=g, dtype=p.dtype) - 0.5)
+
+
+def test_layer_norm_parameters_follow_torchs():
+    theirs, ours = twin_modules(torch.nn.LSTM, 3, 6, num_layers=2, bidirectional=True, proj_size=2)
+    torch.manual_seed(0)
+    normed = LSTM(3, 6, num_layers=2, bidirectional=True, proj_size=2, layer_norm=True)
+    torch_names = [n for n, _ in theirs.named_parameters()]
+    names = [n for n, _ in normed.named_parameters()]
+    assert [n for n, _ in ours.named_parameters()] == torch_names  # layer_norm=False: exactly torch's
+    assert list(ours.state_dict()) == list(theirs.state_dict())
+    expected_ln = [kind + f"_l{k}" + rev for k in range(2) for rev in ("", "_reverse") for kind in LN_KINDS]
+    assert names == torch_names + expected_ln
+    for name, p in normed.named_parameters():
+        if name in torch_names:
+            torch.testing.assert_close(p, dict(theirs.named_parameters())[name])  # same seed, same draws
+        else:
+            assert p.shape == ((6,) if "cell" in name else (24,)), name
+            assert torch.equal(p, torch.ones_like(p) if "_weight" in name else torch.zeros_like(p)), name
+    result = normed.load_state_dict(theirs.state_dict(), strict=False)
+    assert result.missing_keys == expected_ln and result.unexpected_keys == []
+    assert "layer_norm=True" in repr(normed) and "layer_norm" not in repr(ours)
+    assert normed._all_weights == theirs._all_weights  # all_weights: torch's parameters only
+
+    cell = LSTMCell(3, 4, layer_norm=True)
+    assert [n for n, _ in cell.named_parameters()] == ["weight_ih", "weight_hh", "bias_ih", "bias_hh", *LN_KINDS]
+    assert "layer_norm=True" in repr(cell) and "layer_norm" not in repr(LSTMCell(3, 4))
+    with pytest.raises(TypeError, match="layer_norm should be of type bool"):
+        LSTM(3, 4, layer_norm=1)
+    with pytest.raises(TypeError, match="layer_norm should be of type bool"):
+        LSTMCell(3, 4, layer_norm="yes")
+
+
+@pytest.mark.parametrize("config", [
+    dict(num_layers=2, bidirectional=True, proj_size=2),
+    dict(num_layers=1, bidirectional=False, bias=False),
+    dict(num_layers=2, bidirectional=True, batch_first=True),
+    dict(num_layers=2, bidirectional=True, recurrent_dropout=0.3, zoneout=0.2),
+])
+@pytest.mark.parametrize("form", ["packed", "padded", "unbatched"])
+def test_layer_norm_module_matches_the_reference(config, form, monkeypatch):
+    torch.manual_seed(0)
+    lstm = LSTM(3, 5, layer_norm=True, **config).double()
+    perturb_layer_norm(lstm)
+    batch_first = config.get("batch_first", False)
+    x = torch.randn(6, 3, 3, dtype=torch.float64, requires_grad=True)
+    hx_shape = (4 if config["num_layers"] == 2 and config.get("bidirectional") else config["num_layers"], 3)
+    h0 = torch.randn(*hx_shape, config.get("proj_size") or 5, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(*hx_shape, 5, dtype=torch.float64, requires_grad=True)
+
+    def run():
+        torch.manual_seed(7)  # the same regulariser masks for both backends
+        if form == "packed":
+            out, (h, c) = lstm(pack_padded_sequence(x, torch.tensor([6, 2, 4]), enforce_sorted=False), (h0, c0))
+            out = out.data
+        elif form == "padded":
+            out, (h, c) = lstm(x.transpose(0, 1) if batch_first else x, (h0, c0))
+        else:
+            out, (h, c) = lstm(x[:, 0], (h0[:, 0], c0[:, 0]))
+        loss = (out ** 2).sum() + h.sum() + (c * c).sum()
+        return [out, h, c] + list(torch.autograd.grad(loss, [x, h0, c0] + list(lstm.parameters())))
+
+    ours = run()
+    monkeypatch.setenv("FASTNLP_BACKEND", "reference")
+    reference = run()
+    for a, b in zip(ours, reference):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_layer_norm_removes_the_scale_of_the_weights():
+    """A property the plain LSTM lacks and that the reference does not decide: each gate product is
+    normalised, so scaling weight_ih and weight_hh by positive constants changes nothing, up to eps:
+    the weights start 10x torch's init so that eps (1e-5) is negligible against every row's variance."""
+    torch.manual_seed(0)
+    lstm = LSTM(4, 6, num_layers=2, bidirectional=True, layer_norm=True).double()
+    perturb_layer_norm(lstm)
+
+    def scale(ih, hh):
+        with torch.no_grad():
+            for name, p in lstm.named_parameters():
+                if name.startswith("weight_ih"):
+                    p.mul_(ih)
+                elif name.startswith("weight_hh"):
+                    p.mul_(hh)
+
+    x = torch.randn(5, 2, 4, dtype=torch.float64)
+    scale(10.0, 10.0)
+    before = lstm(x)[0]
+    scale(3.0, 4.0)
+    torch.testing.assert_close(lstm(x)[0], before, rtol=1e-4, atol=1e-4)
+    lstm.layer_norm = False  # and without the normalisation the scale does matter
+    assert not torch.allclose(lstm(x)[0], before, rtol=1e-2, atol=1e-2)
+
+
+def test_layer_norm_cell_matches_the_layer_and_reference():
+    torch.manual_seed(0)
+    cell = LSTMCell(3, 4, layer_norm=True).double()
+    perturb_layer_norm(cell)
+    layer = LSTM(3, 4, layer_norm=True).double()
+    with torch.no_grad():
+        for name, p in cell.named_parameters():
+            getattr(layer, name + "_l0").copy_(p)
+    x = torch.randn(5, 2, 3, dtype=torch.float64)
+    h = c = torch.zeros(2, 4, dtype=torch.float64)
+    outs = []
+    for x_t in x:
+        h, c = cell(x_t, (h, c))
+        outs.append(h)
+    out, (h_n, c_n) = layer(x)
+    torch.testing.assert_close(torch.stack(outs), out)
+    torch.testing.assert_close(c, c_n[0])
+    ln = tuple(getattr(cell, k) for k in LN_KINDS)
+    ref_h, ref_c = fastnlp.reference.lstm.lstm_cell(x[0], torch.zeros(2, 4, dtype=torch.float64),
+                                                    torch.zeros(2, 4, dtype=torch.float64), cell.weight_ih,
+                                                    cell.weight_hh, cell.bias_ih, cell.bias_hh, layer_norm=ln)
+    torch.testing.assert_close(cell(x[0])[0], ref_h)
+    torch.testing.assert_close(cell(x[0])[1], ref_c)
+    torch.testing.assert_close(cell(x[0, 0])[0], ref_h[0])  # unbatched
+
+
+def test_layer_norm_module_compiles_with_fullgraph():
+    torch.manual_seed(0)
+    lstm = LSTM(3, 5, num_layers=2, bidirectional=True, batch_first=True, proj_size=2, layer_norm=True)
+    perturb_layer_norm(lstm)
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    eager_out, (eager_h, eager_c) = lstm(x)
+    eager_grads = torch.autograd.grad(eager_out.sum() + eager_c.sum(), [x] + list(lstm.parameters()))
+    compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
+    out, (h, c) = compiled(x)
+    grads = torch.autograd.grad(out.sum() + c.sum(), [x] + list(lstm.parameters()))
+    torch.testing.assert_close(out, eager_out)
+    torch.testing.assert_close(h, eager_h)
+    for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)

@@ -6,6 +6,8 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "cpu/vector_loops.h"
 #include "lstm.h"
@@ -116,6 +118,198 @@ __attribute__((always_inline)) inline void backward_row_impl(int64_t H, const Ba
   }
 }
 
+// Layer normalisation (see LstmLayerNorm in csrc/lstm.h). The row kernels
+// below run in passes over the row, since each normalisation needs the row's
+// statistics first; the per-unit values that later passes reuse live in a
+// double scratch row (forward: 2H, backward: 4H) so float32 rows get the
+// same double arithmetic as the plain kernels.
+template <typename scalar_t>
+struct LayerNormRow {
+  scalar_t* norm_hh;  // (4H) recurrent product in, normalised out (forward); normalised in (backward)
+  const scalar_t* hh_weight;
+  const scalar_t* hh_bias;  // forward only
+  const scalar_t* cell_weight;
+  const scalar_t* cell_bias;
+  scalar_t* stats;          // [rstd_ih, rstd_hh, mean_cell, rstd_cell]
+  scalar_t* grad_rec;       // (4H) backward only
+  scalar_t* grad_ln_cell;   // (2H) backward only
+  double* scratch;
+};
+
+// Mean and 1 / sqrt(biased variance + eps) of n values, in two passes (the
+// one-pass formula cancels badly when the mean is large against the spread).
+template <typename T>
+__attribute__((always_inline)) inline void mean_rstd(int64_t n, const T* __restrict x, double& mean, double& rstd) {
+  // `omp simd reduction` lets the compiler reorder the sums into vector
+  // lanes (it otherwise keeps a double sum in order, one element at a time).
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t j = 0; j < n; ++j) sum += x[j];
+  mean = sum / n;
+  double sq = 0;
+#pragma omp simd reduction(+ : sq)
+  for (int64_t j = 0; j < n; ++j) {
+    const double d = x[j] - mean;
+    sq += d * d;
+  }
+  rstd = 1.0 / std::sqrt(sq / n + kLstmLayerNormEps);
+}
+
+template <typename scalar_t, bool kZoneout>
+__attribute__((always_inline)) inline void forward_row_ln_impl(int64_t H, const ForwardRow<scalar_t>& r,
+                                                               const LayerNormRow<scalar_t>& l) {
+  scalar_t* __restrict gates = r.gates;
+  scalar_t* __restrict rec = l.norm_hh;
+  const scalar_t* __restrict w_hh = l.hh_weight;
+  const scalar_t* __restrict b_hh = l.hh_bias;
+  const scalar_t* __restrict w_c = l.cell_weight;
+  const scalar_t* __restrict b_c = l.cell_bias;
+  scalar_t* __restrict c_state = r.c_state;
+  scalar_t* __restrict cells = r.cells;
+  scalar_t* __restrict h_out = r.h_out;
+  const scalar_t* __restrict zc = r.zoneout_cell;
+  const scalar_t* __restrict zh = r.zoneout_hidden;
+  const scalar_t* h_prev = r.h_state;
+  double* __restrict c_new_row = l.scratch;
+  double* __restrict o_row = l.scratch + H;
+  double mean_hh, rstd_hh;
+  mean_rstd(4 * H, rec, mean_hh, rstd_hh);
+  for (int64_t j = 0; j < H; ++j) {
+    double pre[4];
+    for (int k = 0; k < 4; ++k) {
+      const int64_t u = k * H + j;
+      const double n = (rec[u] - mean_hh) * rstd_hh;
+      rec[u] = static_cast<scalar_t>(n);
+      pre[k] = gates[u] + (w_hh[u] * n + b_hh[u]);
+    }
+    const double i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
+    const double c_prev = c_state[j];
+    const double c_new = f * c_prev + i * g;
+    const double c = kZoneout ? zc[j] * c_prev + (1.0 - zc[j]) * c_new : c_new;
+    gates[j] = static_cast<scalar_t>(i);
+    gates[H + j] = static_cast<scalar_t>(f);
+    gates[2 * H + j] = static_cast<scalar_t>(g);
+    gates[3 * H + j] = static_cast<scalar_t>(o);
+    c_state[j] = cells[j] = static_cast<scalar_t>(c);
+    c_new_row[j] = c_new;
+    o_row[j] = o;
+  }
+  double mean_c, rstd_c;
+  mean_rstd(H, c_new_row, mean_c, rstd_c);
+  for (int64_t j = 0; j < H; ++j) {
+    const double y = w_c[j] * ((c_new_row[j] - mean_c) * rstd_c) + b_c[j];
+    double h = o_row[j] * tanh_(y);
+    if (kZoneout && zh != nullptr) h = zh[j] * double(h_prev[j]) + (1.0 - zh[j]) * h;
+    h_out[j] = static_cast<scalar_t>(h);
+  }
+  if (r.h_state != nullptr)
+    for (int64_t j = 0; j < H; ++j) r.h_state[j] = h_out[j];
+  l.stats[1] = static_cast<scalar_t>(rstd_hh);
+  l.stats[2] = static_cast<scalar_t>(mean_c);
+  l.stats[3] = static_cast<scalar_t>(rstd_c);
+}
+
+// LN backward of one row: given d = gain * dL/dy, y = LN(x), and n the
+// normalised x, dL/dx = rstd * (d - mean(d) - n * mean(d * n)).
+template <typename scalar_t, bool kTwoGradSources, bool kWriteTilde, bool kZoneout>
+__attribute__((always_inline)) inline void backward_row_ln_impl(int64_t H, const BackwardRow<scalar_t>& r,
+                                                                const LayerNormRow<scalar_t>& l) {
+  const scalar_t* __restrict gates = r.gates;
+  const scalar_t* __restrict c_prev = r.c_prev;
+  const scalar_t* __restrict dh_a = r.dh_a;
+  const scalar_t* __restrict dh_b = r.dh_b;
+  scalar_t* __restrict dc_state = r.dc_state;
+  scalar_t* __restrict grad_gates = r.grad_gates;
+  scalar_t* __restrict h_tilde = r.h_tilde;
+  const scalar_t* __restrict zc = r.zoneout_cell;
+  const scalar_t* __restrict zh = r.zoneout_hidden;
+  scalar_t* __restrict grad_h_prev = r.grad_h_prev;
+  const scalar_t* __restrict rec = l.norm_hh;
+  const scalar_t* __restrict w_hh = l.hh_weight;
+  const scalar_t* __restrict w_c = l.cell_weight;
+  const scalar_t* __restrict b_c = l.cell_bias;
+  scalar_t* __restrict grad_rec = l.grad_rec;
+  scalar_t* __restrict grad_ln_cell = l.grad_ln_cell;
+  double* __restrict d_row = l.scratch;           // cell_weight * dL/dy
+  double* __restrict n_row = l.scratch + H;       // normalised c~
+  double* __restrict tc_row = l.scratch + 2 * H;  // tanh(y)
+  double* __restrict dh_row = l.scratch + 3 * H;  // dL/dh~ (zoneout's share taken out)
+  const double rstd_hh = l.stats[1], mean_c = l.stats[2], rstd_c = l.stats[3];
+  for (int64_t j = 0; j < H; ++j) {
+    const double i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
+    const double n = ((f * c_prev[j] + i * g) - mean_c) * rstd_c;
+    const double tc = tanh_(w_c[j] * n + b_c[j]);
+    double dh = kTwoGradSources ? double(dh_a[j]) + double(dh_b[j]) : double(dh_a[j]);
+    if (kZoneout && zh != nullptr) {
+      const double to_prev = zh[j] * dh;
+      grad_h_prev[j] = static_cast<scalar_t>(to_prev);
+      dh -= to_prev;
+    }
+    const double dy = dh * o * (1.0 - tc * tc);
+    grad_ln_cell[j] = static_cast<scalar_t>(dy * n);
+    grad_ln_cell[H + j] = static_cast<scalar_t>(dy);
+    d_row[j] = dy * w_c[j];
+    n_row[j] = n;
+    tc_row[j] = tc;
+    dh_row[j] = dh;
+  }
+  double sum_d = 0, sum_dn = 0;
+#pragma omp simd reduction(+ : sum_d, sum_dn)
+  for (int64_t j = 0; j < H; ++j) {
+    sum_d += d_row[j];
+    sum_dn += d_row[j] * n_row[j];
+  }
+  const double mean_d = sum_d / H, mean_dn = sum_dn / H;
+  for (int64_t j = 0; j < H; ++j) {
+    const double i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
+    const double cp = c_prev[j], tc = tc_row[j];
+    double dc_carry = dc_state[j];
+    double dc_zone = 0.0;
+    if (kZoneout) {
+      dc_zone = zc[j] * dc_carry;
+      dc_carry -= dc_zone;
+    }
+    const double dc = dc_carry + rstd_c * (d_row[j] - mean_d - n_row[j] * mean_dn);
+    grad_gates[j] = static_cast<scalar_t>(dc * g * i * (1.0 - i));
+    grad_gates[H + j] = static_cast<scalar_t>(dc * cp * f * (1.0 - f));
+    grad_gates[2 * H + j] = static_cast<scalar_t>(dc * i * (1.0 - g * g));
+    grad_gates[3 * H + j] = static_cast<scalar_t>(dh_row[j] * tc * o * (1.0 - o));
+    dc_state[j] = static_cast<scalar_t>(dc * f + dc_zone);
+    if (kWriteTilde) h_tilde[j] = static_cast<scalar_t>(o * tc);
+  }
+  // Through LN_hh: the recurrent product's gradient, from the stored gate gradients.
+  const int64_t G = 4 * H;
+  double sum_g = 0, sum_gn = 0;
+#pragma omp simd reduction(+ : sum_g, sum_gn)
+  for (int64_t u = 0; u < G; ++u) {
+    const double d = double(grad_gates[u]) * w_hh[u];
+    sum_g += d;
+    sum_gn += d * rec[u];
+  }
+  const double mean_g = sum_g / G, mean_gn = sum_gn / G;
+  for (int64_t u = 0; u < G; ++u)
+    grad_rec[u] = static_cast<scalar_t>(rstd_hh * (double(grad_gates[u]) * w_hh[u] - mean_g - rec[u] * mean_gn));
+}
+
+// out = rstd * (d - mean(d) - n * mean(d * n)), d = grad * gain, over one
+// row of G values: the input half's LN backward (see lstm.h).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void layer_norm_backward_row_impl(int64_t G, const scalar_t* __restrict grad,
+                                                                        const scalar_t* __restrict norm,
+                                                                        const scalar_t* __restrict gain,
+                                                                        double rstd, scalar_t* __restrict out) {
+  double sum_d = 0, sum_dn = 0;
+#pragma omp simd reduction(+ : sum_d, sum_dn)
+  for (int64_t u = 0; u < G; ++u) {
+    const double d = double(grad[u]) * gain[u];
+    sum_d += d;
+    sum_dn += d * norm[u];
+  }
+  const double mean_d = sum_d / G, mean_dn = sum_dn / G;
+  for (int64_t u = 0; u < G; ++u)
+    out[u] = static_cast<scalar_t>(rstd * (double(grad[u]) * gain[u] - mean_d - norm[u] * mean_dn));
+}
+
 // Each function is compiled for AVX2+FMA and the baseline ISA (see
 // vector_loops.h); one call covers one row of H units.
 #define FASTNLP_LSTM_ROW_KERNELS(scalar_t)                                               \
@@ -135,6 +329,32 @@ __attribute__((always_inline)) inline void backward_row_impl(int64_t H, const Ba
       backward_row_impl<scalar_t, true, false, false>(H, r);                           \
     } else {                                                                            \
       backward_row_impl<scalar_t, false, true, false>(H, r);                           \
+    }                                                                                   \
+  }                                                                                     \
+  FASTNLP_VECTOR_CLONES void layer_norm_backward_row(int64_t G, const scalar_t* grad,   \
+                                                     const scalar_t* norm,              \
+                                                     const scalar_t* gain, double rstd, \
+                                                     scalar_t* out) {                   \
+    layer_norm_backward_row_impl<scalar_t>(G, grad, norm, gain, rstd, out);             \
+  }                                                                                     \
+  FASTNLP_VECTOR_CLONES void forward_row_ln(int64_t H, const ForwardRow<scalar_t>& r,  \
+                                            const LayerNormRow<scalar_t>& l) {          \
+    if (r.zoneout_cell != nullptr)                                                      \
+      forward_row_ln_impl<scalar_t, true>(H, r, l);                                     \
+    else                                                                                \
+      forward_row_ln_impl<scalar_t, false>(H, r, l);                                    \
+  }                                                                                     \
+  FASTNLP_VECTOR_CLONES void backward_row_ln(int64_t H, const BackwardRow<scalar_t>& r, \
+                                             const LayerNormRow<scalar_t>& l) {         \
+    if (r.zoneout_cell != nullptr) {                                                    \
+      if (r.dh_b != nullptr)                                                            \
+        backward_row_ln_impl<scalar_t, true, false, true>(H, r, l);                    \
+      else                                                                              \
+        backward_row_ln_impl<scalar_t, false, true, true>(H, r, l);                    \
+    } else if (r.dh_b != nullptr) {                                                     \
+      backward_row_ln_impl<scalar_t, true, false, false>(H, r, l);                     \
+    } else {                                                                            \
+      backward_row_ln_impl<scalar_t, false, true, false>(H, r, l);                     \
     }                                                                                   \
   }
 FASTNLP_LSTM_ROW_KERNELS(float)
@@ -166,11 +386,28 @@ void forward_step_cpu(const LstmForwardStep& s) {
     const scalar_t* zc = ptr_or_null<scalar_t>(s.zoneout_cell);
     const scalar_t* zh = ptr_or_null<scalar_t>(s.zoneout_hidden);
     TORCH_CHECK(zh == nullptr || zc != nullptr, "fastnlp.lstm: zoneout_hidden needs zoneout_cell");
+    const bool ln = s.norm_hh.defined();
+    scalar_t* norm_hh = ptr_or_null<scalar_t>(s.norm_hh);
+    scalar_t* stats = ptr_or_null<scalar_t>(s.ln_stats);
+    const scalar_t* hh_w = ptr_or_null<scalar_t>(s.ln_hh_weight);
+    const scalar_t* hh_b = ptr_or_null<scalar_t>(s.ln_hh_bias);
+    const scalar_t* cell_w = ptr_or_null<scalar_t>(s.ln_cell_weight);
+    const scalar_t* cell_b = ptr_or_null<scalar_t>(s.ln_cell_bias);
+    TORCH_CHECK(!ln || (stats && hh_w && hh_b && cell_w && cell_b && s.ln_stats.scalar_type() == s.gates.scalar_type()),
+                "fastnlp.lstm: a layer-norm step needs all of its tensors");
     at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r)
-        forward_row(H, ForwardRow<scalar_t>{gates + r * 4 * H, c_state + r * H, cells + r * H, h_out + r * H,
-                                            row_or_null(h_state, r, H), row_or_null(zc, r, H),
-                                            row_or_null(zh, r, H)});
+      std::vector<double> scratch(ln ? 2 * H : 0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const ForwardRow<scalar_t> row{gates + r * 4 * H,         c_state + r * H,       cells + r * H,
+                                       h_out + r * H,             row_or_null(h_state, r, H), row_or_null(zc, r, H),
+                                       row_or_null(zh, r, H)};
+        if (ln)
+          forward_row_ln(H, row,
+                         LayerNormRow<scalar_t>{norm_hh + r * 4 * H, hh_w, hh_b, cell_w, cell_b, stats + r * 4,
+                                                nullptr, nullptr, scratch.data()});
+        else
+          forward_row(H, row);
+      }
     });
   });
 }
@@ -194,48 +431,98 @@ void backward_step_cpu(const LstmBackwardStep& s) {
     TORCH_CHECK((dh_b == nullptr) == (h_tilde != nullptr), "fastnlp.lstm: exactly one of dh_b, h_tilde");
     TORCH_CHECK(zh == nullptr || (zc != nullptr && grad_h_prev != nullptr),
                 "fastnlp.lstm: zoneout_hidden needs zoneout_cell and grad_h_prev");
+    const bool ln = s.norm_hh.defined();
+    scalar_t* norm_hh = ptr_or_null<scalar_t>(s.norm_hh);
+    scalar_t* stats = ptr_or_null<scalar_t>(s.ln_stats);
+    const scalar_t* hh_w = ptr_or_null<scalar_t>(s.ln_hh_weight);
+    const scalar_t* cell_w = ptr_or_null<scalar_t>(s.ln_cell_weight);
+    const scalar_t* cell_b = ptr_or_null<scalar_t>(s.ln_cell_bias);
+    scalar_t* grad_rec = ptr_or_null<scalar_t>(s.grad_rec);
+    scalar_t* grad_ln_cell = ptr_or_null<scalar_t>(s.grad_ln_cell);
+    TORCH_CHECK(!ln || (stats && hh_w && cell_w && cell_b && grad_rec && grad_ln_cell &&
+                        s.ln_stats.scalar_type() == s.gates.scalar_type()),
+                "fastnlp.lstm: a layer-norm step needs all of its tensors");
     at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
+      std::vector<double> scratch(ln ? 4 * H : 0);
       for (int64_t r = r0; r < r1; ++r) {
         // A row whose first step this is reads c0.
         const scalar_t* prev_row = r < s.rows_with_prev ? c_prev + r * H : c0 + r * H;
-        backward_row(H, BackwardRow<scalar_t>{gates + r * 4 * H, prev_row, dh_a + r * H, row_or_null(dh_b, r, H),
-                                              dc_state + r * H, grad_gates + r * 4 * H, row_or_null(h_tilde, r, H),
-                                              row_or_null(zc, r, H), row_or_null(zh, r, H),
-                                              row_or_null(grad_h_prev, r, H)});
+        const BackwardRow<scalar_t> row{gates + r * 4 * H,         prev_row,
+                                        dh_a + r * H,              row_or_null(dh_b, r, H),
+                                        dc_state + r * H,          grad_gates + r * 4 * H,
+                                        row_or_null(h_tilde, r, H), row_or_null(zc, r, H),
+                                        row_or_null(zh, r, H),     row_or_null(grad_h_prev, r, H)};
+        if (ln)
+          backward_row_ln(H, row,
+                          LayerNormRow<scalar_t>{norm_hh + r * 4 * H, hh_w, nullptr, cell_w, cell_b, stats + r * 4,
+                                                 grad_rec + r * 4 * H, grad_ln_cell + r * 2 * H, scratch.data()});
+        else
+          backward_row(H, row);
       }
     });
   });
 }
 
-constexpr LstmStepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu};
+void layer_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& ln_stats,
+                             const at::Tensor& gain, at::Tensor& out) {
+  const int64_t rows = grad.size(0), G = grad.size(1);
+  TORCH_CHECK(grad.is_contiguous() && norm.is_contiguous() && ln_stats.is_contiguous() && gain.is_contiguous() &&
+                  out.is_contiguous() && norm.sizes() == grad.sizes() && out.sizes() == grad.sizes() &&
+                  ln_stats.size(0) == rows && gain.numel() == G,
+              "fastnlp.lstm: layer_norm_backward_cpu got mismatched tensors");
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "lstm_layer_norm_backward_cpu", [&] {
+    const scalar_t* g = grad.data_ptr<scalar_t>();
+    const scalar_t* n = norm.data_ptr<scalar_t>();
+    const scalar_t* w = gain.data_ptr<scalar_t>();
+    const scalar_t* stats = ln_stats.data_ptr<scalar_t>();
+    scalar_t* o = out.data_ptr<scalar_t>();
+    at::parallel_for(0, rows, row_grain(G), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r)
+        layer_norm_backward_row(G, g + r * G, n + r * G, w, stats[r * 4], o + r * G);
+    });
+  });
+}
+
+constexpr LstmStepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &layer_norm_backward_cpu};
 
 void check_cpu_dtype(const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
               "fastnlp.lstm: the CPU kernel takes float32 or float64, got ", input.scalar_type());
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cpu(
+LstmForwardResult lstm_forward_cpu(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr, bool reverse,
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden) {
+    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& ln_ih_weight,
+    const std::optional<at::Tensor>& ln_ih_bias, const std::optional<at::Tensor>& ln_hh_weight,
+    const std::optional<at::Tensor>& ln_hh_bias, const std::optional<at::Tensor>& ln_cell_weight,
+    const std::optional<at::Tensor>& ln_cell_bias) {
   check_cpu_dtype(input);
   return lstm_forward_impl(kCpuKernels, input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                           reverse, LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden});
+                           reverse, LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden},
+                           LstmLayerNorm{ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
+                                         ln_cell_bias});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_cpu(
+LstmBackwardResult lstm_backward_cpu(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden) {
+    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& ln_ih_weight,
+    const std::optional<at::Tensor>& ln_hh_weight, const std::optional<at::Tensor>& ln_cell_weight,
+    const std::optional<at::Tensor>& ln_cell_bias, const std::optional<at::Tensor>& norm_ih,
+    const std::optional<at::Tensor>& norm_hh, const std::optional<at::Tensor>& ln_stats) {
   check_cpu_dtype(input);
   return lstm_backward_impl(kCpuKernels, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih,
                             weight_hh, weight_hr, has_bias, reverse, output, gates, cells,
-                            LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden});
+                            LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden},
+                            LstmLayerNorm{ln_ih_weight, std::nullopt, ln_hh_weight, std::nullopt, ln_cell_weight,
+                                          ln_cell_bias},
+                            LstmLayerNormSaved{norm_ih, norm_hh, ln_stats});
 }
 
 }  // namespace

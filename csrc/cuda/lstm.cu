@@ -15,6 +15,13 @@
 //
 // The per-unit functions are __host__ __device__ so that the arithmetic and
 // the index mapping can be exercised on a machine without a GPU.
+//
+// Layer-normalised steps need each row's statistics before any unit can
+// finish, so they run one block per row (grid-stride over rows), threads
+// striding over the row's units, with block reductions between passes. A
+// thread visits the same units in every pass, so values it wrote in one
+// pass (c~ parked in `cells`, the gate gradients) it reads back in the next
+// without a barrier. The passes and formulas are csrc/cpu/lstm.cpp's.
 
 #include "lstm_step.h"
 
@@ -63,6 +70,9 @@ __host__ __device__ __forceinline__ float sigmoid(float x) { return 1.0f / (1.0f
 __host__ __device__ __forceinline__ double sigmoid(double x) { return 1.0 / (1.0 + ::exp(-x)); }
 __host__ __device__ __forceinline__ float tanh_(float x) { return ::tanhf(x); }
 __host__ __device__ __forceinline__ double tanh_(double x) { return ::tanh(x); }
+
+__host__ __device__ __forceinline__ float inv_sqrt(float x) { return 1.0f / ::sqrtf(x); }
+__host__ __device__ __forceinline__ double inv_sqrt(double x) { return 1.0 / ::sqrt(x); }
 
 template <typename T>
 using ForwardArgs = LstmForwardStepArgs<T>;
@@ -162,7 +172,179 @@ __global__ void __launch_bounds__(kThreads) lstm_backward_kernel(const BackwardA
                  static_cast<int64_t>(gridDim.x) * blockDim.x);
 }
 
+// The sum of v over the block, returned to every thread. blockDim.x must be
+// kThreads (a multiple of the warp size). The leading barrier keeps a call
+// from overwriting `shared` while a previous call's threads still read it.
+template <typename acc_t>
+__device__ __forceinline__ acc_t block_sum(acc_t v, acc_t* shared) {
+  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_down_sync(0xffffffffu, v, offset);
+  __syncthreads();
+  if ((threadIdx.x & 31) == 0) shared[threadIdx.x >> 5] = v;
+  __syncthreads();
+  acc_t total = 0;
+  for (int w = 0; w < kThreads / 32; ++w) total += shared[w];
+  return total;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_forward_ln_kernel(const ForwardArgs<T> a) {
+  using acc_t = compute_t<T>;
+  __shared__ acc_t shared[kThreads / 32];
+  const int64_t H = a.H, G = 4 * H;
+  const acc_t one = 1, eps = static_cast<acc_t>(kLayerNormEps);
+  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+    T* rec = a.norm_hh + r * G;
+    T* g = a.gates + r * G;
+    acc_t sum = 0;
+    for (int64_t u = threadIdx.x; u < G; u += blockDim.x) sum += load(rec + u);
+    const acc_t mean_hh = block_sum(sum, shared) / static_cast<acc_t>(G);
+    sum = 0;
+    for (int64_t u = threadIdx.x; u < G; u += blockDim.x) {
+      const acc_t d = load(rec + u) - mean_hh;
+      sum += d * d;
+    }
+    const acc_t rstd_hh = inv_sqrt(block_sum(sum, shared) / static_cast<acc_t>(G) + eps);
+    acc_t sum_c = 0;
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
+      acc_t pre[4];
+      for (int q = 0; q < 4; ++q) {
+        const int64_t u = q * H + j;
+        const acc_t n = (load(rec + u) - mean_hh) * rstd_hh;
+        store(rec + u, n);
+        pre[q] = load(g + u) + (load(a.ln_hh_weight + u) * n + load(a.ln_hh_bias + u));
+      }
+      const acc_t i = sigmoid(pre[0]), f = sigmoid(pre[1]), gg = tanh_(pre[2]), o = sigmoid(pre[3]);
+      const int64_t k = r * H + j;
+      const acc_t c_prev = load(a.c_state + k);
+      const acc_t c_new = f * c_prev + i * gg;
+      acc_t c = c_new;
+      if (a.zoneout_cell != nullptr) {
+        const acc_t zc = load(a.zoneout_cell + k);
+        c = zc * c_prev + (one - zc) * c_new;
+      }
+      store(g + j, i);
+      store(g + H + j, f);
+      store(g + 2 * H + j, gg);
+      store(g + 3 * H + j, o);
+      store(a.c_state + k, c);
+      store(a.cells + k, c_new);  // parked until the last pass
+      sum_c += load(a.cells + k);
+    }
+    const acc_t mean_c = block_sum(sum_c, shared) / static_cast<acc_t>(H);
+    sum = 0;
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
+      const acc_t d = load(a.cells + r * H + j) - mean_c;
+      sum += d * d;
+    }
+    const acc_t rstd_c = inv_sqrt(block_sum(sum, shared) / static_cast<acc_t>(H) + eps);
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
+      const int64_t k = r * H + j;
+      const acc_t y = load(a.ln_cell_weight + j) * ((load(a.cells + k) - mean_c) * rstd_c) + load(a.ln_cell_bias + j);
+      acc_t h = load(g + 3 * H + j) * tanh_(y);
+      if (a.zoneout_hidden != nullptr) {
+        const acc_t zh = load(a.zoneout_hidden + k);
+        h = zh * load(a.h_state + k) + (one - zh) * h;
+      }
+      store(a.h_out + k, h);
+      if (a.h_state != nullptr) store(a.h_state + k, h);
+      store(a.cells + k, load(a.c_state + k));
+    }
+    if (threadIdx.x == 0) {
+      a.ln_stats[r * 4 + 1] = rstd_hh;
+      a.ln_stats[r * 4 + 2] = mean_c;
+      a.ln_stats[r * 4 + 3] = rstd_c;
+    }
+  }
+}
+
+// dL/dh~ of unit (r, j) with zoneout's share taken out; that share is
+// written to grad_h_prev when `write_share`.
+template <typename T>
+__device__ __forceinline__ compute_t<T> grad_h_tilde(const BackwardArgs<T>& a, int64_t k, bool write_share) {
+  compute_t<T> dh = load(a.dh_a + k);
+  if (a.dh_b != nullptr) dh += load(a.dh_b + k);
+  if (a.zoneout_hidden != nullptr) {
+    const compute_t<T> to_prev = load(a.zoneout_hidden + k) * dh;
+    if (write_share) store(a.grad_h_prev + k, to_prev);
+    dh -= to_prev;
+  }
+  return dh;
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_backward_ln_kernel(const BackwardArgs<T> a) {
+  using acc_t = compute_t<T>;
+  __shared__ acc_t shared[kThreads / 32];
+  const int64_t H = a.H, G = 4 * H;
+  const acc_t one = 1;
+  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+    const T* g = a.gates + r * G;
+    const T* rec = a.norm_hh + r * G;
+    T* dg = a.grad_gates + r * G;
+    const T* c_prev_row = r < a.rows_with_prev ? a.c_prev + r * H : a.c0 + r * H;
+    const acc_t rstd_hh = a.ln_stats[r * 4 + 1], mean_c = a.ln_stats[r * 4 + 2], rstd_c = a.ln_stats[r * 4 + 3];
+    // Pass 1: the cell LN's output gradient and the sums its backward needs.
+    acc_t sum_d = 0, sum_dn = 0;
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
+      const int64_t k = r * H + j;
+      const acc_t i = load(g + j), f = load(g + H + j), gg = load(g + 2 * H + j), o = load(g + 3 * H + j);
+      const acc_t n = ((f * load(c_prev_row + j) + i * gg) - mean_c) * rstd_c;
+      const acc_t tc = tanh_(load(a.ln_cell_weight + j) * n + load(a.ln_cell_bias + j));
+      const acc_t dy = grad_h_tilde(a, k, true) * o * (one - tc * tc);
+      store(a.grad_ln_cell + r * 2 * H + j, dy * n);
+      store(a.grad_ln_cell + r * 2 * H + H + j, dy);
+      const acc_t d = dy * load(a.ln_cell_weight + j);
+      sum_d += d;
+      sum_dn += d * n;
+    }
+    const acc_t mean_d = block_sum(sum_d, shared) / static_cast<acc_t>(H);
+    const acc_t mean_dn = block_sum(sum_dn, shared) / static_cast<acc_t>(H);
+    // Pass 2: the gate gradients (recomputing pass 1's per-unit values).
+    acc_t sum_g = 0, sum_gn = 0;
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
+      const int64_t k = r * H + j;
+      const acc_t i = load(g + j), f = load(g + H + j), gg = load(g + 2 * H + j), o = load(g + 3 * H + j);
+      const acc_t cp = load(c_prev_row + j);
+      const acc_t n = ((f * cp + i * gg) - mean_c) * rstd_c;
+      const acc_t tc = tanh_(load(a.ln_cell_weight + j) * n + load(a.ln_cell_bias + j));
+      const acc_t dh = grad_h_tilde(a, k, false);
+      const acc_t d = dh * o * (one - tc * tc) * load(a.ln_cell_weight + j);
+      acc_t dc_carry = load(a.dc_state + k);
+      acc_t dc_zone = 0;
+      if (a.zoneout_cell != nullptr) {
+        dc_zone = load(a.zoneout_cell + k) * dc_carry;
+        dc_carry -= dc_zone;
+      }
+      const acc_t dc = dc_carry + rstd_c * (d - mean_d - n * mean_dn);
+      store(dg + j, dc * gg * i * (one - i));
+      store(dg + H + j, dc * cp * f * (one - f));
+      store(dg + 2 * H + j, dc * i * (one - gg * gg));
+      store(dg + 3 * H + j, dh * tc * o * (one - o));
+      store(a.dc_state + k, dc * f + dc_zone);
+      if (a.h_tilde != nullptr) store(a.h_tilde + k, o * tc);
+      for (int q = 0; q < 4; ++q) {
+        const int64_t u = q * H + j;
+        const acc_t dq = load(dg + u) * load(a.ln_hh_weight + u);
+        sum_g += dq;
+        sum_gn += dq * load(rec + u);
+      }
+    }
+    const acc_t mean_g = block_sum(sum_g, shared) / static_cast<acc_t>(G);
+    const acc_t mean_gn = block_sum(sum_gn, shared) / static_cast<acc_t>(G);
+    // Pass 3: through LN_hh to the recurrent product.
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
+      for (int q = 0; q < 4; ++q) {
+        const int64_t u = q * H + j;
+        const acc_t dq = load(dg + u) * load(a.ln_hh_weight + u);
+        store(a.grad_rec + r * G + u, rstd_hh * (dq - mean_g - load(rec + u) * mean_gn));
+      }
+    }
+  }
+}
+
 bool sizes_ok(int64_t rows, int64_t H) { return rows >= 0 && H >= 0 && (H == 0 || rows <= kMaxUnits / H); }
+
+unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(rows < kMaxBlocks ? rows : kMaxBlocks); }
 
 unsigned grid_blocks(int64_t units) {
   const int64_t blocks = (units + kThreads - 1) / kThreads;
@@ -177,6 +359,13 @@ cudaError_t launch_forward(const ForwardArgs<T>& a, cudaStream_t stream) {
   if (a.gates == nullptr || a.c_state == nullptr || a.cells == nullptr || a.h_out == nullptr ||
       (a.zoneout_hidden != nullptr && (a.zoneout_cell == nullptr || a.h_state == nullptr)))
     return cudaErrorInvalidValue;
+  if (a.norm_hh != nullptr) {
+    if (a.ln_hh_weight == nullptr || a.ln_hh_bias == nullptr || a.ln_cell_weight == nullptr ||
+        a.ln_cell_bias == nullptr || a.ln_stats == nullptr)
+      return cudaErrorInvalidValue;
+    lstm_forward_ln_kernel<T><<<row_blocks(a.rows), kThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
   lstm_forward_kernel<T><<<grid_blocks(units), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }
@@ -190,6 +379,13 @@ cudaError_t launch_backward(const BackwardArgs<T>& a, cudaStream_t stream) {
       (a.rows_with_prev > 0 && a.c_prev == nullptr) || (a.rows_with_prev < a.rows && a.c0 == nullptr) ||
       (a.zoneout_hidden != nullptr && (a.zoneout_cell == nullptr || a.grad_h_prev == nullptr)))
     return cudaErrorInvalidValue;
+  if (a.norm_hh != nullptr) {
+    if (a.ln_stats == nullptr || a.ln_hh_weight == nullptr || a.ln_cell_weight == nullptr ||
+        a.ln_cell_bias == nullptr || a.grad_rec == nullptr || a.grad_ln_cell == nullptr)
+      return cudaErrorInvalidValue;
+    lstm_backward_ln_kernel<T><<<row_blocks(a.rows), kThreads, 0, stream>>>(a);
+    return cudaGetLastError();
+  }
   lstm_backward_kernel<T><<<grid_blocks(units), kThreads, 0, stream>>>(a);
   return cudaGetLastError();
 }

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <initializer_list>
 #include <optional>
 #include <tuple>
 
@@ -70,6 +71,27 @@ void check_optional_step_tensor(const at::Tensor& t, const char* name, const at:
   if (t.defined()) check_step_tensor(t, name, gates, rows, cols);
 }
 
+// ln_stats (rows, 4): float, double for double input (ln_stat_t); a row
+// slice of a contiguous (N, 4) buffer, so contiguous itself.
+void check_ln_stats(const at::Tensor& t, const at::Tensor& gates, int64_t rows) {
+  const at::ScalarType want = gates.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK(t.is_cuda() && t.device() == gates.device() && t.scalar_type() == want && t.dim() == 2 &&
+                  t.size(0) == rows && t.size(1) == 4 && t.is_contiguous(),
+              "fastnlp.lstm (CUDA step): ln_stats must be a contiguous (", rows, ", 4) ", want, " tensor on ",
+              gates.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+template <typename T>
+kern::ln_stat_t<T>* stats_ptr(const at::Tensor& t) {
+  return t.defined() ? static_cast<kern::ln_stat_t<T>*>(t.mutable_data_ptr()) : nullptr;
+}
+
+// All layer-norm tensors of a step or none (the time loop passes all).
+void check_layer_norm_step(bool ln, std::initializer_list<const at::Tensor*> tensors) {
+  for (const at::Tensor* t : tensors)
+    TORCH_CHECK(t->defined() == ln, "fastnlp.lstm (CUDA step): a layer-norm step needs all of its tensors");
+}
+
 void forward_step_cuda(const LstmForwardStep& s) {
   const at::Tensor& gates = s.gates;
   const int64_t rows = gates.size(0), H = s.cells.size(1);
@@ -80,15 +102,31 @@ void forward_step_cuda(const LstmForwardStep& s) {
   check_optional_step_tensor(s.h_state, "h_state", gates, rows, H);
   check_optional_step_tensor(s.zoneout_cell, "zoneout_cell", gates, rows, H);
   check_optional_step_tensor(s.zoneout_hidden, "zoneout_hidden", gates, rows, H);
+  const bool ln = s.norm_hh.defined();
+  check_layer_norm_step(ln, {&s.ln_hh_weight, &s.ln_hh_bias, &s.ln_cell_weight, &s.ln_cell_bias, &s.ln_stats});
+  if (ln) {
+    check_step_tensor(s.norm_hh, "norm_hh", gates, rows, 4 * H);
+    check_step_tensor(s.ln_hh_weight.view({1, -1}), "ln_hh_weight", gates, 1, 4 * H);
+    check_step_tensor(s.ln_hh_bias.view({1, -1}), "ln_hh_bias", gates, 1, 4 * H);
+    check_step_tensor(s.ln_cell_weight.view({1, -1}), "ln_cell_weight", gates, 1, H);
+    check_step_tensor(s.ln_cell_bias.view({1, -1}), "ln_cell_bias", gates, 1, H);
+    check_ln_stats(s.ln_stats, gates, rows);
+  }
   const c10::cuda::OptionalCUDAGuard guard(gates.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const kern::LstmForwardStepArgs<T> args{out_ptr<T>(gates),         out_ptr<T>(s.c_state),
-                                            out_ptr<T>(s.cells),       out_ptr<T>(s.h_out),
-                                            out_ptr<T>(s.h_state),     in_ptr<T>(s.zoneout_cell),
-                                            in_ptr<T>(s.zoneout_hidden), rows,
-                                            H};
+    kern::LstmForwardStepArgs<T> args{out_ptr<T>(gates),         out_ptr<T>(s.c_state),
+                                      out_ptr<T>(s.cells),       out_ptr<T>(s.h_out),
+                                      out_ptr<T>(s.h_state),     in_ptr<T>(s.zoneout_cell),
+                                      in_ptr<T>(s.zoneout_hidden), rows,
+                                      H};
+    args.norm_hh = out_ptr<T>(s.norm_hh);
+    args.ln_hh_weight = in_ptr<T>(s.ln_hh_weight);
+    args.ln_hh_bias = in_ptr<T>(s.ln_hh_bias);
+    args.ln_cell_weight = in_ptr<T>(s.ln_cell_weight);
+    args.ln_cell_bias = in_ptr<T>(s.ln_cell_bias);
+    args.ln_stats = stats_ptr<T>(s.ln_stats);
     C10_CUDA_CHECK(kern::lstm_forward_step(args, stream));
   });
 }
@@ -111,11 +149,23 @@ void backward_step_cuda(const LstmBackwardStep& s) {
   check_optional_step_tensor(s.zoneout_cell, "zoneout_cell", gates, rows, H);
   check_optional_step_tensor(s.zoneout_hidden, "zoneout_hidden", gates, rows, H);
   check_optional_step_tensor(s.grad_h_prev, "grad_h_prev", gates, rows, H);
+  const bool ln = s.norm_hh.defined();
+  check_layer_norm_step(ln, {&s.ln_stats, &s.ln_hh_weight, &s.ln_cell_weight, &s.ln_cell_bias, &s.grad_rec,
+                             &s.grad_ln_cell});
+  if (ln) {
+    check_step_tensor(s.norm_hh, "norm_hh", gates, rows, 4 * H);
+    check_ln_stats(s.ln_stats, gates, rows);
+    check_step_tensor(s.ln_hh_weight.view({1, -1}), "ln_hh_weight", gates, 1, 4 * H);
+    check_step_tensor(s.ln_cell_weight.view({1, -1}), "ln_cell_weight", gates, 1, H);
+    check_step_tensor(s.ln_cell_bias.view({1, -1}), "ln_cell_bias", gates, 1, H);
+    check_step_tensor(s.grad_rec, "grad_rec", gates, rows, 4 * H);
+    check_step_tensor(s.grad_ln_cell, "grad_ln_cell", gates, rows, 2 * H);
+  }
   const c10::cuda::OptionalCUDAGuard guard(gates.device());
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const kern::LstmBackwardStepArgs<T> args{in_ptr<T>(gates),
+    kern::LstmBackwardStepArgs<T> args{in_ptr<T>(gates),
                                              in_ptr<T>(s.c_prev),
                                              s.rows_with_prev,
                                              in_ptr<T>(s.c0),
@@ -129,11 +179,19 @@ void backward_step_cuda(const LstmBackwardStep& s) {
                                              out_ptr<T>(s.grad_h_prev),
                                              rows,
                                              H};
+    args.norm_hh = in_ptr<T>(s.norm_hh);
+    args.ln_stats = stats_ptr<T>(s.ln_stats);
+    args.ln_hh_weight = in_ptr<T>(s.ln_hh_weight);
+    args.ln_cell_weight = in_ptr<T>(s.ln_cell_weight);
+    args.ln_cell_bias = in_ptr<T>(s.ln_cell_bias);
+    args.grad_rec = out_ptr<T>(s.grad_rec);
+    args.grad_ln_cell = out_ptr<T>(s.grad_ln_cell);
     C10_CUDA_CHECK(kern::lstm_backward_step(args, stream));
   });
 }
 
-constexpr LstmStepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda};
+// The input half's LN backward (all rows at once) is composed from ATen ops here.
+constexpr LstmStepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda, /*layer_norm_backward=*/nullptr};
 
 void check_cuda_input(const at::Tensor& input) {
   TORCH_CHECK(input.is_cuda(), "fastnlp.lstm: input must be a CUDA tensor here, got one on ", input.device());
@@ -142,31 +200,42 @@ void check_cuda_input(const at::Tensor& input) {
               "fastnlp.lstm: the CUDA kernel takes float32, float64, float16 or bfloat16, got ", dtype);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_forward_cuda(
+LstmForwardResult lstm_forward_cuda(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr, bool reverse,
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden) {
+    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& ln_ih_weight,
+    const std::optional<at::Tensor>& ln_ih_bias, const std::optional<at::Tensor>& ln_hh_weight,
+    const std::optional<at::Tensor>& ln_hh_bias, const std::optional<at::Tensor>& ln_cell_weight,
+    const std::optional<at::Tensor>& ln_cell_bias) {
   check_cuda_input(input);
   // The whole loop, allocations and GEMMs included, on the input's device.
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   return lstm_forward_impl(kCudaKernels, input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
-                           weight_hr, reverse, LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden});
+                           weight_hr, reverse, LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden},
+                           LstmLayerNorm{ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
+                                         ln_cell_bias});
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> lstm_backward_cuda(
+LstmBackwardResult lstm_backward_cuda(
     const at::Tensor& grad_output, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n, const at::Tensor& input,
     const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0, const at::Tensor& weight_ih,
     const at::Tensor& weight_hh, const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse,
     const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
     const std::optional<at::Tensor>& recurrent_mask, const std::optional<at::Tensor>& zoneout_cell,
-    const std::optional<at::Tensor>& zoneout_hidden) {
+    const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& ln_ih_weight,
+    const std::optional<at::Tensor>& ln_hh_weight, const std::optional<at::Tensor>& ln_cell_weight,
+    const std::optional<at::Tensor>& ln_cell_bias, const std::optional<at::Tensor>& norm_ih,
+    const std::optional<at::Tensor>& norm_hh, const std::optional<at::Tensor>& ln_stats) {
   check_cuda_input(input);
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   return lstm_backward_impl(kCudaKernels, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih,
                             weight_hh, weight_hr, has_bias, reverse, output, gates, cells,
-                            LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden});
+                            LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden},
+                            LstmLayerNorm{ln_ih_weight, std::nullopt, ln_hh_weight, std::nullopt, ln_cell_weight,
+                                          ln_cell_bias},
+                            LstmLayerNormSaved{norm_ih, norm_hh, ln_stats});
 }
 
 }  // namespace

@@ -34,6 +34,31 @@
 namespace fastnlp {
 namespace cuda_impl {
 
+// The type of the layer-norm statistics: float, double for double (half
+// types would lose too much of rstd).
+template <typename T>
+struct LayerNormStat {
+  using type = float;
+};
+template <>
+struct LayerNormStat<double> {
+  using type = double;
+};
+template <typename T>
+using ln_stat_t = typename LayerNormStat<T>::type;
+
+// Layer normalisation (csrc/lstm.h, LstmLayerNorm): when norm_hh is given,
+// the step normalises the recurrent product (over its 4H values per row)
+// and the new cell c~ (over H) and adds/uses them as
+//   pre = gates + ln_hh_weight * norm(rec) + ln_hh_bias,
+//   h~ = o * tanh(ln_cell_weight * norm(c~) + ln_cell_bias),
+// norm(v) = (v - mean) * rstd, rstd = 1 / sqrt(biased var + kLayerNormEps).
+// Those steps run one block of threads per row (block reductions) instead
+// of one thread per unit; the arithmetic per unit is the same. c~ waits for
+// its row's statistics in `cells`, so for __half/__nv_bfloat16 it is rounded
+// to the storage type before it is normalised.
+constexpr double kLayerNormEps = 1e-5;
+
 // One forward step. With c~ = f * c_{t-1} + i * g and zoneout weights z
 // (absent: z = 0):
 //   gates (rows, 4H): pre-activations in; sigmoid(i), sigmoid(f), tanh(g),
@@ -45,6 +70,13 @@ namespace cuda_impl {
 //     is given), h_t out (the recurrent state when no projection follows);
 //   zoneout_cell (rows, H) or nullptr: zc;
 //   zoneout_hidden (rows, H) or nullptr: zh; needs zoneout_cell and h_state.
+// Layer normalisation (all nullptr without it, all given with it); then
+// gates holds the normalised input half plus biases, and:
+//   norm_hh (rows, 4H): h_{t-1} W_hh^T in, normalised out, in place;
+//   ln_hh_weight, ln_hh_bias (4H); ln_cell_weight, ln_cell_bias (H);
+//   ln_stats (rows, 4), row stride 4: columns 1..3 (rstd_hh, mean of c~,
+//     rstd of c~) out; column 0 is left alone.
+// c_t (zoneout mixes c~, not its normalisation) is what c_state and cells get.
 template <typename T>
 struct LstmForwardStepArgs {
   T* gates;
@@ -56,6 +88,12 @@ struct LstmForwardStepArgs {
   const T* zoneout_hidden;
   int64_t rows;
   int64_t H;
+  T* norm_hh = nullptr;
+  const T* ln_hh_weight = nullptr;
+  const T* ln_hh_bias = nullptr;
+  const T* ln_cell_weight = nullptr;
+  const T* ln_cell_bias = nullptr;
+  ln_stat_t<T>* ln_stats = nullptr;
 };
 
 // One backward step, from what the forward step saved:
@@ -74,6 +112,12 @@ struct LstmForwardStepArgs {
 //   grad_h_prev (rows, H): zh * dL/dh_t out, the part of dL/dh_{t-1} that
 //     zoneout carries past the cell; needed with zoneout_hidden.
 // c~ is recomputed from the gates and c_{t-1}. Needs 0 <= rows_with_prev <= rows.
+// Layer normalisation (all nullptr without it, all given with it):
+//   norm_hh (rows, 4H), ln_stats (rows, 4): what the forward step left;
+//   ln_hh_weight (4H), ln_cell_weight, ln_cell_bias (H);
+//   grad_rec (rows, 4H) out: dL/d(h_{t-1} W_hh^T), through LN_hh;
+//   grad_ln_cell (rows, 2H) out: [dL/dy * norm(c~), dL/dy] per row, y the
+//     cell LN's output (summed over rows by the caller for its gain and bias).
 template <typename T>
 struct LstmBackwardStepArgs {
   const T* gates;
@@ -90,6 +134,13 @@ struct LstmBackwardStepArgs {
   T* grad_h_prev;
   int64_t rows;
   int64_t H;
+  const T* norm_hh = nullptr;
+  const ln_stat_t<T>* ln_stats = nullptr;
+  const T* ln_hh_weight = nullptr;
+  const T* ln_cell_weight = nullptr;
+  const T* ln_cell_bias = nullptr;
+  T* grad_rec = nullptr;
+  T* grad_ln_cell = nullptr;
 };
 
 cudaError_t lstm_forward_step(const LstmForwardStepArgs<float>& args, cudaStream_t stream);

@@ -12,11 +12,17 @@ lengths drawn from [T/2, T]):
   a baseline too, since packed input should cost no more than padded input;
 * "cell loop fwd+bwd": a Python loop over T steps of an LSTMCell (one
   direction), what users of a cell write for custom recurrences;
-* "inference B=1": forward only, no autograd, one sequence: serving latency.
+* "inference B=1": forward only, no autograd, one sequence: serving latency;
+* "layer_norm fwd+bwd padded": LSTM(..., layer_norm=True) against the same
+  model on the pure-PyTorch reference (F.layer_norm in a Python time loop,
+  the obvious way to write a LayerNorm-LSTM), with fastnlp's plain LSTM as a
+  baseline too: the cost of the normalisation itself.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -38,6 +44,8 @@ TORCH_PACKED = "nn.LSTM packed"
 TORCH_PADDED = "nn.LSTM padded"
 OURS_PADDED = "fastnlp padded"
 TORCH_CELL = "nn.LSTMCell loop"
+OURS_LN = "fastnlp layer_norm"
+REFERENCE_LN = "reference layer_norm"
 
 
 def cases(device: str, quick: bool) -> List[Case]:
@@ -49,6 +57,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         out.append(_padded_case(d))
         out.append(_packed_case(d))
         out.append(_cell_loop_case(d))
+        out.append(_layer_norm_case(d))
     out.append(_latency_case(_Data(*LATENCY_SHAPE, device=device, fastnlp_nn=fastnlp.nn)))
     return out
 
@@ -69,6 +78,8 @@ class _Data:
         self.torch_lstm = torch.nn.LSTM(I, H, bidirectional=bidirectional).to(device)
         self.ours_lstm = fastnlp_nn.LSTM(I, H, bidirectional=bidirectional).to(device)
         self.ours_lstm.load_state_dict(self.torch_lstm.state_dict())
+        self.ours_ln = fastnlp_nn.LSTM(I, H, bidirectional=bidirectional, layer_norm=True).to(device)
+        self.ours_ln.load_state_dict(self.torch_lstm.state_dict(), strict=False)
         self.torch_cell = torch.nn.LSTMCell(I, H).to(device)
         self.ours_cell = fastnlp_nn.LSTMCell(I, H).to(device)
         self.ours_cell.load_state_dict(self.torch_cell.state_dict())
@@ -133,6 +144,35 @@ def _cell_loop_case(d: _Data) -> Case:
     impls = {OURS: lambda: _cell_loop(d.ours_cell, d.x), TORCH_CELL: lambda: _cell_loop(d.torch_cell, d.x)}
     return Case(op=OP, name=f"cell loop fwd+bwd {d.shape.replace(' bi', ' uni')}", impls=impls,
                 baselines=[TORCH_CELL], ours=OURS, check=_check_same)
+
+
+@contextlib.contextmanager
+def _reference_backend():
+    old = os.environ.get("FASTNLP_BACKEND")
+    os.environ["FASTNLP_BACKEND"] = "reference"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["FASTNLP_BACKEND"]
+        else:
+            os.environ["FASTNLP_BACKEND"] = old
+
+
+def _reference_step(module, x):
+    with _reference_backend():
+        return _step(module, x)
+
+
+def _layer_norm_case(d: _Data) -> Case:
+    impls = {OURS_LN: lambda: _step(d.ours_ln, d.x), REFERENCE_LN: lambda: _reference_step(d.ours_ln, d.x),
+             OURS: lambda: _step(d.ours_lstm, d.x)}
+
+    def check(results):  # the plain LSTM computes something else
+        return _check_same({k: results[k] for k in (OURS_LN, REFERENCE_LN)})
+
+    return Case(op=OP, name=f"layer_norm fwd+bwd padded {d.shape}", impls=impls, baselines=[REFERENCE_LN, OURS],
+                ours=OURS_LN, check=check)
 
 
 def _latency_case(d: _Data) -> Case:

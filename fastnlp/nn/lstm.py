@@ -16,6 +16,11 @@ outputs, same errors. What they add:
   evaluation.
 Both are applied inside the fused layer op, in training mode, and draw from
 torch's default generator, so a torch seed makes them deterministic.
+- LSTM(..., layer_norm=True), LSTMCell(..., layer_norm=True): the
+  LayerNorm-LSTM of Ba et al. (2016), fused in the kernels:
+  gates = LN_ih(x W_ih^T) + LN_hh(h W_hh^T) + bias_ih + bias_hh and
+  h = o * tanh(LN_cell(c)), each LN with its own gain and bias (eps 1e-5);
+  the cell state itself, and what zoneout mixes, stays un-normalised.
 
 They deliberately do not subclass torch.nn.LSTM: TorchDynamo graph-breaks on
 every torch.nn.RNNBase instance.
@@ -66,6 +71,29 @@ def _check_constructor_args(input_size, hidden_size, num_layers, bias, batch_fir
         raise ValueError("proj_size has to be smaller than hidden_size")
 
 
+# The functional API's argument names, in the order parameters are registered.
+_LAYER_NORM_KINDS = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_hh_weight", "layer_norm_hh_bias",
+                     "layer_norm_cell_weight", "layer_norm_cell_bias")
+
+
+def _register_layer_norm(module: nn.Module, suffix: str, hidden_size: int, factory) -> List[str]:
+    names = []
+    for kind in _LAYER_NORM_KINDS:
+        size = hidden_size if kind.startswith("layer_norm_cell") else 4 * hidden_size
+        module.register_parameter(kind + suffix, nn.Parameter(torch.empty(size, **factory)))
+        names.append(kind + suffix)
+    return names
+
+
+def _init_layer_norm(name: str, weight: Tensor) -> bool:
+    """Gain 1, bias 0 (LayerNorm's init) for a layer-norm parameter; False for any other."""
+    if not name.startswith("layer_norm_"):
+        return False
+    with torch.no_grad():
+        weight.fill_(1.0 if "_weight" in name else 0.0)
+    return True
+
+
 class LSTM(nn.Module):
     """Multi-layer LSTM, a drop-in for torch.nn.LSTM (see the module docstring).
 
@@ -73,13 +101,21 @@ class LSTM(nn.Module):
     batch_first=False, dropout=0.0, bidirectional=False, proj_size=0, device,
     dtype. Parameters: weight_ih_l{k}, weight_hh_l{k}, bias_ih_l{k},
     bias_hh_l{k}, weight_hr_l{k} and their _reverse twins, gates i, f, g, o.
+    Keyword-only: recurrent_dropout, zoneout, and layer_norm (adds
+    layer_norm_{ih,hh}_{weight,bias}_l{k} (4H) and
+    layer_norm_cell_{weight,bias}_l{k} (H), and _reverse twins, after torch's
+    parameters).
     """
 
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, proj_size: int = 0,
-                 device=None, dtype=None, *, recurrent_dropout: float = 0.0, zoneout: float = 0.0) -> None:
+                 device=None, dtype=None, *, recurrent_dropout: float = 0.0, zoneout: float = 0.0,
+                 layer_norm: bool = False) -> None:
         super().__init__()
         _check_constructor_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size)
+        if not isinstance(layer_norm, bool):
+            raise TypeError(f"layer_norm should be of type bool, got: {type(layer_norm).__name__}")
+        self.layer_norm = layer_norm
         for name, p in (("recurrent_dropout", recurrent_dropout), ("zoneout", zoneout)):
             if isinstance(p, bool) or not isinstance(p, numbers.Number) or not 0 <= p < 1:
                 raise ValueError(f"{name} must be a number in [0, 1), got {p!r}")
@@ -116,12 +152,21 @@ class LSTM(nn.Module):
                     names.append(kind + suffix)
                 self._flat_weights_names.extend(names)
                 self._all_weights.append(names)
+        # After all of torch's parameters, so that the order (and what a seed
+        # draws for them) is torch's: layer_norm_{ih,hh,cell}_{weight,bias}_l{k}.
+        self._layer_norm_names: List[List[str]] = []
+        if layer_norm:
+            for layer in range(num_layers):
+                for direction in range(directions):
+                    suffix = f"_l{layer}" + ("_reverse" if direction == 1 else "")
+                    self._layer_norm_names.append(_register_layer_norm(self, suffix, hidden_size, factory))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size)
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters():
+            if not _init_layer_norm(name, weight):
+                nn.init.uniform_(weight, -stdv, stdv)
 
     def flatten_parameters(self) -> None:
         """A no-op kept for compatibility: fastnlp's kernels need no flat weight buffer."""
@@ -148,6 +193,8 @@ class LSTM(nn.Module):
             s += ", recurrent_dropout={recurrent_dropout}"
         if self.zoneout != 0:
             s += ", zoneout={zoneout}"
+        if self.layer_norm:
+            s += ", layer_norm=True"
         return s.format(**self.__dict__)
 
     # -- input checks, as torch.nn.LSTM makes them ----------------------------
@@ -250,10 +297,14 @@ class LSTM(nn.Module):
                 weight_hr = weights[-1] if self.proj_size > 0 else None
                 index = layer * directions + direction
                 recurrent_mask, zoneout_cell, zoneout_hidden = self._regularisers(layer_input, h0[index], c0[index])
+                layer_norm = {}
+                if self.layer_norm:
+                    layer_norm = {kind: getattr(self, name)
+                                  for kind, name in zip(_LAYER_NORM_KINDS, self._layer_norm_names[index])}
                 out, h, c = lstm_ops.lstm_layer(layer_input, batch_sizes, h0[index], c0[index], weight_ih,
                                                 weight_hh, bias_ih, bias_hh, weight_hr, reverse=direction == 1,
                                                 recurrent_mask=recurrent_mask, zoneout_cell=zoneout_cell,
-                                                zoneout_hidden=zoneout_hidden)
+                                                zoneout_hidden=zoneout_hidden, **layer_norm)
                 outputs.append(out)
                 h_n.append(h)
                 c_n.append(c)
@@ -286,10 +337,16 @@ class LSTMCell(nn.Module):
 
     Args are torch.nn.LSTMCell's: input_size, hidden_size, bias=True, device,
     dtype; parameters weight_ih (4H, I), weight_hh (4H, H), bias_ih, bias_hh.
+    layer_norm=True (keyword-only) adds layer_norm_{ih,hh}_{weight,bias} (4H)
+    and layer_norm_cell_{weight,bias} (H), as in LSTM.
     """
 
-    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None) -> None:
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True, device=None, dtype=None, *,
+                 layer_norm: bool = False) -> None:
         super().__init__()
+        if not isinstance(layer_norm, bool):
+            raise TypeError(f"layer_norm should be of type bool, got: {type(layer_norm).__name__}")
+        self.layer_norm = layer_norm
         factory = {"device": device, "dtype": dtype}
         self.input_size = input_size
         self.hidden_size = hidden_size
@@ -302,17 +359,22 @@ class LSTMCell(nn.Module):
         else:
             self.register_parameter("bias_ih", None)
             self.register_parameter("bias_hh", None)
+        if layer_norm:
+            _register_layer_norm(self, "", hidden_size, factory)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
         stdv = 1.0 / math.sqrt(self.hidden_size) if self.hidden_size > 0 else 0
-        for weight in self.parameters():
-            nn.init.uniform_(weight, -stdv, stdv)
+        for name, weight in self.named_parameters():
+            if not _init_layer_norm(name, weight):
+                nn.init.uniform_(weight, -stdv, stdv)
 
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
         if self.bias is not True:
             s += ", bias={bias}"
+        if self.layer_norm:
+            s += ", layer_norm=True"
         return s.format(**self.__dict__)
 
     def forward(self, input: Tensor, hx: Optional[HiddenState] = None) -> HiddenState:
@@ -332,7 +394,9 @@ class LSTMCell(nn.Module):
         elif not batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
         self._check_step(input, hx)
-        h, c = lstm_ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh)
+        layer_norm = {kind: getattr(self, kind) for kind in _LAYER_NORM_KINDS} if self.layer_norm else {}
+        h, c = lstm_ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
+                                  **layer_norm)
         if not batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c

@@ -21,22 +21,41 @@ from fastnlp.reference import lstm as reference
 __all__ = ["lstm_cell", "lstm_layer"]
 
 
+def _ln_stats_dtype(input):
+    return torch.float64 if input.dtype == torch.float64 else torch.float32
+
+
 @torch.library.register_fake("fastnlp::lstm_forward")
 def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
-                       recurrent_mask=None, zoneout_cell=None, zoneout_hidden=None):
+                       recurrent_mask=None, zoneout_cell=None, zoneout_hidden=None, layer_norm_ih_weight=None,
+                       layer_norm_ih_bias=None, layer_norm_hh_weight=None, layer_norm_hh_bias=None,
+                       layer_norm_cell_weight=None, layer_norm_cell_bias=None):
     rows, hidden = input.shape[0], c0.shape[1]
+    if layer_norm_ih_weight is not None:
+        norm_ih, norm_hh = input.new_empty(rows, 4 * hidden), input.new_empty(rows, 4 * hidden)
+        ln_stats = input.new_empty(rows, 4, dtype=_ln_stats_dtype(input))
+    else:
+        norm_ih, norm_hh, ln_stats = input.new_empty(0), input.new_empty(0), input.new_empty(0)
     return (input.new_empty(rows, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
-            input.new_empty(rows, 4 * hidden), input.new_empty(rows, hidden))
+            input.new_empty(rows, 4 * hidden), input.new_empty(rows, hidden), norm_ih, norm_hh, ln_stats)
 
 
 @torch.library.register_fake("fastnlp::lstm_backward")
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih, weight_hh,
                         weight_hr, has_bias, reverse, output, gates, cells, recurrent_mask=None, zoneout_cell=None,
-                        zoneout_hidden=None):
+                        zoneout_hidden=None, layer_norm_ih_weight=None, layer_norm_hh_weight=None,
+                        layer_norm_cell_weight=None, layer_norm_cell_bias=None, norm_ih=None, norm_hh=None,
+                        ln_stats=None):
     grad_bias = input.new_empty(weight_ih.shape[0] if has_bias else 0)
     grad_weight_hr = torch.empty_like(weight_hr) if weight_hr is not None else input.new_empty(0)
+    if layer_norm_ih_weight is not None:
+        gates_size, hidden = weight_ih.shape[0], c0.shape[1]
+        grad_ln = (input.new_empty(gates_size), input.new_empty(gates_size), input.new_empty(gates_size),
+                   input.new_empty(hidden), input.new_empty(hidden))
+    else:
+        grad_ln = tuple(input.new_empty(0) for _ in range(5))
     return (torch.empty_like(input), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(weight_ih),
-            torch.empty_like(weight_hh), grad_bias, grad_weight_hr)
+            torch.empty_like(weight_hh), grad_bias, grad_weight_hr) + grad_ln
 
 
 # The CPU kernel computes in float32/float64; half-precision input is widened
@@ -51,7 +70,11 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
                weight_hh: Tensor, bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
                weight_hr: Optional[Tensor] = None, reverse: bool = False, *,
                recurrent_mask: Optional[Tensor] = None, zoneout_cell: Optional[Tensor] = None,
-               zoneout_hidden: Optional[Tensor] = None, backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
+               zoneout_hidden: Optional[Tensor] = None, layer_norm_ih_weight: Optional[Tensor] = None,
+               layer_norm_ih_bias: Optional[Tensor] = None, layer_norm_hh_weight: Optional[Tensor] = None,
+               layer_norm_hh_bias: Optional[Tensor] = None, layer_norm_cell_weight: Optional[Tensor] = None,
+               layer_norm_cell_bias: Optional[Tensor] = None,
+               backend: Optional[str] = None) -> Tuple[Tensor, Tensor, Tensor]:
     """One LSTM layer, one direction, over a time-major packed batch.
 
     Args:
@@ -68,6 +91,11 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
         zoneout_cell (N, H), zoneout_hidden (N, P): per-row weights z of the
             previous state, state_t = z * state_{t-1} + (1 - z) * new_t
             (zoneout); zoneout_hidden needs zoneout_cell.
+        layer_norm_{ih,hh}_{weight,bias} (4H,), layer_norm_cell_{weight,bias}
+            (H,): all six or none. Layer normalisation (Ba et al., 2016) of
+            both gate products and of the new cell before its tanh:
+            gates = LN_ih(x W_ih^T) + LN_hh(h W_hh^T) + bias_ih + bias_hh,
+            h~ = o * tanh(LN_cell(c~)), eps 1e-5, zoneout applied after.
 
     Returns:
         output (N, P), h_n (B, P), c_n (B, H): each sequence's state after its
@@ -77,29 +105,53 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
         batch_sizes = _PADDED
     if zoneout_hidden is not None and zoneout_cell is None:
         raise ValueError("zoneout_hidden needs zoneout_cell (pass zeros to zone out the hidden state only)")
+    layer_norm = (layer_norm_ih_weight, layer_norm_ih_bias, layer_norm_hh_weight, layer_norm_hh_bias,
+                  layer_norm_cell_weight, layer_norm_cell_bias)
+    _check_layer_norm(layer_norm)
     if use_reference(backend):
         return reference.lstm_layer(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                                    reverse, recurrent_mask, zoneout_cell, zoneout_hidden)
+                                    reverse, recurrent_mask, zoneout_cell, zoneout_hidden,
+                                    layer_norm if layer_norm[0] is not None else None)
     if input.device.type == "cpu" and input.dtype in _CPU_WIDENED:
         dtype = input.dtype
         widen = [t.float() if t is not None else None
                  for t in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, recurrent_mask,
-                           zoneout_cell, zoneout_hidden)]
+                           zoneout_cell, zoneout_hidden) + layer_norm]
         output, h_n, c_n = lstm_layer(widen[0], batch_sizes, *widen[1:8], reverse=reverse,
-                                      recurrent_mask=widen[8], zoneout_cell=widen[9], zoneout_hidden=widen[10])
+                                      recurrent_mask=widen[8], zoneout_cell=widen[9], zoneout_hidden=widen[10],
+                                      **dict(zip(_LAYER_NORM_NAMES, widen[11:])))
         return output.to(dtype), h_n.to(dtype), c_n.to(dtype)
-    output, h_n, c_n, _gates, _cells = torch.ops.fastnlp.lstm_forward(
+    output, h_n, c_n = torch.ops.fastnlp.lstm_forward(
         input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, recurrent_mask,
-        zoneout_cell, zoneout_hidden)
+        zoneout_cell, zoneout_hidden, *layer_norm)[:3]
     return output, h_n, c_n
+
+
+_LAYER_NORM_NAMES = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_hh_weight", "layer_norm_hh_bias",
+                     "layer_norm_cell_weight", "layer_norm_cell_bias")
+
+
+def _check_layer_norm(layer_norm) -> None:
+    given = [t is not None for t in layer_norm]
+    if any(given) and not all(given):
+        missing = [name for name, g in zip(_LAYER_NORM_NAMES, given) if not g]
+        raise ValueError(f"layer normalisation needs all six layer_norm_* tensors; missing: {', '.join(missing)}")
 
 
 def lstm_cell(input: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh: Tensor,
               bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None, *,
+              layer_norm_ih_weight: Optional[Tensor] = None, layer_norm_ih_bias: Optional[Tensor] = None,
+              layer_norm_hh_weight: Optional[Tensor] = None, layer_norm_hh_bias: Optional[Tensor] = None,
+              layer_norm_cell_weight: Optional[Tensor] = None, layer_norm_cell_bias: Optional[Tensor] = None,
               backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """One LSTM step for a batch: input (B, I), h (B, H), c (B, H) -> (h', c').
 
-    The same fused kernel as lstm_layer, run for a single step.
+    The same fused kernel as lstm_layer, run for a single step (layer_norm_*
+    as there).
     """
-    _output, h_new, c_new = lstm_layer(input, _PADDED, h, c, weight_ih, weight_hh, bias_ih, bias_hh, backend=backend)
+    _output, h_new, c_new = lstm_layer(
+        input, _PADDED, h, c, weight_ih, weight_hh, bias_ih, bias_hh, backend=backend,
+        layer_norm_ih_weight=layer_norm_ih_weight, layer_norm_ih_bias=layer_norm_ih_bias,
+        layer_norm_hh_weight=layer_norm_hh_weight, layer_norm_hh_bias=layer_norm_hh_bias,
+        layer_norm_cell_weight=layer_norm_cell_weight, layer_norm_cell_bias=layer_norm_cell_bias)
     return h_new, c_new
