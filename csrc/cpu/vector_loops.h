@@ -150,6 +150,33 @@ FASTNLP_VECTOR_CLONES inline void scaled_outer_accumulate(int64_t m, int64_t n, 
   }
 }
 
+// G[i * ld + j] += c[i] * w[j]: a rank-one update, the pairwise marginals of
+// one step before their shared factor E[i][j] is applied (once per call).
+// Four rows at a time, so each w[j] is loaded once per four rows.
+FASTNLP_VECTOR_CLONES inline void outer_accumulate(int64_t m, int64_t n, const double* __restrict c,
+                                                   const double* __restrict w, int64_t ld, double* __restrict G) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const double c0 = c[i], c1 = c[i + 1], c2 = c[i + 2], c3 = c[i + 3];
+    double* g0 = G + i * ld;
+    double* g1 = g0 + ld;
+    double* g2 = g1 + ld;
+    double* g3 = g2 + ld;
+    for (int64_t j = 0; j < n; ++j) {
+      const double wj = w[j];
+      g0[j] += c0 * wj;
+      g1[j] += c1 * wj;
+      g2[j] += c2 * wj;
+      g3[j] += c3 * wj;
+    }
+  }
+  for (; i < m; ++i) {
+    const double ci = c[i];
+    double* out = G + i * ld;
+    for (int64_t j = 0; j < n; ++j) out[j] += ci * w[j];
+  }
+}
+
 // One Viterbi step over all K predecessors: best[j] = max_i (score[i] +
 // trans[i][j]) + emission[j], summed in pytorch-crf's order, with arg[j] the
 // lowest i that attains it (a candidate must be strictly greater to win, as
