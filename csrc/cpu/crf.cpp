@@ -637,45 +637,47 @@ acc_t gold_path_score(const Transitions& tr, const scalar_t* emissions, const bo
   return prev < 0 ? acc_t(0) : score + tr.end[prev];
 }
 
-// x[j] = exp(first ? start[j] + e[j] - m : colmax[j] + e[j] - m) over the states
-// `cur` allows, 0 elsewhere, m the max over cur. Returns false when nothing is
-// reachable or a nonzero weight falls below kTiny.
-template <typename scalar_t>
-bool emission_weights(const ScaledChain& c, const scalar_t* e, bool first, StateRange cur, acc_t* y, acc_t* x) {
-  const Transitions& tr = c.tr;
-  const int64_t K = tr.K;
-  const acc_t* base = first ? tr.start.data() : tr.colmax.data();
-  acc_t m = kNegInf<acc_t>;
-  for (int64_t j = cur.lo; j < cur.hi; ++j) {
-    y[j] = base[j] + acc_t(e[j]);
-    m = y[j] > m ? y[j] : m;
-  }
-  if (!(m > kNegInf<acc_t>) || !std::isfinite(m)) return false;
-  int64_t bad = 0;
-  for (int64_t j = cur.lo; j < cur.hi; ++j) {
-    y[j] -= m;
-    bad += (y[j] < kLogTiny) & (y[j] > kNegInf<acc_t>);
-  }
-  if (bad) return false;
-  std::fill(x, x + K, acc_t(0));
-  exp_shifted(cur.size(), y + cur.lo, 0.0, x + cur.lo);
-  y[0] = m;  // handed back to the caller
-  return true;
-}
-
 // Forward recursion for one chain (free when tags is null, else pinned where
-// tags >= 0). Writes the scaled rows a (T, K) at selected positions (zeros at
-// the others) and log Z (of the chain) to *log_z. False: not representable.
+// tags >= 0). Writes, for every position t, the emission weights x (T, K) and
+// the forward row a (T, K) (zeros where the mask excludes t), and log Z of the
+// chain to *log_z. The row at t is (a_{t'} E) * x_t / s_{t'}: unnormalised by
+// its own max s_t, which the next step divides out, so each row costs one
+// pass. shifts: scratch (T). False: not representable exactly.
 template <typename scalar_t>
 bool scaled_forward(const ScaledChain& c, const scalar_t* emissions, const bool* mask, const int64_t* tags,
-                    int64_t T, acc_t* a, acc_t* log_z, acc_t* work) {
+                    int64_t T, acc_t* a, acc_t* x, acc_t* log_z, acc_t* shifts) {
   const Transitions& tr = c.tr;
   const int64_t K = tr.K;
-  acc_t* y = work;
-  acc_t* x = work + K;
+  // Emission weights of every position first, so that one exp call covers them all.
+  bool first = true;
+  int64_t tiny = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    acc_t* y = x + t * K;
+    if (!mask[t]) {
+      std::fill(y, y + K, kNegInf<acc_t>);
+      continue;
+    }
+    const acc_t* base = first ? tr.start.data() : tr.colmax.data();
+    const scalar_t* e = emissions + t * K;
+    const StateRange cur = allowed_states(tags, t, K);
+    if (cur.size() == 1) {
+      std::fill(y, y + K, kNegInf<acc_t>);
+      y[cur.lo] = 0;
+      shifts[t] = base[cur.lo] + acc_t(e[cur.lo]);
+    } else {
+      int64_t small = 0;
+      shifts[t] = shifted_scores(K, base, e, kLogTiny, y, &small);
+      tiny += small;
+    }
+    if (!std::isfinite(shifts[t])) return false;  // nothing reachable, or inf/NaN: the exact path decides
+    first = false;
+  }
+  if (tiny) return false;
+  exp_shifted(T * K, x, 0.0, x);
+
   const acc_t* prev = nullptr;
   StateRange prev_range{0, 0};
-  acc_t log_scale = 0;
+  acc_t inv_prev = 1, log_scale = 0;
   for (int64_t t = 0; t < T; ++t) {
     acc_t* row = a + t * K;
     if (!mask[t]) {
@@ -683,27 +685,20 @@ bool scaled_forward(const ScaledChain& c, const scalar_t* emissions, const bool*
       continue;
     }
     const StateRange cur = allowed_states(tags, t, K);
-    if (!emission_weights(c, emissions + t * K, prev == nullptr, cur, y, x)) return false;
-    const acc_t m = y[0];
+    const acc_t* xt = x + t * K;
+    acc_t top = 1;  // max of x at the first position (exp(0))
     if (prev == nullptr) {
-      std::copy(x, x + K, row);
+      std::copy(xt, xt + K, row);
     } else {
-      std::fill(row, row + K, acc_t(0));
-      vecmat(prev_range.size(), cur.size(), prev + prev_range.lo, tr.scaled.data() + prev_range.lo * K + cur.lo, K,
-             row + cur.lo);
-      for (int64_t j = cur.lo; j < cur.hi; ++j) row[j] *= x[j];
+      if (cur.size() < K) std::fill(row, row + K, acc_t(0));
+      int64_t small = 0;
+      top = scaled_step(prev_range.size(), cur.size(), prev + prev_range.lo,
+                        tr.scaled.data() + prev_range.lo * K + cur.lo, K, xt + cur.lo, inv_prev, kTiny,
+                        row + cur.lo, &small);
+      if (!(top > 0) || !std::isfinite(top) || small) return false;  // no path, NaN, or too small
     }
-    acc_t s = 0;
-    for (int64_t j = cur.lo; j < cur.hi; ++j) s = row[j] > s ? row[j] : s;
-    if (!(s > 0) || !std::isfinite(s)) return false;  // no path (or NaN): the exact path decides
-    const acc_t inv = 1 / s;
-    int64_t bad = 0;
-    for (int64_t j = cur.lo; j < cur.hi; ++j) {
-      row[j] *= inv;
-      bad += (row[j] < kTiny) & (row[j] > 0);
-    }
-    if (bad) return false;
-    log_scale += m + std::log(s);
+    log_scale += shifts[t] + std::log(top);
+    inv_prev = 1 / top;
     prev = row;
     prev_range = cur;
   }
@@ -713,7 +708,7 @@ bool scaled_forward(const ScaledChain& c, const scalar_t* emissions, const bool*
   }
   acc_t z = 0;
   for (int64_t j = prev_range.lo; j < prev_range.hi; ++j) z += prev[j] * c.end_weight[j];
-  *log_z = log_scale + std::log(z) + c.end_max;
+  *log_z = log_scale + std::log(z * inv_prev) + c.end_max;
   return z > 0 && std::isfinite(*log_z);
 }
 
@@ -725,21 +720,22 @@ struct ScaledGrads {
   acc_t* trans_scaled;
 };
 
-// Backward recursion for one chain whose forward rows `a` scaled_forward wrote.
-// Calls sink(t, marginal, range) at every selected position, from the last to
-// the first, with the posterior P(y_t = j) for j in range; adds g times the
-// marginals to `grads`. False: not representable (the caller redoes the
-// sequence exactly; whatever was added must then be discarded).
-template <typename scalar_t, typename Sink>
-bool scaled_backward(const ScaledChain& c, const scalar_t* emissions, const bool* mask, const int64_t* tags,
-                     int64_t T, const acc_t* a, acc_t g, ScaledGrads grads, acc_t* work, const Sink& sink) {
+// Backward recursion for one chain, from the rows a and weights x that
+// scaled_forward wrote. Calls sink(t, marginal, range) at every selected
+// position, from the last to the first, with the posterior P(y_t = j) for j in
+// range; adds g times the marginals to `grads`. Marginals are normalised per
+// position, so the forward scales are never needed. False: not representable
+// (the caller redoes the sequence exactly and discards what was added).
+template <typename Sink>
+bool scaled_backward(const ScaledChain& c, const bool* mask, const int64_t* tags, int64_t T, const acc_t* a,
+                     const acc_t* x, acc_t g, ScaledGrads grads, acc_t* work, const Sink& sink) {
   const Transitions& tr = c.tr;
   const int64_t K = tr.K;
-  acc_t* b = work;               // scaled beta at t
+  acc_t* b = work;               // backward variables at t, max 1
   acc_t* b_prev = work + K;      // at the previous selected position
   acc_t* marg = work + 2 * K;
   acc_t* marg_prev = work + 3 * K;
-  acc_t* y = work + 4 * K;
+  acc_t* r = work + 4 * K;
   acc_t* q = work + 5 * K;       // x_t * b_t
   acc_t* coef = work + 6 * K;
   int64_t t = T - 1;
@@ -764,32 +760,15 @@ bool scaled_backward(const ScaledChain& c, const scalar_t* emissions, const bool
       return true;
     }
     const StateRange prev = allowed_states(tags, tp, K);
-    // The forward pass passed this check on the same numbers, so it passes again.
-    if (!emission_weights(c, emissions + t * K, false, cur, y, q)) return false;
-    for (int64_t j = cur.lo; j < cur.hi; ++j) q[j] *= b[j];
-    // r[i] = sum_j E[i][j] q[j], into b_prev, streaming rows of E transposed.
-    vecmat(cur.size(), prev.size(), q + cur.lo, tr.scaled_t.data() + cur.lo * K + prev.lo, K, b_prev + prev.lo);
-    acc_t r_max = 0;
-    for (int64_t i = prev.lo; i < prev.hi; ++i) r_max = b_prev[i] > r_max ? b_prev[i] : r_max;
-    if (!(r_max > 0) || !std::isfinite(r_max)) return false;
-    const acc_t inv = 1 / r_max;
-    const acc_t* ap = a + tp * K;
-    int64_t bad = 0;
-    acc_t norm = 0;
-    for (int64_t i = prev.lo; i < prev.hi; ++i) {
-      b_prev[i] *= inv;
-      bad += (b_prev[i] < kTiny) & (b_prev[i] > 0);
-      norm += ap[i] * b_prev[i];
-    }
-    if (bad || !(norm > 0)) return false;
-    // P(i, j) = ap[i] E[i][j] q[j] / (norm * r_max); q / r_max <= 1 / min E, so
-    // the factor without E stays finite.
-    const acc_t inv_norm = 1 / norm;
-    for (int64_t i = prev.lo; i < prev.hi; ++i) {
-      marg_prev[i] = ap[i] * b_prev[i] * inv_norm;
-      coef[i] = g * ap[i] * inv_norm;
-    }
-    for (int64_t j = cur.lo; j < cur.hi; ++j) q[j] *= inv;
+    const acc_t* xt = x + t * K;
+    for (int64_t j = cur.lo; j < cur.hi; ++j) q[j] = xt[j] * b[j];
+    // r[i] = sum_j E[i][j] q[j], streaming rows of E transposed.
+    vecmat(cur.size(), prev.size(), q + cur.lo, tr.scaled_t.data() + cur.lo * K + prev.lo, K, r + prev.lo);
+    int64_t small = 0;
+    const acc_t norm = backward_step(prev.size(), r + prev.lo, a + tp * K + prev.lo, g, kTiny, b_prev + prev.lo,
+                                     marg_prev + prev.lo, coef + prev.lo, &small);
+    if (!(norm > 0) || small) return false;
+    // P(i, j) = coef[i] E[i][j] q[j] / g; E is applied by the caller.
     outer_accumulate(prev.size(), cur.size(), coef + prev.lo, q + cur.lo, K,
                      grads.trans_scaled + prev.lo * K + cur.lo);
     std::swap(b, b_prev);
@@ -825,7 +804,7 @@ at::Tensor checked_likelihood_tags(const at::Tensor& tags, const at::Tensor& mas
 // Per-thread scratch of the fused op; the (T, K) buffers are only sized when a
 // sequence needs them (partial tags, or the exact fallback).
 struct LikelihoodScratch {
-  std::vector<acc_t> work;
+  std::vector<acc_t> work, shifts;
   std::vector<int64_t> mapped;
   std::vector<acc_t> chain_a, chain_b, grad_a, grad_b;
   acc_t* sized(std::vector<acc_t>& v, int64_t n) {
@@ -843,7 +822,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cpu(
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   const at::Tensor tags = checked_likelihood_tags(tags_in, mask, K, ignore_index);
   at::Tensor llh = at::empty({B}, emissions.options());
-  at::Tensor alpha = at::empty({B, T, K}, emissions.options().dtype(at::kDouble));
+  at::Tensor alpha = at::empty({B, 2, T, K}, emissions.options().dtype(at::kDouble));
   at::Tensor exact = at::empty({B}, emissions.options().dtype(at::kBool));
   if (B == 0) return {llh, alpha, exact};
   AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_likelihood_cpu", [&] {
@@ -856,18 +835,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cpu(
     acc_t* al = alpha.data_ptr<acc_t>();
     bool* ex = exact.data_ptr<bool>();
     for_each_sequence(
-        B, [&] { return LikelihoodScratch{std::vector<acc_t>(6 * K), std::vector<int64_t>(T), {}, {}, {}, {}}; },
+        B,
+        [&] {
+          return LikelihoodScratch{std::vector<acc_t>(6 * K), std::vector<acc_t>(T), std::vector<int64_t>(T),
+                                   {}, {}, {}, {}};
+        },
         [&](int64_t b, LikelihoodScratch& s) {
           const scalar_t* e = em + b * T * K;
           const bool* m = mk + b * T;
           int64_t* mapped = s.mapped.data();
           const bool partial = map_tags(tg + b * T, m, T, ignore_index, mapped);
-          acc_t* a = al + b * T * K;
+          acc_t* a = al + b * 2 * T * K;
           acc_t log_z = 0, gold = 0;
-          bool ok = chain.representable && scaled_forward(chain, e, m, nullptr, T, a, &log_z, s.work.data());
+          bool ok = chain.representable && scaled_forward(chain, e, m, nullptr, T, a, a + T * K, &log_z,
+                                                          s.shifts.data());
           if (ok) {
             if (partial) {
-              ok = scaled_forward(chain, e, m, mapped, T, s.sized(s.chain_a, T * K), &gold, s.work.data());
+              acc_t* pa = s.sized(s.chain_a, 2 * T * K);
+              ok = scaled_forward(chain, e, m, mapped, T, pa, pa + T * K, &gold, s.shifts.data());
               // A tagging that no path agrees with is -inf, as in the exact path.
               if (!ok) gold = forward_sequence(tr, e, m, mapped, T, s.sized(s.chain_a, T * K), s.work.data());
               ok = true;
@@ -877,7 +862,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cpu(
           } else {
             log_z = forward_sequence(tr, e, m, nullptr, T, s.sized(s.chain_a, T * K), s.work.data());
             gold = forward_sequence(tr, e, m, mapped, T, s.sized(s.chain_a, T * K), s.work.data());
-            std::fill(a, a + T * K, acc_t(0));  // not used: the backward pass recomputes this sequence
+            std::fill(a, a + 2 * T * K, acc_t(0));  // not used: the backward pass recomputes this sequence
           }
           ex[b] = !ok;
           out[b] = static_cast<scalar_t>(gold - log_z);
@@ -905,9 +890,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
   const at::Tensor emissions = emissions_in.contiguous(), mask = mask_in.contiguous();
   const at::Tensor start = start_in.contiguous(), end = end_in.contiguous(), trans = trans_in.contiguous();
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
-  TORCH_CHECK(alpha_in.sizes() == emissions.sizes() && alpha_in.scalar_type() == at::kDouble,
-              "alpha must be float64 shaped like emissions ", emissions.sizes(), ", got ", alpha_in.scalar_type(),
-              " ", alpha_in.sizes());
+  TORCH_CHECK(alpha_in.dim() == 4 && alpha_in.size(0) == B && alpha_in.size(1) == 2 && alpha_in.size(2) == T &&
+                  alpha_in.size(3) == K && alpha_in.scalar_type() == at::kDouble,
+              "alpha must be float64 of shape (", B, ", 2, ", T, ", ", K, "), got ", alpha_in.scalar_type(), " ",
+              alpha_in.sizes());
   TORCH_CHECK(exact_in.dim() == 1 && exact_in.size(0) == B && exact_in.scalar_type() == at::kBool,
               "exact must be bool of shape (", B, "), got ", exact_in.scalar_type(), " ", exact_in.sizes());
   TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == B, "grad_log_likelihood must be (", B, "), got ",
@@ -937,7 +923,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
     std::unique_ptr<acc_t[]> per_sequence(new acc_t[B * slot]);
     std::vector<std::vector<acc_t>> exact_trans(B);
     for_each_sequence(
-        B, [&] { return LikelihoodScratch{std::vector<acc_t>(10 * K), std::vector<int64_t>(T), {}, {}, {}, {}}; },
+        B,
+        [&] {
+          return LikelihoodScratch{std::vector<acc_t>(10 * K), std::vector<acc_t>(T), std::vector<int64_t>(T),
+                                   {}, {}, {}, {}};
+        },
         [&](int64_t b, LikelihoodScratch& s) {
           const scalar_t* e = em + b * T * K;
           const bool* m = mk + b * T;
@@ -954,13 +944,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
           const acc_t* pinned = nullptr;
           bool gold_counts = false;  // add g at the gold path's states and transitions
           if (partial) {
-            acc_t* pa = s.sized(s.chain_a, T * K);
+            acc_t* pa = s.sized(s.chain_a, 2 * T * K);
             acc_t* pg = s.sized(s.grad_a, T * K);
             acc_t gold = 0;
-            bool ok = !ex[b] && scaled_forward(chain, e, m, mapped, T, pa, &gold, s.work.data());
+            bool ok = !ex[b] && scaled_forward(chain, e, m, mapped, T, pa, pa + T * K, &gold, s.shifts.data());
             if (ok) {
               std::fill(pg, pg + T * K, acc_t(0));
-              ok = scaled_backward(chain, e, m, mapped, T, pa, g, grads, s.work.data(),
+              ok = scaled_backward(chain, m, mapped, T, pa, pa + T * K, g, grads, s.work.data(),
                                    [&](int64_t t, const acc_t* marg, StateRange r) {
                                      for (int64_t j = r.lo; j < r.hi; ++j) pg[t * K + j] = g * marg[j];
                                    });
@@ -979,7 +969,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
           // The free side: -g times the marginals.
           bool ok = !ex[b];
           if (ok) {
-            ok = scaled_backward(chain, e, m, nullptr, T, al + b * T * K, -g, grads, s.work.data(),
+            const acc_t* a = al + b * 2 * T * K;
+            ok = scaled_backward(chain, m, nullptr, T, a, a + T * K, -g, grads, s.work.data(),
                                  [&](int64_t t, const acc_t* marg, StateRange) {
                                    scalar_t* row = ge + t * K;
                                    if (pinned != nullptr) {

@@ -254,7 +254,7 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_topk_cuda(const at::Tensor& emiss
 
 // crf_log_likelihood on CUDA: a composite of the two log-partition kernels
 // (gold chain with tags pinned, free chain), not a fused kernel. It saves
-// nothing of the forward pass: alpha is zeros and every sequence is marked
+// nothing of the forward pass: alpha is empty and every sequence is marked
 // exact, and the backward pass runs both forward kernels again before their
 // backward kernels.
 at::Tensor pinned_tags(const at::Tensor& tags, const at::Tensor& mask, const at::Tensor& emissions,
@@ -280,7 +280,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cuda(
       emissions, mask, pinned, start_transitions, end_transitions, transitions));
   const at::Tensor log_z = std::get<0>(crf_log_partition_cuda(
       emissions, mask, std::nullopt, start_transitions, end_transitions, transitions));
-  at::Tensor alpha = at::zeros({sz.B, sz.T, sz.K}, emissions.options().dtype(at::kDouble));
+  at::Tensor alpha = at::empty({0}, emissions.options().dtype(at::kDouble));
   at::Tensor exact = at::ones({sz.B}, emissions.options().dtype(at::kBool));
   return {gold - log_z, alpha, exact};
 }

@@ -60,8 +60,10 @@ def _viterbi_topk_fake(emissions, mask, start_transitions, end_transitions, tran
 
 @torch.library.register_fake("fastnlp::crf_log_likelihood")
 def _log_likelihood_fake(emissions, mask, tags, start_transitions, end_transitions, transitions, ignore_index):
-    batch = emissions.shape[0]
-    return (emissions.new_empty(batch), emissions.new_empty(emissions.shape, dtype=torch.float64),
+    batch, seq_len, num_tags = emissions.shape
+    # The saved forward state is the CPU kernel's; the CUDA composite saves none.
+    state = (batch, 2, seq_len, num_tags) if emissions.device.type == "cpu" else (0,)
+    return (emissions.new_empty(batch), emissions.new_empty(state, dtype=torch.float64),
             emissions.new_empty(batch, dtype=torch.bool))
 
 
