@@ -266,7 +266,7 @@ at::Tensor pinned_tags(const at::Tensor& tags, const at::Tensor& mask, const at:
   // Unknown and unselected positions are free (-1). A tag still out of range
   // excludes every state in the kernel (no read out of bounds): that
   // sequence's gold score is -inf. fastnlp.ops checks the range beforehand.
-  return at::where(mask.logical_and(tags.ne(ignore_index)), tags, at::full({}, -1, tags.options()));
+  return at::where(mask.logical_and(tags.ne(ignore_index)), tags, at::scalar_tensor(-1, tags.options()));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cuda(
