@@ -25,6 +25,26 @@ TORCH_LIBRARY(fastnlp, m) {
       "Tensor transitions, Tensor alpha, Tensor log_partition) "
       "-> (Tensor grad_emissions, Tensor grad_start_transitions, "
       "Tensor grad_end_transitions, Tensor grad_transitions)");
+  // log p(tags | emissions) per sequence (B,): the gold-path score minus log Z
+  // in one pass. tags (B, T) int64 holds a tag in [0, K) or ignore_index
+  // (unknown: marginalised out of the gold score) at every selected position;
+  // anything else there is an error. alpha (float64) and exact (B,) bool are
+  // saved for the backward pass: alpha is what the backward needs of the
+  // forward pass -- on the CPU (B, 2, T, K), the scaled forward variables and
+  // the emission weights; empty on CUDA -- and exact marks the sequences the
+  // backward pass recomputes from scratch (all of them on CUDA).
+  m.def(
+      "crf_log_likelihood(Tensor emissions, Tensor mask, Tensor tags, Tensor start_transitions, "
+      "Tensor end_transitions, Tensor transitions, int ignore_index) "
+      "-> (Tensor log_likelihood, Tensor alpha, Tensor exact)");
+  // Gradients of sum_b grad_log_likelihood[b] * log_likelihood[b]: gold-path
+  // indicators (or pinned marginals) minus the posterior marginals, one pass.
+  m.def(
+      "crf_log_likelihood_backward(Tensor grad_log_likelihood, Tensor emissions, Tensor mask, "
+      "Tensor tags, Tensor start_transitions, Tensor end_transitions, Tensor transitions, "
+      "int ignore_index, Tensor alpha, Tensor exact) "
+      "-> (Tensor grad_emissions, Tensor grad_start_transitions, "
+      "Tensor grad_end_transitions, Tensor grad_transitions)");
   // Best path (B, T) int64, -1 at unselected positions, and its score (B,).
   m.def(
       "crf_viterbi(Tensor emissions, Tensor mask, Tensor start_transitions, "

@@ -180,9 +180,10 @@ def test_reference_matches_enumeration():
 # Kernels against the reference on random shapes, values and gradients.
 
 
-def likelihood_and_grads(emissions, tags, mask, start, end, trans, backend):
+def likelihood_and_grads(emissions, tags, mask, start, end, trans, backend, ignore_index=-100):
     leaves = [x.detach().clone().requires_grad_(True) for x in (emissions, start, end, trans)]
-    llh = ops.crf_log_likelihood(leaves[0], tags, leaves[1], leaves[2], leaves[3], mask, backend=backend)
+    llh = ops.crf_log_likelihood(leaves[0], tags, leaves[1], leaves[2], leaves[3], mask, ignore_index=ignore_index,
+                                 backend=backend)
     weights = torch.linspace(0.5, 1.5, llh.numel(), dtype=llh.dtype, device=llh.device)
     grads = torch.autograd.grad((llh * weights).sum(), leaves)
     return llh.detach(), grads
@@ -476,3 +477,171 @@ def test_state_far_below_the_best_that_later_dominates(dtype):
     torch.testing.assert_close(marginals[0, :, 1], torch.ones(3, dtype=dtype))
     paths, scores = ops.crf_viterbi(emissions, start, end, transitions)
     assert paths.tolist() == [[1, 1, 1]] and scores.item() == pytest.approx(-1000.0)
+
+
+# ---------------------------------------------------------------------------
+# The fused crf_log_likelihood op (gold score and log Z in one pass) against
+# the reference, including what its scaled recursions must get exactly right.
+
+
+def constrained_problem(batch, seq_len, num_tags, dtype, device, seed, mask_kind, forbid):
+    """random_problem with a fraction `forbid` of the transition scores at -inf."""
+    emissions, tags, mask, start, end, trans = random_problem(batch, seq_len, num_tags, dtype=dtype, device=device,
+                                                              seed=seed, mask_kind=mask_kind)
+    gen = torch.Generator().manual_seed(seed + 1)
+    forbidden = torch.rand(num_tags, num_tags, generator=gen) < forbid
+    trans = trans.masked_fill(forbidden.to(device), NEG_INF)
+    start = start.masked_fill((torch.rand(num_tags, generator=gen) < forbid / 2).to(device), NEG_INF)
+    end = end.masked_fill((torch.rand(num_tags, generator=gen) < forbid / 2).to(device), NEG_INF)
+    if batch > 1:  # one empty row
+        mask = mask.clone()
+        mask[-1] = False
+    return emissions, tags, mask, start, end, trans
+
+
+def two_pass_likelihood_and_grads(emissions, tags, mask, start, end, trans, ignore_index=-100):
+    """gold - log Z from two crf_log_partition calls: what crf_log_likelihood computed before the fused op."""
+    leaves = [x.detach().clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+    pinned = torch.where(mask & (tags != ignore_index), tags, -1)
+    llh = (torch.ops.fastnlp.crf_log_partition(leaves[0], mask, pinned, *leaves[1:])[0]
+           - torch.ops.fastnlp.crf_log_partition(leaves[0], mask, None, *leaves[1:])[0])
+    weights = torch.linspace(0.5, 1.5, llh.numel(), dtype=llh.dtype, device=llh.device)
+    return llh.detach(), torch.autograd.grad((llh * weights).sum(), leaves)
+
+
+def assert_likelihood_matches_reference(problem, tol, ignore_index=-100):
+    emissions, tags, mask, start, end, trans = problem
+    got = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend=None, ignore_index=ignore_index)
+    want = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend="reference",
+                                ignore_index=ignore_index)
+    # equal_nan: a sequence without any path is NaN (-inf - -inf) in both.
+    torch.testing.assert_close(got[0], want[0], equal_nan=True, **tol)
+    if all(bool(torch.isfinite(w).all()) for w in want[1]):
+        for g, w in zip(got[1], want[1]):
+            torch.testing.assert_close(g, w, **tol)
+    else:
+        # The reference's gradient through an impossible (-inf) score, or
+        # through a -inf transition next to an empty chain, is NaN; the kernels
+        # give such a sequence zero gradient, as before the fused op.
+        two_pass = two_pass_likelihood_and_grads(emissions, tags, mask, start, end, trans, ignore_index)
+        torch.testing.assert_close(got[0], two_pass[0], equal_nan=True, **tol)
+        for g, w in zip(got[1], two_pass[1]):
+            torch.testing.assert_close(g, w, **tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(st.integers(1, 5), st.integers(1, 12), st.integers(1, 7), st.integers(0, 2**16),
+       st.sampled_from(["random", "prefix", "full"]), st.sampled_from([0.0, 0.3, 0.6]))
+def test_fused_likelihood_with_constraints_partial_labels_and_empty_rows(device, dtype, batch, seq_len, num_tags,
+                                                                          seed, mask_kind, forbid):
+    problem = constrained_problem(batch, seq_len, num_tags, dtype, device, seed, mask_kind, forbid)
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    assert_likelihood_matches_reference(problem, tol)
+
+
+def test_fused_likelihood_custom_ignore_index_inside_the_tag_range():
+    # ignore_index 0 makes tag 0 "unknown" wherever it appears.
+    emissions, tags, mask, start, end, trans = random_problem(4, 9, 5, seed=53)
+    tags = tags.clamp(min=0)
+    assert (tags == 0).any()
+    assert_likelihood_matches_reference((emissions, tags, mask, start, end, trans),
+                                        dict(rtol=1e-10, atol=1e-10), ignore_index=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_likelihood_half_precision_gradients(dtype):
+    emissions, tags, mask, start, end, trans = random_problem(3, 10, 5, dtype=torch.float32, seed=59)
+    low = emissions.to(dtype)
+    llh, grads = likelihood_and_grads(low, tags, mask, start, end, trans, backend=None)
+    ref_llh, ref_grads = likelihood_and_grads(low.float(), tags, mask, start, end, trans, backend="reference")
+    assert llh.dtype == torch.float32 and grads[0].dtype == dtype
+    torch.testing.assert_close(llh, ref_llh, rtol=1e-5, atol=1e-5)
+    # The gradient is rounded to the emissions' dtype once, from float32.
+    torch.testing.assert_close(grads[0], ref_grads[0].to(dtype))
+    for got, want in zip(grads[1:], ref_grads[1:]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_likelihood_long_sequence_gradients_match_float64_reference():
+    # T = 4096, emissions of magnitude ~10: the per-step scaling must keep the
+    # forward and backward variables finite and the marginals exact.
+    emissions, tags, mask, start, end, trans = random_problem(2, 4096, 5, dtype=torch.float64, seed=61,
+                                                              mask_kind="prefix", scale=10.0)
+    mask[0] = True
+    llh, grads = likelihood_and_grads(emissions.float(), tags, mask, start.float(), end.float(), trans.float(),
+                                      backend=None)
+    ref_llh, ref_grads = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend="reference")
+    assert torch.isfinite(llh).all()
+    torch.testing.assert_close(llh.double(), ref_llh, rtol=1e-6, atol=1e-3)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    _, _, exact = torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, -100)
+    assert not exact.any(), "magnitude-10 emissions must stay on the scaled path"
+
+
+def test_fused_likelihood_falls_back_per_sequence():
+    # One sequence with emission ranges of thousands of nats needs the exact
+    # log-space path; its neighbours stay on the scaled one, and all are right.
+    emissions, tags, mask, start, end, trans = random_problem(3, 8, 4, seed=67, mask_kind="full")
+    emissions = emissions.clone()
+    emissions[1] *= 1000.0
+    _, _, exact = torch.ops.fastnlp.crf_log_likelihood(emissions, mask, torch.where(tags < 0, 0, tags), start, end,
+                                                       trans, -100)
+    assert exact.tolist() == [False, True, False]
+    assert_likelihood_matches_reference((emissions, tags, mask, start, end, trans), dict(rtol=1e-9, atol=1e-7))
+
+
+def test_fused_likelihood_impossible_sequences_match_the_two_pass_result():
+    # No path at all (every start forbidden) and a gold path through a
+    # forbidden transition: same values and gradients as gold - log Z from
+    # crf_log_partition, which the op replaced.
+    emissions, tags, mask, start, end, trans = random_problem(3, 6, 4, seed=71, mask_kind="full")
+    tags = tags.clamp(min=0)
+    trans = trans.clone()
+    trans[tags[1, 0], tags[1, 1]] = NEG_INF
+    llh, grads = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend=None)
+    two_pass, two_pass_grads = two_pass_likelihood_and_grads(emissions, tags, mask, start, end, trans)
+    torch.testing.assert_close(llh, two_pass)
+    for got, want in zip(grads, two_pass_grads):
+        torch.testing.assert_close(got, want)
+    assert llh[1].item() == NEG_INF
+    impossible = start.clone().fill_(NEG_INF)
+    llh = ops.crf_log_likelihood(emissions, tags, impossible, end, trans, mask)
+    two_pass = (ops.crf_gold_score(emissions, tags, impossible, end, trans, mask)
+                - ops.crf_log_partition(emissions, impossible, end, trans, mask))
+    torch.testing.assert_close(llh, two_pass, equal_nan=True)
+
+
+def test_fused_likelihood_gradcheck_with_constraints_and_partial_labels():
+    emissions, tags, mask, start, end, trans = constrained_problem(3, 5, 4, torch.float64, "cpu", 73, "random", 0.3)
+    leaves = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+
+    def log_likelihood(e, s, n, t):
+        llh = ops.crf_log_likelihood(e, tags, s, n, t, mask)
+        return torch.where(torch.isfinite(llh), llh, 0.0)
+
+    assert torch.autograd.gradcheck(log_likelihood, leaves)
+
+
+def test_fused_likelihood_kernel_refuses_out_of_range_tags_itself():
+    emissions, _, mask, start, end, trans = random_problem(2, 3, 3, seed=79, mask_kind="full")
+    for bad in (3, -2):
+        tags = torch.tensor([[0, 1, 2], [0, bad, 1]])
+        with pytest.raises(ValueError, match=f"tags must be in \\[0, 3\\) or equal ignore_index \\(-100\\) at the "
+                                             f"positions the mask selects; got {bad} at batch 1, position 1"):
+            torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, -100)
+    # Unselected positions may hold anything.
+    tags = torch.tensor([[0, 1, 2], [0, 99, 1]])
+    mask = mask.clone()
+    mask[1, 1] = False
+    torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, -100)
+
+
+def test_fused_likelihood_opcheck(device):
+    for emissions, tags, mask, start, end, trans in opcheck_samples(device):
+        leaves = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+        args = (leaves[0], mask, tags, leaves[1], leaves[2], leaves[3], -1)
+        torch.library.opcheck(torch.ops.fastnlp.crf_log_likelihood.default, args)
+        llh, alpha, exact = torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, -1)
+        torch.library.opcheck(torch.ops.fastnlp.crf_log_likelihood_backward.default,
+                              (torch.ones_like(llh), emissions, mask, tags, start, end, trans, -1, alpha, exact))

@@ -17,6 +17,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <tuple>
 #include <vector>
@@ -100,9 +101,9 @@ inline acc_t exact_column(const Transitions& tr, const acc_t* prev_alpha, StateR
 
 // ---------------------------------------------------------------------------
 // Forward algorithm for one sequence. Writes alpha (T, K) and returns log Z.
-template <typename scalar_t>
+template <typename scalar_t, typename alpha_t>
 acc_t forward_sequence(const Transitions& tr, const scalar_t* emissions, const bool* mask, const int64_t* tags,
-                       int64_t T, scalar_t* alpha, acc_t* work) {
+                       int64_t T, alpha_t* alpha, acc_t* work) {
   const int64_t K = tr.K;
   acc_t* prev_alpha = work;      // alpha at the previous selected position
   acc_t* row = work + K;         // alpha at this one
@@ -113,9 +114,9 @@ acc_t forward_sequence(const Transitions& tr, const scalar_t* emissions, const b
   bool started = false;
   StateRange prev{0, 0};
   for (int64_t t = 0; t < T; ++t) {
-    scalar_t* out = alpha + t * K;
+    alpha_t* out = alpha + t * K;
     if (!mask[t]) {
-      std::fill(out, out + K, -std::numeric_limits<scalar_t>::infinity());
+      std::fill(out, out + K, -std::numeric_limits<alpha_t>::infinity());
       continue;
     }
     const StateRange cur = allowed_states(tags, t, K);
@@ -141,7 +142,7 @@ acc_t forward_sequence(const Transitions& tr, const scalar_t* emissions, const b
         }
       }
     }
-    for (int64_t j = 0; j < K; ++j) out[j] = static_cast<scalar_t>(row[j]);
+    for (int64_t j = 0; j < K; ++j) out[j] = static_cast<alpha_t>(row[j]);
     std::swap(prev_alpha, row);
     prev = cur;
     started = true;
@@ -164,13 +165,13 @@ struct ParamGrads {
 // Backward algorithm for one sequence: beta, then the posterior marginals
 // scaled by g, written to grad_emissions (T, K) (zero-initialised) and added to
 // the parameter gradients.
-template <typename scalar_t>
+template <typename scalar_t, typename alpha_t, typename grad_t>
 void backward_sequence(const Transitions& tr, const scalar_t* emissions, const bool* mask, const int64_t* tags,
-                       int64_t T, const scalar_t* alpha, acc_t log_z, acc_t g, scalar_t* grad_emissions,
+                       int64_t T, const alpha_t* alpha, acc_t log_z, acc_t g, grad_t* grad_emissions,
                        ParamGrads grads, acc_t* work) {
   const int64_t K = tr.K;
   // Zeroed here, in the worker, rather than by a single-threaded at::zeros.
-  std::fill(grad_emissions, grad_emissions + T * K, scalar_t(0));
+  std::fill(grad_emissions, grad_emissions + T * K, grad_t(0));
   if (!std::isfinite(log_z)) return;  // no path, or no consistent one: no gradient
   acc_t* beta = work;               // beta at the current position
   acc_t* beta_prev = work + K;      // beta at the previous selected position
@@ -196,9 +197,9 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
   bool last = true;
   while (true) {
     const scalar_t* e = emissions + t * K;
-    scalar_t* ge = grad_emissions + t * K;
+    grad_t* ge = grad_emissions + t * K;
     if (cur.size() == 1) marginal[cur.lo] = 1;  // every consistent path passes a pinned state
-    for (int64_t j = cur.lo; j < cur.hi; ++j) ge[j] = static_cast<scalar_t>(g * marginal[j]);
+    for (int64_t j = cur.lo; j < cur.hi; ++j) ge[j] = static_cast<grad_t>(g * marginal[j]);
     if (last)
       for (int64_t j = cur.lo; j < cur.hi; ++j) grads.end[j] += g * marginal[j];
     last = false;
@@ -209,7 +210,7 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
       return;
     }
     const StateRange prev = allowed_states(tags, tp, K);
-    const scalar_t* ap = alpha + tp * K;
+    const alpha_t* ap = alpha + tp * K;
     std::fill(beta_prev, beta_prev + K, kNegInf<acc_t>);
     std::fill(marginal_prev, marginal_prev + K, acc_t(0));
     std::fill(w, w + K, kNegInf<acc_t>);
@@ -563,6 +564,518 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_bac
   return {grad_emissions, grad_start, grad_end, grad_trans};
 }
 
+// ---------------------------------------------------------------------------
+// Fused log-likelihood (gold score minus log Z) and its gradient.
+//
+// The free chain runs in probability space: with E[i][j] = exp(trans[i][j] -
+// colmax[j]) and x_t[j] = exp(e_t[j] + colmax[j] - m_t) (m_t their max), one
+// step is a_t = (a_{t'} E) * x_t / s_t, s_t = max_j of the product, so every
+// stored row has max 1 and log Z adds up m_t + log s_t: a K x K mat-vec, K exps
+// and one log per step. The backward variables are scaled the same way, and
+// since marginals are normalised per position (sum_j a_t[j] b_t[j]) the scales
+// never need to be stored. A fully tagged gold path is a plain sum; partially
+// tagged ones run the same recursion with the tagged positions pinned.
+//
+// The scaled recursions are exact as long as every nonzero factor (E, x, and
+// a, b relative to their row's max) is at least kTiny: a product of three is
+// then a normal double, so nothing that might later dominate is lost to
+// underflow. Zeros stay exact zeros (constraints: exp(-inf) = 0). A sequence
+// that breaks the bound (score ranges of hundreds of nats), or that has no
+// path at all, is recomputed by the exact log-space kernels above instead.
+constexpr acc_t kTiny = 1e-100;
+constexpr acc_t kLogTiny = -230.25850929940458;  // log(kTiny)
+
+// What the scaled recursions share across the batch, on top of Transitions.
+struct ScaledChain {
+  const Transitions& tr;
+  std::vector<acc_t> end_weight;  // exp(end[j] - end_max)
+  acc_t end_max;
+  bool representable;             // every nonzero E[i][j] and end_weight[j] >= kTiny
+
+  explicit ScaledChain(const Transitions& tr_)
+      : tr(tr_), end_weight(tr_.K), end_max(kNegInf<acc_t>), representable(true) {
+    const int64_t K = tr.K;
+    for (int64_t j = 0; j < K; ++j) end_max = std::max(end_max, tr.end[j]);
+    for (int64_t j = 0; j < K; ++j) {
+      end_weight[j] = end_max == kNegInf<acc_t> ? acc_t(0) : std::exp(tr.end[j] - end_max);
+      representable &= end_weight[j] == 0 || end_weight[j] >= kTiny;
+    }
+    for (int64_t x = 0; x < K * K; ++x) representable &= tr.scaled[x] == 0 || tr.scaled[x] >= kTiny;
+    // NaN parameters: let the exact path produce whatever it produces.
+    for (int64_t x = 0; x < K * K; ++x) representable &= !std::isnan(tr.scaled[x]);
+    for (int64_t j = 0; j < K; ++j) representable &= !std::isnan(end_weight[j]) && !std::isnan(tr.start[j]);
+  }
+};
+
+// Tags of one sequence with "unknown" as -1: ignore_index and unselected
+// positions map to -1. Returns whether any selected position is unknown.
+bool map_tags(const int64_t* tags, const bool* mask, int64_t T, int64_t ignore_index, int64_t* mapped) {
+  bool partial = false;
+  for (int64_t t = 0; t < T; ++t) {
+    const bool unknown = !mask[t] || tags[t] == ignore_index;
+    mapped[t] = unknown ? -1 : tags[t];
+    partial |= mask[t] && unknown;
+  }
+  return partial;
+}
+
+// Gold score of a fully tagged sequence, added in the order the pinned
+// log-space recursion adds them.
+template <typename scalar_t>
+acc_t gold_path_score(const Transitions& tr, const scalar_t* emissions, const bool* mask, const int64_t* tags,
+                      int64_t T) {
+  const int64_t K = tr.K;
+  acc_t score = 0;
+  int64_t prev = -1;
+  for (int64_t t = 0; t < T; ++t) {
+    if (!mask[t]) continue;
+    const int64_t y = tags[t];
+    const acc_t e = acc_t(emissions[t * K + y]);
+    score = prev < 0 ? tr.start[y] + e : score + tr.trans[prev * K + y] + e;
+    prev = y;
+  }
+  return prev < 0 ? acc_t(0) : score + tr.end[prev];
+}
+
+// Forward recursion for one chain (free when tags is null, else pinned where
+// tags >= 0). Writes, for every position t, the emission weights x (T, K) and
+// the forward row a (T, K) (zeros where the mask excludes t), and log Z of the
+// chain to *log_z. The row at t is (a_{t'} E) * x_t / s_{t'}: unnormalised by
+// its own max s_t, which the next step divides out, so each row costs one
+// pass. shifts: scratch (T). False: not representable exactly.
+template <typename scalar_t>
+bool scaled_forward(const ScaledChain& c, const scalar_t* emissions, const bool* mask, const int64_t* tags,
+                    int64_t T, acc_t* a, acc_t* x, acc_t* log_z, acc_t* shifts) {
+  const Transitions& tr = c.tr;
+  const int64_t K = tr.K;
+  // Emission weights of every position first, so that one exp call covers them all.
+  bool first = true;
+  int64_t tiny = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    acc_t* y = x + t * K;
+    if (!mask[t]) {
+      std::fill(y, y + K, kNegInf<acc_t>);
+      continue;
+    }
+    const acc_t* base = first ? tr.start.data() : tr.colmax.data();
+    const scalar_t* e = emissions + t * K;
+    const StateRange cur = allowed_states(tags, t, K);
+    if (cur.size() == 1) {
+      std::fill(y, y + K, kNegInf<acc_t>);
+      y[cur.lo] = 0;
+      shifts[t] = base[cur.lo] + acc_t(e[cur.lo]);
+    } else {
+      int64_t small = 0;
+      shifts[t] = shifted_scores(K, base, e, kLogTiny, y, &small);
+      tiny += small;
+    }
+    if (!std::isfinite(shifts[t])) return false;  // nothing reachable, or inf/NaN: the exact path decides
+    first = false;
+  }
+  if (tiny) return false;
+  exp_shifted(T * K, x, 0.0, x);
+
+  const acc_t* prev = nullptr;
+  StateRange prev_range{0, 0};
+  acc_t inv_prev = 1, log_scale = 0;
+  for (int64_t t = 0; t < T; ++t) {
+    acc_t* row = a + t * K;
+    if (!mask[t]) {
+      std::fill(row, row + K, acc_t(0));
+      continue;
+    }
+    const StateRange cur = allowed_states(tags, t, K);
+    const acc_t* xt = x + t * K;
+    acc_t top = 1;  // max of x at the first position (exp(0))
+    if (prev == nullptr) {
+      std::copy(xt, xt + K, row);
+    } else {
+      if (cur.size() < K) std::fill(row, row + K, acc_t(0));
+      int64_t small = 0;
+      top = scaled_step(prev_range.size(), cur.size(), prev + prev_range.lo,
+                        tr.scaled.data() + prev_range.lo * K + cur.lo, K, xt + cur.lo, inv_prev, kTiny,
+                        row + cur.lo, &small);
+      if (!(top > 0) || !std::isfinite(top) || small) return false;  // no path, NaN, or too small
+    }
+    log_scale += shifts[t] + std::log(top);
+    inv_prev = 1 / top;
+    prev = row;
+    prev_range = cur;
+  }
+  if (prev == nullptr) {
+    *log_z = 0;  // empty chain
+    return true;
+  }
+  acc_t z = 0;
+  for (int64_t j = prev_range.lo; j < prev_range.hi; ++j) z += prev[j] * c.end_weight[j];
+  *log_z = log_scale + std::log(z * inv_prev) + c.end_max;
+  return z > 0 && std::isfinite(*log_z);
+}
+
+// Per-sequence shares of the parameter gradients. trans_scaled holds the sum
+// of pairwise marginals divided by E[i][j]; the caller multiplies by E once.
+struct ScaledGrads {
+  acc_t* start;
+  acc_t* end;
+  acc_t* trans_scaled;
+};
+
+// Backward recursion for one chain, from the rows a and weights x that
+// scaled_forward wrote. Calls sink(t, marginal, range) at every selected
+// position, from the last to the first, with the posterior P(y_t = j) for j in
+// range; adds g times the marginals to `grads`. Marginals are normalised per
+// position, so the forward scales are never needed. False: not representable
+// (the caller redoes the sequence exactly and discards what was added).
+// With pair_c and pair_q (T, K) given, the pairwise marginals of the step into
+// position t are left as the factors pair_c[t] (outer) pair_q[t], for the
+// caller to sum over the whole batch in one matrix product; rows of positions
+// without such a step are not written. Without them they are accumulated into
+// grads.trans_scaled here.
+template <typename Sink>
+bool scaled_backward(const ScaledChain& c, const bool* mask, const int64_t* tags, int64_t T, const acc_t* a,
+                     const acc_t* x, acc_t g, ScaledGrads grads, acc_t* work, const Sink& sink,
+                     acc_t* pair_c = nullptr, acc_t* pair_q = nullptr) {
+  const Transitions& tr = c.tr;
+  const int64_t K = tr.K;
+  acc_t* b = work;               // backward variables at t, max 1
+  acc_t* b_prev = work + K;      // at the previous selected position
+  acc_t* marg = work + 2 * K;
+  acc_t* marg_prev = work + 3 * K;
+  acc_t* r = work + 4 * K;
+  acc_t* q = work + 5 * K;       // x_t * b_t
+  acc_t* coef = work + 6 * K;
+  int64_t t = T - 1;
+  while (t >= 0 && !mask[t]) --t;
+  if (t < 0) return true;
+  StateRange cur = allowed_states(tags, t, K);
+  const acc_t* at = a + t * K;
+  acc_t n = 0;
+  for (int64_t j = cur.lo; j < cur.hi; ++j) n += at[j] * c.end_weight[j];
+  if (!(n > 0)) return false;
+  for (int64_t j = cur.lo; j < cur.hi; ++j) {
+    b[j] = c.end_weight[j];
+    marg[j] = at[j] * b[j] / n;
+    grads.end[j] += g * marg[j];
+  }
+  while (true) {
+    sink(t, marg, cur);
+    int64_t tp = t - 1;
+    while (tp >= 0 && !mask[tp]) --tp;
+    if (tp < 0) {
+      for (int64_t j = cur.lo; j < cur.hi; ++j) grads.start[j] += g * marg[j];
+      return true;
+    }
+    const StateRange prev = allowed_states(tags, tp, K);
+    const acc_t* xt = x + t * K;
+    if (pair_q != nullptr) q = pair_q + t * K;  // the free chain: every state allowed
+    for (int64_t j = cur.lo; j < cur.hi; ++j) q[j] = xt[j] * b[j];
+    // r[i] = sum_j E[i][j] q[j], streaming rows of E transposed.
+    vecmat(cur.size(), prev.size(), q + cur.lo, tr.scaled_t.data() + cur.lo * K + prev.lo, K, r + prev.lo);
+    int64_t small = 0;
+    if (pair_c != nullptr) coef = pair_c + t * K;
+    const acc_t norm = backward_step(prev.size(), r + prev.lo, a + tp * K + prev.lo, g, kTiny, b_prev + prev.lo,
+                                     marg_prev + prev.lo, coef + prev.lo, &small);
+    if (!(norm > 0) || small) return false;
+    // P(i, j) = coef[i] E[i][j] q[j] / g; E is applied by the caller.
+    if (pair_c == nullptr)
+      outer_accumulate(prev.size(), cur.size(), coef + prev.lo, q + cur.lo, K,
+                       grads.trans_scaled + prev.lo * K + cur.lo);
+    std::swap(b, b_prev);
+    std::swap(marg, marg_prev);
+    t = tp;
+    cur = prev;
+  }
+}
+
+// Tags index the emissions, so a bad one is refused before any kernel reads
+// it; the message is the one fastnlp.ops reports for the same mistake.
+void check_likelihood_tags(const at::Tensor& tags, const at::Tensor& mask, int64_t K, int64_t ignore_index) {
+  const int64_t B = mask.size(0), T = mask.size(1);
+  const int64_t* tag = tags.data_ptr<int64_t>();
+  const bool* selected = mask.data_ptr<bool>();
+  for (int64_t x = 0; x < B * T; ++x) {
+    if (!selected[x] || tag[x] == ignore_index || (tag[x] >= 0 && tag[x] < K)) continue;
+    TORCH_CHECK_VALUE(false, "tags must be in [0, ", K, ") or equal ignore_index (", ignore_index,
+                      ") at the positions the mask selects; got ", tag[x], " at batch ", x / T, ", position ",
+                      x % T);
+  }
+}
+
+at::Tensor checked_likelihood_tags(const at::Tensor& tags, const at::Tensor& mask, int64_t K, int64_t ignore_index) {
+  TORCH_CHECK(tags.scalar_type() == at::kLong, "tags must be int64, got ", tags.scalar_type());
+  TORCH_CHECK(tags.device().is_cpu(), "fastnlp CPU kernel got tags on ", tags.device());
+  TORCH_CHECK(tags.sizes() == mask.sizes(), "tags must be shaped like mask ", mask.sizes(), ", got ", tags.sizes());
+  at::Tensor t = tags.contiguous();
+  check_likelihood_tags(t, mask, K, ignore_index);
+  return t;
+}
+
+// Per-thread scratch of the fused op; the (T, K) buffers are only sized when a
+// sequence needs them (partial tags, or the exact fallback).
+struct LikelihoodScratch {
+  std::vector<acc_t> work, shifts;
+  std::vector<int64_t> mapped;
+  std::vector<acc_t> chain_a, chain_b, grad_a, grad_b;
+  acc_t* sized(std::vector<acc_t>& v, int64_t n) {
+    if (static_cast<int64_t>(v.size()) < n) v.resize(n);
+    return v.data();
+  }
+};
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cpu(
+    const at::Tensor& emissions_in, const at::Tensor& mask_in, const at::Tensor& tags_in, const at::Tensor& start_in,
+    const at::Tensor& end_in, const at::Tensor& trans_in, int64_t ignore_index) {
+  check_inputs(emissions_in, mask_in, start_in, end_in, trans_in);
+  const at::Tensor emissions = emissions_in.contiguous(), mask = mask_in.contiguous();
+  const at::Tensor start = start_in.contiguous(), end = end_in.contiguous(), trans = trans_in.contiguous();
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  const at::Tensor tags = checked_likelihood_tags(tags_in, mask, K, ignore_index);
+  at::Tensor llh = at::empty({B}, emissions.options());
+  at::Tensor alpha = at::empty({B, 2, T, K}, emissions.options().dtype(at::kDouble));
+  at::Tensor exact = at::empty({B}, emissions.options().dtype(at::kBool));
+  if (B == 0) return {llh, alpha, exact};
+  AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_likelihood_cpu", [&] {
+    const Transitions tr = make_transitions<scalar_t>(start, end, trans);
+    const ScaledChain chain(tr);
+    const scalar_t* em = emissions.data_ptr<scalar_t>();
+    const bool* mk = mask.data_ptr<bool>();
+    const int64_t* tg = tags.data_ptr<int64_t>();
+    scalar_t* out = llh.data_ptr<scalar_t>();
+    acc_t* al = alpha.data_ptr<acc_t>();
+    bool* ex = exact.data_ptr<bool>();
+    for_each_sequence(
+        B,
+        [&] {
+          return LikelihoodScratch{std::vector<acc_t>(6 * K), std::vector<acc_t>(T), std::vector<int64_t>(T),
+                                   {}, {}, {}, {}};
+        },
+        [&](int64_t b, LikelihoodScratch& s) {
+          const scalar_t* e = em + b * T * K;
+          const bool* m = mk + b * T;
+          int64_t* mapped = s.mapped.data();
+          const bool partial = map_tags(tg + b * T, m, T, ignore_index, mapped);
+          acc_t* a = al + b * 2 * T * K;
+          acc_t log_z = 0, gold = 0;
+          bool ok = chain.representable && scaled_forward(chain, e, m, nullptr, T, a, a + T * K, &log_z,
+                                                          s.shifts.data());
+          if (ok) {
+            if (partial) {
+              acc_t* pa = s.sized(s.chain_a, 2 * T * K);
+              ok = scaled_forward(chain, e, m, mapped, T, pa, pa + T * K, &gold, s.shifts.data());
+              // A tagging that no path agrees with is -inf, as in the exact path.
+              if (!ok) gold = forward_sequence(tr, e, m, mapped, T, s.sized(s.chain_a, T * K), s.work.data());
+              ok = true;
+            } else {
+              gold = gold_path_score(tr, e, m, mapped, T);
+            }
+          } else {
+            log_z = forward_sequence(tr, e, m, nullptr, T, s.sized(s.chain_a, T * K), s.work.data());
+            gold = forward_sequence(tr, e, m, mapped, T, s.sized(s.chain_a, T * K), s.work.data());
+            std::fill(a, a + 2 * T * K, acc_t(0));  // not used: the backward pass recomputes this sequence
+          }
+          ex[b] = !ok;
+          out[b] = static_cast<scalar_t>(gold - log_z);
+        });
+  });
+  return {llh, alpha, exact};
+}
+
+// The exact log-space path for one sequence, for the gradients: the chain's
+// forward, then its backward algorithm scaled by g, into grad (T, K).
+template <typename scalar_t>
+void exact_chain_gradient(const Transitions& tr, const scalar_t* e, const bool* m, const int64_t* tags, int64_t T,
+                          acc_t g, LikelihoodScratch& s, acc_t* grad, ParamGrads grads) {
+  const int64_t K = tr.K;
+  acc_t* alpha = s.sized(s.chain_b, T * K);
+  const acc_t log_z = forward_sequence(tr, e, m, tags, T, alpha, s.work.data());
+  backward_sequence(tr, e, m, tags, T, alpha, log_z, g, grad, grads, s.work.data());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& emissions_in, const at::Tensor& mask_in, const at::Tensor& tags_in,
+    const at::Tensor& start_in, const at::Tensor& end_in, const at::Tensor& trans_in, int64_t ignore_index,
+    const at::Tensor& alpha_in, const at::Tensor& exact_in) {
+  check_inputs(emissions_in, mask_in, start_in, end_in, trans_in);
+  const at::Tensor emissions = emissions_in.contiguous(), mask = mask_in.contiguous();
+  const at::Tensor start = start_in.contiguous(), end = end_in.contiguous(), trans = trans_in.contiguous();
+  const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
+  TORCH_CHECK(alpha_in.dim() == 4 && alpha_in.size(0) == B && alpha_in.size(1) == 2 && alpha_in.size(2) == T &&
+                  alpha_in.size(3) == K && alpha_in.scalar_type() == at::kDouble,
+              "alpha must be float64 of shape (", B, ", 2, ", T, ", ", K, "), got ", alpha_in.scalar_type(), " ",
+              alpha_in.sizes());
+  TORCH_CHECK(exact_in.dim() == 1 && exact_in.size(0) == B && exact_in.scalar_type() == at::kBool,
+              "exact must be bool of shape (", B, "), got ", exact_in.scalar_type(), " ", exact_in.sizes());
+  TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == B, "grad_log_likelihood must be (", B, "), got ",
+              grad_in.sizes());
+  const at::Tensor tags = checked_likelihood_tags(tags_in, mask, K, ignore_index);
+  const at::Tensor alpha = alpha_in.contiguous(), exact = exact_in.contiguous();
+  const at::Tensor grad = grad_in.to(emissions.scalar_type()).contiguous();
+  at::Tensor grad_emissions = at::empty_like(emissions);  // every element written below
+  at::Tensor grad_start = at::empty({K}, emissions.options());
+  at::Tensor grad_end = at::empty({K}, emissions.options());
+  at::Tensor grad_trans = at::empty({K, K}, emissions.options());
+  AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_likelihood_backward_cpu", [&] {
+    const Transitions tr = make_transitions<scalar_t>(start, end, trans);
+    const ScaledChain chain(tr);
+    const scalar_t* em = emissions.data_ptr<scalar_t>();
+    const bool* mk = mask.data_ptr<bool>();
+    const int64_t* tg = tags.data_ptr<int64_t>();
+    const acc_t* al = alpha.data_ptr<acc_t>();
+    const bool* ex = exact.data_ptr<bool>();
+    const scalar_t* gr = grad.data_ptr<scalar_t>();
+    scalar_t* ge_all = grad_emissions.data_ptr<scalar_t>();
+    // Per sequence: start (K), end (K), pairwise marginals / E (K, K), and
+    // (only for sequences on the exact path) pairwise marginals themselves
+    // (K, K). Summed in batch order afterwards, so the result does not depend
+    // on which thread ran which sequence.
+    const int64_t slot = 2 * K + K * K;
+    std::unique_ptr<acc_t[]> per_sequence(new acc_t[B * slot]);
+    // The free chains' pairwise marginals as factors, one row per position,
+    // summed over the batch by one matrix product below.
+    at::Tensor pair_c = at::empty({B * T, K}, emissions.options().dtype(at::kDouble));
+    at::Tensor pair_q = at::empty({B * T, K}, emissions.options().dtype(at::kDouble));
+    acc_t* pair_c_all = pair_c.data_ptr<acc_t>();
+    acc_t* pair_q_all = pair_q.data_ptr<acc_t>();
+    std::vector<std::vector<acc_t>> exact_trans(B);
+    for_each_sequence(
+        B,
+        [&] {
+          return LikelihoodScratch{std::vector<acc_t>(10 * K), std::vector<acc_t>(T), std::vector<int64_t>(T),
+                                   {}, {}, {}, {}};
+        },
+        [&](int64_t b, LikelihoodScratch& s) {
+          const scalar_t* e = em + b * T * K;
+          const bool* m = mk + b * T;
+          const acc_t g = gr[b];
+          scalar_t* ge = ge_all + b * T * K;
+          acc_t* pc = pair_c_all + b * T * K;
+          acc_t* pq = pair_q_all + b * T * K;
+          acc_t* mine = per_sequence.get() + b * slot;
+          std::fill(mine, mine + slot, acc_t(0));
+          const ScaledGrads grads{mine, mine + K, mine + 2 * K};
+          int64_t* mapped = s.mapped.data();
+          const bool partial = map_tags(tg + b * T, m, T, ignore_index, mapped);
+
+          // The gold side: pinned marginals times g, (T, K), or for a fully
+          // tagged sequence the indicator of its path, applied in the sink.
+          const acc_t* pinned = nullptr;
+          bool gold_counts = false;  // add g at the gold path's states and transitions
+          if (partial) {
+            acc_t* pa = s.sized(s.chain_a, 2 * T * K);
+            acc_t* pg = s.sized(s.grad_a, T * K);
+            acc_t gold = 0;
+            bool ok = !ex[b] && scaled_forward(chain, e, m, mapped, T, pa, pa + T * K, &gold, s.shifts.data());
+            if (ok) {
+              std::fill(pg, pg + T * K, acc_t(0));
+              ok = scaled_backward(chain, m, mapped, T, pa, pa + T * K, g, grads, s.work.data(),
+                                   [&](int64_t t, const acc_t* marg, StateRange r) {
+                                     for (int64_t j = r.lo; j < r.hi; ++j) pg[t * K + j] = g * marg[j];
+                                   });
+            }
+            if (!ok) {
+              std::fill(mine, mine + slot, acc_t(0));
+              auto& direct = exact_trans[b];
+              direct.assign(K * K, acc_t(0));
+              exact_chain_gradient(tr, e, m, mapped, T, g, s, pg, ParamGrads{mine, mine + K, direct.data()});
+            }
+            pinned = pg;
+          } else {
+            gold_counts = std::isfinite(gold_path_score(tr, e, m, mapped, T));
+          }
+
+          // The free side: -g times the marginals.
+          bool ok = !ex[b];
+          if (ok) {
+            const acc_t* a = al + b * 2 * T * K;
+            ok = scaled_backward(chain, m, nullptr, T, a, a + T * K, -g, grads, s.work.data(),
+                                 [&](int64_t t, const acc_t* marg, StateRange) {
+                                   scalar_t* row = ge + t * K;
+                                   if (pinned != nullptr) {
+                                     const acc_t* p = pinned + t * K;
+                                     for (int64_t j = 0; j < K; ++j) row[j] = static_cast<scalar_t>(p[j] - g * marg[j]);
+                                   } else {
+                                     for (int64_t j = 0; j < K; ++j) row[j] = static_cast<scalar_t>(-g * marg[j]);
+                                     if (gold_counts) {
+                                       const int64_t y = mapped[t];
+                                       row[y] = static_cast<scalar_t>(g - g * marg[y]);
+                                     }
+                                   }
+                                 },
+                                 pc, pq);
+            if (ok) {
+              // Rows the recursion did not write: no pairwise step ends there.
+              bool first = true;
+              for (int64_t t = 0; t < T; ++t) {
+                if (m[t] && !first) continue;
+                if (!m[t]) std::fill(ge + t * K, ge + (t + 1) * K, scalar_t(0));
+                std::fill(pc + t * K, pc + (t + 1) * K, acc_t(0));
+                std::fill(pq + t * K, pq + (t + 1) * K, acc_t(0));
+                first = first && !m[t];
+              }
+            }
+          }
+          if (!ok) {
+            std::fill(pc, pc + T * K, acc_t(0));
+            std::fill(pq, pq + T * K, acc_t(0));
+            // Redo the whole sequence exactly (the gold side's shares included).
+            std::fill(mine, mine + slot, acc_t(0));
+            auto& direct = exact_trans[b];
+            direct.assign(K * K, acc_t(0));
+            const ParamGrads exact_grads{mine, mine + K, direct.data()};
+            acc_t* free_grad = s.sized(s.grad_b, T * K);
+            exact_chain_gradient(tr, e, m, nullptr, T, -g, s, free_grad, exact_grads);
+            acc_t* gold_grad = s.sized(s.grad_a, T * K);
+            exact_chain_gradient(tr, e, m, mapped, T, g, s, gold_grad, exact_grads);
+            for (int64_t x = 0; x < T * K; ++x) ge[x] = static_cast<scalar_t>(gold_grad[x] + free_grad[x]);
+            gold_counts = false;
+          }
+          if (gold_counts) {
+            // The gold path's start and end (its transitions are added below, in batch order).
+            int64_t first = -1, last = -1;
+            for (int64_t t = 0; t < T; ++t)
+              if (m[t]) last = t, first = first < 0 ? t : first;
+            if (first >= 0) {
+              mine[mapped[first]] += g;
+              mine[K + mapped[last]] += g;
+            }
+          }
+        });
+    // Gold transition counts of the fully tagged, scaled sequences, then the sums.
+    std::vector<acc_t> counts(K * K, 0.0), total(slot, 0.0);
+    std::vector<int64_t> mapped(T);
+    for (int64_t b = 0; b < B; ++b) {
+      const acc_t* mine = per_sequence.get() + b * slot;
+      for (int64_t x = 0; x < slot; ++x) total[x] += mine[x];
+      if (!exact_trans[b].empty()) {
+        for (int64_t x = 0; x < K * K; ++x) counts[x] += exact_trans[b][x];
+        continue;
+      }
+      const bool* m = mk + b * T;
+      if (map_tags(tg + b * T, m, T, ignore_index, mapped.data())) continue;
+      if (!std::isfinite(gold_path_score(tr, em + b * T * K, m, mapped.data(), T))) continue;
+      int64_t prev = -1;
+      for (int64_t t = 0; t < T; ++t) {
+        if (!m[t]) continue;
+        if (prev >= 0) counts[prev * K + mapped[t]] += gr[b];
+        prev = mapped[t];
+      }
+    }
+    const at::Tensor pairs = at::mm(pair_c.t(), pair_q).contiguous();
+    const acc_t* pair_sum = pairs.data_ptr<acc_t>();
+    for (int64_t x = 0; x < K * K; ++x) total[2 * K + x] += pair_sum[x];
+    scalar_t* gs = grad_start.data_ptr<scalar_t>();
+    scalar_t* gn = grad_end.data_ptr<scalar_t>();
+    scalar_t* gt = grad_trans.data_ptr<scalar_t>();
+    for (int64_t j = 0; j < K; ++j) gs[j] = static_cast<scalar_t>(total[j]), gn[j] = static_cast<scalar_t>(total[K + j]);
+    // E = 0 (a forbidden transition) has no pairwise marginal, whatever its factor.
+    for (int64_t x = 0; x < K * K; ++x) {
+      const acc_t scaled = tr.scaled[x] == 0 ? acc_t(0) : tr.scaled[x] * total[2 * K + x];
+      gt[x] = static_cast<scalar_t>(scaled + counts[x]);
+    }
+  });
+  return {grad_emissions, grad_start, grad_end, grad_trans};
+}
+
 std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_in, const at::Tensor& mask_in,
                                                    const at::Tensor& start_in, const at::Tensor& end_in,
                                                    const at::Tensor& trans_in) {
@@ -633,6 +1146,8 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_topk_cpu(const at::Tensor& emissi
 TORCH_LIBRARY_IMPL(fastnlp, CPU, m) {
   m.impl("crf_log_partition", &crf_log_partition_cpu);
   m.impl("crf_log_partition_backward", &crf_log_partition_backward_cpu);
+  m.impl("crf_log_likelihood", &crf_log_likelihood_cpu);
+  m.impl("crf_log_likelihood_backward", &crf_log_likelihood_backward_cpu);
   m.impl("crf_viterbi", &crf_viterbi_cpu);
   m.impl("crf_viterbi_topk", &crf_viterbi_topk_cpu);
 }

@@ -150,6 +150,112 @@ FASTNLP_VECTOR_CLONES inline void scaled_outer_accumulate(int64_t m, int64_t n, 
   }
 }
 
+// Emission log-weights of one position: y[j] = base[j] + e[j] - m, where m =
+// max_j (base[j] + e[j]) is returned. *tiny counts the y[j] in (-inf, log_tiny):
+// weights too small for the scaled recursions.
+template <typename scalar_t>
+__attribute__((always_inline)) inline double shifted_scores_impl(int64_t n, const double* __restrict base,
+                                                                 const scalar_t* __restrict e, double log_tiny,
+                                                                 double* __restrict y, int64_t* tiny) {
+  double m = -__builtin_inf();
+  for (int64_t j = 0; j < n; ++j) {
+    y[j] = base[j] + static_cast<double>(e[j]);
+    m = y[j] > m ? y[j] : m;
+  }
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    y[j] -= m;
+    count += (y[j] < log_tiny) & (y[j] > -__builtin_inf());
+  }
+  *tiny = count;
+  return m;
+}
+FASTNLP_VECTOR_CLONES inline double shifted_scores(int64_t n, const double* base, const float* e, double log_tiny,
+                                                   double* y, int64_t* tiny) {
+  return shifted_scores_impl(n, base, e, log_tiny, y, tiny);
+}
+FASTNLP_VECTOR_CLONES inline double shifted_scores(int64_t n, const double* base, const double* e, double log_tiny,
+                                                   double* y, int64_t* tiny) {
+  return shifted_scores_impl(n, base, e, log_tiny, y, tiny);
+}
+
+// One step of a scaled forward recursion: s[j] = (sum_i a[i] M[i * ld + j]) *
+// x[j] * scale for j < n. Returns max_j s[j]; *tiny counts the nonzero s[j]
+// below tiny_ratio times that max.
+FASTNLP_VECTOR_CLONES inline double scaled_step(int64_t m, int64_t n, const double* __restrict a,
+                                                const double* __restrict M, int64_t ld, const double* __restrict x,
+                                                double scale, double tiny_ratio, double* __restrict s,
+                                                int64_t* tiny) {
+  vecmat(m, n, a, M, ld, s);
+  double top = 0;
+  for (int64_t j = 0; j < n; ++j) {
+    s[j] *= x[j] * scale;
+    top = s[j] > top ? s[j] : top;
+  }
+  const double floor = top * tiny_ratio;
+  int64_t count = 0;
+  for (int64_t j = 0; j < n; ++j) count += (s[j] < floor) & (s[j] > 0);
+  *tiny = count;
+  return top;
+}
+
+// One step of a scaled backward recursion, from r[i] = sum_j E[i][j] q[j] and
+// the forward row a at the same position: b[i] = r[i] / max r, marg[i] = a[i]
+// b[i] / norm (the posterior), coef[i] = g a[i] / (norm max r) (the factor of
+// the pairwise marginals), norm = sum_i a[i] b[i]. Returns norm (0 when there
+// is no mass, NaN propagated); *tiny counts nonzero b[i] below tiny.
+FASTNLP_VECTOR_CLONES inline double backward_step(int64_t n, const double* __restrict r, const double* __restrict a,
+                                                  double g, double tiny, double* __restrict b,
+                                                  double* __restrict marg, double* __restrict coef, int64_t* count) {
+  double top = 0;
+  for (int64_t i = 0; i < n; ++i) top = r[i] > top ? r[i] : top;
+  if (!(top > 0) || !(top <= 1.7976931348623157e308)) return 0;
+  const double inv = 1 / top;
+  double norm = 0;
+  int64_t small = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    b[i] = r[i] * inv;
+    small += (b[i] < tiny) & (b[i] > 0);
+    norm += a[i] * b[i];
+  }
+  *count = small;
+  if (!(norm > 0)) return norm;
+  const double inv_norm = 1 / norm;
+  const double pair = g * inv_norm * inv;
+  for (int64_t i = 0; i < n; ++i) {
+    marg[i] = a[i] * b[i] * inv_norm;
+    coef[i] = a[i] * pair;
+  }
+  return norm;
+}
+
+// G[i * ld + j] += c[i] * w[j]: a rank-one update, the pairwise marginals of
+// one step before their shared factor E[i][j] is applied (once per call).
+// Four rows at a time, so each w[j] is loaded once per four rows.
+FASTNLP_VECTOR_CLONES inline void outer_accumulate(int64_t m, int64_t n, const double* __restrict c,
+                                                   const double* __restrict w, int64_t ld, double* __restrict G) {
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4) {
+    const double c0 = c[i], c1 = c[i + 1], c2 = c[i + 2], c3 = c[i + 3];
+    double* g0 = G + i * ld;
+    double* g1 = g0 + ld;
+    double* g2 = g1 + ld;
+    double* g3 = g2 + ld;
+    for (int64_t j = 0; j < n; ++j) {
+      const double wj = w[j];
+      g0[j] += c0 * wj;
+      g1[j] += c1 * wj;
+      g2[j] += c2 * wj;
+      g3[j] += c3 * wj;
+    }
+  }
+  for (; i < m; ++i) {
+    const double ci = c[i];
+    double* out = G + i * ld;
+    for (int64_t j = 0; j < n; ++j) out[j] += ci * w[j];
+  }
+}
+
 // One Viterbi step over all K predecessors: best[j] = max_i (score[i] +
 // trans[i][j]) + emission[j], summed in pytorch-crf's order, with arg[j] the
 // lowest i that attains it (a candidate must be strictly greater to win, as

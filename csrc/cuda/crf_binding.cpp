@@ -252,12 +252,76 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_topk_cuda(const at::Tensor& emiss
   return {paths, scores};
 }
 
+// crf_log_likelihood on CUDA: a composite of the two log-partition kernels
+// (gold chain with tags pinned, free chain), not a fused kernel. It saves
+// nothing of the forward pass: alpha is empty and every sequence is marked
+// exact, and the backward pass runs both forward kernels again before their
+// backward kernels.
+at::Tensor pinned_tags(const at::Tensor& tags, const at::Tensor& mask, const at::Tensor& emissions,
+                       int64_t ignore_index) {
+  TORCH_CHECK(tags.scalar_type() == at::kLong, "crf: tags must be int64, got ", tags.scalar_type());
+  TORCH_CHECK(tags.sizes() == mask.sizes(), "crf: tags must be shaped like mask ", mask.sizes(), ", got ",
+              tags.sizes());
+  check_same_device(tags, emissions, "tags");
+  // Unknown and unselected positions are free (-1). A tag still out of range
+  // excludes every state in the kernel (no read out of bounds): that
+  // sequence's gold score is -inf. fastnlp.ops checks the range beforehand.
+  return at::where(mask.logical_and(tags.ne(ignore_index)), tags, at::scalar_tensor(-1, tags.options()));
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cuda(
+    const at::Tensor& emissions, const at::Tensor& mask, const at::Tensor& tags,
+    const at::Tensor& start_transitions, const at::Tensor& end_transitions,
+    const at::Tensor& transitions, int64_t ignore_index) {
+  const Sizes sz = check_inputs(emissions, mask, start_transitions, end_transitions, transitions);
+  const c10::cuda::OptionalCUDAGuard guard(emissions.device());
+  const at::Tensor pinned = pinned_tags(tags, mask, emissions, ignore_index);
+  const at::Tensor gold = std::get<0>(crf_log_partition_cuda(
+      emissions, mask, pinned, start_transitions, end_transitions, transitions));
+  const at::Tensor log_z = std::get<0>(crf_log_partition_cuda(
+      emissions, mask, std::nullopt, start_transitions, end_transitions, transitions));
+  at::Tensor alpha = at::empty({0}, emissions.options().dtype(at::kDouble));
+  at::Tensor exact = at::ones({sz.B}, emissions.options().dtype(at::kBool));
+  return {gold - log_z, alpha, exact};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_backward_cuda(
+    const at::Tensor& grad_log_likelihood, const at::Tensor& emissions, const at::Tensor& mask,
+    const at::Tensor& tags, const at::Tensor& start_transitions, const at::Tensor& end_transitions,
+    const at::Tensor& transitions, int64_t ignore_index, const at::Tensor& alpha,
+    const at::Tensor& exact) {
+  check_inputs(emissions, mask, start_transitions, end_transitions, transitions);
+  const c10::cuda::OptionalCUDAGuard guard(emissions.device());
+  check_same_device(alpha, emissions, "alpha");
+  check_same_device(exact, emissions, "exact");
+  check_same_device(grad_log_likelihood, emissions, "grad_log_likelihood");
+  const at::Tensor grad = grad_log_likelihood.to(emissions.scalar_type());
+  const at::Tensor pinned = pinned_tags(tags, mask, emissions, ignore_index);
+  // d llh = d gold - d log Z: the gold chain's gradients with grad, the free
+  // chain's with -grad.
+  const auto [gold, gold_alpha] = crf_log_partition_cuda(
+      emissions, mask, pinned, start_transitions, end_transitions, transitions);
+  const auto [log_z, free_alpha] = crf_log_partition_cuda(
+      emissions, mask, std::nullopt, start_transitions, end_transitions, transitions);
+  const auto gold_grads = crf_log_partition_backward_cuda(
+      grad, emissions, mask, pinned, start_transitions, end_transitions, transitions, gold_alpha, gold);
+  const auto free_grads = crf_log_partition_backward_cuda(
+      grad.neg(), emissions, mask, std::nullopt, start_transitions, end_transitions, transitions,
+      free_alpha, log_z);
+  return {std::get<0>(gold_grads) + std::get<0>(free_grads),
+          std::get<1>(gold_grads) + std::get<1>(free_grads),
+          std::get<2>(gold_grads) + std::get<2>(free_grads),
+          std::get<3>(gold_grads) + std::get<3>(free_grads)};
+}
+
 }  // namespace
 }  // namespace fastnlp
 
 TORCH_LIBRARY_IMPL(fastnlp, CUDA, m) {
   m.impl("crf_log_partition", &fastnlp::crf_log_partition_cuda);
   m.impl("crf_log_partition_backward", &fastnlp::crf_log_partition_backward_cuda);
+  m.impl("crf_log_likelihood", &fastnlp::crf_log_likelihood_cuda);
+  m.impl("crf_log_likelihood_backward", &fastnlp::crf_log_likelihood_backward_cuda);
   m.impl("crf_viterbi", &fastnlp::crf_viterbi_cuda);
   m.impl("crf_viterbi_topk", &fastnlp::crf_viterbi_topk_cuda);
 }

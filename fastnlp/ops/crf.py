@@ -58,7 +58,23 @@ def _viterbi_topk_fake(emissions, mask, start_transitions, end_transitions, tran
     return emissions.new_empty((batch, seq_len, k), dtype=torch.long), emissions.new_empty((batch, k))
 
 
-# Autograd for crf_log_partition is registered in C++ (csrc/crf_autograd.cpp):
+@torch.library.register_fake("fastnlp::crf_log_likelihood")
+def _log_likelihood_fake(emissions, mask, tags, start_transitions, end_transitions, transitions, ignore_index):
+    batch, seq_len, num_tags = emissions.shape
+    # The saved forward state is the CPU kernel's; the CUDA composite saves none.
+    state = (batch, 2, seq_len, num_tags) if emissions.device.type == "cpu" else (0,)
+    return (emissions.new_empty(batch), emissions.new_empty(state, dtype=torch.float64),
+            emissions.new_empty(batch, dtype=torch.bool))
+
+
+@torch.library.register_fake("fastnlp::crf_log_likelihood_backward")
+def _log_likelihood_backward_fake(grad, emissions, mask, tags, start_transitions, end_transitions, transitions,
+                                  ignore_index, alpha, exact):
+    return (torch.empty_like(emissions), torch.empty_like(start_transitions), torch.empty_like(end_transitions),
+            torch.empty_like(transitions))
+
+
+# Autograd for crf_log_partition and crf_log_likelihood is registered in C++ (csrc/crf_autograd.cpp):
 # the Python wrapper of torch.library.register_autograd cost ~0.1 ms a call.
 
 
@@ -135,27 +151,32 @@ def _prepare(emissions: Tensor, start_transitions: Tensor, end_transitions: Tens
             transitions.to(dtype))
 
 
-def _prepare_tags(tags: Tensor, emissions: Tensor, mask: Tensor, ignore_index: int) -> Tensor:
-    """int64 tags with -1 for "unknown" (ignore_index) and at unselected positions.
+def _check_tags(tags: Tensor, emissions: Tensor, mask: Tensor, ignore_index: int, check_range: bool) -> Tensor:
+    """int64 tags, checked against emissions; with check_range, every selected tag is in [0, num_tags) or ignore_index.
 
-    A tag outside [0, num_tags) would be an out-of-bounds read, so it is
-    refused here, before the kernel. Under torch.compile the check would be a
-    graph break; the CPU kernel's own check raises instead.
+    A tag outside [0, num_tags) would be an out-of-bounds read, so it must be
+    refused before the kernel. Under torch.compile the check would be a graph
+    break; the CPU kernels' own checks raise instead.
     """
     check_crf_shapes(emissions, emissions.size(2), tags, None)  # mask: checked by _prepare
     if tags.device != emissions.device:
         raise ValueError(f"tags is on {tags.device} but emissions are on {emissions.device}")
     tags = tags.long()
-    # Few tensor ops on purpose: each costs ~10 us on a small CPU, as much as a kernel.
-    known = mask & (tags != ignore_index)
-    if not is_compiling():
-        bad = known & (tags.clamp(0, emissions.size(2) - 1) != tags)
+    if check_range and not is_compiling():
+        # Few tensor ops on purpose: each costs ~10 us on a small CPU, as much as a kernel.
+        bad = mask & (tags != ignore_index) & (tags.clamp(0, emissions.size(2) - 1) != tags)
         if bool(bad.any()):
             where = bad.nonzero()[0]
             raise ValueError(f"tags must be in [0, {emissions.size(2)}) or equal ignore_index ({ignore_index}) "
                              f"at the positions the mask selects; got {int(tags[where[0], where[1]])} at "
                              f"batch {int(where[0])}, position {int(where[1])}")
-    return torch.where(known, tags, -1)
+    return tags
+
+
+def _prepare_tags(tags: Tensor, emissions: Tensor, mask: Tensor, ignore_index: int) -> Tensor:
+    """int64 tags with -1 for "unknown" (ignore_index) and at unselected positions, range-checked."""
+    tags = _check_tags(tags, emissions, mask, ignore_index, True)
+    return torch.where(mask & (tags != ignore_index), tags, -1)
 
 
 # ---------------------------------------------------------------------------
@@ -199,15 +220,20 @@ def crf_log_likelihood(emissions: Tensor, tags: Tensor, start_transitions: Tenso
 
     0 for an empty sequence; -inf (or below -1e4) when the tags follow a
     transition that is -inf (a constraint forbids it).
+
+    One fused op computes both scores and, in the backward pass, the gold
+    indicators minus the posterior marginals.
     """
     emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
-    tags = _prepare_tags(tags, emissions, mask, ignore_index)
     if not torch.jit.is_scripting():
         if use_reference(backend):
+            tags = _prepare_tags(tags, emissions, mask, ignore_index)
             gold = reference.log_partition(emissions, mask, tags, start, end, trans)
             return gold - reference.log_partition(emissions, mask, None, start, end, trans)
-    gold = torch.ops.fastnlp.crf_log_partition(emissions, mask, tags, start, end, trans)[0]
-    return gold - torch.ops.fastnlp.crf_log_partition(emissions, mask, None, start, end, trans)[0]
+    # The CPU kernel checks the tag range itself, with the same ValueError, in
+    # a scan that costs less than the tensor ops of the check here.
+    tags = _check_tags(tags, emissions, mask, ignore_index, emissions.device.type != "cpu")
+    return torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, ignore_index)[0]
 
 
 def crf_marginals(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
