@@ -5,8 +5,11 @@
 #include <torch/autograd.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <array>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fastnlp {
 namespace {
@@ -168,10 +171,159 @@ Forward lstm_forward_autograd(const at::Tensor& input, const at::Tensor& batch_s
   return {out[0], out[1], out[2], out[3], out[4], out[5], out[6], out[7]};
 }
 
+// ---------------------------------------------------------------------------
+// lstm_forward_pair: both directions of a layer in one node, so that the
+// backward pass runs them concurrently too (see csrc/cpu/lstm.cpp).
+
+using OptionalTensors = c10::List<std::optional<at::Tensor>>;
+using PairResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>;
+
+constexpr size_t kPairForwardArgs = 16;   // h0 .. layer_norm_cell_bias, as in the schema
+constexpr size_t kPairBackwardArgs = 21;  // grad_output .. ln_stats
+constexpr size_t kForwardOutputs = 8;
+
+OptionalTensors to_optional_list(at::TensorList tensors) {
+  OptionalTensors list;
+  list.reserve(tensors.size());
+  for (const at::Tensor& t : tensors) list.push_back(optional_tensor(t));
+  return list;
+}
+
+PairResult call_forward_pair(const at::Tensor& input, const at::Tensor& batch_sizes, const OptionalTensors& forward_args,
+                             const OptionalTensors& reverse_args) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastnlp::lstm_forward_pair", "")
+                             .typed<PairResult(const at::Tensor&, const at::Tensor&, const OptionalTensors&,
+                                               const OptionalTensors&)>();
+  return op.call(input, batch_sizes, forward_args, reverse_args);
+}
+
+PairResult call_backward_pair(const at::Tensor& input, const at::Tensor& batch_sizes, bool has_bias,
+                              const OptionalTensors& forward_args, const OptionalTensors& reverse_args) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("fastnlp::lstm_backward_pair", "")
+                             .typed<PairResult(const at::Tensor&, const at::Tensor&, bool, const OptionalTensors&,
+                                               const OptionalTensors&)>();
+  return op.call(input, batch_sizes, has_bias, forward_args, reverse_args);
+}
+
+// What one direction's backward needs, saved in this order after input and batch_sizes.
+enum PairSaved : size_t {
+  kH0, kC0, kWeightIh, kWeightHh, kWeightHr, kOutput, kGates, kCells, kRecurrentMask, kZoneoutCell,
+  kZoneoutHidden, kLnIhWeight, kLnHhWeight, kLnCellWeight, kLnCellBias, kNormIh, kNormHh, kLnStats, kSavedPerDirection
+};
+
+class LstmPair : public torch::autograd::Function<LstmPair> {
+ public:
+  // present: the tensors both directions' argument lists hold; layout[k], for
+  // the k-th entry of the two lists in turn, its index in present or -1 for
+  // None. (Autograd takes absent optional tensors only as separate arguments,
+  // not inside a list.)
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& batch_sizes,
+                               at::TensorList present, const std::vector<int64_t>& layout) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    TORCH_CHECK(layout.size() == 2 * kPairForwardArgs, "fastnlp.lstm pair: each direction takes ",
+                kPairForwardArgs, " tensors");
+    std::array<std::vector<at::Tensor>, 2> args;
+    for (size_t k = 0; k < layout.size(); ++k)
+      args[k / kPairForwardArgs].push_back(layout[k] >= 0 ? present[layout[k]] : at::Tensor());
+    auto [forward_out, reverse_out] =
+        call_forward_pair(input, batch_sizes, to_optional_list(args[0]), to_optional_list(args[1]));
+    const std::array<const std::vector<at::Tensor>*, 2> outs{&forward_out, &reverse_out};
+    std::vector<at::Tensor> saved{input, batch_sizes};
+    variable_list outputs;
+    for (size_t d = 0; d < 2; ++d) {
+      const std::vector<at::Tensor>& a = args[d];
+      const std::vector<at::Tensor>& o = *outs[d];
+      const bool layer_norm = a[10].defined();
+      const at::Tensor none;
+      // Indexed by PairSaved.
+      saved.insert(saved.end(), {a[0], a[1], a[2], a[3], a[6], o[0], o[3], o[4], a[7], a[8], a[9], a[10], a[12],
+                                 a[14], a[15], layer_norm ? o[5] : none, layer_norm ? o[6] : none,
+                                 layer_norm ? o[7] : none});
+      TORCH_CHECK(a[4].defined() == args[0][4].defined() && a[5].defined() == args[0][5].defined(),
+                  "fastnlp.lstm pair: both directions must agree on which biases they have");
+      outputs.insert(outputs.end(), o.begin(), o.end());
+    }
+    ctx->save_for_backward(saved);
+    ctx->saved_data["has_bias_ih"] = args[0][4].defined();
+    ctx->saved_data["has_bias_hh"] = args[0][5].defined();
+    ctx->saved_data["layout"] = layout;
+    // Gates, cells and the layer-norm statistics (outputs 3..7 of each direction).
+    variable_list not_differentiable;
+    for (size_t d = 0; d < 2; ++d)
+      for (size_t i = 3; i < kForwardOutputs; ++i) not_differentiable.push_back(outputs[d * kForwardOutputs + i]);
+    ctx->mark_non_differentiable(not_differentiable);
+    ctx->set_materialize_grads(false);
+    return outputs;
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const variable_list s = ctx->get_saved_variables();
+    const at::Tensor& input = s[0];
+    const bool has_bias_ih = ctx->saved_data["has_bias_ih"].toBool();
+    const bool has_bias_hh = ctx->saved_data["has_bias_hh"].toBool();
+    std::array<OptionalTensors, 2> lists;
+    for (size_t d = 0; d < 2; ++d) {
+      const at::Tensor* v = s.data() + 2 + d * kSavedPerDirection;
+      const at::Tensor* g = grads.data() + d * kForwardOutputs;
+      // An output that did not reach the loss has no gradient: zeros.
+      const at::Tensor grad_output = g[0].defined() ? g[0] : at::zeros_like(v[kOutput]);
+      const at::Tensor grad_h_n = g[1].defined() ? g[1] : at::zeros_like(v[kH0]);
+      const at::Tensor grad_c_n = g[2].defined() ? g[2] : at::zeros_like(v[kC0]);
+      lists[d] = to_optional_list({grad_output, grad_h_n, grad_c_n, v[kH0], v[kC0], v[kWeightIh], v[kWeightHh],
+                                   v[kWeightHr], v[kOutput], v[kGates], v[kCells], v[kRecurrentMask],
+                                   v[kZoneoutCell], v[kZoneoutHidden], v[kLnIhWeight], v[kLnHhWeight],
+                                   v[kLnCellWeight], v[kLnCellBias], v[kNormIh], v[kNormHh], v[kLnStats]});
+    }
+    auto [forward_grads, reverse_grads] =
+        call_backward_pair(input, s[1], has_bias_ih || has_bias_hh, lists[0], lists[1]);
+    const at::Tensor none;
+    variable_list by_entry;  // one gradient per entry of the two argument lists
+    const std::array<const std::vector<at::Tensor>*, 2> dir_grads{&forward_grads, &reverse_grads};
+    for (size_t d = 0; d < 2; ++d) {
+      const std::vector<at::Tensor>& g = *dir_grads[d];
+      const at::Tensor* v = s.data() + 2 + d * kSavedPerDirection;
+      const bool layer_norm = v[kLnIhWeight].defined();
+      // In schema order: h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, the three regularisers,
+      // then the six layer-norm tensors (the two gate biases share one gradient).
+      by_entry.insert(by_entry.end(),
+                    {g[1], g[2], g[3], g[4], has_bias_ih ? g[5] : none, has_bias_hh ? g[5] : none,
+                     v[kWeightHr].defined() ? g[6] : none, none, none, none, layer_norm ? g[7] : none,
+                     layer_norm ? g[9] : none, layer_norm ? g[8] : none, layer_norm ? g[9] : none,
+                     layer_norm ? g[10] : none, layer_norm ? g[11] : none});
+    }
+    const std::vector<int64_t> layout = ctx->saved_data["layout"].toIntVector();
+    variable_list result{at::add(forward_grads[0], reverse_grads[0]), none};
+    result.resize(2 + std::count_if(layout.begin(), layout.end(), [](int64_t i) { return i >= 0; }));
+    for (size_t k = 0; k < layout.size(); ++k)
+      if (layout[k] >= 0) result[2 + layout[k]] = by_entry[k];
+    result.push_back(none);  // layout
+    return result;
+  }
+};
+
+PairResult lstm_forward_pair_autograd(const at::Tensor& input, const at::Tensor& batch_sizes,
+                                      const OptionalTensors& forward_args, const OptionalTensors& reverse_args) {
+  std::vector<at::Tensor> present;
+  std::vector<int64_t> layout;
+  for (const OptionalTensors* list : {&forward_args, &reverse_args}) {
+    for (size_t i = 0; i < list->size(); ++i) {
+      const std::optional<at::Tensor> t = list->get(i);
+      layout.push_back(t.has_value() && t->defined() ? static_cast<int64_t>(present.size()) : -1);
+      if (layout.back() >= 0) present.push_back(*t);
+    }
+  }
+  const variable_list out = LstmPair::apply(input, batch_sizes, at::TensorList(present), layout);
+  return {std::vector<at::Tensor>(out.begin(), out.begin() + kForwardOutputs),
+          std::vector<at::Tensor>(out.begin() + kForwardOutputs, out.end())};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(fastnlp, Autograd, m) {
   m.impl("lstm_forward", &lstm_forward_autograd);
+  m.impl("lstm_forward_pair", &lstm_forward_pair_autograd);
 }
 
 }  // namespace fastnlp

@@ -94,6 +94,25 @@ TORCH_LIBRARY(fastnlp, m) {
       "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr, Tensor grad_layer_norm_ih_weight, "
       "Tensor grad_layer_norm_hh_weight, Tensor grad_layer_norm_gate_bias, Tensor grad_layer_norm_cell_weight, "
       "Tensor grad_layer_norm_cell_bias)");
+  // Both directions of one bidirectional layer at once: the same computation
+  // as lstm_forward / lstm_backward run for each, but concurrently (each
+  // direction on its own thread), which uses two cores better than splitting
+  // every small per-step product between them. Each list holds one
+  // direction's tensors in lstm_forward's order after `reverse`, starting at
+  // h0: [h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+  // recurrent_mask, zoneout_cell, zoneout_hidden, layer_norm_ih_weight,
+  // layer_norm_ih_bias, layer_norm_hh_weight, layer_norm_hh_bias,
+  // layer_norm_cell_weight, layer_norm_cell_bias]; each result list holds
+  // lstm_forward's eight outputs for that direction.
+  m.def(
+      "lstm_forward_pair(Tensor input, Tensor batch_sizes, Tensor?[] forward_args, Tensor?[] reverse_args) "
+      "-> (Tensor[] forward_outputs, Tensor[] reverse_outputs)");
+  // The lists hold lstm_backward's arguments for one direction, from
+  // grad_output to ln_stats, without input, batch_sizes, has_bias and reverse
+  // (21 entries; see lstm_backward); the results are lstm_backward's twelve.
+  m.def(
+      "lstm_backward_pair(Tensor input, Tensor batch_sizes, bool has_bias, Tensor?[] forward_args, "
+      "Tensor?[] reverse_args) -> (Tensor[] forward_grads, Tensor[] reverse_grads)");
 
   // Fused scaled-dot-product attention, flash style: the (Lq, Lk) score matrix
   // is never stored. query (B, H, Lq, D), key (B, Hk, Lk, D), value

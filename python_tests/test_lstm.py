@@ -8,7 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastnlp
-from fastnlp.ops import lstm_cell, lstm_layer
+from fastnlp.ops import lstm_cell, lstm_layer, lstm_layer_pair
 from markers import DEVICES, requires_cuda
 
 
@@ -516,3 +516,86 @@ def test_cuda_layer_norm_half_precision_error_is_bounded_by_the_references(dtype
         ref_err = (r.double() - e).abs().max().item()
         floor = torch.finfo(dtype).eps * max(e.abs().max().item(), 1.0)
         assert err <= 3 * ref_err + floor, f"{name}: error {err:.3g}, reference's error {ref_err:.3g}"
+
+
+# ---------------------------------------------------------------------------
+# lstm_layer_pair: both directions of a layer in one op, concurrently on two
+# CPU threads. It must be exactly the two single-direction layers.
+
+
+def make_pair_inputs(packed, proj, dtype, regularise, layer_norm):
+    """One shared input and, per direction, its own states, weights, regularisers and layer norm."""
+    lengths = [5, 3, 3, 1] if packed else [4, 4, 4]
+    directions = []
+    for d in range(2):
+        batch_sizes, t = make_layer_inputs(lengths, 3, 4, proj, "both", dtype, "cpu", seed=10 + d, packed=packed)
+        if regularise:
+            t.update(make_regularisers(batch_sizes, t, seed=20 + d))
+        if layer_norm:
+            t.update(make_layer_norm(4, dtype, "cpu", seed=30 + d))
+        directions.append(t)
+    shared = directions[0].pop("input")
+    directions[1].pop("input")
+    return shared, batch_sizes, directions
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("proj", [0, 2])
+@pytest.mark.parametrize("regularise, layer_norm", [(False, False), (True, False), (False, True), (True, True)])
+def test_pair_equals_two_single_direction_layers(threads, packed, proj, regularise, layer_norm):
+    input, batch_sizes, (fwd, rev) = make_pair_inputs(packed, proj, torch.float64, regularise, layer_norm)
+    differentiable = [input] + [v for t in (fwd, rev) for v in t.values() if v is not None and v.requires_grad]
+    g = torch.Generator().manual_seed(5)
+
+    def loss(outputs):
+        return sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs)
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        pair = lstm_layer_pair(input, batch_sizes, fwd, rev)
+        pair_grads = torch.autograd.grad(loss(pair[0] + pair[1]), differentiable)
+    finally:
+        torch.set_num_threads(previous)
+    single = tuple(lstm_layer(input, batch_sizes, reverse=reverse, **t) for reverse, t in ((False, fwd), (True, rev)))
+    g.manual_seed(5)
+    single_grads = torch.autograd.grad(loss(single[0] + single[1]), differentiable)
+    for got, want in zip(pair[0] + pair[1], single[0] + single[1]):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for got, want in zip(pair_grads, single_grads):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_pair_gradcheck(layer_norm):
+    input, batch_sizes, (fwd, rev) = make_pair_inputs(True, 2, torch.float64, True, layer_norm)
+    names = [(d, k) for d, t in enumerate((fwd, rev)) for k, v in t.items() if v is not None and v.requires_grad]
+
+    def fn(x, *values):
+        dirs = [dict(fwd), dict(rev)]
+        for (d, k), v in zip(names, values):
+            dirs[d][k] = v
+        (out_f, h_f, c_f), (out_r, h_r, c_r) = lstm_layer_pair(x, batch_sizes, dirs[0], dirs[1])
+        return out_f, h_f, c_f, out_r, h_r, c_r
+
+    assert torch.autograd.gradcheck(fn, [input] + [(fwd, rev)[d][k] for d, k in names])
+
+
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_pair_opcheck(packed, layer_norm):
+    input, batch_sizes, directions = make_pair_inputs(packed, 2, torch.float32, True, layer_norm)
+    order = ["h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "recurrent_mask",
+             "zoneout_cell", "zoneout_hidden"] + list(LAYER_NORM_NAMES)
+    args = [[t.get(name) for name in order] for t in directions]
+    torch.library.opcheck(torch.ops.fastnlp.lstm_forward_pair.default, (input, batch_sizes, args[0], args[1]))
+
+
+def test_pair_rejects_malformed_lists():
+    input, batch_sizes, (fwd, rev) = make_pair_inputs(False, 0, torch.float32, False, False)
+    short = [fwd["h0"], fwd["c0"], fwd["weight_ih"]]
+    with pytest.raises(RuntimeError, match="16 tensors"):
+        torch.ops.fastnlp.lstm_forward_pair(input, batch_sizes, short, short)
+    with pytest.raises(ValueError, match="zoneout_hidden needs zoneout_cell"):
+        lstm_layer_pair(input, batch_sizes, dict(fwd, zoneout_hidden=torch.zeros(12, 4)), rev)

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fastnlp.ops import lstm as lstm_ops
+from fastnlp.ops._backend import use_reference
 
 __all__ = ["LSTM", "LSTMCell"]
 
@@ -288,30 +289,49 @@ class LSTM(nn.Module):
         c_n: List[Tensor] = []
         layer_input = rows
         for layer in range(self.num_layers):
-            outputs = []
-            for direction in range(directions):
-                weights = self.all_weights[layer * directions + direction]
-                weight_ih, weight_hh = weights[0], weights[1]
-                bias_ih = weights[2] if self.bias else None
-                bias_hh = weights[3] if self.bias else None
-                weight_hr = weights[-1] if self.proj_size > 0 else None
-                index = layer * directions + direction
-                recurrent_mask, zoneout_cell, zoneout_hidden = self._regularisers(layer_input, h0[index], c0[index])
-                layer_norm = {}
-                if self.layer_norm:
-                    layer_norm = {kind: getattr(self, name)
-                                  for kind, name in zip(_LAYER_NORM_KINDS, self._layer_norm_names[index])}
-                out, h, c = lstm_ops.lstm_layer(layer_input, batch_sizes, h0[index], c0[index], weight_ih,
-                                                weight_hh, bias_ih, bias_hh, weight_hr, reverse=direction == 1,
-                                                recurrent_mask=recurrent_mask, zoneout_cell=zoneout_cell,
-                                                zoneout_hidden=zoneout_hidden, **layer_norm)
-                outputs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
+            if directions == 2 and self._run_pair(layer_input):
+                layer_input = self._layer_pair(layer, layer_input, batch_sizes, h0, c0, h_n, c_n)
+            else:
+                outputs = []
+                for direction in range(directions):
+                    index = layer * directions + direction
+                    args = self._direction_args(index, layer_input, h0[index], c0[index])
+                    out, h, c = lstm_ops.lstm_layer(layer_input, batch_sizes, reverse=direction == 1, **args)
+                    outputs.append(out)
+                    h_n.append(h)
+                    c_n.append(c)
+                layer_input = outputs[0] if directions == 1 else torch.cat(outputs, dim=1)
             if self.dropout > 0 and self.training and layer < self.num_layers - 1:
                 layer_input = nn.functional.dropout(layer_input, self.dropout, training=True)
         return layer_input, torch.stack(h_n), torch.stack(c_n)
+
+    @staticmethod
+    def _run_pair(rows: Tensor) -> bool:
+        """Both directions in one op (lstm_layer_pair: concurrently on two CPU threads)?"""
+        return rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64) and not use_reference(None)
+
+    def _direction_args(self, index: int, rows: Tensor, h0: Tensor, c0: Tensor) -> dict:
+        """lstm_layer's arguments for layer-direction `index`, by name."""
+        weights = self.all_weights[index]
+        recurrent_mask, zoneout_cell, zoneout_hidden = self._regularisers(rows, h0, c0)
+        args = dict(h0=h0, c0=c0, weight_ih=weights[0], weight_hh=weights[1],
+                    bias_ih=weights[2] if self.bias else None, bias_hh=weights[3] if self.bias else None,
+                    weight_hr=weights[-1] if self.proj_size > 0 else None, recurrent_mask=recurrent_mask,
+                    zoneout_cell=zoneout_cell, zoneout_hidden=zoneout_hidden)
+        if self.layer_norm:
+            args.update({kind: getattr(self, name)
+                         for kind, name in zip(_LAYER_NORM_KINDS, self._layer_norm_names[index])})
+        return args
+
+    def _layer_pair(self, layer: int, rows: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor,
+                    h_n: List[Tensor], c_n: List[Tensor]) -> Tensor:
+        """Both directions of `layer` through lstm_layer_pair; appends their final states."""
+        forward = self._direction_args(2 * layer, rows, h0[2 * layer], c0[2 * layer])
+        reverse = self._direction_args(2 * layer + 1, rows, h0[2 * layer + 1], c0[2 * layer + 1])
+        (out_f, h_f, c_f), (out_r, h_r, c_r) = lstm_ops.lstm_layer_pair(rows, batch_sizes, forward, reverse)
+        h_n.extend((h_f, h_r))
+        c_n.extend((c_f, c_r))
+        return torch.cat((out_f, out_r), dim=1)
 
     def _regularisers(self, rows: Tensor, h0: Tensor, c0: Tensor
                       ) -> Tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:

@@ -14,7 +14,7 @@ from fastnlp.ops.crf import (
     crf_viterbi,
     crf_viterbi_topk,
 )
-from fastnlp.ops.lstm import lstm_cell, lstm_layer
+from fastnlp.ops.lstm import lstm_cell, lstm_layer, lstm_layer_pair
 
 __all__ = [
     "attention",
@@ -27,4 +27,5 @@ __all__ = [
     "crf_viterbi_topk",
     "lstm_cell",
     "lstm_layer",
+    "lstm_layer_pair",
 ]

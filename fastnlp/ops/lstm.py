@@ -18,7 +18,7 @@ from torch import Tensor
 from fastnlp.ops._backend import use_reference
 from fastnlp.reference import lstm as reference
 
-__all__ = ["lstm_cell", "lstm_layer"]
+__all__ = ["lstm_cell", "lstm_layer", "lstm_layer_pair"]
 
 
 def _ln_stats_dtype(input):
@@ -56,6 +56,24 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
         grad_ln = tuple(input.new_empty(0) for _ in range(5))
     return (torch.empty_like(input), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(weight_ih),
             torch.empty_like(weight_hh), grad_bias, grad_weight_hr) + grad_ln
+
+
+@torch.library.register_fake("fastnlp::lstm_forward_pair")
+def _lstm_forward_pair_fake(input, batch_sizes, forward_args, reverse_args):
+    def one(args, reverse):
+        h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = args[:7]
+        return list(_lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                       reverse, *args[7:]))
+    return one(forward_args, False), one(reverse_args, True)
+
+
+@torch.library.register_fake("fastnlp::lstm_backward_pair")
+def _lstm_backward_pair_fake(input, batch_sizes, has_bias, forward_args, reverse_args):
+    def one(args, reverse):
+        grad_output, grad_h_n, grad_c_n, h0, c0, weight_ih, weight_hh, weight_hr = args[:8]
+        return list(_lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih,
+                                        weight_hh, weight_hr, has_bias, reverse, *args[8:]))
+    return one(forward_args, False), one(reverse_args, True)
 
 
 # The CPU kernel computes in float32/float64; half-precision input is widened
@@ -155,3 +173,33 @@ def lstm_cell(input: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh:
         layer_norm_hh_weight=layer_norm_hh_weight, layer_norm_hh_bias=layer_norm_hh_bias,
         layer_norm_cell_weight=layer_norm_cell_weight, layer_norm_cell_bias=layer_norm_cell_bias)
     return h_new, c_new
+
+
+# The regularisers and layer-norm tensors of one direction, in the op's order.
+_PAIR_OPTIONAL_NAMES = ("recurrent_mask", "zoneout_cell", "zoneout_hidden") + _LAYER_NORM_NAMES
+
+
+def lstm_layer_pair(input: Tensor, batch_sizes: Optional[Tensor], forward: dict, reverse: dict
+                    ) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]:
+    """Both directions of one bidirectional layer, run concurrently on the CPU.
+
+    `forward` and `reverse` hold lstm_layer's arguments for each direction by
+    name (h0, c0, weight_ih, weight_hh, and optionally bias_ih, bias_hh,
+    weight_hr, recurrent_mask, zoneout_cell, zoneout_hidden, layer_norm_*).
+    Returns (output, h_n, c_n) of each: the same as two lstm_layer calls
+    (reverse=False, then True), in one autograd node. CPU, float32/float64
+    only; with two intra-op threads each direction gets one (see
+    csrc/cpu/lstm.cpp), otherwise they run one after the other.
+    """
+    if batch_sizes is None:
+        batch_sizes = _PADDED
+    args = []
+    for direction in (forward, reverse):
+        if direction.get("zoneout_hidden") is not None and direction.get("zoneout_cell") is None:
+            raise ValueError("zoneout_hidden needs zoneout_cell (pass zeros to zone out the hidden state only)")
+        _check_layer_norm(tuple(direction.get(name) for name in _LAYER_NORM_NAMES))
+        args.append([direction["h0"], direction["c0"], direction["weight_ih"], direction["weight_hh"],
+                     direction.get("bias_ih"), direction.get("bias_hh"), direction.get("weight_hr")]
+                    + [direction.get(name) for name in _PAIR_OPTIONAL_NAMES])
+    forward_out, reverse_out = torch.ops.fastnlp.lstm_forward_pair(input, batch_sizes, args[0], args[1])
+    return (forward_out[0], forward_out[1], forward_out[2]), (reverse_out[0], reverse_out[1], reverse_out[2])
