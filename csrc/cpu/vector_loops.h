@@ -256,6 +256,41 @@ FASTNLP_VECTOR_CLONES inline void outer_accumulate(int64_t m, int64_t n, const d
   }
 }
 
+// G[i * ldg + j] += sum_{t0 <= t < t1} c[t * ld + i] * q[t * ld + j] for i, j
+// < k: the pairwise marginals of a whole chain, as one (T x k)^T (T x k)
+// product. c and q hold ld >= round_up(k, 8) columns; those past k must be
+// zero (finite would do: their products are discarded). Tiles of 4 x 8
+// outputs stay in registers over the t loop, so each row of c and q is read
+// once per tile and G once per call.
+FASTNLP_VECTOR_CLONES inline void gram_accumulate(int64_t t0, int64_t t1, int64_t k, const double* __restrict c,
+                                                  const double* __restrict q, int64_t ld, double* __restrict G,
+                                                  int64_t ldg) {
+  typedef double v4 __attribute__((vector_size(32), aligned(8)));
+  for (int64_t i0 = 0; i0 < k; i0 += 4) {
+    for (int64_t j0 = 0; j0 < k; j0 += 8) {
+      v4 s00 = {0, 0, 0, 0}, s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00, s31 = s00;
+      for (int64_t t = t0; t < t1; ++t) {
+        const double* ct = c + t * ld + i0;
+        const v4 q0 = *reinterpret_cast<const v4*>(q + t * ld + j0);
+        const v4 q1 = *reinterpret_cast<const v4*>(q + t * ld + j0 + 4);
+        const double c0 = ct[0], c1 = ct[1], c2 = ct[2], c3 = ct[3];
+        s00 += c0 * q0;
+        s01 += c0 * q1;
+        s10 += c1 * q0;
+        s11 += c1 * q1;
+        s20 += c2 * q0;
+        s21 += c2 * q1;
+        s30 += c3 * q0;
+        s31 += c3 * q1;
+      }
+      const v4 tile[4][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}};
+      const int64_t rows = k - i0 < 4 ? k - i0 : 4, cols = k - j0 < 8 ? k - j0 : 8;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t x = 0; x < cols; ++x) G[(i0 + r) * ldg + j0 + x] += tile[r][x / 4][x % 4];
+    }
+  }
+}
+
 // One Viterbi step over all K predecessors: best[j] = max_i (score[i] +
 // trans[i][j]) + emission[j], summed in pytorch-crf's order, with arg[j] the
 // lowest i that attains it (a candidate must be strictly greater to win, as
