@@ -726,15 +726,15 @@ struct ScaledGrads {
 // range; adds g times the marginals to `grads`. Marginals are normalised per
 // position, so the forward scales are never needed. False: not representable
 // (the caller redoes the sequence exactly and discards what was added).
-// With pair_c and pair_q (T, K) given, the pairwise marginals of the step into
-// position t are left as the factors pair_c[t] (outer) pair_q[t], for the
-// caller to sum over the whole batch in one matrix product; rows of positions
-// without such a step are not written. Without them they are accumulated into
-// grads.trans_scaled here.
+// With pair_c and pair_q (T, pair_ld) given, the pairwise marginals of the
+// step into position t are left as the factors pair_c[t] (outer) pair_q[t],
+// for the caller to sum over the chain in one product (gram_accumulate); rows
+// of positions without such a step, and columns past K, are not written.
+// Without them they are accumulated into grads.trans_scaled here.
 template <typename Sink>
 bool scaled_backward(const ScaledChain& c, const bool* mask, const int64_t* tags, int64_t T, const acc_t* a,
                      const acc_t* x, acc_t g, ScaledGrads grads, acc_t* work, const Sink& sink,
-                     acc_t* pair_c = nullptr, acc_t* pair_q = nullptr) {
+                     acc_t* pair_c = nullptr, acc_t* pair_q = nullptr, int64_t pair_ld = 0) {
   const Transitions& tr = c.tr;
   const int64_t K = tr.K;
   acc_t* b = work;               // backward variables at t, max 1
@@ -767,12 +767,12 @@ bool scaled_backward(const ScaledChain& c, const bool* mask, const int64_t* tags
     }
     const StateRange prev = allowed_states(tags, tp, K);
     const acc_t* xt = x + t * K;
-    if (pair_q != nullptr) q = pair_q + t * K;  // the free chain: every state allowed
+    if (pair_q != nullptr) q = pair_q + t * pair_ld;  // the free chain: every state allowed
     for (int64_t j = cur.lo; j < cur.hi; ++j) q[j] = xt[j] * b[j];
     // r[i] = sum_j E[i][j] q[j], streaming rows of E transposed.
     vecmat(cur.size(), prev.size(), q + cur.lo, tr.scaled_t.data() + cur.lo * K + prev.lo, K, r + prev.lo);
     int64_t small = 0;
-    if (pair_c != nullptr) coef = pair_c + t * K;
+    if (pair_c != nullptr) coef = pair_c + t * pair_ld;
     const acc_t norm = backward_step(prev.size(), r + prev.lo, a + tp * K + prev.lo, g, kTiny, b_prev + prev.lo,
                                      marg_prev + prev.lo, coef + prev.lo, &small);
     if (!(norm > 0) || small) return false;
@@ -816,6 +816,9 @@ struct LikelihoodScratch {
   std::vector<acc_t> work, shifts;
   std::vector<int64_t> mapped;
   std::vector<acc_t> chain_a, chain_b, grad_a, grad_b;
+  // The free chain's pairwise factors (T, round_up(K, 8)), backward only;
+  // zero-initialised, and the padding columns are never written.
+  std::vector<acc_t> pair_c, pair_q;
   acc_t* sized(std::vector<acc_t>& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(n);
     return v.data();
@@ -847,7 +850,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cpu(
         B,
         [&] {
           return LikelihoodScratch{std::vector<acc_t>(6 * K), std::vector<acc_t>(T), std::vector<int64_t>(T),
-                                   {}, {}, {}, {}};
+                                   {}, {}, {}, {}, {}, {}};
         },
         [&](int64_t b, LikelihoodScratch& s) {
           const scalar_t* e = em + b * T * K;
@@ -930,26 +933,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
     // on which thread ran which sequence.
     const int64_t slot = 2 * K + K * K;
     std::unique_ptr<acc_t[]> per_sequence(new acc_t[B * slot]);
-    // The free chains' pairwise marginals as factors, one row per position,
-    // summed over the batch by one matrix product below.
-    at::Tensor pair_c = at::empty({B * T, K}, emissions.options().dtype(at::kDouble));
-    at::Tensor pair_q = at::empty({B * T, K}, emissions.options().dtype(at::kDouble));
-    acc_t* pair_c_all = pair_c.data_ptr<acc_t>();
-    acc_t* pair_q_all = pair_q.data_ptr<acc_t>();
+    // Rows of the per-thread pairwise factors: K rounded up for gram_accumulate.
+    const int64_t pair_ld = (K + 7) / 8 * 8;
     std::vector<std::vector<acc_t>> exact_trans(B);
     for_each_sequence(
         B,
         [&] {
           return LikelihoodScratch{std::vector<acc_t>(10 * K), std::vector<acc_t>(T), std::vector<int64_t>(T),
-                                   {}, {}, {}, {}};
+                                   {}, {}, {}, {}, std::vector<acc_t>(T * pair_ld), std::vector<acc_t>(T * pair_ld)};
         },
         [&](int64_t b, LikelihoodScratch& s) {
           const scalar_t* e = em + b * T * K;
           const bool* m = mk + b * T;
           const acc_t g = gr[b];
           scalar_t* ge = ge_all + b * T * K;
-          acc_t* pc = pair_c_all + b * T * K;
-          acc_t* pq = pair_q_all + b * T * K;
+          acc_t* pc = s.pair_c.data();
+          acc_t* pq = s.pair_q.data();
           acc_t* mine = per_sequence.get() + b * slot;
           std::fill(mine, mine + slot, acc_t(0));
           const ScaledGrads grads{mine, mine + K, mine + 2 * K};
@@ -1001,22 +1000,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
                                      }
                                    }
                                  },
-                                 pc, pq);
+                                 pc, pq, pair_ld);
             if (ok) {
-              // Rows the recursion did not write: no pairwise step ends there.
-              bool first = true;
+              // Rows the recursion did not write: masked positions have no
+              // marginal, and no pairwise step ends at them or at the first
+              // selected one. The pairwise sums cover the rows after it.
+              int64_t first = -1, last = -1;
               for (int64_t t = 0; t < T; ++t) {
-                if (m[t] && !first) continue;
-                if (!m[t]) std::fill(ge + t * K, ge + (t + 1) * K, scalar_t(0));
-                std::fill(pc + t * K, pc + (t + 1) * K, acc_t(0));
-                std::fill(pq + t * K, pq + (t + 1) * K, acc_t(0));
-                first = first && !m[t];
+                if (m[t]) {
+                  last = t, first = first < 0 ? t : first;
+                  continue;
+                }
+                std::fill(ge + t * K, ge + (t + 1) * K, scalar_t(0));
+                std::fill(pc + t * pair_ld, pc + (t + 1) * pair_ld, acc_t(0));
+                std::fill(pq + t * pair_ld, pq + (t + 1) * pair_ld, acc_t(0));
               }
+              if (first >= 0) gram_accumulate(first + 1, last + 1, K, pc, pq, pair_ld, grads.trans_scaled, K);
             }
           }
           if (!ok) {
-            std::fill(pc, pc + T * K, acc_t(0));
-            std::fill(pq, pq + T * K, acc_t(0));
             // Redo the whole sequence exactly (the gold side's shares included).
             std::fill(mine, mine + slot, acc_t(0));
             auto& direct = exact_trans[b];
@@ -1060,9 +1062,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
         prev = mapped[t];
       }
     }
-    const at::Tensor pairs = at::mm(pair_c.t(), pair_q).contiguous();
-    const acc_t* pair_sum = pairs.data_ptr<acc_t>();
-    for (int64_t x = 0; x < K * K; ++x) total[2 * K + x] += pair_sum[x];
     scalar_t* gs = grad_start.data_ptr<scalar_t>();
     scalar_t* gn = grad_end.data_ptr<scalar_t>();
     scalar_t* gt = grad_trans.data_ptr<scalar_t>();

@@ -115,25 +115,66 @@ FASTNLP_VECTOR_CLONES inline void log_array(int64_t n, const double* __restrict 
       if (!(x[j] >= 2.2250738585072014e-308 && x[j] <= 1.7976931348623157e308)) out[j] = std::log(x[j]);
 }
 
-// s[j] = sum_i a[i] * M[i * ld + j] for i < m, j < n: one step of a scaled
-// recursion. Four rows at a time, so s is loaded and stored once per four rows
-// rather than once per row. (M is finite, so rows with a[i] = 0 add exactly 0.)
-FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __restrict a,
-                                         const double* __restrict M, int64_t ld, double* __restrict s) {
-  for (int64_t j = 0; j < n; ++j) s[j] = 0;
+namespace vmath_detail {
+
+typedef double v4d __attribute__((vector_size(32), aligned(8)));  // unaligned-load type
+
+// s[j0 + x] = sum_i a[i] * M[i * ld + j0 + x] for x < 4 V: V vectors of
+// columns held in registers over all m rows, with two sets of accumulators
+// (even and odd rows) so the multiply-adds do not wait on each other.
+template <int V>
+__attribute__((always_inline)) inline void vecmat_columns(int64_t m, const double* __restrict a,
+                                                          const double* __restrict M, int64_t ld,
+                                                          double* __restrict s) {
+  v4d even[V], odd[V];
+  for (int v = 0; v < V; ++v) even[v] = odd[v] = v4d{0, 0, 0, 0};
   int64_t i = 0;
-  for (; i + 4 <= m; i += 4) {
-    const double a0 = a[i], a1 = a[i + 1], a2 = a[i + 2], a3 = a[i + 3];
+  for (; i + 2 <= m; i += 2) {
+    const double a0 = a[i], a1 = a[i + 1];
     const double* r0 = M + i * ld;
     const double* r1 = r0 + ld;
-    const double* r2 = r1 + ld;
-    const double* r3 = r2 + ld;
-    for (int64_t j = 0; j < n; ++j) s[j] += (a0 * r0[j] + a1 * r1[j]) + (a2 * r2[j] + a3 * r3[j]);
+    for (int v = 0; v < V; ++v) {
+      even[v] += a0 * *reinterpret_cast<const v4d*>(r0 + 4 * v);
+      odd[v] += a1 * *reinterpret_cast<const v4d*>(r1 + 4 * v);
+    }
   }
-  for (; i < m; ++i) {
-    const double ai = a[i];
-    const double* row = M + i * ld;
-    for (int64_t j = 0; j < n; ++j) s[j] += ai * row[j];
+  if (i < m) {
+    const double a0 = a[i];
+    const double* r0 = M + i * ld;
+    for (int v = 0; v < V; ++v) even[v] += a0 * *reinterpret_cast<const v4d*>(r0 + 4 * v);
+  }
+  for (int v = 0; v < V; ++v) *reinterpret_cast<v4d*>(s + 4 * v) = even[v] + odd[v];
+}
+
+}  // namespace vmath_detail
+
+// s[j] = sum_i a[i] * M[i * ld + j] for i < m, j < n: one step of a scaled
+// recursion. Up to 16 columns at a time stay in registers while the rows of M
+// stream past once; the last n % 4 columns are summed one by one. (M is
+// finite, so rows with a[i] = 0 add exactly 0.)
+FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __restrict a,
+                                         const double* __restrict M, int64_t ld, double* __restrict s) {
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) vmath_detail::vecmat_columns<4>(m, a, M + j, ld, s + j);
+  if (j + 12 <= n) {
+    vmath_detail::vecmat_columns<3>(m, a, M + j, ld, s + j);
+    j += 12;
+  } else if (j + 8 <= n) {
+    vmath_detail::vecmat_columns<2>(m, a, M + j, ld, s + j);
+    j += 8;
+  } else if (j + 4 <= n) {
+    vmath_detail::vecmat_columns<1>(m, a, M + j, ld, s + j);
+    j += 4;
+  }
+  for (; j < n; ++j) {
+    double even = 0, odd = 0;
+    int64_t i = 0;
+    for (; i + 2 <= m; i += 2) {
+      even += a[i] * M[i * ld + j];
+      odd += a[i + 1] * M[(i + 1) * ld + j];
+    }
+    if (i < m) even += a[i] * M[i * ld + j];
+    s[j] = even + odd;
   }
 }
 
@@ -157,8 +198,21 @@ template <typename scalar_t>
 __attribute__((always_inline)) inline double shifted_scores_impl(int64_t n, const double* __restrict base,
                                                                  const scalar_t* __restrict e, double log_tiny,
                                                                  double* __restrict y, int64_t* tiny) {
+  // The max four lanes at a time (GCC does not vectorise a max of doubles
+  // without -ffast-math); NaNs are skipped, as in the scalar form.
+  typedef double v4 __attribute__((vector_size(32), aligned(8)));
+  v4 mv = {-__builtin_inf(), -__builtin_inf(), -__builtin_inf(), -__builtin_inf()};
+  int64_t j0 = 0;
+  for (; j0 + 4 <= n; j0 += 4) {
+    const v4 ev = {static_cast<double>(e[j0]), static_cast<double>(e[j0 + 1]), static_cast<double>(e[j0 + 2]),
+                   static_cast<double>(e[j0 + 3])};
+    const v4 yv = *reinterpret_cast<const v4*>(base + j0) + ev;
+    *reinterpret_cast<v4*>(y + j0) = yv;
+    mv = yv > mv ? yv : mv;
+  }
   double m = -__builtin_inf();
-  for (int64_t j = 0; j < n; ++j) {
+  for (int l = 0; l < 4; ++l) m = mv[l] > m ? mv[l] : m;
+  for (int64_t j = j0; j < n; ++j) {
     y[j] = base[j] + static_cast<double>(e[j]);
     m = y[j] > m ? y[j] : m;
   }
@@ -182,13 +236,23 @@ FASTNLP_VECTOR_CLONES inline double shifted_scores(int64_t n, const double* base
 // One step of a scaled forward recursion: s[j] = (sum_i a[i] M[i * ld + j]) *
 // x[j] * scale for j < n. Returns max_j s[j]; *tiny counts the nonzero s[j]
 // below tiny_ratio times that max.
+typedef double v4 __attribute__((vector_size(32), aligned(8)));
 FASTNLP_VECTOR_CLONES inline double scaled_step(int64_t m, int64_t n, const double* __restrict a,
                                                 const double* __restrict M, int64_t ld, const double* __restrict x,
                                                 double scale, double tiny_ratio, double* __restrict s,
                                                 int64_t* tiny) {
   vecmat(m, n, a, M, ld, s);
+  // The max four lanes at a time, as in shifted_scores_impl.
+  v4 tv = {0, 0, 0, 0};
+  int64_t j0 = 0;
+  for (; j0 + 4 <= n; j0 += 4) {
+    const v4 v = *reinterpret_cast<const v4*>(s + j0) * (*reinterpret_cast<const v4*>(x + j0) * scale);
+    *reinterpret_cast<v4*>(s + j0) = v;
+    tv = v > tv ? v : tv;
+  }
   double top = 0;
-  for (int64_t j = 0; j < n; ++j) {
+  for (int l = 0; l < 4; ++l) top = tv[l] > top ? tv[l] : top;
+  for (int64_t j = j0; j < n; ++j) {
     s[j] *= x[j] * scale;
     top = s[j] > top ? s[j] : top;
   }
@@ -253,6 +317,41 @@ FASTNLP_VECTOR_CLONES inline void outer_accumulate(int64_t m, int64_t n, const d
     const double ci = c[i];
     double* out = G + i * ld;
     for (int64_t j = 0; j < n; ++j) out[j] += ci * w[j];
+  }
+}
+
+// G[i * ldg + j] += sum_{t0 <= t < t1} c[t * ld + i] * q[t * ld + j] for i, j
+// < k: the pairwise marginals of a whole chain, as one (T x k)^T (T x k)
+// product. c and q hold ld >= round_up(k, 8) columns; those past k must be
+// zero (finite would do: their products are discarded). Tiles of 4 x 8
+// outputs stay in registers over the t loop, so each row of c and q is read
+// once per tile and G once per call.
+FASTNLP_VECTOR_CLONES inline void gram_accumulate(int64_t t0, int64_t t1, int64_t k, const double* __restrict c,
+                                                  const double* __restrict q, int64_t ld, double* __restrict G,
+                                                  int64_t ldg) {
+  typedef double v4 __attribute__((vector_size(32), aligned(8)));
+  for (int64_t i0 = 0; i0 < k; i0 += 4) {
+    for (int64_t j0 = 0; j0 < k; j0 += 8) {
+      v4 s00 = {0, 0, 0, 0}, s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00, s31 = s00;
+      for (int64_t t = t0; t < t1; ++t) {
+        const double* ct = c + t * ld + i0;
+        const v4 q0 = *reinterpret_cast<const v4*>(q + t * ld + j0);
+        const v4 q1 = *reinterpret_cast<const v4*>(q + t * ld + j0 + 4);
+        const double c0 = ct[0], c1 = ct[1], c2 = ct[2], c3 = ct[3];
+        s00 += c0 * q0;
+        s01 += c0 * q1;
+        s10 += c1 * q0;
+        s11 += c1 * q1;
+        s20 += c2 * q0;
+        s21 += c2 * q1;
+        s30 += c3 * q0;
+        s31 += c3 * q1;
+      }
+      const v4 tile[4][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}};
+      const int64_t rows = k - i0 < 4 ? k - i0 : 4, cols = k - j0 < 8 ? k - j0 : 8;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t x = 0; x < cols; ++x) G[(i0 + r) * ldg + j0 + x] += tile[r][x / 4][x % 4];
+    }
   }
 }
 
