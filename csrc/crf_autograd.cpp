@@ -56,10 +56,14 @@ class LogPartition : public torch::autograd::Function<LogPartition> {
     // An absent tags tensor is saved as an undefined one.
     ctx->save_for_backward({emissions, mask, tags.value_or(at::Tensor()), start, end, trans, alpha, log_z});
     ctx->mark_non_differentiable({alpha});
+    // Left on, autograd would zero-fill a (B, T, K) gradient for alpha on
+    // every backward pass only for it to be ignored.
+    ctx->set_materialize_grads(false);
     return {log_z, alpha};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(6);  // log Z did not reach the loss
     const variable_list saved = ctx->get_saved_variables();
     auto [grad_emissions, grad_start, grad_end, grad_trans] = call_log_partition_backward(
         grads[0], saved[0], saved[1], optional_tensor(saved[2]), saved[3], saved[4], saved[5], saved[6], saved[7]);
@@ -110,10 +114,12 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
     ctx->save_for_backward({emissions, mask, tags, start, end, trans, alpha, exact});
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->mark_non_differentiable({alpha, exact});
+    ctx->set_materialize_grads(false);  // as in LogPartition: no zero-filled gradient for alpha
     return {llh, alpha, exact};
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return variable_list(7);  // the log-likelihood did not reach the loss
     const variable_list saved = ctx->get_saved_variables();
     auto [grad_emissions, grad_start, grad_end, grad_trans] = call_log_likelihood_backward(
         grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
