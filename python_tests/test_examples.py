@@ -47,14 +47,18 @@ def test_compile_flag_trains_fullgraph(capsys):
     check_run(figures, capsys.readouterr().out)
 
 
+def model_builder(model):
+    """The example's model constructor (the BERT one skips the test without transformers)."""
+    if model == "bert_bilstm_crf":
+        pytest.importorskip("transformers")
+        return bert_bilstm_crf.bert_bilstm_crf
+    return build_bilstm_crf
+
+
 @pytest.mark.parametrize("model", ["bilstm_crf", "bert_bilstm_crf"])
 def test_compiled_model_has_no_graph_break_and_trains(model):
     """Padded batches (the packed path calls pack_padded_sequence, which TorchDynamo skips)."""
-    if model == "bert_bilstm_crf":
-        pytest.importorskip("transformers")
-        build = bert_bilstm_crf.bert_bilstm_crf
-    else:
-        build = build_bilstm_crf
+    build = model_builder(model)
     task = TaggingTask()
     batch = task.batches(0, 1, 8, pad_to=task.max_len)[0]
     torch.manual_seed(0)
@@ -80,11 +84,7 @@ def test_compiled_model_has_no_graph_break_and_trains(model):
 def test_twins_compute_the_same_function(model, packed):
     """Unconstrained, the fastnlp model and its torch / pytorch-crf twin give
     the same loss, gradients and Viterbi paths, so the timing compares like with like."""
-    if model == "bert_bilstm_crf":
-        pytest.importorskip("transformers")
-        build = bert_bilstm_crf.bert_bilstm_crf
-    else:
-        build = build_bilstm_crf
+    build = model_builder(model)
     task = TaggingTask()
     batch = task.batches(3, 1, 6)[0]
     ours, theirs = make_twins(lambda kind: build(task, kind, packed=packed, constrained=False), seed=1)
