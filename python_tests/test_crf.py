@@ -218,6 +218,30 @@ def test_decoding_matches_reference(device, batch, seq_len, num_tags, seed, k):
     assert torch.equal(top_paths[..., 0], paths)
 
 
+# The CPU kernels work on vectors of columns (8 float32 or 4 float64 lanes, up
+# to four vectors at a time, the last ones overlapping): tag counts on both
+# sides of every block size, and integer scores, whose many exact ties must be
+# broken as pytorch-crf breaks them (the lowest previous tag wins).
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@given(st.integers(1, 3), st.integers(1, 6), st.integers(1, 70), st.integers(0, 2**16), st.booleans())
+def test_wide_tag_sets_match_reference(device, dtype, batch, seq_len, num_tags, seed, integer_scores):
+    problem = list(random_problem(batch, seq_len, num_tags, dtype=dtype, device=device, seed=seed))
+    if integer_scores:
+        for x in (0, 3, 4, 5):
+            problem[x] = problem[x].mul(1.5).round()
+    emissions, tags, mask, start, end, trans = problem
+    paths, scores = ops.crf_viterbi(emissions, start, end, trans, mask)
+    ref_paths, ref_scores = ops.crf_viterbi(emissions, start, end, trans, mask, backend="reference")
+    assert torch.equal(paths, ref_paths)
+    torch.testing.assert_close(scores, ref_scores)
+    llh, grads = likelihood_and_grads(*problem, backend=None)
+    ref_llh, ref_grads = likelihood_and_grads(*problem, backend="reference")
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(llh, ref_llh, **tol)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, **tol)
+
+
 def test_marginals_match_reference_and_sum_to_one(device):
     emissions, _, mask, start, end, trans = random_problem(4, 9, 6, device=device, seed=3)
     result = ops.crf_marginals(emissions, start, end, trans, mask)

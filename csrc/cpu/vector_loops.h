@@ -150,8 +150,10 @@ __attribute__((always_inline)) inline void vecmat_columns(int64_t m, const doubl
 
 // s[j] = sum_i a[i] * M[i * ld + j] for i < m, j < n: one step of a scaled
 // recursion. Up to 16 columns at a time stay in registers while the rows of M
-// stream past once; the last n % 4 columns are summed one by one. (M is
-// finite, so rows with a[i] = 0 add exactly 0.)
+// stream past once. The last n % 4 columns are done as the last four columns
+// when n >= 4 (recomputing up to three: a column's sum does not depend on the
+// block it is in, so they get the same values), one by one only when n < 4.
+// (M is finite, so rows with a[i] = 0 add exactly 0.)
 FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __restrict a,
                                          const double* __restrict M, int64_t ld, double* __restrict s) {
   int64_t j = 0;
@@ -165,6 +167,10 @@ FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __r
   } else if (j + 4 <= n) {
     vmath_detail::vecmat_columns<1>(m, a, M + j, ld, s + j);
     j += 4;
+  }
+  if (j < n && n >= 4) {
+    vmath_detail::vecmat_columns<1>(m, a, M + n - 4, ld, s + n - 4);
+    return;
   }
   for (; j < n; ++j) {
     double even = 0, odd = 0;
@@ -271,17 +277,33 @@ FASTNLP_VECTOR_CLONES inline double scaled_step(int64_t m, int64_t n, const doub
 FASTNLP_VECTOR_CLONES inline double backward_step(int64_t n, const double* __restrict r, const double* __restrict a,
                                                   double g, double tiny, double* __restrict b,
                                                   double* __restrict marg, double* __restrict coef, int64_t* count) {
+  // The max and the sum four lanes at a time: GCC vectorises neither a max
+  // nor a sum of doubles by itself (it may not reorder them without
+  // -ffast-math), and as scalar chains they cost as much as the step's mat-vec.
+  int64_t i0 = 0;
+  v4 tv = {0, 0, 0, 0};
+  for (; i0 + 4 <= n; i0 += 4) {
+    const v4 rv = *reinterpret_cast<const v4*>(r + i0);
+    tv = rv > tv ? rv : tv;  // NaN never wins, as in the scalar form
+  }
   double top = 0;
-  for (int64_t i = 0; i < n; ++i) top = r[i] > top ? r[i] : top;
+  for (int l = 0; l < 4; ++l) top = tv[l] > top ? tv[l] : top;
+  for (int64_t i = i0; i < n; ++i) top = r[i] > top ? r[i] : top;
   if (!(top > 0) || !(top <= 1.7976931348623157e308)) return 0;
   const double inv = 1 / top;
-  double norm = 0;
-  int64_t small = 0;
-  for (int64_t i = 0; i < n; ++i) {
+  v4 nv = {0, 0, 0, 0};
+  for (i0 = 0; i0 + 4 <= n; i0 += 4) {
+    const v4 bv = *reinterpret_cast<const v4*>(r + i0) * inv;
+    *reinterpret_cast<v4*>(b + i0) = bv;
+    nv += *reinterpret_cast<const v4*>(a + i0) * bv;
+  }
+  double norm = (nv[0] + nv[1]) + (nv[2] + nv[3]);
+  for (int64_t i = i0; i < n; ++i) {
     b[i] = r[i] * inv;
-    small += (b[i] < tiny) & (b[i] > 0);
     norm += a[i] * b[i];
   }
+  int64_t small = 0;
+  for (int64_t i = 0; i < n; ++i) small += (b[i] < tiny) & (b[i] > 0);
   *count = small;
   if (!(norm > 0)) return norm;
   const double inv_norm = 1 / norm;
@@ -359,38 +381,126 @@ FASTNLP_VECTOR_CLONES inline void gram_accumulate(int64_t t0, int64_t t1, int64_
 // trans[i][j]) + emission[j], summed in pytorch-crf's order, with arg[j] the
 // lowest i that attains it (a candidate must be strictly greater to win, as
 // with torch.max).
+namespace maxplus_detail {
+
+// Vector types for one scalar type: L lanes, and an integer lane of the same
+// width for the comparison masks and the running argmax.
 template <typename scalar_t>
-__attribute__((always_inline)) inline void maxplus_step_impl(int64_t K, const scalar_t* __restrict score, const scalar_t* __restrict trans,
-                              const scalar_t* __restrict emission, scalar_t* __restrict best,
-                              int32_t* __restrict arg) {
-  for (int64_t j = 0; j < K; ++j) {
-    best[j] = (score[0] + trans[j]) + emission[j];
-    arg[j] = 0;
+struct Lanes;
+template <>
+struct Lanes<float> {
+  static constexpr int L = 8;
+  typedef float vec __attribute__((vector_size(32)));
+  typedef int32_t lane;
+  typedef lane ivec __attribute__((vector_size(32)));
+};
+template <>
+struct Lanes<double> {
+  static constexpr int L = 4;
+  typedef double vec __attribute__((vector_size(32)));
+  typedef int64_t lane;
+  typedef lane ivec __attribute__((vector_size(32)));
+};
+
+// Columns [j0, j0 + V * L): their running best and argmax stay in registers
+// while the K rows of trans stream past, instead of a load and a store of
+// both per row and column.
+template <typename scalar_t, int V>
+__attribute__((always_inline)) inline void columns(int64_t K, int64_t j0, const scalar_t* __restrict score,
+                                                   const scalar_t* __restrict trans,
+                                                   const scalar_t* __restrict emission, scalar_t* __restrict best,
+                                                   int32_t* __restrict arg) {
+  typedef typename Lanes<scalar_t>::vec vec;
+  typedef typename Lanes<scalar_t>::ivec ivec;
+  constexpr int L = Lanes<scalar_t>::L;
+  vec e[V], b[V];
+  ivec a[V];
+  for (int v = 0; v < V; ++v) {
+    vec row;
+    __builtin_memcpy(&e[v], emission + j0 + v * L, sizeof(vec));
+    __builtin_memcpy(&row, trans + j0 + v * L, sizeof(vec));
+    b[v] = (score[0] + row) + e[v];
+    a[v] = ivec{};
   }
   for (int64_t i = 1; i < K; ++i) {
     const scalar_t si = score[i];
-    const scalar_t* row = trans + i * K;
-    const int32_t from = static_cast<int32_t>(i);
-    for (int64_t j = 0; j < K; ++j) {
-      // The argmax update as bit operations: written as a conditional, GCC
-      // vectorises it into a test-and-branch per vector (mispredicted on real
-      // data, 2x slower at K = 20); as a mask it becomes compare-and-blend.
-      const scalar_t v = (si + row[j]) + emission[j];
-      const scalar_t old_best = best[j];
-      const int32_t better = -static_cast<int32_t>(v > old_best);  // all ones when v wins
-      best[j] = v > old_best ? v : old_best;
-      arg[j] = (from & better) | (arg[j] & ~better);
+    const scalar_t* r = trans + i * K + j0;
+    const ivec from = ivec{} + static_cast<typename Lanes<scalar_t>::lane>(i);
+    for (int v = 0; v < V; ++v) {
+      vec row;
+      __builtin_memcpy(&row, r + v * L, sizeof(vec));
+      const vec c = (si + row) + e[v];
+      const ivec better = c > b[v];  // all ones where the candidate wins; false for NaN
+      b[v] = better ? c : b[v];
+      a[v] = better ? from : a[v];
     }
+  }
+  for (int v = 0; v < V; ++v) {
+    __builtin_memcpy(best + j0 + v * L, &b[v], sizeof(vec));
+    for (int l = 0; l < L; ++l) arg[j0 + v * L + l] = static_cast<int32_t>(a[v][l]);
   }
 }
 
+// The same, one column at a time, for j in [j0, j1).
+template <typename scalar_t>
+__attribute__((always_inline)) inline void scalar_columns(int64_t K, int64_t j0, int64_t j1,
+                                                          const scalar_t* __restrict score,
+                                                          const scalar_t* __restrict trans,
+                                                          const scalar_t* __restrict emission,
+                                                          scalar_t* __restrict best, int32_t* __restrict arg) {
+  for (int64_t j = j0; j < j1; ++j) {
+    scalar_t b = (score[0] + trans[j]) + emission[j];
+    int32_t a = 0;
+    for (int64_t i = 1; i < K; ++i) {
+      const scalar_t c = (score[i] + trans[i * K + j]) + emission[j];
+      if (c > b) b = c, a = static_cast<int32_t>(i);
+    }
+    best[j] = b;
+    arg[j] = a;
+  }
+}
+
+template <typename scalar_t>
+__attribute__((always_inline)) inline void step(int64_t K, const scalar_t* __restrict score,
+                                                const scalar_t* __restrict trans,
+                                                const scalar_t* __restrict emission, scalar_t* __restrict best,
+                                                int32_t* __restrict arg) {
+  constexpr int L = Lanes<scalar_t>::L;
+  int64_t j = 0;
+  for (; j + 4 * L <= K; j += 4 * L) columns<scalar_t, 4>(K, j, score, trans, emission, best, arg);
+  const int64_t rest = K - j;  // < 4 L
+  if (rest == 0) return;
+  // The rest as whole vectors ending at column K, recomputing a few columns
+  // already done (they come out the same) -- possible when K has that many.
+  const int64_t vectors = (rest + L - 1) / L;
+  const int64_t from = K - vectors * L;
+  if (from >= 0) {
+    switch (vectors) {
+      case 1: columns<scalar_t, 1>(K, from, score, trans, emission, best, arg); return;
+      case 2: columns<scalar_t, 2>(K, from, score, trans, emission, best, arg); return;
+      case 3: columns<scalar_t, 3>(K, from, score, trans, emission, best, arg); return;
+      default: columns<scalar_t, 4>(K, from, score, trans, emission, best, arg); return;
+    }
+  }
+  // K < vectors * L: here j == 0 and K < 4 L. Whole vectors, then single columns.
+  switch (K / L) {
+    case 0: break;
+    case 1: columns<scalar_t, 1>(K, 0, score, trans, emission, best, arg); break;
+    case 2: columns<scalar_t, 2>(K, 0, score, trans, emission, best, arg); break;
+    default: columns<scalar_t, 3>(K, 0, score, trans, emission, best, arg); break;
+  }
+  scalar_columns(K, K / L * L, K, score, trans, emission, best, arg);
+}
+
+}  // namespace maxplus_detail
+
 FASTNLP_VECTOR_CLONES inline void maxplus_step(int64_t K, const float* score, const float* trans,
                                                const float* emission, float* best, int32_t* arg) {
-  maxplus_step_impl(K, score, trans, emission, best, arg);
+  maxplus_detail::step(K, score, trans, emission, best, arg);
 }
 FASTNLP_VECTOR_CLONES inline void maxplus_step(int64_t K, const double* score, const double* trans,
                                                const double* emission, double* best, int32_t* arg) {
-  maxplus_step_impl(K, score, trans, emission, best, arg);
+  maxplus_detail::step(K, score, trans, emission, best, arg);
 }
 
 }  // namespace fastnlp
