@@ -4,6 +4,7 @@ fully-masked rows, dropout, is_causal and torch.compile."""
 
 import copy
 import functools
+import importlib
 import warnings
 
 import pytest
@@ -16,6 +17,8 @@ import fastnlp  # noqa: F401  (loads the ops)
 from fastnlp import ops
 from fastnlp.nn import MultiheadAttention
 from markers import DEVICES
+
+attention_module = importlib.import_module("fastnlp.nn.attention")  # the module, not the class nn exports
 
 TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
 
@@ -285,6 +288,43 @@ def keep_rows(dead, c):
         return keep.reshape(1, 1), keep.reshape(1, 1) if c["average"] else keep.reshape(1, 1, 1)
     out_keep = keep.reshape(-1, 1, 1) if c["batch_first"] else keep.reshape(1, -1, 1)
     return out_keep, keep.reshape(-1, 1, 1, 1) if not c["average"] else keep.reshape(-1, 1, 1)
+
+
+@pytest.mark.parametrize("sharing", ["self", "kv", "none", "kdim"])
+@pytest.mark.parametrize("batch_first", [False, True])
+@pytest.mark.parametrize("need_weights", [False, True])
+def test_mostly_padded_keys_are_projected_only_where_real(monkeypatch, sharing, batch_first, need_weights):
+    """With at most 3/4 of the keys real, the CPU module projects keys and
+    values at the real positions only; the results are torch's all the same."""
+    E, H, N, L, S = 8, 2, 3, 5, 8
+    gen = torch.Generator().manual_seed(7)
+
+    def seq(length, width):
+        shape = (N, length, width) if batch_first else (length, N, width)
+        return torch.randn(shape, generator=gen, dtype=torch.float64).requires_grad_(True)
+
+    query = seq(S if sharing == "self" else L, E)
+    key = query if sharing == "self" else seq(S, 5 if sharing == "kdim" else E)
+    value = key if sharing in ("self", "kv") else seq(S, E)
+    lengths = torch.tensor([2, 6, 0])  # 8 of 24 real; one element fully padded
+    padded = torch.arange(S)[None, :] >= lengths[:, None]
+    kdim = 5 if sharing == "kdim" else None
+    theirs, ours = make_pair(3, dtype=torch.float64, embed_dim=E, num_heads=H, kdim=kdim, vdim=kdim and E,
+                             batch_first=batch_first)
+    sparse_calls = []
+    real_project_rows = attention_module._project_rows
+
+    def spy(x, weight, bias, rows):
+        sparse_calls.append(rows is not None)
+        return real_project_rows(x, weight, bias, rows)
+
+    monkeypatch.setattr(attention_module, "_project_rows", spy)
+    dead = lengths == 0
+    keep, keep_weights = keep_rows(dead, dict(unbatched=False, batch_first=batch_first, average=True))
+    compare(theirs, ours, (query, key, value), dict(key_padding_mask=padded, need_weights=need_weights), torch.float64,
+            keep=keep, keep_weights=keep_weights,
+            kwargs_theirs=torch_safe(dict(key_padding_mask=padded), dead, False) | dict(need_weights=need_weights))
+    assert sparse_calls and all(sparse_calls)
 
 
 @given(configs())
