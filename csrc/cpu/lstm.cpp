@@ -17,10 +17,47 @@
 namespace fastnlp {
 namespace {
 
-// Activations in double whatever the storage type: the same vectorised exp
-// serves float and double, and float results are correctly rounded.
+// Activations in the storage type's arithmetic: float rows get float's
+// 8-lane exp (within a few ulp, as torch's own vectorised sigmoid and tanh),
+// double rows double's. The layer-norm kernels work in double throughout.
 __attribute__((always_inline)) inline double sigmoid(double x) { return 1.0 / (1.0 + vmath_detail::exp_one(-x)); }
 __attribute__((always_inline)) inline double tanh_(double x) { return 1.0 - 2.0 / (1.0 + vmath_detail::exp_one(2.0 * x)); }
+__attribute__((always_inline)) inline float sigmoid(float x) { return 1.0f / (1.0f + vmath_detail::exp_float(-x)); }
+__attribute__((always_inline)) inline float tanh_(float x) {
+  return 1.0f - 2.0f / (1.0f + vmath_detail::exp_float(2.0f * x));
+}
+
+// The arithmetic-only passes of the row kernels are written for a type V that
+// is either scalar_t or a vector of 32 bytes of them, and run as vectors with
+// a scalar tail: GCC's vectoriser gave up on these loops ("no vectype"),
+// though it takes the activation passes, which are plain loops over one array.
+template <typename scalar_t>
+struct RowVector {
+  typedef scalar_t type __attribute__((vector_size(32)));
+  static constexpr int64_t lanes = 32 / sizeof(scalar_t);
+};
+template <typename V, typename T>
+__attribute__((always_inline)) inline V load(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof v);
+  return v;
+}
+template <typename V, typename T>
+__attribute__((always_inline)) inline void store(T* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof v);
+}
+template <typename V>
+struct As {
+  typedef V type;
+};
+// body(As<V>(), j) for every unit j < H: vectors, then the scalar tail.
+template <typename scalar_t, typename Body>
+__attribute__((always_inline)) inline void for_units(int64_t H, const Body& body) {
+  int64_t j = 0;
+  for (; j + RowVector<scalar_t>::lanes <= H; j += RowVector<scalar_t>::lanes)
+    body(As<typename RowVector<scalar_t>::type>(), j);
+  for (; j < H; ++j) body(As<scalar_t>(), j);
+}
 
 // Pointers of one row (H units) of a step; optional ones are nullptr.
 template <typename scalar_t>
@@ -62,22 +99,28 @@ __attribute__((always_inline)) inline void forward_row_impl(int64_t H, const For
   const scalar_t* __restrict zc = r.zoneout_cell;
   const scalar_t* __restrict zh = r.zoneout_hidden;
   const scalar_t* h_prev = r.h_state;  // read before the copy below overwrites it
-  for (int64_t j = 0; j < H; ++j) {
-    const double i = sigmoid(gi[j]), f = sigmoid(gf[j]), g = tanh_(gg[j]), o = sigmoid(go[j]);
-    const double c_prev = c_state[j];
-    const double c_new = f * c_prev + i * g;
-    double h = o * tanh_(c_new), c = c_new;
+  // In passes: the activations, each gate block in a loop of its own, then
+  // the cell. Each pass vectorises; one loop doing all of a unit's work did not.
+  for (int64_t j = 0; j < H; ++j) gi[j] = sigmoid(gi[j]);
+  for (int64_t j = 0; j < H; ++j) gf[j] = sigmoid(gf[j]);
+  for (int64_t j = 0; j < H; ++j) gg[j] = tanh_(gg[j]);
+  for (int64_t j = 0; j < H; ++j) go[j] = sigmoid(go[j]);
+  for_units<scalar_t>(H, [&](auto as, int64_t j) {  // c_t, kept in h_out until the next pass
+    typedef typename decltype(as)::type V;
+    const V c_prev = load<V>(c_state + j);
+    const V c_new = load<V>(gf + j) * c_prev + load<V>(gi + j) * load<V>(gg + j);
+    store(h_out + j, c_new);
+    V c = c_new;
     if (kZoneout) {
-      c = zc[j] * c_prev + (1.0 - zc[j]) * c_new;
-      if (zh != nullptr) h = zh[j] * double(h_prev[j]) + (1.0 - zh[j]) * h;
+      const V z = load<V>(zc + j);
+      c = z * c_prev + (scalar_t(1) - z) * c_new;
     }
-    gi[j] = static_cast<scalar_t>(i);
-    gf[j] = static_cast<scalar_t>(f);
-    gg[j] = static_cast<scalar_t>(g);
-    go[j] = static_cast<scalar_t>(o);
-    c_state[j] = cells[j] = static_cast<scalar_t>(c);
-    h_out[j] = static_cast<scalar_t>(h);
-  }
+    store(c_state + j, c);
+    store(cells + j, c);
+  });
+  for (int64_t j = 0; j < H; ++j) h_out[j] = go[j] * tanh_(h_out[j]);
+  if (kZoneout && zh != nullptr)
+    for (int64_t j = 0; j < H; ++j) h_out[j] = zh[j] * h_prev[j] + (scalar_t(1) - zh[j]) * h_out[j];
   if (r.h_state != nullptr)
     for (int64_t j = 0; j < H; ++j) r.h_state[j] = h_out[j];
 }
@@ -94,30 +137,36 @@ __attribute__((always_inline)) inline void backward_row_impl(int64_t H, const Ba
   const scalar_t* __restrict zc = r.zoneout_cell;
   const scalar_t* __restrict zh = r.zoneout_hidden;
   scalar_t* __restrict grad_h_prev = r.grad_h_prev;
-  for (int64_t j = 0; j < H; ++j) {
-    const double i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
-    const double cp = c_prev[j];
-    const double tc = tanh_(f * cp + i * g);  // c~_t, recomputed rather than stored
-    double dh = kTwoGradSources ? double(dh_a[j]) + double(dh_b[j]) : double(dh_a[j]);
-    double dc_carry = dc_state[j];
-    double dc_zone = 0.0;
+  // c~_t, recomputed rather than stored, first: parked in the o gate's slot
+  // of grad_gates until the second pass reads it there and overwrites it, so
+  // that each pass vectorises.
+  for (int64_t j = 0; j < H; ++j)
+    grad_gates[3 * H + j] = tanh_(gates[H + j] * c_prev[j] + gates[j] * gates[2 * H + j]);
+  for_units<scalar_t>(H, [&](auto as, int64_t j) {
+    typedef typename decltype(as)::type V;
+    const V i = load<V>(gates + j), f = load<V>(gates + H + j), g = load<V>(gates + 2 * H + j);
+    const V o = load<V>(gates + 3 * H + j), cp = load<V>(c_prev + j), tc = load<V>(grad_gates + 3 * H + j);
+    V dh = kTwoGradSources ? load<V>(dh_a + j) + load<V>(dh_b + j) : load<V>(dh_a + j);
+    V dc_carry = load<V>(dc_state + j);
+    V dc_zone = V{};
     if (kZoneout) {
-      dc_zone = zc[j] * dc_carry;
+      dc_zone = load<V>(zc + j) * dc_carry;
       dc_carry -= dc_zone;
       if (zh != nullptr) {
-        const double to_prev = zh[j] * dh;
-        grad_h_prev[j] = static_cast<scalar_t>(to_prev);
+        const V to_prev = load<V>(zh + j) * dh;
+        store(grad_h_prev + j, to_prev);
         dh -= to_prev;
       }
     }
-    const double dc = dc_carry + dh * o * (1.0 - tc * tc);
-    grad_gates[j] = static_cast<scalar_t>(dc * g * i * (1.0 - i));
-    grad_gates[H + j] = static_cast<scalar_t>(dc * cp * f * (1.0 - f));
-    grad_gates[2 * H + j] = static_cast<scalar_t>(dc * i * (1.0 - g * g));
-    grad_gates[3 * H + j] = static_cast<scalar_t>(dh * tc * o * (1.0 - o));
-    dc_state[j] = static_cast<scalar_t>(dc * f + dc_zone);
-    if (kWriteTilde) h_tilde[j] = static_cast<scalar_t>(o * tc);
-  }
+    const scalar_t one = 1;
+    const V dc = dc_carry + dh * o * (one - tc * tc);
+    store(grad_gates + j, dc * g * i * (one - i));
+    store(grad_gates + H + j, dc * cp * f * (one - f));
+    store(grad_gates + 2 * H + j, dc * i * (one - g * g));
+    store(grad_gates + 3 * H + j, dh * tc * o * (one - o));
+    store(dc_state + j, dc * f + dc_zone);
+    if (kWriteTilde) store(h_tilde + j, o * tc);
+  });
 }
 
 // Layer normalisation (see LstmLayerNorm in csrc/lstm.h). The row kernels
