@@ -649,9 +649,14 @@ bool scaled_forward(const ScaledChain& c, const scalar_t* emissions, const bool*
   const Transitions& tr = c.tr;
   const int64_t K = tr.K;
   // Emission weights of every position first, so that one exp call covers them all.
+  // Rows past the last selected position (a padded batch's tail) are weight
+  // 0 without an exp.
+  int64_t end = T;
+  while (end > 0 && !mask[end - 1]) --end;
+  std::fill(x + end * K, x + T * K, acc_t(0));
   bool first = true;
   int64_t tiny = 0;
-  for (int64_t t = 0; t < T; ++t) {
+  for (int64_t t = 0; t < end; ++t) {
     acc_t* y = x + t * K;
     if (!mask[t]) {
       std::fill(y, y + K, kNegInf<acc_t>);
@@ -673,7 +678,7 @@ bool scaled_forward(const ScaledChain& c, const scalar_t* emissions, const bool*
     first = false;
   }
   if (tiny) return false;
-  exp_shifted(T * K, x, 0.0, x);
+  exp_shifted(end * K, x, 0.0, x);
 
   const acc_t* prev = nullptr;
   StateRange prev_range{0, 0};

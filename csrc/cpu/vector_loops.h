@@ -182,13 +182,26 @@ __attribute__((always_inline)) inline void vecmat_columns(int64_t m, const doubl
   for (int v = 0; v < V; ++v) *reinterpret_cast<v4d*>(s + 4 * v) = even[v] + odd[v];
 }
 
+// vecmat_columns<1> with four sets of accumulators (rows i mod 4): one
+// vector of columns alone would wait on its multiply-adds with two.
+__attribute__((always_inline)) inline void vecmat_last_columns(int64_t m, const double* __restrict a,
+                                                               const double* __restrict M, int64_t ld,
+                                                               double* __restrict s) {
+  v4d acc[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+  int64_t i = 0;
+  for (; i + 4 <= m; i += 4)
+    for (int r = 0; r < 4; ++r) acc[r] += a[i + r] * *reinterpret_cast<const v4d*>(M + (i + r) * ld);
+  for (int r = 0; i < m; ++i, ++r) acc[r] += a[i] * *reinterpret_cast<const v4d*>(M + i * ld);
+  *reinterpret_cast<v4d*>(s) = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+}
+
 }  // namespace vmath_detail
 
 // s[j] = sum_i a[i] * M[i * ld + j] for i < m, j < n: one step of a scaled
 // recursion. Up to 16 columns at a time stay in registers while the rows of M
 // stream past once. The last n % 4 columns are done as the last four columns
-// when n >= 4 (recomputing up to three: a column's sum does not depend on the
-// block it is in, so they get the same values), one by one only when n < 4.
+// when n >= 4 (recomputing up to three, to within rounding: that block sums
+// its rows in another order), one by one only when n < 4.
 // (M is finite, so rows with a[i] = 0 add exactly 0.)
 FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __restrict a,
                                          const double* __restrict M, int64_t ld, double* __restrict s) {
@@ -205,7 +218,7 @@ FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __r
     j += 4;
   }
   if (j < n && n >= 4) {
-    vmath_detail::vecmat_columns<1>(m, a, M + n - 4, ld, s + n - 4);
+    vmath_detail::vecmat_last_columns(m, a, M + n - 4, ld, s + n - 4);
     return;
   }
   for (; j < n; ++j) {
