@@ -272,6 +272,36 @@ def test_cell_step_loop_matches_torch():
     assert_same_forward_and_backward(StepLoop(theirs), StepLoop(ours), (x,), {}, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_saturated_and_nan_gates_behave_like_torch(dtype):
+    """Pre-activations far past the float exp's range saturate to torch's 0/1/-1;
+    a NaN input gives NaN where torch gives NaN (the step kernels compute the
+    activations in the storage type, float32 with its own vectorised exp)."""
+    theirs, ours = twin_modules(torch.nn.LSTM, 3, 21, dtype=dtype)  # 21: 8-lane vectors and a tail
+    x = torch.randn(5, 2, 3, dtype=dtype) * torch.tensor([1.0, 50.0, 1000.0], dtype=dtype)
+    x[2, 0] = -x[2, 0]
+    outs = []
+    for module in (theirs, ours):
+        xi = x.clone().requires_grad_(True)
+        out, (h, c) = module(xi)
+        weights = torch.linspace(-1, 1, out.numel(), dtype=dtype).reshape(out.shape)
+        grads = torch.autograd.grad((out * weights).sum() + c.sum(), [xi, *module.parameters()])
+        outs.append(([out, h, c], grads))
+    (t_values, t_grads), (values, grads) = outs
+    for a, b in zip(values, t_values):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    # Inputs of size 1000 make float32 weight gradients large and their
+    # rounding with them: compared relative to each gradient's largest entry.
+    for a, b in zip(grads, t_grads):
+        assert (a - b).abs().max() <= 1e-5 * b.abs().max().clamp_min(1.0)
+    x_nan = x.detach().clone()
+    x_nan[3, 1, 0] = float("nan")
+    with torch.no_grad():
+        (out, (h, c)), (t_out, (t_h, t_c)) = ours(x_nan), theirs(x_nan)
+    assert torch.equal(out.isnan(), t_out.isnan()) and out.isnan().any()
+    assert torch.equal(c.isnan(), t_c.isnan())
+
+
 def test_module_exported():
     assert fastnlp.nn.LSTM is LSTM and fastnlp.nn.LSTMCell is LSTMCell
 
