@@ -194,12 +194,11 @@ def likelihood_and_grads(emissions, tags, mask, start, end, trans, backend, igno
        st.sampled_from(["random", "prefix", "full"]))
 def test_log_likelihood_and_gradients_match_reference(device, dtype, batch, seq_len, num_tags, seed, mask_kind):
     problem = random_problem(batch, seq_len, num_tags, dtype=dtype, device=device, seed=seed, mask_kind=mask_kind)
-    llh, grads = likelihood_and_grads(*problem, backend=None)
-    ref_llh, ref_grads = likelihood_and_grads(*problem, backend="reference")
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(llh, ref_llh, **tol)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, **tol)
+    assert_likelihood_matches_reference(problem, tolerance(dtype))
+
+
+def tolerance(dtype):
+    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
 
 
 @given(st.integers(1, 5), st.integers(1, 12), st.integers(1, 7), st.integers(0, 2**16), st.integers(1, 4))
@@ -234,12 +233,7 @@ def test_wide_tag_sets_match_reference(device, dtype, batch, seq_len, num_tags, 
     ref_paths, ref_scores = ops.crf_viterbi(emissions, start, end, trans, mask, backend="reference")
     assert torch.equal(paths, ref_paths)
     torch.testing.assert_close(scores, ref_scores)
-    llh, grads = likelihood_and_grads(*problem, backend=None)
-    ref_llh, ref_grads = likelihood_and_grads(*problem, backend="reference")
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(llh, ref_llh, **tol)
-    for got, want in zip(grads, ref_grads):
-        torch.testing.assert_close(got, want, **tol)
+    assert_likelihood_matches_reference(problem, tolerance(dtype))
 
 
 def test_marginals_match_reference_and_sum_to_one(device):
@@ -559,8 +553,7 @@ def assert_likelihood_matches_reference(problem, tol, ignore_index=-100):
 def test_fused_likelihood_with_constraints_partial_labels_and_empty_rows(device, dtype, batch, seq_len, num_tags,
                                                                           seed, mask_kind, forbid):
     problem = constrained_problem(batch, seq_len, num_tags, dtype, device, seed, mask_kind, forbid)
-    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-    assert_likelihood_matches_reference(problem, tol)
+    assert_likelihood_matches_reference(problem, tolerance(dtype))
 
 
 def test_fused_likelihood_custom_ignore_index_inside_the_tag_range():

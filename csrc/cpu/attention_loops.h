@@ -82,38 +82,7 @@ __attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64
   }
 }
 
-// exp for float, same construction as vmath_detail::exp_one: round x / ln 2 to
-// an integer k with the 1.5 * 2^23 trick, a Taylor polynomial on the
-// remainder (|r| <= ln(2)/2, degree 7: truncation < 1e-8 relative) and 2^k
-// built in the exponent bits. Arguments below -87 (including -inf) give 0.
-__attribute__((always_inline)) inline float exp_one_float(float x) {
-  constexpr float kLog2e = 1.44269504f;
-  constexpr float kLn2Hi = 0.693145752f;  // ln 2 with the low bits cleared, so k * kLn2Hi is exact
-  constexpr float kLn2Lo = 1.42860677e-6f;
-  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
-  const float t = x * kLog2e + kShifter;
-  const float k = t - kShifter;
-  const float r = (x - k * kLn2Hi) - k * kLn2Lo;
-  float p = 1.0f / 5040;
-  p = p * r + 1.0f / 720;
-  p = p * r + 1.0f / 120;
-  p = p * r + 1.0f / 24;
-  p = p * r + 1.0f / 6;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  uint32_t tb, sb;
-  __builtin_memcpy(&tb, &t, 4);
-  const float shifter = kShifter;
-  __builtin_memcpy(&sb, &shifter, 4);
-  const uint32_t biased = (tb - sb + 127u) << 23;
-  float scale;
-  __builtin_memcpy(&scale, &biased, 4);
-  const float result = p * scale;
-  return x < -87.0f ? 0.0f : (x > 88.0f ? __builtin_inff() : result);
-}
-
-__attribute__((always_inline)) inline float exp_any(float x) { return exp_one_float(x); }
+__attribute__((always_inline)) inline float exp_any(float x) { return vmath_detail::exp_one_float(x); }
 __attribute__((always_inline)) inline double exp_any(double x) { return vmath_detail::exp_one(x); }
 
 // x[j] = exp(x[j] - shift) for j < n (n a multiple of W); returns the sum.
@@ -132,7 +101,8 @@ __attribute__((always_inline)) inline T exp_shift_sum_impl(int64_t n, T* x, T sh
   return s;
 }
 
-// The float case written on whole vectors, the same formula as exp_one_float:
+// The float case written on whole vectors, the same formula as
+// vmath_detail::exp_one_float:
 // the vectoriser's version of the loop above reloads its dozen constants from
 // memory on every iteration, this one keeps them in registers (17% faster, and
 // the softmax is the largest cost after the products).

@@ -22,9 +22,11 @@ namespace {
 // double rows double's. The layer-norm kernels work in double throughout.
 __attribute__((always_inline)) inline double sigmoid(double x) { return 1.0 / (1.0 + vmath_detail::exp_one(-x)); }
 __attribute__((always_inline)) inline double tanh_(double x) { return 1.0 - 2.0 / (1.0 + vmath_detail::exp_one(2.0 * x)); }
-__attribute__((always_inline)) inline float sigmoid(float x) { return 1.0f / (1.0f + vmath_detail::exp_float(-x)); }
+__attribute__((always_inline)) inline float sigmoid(float x) {
+  return 1.0f / (1.0f + vmath_detail::exp_one_float(-x));
+}
 __attribute__((always_inline)) inline float tanh_(float x) {
-  return 1.0f - 2.0f / (1.0f + vmath_detail::exp_float(2.0f * x));
+  return 1.0f - 2.0f / (1.0f + vmath_detail::exp_one_float(2.0f * x));
 }
 
 // The arithmetic-only passes of the row kernels are written for a type V that

@@ -68,39 +68,34 @@ __attribute__((always_inline)) inline double exp_one(double x) {
   return x < kExpMin ? 0.0 : (x > kExpMax ? __builtin_inf() : result);
 }
 
-__attribute__((always_inline)) inline float bits_to_float(uint32_t u) {
-  float f;
-  __builtin_memcpy(&f, &u, sizeof f);
-  return f;
-}
-__attribute__((always_inline)) inline uint32_t float_to_bits(float f) {
-  uint32_t u;
-  __builtin_memcpy(&u, &f, sizeof u);
-  return u;
-}
-
-// exp in float arithmetic, 8 lanes to a vector where exp_one gets 4: the same
-// reduction, with ln 2 split for float (k * kLn2HiF exact for |k| <= 128) and
-// the Taylor series to r^7 (truncation < 6e-9, below float's rounding).
-// Results that would be subnormal are 0; NaN propagates.
-__attribute__((always_inline)) inline float exp_float(float x) {
-  constexpr float kLog2eF = 1.44269504f;
-  constexpr float kShifterF = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  constexpr float kLn2HiF = 0.693359375f;
-  constexpr float kLn2LoF = -2.12194440e-4f;
-  const float t = x * kLog2eF + kShifterF;
-  const float k = t - kShifterF;
-  const float r = (x - k * kLn2HiF) - k * kLn2LoF;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
+// exp for float, same construction as exp_one: round x / ln 2 to
+// an integer k with the 1.5 * 2^23 trick, a Taylor polynomial on the
+// remainder (|r| <= ln(2)/2, degree 7: truncation < 1e-8 relative) and 2^k
+// built in the exponent bits. Arguments below -87 (including -inf) give 0.
+__attribute__((always_inline)) inline float exp_one_float(float x) {
+  constexpr float kLog2e = 1.44269504f;
+  constexpr float kLn2Hi = 0.693145752f;  // ln 2 with the low bits cleared, so k * kLn2Hi is exact
+  constexpr float kLn2Lo = 1.42860677e-6f;
+  constexpr float kShifter = 12582912.0f;  // 1.5 * 2^23
+  const float t = x * kLog2e + kShifter;
+  const float k = t - kShifter;
+  const float r = (x - k * kLn2Hi) - k * kLn2Lo;
+  float p = 1.0f / 5040;
+  p = p * r + 1.0f / 720;
+  p = p * r + 1.0f / 120;
+  p = p * r + 1.0f / 24;
+  p = p * r + 1.0f / 6;
   p = p * r + 0.5f;
   p = p * r + 1.0f;
   p = p * r + 1.0f;
-  const uint32_t biased = (float_to_bits(t) - float_to_bits(kShifterF) + 127u) << 23;
-  const float result = p * bits_to_float(biased);
+  uint32_t tb, sb;
+  __builtin_memcpy(&tb, &t, 4);
+  const float shifter = kShifter;
+  __builtin_memcpy(&sb, &shifter, 4);
+  const uint32_t biased = (tb - sb + 127u) << 23;
+  float scale;
+  __builtin_memcpy(&scale, &biased, 4);
+  const float result = p * scale;
   return x < -87.0f ? 0.0f : (x > 88.0f ? __builtin_inff() : result);
 }
 
