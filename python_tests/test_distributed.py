@@ -55,6 +55,11 @@ def _worker(rank, port, out_path):
         train(model, [batch.split(WORLD_SIZE)[rank] for batch in global_batches()])
         if rank == 0:
             torch.save(model.module.state_dict(), out_path)
+        # Both ranks done talking before either tears its connections down:
+        # without it, one rank closing while the other still was in gloo
+        # aborted that one now and then ("terminate called without an active
+        # exception", SIGABRT).
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
