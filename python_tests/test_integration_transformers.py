@@ -2,6 +2,8 @@
 initialised models (nothing is downloaded) give the eager implementation's
 results under padding masks."""
 
+import inspect
+
 import pytest
 import torch
 
@@ -112,8 +114,10 @@ def test_decoder_with_gqa_matches_eager_under_padding_and_with_a_cache():
         torch.testing.assert_close(ours(input_ids=ids).logits, eager(input_ids=ids).logits, atol=1e-5, rtol=1e-5)
         # Decoding from a cache: one query over all cached keys.
         prompt, full = ids[:1, :8], ids[:1, :9]
-        cache = ours(input_ids=prompt, use_cache=True).past_key_values
-        step = ours(input_ids=full[:, 8:], past_key_values=cache).logits[:, -1]
+        # transformers renamed past_key_values to cache (argument and output) in 5.x.
+        name = "cache" if "cache" in inspect.signature(ours.forward).parameters else "past_key_values"
+        cache = getattr(ours(input_ids=prompt, use_cache=True), name)
+        step = ours(input_ids=full[:, 8:], **{name: cache}).logits[:, -1]
         torch.testing.assert_close(step, eager(input_ids=full).logits[:, -1], atol=1e-5, rtol=1e-5)
 
 
