@@ -133,7 +133,7 @@ struct Problem {
       : B(q.size(0)), H(q.size(1)), Hk(k.size(1)), Lq(q.size(2)), Lk(k.size(2)), D(q.size(3)), Dv(v.size(3)),
         group(q.size(1) / k.size(1)), scale(static_cast<acc_t>(scale_)), causal(is_causal),
         dropout(dropout_p, rng_state) {
-    constexpr int64_t cols = 2 * attention_detail::Simd<acc_t>::W;
+    constexpr int64_t cols = 2 * Simd<acc_t>::W;
     Dp = round_up(D, cols);
     Dvp = round_up(Dv, cols);
     if (key_padding_mask) key_padding = key_padding_mask->data_ptr<bool>();
@@ -166,7 +166,7 @@ struct TilePlan {
 template <typename scalar_t, typename acc_t>
 bool plan_tile(const Problem<scalar_t, acc_t>& pb, int64_t b, int64_t h, int64_t i0, int64_t mq, int64_t j0,
                int64_t nk, TilePlan<acc_t>& plan, acc_t* bias) {
-  constexpr int64_t cols = 2 * attention_detail::Simd<acc_t>::W;
+  constexpr int64_t cols = 2 * Simd<acc_t>::W;
   plan = TilePlan<acc_t>{};
   int64_t width = nk;
   if (pb.causal) {
@@ -312,7 +312,7 @@ template <typename scalar_t, typename acc_t>
 void forward_blocks(const Problem<scalar_t, acc_t>& pb, const Strided4<const scalar_t>& q,
                     const Strided4<const scalar_t>& k, const Strided4<const scalar_t>& v, scalar_t* out,
                     acc_t* lse, int64_t b, int64_t h, int64_t qb0, int64_t qb1, ForwardScratch<acc_t>& w) {
-  constexpr int64_t cols = 2 * attention_detail::Simd<acc_t>::W;
+  constexpr int64_t cols = 2 * Simd<acc_t>::W;
   const int64_t hk = h / pb.group, Dp = pb.Dp, Dvp = pb.Dvp;
   const int64_t key_blocks = ceil_div(pb.Lk, kBlockK);
   std::fill(w.packed.begin(), w.packed.end(), uint8_t(0));
@@ -390,7 +390,7 @@ void backward_kv_head(const Problem<scalar_t, acc_t>& pb, const Strided4<const s
                       const Strided4<const scalar_t>& out, const Strided4<const scalar_t>& dout,
                       const acc_t* lse_in, scalar_t* dq_out, scalar_t* dk_out, scalar_t* dv_out, int64_t b,
                       int64_t hk, BackwardScratch<acc_t>& w) {
-  constexpr int64_t cols = 2 * attention_detail::Simd<acc_t>::W;
+  constexpr int64_t cols = 2 * Simd<acc_t>::W;
   constexpr int64_t rows_step = attention_detail::kRows;
   const int64_t Dp = pb.Dp, Dvp = pb.Dvp, Lq = pb.Lq, Lk = pb.Lk;
   const int64_t Lq_pad = round_up(Lq, rows_step);
@@ -572,7 +572,7 @@ std::tuple<at::Tensor, at::Tensor> attention_forward_cpu(const at::Tensor& query
     const int64_t chunks = std::clamp<int64_t>(ceil_div(wanted_tasks, std::max<int64_t>(1, B * H)), 1,
                                                std::max<int64_t>(1, query_blocks));
     const int64_t per_chunk = ceil_div(query_blocks, chunks);
-    constexpr int64_t cols = 2 * attention_detail::Simd<acc_t>::W;
+    constexpr int64_t cols = 2 * Simd<acc_t>::W;
     const int64_t Lk_pad = round_up(pb.Lk, cols), key_blocks = ceil_div(pb.Lk, kBlockK);
     for_each_task(
         B * H * chunks, [&] { return ForwardScratch<acc_t>(pb.Dp, pb.Dvp, Lk_pad, key_blocks); },
@@ -615,7 +615,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     scalar_t* dq = grad_query.data_ptr<scalar_t>();
     scalar_t* dk = grad_key.data_ptr<scalar_t>();
     scalar_t* dv = grad_value.data_ptr<scalar_t>();
-    constexpr int64_t cols = 2 * attention_detail::Simd<acc_t>::W;
+    constexpr int64_t cols = 2 * Simd<acc_t>::W;
     const int64_t Lq_pad = round_up(pb.Lq, attention_detail::kRows), Lk_pad = round_up(pb.Lk, cols);
     for_each_task(
         B * Hk, [&] { return BackwardScratch<acc_t>(Lq_pad, Lk_pad, pb.Dp, pb.Dvp); },

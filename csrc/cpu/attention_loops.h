@@ -18,21 +18,6 @@
 namespace fastnlp {
 namespace attention_detail {
 
-template <typename T>
-struct Simd;
-template <>
-struct Simd<float> {
-  typedef float V __attribute__((vector_size(32)));
-  typedef float U __attribute__((vector_size(32), may_alias, aligned(4)));  // unaligned load/store
-  static constexpr int W = 8;
-};
-template <>
-struct Simd<double> {
-  typedef double V __attribute__((vector_size(32)));
-  typedef double U __attribute__((vector_size(32), may_alias, aligned(8)));
-  static constexpr int W = 4;
-};
-
 // The product works on a strip of R rows x 2 vectors of C at a time, R = 6
 // where the rows allow (12 accumulators, two loads of B and six broadcasts of
 // A per step of k: both FMA ports stay busy without spilling the 16 AVX2

@@ -30,14 +30,9 @@ __attribute__((always_inline)) inline float tanh_(float x) {
 }
 
 // The arithmetic-only passes of the row kernels are written for a type V that
-// is either scalar_t or a vector of 32 bytes of them, and run as vectors with
+// is either scalar_t or Simd<scalar_t>::V (vector_loops.h), and run as vectors with
 // a scalar tail: GCC's vectoriser gave up on these loops ("no vectype"),
 // though it takes the activation passes, which are plain loops over one array.
-template <typename scalar_t>
-struct RowVector {
-  typedef scalar_t type __attribute__((vector_size(32)));
-  static constexpr int64_t lanes = 32 / sizeof(scalar_t);
-};
 // (Inlined, so the ABI note GCC gives for passing 32-byte vectors around in
 // the baseline-ISA clones concerns no real call; silenced up to the clones.)
 #pragma GCC diagnostic push
@@ -60,8 +55,7 @@ struct As {
 template <typename scalar_t, typename Body>
 __attribute__((always_inline)) inline void for_units(int64_t H, const Body& body) {
   int64_t j = 0;
-  for (; j + RowVector<scalar_t>::lanes <= H; j += RowVector<scalar_t>::lanes)
-    body(As<typename RowVector<scalar_t>::type>(), j);
+  for (; j + Simd<scalar_t>::W <= H; j += Simd<scalar_t>::W) body(As<typename Simd<scalar_t>::V>(), j);
   for (; j < H; ++j) body(As<scalar_t>(), j);
 }
 

@@ -17,6 +17,29 @@
 
 namespace fastnlp {
 
+// 32-byte (AVX2) vector types for one scalar type, for the loops written on
+// whole vectors with GCC's vector extensions: V, W lanes of it, U the same
+// for unaligned loads and stores, and I a vector of W integers of the
+// scalar's width (comparison masks, indices).
+template <typename T>
+struct Simd;
+template <>
+struct Simd<float> {
+  typedef float V __attribute__((vector_size(32)));
+  typedef float U __attribute__((vector_size(32), may_alias, aligned(4)));  // unaligned load/store
+  typedef int32_t Lane;
+  typedef Lane I __attribute__((vector_size(32)));
+  static constexpr int W = 8;
+};
+template <>
+struct Simd<double> {
+  typedef double V __attribute__((vector_size(32)));
+  typedef double U __attribute__((vector_size(32), may_alias, aligned(8)));
+  typedef int64_t Lane;
+  typedef Lane I __attribute__((vector_size(32)));
+  static constexpr int W = 4;
+};
+
 // exp and log over arrays, vectorisable (no library calls, no int<->double
 // conversions AVX2 lacks). Accurate to ~1 ulp on the ranges the CRF uses;
 // results that would be subnormal are returned as 0 (exp) or taken from
@@ -427,25 +450,6 @@ FASTNLP_VECTOR_CLONES inline void gram_accumulate(int64_t t0, int64_t t1, int64_
 // with torch.max).
 namespace maxplus_detail {
 
-// Vector types for one scalar type: L lanes, and an integer lane of the same
-// width for the comparison masks and the running argmax.
-template <typename scalar_t>
-struct Lanes;
-template <>
-struct Lanes<float> {
-  static constexpr int L = 8;
-  typedef float vec __attribute__((vector_size(32)));
-  typedef int32_t lane;
-  typedef lane ivec __attribute__((vector_size(32)));
-};
-template <>
-struct Lanes<double> {
-  static constexpr int L = 4;
-  typedef double vec __attribute__((vector_size(32)));
-  typedef int64_t lane;
-  typedef lane ivec __attribute__((vector_size(32)));
-};
-
 // Columns [j0, j0 + V * L): their running best and argmax stay in registers
 // while the K rows of trans stream past, instead of a load and a store of
 // both per row and column.
@@ -454,9 +458,9 @@ __attribute__((always_inline)) inline void columns(int64_t K, int64_t j0, const 
                                                    const scalar_t* __restrict trans,
                                                    const scalar_t* __restrict emission, scalar_t* __restrict best,
                                                    int32_t* __restrict arg) {
-  typedef typename Lanes<scalar_t>::vec vec;
-  typedef typename Lanes<scalar_t>::ivec ivec;
-  constexpr int L = Lanes<scalar_t>::L;
+  typedef typename Simd<scalar_t>::V vec;
+  typedef typename Simd<scalar_t>::I ivec;
+  constexpr int L = Simd<scalar_t>::W;
   vec e[V], b[V];
   ivec a[V];
   for (int v = 0; v < V; ++v) {
@@ -469,7 +473,7 @@ __attribute__((always_inline)) inline void columns(int64_t K, int64_t j0, const 
   for (int64_t i = 1; i < K; ++i) {
     const scalar_t si = score[i];
     const scalar_t* r = trans + i * K + j0;
-    const ivec from = ivec{} + static_cast<typename Lanes<scalar_t>::lane>(i);
+    const ivec from = ivec{} + static_cast<typename Simd<scalar_t>::Lane>(i);
     for (int v = 0; v < V; ++v) {
       vec row;
       __builtin_memcpy(&row, r + v * L, sizeof(vec));
@@ -509,7 +513,7 @@ __attribute__((always_inline)) inline void step(int64_t K, const scalar_t* __res
                                                 const scalar_t* __restrict trans,
                                                 const scalar_t* __restrict emission, scalar_t* __restrict best,
                                                 int32_t* __restrict arg) {
-  constexpr int L = Lanes<scalar_t>::L;
+  constexpr int L = Simd<scalar_t>::W;
   int64_t j = 0;
   for (; j + 4 * L <= K; j += 4 * L) columns<scalar_t, 4>(K, j, score, trans, emission, best, arg);
   const int64_t rest = K - j;  // < 4 L
