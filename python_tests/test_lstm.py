@@ -139,12 +139,15 @@ def test_layer_gradcheck(reverse, proj, regularise):
     assert torch.autograd.gradcheck(fn, [tensors[k] for k in names])
 
 
-def test_cell_gradcheck_and_reference():
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_cell_gradcheck_and_reference(layer_norm):
     _, t = make_layer_inputs([1, 1, 1], 4, 5, 0, "both", torch.float64, "cpu")
+    ln = make_layer_norm(5, torch.float64, "cpu") if layer_norm else {}
     args = (t["input"], t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"])
-    assert torch.autograd.gradcheck(lambda *a: lstm_cell(*a), args)
-    h, c = lstm_cell(*args)
-    ref_h, ref_c = fastnlp.reference.lstm.lstm_cell(*args)
+    n = len(args)
+    assert torch.autograd.gradcheck(lambda *a: lstm_cell(*a[:n], **dict(zip(ln, a[n:]))), args + tuple(ln.values()))
+    h, c = lstm_cell(*args, **ln)
+    ref_h, ref_c = fastnlp.reference.lstm.lstm_cell(*args, layer_norm=tuple(ln.values()) if ln else None)
     torch.testing.assert_close(h, ref_h)
     torch.testing.assert_close(c, ref_c)
 
@@ -152,15 +155,17 @@ def test_cell_gradcheck_and_reference():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("proj", [0, 2])
-def test_opcheck(device, packed, proj):
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_opcheck(device, packed, proj, layer_norm):
     lengths = [5, 3, 3, 1] if packed else [4, 4]
     batch_sizes, t = make_layer_inputs(lengths, 3, 4, proj, "both", torch.float32, device, packed=packed)
     reg = make_regularisers(batch_sizes, t)
+    ln = make_layer_norm(4, torch.float32, device) if layer_norm else {}
     for reverse in (False, True):
         args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
                 t["bias_hh"], t["weight_hr"], reverse)
-        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args)
-        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args + tuple(reg.values()))
+        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args, kwargs=ln)
+        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args + tuple(reg.values()) + tuple(ln.values()))
 
 
 def test_half_precision_on_cpu_is_computed_in_float32():
@@ -393,33 +398,6 @@ def test_layer_norm_layer_gradcheck(reverse, proj, regularise):
         return run_layer(batch_sizes, t, reverse, regularisers=dict(reg, **dict(zip(ln, values[len(names):]))))
 
     assert torch.autograd.gradcheck(fn, [tensors[k] for k in names] + list(ln.values()))
-
-
-def test_layer_norm_cell_gradcheck_and_reference():
-    _, t = make_layer_inputs([1, 1, 1], 4, 5, 0, "both", torch.float64, "cpu")
-    ln = make_layer_norm(5, torch.float64, "cpu")
-    args = (t["input"], t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"])
-    n = len(args)
-    assert torch.autograd.gradcheck(lambda *a: lstm_cell(*a[:n], **dict(zip(ln, a[n:]))), args + tuple(ln.values()))
-    h, c = lstm_cell(*args, **ln)
-    ref_h, ref_c = fastnlp.reference.lstm.lstm_cell(*args, layer_norm=tuple(ln.values()))
-    torch.testing.assert_close(h, ref_h)
-    torch.testing.assert_close(c, ref_c)
-
-
-@pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("proj", [0, 2])
-def test_layer_norm_opcheck(device, packed, proj):
-    lengths = [5, 3, 3, 1] if packed else [4, 4]
-    batch_sizes, t = make_layer_inputs(lengths, 3, 4, proj, "both", torch.float32, device, packed=packed)
-    reg = make_regularisers(batch_sizes, t)
-    ln = make_layer_norm(4, torch.float32, device)
-    for reverse in (False, True):
-        args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
-                t["bias_hh"], t["weight_hr"], reverse)
-        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args, kwargs=ln)
-        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args + tuple(reg.values()) + tuple(ln.values()))
 
 
 def test_layer_norm_compiled_layer_matches_eager():
