@@ -16,6 +16,15 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# PyTorch's test utilities (imported by the tests that use PyTorch's own module
+# inputs) load a hypothesis profile of their own on first import, which would
+# then hold for every test decorated after that import, in whatever file order
+# pytest collects. Imported first, so that ours below is the one in force.
+try:
+    import torch.testing._internal.common_utils  # noqa: F401
+except ImportError:  # it needs expecttest
+    pass
+
 settings.register_profile(
     "fastnlp",
     deadline=None,
