@@ -40,18 +40,6 @@ constexpr int64_t kMaxBlocks = 8192;
 // the grid-stride increment far from overflowing int64.
 constexpr int64_t kMaxUnits = int64_t(1) << 60;
 
-// The arithmetic type: double for double, float for everything else.
-template <typename T>
-struct Compute {
-  using type = float;
-};
-template <>
-struct Compute<double> {
-  using type = double;
-};
-template <typename T>
-using compute_t = typename Compute<T>::type;
-
 // Loads widen to the arithmetic type, stores round to nearest once.
 __host__ __device__ __forceinline__ float load(const float* p) { return *p; }
 __host__ __device__ __forceinline__ double load(const double* p) { return *p; }

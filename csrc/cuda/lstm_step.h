@@ -34,18 +34,21 @@
 namespace fastnlp {
 namespace cuda_impl {
 
-// The type of the layer-norm statistics: float, double for double (half
-// types would lose too much of rstd).
+// The arithmetic type of the step kernels: double for double, float for
+// everything else. The layer-norm statistics are kept in it too (half types
+// would lose too much of rstd).
 template <typename T>
-struct LayerNormStat {
+struct Compute {
   using type = float;
 };
 template <>
-struct LayerNormStat<double> {
+struct Compute<double> {
   using type = double;
 };
 template <typename T>
-using ln_stat_t = typename LayerNormStat<T>::type;
+using compute_t = typename Compute<T>::type;
+template <typename T>
+using ln_stat_t = compute_t<T>;
 
 // Layer normalisation (csrc/lstm.h, LstmLayerNorm): when norm_hh is given,
 // the step normalises the recurrent product (over its 4H values per row)
