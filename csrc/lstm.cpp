@@ -7,13 +7,13 @@
 //   gates[t] += h_{t-1} W_hh^T  (one GEMM per step)
 //   pointwise: activations, c_t, h~_t = o * tanh(c_t)
 //   h_t = h~_t W_hr^T           (projection, one GEMM per step, if any)
-// Backward runs the steps in the opposite order and leaves every GEMM that
-// does not feed the recursion (input and weight gradients) to the end, as one
-// GEMM each over all N rows.
+// Backward runs the steps in the opposite order, in chunks of consecutive
+// steps; every GEMM that does not feed the recursion (input and weight
+// gradients) runs once per chunk, over all of the chunk's rows.
 //
 // Layer normalisation (LstmLayerNorm) changes three things: the input half is
-// normalised per row once for all steps before the loop (and its backward
-// after it), both ATen ops; the recurrent product is written to its own
+// normalised per row once for all steps before the loop (its backward runs
+// per chunk), both ATen ops; the recurrent product is written to its own
 // buffer, which the step kernel normalises in place and adds to the gates;
 // the step kernel also normalises c~_t before its tanh. The step kernels
 // back-propagate through the last two.
@@ -218,6 +218,42 @@ void recurrent_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b)
   });
 }
 
+// The backward pass walks the steps in chunks and does the work that does
+// not feed the recursion (the input and weight gradients: GEMMs over the
+// chunk's rows) as soon as a chunk is done, so the per-step gradients live
+// only in chunk-sized buffers that are reused and are still in cache when
+// those GEMMs read them. Whole-batch buffers (N rows) are large and freshly
+// allocated at every call: on the 2-core CI machine faulting in a new 64 MB
+// buffer alone takes about 50 ms. Measured there (uni-LSTM B=64 T=128 I=256
+// H=512, forward+backward) chunks of 256 to 2048 rows all cut the step from
+// 690 to 640 ms; on the CPU a chunk holds at least kCpuChunkRows rows,
+// elsewhere one chunk holds every step.
+constexpr int64_t kCpuChunkRows = 1024;
+
+// Steps first_s down to last_s in the backward walk (s = T - 1 .. 0, step
+// t = s, or T - 1 - s in reverse), and the rows they cover: in either
+// direction consecutive steps are adjacent in the packed layout.
+struct StepChunk {
+  int64_t first_s, last_s, row_begin, rows;
+};
+
+std::vector<StepChunk> plan_chunks(const std::vector<int64_t>& steps, const std::vector<int64_t>& offsets,
+                                   bool reverse, int64_t min_rows) {
+  const int64_t T = static_cast<int64_t>(steps.size());
+  std::vector<StepChunk> chunks;
+  for (int64_t s = T - 1; s >= 0;) {
+    StepChunk chunk{s, s, offsets[reverse ? T - 1 - s : s], 0};
+    for (; s >= 0 && (chunk.rows == 0 || chunk.rows < min_rows); --s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      chunk.last_s = s;
+      chunk.row_begin = std::min(chunk.row_begin, offsets[t]);
+      chunk.rows += steps[t];
+    }
+    chunks.push_back(chunk);
+  }
+  return chunks;
+}
+
 // Rows [offset, offset + rows) of an optional per-row tensor.
 at::Tensor step_rows(const at::Tensor& t, int64_t offset, int64_t rows) {
   return t.defined() ? t.narrow(0, offset, rows) : at::Tensor();
@@ -381,114 +417,146 @@ LstmBackwardResult lstm_backward_impl(
   dh_state.copy_(grad_h_n);
   at::Tensor dc_state = at::empty({B, H}, options);
   dc_state.copy_(grad_c_n);
-  at::Tensor grad_gates = at::empty({N, 4 * H}, options);
-  at::Tensor h_prev_all = at::empty({N, P}, options);  // h_{t-1} as the recurrent GEMM saw it
-  at::Tensor grad_h_all, grad_tilde, h_tilde_all;      // projection only
+  // Chunk-sized buffers (see plan_chunks), refilled chunk after chunk: the
+  // step rows of the chunk being walked, at their offset from its first row.
+  const std::vector<StepChunk> chunks = plan_chunks(steps, offsets, reverse, input.is_cpu() ? kCpuChunkRows : N);
+  int64_t capacity = 0;
+  for (const StepChunk& chunk : chunks) capacity = std::max(capacity, chunk.rows);
+  at::Tensor grad_gates = at::empty({capacity, 4 * H}, options);
+  at::Tensor h_prev_rows = at::empty({capacity, P}, options);  // h_{t-1} as the recurrent GEMM saw it
+  at::Tensor grad_h_rows, h_tilde_rows, grad_tilde;             // projection only
   if (projected) {
-    grad_h_all = at::empty({N, P}, options);
+    grad_h_rows = at::empty({capacity, P}, options);
+    h_tilde_rows = at::empty({capacity, H}, options);
     grad_tilde = at::empty({B, H}, options);
-    h_tilde_all = at::empty({N, H}, options);
   }
-  // dL/d(h_{t-1} W_hh^T) through LN_hh, and the per-row terms of the cell
-  // LN's gain and bias gradients.
-  at::Tensor grad_rec = ln ? at::empty({N, 4 * H}, options) : at::Tensor();
-  at::Tensor grad_ln_cell = ln ? at::empty({N, 2 * H}, options) : at::Tensor();
+  // dL/d(h_{t-1} W_hh^T) through LN_hh, the per-row terms of the cell LN's
+  // gain and bias gradients, and dL/d(x W_ih^T) through LN_ih.
+  at::Tensor grad_rec = ln ? at::empty({capacity, 4 * H}, options) : at::Tensor();
+  at::Tensor grad_ln_cell = ln ? at::empty({capacity, 2 * H}, options) : at::Tensor();
+  at::Tensor grad_product_rows = ln ? at::empty({capacity, 4 * H}, options) : at::Tensor();
   const at::Tensor ln_hh_weight = contiguous_or_undefined(layer_norm.hh_weight);
   const at::Tensor ln_cell_weight = contiguous_or_undefined(layer_norm.cell_weight);
   const at::Tensor ln_cell_bias = contiguous_or_undefined(layer_norm.cell_bias);
+  const at::Tensor ln_ih_weight = contiguous_or_undefined(layer_norm.ih_weight);
   // z * dL/dh_t: what zoneout passes straight on to h_{t-1}.
   at::Tensor grad_h_zoneout = zoneout_hidden.defined() ? at::empty({B, P}, options) : at::Tensor();
 
-  for (int64_t s = T - 1; s >= 0; --s) {
-    const int64_t t = reverse ? T - 1 - s : s;
-    const int64_t rows = steps[t], offset = offsets[t];
-    const int64_t prev = previous_step(t, T, reverse);
-    const int64_t rows_with_prev = prev < 0 ? 0 : std::min(rows, steps[prev]);
-    const int64_t prev_offset = prev < 0 ? 0 : offsets[prev];
-
-    at::Tensor h_prev = h_prev_all.narrow(0, offset, rows);
-    if (rows_with_prev > 0) h_prev.narrow(0, 0, rows_with_prev).copy_(output.narrow(0, prev_offset, rows_with_prev));
-    if (rows > rows_with_prev)
-      h_prev.narrow(0, rows_with_prev, rows - rows_with_prev).copy_(h0.narrow(0, rows_with_prev, rows - rows_with_prev));
-    if (recurrent_mask.defined()) h_prev.mul_(recurrent_mask.narrow(0, 0, rows));
-
-    at::Tensor step_grad_gates = grad_gates.narrow(0, offset, rows);
-    at::Tensor dh = dh_state.narrow(0, 0, rows);
-    at::Tensor step_zoneout_h = step_rows(zoneout_hidden, offset, rows);
-    at::Tensor step_grad_h_zoneout = step_rows(grad_h_zoneout, 0, rows);
-    LstmBackwardStep step{gates.narrow(0, offset, rows),
-                          cells.narrow(0, prev_offset, rows_with_prev),
-                          rows_with_prev,
-                          c0,
-                          grad_output.narrow(0, offset, rows),
-                          dh,
-                          dc_state.narrow(0, 0, rows),
-                          step_grad_gates,
-                          at::Tensor(),
-                          step_rows(zoneout_cell, offset, rows),
-                          step_zoneout_h,
-                          step_grad_h_zoneout};
-    if (projected) {
-      // dL/dh_t is complete here; zoneout splits it between h_{t-1} and the
-      // projection's output, and the projection's input gets the rest.
-      at::Tensor step_grad_h = grad_h_all.narrow(0, offset, rows);
-      at::add_out(step_grad_h, grad_output.narrow(0, offset, rows), dh);
-      if (step_zoneout_h.defined()) {
-        at::mul_out(step_grad_h_zoneout, step_grad_h, step_zoneout_h);
-        step_grad_h.sub_(step_grad_h_zoneout);
-      }
-      at::Tensor step_grad_tilde = grad_tilde.narrow(0, 0, rows);
-      at::mm_out(step_grad_tilde, step_grad_h, *weight_hr);
-      step.dh_a = step_grad_tilde;
-      step.dh_b = at::Tensor();
-      step.h_tilde = h_tilde_all.narrow(0, offset, rows);
-      step.zoneout_hidden = at::Tensor();
-      step.grad_h_prev = at::Tensor();
-    }
-    if (ln) {
-      step.norm_hh = norm_hh.narrow(0, offset, rows);
-      step.ln_stats = ln_stats.narrow(0, offset, rows);
-      step.ln_hh_weight = ln_hh_weight;
-      step.ln_cell_weight = ln_cell_weight;
-      step.ln_cell_bias = ln_cell_bias;
-      step.grad_rec = grad_rec.narrow(0, offset, rows);
-      step.grad_ln_cell = grad_ln_cell.narrow(0, offset, rows);
-    }
-    kernels.backward(step);
-    recurrent_mm_out(dh, ln ? step.grad_rec : step_grad_gates, weight_hh);
-    if (recurrent_mask.defined()) dh.mul_(recurrent_mask.narrow(0, 0, rows));
-    if (step_grad_h_zoneout.defined()) dh.add_(step_grad_h_zoneout);
-  }
-
-  // dL/d(x W_ih^T): through LN_ih under layer norm, all rows at once:
-  // rstd * (d - mean(d) - n * mean(d * n)) with d = gain * dL/dgates.
-  at::Tensor grad_product = grad_gates;
-  if (ln && kernels.layer_norm_backward != nullptr) {
-    grad_product = at::empty({N, 4 * H}, options);
-    kernels.layer_norm_backward(grad_gates, norm_ih, ln_stats, layer_norm.ih_weight->contiguous(), grad_product);
-  } else if (ln) {
-    const auto stats = options.dtype(ln_stats_dtype(input_in));
-    const at::Tensor n = norm_ih.to(stats);
-    const at::Tensor d = grad_gates.to(stats) * layer_norm.ih_weight->to(stats);
-    grad_product = ((d - d.mean(1, true) - n * (d * n).mean(1, true)) * ln_stats.narrow(1, 0, 1)).to(options);
-  }
-  const at::Tensor grad_rec_all = ln ? grad_rec : grad_gates;
-  at::Tensor grad_input = at::mm(grad_product, weight_ih);
-  at::Tensor grad_weight_ih = at::mm(grad_product.t(), input);
-  at::Tensor grad_weight_hh = at::mm(grad_rec_all.t(), h_prev_all);
-  at::Tensor grad_bias = has_bias || ln ? grad_gates.sum(0) : at::Tensor();
-  at::Tensor grad_weight_hr = projected ? at::mm(grad_h_all.t(), h_tilde_all) : at::empty({0}, options);
+  // The results: grad_input row block by row block, the rest summed over the chunks.
+  const int64_t I = input.size(1);
+  at::Tensor grad_input = at::empty({N, I}, options);
+  at::Tensor grad_weight_ih = at::zeros({4 * H, I}, options);
+  at::Tensor grad_weight_hh = at::zeros({4 * H, P}, options);
+  at::Tensor grad_bias = has_bias || ln ? at::zeros({4 * H}, options) : at::Tensor();
+  at::Tensor grad_weight_hr = projected ? at::zeros({P, H}, options) : at::empty({0}, options);
   // Empty results are distinct tensors: outputs of an op must not alias.
   const auto empty = [&] { return at::empty({0}, options); };
   at::Tensor grad_ln_ih_weight = empty(), grad_ln_hh_weight = empty(), grad_ln_gate_bias = empty();
   at::Tensor grad_ln_cell_weight = empty(), grad_ln_cell_bias = empty();
   if (ln) {
-    grad_ln_ih_weight = (grad_gates * norm_ih).sum(0);
-    grad_ln_hh_weight = (grad_gates * norm_hh).sum(0);
-    grad_ln_gate_bias = has_bias ? grad_bias.clone() : grad_bias;
-    grad_ln_cell_weight = grad_ln_cell.narrow(1, 0, H).sum(0);
-    grad_ln_cell_bias = grad_ln_cell.narrow(1, H, H).sum(0);
+    grad_ln_ih_weight = at::zeros({4 * H}, options);
+    grad_ln_hh_weight = at::zeros({4 * H}, options);
+    grad_ln_cell_weight = at::zeros({H}, options);
+    grad_ln_cell_bias = at::zeros({H}, options);
   }
+
+  // The GEMMs and sums of one finished chunk, over its rows [lo, lo + n).
+  const auto finish_chunk = [&](int64_t lo, int64_t n) {
+    const at::Tensor g = grad_gates.narrow(0, 0, n);
+    at::Tensor grad_product = g;  // dL/d(x W_ih^T)
+    if (ln) {
+      // rstd * (d - mean(d) - n * mean(d * n)) per row, d = gain * dL/dgates.
+      const at::Tensor norm = norm_ih.narrow(0, lo, n), stats = ln_stats.narrow(0, lo, n);
+      grad_product = grad_product_rows.narrow(0, 0, n);
+      if (kernels.layer_norm_backward != nullptr) {
+        kernels.layer_norm_backward(g, norm, stats, ln_ih_weight, grad_product);
+      } else {
+        const auto stats_options = options.dtype(ln_stats_dtype(input_in));
+        const at::Tensor nm = norm.to(stats_options);
+        const at::Tensor d = g.to(stats_options) * ln_ih_weight.to(stats_options);
+        grad_product.copy_((d - d.mean(1, true) - nm * (d * nm).mean(1, true)) * stats.narrow(1, 0, 1));
+      }
+      grad_ln_ih_weight.add_((g * norm).sum(0));
+      grad_ln_hh_weight.add_((g * norm_hh.narrow(0, lo, n)).sum(0));
+      const at::Tensor cell_terms = grad_ln_cell.narrow(0, 0, n).sum(0);
+      grad_ln_cell_weight.add_(cell_terms.narrow(0, 0, H));
+      grad_ln_cell_bias.add_(cell_terms.narrow(0, H, H));
+    }
+    at::Tensor grad_input_rows = grad_input.narrow(0, lo, n);
+    at::mm_out(grad_input_rows, grad_product, weight_ih);
+    grad_weight_ih.addmm_(grad_product.t(), input.narrow(0, lo, n));
+    grad_weight_hh.addmm_((ln ? grad_rec.narrow(0, 0, n) : g).t(), h_prev_rows.narrow(0, 0, n));
+    if (grad_bias.defined()) grad_bias.add_(g.sum(0));
+    if (projected) grad_weight_hr.addmm_(grad_h_rows.narrow(0, 0, n).t(), h_tilde_rows.narrow(0, 0, n));
+  };
+
+  for (const StepChunk& chunk : chunks) {
+    for (int64_t s = chunk.first_s; s >= chunk.last_s; --s) {
+      const int64_t t = reverse ? T - 1 - s : s;
+      const int64_t rows = steps[t], offset = offsets[t], at_row = offset - chunk.row_begin;
+      const int64_t prev = previous_step(t, T, reverse);
+      const int64_t rows_with_prev = prev < 0 ? 0 : std::min(rows, steps[prev]);
+      const int64_t prev_offset = prev < 0 ? 0 : offsets[prev];
+
+      at::Tensor h_prev = h_prev_rows.narrow(0, at_row, rows);
+      if (rows_with_prev > 0)
+        h_prev.narrow(0, 0, rows_with_prev).copy_(output.narrow(0, prev_offset, rows_with_prev));
+      if (rows > rows_with_prev)
+        h_prev.narrow(0, rows_with_prev, rows - rows_with_prev)
+            .copy_(h0.narrow(0, rows_with_prev, rows - rows_with_prev));
+      if (recurrent_mask.defined()) h_prev.mul_(recurrent_mask.narrow(0, 0, rows));
+
+      at::Tensor step_grad_gates = grad_gates.narrow(0, at_row, rows);
+      at::Tensor dh = dh_state.narrow(0, 0, rows);
+      at::Tensor step_zoneout_h = step_rows(zoneout_hidden, offset, rows);
+      at::Tensor step_grad_h_zoneout = step_rows(grad_h_zoneout, 0, rows);
+      LstmBackwardStep step{gates.narrow(0, offset, rows),
+                            cells.narrow(0, prev_offset, rows_with_prev),
+                            rows_with_prev,
+                            c0,
+                            grad_output.narrow(0, offset, rows),
+                            dh,
+                            dc_state.narrow(0, 0, rows),
+                            step_grad_gates,
+                            at::Tensor(),
+                            step_rows(zoneout_cell, offset, rows),
+                            step_zoneout_h,
+                            step_grad_h_zoneout};
+      if (projected) {
+        // dL/dh_t is complete here; zoneout splits it between h_{t-1} and the
+        // projection's output, and the projection's input gets the rest.
+        at::Tensor step_grad_h = grad_h_rows.narrow(0, at_row, rows);
+        at::add_out(step_grad_h, grad_output.narrow(0, offset, rows), dh);
+        if (step_zoneout_h.defined()) {
+          at::mul_out(step_grad_h_zoneout, step_grad_h, step_zoneout_h);
+          step_grad_h.sub_(step_grad_h_zoneout);
+        }
+        at::Tensor step_grad_tilde = grad_tilde.narrow(0, 0, rows);
+        at::mm_out(step_grad_tilde, step_grad_h, *weight_hr);
+        step.dh_a = step_grad_tilde;
+        step.dh_b = at::Tensor();
+        step.h_tilde = h_tilde_rows.narrow(0, at_row, rows);
+        step.zoneout_hidden = at::Tensor();
+        step.grad_h_prev = at::Tensor();
+      }
+      if (ln) {
+        step.norm_hh = norm_hh.narrow(0, offset, rows);
+        step.ln_stats = ln_stats.narrow(0, offset, rows);
+        step.ln_hh_weight = ln_hh_weight;
+        step.ln_cell_weight = ln_cell_weight;
+        step.ln_cell_bias = ln_cell_bias;
+        step.grad_rec = grad_rec.narrow(0, at_row, rows);
+        step.grad_ln_cell = grad_ln_cell.narrow(0, at_row, rows);
+      }
+      kernels.backward(step);
+      recurrent_mm_out(dh, ln ? step.grad_rec : step_grad_gates, weight_hh);
+      if (recurrent_mask.defined()) dh.mul_(recurrent_mask.narrow(0, 0, rows));
+      if (step_grad_h_zoneout.defined()) dh.add_(step_grad_h_zoneout);
+    }
+    finish_chunk(chunk.row_begin, chunk.rows);
+  }
+
+  if (ln) grad_ln_gate_bias = has_bias ? grad_bias.clone() : grad_bias;
   if (!has_bias) grad_bias = empty();
   return {grad_input,     dh_state,          dc_state,          grad_weight_ih,      grad_weight_hh,     grad_bias,
           grad_weight_hr, grad_ln_ih_weight, grad_ln_hh_weight, grad_ln_gate_bias, grad_ln_cell_weight,

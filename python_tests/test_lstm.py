@@ -370,6 +370,27 @@ def test_layer_norm_layer_matches_reference(device, lengths, input_size, hidden,
         torch.testing.assert_close(a, b, **tol)
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("proj, layer_norm, regularise", [(0, False, False), (2, False, True), (0, True, True),
+                                                          (2, True, False)])
+def test_backward_over_several_chunks_matches_reference(reverse, packed, proj, layer_norm, regularise):
+    """Enough rows (1179 packed, 2400 padded) for the CPU backward to walk two or three of
+    its 1024-row chunks (lstm.cpp, kCpuChunkRows), packed ones of uneven batch sizes."""
+    lengths = [400, 350, 301, 120, 7, 1]
+    if not packed:
+        lengths = [max(lengths)] * len(lengths)
+    batch_sizes, tensors = make_layer_inputs(lengths, 2, 3, proj, "both", torch.float64, "cpu", packed=packed)
+    ln = make_layer_norm(3, torch.float64, "cpu") if layer_norm else {}
+    reg = make_regularisers(batch_sizes, tensors) if regularise else None
+    out, grads = layer_norm_outputs_and_grads(batch_sizes, tensors, ln, reverse, regularisers=reg)
+    ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, tensors, ln, reverse, backend="reference",
+                                                      regularisers=reg)
+    # 400 steps with unit-scale weights: gradients reach ~1e3 and float64 rounding grows with them.
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
+
+
 def test_layer_norm_changes_the_result_and_its_parameters_matter():
     """Guards against a kernel that ignores layer_norm: output differs from the plain LSTM, and
     every LN tensor gets a non-zero gradient."""
