@@ -297,15 +297,17 @@ def test_cuda_step_larger_than_one_grid_pass():
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
 
 
-def test_small_batch_wide_layer_splits_the_recurrent_product():
-    """Few rows and a wide layer take the CPU path that splits the per-step
-    products over threads (csrc/lstm.cpp, recurrent_addmm): values and
-    gradients must not change, and the worker threads must not see autograd."""
+@pytest.mark.parametrize("lengths", [[5, 3, 1], [5] * 20 + [3, 1]])
+def test_wide_layer_splits_the_recurrent_product(lengths):
+    """A layer wide enough (4H >= 64 columns per thread) takes the CPU path that
+    splits the per-step products over threads (csrc/lstm.cpp, recurrent_addmm),
+    with few rows and with many: values and gradients must not change, and the
+    worker threads must not see autograd."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
         for proj in (0, 129):
-            batch_sizes, tensors = make_layer_inputs([5, 3, 1], 7, 130, proj, "both", torch.float64, "cpu")
+            batch_sizes, tensors = make_layer_inputs(lengths, 7, 130, proj, "both", torch.float64, "cpu")
             for reverse in (False, True):
                 out, grads = outputs_and_grads(batch_sizes, tensors, reverse)
                 ref_out, ref_grads = outputs_and_grads(batch_sizes, tensors, reverse, backend="reference")
