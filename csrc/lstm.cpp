@@ -187,34 +187,21 @@ bool split_by_columns(const at::Tensor& out, int64_t n, int64_t threads) {
   return out.is_cpu() && threads > 1 && n >= 64 * threads;
 }
 
-// out (rows, n) += a (rows, k) @ b (k, n), b a transposed weight: the
-// per-step recurrent product. Split (see above), each thread takes its own
-// block of b's columns (a contiguous block of the weight's rows), which then
-// stays in that core's caches from one step to the next.
-void recurrent_addmm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+// out (rows, n) = beta * out + a (rows, k) @ b (k, n), b often a transposed
+// weight (beta 0 or 1; with 0 whatever out held is ignored). Split (see
+// above), each thread takes its own block of b's columns (for a transposed
+// weight, a contiguous block of the weight's rows), which then stays in that
+// core's caches from one step to the next.
+void split_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta = 1.0) {
   const int64_t n = b.size(1);
   const int64_t threads = at::get_num_threads();
   if (!split_by_columns(out, n, threads)) {
-    out.addmm_(a, b);
+    out.addmm_(a, b, beta);
     return;
   }
   for_column_blocks(n, threads, [&](int64_t c0, int64_t c1) {
     at::Tensor out_block = out.narrow(1, c0, c1 - c0);
-    out_block.addmm_(a, b.narrow(1, c0, c1 - c0));
-  });
-}
-
-// out (rows, n) = a (rows, k) @ b (k, n), split over b's columns as above.
-void recurrent_mm_out(at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  const int64_t n = b.size(1);
-  const int64_t threads = at::get_num_threads();
-  if (!split_by_columns(out, n, threads)) {
-    at::mm_out(out, a, b);
-    return;
-  }
-  for_column_blocks(n, threads, [&](int64_t c0, int64_t c1) {
-    at::Tensor out_block = out.narrow(1, c0, c1 - c0);
-    at::mm_out(out_block, a, b.narrow(1, c0, c1 - c0));
+    out_block.addmm_(a, b.narrow(1, c0, c1 - c0), beta);
   });
 }
 
@@ -337,9 +324,9 @@ LstmForwardResult lstm_forward_impl(
     // it joins the gates, so it gets its own rows.
     at::Tensor step_rec = ln ? norm_hh.narrow(0, offset, rows) : at::Tensor();
     if (ln)
-      recurrent_mm_out(step_rec, h_in, weight_hh_t);
+      split_addmm_(step_rec, h_in, weight_hh_t, 0.0);
     else
-      recurrent_addmm(step_gates, h_in, weight_hh_t);
+      split_addmm_(step_gates, h_in, weight_hh_t);
     at::Tensor step_out = output.narrow(0, offset, rows);
     LstmForwardStep step{step_gates,
                          c_state.narrow(0, 0, rows),
@@ -442,13 +429,17 @@ LstmBackwardResult lstm_backward_impl(
   // z * dL/dh_t: what zoneout passes straight on to h_{t-1}.
   at::Tensor grad_h_zoneout = zoneout_hidden.defined() ? at::empty({B, P}, options) : at::Tensor();
 
-  // The results: grad_input row block by row block, the rest summed over the chunks.
+  // The results: grad_input row block by row block, the rest summed over the
+  // chunks (the first chunk's terms are written, not added to zeros).
   const int64_t I = input.size(1);
   at::Tensor grad_input = at::empty({N, I}, options);
-  at::Tensor grad_weight_ih = at::zeros({4 * H, I}, options);
-  at::Tensor grad_weight_hh = at::zeros({4 * H, P}, options);
-  at::Tensor grad_bias = has_bias || ln ? at::zeros({4 * H}, options) : at::Tensor();
-  at::Tensor grad_weight_hr = projected ? at::zeros({P, H}, options) : at::empty({0}, options);
+  const auto sum_of_chunks = [&](at::IntArrayRef size) {  // zeros when there is no chunk
+    return N > 0 ? at::empty(size, options) : at::zeros(size, options);
+  };
+  at::Tensor grad_weight_ih = sum_of_chunks({4 * H, I});
+  at::Tensor grad_weight_hh = sum_of_chunks({4 * H, P});
+  at::Tensor grad_bias = has_bias || ln ? sum_of_chunks({4 * H}) : at::Tensor();
+  at::Tensor grad_weight_hr = projected ? sum_of_chunks({P, H}) : at::empty({0}, options);
   // Empty results are distinct tensors: outputs of an op must not alias.
   const auto empty = [&] { return at::empty({0}, options); };
   at::Tensor grad_ln_ih_weight = empty(), grad_ln_hh_weight = empty(), grad_ln_gate_bias = empty();
@@ -461,6 +452,7 @@ LstmBackwardResult lstm_backward_impl(
   }
 
   // The GEMMs and sums of one finished chunk, over its rows [lo, lo + n).
+  bool first_chunk = true;
   const auto finish_chunk = [&](int64_t lo, int64_t n) {
     const at::Tensor g = grad_gates.narrow(0, 0, n);
     at::Tensor grad_product = g;  // dL/d(x W_ih^T)
@@ -483,11 +475,19 @@ LstmBackwardResult lstm_backward_impl(
       grad_ln_cell_bias.add_(cell_terms.narrow(0, H, H));
     }
     at::Tensor grad_input_rows = grad_input.narrow(0, lo, n);
+    // Left to the BLAS's threading: split as split_addmm_ splits the
+    // recurrent product, these (and the forward's input product) measured
+    // 4-6% slower at the uni-LSTM and cell-loop bench shapes.
     at::mm_out(grad_input_rows, grad_product, weight_ih);
-    grad_weight_ih.addmm_(grad_product.t(), input.narrow(0, lo, n));
-    grad_weight_hh.addmm_((ln ? grad_rec.narrow(0, 0, n) : g).t(), h_prev_rows.narrow(0, 0, n));
-    if (grad_bias.defined()) grad_bias.add_(g.sum(0));
-    if (projected) grad_weight_hr.addmm_(grad_h_rows.narrow(0, 0, n).t(), h_tilde_rows.narrow(0, 0, n));
+    const double beta = first_chunk ? 0.0 : 1.0;  // beta = 0: whatever the buffer held is ignored
+    grad_weight_ih.addmm_(grad_product.t(), input.narrow(0, lo, n), beta);
+    grad_weight_hh.addmm_((ln ? grad_rec.narrow(0, 0, n) : g).t(), h_prev_rows.narrow(0, 0, n), beta);
+    if (projected) grad_weight_hr.addmm_(grad_h_rows.narrow(0, 0, n).t(), h_tilde_rows.narrow(0, 0, n), beta);
+    if (grad_bias.defined() && first_chunk)
+      at::sum_out(grad_bias, g, {0});
+    else if (grad_bias.defined())
+      grad_bias.add_(g.sum(0));
+    first_chunk = false;
   };
 
   for (const StepChunk& chunk : chunks) {
@@ -549,7 +549,7 @@ LstmBackwardResult lstm_backward_impl(
         step.grad_ln_cell = grad_ln_cell.narrow(0, at_row, rows);
       }
       kernels.backward(step);
-      recurrent_mm_out(dh, ln ? step.grad_rec : step_grad_gates, weight_hh);
+      split_addmm_(dh, ln ? step.grad_rec : step_grad_gates, weight_hh, 0.0);
       if (recurrent_mask.defined()) dh.mul_(recurrent_mask.narrow(0, 0, rows));
       if (step_grad_h_zoneout.defined()) dh.add_(step_grad_h_zoneout);
     }

@@ -300,7 +300,7 @@ def test_cuda_step_larger_than_one_grid_pass():
 @pytest.mark.parametrize("lengths", [[5, 3, 1], [5] * 20 + [3, 1]])
 def test_wide_layer_splits_the_recurrent_product(lengths):
     """A layer wide enough (4H >= 64 columns per thread) takes the CPU path that
-    splits the per-step products over threads (csrc/lstm.cpp, recurrent_addmm),
+    splits the per-step products over threads (csrc/lstm.cpp, split_addmm_),
     with few rows and with many: values and gradients must not change, and the
     worker threads must not see autograd."""
     threads = torch.get_num_threads()
