@@ -19,7 +19,7 @@ namespace {
 
 // Activations in the storage type's arithmetic: float rows get float's
 // 8-lane exp (within a few ulp, as torch's own vectorised sigmoid and tanh),
-// double rows double's. The layer-norm kernels work in double throughout.
+// double rows double's; the layer-norm kernels too, but for their row sums.
 __attribute__((always_inline)) inline double sigmoid(double x) { return 1.0 / (1.0 + vmath_detail::exp_one(-x)); }
 __attribute__((always_inline)) inline double tanh_(double x) { return 1.0 - 2.0 / (1.0 + vmath_detail::exp_one(2.0 * x)); }
 __attribute__((always_inline)) inline float sigmoid(float x) {
@@ -171,9 +171,10 @@ __attribute__((always_inline)) inline void backward_row_impl(int64_t H, const Ba
 
 // Layer normalisation (see LstmLayerNorm in csrc/lstm.h). The row kernels
 // below run in passes over the row, since each normalisation needs the row's
-// statistics first; the per-unit values that later passes reuse live in a
-// double scratch row (forward: 2H, backward: 4H) so float32 rows get the
-// same double arithmetic as the plain kernels.
+// statistics first, and, like the plain kernels, in the storage type's
+// arithmetic; only the statistics (sums over a row) are accumulated in
+// double. Per-unit values that later passes reuse live in a scratch row
+// (forward: H, backward: 4H).
 template <typename scalar_t>
 struct LayerNormRow {
   scalar_t* norm_hh;  // (4H) recurrent product in, normalised out (forward); normalised in (backward)
@@ -184,7 +185,7 @@ struct LayerNormRow {
   scalar_t* stats;          // [rstd_ih, rstd_hh, mean_cell, rstd_cell]
   scalar_t* grad_rec;       // (4H) backward only
   scalar_t* grad_ln_cell;   // (2H) backward only
-  double* scratch;
+  scalar_t* scratch;
 };
 
 // Mean and 1 / sqrt(biased variance + eps) of n values, in two passes (the
@@ -206,10 +207,30 @@ __attribute__((always_inline)) inline void mean_rstd(int64_t n, const T* __restr
   rstd = 1.0 / std::sqrt(sq / n + kLstmLayerNormEps);
 }
 
+// sum_u d_u and sum_u d_u * n_u, d_u = a_u * b_u, in double.
+template <typename T>
+__attribute__((always_inline)) inline void product_sums(int64_t n, const T* __restrict a, const T* __restrict b,
+                                                        const T* __restrict norm, double& sum_d, double& sum_dn) {
+  double sd = 0, sdn = 0;
+#pragma omp simd reduction(+ : sd, sdn)
+  for (int64_t u = 0; u < n; ++u) {
+    const double d = double(a[u]) * b[u];
+    sd += d;
+    sdn += d * norm[u];
+  }
+  sum_d = sd;
+  sum_dn = sdn;
+}
+
 template <typename scalar_t, bool kZoneout>
 __attribute__((always_inline)) inline void forward_row_ln_impl(int64_t H, const ForwardRow<scalar_t>& r,
                                                                const LayerNormRow<scalar_t>& l) {
+  const int64_t G = 4 * H;
   scalar_t* __restrict gates = r.gates;
+  scalar_t* __restrict gi = r.gates;
+  scalar_t* __restrict gf = r.gates + H;
+  scalar_t* __restrict gg = r.gates + 2 * H;
+  scalar_t* __restrict go = r.gates + 3 * H;
   scalar_t* __restrict rec = l.norm_hh;
   const scalar_t* __restrict w_hh = l.hh_weight;
   const scalar_t* __restrict b_hh = l.hh_bias;
@@ -220,44 +241,49 @@ __attribute__((always_inline)) inline void forward_row_ln_impl(int64_t H, const 
   scalar_t* __restrict h_out = r.h_out;
   const scalar_t* __restrict zc = r.zoneout_cell;
   const scalar_t* __restrict zh = r.zoneout_hidden;
-  const scalar_t* h_prev = r.h_state;
-  double* __restrict c_new_row = l.scratch;
-  double* __restrict o_row = l.scratch + H;
-  double mean_hh, rstd_hh;
-  mean_rstd(4 * H, rec, mean_hh, rstd_hh);
-  for (int64_t j = 0; j < H; ++j) {
-    double pre[4];
-    for (int k = 0; k < 4; ++k) {
-      const int64_t u = k * H + j;
-      const double n = (rec[u] - mean_hh) * rstd_hh;
-      rec[u] = static_cast<scalar_t>(n);
-      pre[k] = gates[u] + (w_hh[u] * n + b_hh[u]);
+  const scalar_t* h_prev = r.h_state;  // read before the copy below overwrites it
+  scalar_t* __restrict c_new_row = l.scratch;  // c~_t, before zoneout
+  double mean_hh_d, rstd_hh_d;
+  mean_rstd(G, rec, mean_hh_d, rstd_hh_d);
+  const scalar_t mean_hh = static_cast<scalar_t>(mean_hh_d), rstd_hh = static_cast<scalar_t>(rstd_hh_d);
+  for_units<scalar_t>(G, [&](auto as, int64_t u) {  // LN_hh, added to the pre-activations
+    typedef typename decltype(as)::type V;
+    const V n = (load<V>(rec + u) - mean_hh) * rstd_hh;
+    store(rec + u, n);
+    store(gates + u, load<V>(gates + u) + (load<V>(w_hh + u) * n + load<V>(b_hh + u)));
+  });
+  for (int64_t j = 0; j < H; ++j) gi[j] = sigmoid(gi[j]);
+  for (int64_t j = 0; j < H; ++j) gf[j] = sigmoid(gf[j]);
+  for (int64_t j = 0; j < H; ++j) gg[j] = tanh_(gg[j]);
+  for (int64_t j = 0; j < H; ++j) go[j] = sigmoid(go[j]);
+  for_units<scalar_t>(H, [&](auto as, int64_t j) {
+    typedef typename decltype(as)::type V;
+    const V c_prev = load<V>(c_state + j);
+    const V c_new = load<V>(gf + j) * c_prev + load<V>(gi + j) * load<V>(gg + j);
+    store(c_new_row + j, c_new);
+    V c = c_new;
+    if (kZoneout) {
+      const V z = load<V>(zc + j);
+      c = z * c_prev + (scalar_t(1) - z) * c_new;
     }
-    const double i = sigmoid(pre[0]), f = sigmoid(pre[1]), g = tanh_(pre[2]), o = sigmoid(pre[3]);
-    const double c_prev = c_state[j];
-    const double c_new = f * c_prev + i * g;
-    const double c = kZoneout ? zc[j] * c_prev + (1.0 - zc[j]) * c_new : c_new;
-    gates[j] = static_cast<scalar_t>(i);
-    gates[H + j] = static_cast<scalar_t>(f);
-    gates[2 * H + j] = static_cast<scalar_t>(g);
-    gates[3 * H + j] = static_cast<scalar_t>(o);
-    c_state[j] = cells[j] = static_cast<scalar_t>(c);
-    c_new_row[j] = c_new;
-    o_row[j] = o;
-  }
-  double mean_c, rstd_c;
-  mean_rstd(H, c_new_row, mean_c, rstd_c);
-  for (int64_t j = 0; j < H; ++j) {
-    const double y = w_c[j] * ((c_new_row[j] - mean_c) * rstd_c) + b_c[j];
-    double h = o_row[j] * tanh_(y);
-    if (kZoneout && zh != nullptr) h = zh[j] * double(h_prev[j]) + (1.0 - zh[j]) * h;
-    h_out[j] = static_cast<scalar_t>(h);
-  }
+    store(c_state + j, c);
+    store(cells + j, c);
+  });
+  double mean_c_d, rstd_c_d;
+  mean_rstd(H, c_new_row, mean_c_d, rstd_c_d);
+  const scalar_t mean_c = static_cast<scalar_t>(mean_c_d), rstd_c = static_cast<scalar_t>(rstd_c_d);
+  for_units<scalar_t>(H, [&](auto as, int64_t j) {  // y = LN_cell(c~_t), kept in h_out until the next pass
+    typedef typename decltype(as)::type V;
+    store(h_out + j, load<V>(w_c + j) * ((load<V>(c_new_row + j) - mean_c) * rstd_c) + load<V>(b_c + j));
+  });
+  for (int64_t j = 0; j < H; ++j) h_out[j] = go[j] * tanh_(h_out[j]);
+  if (kZoneout && zh != nullptr)
+    for (int64_t j = 0; j < H; ++j) h_out[j] = zh[j] * h_prev[j] + (scalar_t(1) - zh[j]) * h_out[j];
   if (r.h_state != nullptr)
     for (int64_t j = 0; j < H; ++j) r.h_state[j] = h_out[j];
-  l.stats[1] = static_cast<scalar_t>(rstd_hh);
-  l.stats[2] = static_cast<scalar_t>(mean_c);
-  l.stats[3] = static_cast<scalar_t>(rstd_c);
+  l.stats[1] = rstd_hh;
+  l.stats[2] = mean_c;
+  l.stats[3] = rstd_c;
 }
 
 // LN backward of one row: given d = gain * dL/dy, y = LN(x), and n the
@@ -265,6 +291,7 @@ __attribute__((always_inline)) inline void forward_row_ln_impl(int64_t H, const 
 template <typename scalar_t, bool kTwoGradSources, bool kWriteTilde, bool kZoneout>
 __attribute__((always_inline)) inline void backward_row_ln_impl(int64_t H, const BackwardRow<scalar_t>& r,
                                                                 const LayerNormRow<scalar_t>& l) {
+  const int64_t G = 4 * H;
   const scalar_t* __restrict gates = r.gates;
   const scalar_t* __restrict c_prev = r.c_prev;
   const scalar_t* __restrict dh_a = r.dh_a;
@@ -281,65 +308,68 @@ __attribute__((always_inline)) inline void backward_row_ln_impl(int64_t H, const
   const scalar_t* __restrict b_c = l.cell_bias;
   scalar_t* __restrict grad_rec = l.grad_rec;
   scalar_t* __restrict grad_ln_cell = l.grad_ln_cell;
-  double* __restrict d_row = l.scratch;           // cell_weight * dL/dy
-  double* __restrict n_row = l.scratch + H;       // normalised c~
-  double* __restrict tc_row = l.scratch + 2 * H;  // tanh(y)
-  double* __restrict dh_row = l.scratch + 3 * H;  // dL/dh~ (zoneout's share taken out)
-  const double rstd_hh = l.stats[1], mean_c = l.stats[2], rstd_c = l.stats[3];
-  for (int64_t j = 0; j < H; ++j) {
-    const double i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
-    const double n = ((f * c_prev[j] + i * g) - mean_c) * rstd_c;
-    const double tc = tanh_(w_c[j] * n + b_c[j]);
-    double dh = kTwoGradSources ? double(dh_a[j]) + double(dh_b[j]) : double(dh_a[j]);
+  scalar_t* __restrict d_row = l.scratch;           // cell_weight * dL/dy
+  scalar_t* __restrict n_row = l.scratch + H;       // normalised c~
+  scalar_t* __restrict tc_row = l.scratch + 2 * H;  // y, then tanh(y)
+  scalar_t* __restrict dh_row = l.scratch + 3 * H;  // dL/dh~ (zoneout's share taken out)
+  const scalar_t rstd_hh = l.stats[1], mean_c = l.stats[2], rstd_c = l.stats[3];
+  const scalar_t one = 1;
+  for_units<scalar_t>(H, [&](auto as, int64_t j) {  // c~_t recomputed, normalised
+    typedef typename decltype(as)::type V;
+    const V i = load<V>(gates + j), f = load<V>(gates + H + j), g = load<V>(gates + 2 * H + j);
+    const V n = ((f * load<V>(c_prev + j) + i * g) - mean_c) * rstd_c;
+    store(n_row + j, n);
+    store(tc_row + j, load<V>(w_c + j) * n + load<V>(b_c + j));
+  });
+  for (int64_t j = 0; j < H; ++j) tc_row[j] = tanh_(tc_row[j]);
+  for_units<scalar_t>(H, [&](auto as, int64_t j) {
+    typedef typename decltype(as)::type V;
+    const V o = load<V>(gates + 3 * H + j), tc = load<V>(tc_row + j), n = load<V>(n_row + j);
+    V dh = kTwoGradSources ? load<V>(dh_a + j) + load<V>(dh_b + j) : load<V>(dh_a + j);
     if (kZoneout && zh != nullptr) {
-      const double to_prev = zh[j] * dh;
-      grad_h_prev[j] = static_cast<scalar_t>(to_prev);
+      const V to_prev = load<V>(zh + j) * dh;
+      store(grad_h_prev + j, to_prev);
       dh -= to_prev;
     }
-    const double dy = dh * o * (1.0 - tc * tc);
-    grad_ln_cell[j] = static_cast<scalar_t>(dy * n);
-    grad_ln_cell[H + j] = static_cast<scalar_t>(dy);
-    d_row[j] = dy * w_c[j];
-    n_row[j] = n;
-    tc_row[j] = tc;
-    dh_row[j] = dh;
-  }
+    const V dy = dh * o * (one - tc * tc);
+    store(grad_ln_cell + j, dy * n);
+    store(grad_ln_cell + H + j, dy);
+    store(d_row + j, dy * load<V>(w_c + j));
+    store(dh_row + j, dh);
+  });
   double sum_d = 0, sum_dn = 0;
 #pragma omp simd reduction(+ : sum_d, sum_dn)
   for (int64_t j = 0; j < H; ++j) {
     sum_d += d_row[j];
-    sum_dn += d_row[j] * n_row[j];
+    sum_dn += double(d_row[j]) * n_row[j];
   }
-  const double mean_d = sum_d / H, mean_dn = sum_dn / H;
-  for (int64_t j = 0; j < H; ++j) {
-    const double i = gates[j], f = gates[H + j], g = gates[2 * H + j], o = gates[3 * H + j];
-    const double cp = c_prev[j], tc = tc_row[j];
-    double dc_carry = dc_state[j];
-    double dc_zone = 0.0;
+  const scalar_t mean_d = static_cast<scalar_t>(sum_d / H), mean_dn = static_cast<scalar_t>(sum_dn / H);
+  for_units<scalar_t>(H, [&](auto as, int64_t j) {
+    typedef typename decltype(as)::type V;
+    const V i = load<V>(gates + j), f = load<V>(gates + H + j), g = load<V>(gates + 2 * H + j);
+    const V o = load<V>(gates + 3 * H + j), cp = load<V>(c_prev + j), tc = load<V>(tc_row + j);
+    V dc_carry = load<V>(dc_state + j);
+    V dc_zone = V{};
     if (kZoneout) {
-      dc_zone = zc[j] * dc_carry;
+      dc_zone = load<V>(zc + j) * dc_carry;
       dc_carry -= dc_zone;
     }
-    const double dc = dc_carry + rstd_c * (d_row[j] - mean_d - n_row[j] * mean_dn);
-    grad_gates[j] = static_cast<scalar_t>(dc * g * i * (1.0 - i));
-    grad_gates[H + j] = static_cast<scalar_t>(dc * cp * f * (1.0 - f));
-    grad_gates[2 * H + j] = static_cast<scalar_t>(dc * i * (1.0 - g * g));
-    grad_gates[3 * H + j] = static_cast<scalar_t>(dh_row[j] * tc * o * (1.0 - o));
-    dc_state[j] = static_cast<scalar_t>(dc * f + dc_zone);
-    if (kWriteTilde) h_tilde[j] = static_cast<scalar_t>(o * tc);
-  }
+    const V dc = dc_carry + rstd_c * (load<V>(d_row + j) - mean_d - load<V>(n_row + j) * mean_dn);
+    store(grad_gates + j, dc * g * i * (one - i));
+    store(grad_gates + H + j, dc * cp * f * (one - f));
+    store(grad_gates + 2 * H + j, dc * i * (one - g * g));
+    store(grad_gates + 3 * H + j, load<V>(dh_row + j) * tc * o * (one - o));
+    store(dc_state + j, dc * f + dc_zone);
+    if (kWriteTilde) store(h_tilde + j, o * tc);
+  });
   // Through LN_hh: the recurrent product's gradient, from the stored gate gradients.
-  const int64_t G = 4 * H;
-  double sum_g = 0, sum_gn = 0;
-#pragma omp simd reduction(+ : sum_g, sum_gn)
-  for (int64_t u = 0; u < G; ++u) {
-    const double d = double(grad_gates[u]) * w_hh[u];
-    sum_g += d;
-    sum_gn += d * rec[u];
-  }
-  const double mean_g = sum_g / G, mean_gn = sum_gn / G;
-  for (int64_t u = 0; u < G; ++u)
-    grad_rec[u] = static_cast<scalar_t>(rstd_hh * (double(grad_gates[u]) * w_hh[u] - mean_g - rec[u] * mean_gn));
+  double sum_g, sum_gn;
+  product_sums(G, grad_gates, w_hh, rec, sum_g, sum_gn);
+  const scalar_t mean_g = static_cast<scalar_t>(sum_g / G), mean_gn = static_cast<scalar_t>(sum_gn / G);
+  for_units<scalar_t>(G, [&](auto as, int64_t u) {
+    typedef typename decltype(as)::type V;
+    store(grad_rec + u, rstd_hh * (load<V>(grad_gates + u) * load<V>(w_hh + u) - mean_g - load<V>(rec + u) * mean_gn));
+  });
 }
 
 // out = rstd * (d - mean(d) - n * mean(d * n)), d = grad * gain, over one
@@ -348,17 +378,15 @@ template <typename scalar_t>
 __attribute__((always_inline)) inline void layer_norm_backward_row_impl(int64_t G, const scalar_t* __restrict grad,
                                                                         const scalar_t* __restrict norm,
                                                                         const scalar_t* __restrict gain,
-                                                                        double rstd, scalar_t* __restrict out) {
-  double sum_d = 0, sum_dn = 0;
-#pragma omp simd reduction(+ : sum_d, sum_dn)
-  for (int64_t u = 0; u < G; ++u) {
-    const double d = double(grad[u]) * gain[u];
-    sum_d += d;
-    sum_dn += d * norm[u];
-  }
-  const double mean_d = sum_d / G, mean_dn = sum_dn / G;
-  for (int64_t u = 0; u < G; ++u)
-    out[u] = static_cast<scalar_t>(rstd * (double(grad[u]) * gain[u] - mean_d - norm[u] * mean_dn));
+                                                                        double rstd_d, scalar_t* __restrict out) {
+  double sum_d, sum_dn;
+  product_sums(G, grad, gain, norm, sum_d, sum_dn);
+  const scalar_t mean_d = static_cast<scalar_t>(sum_d / G), mean_dn = static_cast<scalar_t>(sum_dn / G);
+  const scalar_t rstd = static_cast<scalar_t>(rstd_d);
+  for_units<scalar_t>(G, [&](auto as, int64_t u) {
+    typedef typename decltype(as)::type V;
+    store(out + u, rstd * (load<V>(grad + u) * load<V>(gain + u) - mean_d - load<V>(norm + u) * mean_dn));
+  });
 }
 
 // Each function is compiled for AVX2+FMA and the baseline ISA (see
@@ -448,7 +476,7 @@ void forward_step_cpu(const LstmForwardStep& s) {
     TORCH_CHECK(!ln || (stats && hh_w && hh_b && cell_w && cell_b && s.ln_stats.scalar_type() == s.gates.scalar_type()),
                 "fastnlp.lstm: a layer-norm step needs all of its tensors");
     at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
-      std::vector<double> scratch(ln ? 2 * H : 0);
+      std::vector<scalar_t> scratch(ln ? H : 0);
       for (int64_t r = r0; r < r1; ++r) {
         const ForwardRow<scalar_t> row{gates + r * 4 * H,         c_state + r * H,       cells + r * H,
                                        h_out + r * H,             row_or_null(h_state, r, H), row_or_null(zc, r, H),
@@ -495,7 +523,7 @@ void backward_step_cpu(const LstmBackwardStep& s) {
                         s.ln_stats.scalar_type() == s.gates.scalar_type()),
                 "fastnlp.lstm: a layer-norm step needs all of its tensors");
     at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
-      std::vector<double> scratch(ln ? 4 * H : 0);
+      std::vector<scalar_t> scratch(ln ? 4 * H : 0);
       for (int64_t r = r0; r < r1; ++r) {
         // A row whose first step this is reads c0.
         const scalar_t* prev_row = r < s.rows_with_prev ? c_prev + r * H : c0 + r * H;

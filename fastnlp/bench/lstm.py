@@ -107,8 +107,9 @@ def _cell_loop(cell, x):
 
 # Layer-norm LSTM gradients in float32 are poorly conditioned at these sizes
 # (|grad| up to ~8e3 for a sum loss): against float64, the float32 reference
-# is off by 2.3e-3 and fastnlp by 3.7e-3 of each tensor's largest entry
-# (uni B=64 T=128 H=512), so such results are compared relative to that.
+# is off by 2.3e-3 to 3.6e-3 and fastnlp by 3.5e-3 to 3.7e-3 of each tensor's
+# largest entry (uni B=64 T=128 H=512, two measurements), so such results are
+# compared relative to that.
 SCALED_TOLERANCE = 1e-2
 
 
