@@ -366,10 +366,27 @@ def test_layer_norm_layer_matches_reference(device, lengths, input_size, hidden,
     out, grads = layer_norm_outputs_and_grads(batch_sizes, tensors, ln, reverse, regularisers=reg)
     ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, tensors, ln, reverse, backend="reference",
                                                       regularisers=reg)
-    # LN divides by the spread of a handful of values: float32 loses a little more than without it.
-    tol = TOLERANCES[dtype] if dtype == torch.float64 else dict(rtol=1e-3, atol=1e-4)
-    for a, b in zip(out + grads, ref_out + ref_grads):
-        torch.testing.assert_close(a, b, **tol)
+    if dtype == torch.float64:
+        for a, b in zip(out + grads, ref_out + ref_grads):
+            torch.testing.assert_close(a, b, **TOLERANCES[dtype])
+        return
+    # float32: LN over a handful of units (hidden >= 1 here) is badly conditioned, and both the
+    # kernel and the float32 reference then stray from the exact result by up to ~3e-4 of a
+    # tensor's largest entry (or, for tensors that are ~0 by cancellation, of 1). So each is
+    # measured against float64 on the same (rounded) values, and the kernel must be about as
+    # accurate as the reference.
+    def double(values):
+        return {k: (v.detach().double().requires_grad_(v.requires_grad) if v is not None else None)
+                for k, v in values.items()}
+
+    exact_out, exact_grads = layer_norm_outputs_and_grads(
+        batch_sizes, double(tensors), double(ln), reverse, backend="reference",
+        regularisers=double(reg) if reg is not None else None)
+    for ours, ref, exact in zip(out + grads, ref_out + ref_grads, exact_out + exact_grads):
+        scale = exact.abs().max().clamp_min(1.0)
+        ours_error = ((ours.double() - exact).abs().max() / scale).item()
+        ref_error = ((ref.double() - exact).abs().max() / scale).item()
+        assert ours_error <= 10 * ref_error + 2e-5, (ours_error, ref_error)
 
 
 @pytest.mark.parametrize("reverse", [False, True])
