@@ -85,39 +85,48 @@ struct BackwardRow {
   scalar_t* grad_h_prev;
 };
 
-// The optional parts are template flags, so each variant's loop has no
-// branches and vectorises; the caller picks the variant once per row.
+// The first passes of a forward row: the activations, each gate block in a
+// loop of its own, then the cell: c_t into c_state and cells, and c~_t (the
+// cell before zoneout) into c_new. Each pass vectorises; one loop doing all
+// of a unit's work did not.
 template <typename scalar_t, bool kZoneout>
-__attribute__((always_inline)) inline void forward_row_impl(int64_t H, const ForwardRow<scalar_t>& r) {
+__attribute__((always_inline)) inline void activate_and_update_cell(int64_t H, const ForwardRow<scalar_t>& r,
+                                                                    scalar_t* __restrict c_new) {
   scalar_t* __restrict gi = r.gates;
   scalar_t* __restrict gf = r.gates + H;
   scalar_t* __restrict gg = r.gates + 2 * H;
   scalar_t* __restrict go = r.gates + 3 * H;
   scalar_t* __restrict c_state = r.c_state;
   scalar_t* __restrict cells = r.cells;
-  scalar_t* __restrict h_out = r.h_out;
   const scalar_t* __restrict zc = r.zoneout_cell;
-  const scalar_t* __restrict zh = r.zoneout_hidden;
-  const scalar_t* h_prev = r.h_state;  // read before the copy below overwrites it
-  // In passes: the activations, each gate block in a loop of its own, then
-  // the cell. Each pass vectorises; one loop doing all of a unit's work did not.
   for (int64_t j = 0; j < H; ++j) gi[j] = sigmoid(gi[j]);
   for (int64_t j = 0; j < H; ++j) gf[j] = sigmoid(gf[j]);
   for (int64_t j = 0; j < H; ++j) gg[j] = tanh_(gg[j]);
   for (int64_t j = 0; j < H; ++j) go[j] = sigmoid(go[j]);
-  for_units<scalar_t>(H, [&](auto as, int64_t j) {  // c_t, kept in h_out until the next pass
+  for_units<scalar_t>(H, [&](auto as, int64_t j) {
     typedef typename decltype(as)::type V;
     const V c_prev = load<V>(c_state + j);
-    const V c_new = load<V>(gf + j) * c_prev + load<V>(gi + j) * load<V>(gg + j);
-    store(h_out + j, c_new);
-    V c = c_new;
+    const V c_tilde = load<V>(gf + j) * c_prev + load<V>(gi + j) * load<V>(gg + j);
+    store(c_new + j, c_tilde);
+    V c = c_tilde;
     if (kZoneout) {
       const V z = load<V>(zc + j);
-      c = z * c_prev + (scalar_t(1) - z) * c_new;
+      c = z * c_prev + (scalar_t(1) - z) * c_tilde;
     }
     store(c_state + j, c);
     store(cells + j, c);
   });
+}
+
+// The optional parts are template flags, so each variant's loop has no
+// branches and vectorises; the caller picks the variant once per row.
+template <typename scalar_t, bool kZoneout>
+__attribute__((always_inline)) inline void forward_row_impl(int64_t H, const ForwardRow<scalar_t>& r) {
+  const scalar_t* go = r.gates + 3 * H;  // not restrict: activate_and_update_cell writes it
+  scalar_t* __restrict h_out = r.h_out;
+  const scalar_t* __restrict zh = r.zoneout_hidden;
+  const scalar_t* h_prev = r.h_state;  // read before the copy below overwrites it
+  activate_and_update_cell<scalar_t, kZoneout>(H, r, h_out);  // c~_t kept in h_out until the next pass
   for (int64_t j = 0; j < H; ++j) h_out[j] = go[j] * tanh_(h_out[j]);
   if (kZoneout && zh != nullptr)
     for (int64_t j = 0; j < H; ++j) h_out[j] = zh[j] * h_prev[j] + (scalar_t(1) - zh[j]) * h_out[j];
@@ -226,20 +235,15 @@ template <typename scalar_t, bool kZoneout>
 __attribute__((always_inline)) inline void forward_row_ln_impl(int64_t H, const ForwardRow<scalar_t>& r,
                                                                const LayerNormRow<scalar_t>& l) {
   const int64_t G = 4 * H;
-  scalar_t* __restrict gates = r.gates;
-  scalar_t* __restrict gi = r.gates;
-  scalar_t* __restrict gf = r.gates + H;
-  scalar_t* __restrict gg = r.gates + 2 * H;
-  scalar_t* __restrict go = r.gates + 3 * H;
+  // Not restrict: the gates are written here and by activate_and_update_cell.
+  scalar_t* gates = r.gates;
+  const scalar_t* go = r.gates + 3 * H;
   scalar_t* __restrict rec = l.norm_hh;
   const scalar_t* __restrict w_hh = l.hh_weight;
   const scalar_t* __restrict b_hh = l.hh_bias;
   const scalar_t* __restrict w_c = l.cell_weight;
   const scalar_t* __restrict b_c = l.cell_bias;
-  scalar_t* __restrict c_state = r.c_state;
-  scalar_t* __restrict cells = r.cells;
   scalar_t* __restrict h_out = r.h_out;
-  const scalar_t* __restrict zc = r.zoneout_cell;
   const scalar_t* __restrict zh = r.zoneout_hidden;
   const scalar_t* h_prev = r.h_state;  // read before the copy below overwrites it
   scalar_t* __restrict c_new_row = l.scratch;  // c~_t, before zoneout
@@ -252,23 +256,7 @@ __attribute__((always_inline)) inline void forward_row_ln_impl(int64_t H, const 
     store(rec + u, n);
     store(gates + u, load<V>(gates + u) + (load<V>(w_hh + u) * n + load<V>(b_hh + u)));
   });
-  for (int64_t j = 0; j < H; ++j) gi[j] = sigmoid(gi[j]);
-  for (int64_t j = 0; j < H; ++j) gf[j] = sigmoid(gf[j]);
-  for (int64_t j = 0; j < H; ++j) gg[j] = tanh_(gg[j]);
-  for (int64_t j = 0; j < H; ++j) go[j] = sigmoid(go[j]);
-  for_units<scalar_t>(H, [&](auto as, int64_t j) {
-    typedef typename decltype(as)::type V;
-    const V c_prev = load<V>(c_state + j);
-    const V c_new = load<V>(gf + j) * c_prev + load<V>(gi + j) * load<V>(gg + j);
-    store(c_new_row + j, c_new);
-    V c = c_new;
-    if (kZoneout) {
-      const V z = load<V>(zc + j);
-      c = z * c_prev + (scalar_t(1) - z) * c_new;
-    }
-    store(c_state + j, c);
-    store(cells + j, c);
-  });
+  activate_and_update_cell<scalar_t, kZoneout>(H, r, c_new_row);
   double mean_c_d, rstd_c_d;
   mean_rstd(H, c_new_row, mean_c_d, rstd_c_d);
   const scalar_t mean_c = static_cast<scalar_t>(mean_c_d), rstd_c = static_cast<scalar_t>(rstd_c_d);
