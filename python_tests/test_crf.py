@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import fastnlp
 from fastnlp import ops
+from fastnlp.nn import allowed_transitions
 from fastnlp.reference import crf as reference
 
 NEG_INF = float("-inf")
@@ -381,8 +382,8 @@ def test_errors_name_the_argument():
         ops.crf_log_likelihood(emissions, tags[:1], start, end, trans)
     with pytest.raises(ValueError, match="tags must be an integer tensor"):
         ops.crf_log_likelihood(emissions, tags.double(), start, end, trans)
-    with pytest.raises(ValueError, match="emissions must be a floating-point"):
-        ops.crf_log_partition(emissions.long(), start, end, trans)
+    with pytest.raises(ValueError, match="emissions must be a real tensor"):
+        ops.crf_log_partition(emissions.to(torch.complex64), start, end, trans)
     with pytest.raises(ValueError, match="k must be a positive integer"):
         ops.crf_viterbi_topk(emissions, 0, start, end, trans)
     with pytest.raises(ValueError, match="backend must be one of"):
@@ -451,6 +452,47 @@ def test_opcheck(device):
                                   (torch.ones_like(log_z), emissions, mask, pinned, start, end, trans, alpha, log_z))
         torch.library.opcheck(torch.ops.fastnlp.crf_viterbi.default, (emissions, mask, start, end, trans))
         torch.library.opcheck(torch.ops.fastnlp.crf_viterbi_topk.default, (emissions, mask, start, end, trans, 3))
+
+
+def test_gold_score_under_torch_compile_refuses_a_selected_minus_one():
+    # Eager code checks tags before the kernel; compiled, the kernel's own check
+    # must still see a -1 that is not ignore_index as out of range, not "free".
+    torch._dynamo.reset()
+    emissions, tags, mask, start, end, trans = random_problem(2, 4, 3, seed=67)
+    tags = tags.clamp(min=0)
+    tags[0, 0] = -1
+    mask[0, 0] = True
+    compiled = torch.compile(ops.crf_gold_score, fullgraph=True, backend="aot_eager")
+    with pytest.raises(ValueError, match="tags must be in \\[0, 3\\)"):
+        ops.crf_gold_score(emissions, tags, start, end, trans, mask)
+    with pytest.raises(Exception, match="tags must be in \\[0, 3\\)"):
+        compiled(emissions, tags, start, end, trans, mask)
+    # With ignore_index=-1 the same tag is unknown, compiled or not.
+    torch.testing.assert_close(compiled(emissions, tags, start, end, trans, mask, ignore_index=-1),
+                               ops.crf_gold_score(emissions, tags, start, end, trans, mask, ignore_index=-1))
+
+
+@pytest.mark.parametrize("k", [True, 2.0, torch.tensor(2)])
+def test_viterbi_topk_refuses_a_k_that_is_not_an_int(k):
+    emissions, _, mask, start, end, trans = random_problem(2, 4, 3, seed=71)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        ops.crf_viterbi_topk(emissions, k, start, end, trans, mask)
+
+
+def test_reference_gradients_are_finite_where_constraints_leave_states_unreachable():
+    # A column of -inf transitions made the reference's logsumexp backward 0 / 0.
+    allowed = allowed_transitions("BIO", ["O", "B-X", "I-X"])
+    emissions, _, mask, start, end, trans = random_problem(3, 5, 3, dtype=torch.float64, seed=73)
+    start = start.masked_fill(~torch.as_tensor(allowed.start), NEG_INF)
+    end = end.masked_fill(~torch.as_tensor(allowed.end), NEG_INF)
+    trans = trans.masked_fill(~torch.as_tensor(allowed.transitions), NEG_INF)
+    tags = torch.zeros(3, 5, dtype=torch.long)  # all O: allowed
+    llh, grads = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend="reference")
+    ref_llh, ref_grads = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend=None)
+    assert all(torch.isfinite(g).all() for g in grads)
+    torch.testing.assert_close(llh, ref_llh)
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

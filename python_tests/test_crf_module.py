@@ -233,3 +233,62 @@ def test_half_precision_module():
     torch.testing.assert_close(llh, ours(half.detach().float(), tags, mask))
     llh.backward()
     assert half.grad.dtype == torch.float16
+
+
+@pytest.mark.parametrize("constrained", [False, True])
+def test_scripted_module_state_dict_is_pytorch_crf_state_dict(constrained):
+    # TorchScript keeps even non-persistent buffers in state_dict, so the
+    # constraint masks must not be buffers for a checkpoint to load both ways.
+    theirs, _ = make_pair(3, False)
+    constraints = allowed_transitions("BIO", ["O", "B-X", "I-X"]) if constrained else None
+    scripted = torch.jit.script(CRF(3, constraints=constraints))
+    assert sorted(scripted.state_dict()) == sorted(theirs.state_dict())
+    scripted.load_state_dict(theirs.state_dict())
+    theirs.load_state_dict(scripted.state_dict())
+
+
+def test_constraint_masks_move_with_the_module():
+    def constrained():
+        return CRF(3, constraints=allowed_transitions("BIO", ["O", "B-X", "I-X"]))
+
+    moved = constrained().to("meta")
+    assert {mask.device.type for mask in (moved.allowed_start, moved.allowed_end, moved.allowed_transitions)} == {"meta"}
+    converted = constrained().double()
+    assert converted.allowed_transitions.dtype == torch.bool
+    assert not converted.allowed_transitions[0, 2]  # O -> I-X stays forbidden
+
+
+def test_token_mean_counts_every_selected_position_of_a_uint8_mask():
+    _, ours = make_pair(4, True)
+    emissions, tags, mask = make_inputs(5, 3, 4, True)
+    twos = mask * 2  # the kernels select every nonzero entry
+    torch.testing.assert_close(ours(emissions, tags, twos, reduction="token_mean"),
+                               ours(emissions, tags, mask, reduction="token_mean"))
+
+
+def test_integer_emissions_are_scored_like_pytorch_crf():
+    theirs, ours = make_pair(4, False)
+    emissions, tags, mask = make_inputs(5, 3, 4, False)
+    integers = (emissions * 3).round().long()
+    torch.testing.assert_close(ours(integers, tags, mask), theirs(integers, tags, mask))
+    assert ours.decode(integers, mask) == theirs.decode(integers, mask)
+    # pytorch-crf's shape checks come first, whatever the dtype.
+    with pytest.raises(ValueError, match="the first two dimensions of emissions and tags must match"):
+        ours(integers, tags[:2])
+    with pytest.raises(ValueError, match="emissions must be a real tensor"):
+        ours(emissions.to(torch.complex64), tags)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_model_returns_scores_in_its_dtype(dtype):
+    # As pytorch-crf's arithmetic would give; the kernels still accumulate in float32.
+    _, ours = make_pair(4, True)
+    emissions, tags, mask = make_inputs(5, 3, 4, True)
+    want = ours(emissions.to(dtype).float(), tags, mask, reduction="none")
+    low = ours.to(dtype)
+    llh = low(emissions.to(dtype), tags, mask, reduction="none")
+    assert llh.dtype == dtype
+    torch.testing.assert_close(llh, want.to(dtype))
+    paths, scores = low.viterbi(emissions.to(dtype), mask)
+    assert scores.dtype == dtype and paths.dtype == torch.long
+    assert low.marginals(emissions.to(dtype), mask).dtype == dtype

@@ -47,12 +47,19 @@ class CRF(nn.Module):
         self.end_transitions = nn.Parameter(torch.empty(num_tags))
         self.transitions = nn.Parameter(torch.empty(num_tags, num_tags))
         self.constrained = constraints is not None
-        allowed = _allowed_masks(constraints, num_tags)
-        # Not persistent: a pytorch-crf state_dict (which has no such entries) must load unchanged.
-        self.register_buffer("allowed_start", allowed[0], persistent=False)
-        self.register_buffer("allowed_end", allowed[1], persistent=False)
-        self.register_buffer("allowed_transitions", allowed[2], persistent=False)
+        # Plain attributes, not buffers: a pytorch-crf state_dict (which has no
+        # such entries) must load unchanged, and TorchScript puts even
+        # non-persistent buffers in a scripted module's state_dict. _apply()
+        # moves them with the module, as it would buffers.
+        self.allowed_start, self.allowed_end, self.allowed_transitions = _allowed_masks(constraints, num_tags)
         self.reset_parameters()
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        # fn converts floating tensors only (module.half() etc.), so the masks stay bool.
+        self.allowed_start, self.allowed_end, self.allowed_transitions = (
+            fn(self.allowed_start), fn(self.allowed_end), fn(self.allowed_transitions))
+        return self
 
     def reset_parameters(self) -> None:
         """Initialise every transition score uniformly in (-0.1, 0.1), as pytorch-crf does."""
@@ -96,7 +103,8 @@ class CRF(nn.Module):
             return llh.sum()
         if reduction == "mean":
             return llh.mean()
-        return llh.sum() / mask.float().sum()
+        # The kernels select every nonzero mask entry (a uint8 mask may hold 2s).
+        return llh.sum() / (mask != 0).sum()
 
     @torch.jit.export
     def decode(self, emissions: Tensor, mask: Optional[Tensor] = None) -> List[List[int]]:

@@ -96,8 +96,6 @@ def check_crf_shapes(emissions: Tensor, num_tags: int, tags: Optional[Tensor], m
         raise ValueError(f"emissions must have dimension of 3, got {emissions.dim()}")
     if emissions.size(2) != num_tags:
         raise ValueError(f"expected last dimension of emissions is {num_tags}, got {emissions.size(2)}")
-    if not emissions.is_floating_point():
-        raise ValueError(f"emissions must be a floating-point tensor, got {emissions.dtype}")
     if tags is not None:
         if emissions.shape[:2] != tags.shape:
             raise ValueError("the first two dimensions of emissions and tags must match, "
@@ -110,6 +108,10 @@ def check_crf_shapes(emissions: Tensor, num_tags: int, tags: Optional[Tensor], m
                              f"got {_shape_str(emissions.shape[:2])} and {_shape_str(mask.shape)}")
         if mask.dtype != torch.bool and mask.dtype != torch.uint8:
             raise ValueError(f"mask must be a bool or uint8 tensor, got {mask.dtype}")
+    # Integer emissions are scored in the parameters' floating type, as
+    # pytorch-crf's arithmetic promotes them; complex ones have no order.
+    if emissions.is_complex():
+        raise ValueError(f"emissions must be a real tensor, got {emissions.dtype}")
 
 
 def _check_parameters(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor,
@@ -129,26 +131,31 @@ def _check_parameters(emissions: Tensor, start_transitions: Tensor, end_transiti
             raise ValueError(f"{name} is on {tensor.device} but emissions are on {emissions.device}")
 
 
-def _compute_dtype(emissions: Tensor, transitions: Tensor) -> torch.dtype:
-    """float32 or float64: half-precision inputs are accumulated in float32."""
+def result_dtype(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor,
+                 transitions: Tensor) -> torch.dtype:
+    """The dtype of the scores returned: that of the inputs promoted together, as torch's arithmetic gives."""
     dtype = torch.promote_types(emissions.dtype, transitions.dtype)
-    if dtype != torch.float64:
-        dtype = torch.float32
-    return dtype
+    return torch.promote_types(dtype, torch.promote_types(start_transitions.dtype, end_transitions.dtype))
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float32 or float64, the kernels' types: half-precision inputs are accumulated in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _prepare(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
-             mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Validate; return (emissions, mask, start, end, transitions) in the kernels' dtypes."""
+             mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, torch.dtype]:
+    """Validate; return (emissions, mask, start, end, transitions) in the kernels' dtypes, and the result dtype."""
     _check_parameters(emissions, start_transitions, end_transitions, transitions)
     check_crf_shapes(emissions, transitions.size(0), None, mask)
     if mask is None:
         mask = torch.ones(emissions.shape[:2], dtype=torch.bool, device=emissions.device)
     elif mask.device != emissions.device:
         raise ValueError(f"mask is on {mask.device} but emissions are on {emissions.device}")
-    dtype = _compute_dtype(emissions, transitions)
+    out_dtype = result_dtype(emissions, start_transitions, end_transitions, transitions)
+    dtype = _compute_dtype(out_dtype)
     return (emissions.to(dtype), mask.to(torch.bool), start_transitions.to(dtype), end_transitions.to(dtype),
-            transitions.to(dtype))
+            transitions.to(dtype), out_dtype)
 
 
 def _check_tags(tags: Tensor, emissions: Tensor, mask: Tensor, ignore_index: int, check_range: bool) -> Tensor:
@@ -176,7 +183,12 @@ def _check_tags(tags: Tensor, emissions: Tensor, mask: Tensor, ignore_index: int
 def _prepare_tags(tags: Tensor, emissions: Tensor, mask: Tensor, ignore_index: int) -> Tensor:
     """int64 tags with -1 for "unknown" (ignore_index) and at unselected positions, range-checked."""
     tags = _check_tags(tags, emissions, mask, ignore_index, True)
-    return torch.where(mask & (tags != ignore_index), tags, -1)
+    known = mask & (tags != ignore_index)
+    if is_compiling():
+        # The range check waits for the kernel then, which reads -1 as "free":
+        # a selected -1 that is not ignore_index must stay out of range.
+        tags = torch.where(tags == -1, emissions.size(2), tags)
+    return torch.where(known, tags, -1)
 
 
 # ---------------------------------------------------------------------------
@@ -189,11 +201,12 @@ def crf_log_partition(emissions: Tensor, start_transitions: Tensor, end_transiti
 
     Differentiable; its gradient with respect to the emissions is the posterior marginals.
     """
-    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    emissions, mask, start, end, trans, out_dtype = _prepare(emissions, start_transitions, end_transitions,
+                                                             transitions, mask)
     if not torch.jit.is_scripting():
         if use_reference(backend):
-            return reference.log_partition(emissions, mask, None, start, end, trans)
-    return torch.ops.fastnlp.crf_log_partition(emissions, mask, None, start, end, trans)[0]
+            return reference.log_partition(emissions, mask, None, start, end, trans).to(out_dtype)
+    return torch.ops.fastnlp.crf_log_partition(emissions, mask, None, start, end, trans)[0].to(out_dtype)
 
 
 def crf_gold_score(emissions: Tensor, tags: Tensor, start_transitions: Tensor, end_transitions: Tensor,
@@ -205,12 +218,13 @@ def crf_gold_score(emissions: Tensor, tags: Tensor, start_transitions: Tensor, e
     result is then the log-sum-exp over every path that agrees with the known
     tags. Same fused kernel as crf_log_partition, with states pinned by tags.
     """
-    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    emissions, mask, start, end, trans, out_dtype = _prepare(emissions, start_transitions, end_transitions,
+                                                             transitions, mask)
     tags = _prepare_tags(tags, emissions, mask, ignore_index)
     if not torch.jit.is_scripting():
         if use_reference(backend):
-            return reference.log_partition(emissions, mask, tags, start, end, trans)
-    return torch.ops.fastnlp.crf_log_partition(emissions, mask, tags, start, end, trans)[0]
+            return reference.log_partition(emissions, mask, tags, start, end, trans).to(out_dtype)
+    return torch.ops.fastnlp.crf_log_partition(emissions, mask, tags, start, end, trans)[0].to(out_dtype)
 
 
 def crf_log_likelihood(emissions: Tensor, tags: Tensor, start_transitions: Tensor, end_transitions: Tensor,
@@ -224,16 +238,18 @@ def crf_log_likelihood(emissions: Tensor, tags: Tensor, start_transitions: Tenso
     One fused op computes both scores and, in the backward pass, the gold
     indicators minus the posterior marginals.
     """
-    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    emissions, mask, start, end, trans, out_dtype = _prepare(emissions, start_transitions, end_transitions,
+                                                             transitions, mask)
     if not torch.jit.is_scripting():
         if use_reference(backend):
             tags = _prepare_tags(tags, emissions, mask, ignore_index)
             gold = reference.log_partition(emissions, mask, tags, start, end, trans)
-            return gold - reference.log_partition(emissions, mask, None, start, end, trans)
+            return (gold - reference.log_partition(emissions, mask, None, start, end, trans)).to(out_dtype)
     # The CPU kernel checks the tag range itself, with the same ValueError, in
     # a scan that costs less than the tensor ops of the check here.
     tags = _check_tags(tags, emissions, mask, ignore_index, emissions.device.type != "cpu")
-    return torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, ignore_index)[0]
+    llh = torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, ignore_index)[0]
+    return llh.to(out_dtype)
 
 
 def crf_marginals(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
@@ -243,15 +259,17 @@ def crf_marginals(emissions: Tensor, start_transitions: Tensor, end_transitions:
     Computed with the forward and backward algorithms (one kernel each); the
     result carries no gradient.
     """
-    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    emissions, mask, start, end, trans, out_dtype = _prepare(emissions, start_transitions, end_transitions,
+                                                             transitions, mask)
     emissions, start, end, trans = emissions.detach(), start.detach(), end.detach(), trans.detach()
     if not torch.jit.is_scripting():
         if use_reference(backend):
-            return reference.marginals(emissions, mask, start, end, trans)
+            return reference.marginals(emissions, mask, start, end, trans).to(out_dtype)
     log_z, alpha = torch.ops.fastnlp.crf_log_partition(emissions, mask, None, start, end, trans)
     ones = torch.ones_like(log_z)
-    return torch.ops.fastnlp.crf_log_partition_backward(ones, emissions, mask, None, start, end, trans, alpha,
-                                                        log_z)[0]
+    probabilities = torch.ops.fastnlp.crf_log_partition_backward(ones, emissions, mask, None, start, end, trans,
+                                                                 alpha, log_z)[0]
+    return probabilities.to(out_dtype)
 
 
 def crf_viterbi(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
@@ -260,12 +278,15 @@ def crf_viterbi(emissions: Tensor, start_transitions: Tensor, end_transitions: T
 
     Backtrace included, everything runs on the tensors' device.
     """
-    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    emissions, mask, start, end, trans, out_dtype = _prepare(emissions, start_transitions, end_transitions,
+                                                             transitions, mask)
     emissions, start, end, trans = emissions.detach(), start.detach(), end.detach(), trans.detach()
     if not torch.jit.is_scripting():
         if use_reference(backend):
-            return reference.viterbi(emissions, mask, start, end, trans)
-    return torch.ops.fastnlp.crf_viterbi(emissions, mask, start, end, trans)
+            paths, scores = reference.viterbi(emissions, mask, start, end, trans)
+            return paths, scores.to(out_dtype)
+    paths, scores = torch.ops.fastnlp.crf_viterbi(emissions, mask, start, end, trans)
+    return paths, scores.to(out_dtype)
 
 
 def crf_viterbi_topk(emissions: Tensor, k: int, start_transitions: Tensor, end_transitions: Tensor,
@@ -276,11 +297,18 @@ def crf_viterbi_topk(emissions: Tensor, k: int, start_transitions: Tensor, end_t
     Where a sequence has fewer than k paths the missing ranks score -inf and
     their paths are -1; positions the mask excludes are -1.
     """
+    if not torch.jit.is_scripting():
+        # bool is an int to Python, and a tensor or float k would reach the op's schema check.
+        if not isinstance(k, int) or isinstance(k, bool):
+            raise ValueError("k must be a positive integer, got " + repr(k))
     if k < 1:
         raise ValueError(f"k must be a positive integer, got {k}")
-    emissions, mask, start, end, trans = _prepare(emissions, start_transitions, end_transitions, transitions, mask)
+    emissions, mask, start, end, trans, out_dtype = _prepare(emissions, start_transitions, end_transitions,
+                                                             transitions, mask)
     emissions, start, end, trans = emissions.detach(), start.detach(), end.detach(), trans.detach()
     if not torch.jit.is_scripting():
         if use_reference(backend):
-            return reference.viterbi_topk(emissions, mask, start, end, trans, k)
-    return torch.ops.fastnlp.crf_viterbi_topk(emissions, mask, start, end, trans, k)
+            paths, scores = reference.viterbi_topk(emissions, mask, start, end, trans, k)
+            return paths, scores.to(out_dtype)
+    paths, scores = torch.ops.fastnlp.crf_viterbi_topk(emissions, mask, start, end, trans, k)
+    return paths, scores.to(out_dtype)

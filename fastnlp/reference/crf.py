@@ -22,6 +22,21 @@ def _pin_tags(emissions: Tensor, tags: Optional[Tensor]) -> Tensor:
     return emissions.masked_fill(~allowed, float("-inf"))
 
 
+def _logsumexp(x: Tensor, dim: int) -> Tensor:
+    """torch.logsumexp, except that where every term is -inf the gradient is 0 rather than NaN.
+
+    Constraints and pinned tags make whole columns -inf (a state no path
+    reaches); torch.logsumexp's backward divides 0 by 0 there, and that NaN
+    would reach every gradient. NaN inputs still give NaN.
+    """
+    top = x.amax(dim, keepdim=True).detach()
+    top = torch.where(torch.isfinite(top), top, torch.zeros_like(top))
+    total = torch.exp(x - top).sum(dim)
+    unreachable = total == 0
+    safe_total = torch.where(unreachable, torch.ones_like(total), total)
+    return torch.where(unreachable, torch.full_like(total, float("-inf")), torch.log(safe_total) + top.squeeze(dim))
+
+
 def log_partition(emissions: Tensor, mask: Tensor, tags: Optional[Tensor], start_transitions: Tensor,
                   end_transitions: Tensor, transitions: Tensor) -> Tensor:
     """log-sum-exp of the scores of all paths (consistent with `tags`), shape (B,); 0 for empty chains."""
@@ -32,11 +47,11 @@ def log_partition(emissions: Tensor, mask: Tensor, tags: Optional[Tensor], start
     for t in range(seq_len):
         selected = mask[:, t].unsqueeze(1)
         first = start_transitions + emissions[:, t]
-        step = torch.logsumexp(alpha.unsqueeze(2) + transitions, dim=1) + emissions[:, t]
+        step = _logsumexp(alpha.unsqueeze(2) + transitions, dim=1) + emissions[:, t]
         new_alpha = torch.where(started.unsqueeze(1), step, first)
         alpha = torch.where(selected, new_alpha, alpha)
         started = started | mask[:, t]
-    total = torch.logsumexp(alpha + end_transitions, dim=1)
+    total = _logsumexp(alpha + end_transitions, dim=1)
     return torch.where(started, total, torch.zeros_like(total))
 
 
