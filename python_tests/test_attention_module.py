@@ -1,6 +1,7 @@
 """fastnlp.nn.MultiheadAttention against torch.nn.MultiheadAttention: PyTorch's
 own module test inputs, random configurations, state_dict both ways, errors,
-fully-masked rows, dropout, is_causal and torch.compile."""
+fully-masked rows, NaN inputs, dropout, is_causal, torch.compile, and torch's
+TransformerEncoderLayer / TransformerEncoder with the module patched in."""
 
 import copy
 import functools
@@ -398,6 +399,81 @@ def test_a_head_with_a_fully_masked_row_adds_nothing():
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(5, 7, 0), (5, 0, 2), (5, 0, 0), (5, 0, None), (0, 7, 2)])
+@pytest.mark.parametrize("padded", [False, True])
+def test_empty_batch_or_keys_with_boolean_padding_match_torch(shape, padded):
+    """(L, S, N), N None for unbatched: the CPU path that projects only the
+    real keys must cope with no keys at all. torch itself then fails without
+    weights (a reshape in its SDPA path), so ours is checked against its
+    need_weights=True output there."""
+    L, S, N = shape
+    theirs, ours = make_pair(embed_dim=16, num_heads=4, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    batch = () if N is None else (N,)
+    query = torch.randn(L, *batch, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(S, *batch, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    value = torch.randn(S, *batch, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    kpm = torch.full(batch + (S,), padded)
+    compare(theirs, ours, (query, key, value), dict(key_padding_mask=kpm), torch.float64)
+    out, weights = ours(query, key, value, key_padding_mask=kpm, need_weights=False)
+    assert weights is None
+    torch.testing.assert_close(out, theirs(query, key, value, key_padding_mask=kpm)[0])
+
+
+def test_nan_and_inf_inputs_give_nan_weights_where_torch_does():
+    """Rows whose scores hold a NaN or an inf have NaN weights (and output),
+    as in torch; a row that sees no key keeps its 0 weights."""
+    theirs, ours = make_pair(embed_dim=8, num_heads=2, batch_first=True)
+    x = torch.randn(4, 5, 8)
+    x[0, 1, 3] = float("nan")  # batch 0: a NaN query and key
+    x[2, 0, 0] = float("inf")  # batch 2: an inf query and key
+    key = x.clone()
+    key[3, 2, 5] = float("nan")  # batch 3, with key: a NaN in a key and value only
+    kpm = torch.zeros(4, 5, dtype=torch.bool)
+    kpm[1] = True  # batch 1 sees no key: 0 weights in ours, NaN in torch
+    live = torch.tensor([True, False, True, True])
+    for keys in (x, key):
+        for average in (True, False):
+            kwargs = dict(key_padding_mask=kpm, average_attn_weights=average)
+            o_out, o_w = ours(x, keys, keys, **kwargs)
+            t_out, t_w = theirs(x, keys, keys, **kwargs)
+            assert torch.equal(o_out[live].isnan(), t_out[live].isnan())
+            assert torch.equal(o_w[live].isnan(), t_w[live].isnan())
+            assert o_w[live].isnan().any()
+            finite = t_w.isfinite()
+            torch.testing.assert_close(o_w[finite], t_w[finite], rtol=1e-5, atol=1e-5)
+            assert torch.all(o_w[1] == 0) and t_w[1].isnan().all()
+            keep = t_out.isfinite()
+            torch.testing.assert_close(o_out[keep], t_out[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_with_weights_nan_rows_are_the_softmaxs():
+    """fastnlp.ops.attention_with_weights: NaN exactly where softmax is NaN,
+    but 0 on rows that the masks leave without a key (bool or float -inf)."""
+    gen = torch.Generator().manual_seed(2)
+    q = torch.randn(2, 2, 6, 3, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, 5, 3, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 2, 5, 3, generator=gen, dtype=torch.float64)
+    q[0, 0, 1, 0] = float("nan")
+    q[0, 1, 2, 1] = float("inf")
+    q[1, 0, 3, 2] = float("-inf")
+    k[1, 1, 4, 0] = float("nan")
+    float_mask = torch.zeros(6, 5, dtype=torch.float64)
+    float_mask[4] = float("-inf")  # row 4 sees nothing, in every head
+    kpm = torch.ones(2, 5, dtype=torch.bool)
+    kpm[0, 3] = False
+    scores = q @ k.transpose(-2, -1) / 3 ** 0.5 + float_mask
+    scores = scores.masked_fill(~kpm[:, None, None, :], float("-inf"))
+    expected = torch.softmax(scores, dim=-1)
+    blank = torch.zeros(2, 2, 6, 1, dtype=torch.bool)
+    blank[:, :, 4] = True
+    expected = torch.where(blank, torch.zeros_like(expected), expected)
+    _, weights = ops.attention_with_weights(q, k, v, attn_mask=float_mask, key_padding_mask=kpm)
+    assert expected.isnan().any()
+    assert torch.equal(weights.isnan(), expected.isnan())
+    torch.testing.assert_close(weights.nan_to_num(7.0), expected.nan_to_num(7.0))
+
+
 # ---------------------------------------------------------------------------
 # state_dict, constructor, repr.
 
@@ -523,6 +599,72 @@ def test_mismatched_mask_types_warn_like_torch():
             module(x, x, x, **kwargs)
 
 
+MASK_DTYPES = [None, torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64]
+
+
+@pytest.mark.parametrize("query_dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("unbatched", [False, True])
+def test_float_mask_dtypes_are_refused_like_torch(monkeypatch, query_dtype, need_weights, unbatched):
+    """torch refuses float masks whose (summed) dtype its kernels do not take:
+    ours raises the same type, naming the mask, before any kernel runs, and
+    otherwise gives torch's result."""
+    theirs, ours = make_pair(embed_dim=8, num_heads=2, dtype=query_dtype)
+    L, S, N = 3, 4, 2
+    query = torch.randn((L, 8) if unbatched else (L, N, 8), dtype=query_dtype)
+    key = torch.randn((S, 8) if unbatched else (S, N, 8), dtype=query_dtype)
+    kernel_calls = []
+
+    def spy(real):
+        def wrapped(*args, **kwargs):
+            kernel_calls.append(real.__name__)
+            return real(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(ops, "attention", spy(ops.attention))
+    monkeypatch.setattr(ops, "attention_with_weights", spy(ops.attention_with_weights))
+    refused = 0
+    for mask_dtype in MASK_DTYPES:
+        for padding_dtype in MASK_DTYPES:
+            kwargs = dict(need_weights=need_weights)
+            if mask_dtype is not None:
+                kwargs["attn_mask"] = torch.zeros(L, S, dtype=mask_dtype)
+            if padding_dtype is not None:
+                kwargs["key_padding_mask"] = torch.zeros((S,) if unbatched else (N, S), dtype=padding_dtype)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # mismatched mask types: torch's deprecation warning, in both
+                theirs_outcome = _outcome(lambda: theirs(query, key, key, **kwargs))
+                kernel_calls.clear()
+                ours_outcome = _outcome(lambda: ours(query, key, key, **kwargs))
+            case = f"attn_mask {mask_dtype}, key_padding_mask {padding_dtype}"
+            if theirs_outcome is None:
+                assert ours_outcome is None, f"{case}: {ours_outcome}"
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    torch.testing.assert_close(ours(query, key, key, **kwargs)[0], theirs(query, key, key, **kwargs)[0])
+                continue
+            refused += 1
+            assert theirs_outcome[0] is RuntimeError, case
+            assert ours_outcome is not None and ours_outcome[0] is RuntimeError, f"{case}: {ours_outcome}"
+            named = [name for name, dtype in (("attn_mask", mask_dtype), ("key_padding_mask", padding_dtype))
+                     if dtype not in (None, torch.bool, query_dtype)]
+            assert any(f"Expected {name}" in ours_outcome[1] or f"and {name} dtype" in ours_outcome[1]
+                       for name in named), f"{case}: {ours_outcome[1]}"
+            assert kernel_calls == [], case
+    assert refused > 0
+
+
+@pytest.mark.parametrize("with_attn_mask", [False, True])
+def test_float_key_padding_mask_requiring_grad_is_refused_by_its_name(with_attn_mask):
+    _, ours = make_pair(embed_dim=8, num_heads=2)
+    x = torch.randn(3, 2, 8)
+    kpm = torch.zeros(2, 3, requires_grad=True)
+    kwargs = dict(key_padding_mask=kpm, attn_mask=torch.zeros(3, 3) if with_attn_mask else None)
+    for need_weights in (True, False):
+        with pytest.raises(ValueError, match="^key_padding_mask must not require grad"):
+            ours(x, x, x, need_weights=need_weights, **kwargs)
+
+
 # ---------------------------------------------------------------------------
 # is_causal: torch's use of the hint, reproduced.
 
@@ -635,6 +777,91 @@ def test_inference_matches_torch_fast_path():
             torch.testing.assert_close(o_out, t_out, rtol=1e-5, atol=1e-5)
             if need_weights:
                 torch.testing.assert_close(o_w, t_w, rtol=1e-5, atol=1e-5)
+
+
+def _patched_copy(model):
+    """A copy of `model` with fastnlp's attention swapped in; `model` stays torch's."""
+    ours = copy.deepcopy(model)
+    report = fastnlp.patch(ours)
+    assert any(new == "fastnlp.nn.attention.MultiheadAttention" for _, _, new in report.swapped), str(report)
+    return ours
+
+
+def _encoder_inputs(batch_first):
+    gen = torch.Generator().manual_seed(5)
+    src = torch.randn((3, 6, 8) if batch_first else (6, 3, 8), generator=gen)
+    padding = torch.arange(6)[None, :] >= torch.tensor([6, 4, 2])[:, None]
+    return src, padding, nn.Transformer.generate_square_subsequent_mask(6)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mode", ["eval_no_grad", "eval", "train"])
+def test_patched_transformer_encoder_layer_matches_torch(batch_first, mode):
+    """In eval without grad torch's TransformerEncoderLayer takes its fast path,
+    which needs self_attn.merge_masks and runs torch's kernel on our weights;
+    otherwise it calls our forward. Either way: torch's results."""
+    torch.manual_seed(0)
+    theirs = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+    ours = _patched_copy(nn.Sequential(theirs))[0]
+    src, padding, causal = _encoder_inputs(batch_first)
+    masks = [dict(), dict(src_key_padding_mask=padding), dict(src_mask=causal),
+             dict(src_mask=causal, src_key_padding_mask=padding),
+             dict(src_mask=causal.expand(3 * 2, 6, 6).clone(),
+                  src_key_padding_mask=torch.zeros(3, 6).masked_fill(padding, float("-inf")))]
+    for module in (theirs, ours):
+        module.train(mode == "train")
+    for kwargs in masks:
+        with torch.set_grad_enabled(mode != "eval_no_grad"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # mismatched mask types: torch's deprecation warning, in both
+            x = src.clone().requires_grad_(mode != "eval_no_grad")
+            x_ours = src.clone().requires_grad_(mode != "eval_no_grad")
+            want, got = theirs(x, **kwargs), ours(x_ours, **kwargs)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            if mode != "eval_no_grad":
+                grad_out = torch.randn_like(want)
+                want_grads = torch.autograd.grad(want, [x, *theirs.parameters()], grad_out)
+                got_grads = torch.autograd.grad(got, [x_ours, *ours.parameters()], grad_out)
+                for a, b in zip(got_grads, want_grads):
+                    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("mode", ["eval_no_grad", "train"])
+def test_patched_transformer_encoder_with_padding_matches_torch(batch_first, mode):
+    """TransformerEncoder with a src_key_padding_mask: in eval without grad (and
+    batch_first) it hands its layers NestedTensor input on the fast path."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # enable_nested_tensor without batch_first: torch's warning
+        theirs = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    ours = _patched_copy(theirs)
+    src, padding, _ = _encoder_inputs(batch_first)
+    theirs.train(mode == "train"), ours.train(mode == "train")
+    with torch.set_grad_enabled(mode == "train"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch's "nested tensors are a prototype" warning
+        want = theirs(src, src_key_padding_mask=padding)
+        got = ours(src, src_key_padding_mask=padding)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attn_mask", [None, "2d", "3d"])
+@pytest.mark.parametrize("padding", [None, "bool", "float"])
+def test_merge_masks_matches_torch(attn_mask, padding):
+    theirs, ours = make_pair(embed_dim=8, num_heads=2, batch_first=True)
+    query = torch.randn(3, 5, 8)
+    mask = {None: None, "2d": torch.randn(5, 5), "3d": torch.randn(3 * 2, 5, 5)}[attn_mask]
+    kpm = {None: None, "bool": torch.rand(3, 5) < 0.5, "float": torch.randn(3, 5)}[padding]
+    if mask is not None and kpm is not None and kpm.dtype == torch.bool:
+        kpm = torch.zeros(3, 5).masked_fill(kpm, float("-inf"))  # torch's layer hands over both as floats
+    want, want_type = theirs.merge_masks(mask, kpm, query)
+    got, got_type = ours.merge_masks(mask, kpm, query)
+    assert got_type == want_type
+    if want is None:
+        assert got is None
+    else:
+        assert got.shape == want.shape and got.dtype == want.dtype
+        torch.testing.assert_close(got, want)
 
 
 # ---------------------------------------------------------------------------

@@ -46,9 +46,11 @@ class MultiheadAttention(nn.Module):
 
     Differences from torch: dropout draws from the kernel's counter-based
     stream, so the dropped entries differ from torch's for one seed (the rate
-    and scaling are the same), and ``dropout`` must be below 1; there is no
-    inference fast path and no NestedTensor input (torch takes those only on
-    its fast path).
+    and scaling are the same), and ``dropout`` must be below 1; forward has
+    no inference fast path and takes no NestedTensor input (torch takes those
+    only on its fast path). ``merge_masks`` is there for
+    torch.nn.TransformerEncoderLayer, whose own inference fast path then runs
+    torch's kernel on this module's weights (see merge_masks).
 
     Args:
         embed_dim: total dimension of the model; split across ``num_heads``.
@@ -228,6 +230,12 @@ class MultiheadAttention(nn.Module):
                 if got != want:
                     raise AssertionError(f"Expected key_padded_mask.shape[{dim}] to be {want + extra * dim}, "
                                          f"but got {got + extra * dim}")
+        _check_mask_dtypes(attn_mask, key_padding_mask, query.dtype, need_weights)
+        if key_padding_mask is not None and key_padding_mask.requires_grad:
+            # Checked here: a float key_padding_mask reaches the kernel folded
+            # into the additive attn_mask, whose own check would name attn_mask.
+            raise ValueError("key_padding_mask must not require grad: gradients with respect to the mask are not "
+                             "computed")
 
         k, v = self._append_keys(k, v, bsz, seq_dim)
         mask, padding = _kernel_masks(attn_mask, key_padding_mask, extra, bsz, self.num_heads, tgt_len, q.dtype)
@@ -300,6 +308,40 @@ class MultiheadAttention(nn.Module):
             return x.permute(2, 0, 1, 3).flatten(2)
         return x.transpose(1, 2).flatten(2)
 
+    def merge_masks(self, attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor],
+                    query: Tensor) -> Tuple[Optional[Tensor], Optional[int]]:
+        r"""The masks of a batch-first self-attention as one mask and its type,
+        as torch's module returns them: ``key_padding_mask`` (N, S) alone is
+        type 1; with an ``attn_mask`` ((L, S) or (N * num_heads, L, S)) the
+        two become one (N, num_heads, L, S) mask, their sum, of type 2;
+        (None, None) without masks.
+
+        torch.nn.TransformerEncoderLayer calls this on its inference fast path
+        (eval, no grad, batch_first, ...), then runs torch's fused encoder-layer
+        kernel on this module's in_proj_weight, in_proj_bias and out_proj;
+        forward is not called there. That path is supported, not avoided: it
+        gives exactly the unpatched layer's results, while the only ways to
+        turn it off (a false _qkv_same_embed_dim, a hook) would be lies, and
+        would not stop torch.nn.TransformerEncoder from handing its layers
+        NestedTensor input on the same path, which forward does not take. So a
+        patched layer runs torch's kernel in inference without grad, and this
+        module's everywhere else.
+        """
+        if attn_mask is None:
+            if key_padding_mask is None:
+                return None, None
+            return key_padding_mask, 1
+        # With an attn_mask query is a plain (N, L, E) tensor (torch's encoder
+        # only nests its input when there is no attn_mask).
+        batch, length = query.shape[0], query.shape[1]
+        if attn_mask.dim() == 3:
+            merged = attn_mask.view(batch, -1, length, length)
+        else:
+            merged = attn_mask.view(1, 1, length, length).expand(batch, self.num_heads, -1, -1)
+        if key_padding_mask is not None:
+            merged = merged + key_padding_mask.view(batch, 1, 1, length).expand(-1, self.num_heads, -1, -1)
+        return merged, 2
+
 
 # At most this share of the key positions real (not padding) for the key and
 # value projections to be computed at the real positions only: below it the
@@ -337,9 +379,11 @@ def _project_rows(x: Tensor, weight: Tensor, bias: Optional[Tensor], rows: Optio
     flattened to (-1, features) when given, 0 elsewhere."""
     if rows is None:
         return F.linear(x, weight, bias)
-    projected = F.linear(x.reshape(-1, x.shape[-1]).index_select(0, rows), weight, bias)
+    # flatten and explicit sizes, not reshape/view with -1: x may have no
+    # rows at all (a batch of 0, or no keys), where -1 is ambiguous.
+    projected = F.linear(x.flatten(0, 1).index_select(0, rows), weight, bias)
     full = projected.new_zeros(x.shape[0] * x.shape[1], projected.shape[-1]).index_copy(0, rows, projected)
-    return full.view(x.shape[0], x.shape[1], -1)
+    return full.view(x.shape[0], x.shape[1], projected.shape[-1])
 
 
 def _dtype_or_none(mask) -> Optional[torch.dtype]:
@@ -358,6 +402,43 @@ def _check_mask_type(mask: Optional[Tensor], name: str, other_type: Optional[tor
     if other_type is not None and mask.dtype != other_type:
         warnings.warn(f"Support for mismatched {name} and {other_name} is deprecated. Use same type for both "
                       "instead.", stacklevel=3)
+
+
+def _check_mask_dtypes(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], query_dtype: torch.dtype,
+                       need_weights: bool) -> None:
+    """Refuses float masks whose dtype torch's module refuses, before any kernel runs.
+
+    torch turns a boolean mask into a float one in query's dtype and adds the
+    two masks, so their sum has the promoted dtype (float16 + float32 gives
+    float32, which passes); the kernel then takes that sum in query's dtype
+    only with need_weights=True, and in query's dtype or float32 without
+    (scaled_dot_product_attention). torch raises RuntimeError from inside
+    those kernels; this raises the same type, naming the mask at fault.
+    """
+    masks = [(name, mask) for name, mask in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask))
+             if mask is not None]
+    if not masks:
+        return
+    dtypes = [query_dtype if mask.dtype == torch.bool else mask.dtype for _, mask in masks]
+    merged = dtypes[0]
+    for dtype in dtypes[1:]:
+        merged = torch.promote_types(merged, dtype)
+    allowed = (query_dtype,) if need_weights else (query_dtype, torch.float32)
+    if merged in allowed:
+        return
+    floats = [(name, mask.dtype) for name, mask in masks if mask.dtype != torch.bool]
+    # The float mask whose dtype the sum has is at fault; when none has it
+    # (float16 + bfloat16 gives float32), every float mask is, and the sum's
+    # dtype is named too.
+    culprits = [(name, dtype) for name, dtype in floats if dtype == merged]
+    note = ""
+    if not culprits:
+        culprits, note = floats, f" (the masks' sum: {merged})"
+    names = " and ".join(name for name, _ in culprits)
+    got = ", ".join(f"{name}.dtype: {dtype}" for name, dtype in culprits) + note
+    expected = "bool or to match query dtype" if need_weights else "bool or float32 or to match query dtype"
+    raise RuntimeError(f"Expected {names} dtype to be {expected}, but got {got} and query.dtype: {query_dtype} "
+                       "instead.")
 
 
 def _check_shapes(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],

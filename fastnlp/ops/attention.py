@@ -257,7 +257,8 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     sum: one (Lq, Lk) product and no pass for the row maxima. With dropout they
     are the weights after dropout (kept ones scaled by 1 / (1 - dropout_p)),
     drawn from the same random stream as the output's, so out == weights @
-    value. Rows with no visible key give 0 weights. The output is
+    value. Rows with no visible key give 0 weights; rows whose scores hold a
+    NaN or +inf, or are all -inf, give NaN weights, as softmax does. The output is
     differentiable with respect to query, key and value, the weights with
     respect to query and key (the softmax's gradient). Always the compiled
     kernel: the weights need its lse.
@@ -293,7 +294,8 @@ def _weights_from_lse(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
     if is_causal:
         causal = torch.ones(query_len, key_len, dtype=torch.bool, device=query.device).tril()
         visible = causal if visible is None else visible & causal
-    logits = scores if attn_mask is None or attn_mask.dtype == torch.bool else scores + attn_mask
+    float_mask = None if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask
+    logits = scores if float_mask is None else scores + float_mask
     # lse is -inf on rows that saw no key; 0 there keeps exp() and its gradient finite.
     seen = torch.isfinite(lse)[..., None]
     lse = torch.where(seen, lse[..., None], torch.zeros_like(lse[..., None]))
@@ -308,4 +310,19 @@ def _weights_from_lse(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
     exps = torch.exp(shifted)
     total = exps.sum(dim=-1, keepdim=True)
     weights = exps / torch.where(seen, total, torch.ones_like(total))
-    return torch.where(seen, weights, torch.zeros_like(weights))
+    # lse is -inf on a row that sees no key, which gets 0 weights, but also on
+    # a row whose scores hold a NaN or +inf or are all -inf (the kernel's sum
+    # of exponentials is then NaN or 0), whose softmax is NaN as in torch. The
+    # masks, not lse, tell the two apart.
+    reachable = visible
+    if float_mask is not None:
+        finite = float_mask != float("-inf")
+        reachable = finite if reachable is None else reachable & finite
+    if key_len == 0:
+        blank = torch.ones_like(seen)
+    elif reachable is None:
+        blank = torch.zeros_like(seen)
+    else:
+        blank = ~reachable.any(dim=-1, keepdim=True)
+    unseen = torch.zeros_like(lse).masked_fill(~blank, float("nan"))  # per row: 0 if blank, else NaN
+    return torch.where(seen, weights, unseen)
