@@ -3,6 +3,7 @@ same parameters and initialisation, state_dicts both ways, the same outputs
 and gradients over PyTorch's own module-test configurations and over random
 packed/padded batches, the same errors, and torch.compile."""
 
+import contextlib
 import copy
 import warnings
 
@@ -505,4 +506,229 @@ def test_module_compiles_with_fullgraph(layer_norm):
     torch.testing.assert_close(out, eager_out)
     torch.testing.assert_close(h, eager_h)
     for a, b in zip(grads, eager_grads):
+        torch.testing.assert_close(a, b)
+
+
+# -- hx structure, empty sequences, dtypes, devices, autocast ------------------
+
+def raised_type(fn):
+    """The type and message of what fn raises (None if nothing), torch's warnings silenced."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return raised(fn)
+
+
+@pytest.mark.parametrize(
+    "torch_cls, call, ours_says",
+    [
+        (torch.nn.LSTM, lambda m: m(torch.randn(5, 2, 3), torch.zeros(2, 1, 2, 4)), "hx must be a tuple"),
+        (torch.nn.LSTM, lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4),) * 3), "expects two hidden states"),
+        (torch.nn.LSTM, lambda m: m(pack_padded_sequence(torch.randn(5, 2, 3), [5, 3]), (torch.zeros(1, 2, 4),) * 3),
+         "expects two hidden states"),
+        (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3), (torch.zeros(2, 4),) * 3), "expects two hidden states"),
+        (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3), (torch.zeros(2, 4),)), "expects two hidden states"),
+        (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3), torch.zeros(2, 4)), "hx must be a tuple"),
+        (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3), torch.zeros(2, 2, 4)), "hx must be a tuple"),
+    ],
+)
+def test_hx_that_is_not_two_states_raises_like_torch(torch_cls, call, ours_says):
+    """torch's exception type, and a message about hx, before anything runs."""
+    theirs, ours = twin_modules(torch_cls, 3, 4)
+    expected = raised_type(lambda: call(theirs))
+    assert expected is not None
+    got = raised_type(lambda: call(ours))
+    assert got is not None and got[0] is expected[0] and ours_says in got[1], (got, expected)
+    assert "hx" in got[1] or "hidden states" in got[1]
+
+
+@pytest.mark.parametrize(
+    "kwargs, shape, with_hx",
+    [({}, (0, 2, 3), False), ({}, (0, 3), False), (dict(batch_first=True), (2, 0, 3), False),
+     ({}, (0, 2, 3), True), (dict(bidirectional=True, num_layers=2), (0, 2, 3), False)],
+)
+def test_empty_sequence_raises_like_torch(kwargs, shape, with_hx):
+    theirs, ours = twin_modules(torch.nn.LSTM, 3, 4, **kwargs)
+    layers = 2 * theirs.num_layers if theirs.bidirectional else theirs.num_layers
+    args = (torch.randn(shape),) + (((torch.zeros(layers, 2, 4),) * 2,) if with_hx else ())
+    expected = raised_type(lambda: theirs(*args))
+    assert expected is not None and expected[0] is RuntimeError
+    assert raised_type(lambda: ours(*args)) == expected
+
+
+def test_empty_batch_still_runs_like_torch():
+    theirs, ours = twin_modules(torch.nn.LSTM, 3, 4, batch_first=True)
+    x = torch.randn(0, 5, 3)
+    for a, b in zip(flatten(ours(x)), flatten(theirs(x))):
+        assert a.shape == b.shape and a.dtype == b.dtype
+
+
+@pytest.mark.parametrize(
+    "module_dtype, input_dtype, h_dtype, c_dtype",
+    [
+        (torch.float32, torch.bfloat16, None, None),  # input in another dtype than the weights
+        (torch.float32, torch.float64, None, None),
+        (torch.float64, torch.float32, None, None),
+        (torch.float32, torch.float32, torch.float64, torch.float32),  # h0 in another dtype
+        (torch.float32, torch.float32, torch.bfloat16, torch.bfloat16),
+        (torch.float32, torch.float32, torch.float32, torch.float64),  # only c0: torch promotes, runs
+        (torch.float32, torch.float32, torch.float32, torch.bfloat16),
+        (torch.float64, torch.float64, torch.float64, torch.float32),
+        (torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32),
+    ],
+)
+def test_cell_dtype_mismatches_behave_like_torch(module_dtype, input_dtype, h_dtype, c_dtype):
+    theirs, ours = twin_modules(torch.nn.LSTMCell, 3, 4, dtype=module_dtype)
+    x = torch.randn(2, 3).to(input_dtype)
+    hx = None if h_dtype is None else (torch.randn(2, 4).to(h_dtype), torch.randn(2, 4).to(c_dtype))
+    expected = raised_type(lambda: theirs(x, hx))
+    if expected is not None:
+        got = raised_type(lambda: ours(x, hx))
+        assert got is not None and got[0] is expected[0] and "not the same dtype" in got[1], (got, expected)
+        return
+    out_t, out_o = theirs(x, hx), ours(x, hx)
+    tol = dict(rtol=2e-2, atol=2e-2) if torch.bfloat16 in (module_dtype, c_dtype) else dict(rtol=1e-5, atol=1e-5)
+    for a, b in zip(out_o, out_t):
+        assert a.dtype == b.dtype
+        torch.testing.assert_close(a, b, **tol)
+
+
+@pytest.mark.parametrize(
+    "module_dtype, h_dtype, c_dtype",
+    [(torch.float32, torch.float64, torch.float32), (torch.float32, torch.float32, torch.float64),
+     (torch.bfloat16, torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16, torch.float32)],
+)
+def test_lstm_hidden_dtype_mismatches_raise_like_torch(module_dtype, h_dtype, c_dtype):
+    theirs, ours = twin_modules(torch.nn.LSTM, 3, 4, dtype=module_dtype)
+    x = torch.randn(5, 2, 3).to(module_dtype)
+    hx = (torch.zeros(1, 2, 4, dtype=h_dtype), torch.zeros(1, 2, 4, dtype=c_dtype))
+    expected = raised_type(lambda: theirs(x, hx))
+    assert expected is not None
+    got = raised_type(lambda: ours(x, hx))
+    assert got is not None and got[0] is expected[0] and "not the same dtype" in got[1], (got, expected)
+
+
+def _packed(x):
+    return pack_padded_sequence(x, torch.tensor([5, 3]), enforce_sorted=False)
+
+
+META = dict(device="meta")
+
+
+@pytest.mark.parametrize(
+    "torch_cls, call",
+    [
+        (torch.nn.LSTM, lambda m: m(torch.randn(5, 2, 3, **META))),
+        (torch.nn.LSTM, lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4, **META), torch.zeros(1, 2, 4)))),
+        (torch.nn.LSTM, lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4, **META)))),
+        (torch.nn.LSTM, lambda m: m(_packed(torch.randn(5, 2, 3, **META)))),
+        (torch.nn.LSTM, lambda m: m(_packed(torch.randn(5, 2, 3)), (torch.zeros(1, 2, 4, **META), torch.zeros(1, 2, 4)))),
+        (torch.nn.LSTM, lambda m: m(_packed(torch.randn(5, 2, 3)), (torch.zeros(1, 2, 4), torch.zeros(1, 2, 4, **META)))),
+        (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3, **META))),
+        (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3), (torch.zeros(2, 4, **META), torch.zeros(2, 4)))),
+        (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(2, 4, **META)))),
+    ],
+)
+def test_device_mismatch_raises_like_torch(torch_cls, call):
+    """Input, hx and parameters on different devices (meta vs cpu: no GPU needed)."""
+    theirs, ours = twin_modules(torch_cls, 3, 4)
+    expected = raised_type(lambda: call(theirs))
+    assert expected is not None
+    got = raised_type(lambda: call(ours))
+    assert got is not None and got[0] is expected[0] and "not at the same device" in got[1], (got, expected)
+    if "not at the same device" in expected[1]:  # torch's padded LSTM names it as we do
+        assert got == expected
+
+
+def test_packed_input_with_2d_hx_names_the_expected_size():
+    """torch's packed path fails on a 2-D hx by accident (IndexError in its permutation);
+    ours makes torch's own hidden-size check (what torch raises for padded input)."""
+    ours = LSTM(3, 4)
+    got = raised_type(lambda: ours(_packed(torch.randn(5, 2, 3)), (torch.zeros(2, 4), torch.zeros(2, 4))))
+    assert got == (RuntimeError, "Expected hidden[0] size (1, 2, 4), got [2, 4]")
+
+
+@contextlib.contextmanager
+def torch_without_onednn():
+    """torch's native RNN: its oneDNN LSTM fails under CPU autocast for float32 input."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the flags' notice about TF32 on Intel GPUs
+        with torch.backends.mkldnn.flags(enabled=False):
+            yield
+
+
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+AUTOCAST_TOLERANCES = {torch.bfloat16: dict(rtol=2e-2, atol=2e-2), torch.float16: dict(rtol=4e-3, atol=4e-3)}
+
+
+@pytest.mark.parametrize("autocast_dtype", AUTOCAST_DTYPES)
+@pytest.mark.parametrize(
+    "torch_cls, kwargs, make_args",
+    [
+        (torch.nn.LSTM, {}, lambda lp: (torch.randn(6, 3, 4),)),
+        (torch.nn.LSTM, dict(proj_size=3), lambda lp: (torch.randn(6, 3, 4),)),
+        (torch.nn.LSTM, dict(num_layers=2, bidirectional=True), lambda lp: (torch.randn(6, 3, 4),)),
+        (torch.nn.LSTM, dict(batch_first=True), lambda lp: (torch.randn(3, 6, 4),)),
+        (torch.nn.LSTM, dict(bidirectional=True), lambda lp: (_packed(torch.randn(5, 2, 4)),)),
+        (torch.nn.LSTM, {}, lambda lp: (torch.randn(6, 3, 4).to(lp),)),  # input already low precision
+        (torch.nn.LSTM, {}, lambda lp: (torch.randn(6, 3, 4), (torch.randn(1, 3, 5), torch.randn(1, 3, 5).to(lp)))),
+        (torch.nn.LSTM, {}, lambda lp: (torch.randn(6, 3, 4), (torch.randn(1, 3, 5).to(lp), torch.randn(1, 3, 5)))),
+        (torch.nn.LSTMCell, {}, lambda lp: (torch.randn(3, 4),)),
+        (torch.nn.LSTMCell, {}, lambda lp: (torch.randn(3, 4).to(lp),)),
+        (torch.nn.LSTMCell, {}, lambda lp: (torch.randn(3, 4), (torch.randn(3, 5), torch.randn(3, 5).to(lp)))),
+        (torch.nn.LSTMCell, {}, lambda lp: (torch.randn(3, 4), (torch.randn(3, 5), torch.randn(3, 5).double()))),
+    ],
+)
+def test_cpu_autocast_matches_torch(autocast_dtype, torch_cls, kwargs, make_args):
+    """Under CPU autocast: torch's output dtypes (float32 cell states stay float32), its numbers to the
+    precision's tolerance, and gradients. torch runs its native implementation (see torch_without_onednn)."""
+    hidden = 5
+    theirs, ours = twin_modules(torch_cls, 4, hidden, **kwargs)
+    torch.manual_seed(2)
+    args = make_args(autocast_dtype)
+    x_t, x_o = copy.deepcopy(args), copy.deepcopy(args)
+    inputs_t = [t.requires_grad_() for t in flatten(x_t) if t.is_floating_point()]
+    inputs_o = [t.requires_grad_() for t in flatten(x_o) if t.is_floating_point()]
+    with torch_without_onednn(), torch.autocast("cpu", dtype=autocast_dtype):
+        out_t = flatten(theirs(*x_t))
+    with torch.autocast("cpu", dtype=autocast_dtype):
+        out_o = flatten(ours(*x_o))
+    tol = AUTOCAST_TOLERANCES[autocast_dtype]
+    assert [t.dtype for t in out_o] == [t.dtype for t in out_t]
+    for a, b in zip(out_o, out_t):
+        torch.testing.assert_close(a.double(), b.double(), **tol)
+    weights = [torch.randn(t.shape, generator=torch.Generator().manual_seed(0)).to(t.dtype) for t in out_t]
+    grads_t = torch.autograd.grad(sum((o * w).float().sum() for o, w in zip(out_t, weights)),
+                                  inputs_t + list(theirs.parameters()))
+    grads_o = torch.autograd.grad(sum((o * w).float().sum() for o, w in zip(out_o, weights)),
+                                  inputs_o + list(ours.parameters()))
+    # Gradients sum many low-precision terms over the steps: torch's own are
+    # several eps off a float64 run (ours less), so compared relative to each
+    # gradient's largest entry.
+    for a, b in zip(grads_o, grads_t):
+        assert a.dtype == b.dtype
+        scale = b.abs().max().double().clamp_min(1.0).item()
+        torch.testing.assert_close(a.double(), b.double(), rtol=0, atol=2 * tol["atol"] * scale)
+
+
+def test_autocast_float64_operands_raise_like_torch():
+    """Autocast leaves float64 alone: a float64 input or h0 against low-precision-cast weights fails in torch."""
+    for call in (lambda m: m(torch.randn(6, 3, 4).double()),
+                 lambda m: m(torch.randn(6, 3, 4), (torch.zeros(1, 3, 5).double(), torch.zeros(1, 3, 5)))):
+        theirs, ours = twin_modules(torch.nn.LSTM, 4, 5)
+        with torch_without_onednn(), torch.autocast("cpu", dtype=torch.bfloat16):
+            expected = raised_type(lambda: call(theirs))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = raised_type(lambda: call(ours))
+        assert expected is not None and got is not None and got[0] is expected[0], (got, expected)
+
+
+def test_module_compiles_under_autocast():
+    torch.manual_seed(0)
+    lstm = LSTM(3, 5, num_layers=2, bidirectional=True, proj_size=2)
+    x = torch.randn(4, 2, 3)
+    compiled = torch.compile(lstm, fullgraph=True, backend="aot_eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        eager, out = flatten(lstm(x)), flatten(compiled(x))
+    for a, b in zip(out, eager):
+        assert a.dtype == b.dtype
         torch.testing.assert_close(a, b)

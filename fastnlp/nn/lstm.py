@@ -29,7 +29,7 @@ every torch.nn.RNNBase instance.
 import math
 import numbers
 import warnings
-from typing import List, Optional, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -70,6 +70,39 @@ def _check_constructor_args(input_size, hidden_size, num_layers, bias, batch_fir
         raise ValueError("proj_size should be a positive integer or zero to disable projections")
     if proj_size >= hidden_size:
         raise ValueError("proj_size has to be smaller than hidden_size")
+
+
+def _check_hx_pair(hx, module: str, op: str) -> None:
+    """hx must be (h_0, c_0), a tuple or list of two, as torch's _VF.lstm / lstm_cell take it."""
+    if not isinstance(hx, (tuple, list)):
+        # torch's argument parser raises TypeError for anything but a sequence
+        # of tensors (for a tensor hx, if indexing it has not failed first).
+        raise TypeError(f"{module}: hx must be a tuple of two Tensors (h_0, c_0), not {type(hx).__name__}")
+    if len(hx) != 2:
+        # torch raises this for most lengths (some code paths index hx[0],
+        # hx[1] first, or ignore a third entry); one error for all of them.
+        raise RuntimeError(f"{op} expects two hidden states (hx = (h_0, c_0)), got {len(hx)}")
+
+
+def _check_devices(input: Tensor, hx: Sequence[Tensor], parameters) -> None:
+    """ATen's RNN check (check_attributes): hidden states, then parameters, on input's device."""
+    for value in hx:
+        if value.device != input.device:
+            raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor at "
+                               f"{input.device} and hidden tensor at {value.device}")
+    for parameter in parameters:
+        if parameter.device != input.device:
+            raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor at "
+                               f"{input.device} and parameter tensor at {parameter.device}")
+
+
+def _check_dtype(input: Tensor, value: Tensor, kind: str) -> None:
+    """A hidden state or parameter in another dtype than input: torch fails in its matrix products (RuntimeError);
+    the kernels would instead compute half-precision input in float32 without a word. Not under autocast, which
+    casts them (see fastnlp.ops.lstm)."""
+    if value.dtype != input.dtype and lstm_ops._autocast_dtype(input) is None:
+        raise RuntimeError(f"Input and {kind} tensors are not the same dtype, found input tensor with "
+                           f"{input.dtype} and {kind} tensor with {value.dtype}")
 
 
 # The functional API's argument names, in the order parameters are registered.
@@ -202,7 +235,9 @@ class LSTM(nn.Module):
 
     def _check_input(self, input: Tensor, packed: bool) -> None:
         weight = self.weight_ih_l0
-        if input.dtype != weight.dtype and not torch.is_autocast_enabled():
+        # Under autocast for input's device the op casts (torch skips this
+        # check when any autocast is on; then its kernels fail instead).
+        if input.dtype != weight.dtype and lstm_ops._autocast_dtype(input) is None:
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
                 f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
@@ -223,6 +258,14 @@ class LSTM(nn.Module):
         if hx[1].size() != expected_c:
             raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(hx[1].size())}")
 
+    def _check_run(self, input: Tensor, hx: HiddenState, steps: int) -> None:
+        """The checks torch's kernel (_VF.lstm) makes before it runs: devices, the hidden states' dtype, length."""
+        _check_devices(input, hx, self.parameters())
+        for value in hx:
+            _check_dtype(input, value, "hidden")
+        if steps == 0:
+            raise RuntimeError("Expected sequence length to be larger than 0 in RNN")
+
     def _zero_state(self, input: Tensor, batch: int) -> HiddenState:
         directions = 2 if self.bidirectional else 1
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
@@ -235,14 +278,18 @@ class LSTM(nn.Module):
 
     def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[HiddenState] = None):
         """Same inputs and outputs as torch.nn.LSTM.forward: returns output, (h_n, c_n)."""
+        if hx is not None:
+            _check_hx_pair(hx, "LSTM", "lstm")
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self._check_input(data, packed=True)
             batch = int(batch_sizes[0])
             if hx is None:
                 hx = self._zero_state(data, batch)
+                self._check_run(data, hx, batch_sizes.numel())
             else:
                 self._check_hidden(hx, batch)
+                self._check_run(data, hx, batch_sizes.numel())  # before hx meets sorted_indices
                 if sorted_indices is not None:  # hx follows the user's order
                     hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
             output, h_n, c_n = self._run(data, batch_sizes, hx)
@@ -269,9 +316,10 @@ class LSTM(nn.Module):
         if hx is None:
             hx = self._zero_state(input, batch)
         self._check_hidden(hx, batch)
-
         time_major = input.transpose(0, 1) if self.batch_first else input
         steps = time_major.size(0)
+        self._check_run(input, hx, steps)
+
         rows = time_major.reshape(steps * batch, self.input_size)
         output, h_n, c_n = self._run(rows, None, hx)
         output = output.view(steps, batch, output.size(-1))
@@ -402,6 +450,7 @@ class LSTMCell(nn.Module):
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
         if hx is not None:
+            _check_hx_pair(hx, "LSTMCell", "lstm_cell")
             for index, value in enumerate(hx):
                 if value.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
@@ -432,3 +481,8 @@ class LSTMCell(nn.Module):
             if value.size(1) != self.hidden_size:
                 raise RuntimeError(
                     f"hidden{index} has inconsistent hidden_size: got {value.size(1)}, expected {self.hidden_size}")
+        _check_devices(input, hx, self.parameters())
+        # input and h enter matrix products with the weights, so must share
+        # their dtype; c need not (lstm_ops.lstm_cell promotes, as torch does).
+        _check_dtype(input, self.weight_ih, "parameter")
+        _check_dtype(input, hx[0], "hidden")

@@ -84,6 +84,41 @@ _CPU_WIDENED = (torch.float16, torch.bfloat16)
 _PADDED = torch.empty(0, dtype=torch.long)
 
 
+def _autocast_dtype(input: Tensor) -> Optional[torch.dtype]:
+    """The dtype autocast runs matrix products in on input's device, or None where autocast is off there.
+
+    torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype are
+    torch >= 2.4 APIs; is_autocast_enabled raises for a device type autocast
+    does not know (meta), hence is_autocast_available first.
+    """
+    device_type = input.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """What autocast does to a matrix product's argument: floating tensors to dtype, float64 ones left alone."""
+    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
+        return t
+    return t.to(dtype)
+
+
+def _autocast_result_dtypes(device_type: str, compute: torch.dtype, c0_dtype: torch.dtype,
+                            projected: bool) -> Tuple[torch.dtype, torch.dtype]:
+    """(dtype of output and h_n, dtype of c_n) that torch.nn.LSTM / LSTMCell give under autocast."""
+    if device_type == "cpu":
+        # On the CPU autocast casts only torch's matrix products (linear), so
+        # the new cell f * c + i * g is promoted with c0's dtype (float32 c0:
+        # float32 states), and so is h = o * tanh(c), unless the projection
+        # (another matrix product) makes h.
+        cell = torch.promote_types(compute, c0_dtype)
+        return (compute if projected else cell), cell
+    # On CUDA autocast casts all of cuDNN's RNN (and lstm_cell's) arguments,
+    # c0 included, so every result is in the autocast dtype.
+    return compute, compute
+
+
 def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Tensor, weight_ih: Tensor,
                weight_hh: Tensor, bias_ih: Optional[Tensor] = None, bias_hh: Optional[Tensor] = None,
                weight_hr: Optional[Tensor] = None, reverse: bool = False, *,
@@ -130,6 +165,33 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
         return reference.lstm_layer(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                                     reverse, recurrent_mask, zoneout_cell, zoneout_hidden,
                                     layer_norm if layer_norm[0] is not None else None)
+    autocast = _autocast_dtype(input)
+    if autocast is not None:
+        # The kernels call ATen's matrix products, which the autocast dispatch
+        # key would cast again, half-way through ("self and mat2 must have the
+        # same dtype"). So autocast is applied once, to the whole op: its matrix
+        # product operands are cast as autocast casts them (float64 left alone,
+        # so a float64 operand among cast ones fails, as torch's matrix product
+        # does), everything else to that dtype, and the op runs with autocast
+        # off. The results are cast to the dtypes torch.nn.LSTM's have.
+        # (torch.library.register_autocast would fix one cast dtype for all
+        # calls and give c_n in it, unlike torch's CPU LSTM.)
+        compute = _autocast_cast(input, autocast).dtype
+        cast = [_autocast_cast(t, autocast) for t in (input, h0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)]
+        for name, t in zip(("h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"), cast[1:]):
+            # Checked here: the CPU kernel's half-precision path would widen
+            # a float64 operand to float32 without a word.
+            if t is not None and t.dtype != compute:
+                raise RuntimeError(f"fastnlp.lstm: under autocast, input is {compute} but {name} is {t.dtype} "
+                                   "(autocast leaves float64 tensors as they are: all float64 or none)")
+        rest = [t.to(compute) if t is not None else None
+                for t in (c0, recurrent_mask, zoneout_cell, zoneout_hidden) + layer_norm]
+        with torch.autocast(input.device.type, enabled=False):
+            output, h_n, c_n = lstm_layer(cast[0], batch_sizes, cast[1], rest[0], *cast[2:], reverse=reverse,
+                                          recurrent_mask=rest[1], zoneout_cell=rest[2], zoneout_hidden=rest[3],
+                                          **dict(zip(_LAYER_NORM_NAMES, rest[4:])))
+        h_dtype, c_dtype = _autocast_result_dtypes(input.device.type, compute, c0.dtype, weight_hr is not None)
+        return output.to(h_dtype), h_n.to(h_dtype), c_n.to(c_dtype)
     if input.device.type == "cpu" and input.dtype in _CPU_WIDENED:
         dtype = input.dtype
         widen = [t.float() if t is not None else None
@@ -165,8 +227,21 @@ def lstm_cell(input: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh:
     """One LSTM step for a batch: input (B, I), h (B, H), c (B, H) -> (h', c').
 
     The same fused kernel as lstm_layer, run for a single step (layer_norm_*
-    as there).
+    as there). As in torch.nn.LSTMCell, c may have another dtype than input:
+    the results are promoted with it.
     """
+    if c.dtype != input.dtype and _autocast_dtype(input) is None:
+        # torch.nn.LSTMCell forms f * c + i * g in c's dtype promoted with the
+        # gates', and h = o * tanh(c) with it (a float64 c: float64 results).
+        # The kernel takes one dtype: it runs in input's, its results promoted.
+        # (Under autocast lstm_layer casts c and promotes the results itself.)
+        dtype = torch.promote_types(input.dtype, c.dtype)
+        h_new, c_new = lstm_cell(
+            input, h, c.to(input.dtype), weight_ih, weight_hh, bias_ih, bias_hh, backend=backend,
+            layer_norm_ih_weight=layer_norm_ih_weight, layer_norm_ih_bias=layer_norm_ih_bias,
+            layer_norm_hh_weight=layer_norm_hh_weight, layer_norm_hh_bias=layer_norm_hh_bias,
+            layer_norm_cell_weight=layer_norm_cell_weight, layer_norm_cell_bias=layer_norm_cell_bias)
+        return h_new.to(dtype), c_new.to(dtype)
     _output, h_new, c_new = lstm_layer(
         input, _PADDED, h, c, weight_ih, weight_hh, bias_ih, bias_hh, backend=backend,
         layer_norm_ih_weight=layer_norm_ih_weight, layer_norm_ih_bias=layer_norm_ih_bias,
@@ -191,6 +266,11 @@ def lstm_layer_pair(input: Tensor, batch_sizes: Optional[Tensor], forward: dict,
     only; with two intra-op threads each direction gets one (see
     csrc/cpu/lstm.cpp), otherwise they run one after the other.
     """
+    if _autocast_dtype(input) is not None:
+        # lstm_layer handles autocast (casting, then running with it off); the
+        # pair's CPU kernel takes float32/float64 only, so run one at a time.
+        return (lstm_layer(input, batch_sizes, reverse=False, **forward),
+                lstm_layer(input, batch_sizes, reverse=True, **reverse))
     if batch_sizes is None:
         batch_sizes = _PADDED
     args = []
