@@ -12,6 +12,8 @@
 #include <optional>
 #include <tuple>
 
+#include "once_differentiable.h"
+
 namespace fastnlp {
 namespace {
 
@@ -65,9 +67,11 @@ class LogPartition : public torch::autograd::Function<LogPartition> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return variable_list(6);  // log Z did not reach the loss
     const variable_list saved = ctx->get_saved_variables();
-    auto [grad_emissions, grad_start, grad_end, grad_trans] = call_log_partition_backward(
-        grads[0], saved[0], saved[1], optional_tensor(saved[2]), saved[3], saved[4], saved[5], saved[6], saved[7]);
-    return {grad_emissions, at::Tensor(), at::Tensor(), grad_start, grad_end, grad_trans};
+    return run_once_differentiable("fastnlp::crf_log_partition", saved, [&]() -> variable_list {
+      auto [grad_emissions, grad_start, grad_end, grad_trans] = call_log_partition_backward(
+          grads[0], saved[0], saved[1], optional_tensor(saved[2]), saved[3], saved[4], saved[5], saved[6], saved[7]);
+      return {grad_emissions, at::Tensor(), at::Tensor(), grad_start, grad_end, grad_trans};
+    });
   }
 };
 
@@ -121,10 +125,12 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return variable_list(7);  // the log-likelihood did not reach the loss
     const variable_list saved = ctx->get_saved_variables();
-    auto [grad_emissions, grad_start, grad_end, grad_trans] = call_log_likelihood_backward(
-        grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5],
-        ctx->saved_data["ignore_index"].toInt(), saved[6], saved[7]);
-    return {grad_emissions, at::Tensor(), at::Tensor(), grad_start, grad_end, grad_trans, at::Tensor()};
+    const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
+    return run_once_differentiable("fastnlp::crf_log_likelihood", saved, [&]() -> variable_list {
+      auto [grad_emissions, grad_start, grad_end, grad_trans] = call_log_likelihood_backward(
+          grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], ignore_index, saved[6], saved[7]);
+      return {grad_emissions, at::Tensor(), at::Tensor(), grad_start, grad_end, grad_trans, at::Tensor()};
+    });
   }
 };
 

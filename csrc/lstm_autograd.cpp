@@ -11,6 +11,8 @@
 #include <tuple>
 #include <vector>
 
+#include "once_differentiable.h"
+
 namespace fastnlp {
 namespace {
 
@@ -118,6 +120,11 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
+    return run_once_differentiable("fastnlp::lstm_forward", s, [&] { return gradients(ctx, s, grads); });
+  }
+
+ private:
+  static variable_list gradients(AutogradContext* ctx, const variable_list& s, const variable_list& grads) {
     const std::optional<at::Tensor> weight_hr = optional_tensor(s[6]);
     const Regularisers reg{optional_tensor(s[10]), optional_tensor(s[11]), optional_tensor(s[12])};
     const bool layer_norm = s[13].defined();
@@ -260,6 +267,11 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
+    return run_once_differentiable("fastnlp::lstm_forward_pair", s, [&] { return gradients(ctx, s, grads); });
+  }
+
+ private:
+  static variable_list gradients(AutogradContext* ctx, const variable_list& s, const variable_list& grads) {
     const at::Tensor& input = s[0];
     const bool has_bias_ih = ctx->saved_data["has_bias_ih"].toBool();
     const bool has_bias_hh = ctx->saved_data["has_bias_hh"].toBool();

@@ -465,7 +465,7 @@ def test_gold_score_under_torch_compile_refuses_a_selected_minus_one():
     compiled = torch.compile(ops.crf_gold_score, fullgraph=True, backend="aot_eager")
     with pytest.raises(ValueError, match="tags must be in \\[0, 3\\)"):
         ops.crf_gold_score(emissions, tags, start, end, trans, mask)
-    with pytest.raises(Exception, match="tags must be in \\[0, 3\\)"):
+    with pytest.raises(ValueError, match="tags must be in \\[0, 3\\)"):
         compiled(emissions, tags, start, end, trans, mask)
     # With ignore_index=-1 the same tag is unknown, compiled or not.
     torch.testing.assert_close(compiled(emissions, tags, start, end, trans, mask, ignore_index=-1),
@@ -493,6 +493,82 @@ def test_reference_gradients_are_finite_where_constraints_leave_states_unreachab
     torch.testing.assert_close(llh, ref_llh)
     for got, want in zip(grads, ref_grads):
         torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("partial_labels", [False, True])
+def test_nan_or_inf_score_makes_its_sequence_nan(dtype, bad, partial_labels):
+    # log Z of a +inf or NaN score is undefined: that sequence's results and
+    # gradients are NaN (the parameter gradients, summed over the batch, too);
+    # the other sequences, and values at unselected positions, are untouched.
+    emissions, tags, mask, start, end, trans = random_problem(3, 6, 4, dtype=dtype, seed=79, mask_kind="full")
+    if not partial_labels:
+        tags = tags.clamp(min=0)
+    mask[2, 4] = False
+    poisoned = emissions.clone()
+    poisoned[1, 3, 2] = bad
+    poisoned[2, 4, 0] = float("nan")  # not selected: ignored
+    emissions[2, 4, 0] = 0.0
+    args = (start, end, trans, mask)
+
+    llh, grads = likelihood_and_grads(poisoned, tags, mask, start, end, trans, backend=None)
+    clean_llh, clean_grads = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend=None)
+    others = [0, 2]
+    assert torch.isnan(llh[1])
+    torch.testing.assert_close(llh[others], clean_llh[others])
+    assert torch.isnan(grads[0][1]).all()
+    torch.testing.assert_close(grads[0][others], clean_grads[0][others])
+    for grad in grads[1:]:
+        assert torch.isnan(grad).all()
+
+    for score in (ops.crf_log_partition(poisoned, *args), ops.crf_gold_score(poisoned, tags, *args)):
+        assert torch.isnan(score[1]) and torch.isfinite(score[others]).all()
+    leaf = poisoned.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(ops.crf_log_partition(leaf, *args).sum(), leaf)
+    assert torch.isnan(grad[1]).all() and torch.isfinite(grad[others]).all()
+    marginals = ops.crf_marginals(poisoned, *args)
+    assert torch.isnan(marginals[1]).all()
+    torch.testing.assert_close(marginals[others], ops.crf_marginals(emissions, *args)[others])
+
+    paths, scores = ops.crf_viterbi(poisoned, *args)
+    clean_paths, clean_scores = ops.crf_viterbi(emissions, *args)
+    assert torch.isnan(scores[1]) and torch.equal(paths[others], clean_paths[others])
+    torch.testing.assert_close(scores[others], clean_scores[others])
+    _, top_scores = ops.crf_viterbi_topk(poisoned, 3, *args)
+    assert torch.isnan(top_scores[1]).all() and not torch.isnan(top_scores[others]).any()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_transition_parameter_makes_every_sequence_nan(bad):
+    emissions, tags, mask, start, end, trans = random_problem(2, 5, 3, seed=83, mask_kind="full")
+    trans = trans.clone()
+    trans[1, 2] = bad
+    llh, grads = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend=None)
+    assert torch.isnan(llh).all() and all(torch.isnan(grad).all() for grad in grads)
+    assert torch.isnan(ops.crf_log_partition(emissions, start, end, trans, mask)).all()
+    assert torch.isnan(ops.crf_viterbi(emissions, start, end, trans, mask)[1]).all()
+
+
+@pytest.mark.parametrize("op", ["log_likelihood", "log_partition"])
+def test_double_backward_raises_instead_of_dropping_the_kernels_share(op):
+    # The backward pass is a kernel: with create_graph=True the first-order
+    # gradients are unchanged, and differentiating them raises a clear error
+    # even when other terms reach the same inputs (a gradient penalty).
+    emissions, tags, mask, start, end, trans = random_problem(2, 5, 3, seed=89)
+    leaves = [x.clone().requires_grad_(True) for x in (emissions, trans)]
+
+    def score():
+        if op == "log_partition":
+            return ops.crf_log_partition(leaves[0], start, end, leaves[1], mask).sum()
+        return ops.crf_log_likelihood(leaves[0], tags, start, end, leaves[1], mask).sum()
+
+    plain = torch.autograd.grad(score(), leaves)
+    grads = torch.autograd.grad(score(), leaves, create_graph=True)
+    for got, want in zip(grads, plain):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(grads[0].pow(2).sum() + leaves[0].sum(), leaves[0])
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

@@ -613,3 +613,25 @@ def test_pair_rejects_malformed_lists():
         torch.ops.fastnlp.lstm_forward_pair(input, batch_sizes, short, short)
     with pytest.raises(ValueError, match="zoneout_hidden needs zoneout_cell"):
         lstm_layer_pair(input, batch_sizes, dict(fwd, zoneout_hidden=torch.zeros(12, 4)), rev)
+
+
+@pytest.mark.parametrize("module", ["layer", "bidirectional", "cell"])
+def test_double_backward_raises_instead_of_dropping_the_kernels_share(module):
+    # The backward pass is a kernel: with create_graph=True the first-order
+    # gradients are unchanged, and differentiating them raises a clear error
+    # even when other terms reach the same inputs (a gradient penalty).
+    torch.manual_seed(0)
+    if module == "cell":
+        model, x = fastnlp.nn.LSTMCell(4, 5), torch.randn(3, 4, requires_grad=True)
+    else:
+        model, x = fastnlp.nn.LSTM(4, 5, bidirectional=module == "bidirectional"), torch.randn(6, 3, 4,
+                                                                                               requires_grad=True)
+
+    def loss():
+        return model(x)[0].pow(2).sum()
+
+    plain = torch.autograd.grad(loss(), x)[0]
+    (grad,) = torch.autograd.grad(loss(), x, create_graph=True)
+    torch.testing.assert_close(grad.detach(), plain, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(grad.pow(2).sum() + x.sum(), x)

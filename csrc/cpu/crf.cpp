@@ -59,17 +59,46 @@ inline StateRange allowed_states(const int64_t* tags, int64_t t, int64_t K) {
 // cost the 1e-6 relative accuracy we promise against pytorch-crf).
 using acc_t = double;
 
+// A score is valid when it is finite or -inf (a forbidden state or move).
+// NaN or +inf leaves log Z undefined (at best inf - inf), so a sequence that
+// meets one at a selected position, or any sequence when a transition
+// parameter holds one, gets NaN for every result and gradient, whatever path
+// the scaled or exact arithmetic would otherwise take.
+template <typename scalar_t>
+bool invalid_scores(const scalar_t* x, int64_t n) {
+  bool bad = false;
+  for (int64_t i = 0; i < n; ++i) bad |= !(x[i] < std::numeric_limits<scalar_t>::infinity());
+  return bad;
+}
+
+// The selected positions of one sequence's emissions (T, K).
+template <typename scalar_t>
+bool invalid_emissions(const scalar_t* emissions, const bool* mask, int64_t T, int64_t K) {
+  bool bad = false;
+  for (int64_t t = 0; t < T; ++t) bad |= mask[t] && invalid_scores(emissions + t * K, K);
+  return bad;
+}
+
+template <typename scalar_t>
+bool invalid_parameters(const scalar_t* start, const scalar_t* end, const scalar_t* trans, int64_t K) {
+  return invalid_scores(start, K) || invalid_scores(end, K) || invalid_scores(trans, K * K);
+}
+
+constexpr acc_t kNaN = std::numeric_limits<acc_t>::quiet_NaN();
+
 struct Transitions {
   int64_t K;
   std::vector<acc_t> start, end, trans;  // trans[i * K + j]: tag i -> tag j
   std::vector<acc_t> colmax;             // max_i trans[i][j]
   std::vector<acc_t> scaled;             // E[i][j] = exp(trans[i][j] - colmax[j]), row-major
   std::vector<acc_t> scaled_t;           // E transposed, so both recursions stream rows
+  bool invalid;                          // a parameter is NaN or +inf: every sequence is NaN
 
   template <typename scalar_t>
   Transitions(const scalar_t* start_, const scalar_t* end_, const scalar_t* trans_, int64_t K_)
       : K(K_), start(start_, start_ + K_), end(end_, end_ + K_), trans(trans_, trans_ + K_ * K_),
-        colmax(K_, kNegInf<acc_t>), scaled(K_ * K_), scaled_t(K_ * K_) {
+        colmax(K_, kNegInf<acc_t>), scaled(K_ * K_), scaled_t(K_ * K_),
+        invalid(invalid_parameters(start_, end_, trans_, K_)) {
     for (int64_t i = 0; i < K; ++i)
       for (int64_t j = 0; j < K; ++j) colmax[j] = std::max(colmax[j], trans[i * K + j]);
     for (int64_t i = 0; i < K; ++i) {
@@ -161,6 +190,19 @@ struct ParamGrads {
   acc_t* trans;  // (K, K)
 };
 
+// The gradient of a sequence with an invalid score (see invalid_scores): NaN
+// at its selected positions, 0 at the others as for every sequence, and NaN
+// shares of the parameter gradients.
+template <typename grad_t>
+void invalid_sequence_gradient(const bool* mask, int64_t T, int64_t K, grad_t* grad_emissions, ParamGrads grads) {
+  for (int64_t t = 0; t < T; ++t)
+    std::fill(grad_emissions + t * K, grad_emissions + (t + 1) * K,
+              mask[t] ? std::numeric_limits<grad_t>::quiet_NaN() : grad_t(0));
+  std::fill(grads.start, grads.start + K, kNaN);
+  std::fill(grads.end, grads.end + K, kNaN);
+  std::fill(grads.trans, grads.trans + K * K, kNaN);
+}
+
 // ---------------------------------------------------------------------------
 // Backward algorithm for one sequence: beta, then the posterior marginals
 // scaled by g, written to grad_emissions (T, K) (zero-initialised) and added to
@@ -170,6 +212,10 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
                        int64_t T, const alpha_t* alpha, acc_t log_z, acc_t g, grad_t* grad_emissions,
                        ParamGrads grads, acc_t* work) {
   const int64_t K = tr.K;
+  if (std::isnan(log_z)) {  // an invalid score (the forward pass made log Z NaN)
+    invalid_sequence_gradient(mask, T, K, grad_emissions, grads);
+    return;
+  }
   // Zeroed here, in the worker, rather than by a single-threaded at::zeros.
   std::fill(grad_emissions, grad_emissions + T * K, grad_t(0));
   if (!std::isfinite(log_z)) return;  // no path, or no consistent one: no gradient
@@ -446,8 +492,8 @@ std::optional<at::Tensor> checked_tags(const std::optional<at::Tensor>& tags, co
   const int64_t* tag = t.data_ptr<int64_t>();
   const bool* selected = mask.data_ptr<bool>();
   for (int64_t x = 0; x < t.numel(); ++x) {
-    TORCH_CHECK(!selected[x] || (tag[x] >= -1 && tag[x] < K), "tags must be in [0, ", K,
-                ") or -1 (free) at selected positions, got ", tag[x]);
+    TORCH_CHECK_VALUE(!selected[x] || (tag[x] >= -1 && tag[x] < K), "tags must be in [0, ", K,
+                      ") or -1 (free) at selected positions, got ", tag[x]);
   }
   return t;
 }
@@ -504,6 +550,11 @@ std::tuple<at::Tensor, at::Tensor> crf_log_partition_cpu(const at::Tensor& emiss
     for_each_sequence(
         B, [&] { return std::vector<acc_t>(6 * K); },
         [&](int64_t b, std::vector<acc_t>& work) {
+          if (tr.invalid || invalid_emissions(em + b * T * K, mk + b * T, T, K)) {
+            lz[b] = static_cast<scalar_t>(kNaN);  // the backward pass reads this as "invalid"
+            std::fill(al + b * T * K, al + (b + 1) * T * K, static_cast<scalar_t>(kNaN));
+            return;
+          }
           lz[b] = static_cast<scalar_t>(forward_sequence(tr, em + b * T * K, mk + b * T, tg ? tg + b * T : nullptr,
                                                           T, al + b * T * K, work.data()));
         });
@@ -863,6 +914,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cpu(
           int64_t* mapped = s.mapped.data();
           const bool partial = map_tags(tg + b * T, m, T, ignore_index, mapped);
           acc_t* a = al + b * 2 * T * K;
+          if (tr.invalid || invalid_emissions(e, m, T, K)) {
+            std::fill(a, a + 2 * T * K, acc_t(0));  // not used: the backward pass rescans
+            ex[b] = true;
+            out[b] = static_cast<scalar_t>(kNaN);
+            return;
+          }
           acc_t log_z = 0, gold = 0;
           bool ok = chain.representable && scaled_forward(chain, e, m, nullptr, T, a, a + T * K, &log_z,
                                                           s.shifts.data());
@@ -955,6 +1012,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
           acc_t* pc = s.pair_c.data();
           acc_t* pq = s.pair_q.data();
           acc_t* mine = per_sequence.get() + b * slot;
+          if (tr.invalid || invalid_emissions(e, m, T, K)) {
+            // exact_trans holds this sequence's pairwise marginals: NaN, like the rest.
+            exact_trans[b].assign(K * K, kNaN);
+            invalid_sequence_gradient(m, T, K, ge, ParamGrads{mine, mine + K, mine + 2 * K});
+            return;
+          }
           std::fill(mine, mine + slot, acc_t(0));
           const ScaledGrads grads{mine, mine + K, mine + 2 * K};
           int64_t* mapped = s.mapped.data();
@@ -1091,6 +1154,7 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_i
   at::Tensor scores = at::empty({B}, emissions.options());
   AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_viterbi_cpu", [&] {
     const auto tr = raw_transitions<scalar_t>(start, end, trans);
+    const bool params_invalid = invalid_parameters(tr.start, tr.end, tr.trans, K);
     const scalar_t* em = emissions.data_ptr<scalar_t>();
     const bool* mk = mask.data_ptr<bool>();
     int64_t* pa = paths.data_ptr<int64_t>();
@@ -1104,6 +1168,9 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_i
         [&](int64_t b, Scratch& s) {
           sc[b] = viterbi_sequence(tr, em + b * T * K, mk + b * T, T, pa + b * T, s.backpointers.data(),
                                    s.work.data());
+          // The path is whatever the comparisons made of the invalid score; the score says so.
+          if (params_invalid || invalid_emissions(em + b * T * K, mk + b * T, T, K))
+            sc[b] = std::numeric_limits<scalar_t>::quiet_NaN();
         });
   });
   return {paths, scores};
@@ -1121,6 +1188,7 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_topk_cpu(const at::Tensor& emissi
   at::Tensor scores = at::empty({B, k}, emissions.options());
   AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_viterbi_topk_cpu", [&] {
     const auto tr = raw_transitions<scalar_t>(start, end, trans);
+    const bool params_invalid = invalid_parameters(tr.start, tr.end, tr.trans, K);
     const scalar_t* em = emissions.data_ptr<scalar_t>();
     const bool* mk = mask.data_ptr<bool>();
     int64_t* pa = paths.data_ptr<int64_t>();
@@ -1140,6 +1208,8 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_topk_cpu(const at::Tensor& emissi
         },
         [&](int64_t b, TopkScratch<scalar_t>& s) {
           topk_sequence(tr, em + b * T * K, mk + b * T, T, k, pa + b * T * k, sc + b * k, s);
+          if (params_invalid || invalid_emissions(em + b * T * K, mk + b * T, T, K))
+            std::fill(sc + b * k, sc + (b + 1) * k, std::numeric_limits<scalar_t>::quiet_NaN());
         });
   });
   return {paths, scores};
