@@ -406,6 +406,24 @@ def test_opcheck(device):
             torch.library.opcheck(torch.ops.fastnlp.attention_dropout_mask.default, (q.detach(), k.detach(), p, rng))
 
 
+def test_double_backward_raises_instead_of_dropping_the_kernels_share():
+    # The backward pass is a kernel: with create_graph=True the first-order
+    # gradients are unchanged, and differentiating them raises a clear error
+    # even when other terms reach the same inputs (a gradient penalty).
+    gen = torch.Generator().manual_seed(97)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+
+    def loss():
+        return ops.attention(q, k, v, is_causal=True).pow(2).sum()
+
+    plain = torch.autograd.grad(loss(), (q, k, v))
+    grads = torch.autograd.grad(loss(), (q, k, v), create_graph=True)
+    for got, want in zip(grads, plain):
+        torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(grads[0].pow(2).sum() + q.sum(), q)
+
+
 def test_torch_compile_fullgraph_forward_and_backward():
     q, k, v, _ = make_problem(2, 4, 2, 33, 70, 16, 16, "none", seed=41, dtype=torch.float32)
     lengths = torch.tensor([70, 20])

@@ -62,11 +62,38 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, grad_lse):
-    query, key, value, out, lse, attn_mask, key_padding_mask, rng_state = ctx.saved_tensors
-    grad_query, grad_key, grad_value = torch.ops.fastnlp.attention_backward(
-        grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, ctx.is_causal, ctx.dropout_p,
-        ctx.scale, rng_state)
-    return grad_query, grad_key, grad_value, None, None, None, None, None, None
+    saved = ctx.saved_tensors
+    query, key, value, out, lse, attn_mask, key_padding_mask, rng_state = saved
+    with torch.no_grad():
+        grads = torch.ops.fastnlp.attention_backward(
+            grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, ctx.is_causal, ctx.dropout_p,
+            ctx.scale, rng_state)
+    if torch.is_grad_enabled():
+        grads = _without_double_backward(saved + (grad_out,), grads)
+    return (*grads, None, None, None, None, None, None)
+
+
+def _without_double_backward(inputs, grads):
+    """The gradients, made to raise if differentiated (create_graph=True records the backward).
+
+    The backward pass is a kernel, so its gradients would otherwise count as
+    constants: a gradient penalty would silently lose attention's share. As
+    in csrc/once_differentiable.h: an exact zero (a sum over no elements) that
+    depends on every input requiring grad, with a backward that raises, is
+    added to each gradient.
+    """
+    zero = None
+    for tensor in inputs:
+        if tensor is not None and tensor.requires_grad:
+            nothing = tensor.flatten()[:0].sum()
+            zero = nothing if zero is None else zero + nothing
+    if zero is None:
+        return grads
+    error = torch._C._functions.DelayedError(
+        b"fastnlp::attention_forward has no double backward: its gradient is computed by a kernel, so a graph "
+        b"built with create_graph=True cannot be differentiated through it", 1)
+    zero = error(zero)
+    return tuple(grad + zero for grad in grads)
 
 
 torch.library.register_autograd("fastnlp::attention_forward", _backward, setup_context=_setup_context)
