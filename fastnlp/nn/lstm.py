@@ -91,7 +91,7 @@ def _check_devices(input: Tensor, hx: Sequence[Tensor], parameters) -> None:
             raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor at "
                                f"{input.device} and hidden tensor at {value.device}")
     for parameter in parameters:
-        if parameter.device != input.device:
+        if parameter is not None and parameter.device != input.device:
             raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor at "
                                f"{input.device} and parameter tensor at {parameter.device}")
 
@@ -260,7 +260,7 @@ class LSTM(nn.Module):
 
     def _check_run(self, input: Tensor, hx: HiddenState, steps: int) -> None:
         """The checks torch's kernel (_VF.lstm) makes before it runs: devices, the hidden states' dtype, length."""
-        _check_devices(input, hx, self.parameters())
+        _check_devices(input, hx, self._parameters.values())  # the module's own (absent biases: None)
         for value in hx:
             _check_dtype(input, value, "hidden")
         if steps == 0:
@@ -481,7 +481,7 @@ class LSTMCell(nn.Module):
             if value.size(1) != self.hidden_size:
                 raise RuntimeError(
                     f"hidden{index} has inconsistent hidden_size: got {value.size(1)}, expected {self.hidden_size}")
-        _check_devices(input, hx, self.parameters())
+        _check_devices(input, hx, self._parameters.values())  # the module's own (absent biases: None)
         # input and h enter matrix products with the weights, so must share
         # their dtype; c need not (lstm_ops.lstm_cell promotes, as torch does).
         _check_dtype(input, self.weight_ih, "parameter")
