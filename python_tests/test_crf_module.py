@@ -292,3 +292,21 @@ def test_half_precision_model_returns_scores_in_its_dtype(dtype):
     paths, scores = low.viterbi(emissions.to(dtype), mask)
     assert scores.dtype == dtype and paths.dtype == torch.long
     assert low.marginals(emissions.to(dtype), mask).dtype == dtype
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_decode_with_non_finite_emissions_equals_pytorch_crf(bad, batch_first):
+    # NaN and +inf make a sequence's scores NaN (see ops), but its decoded path
+    # is still the one pytorch-crf's torch.max picks: NaN wins, first of equals.
+    theirs, ours = make_pair(4, batch_first, seed=3)
+    emissions, tags, mask = make_inputs(7, 5, 4, batch_first, seed=3)
+    gen = torch.Generator().manual_seed(5)
+    for row in range(5):
+        position = int(torch.randint(0, int(mask.sum(1 if batch_first else 0)[row]), (1,), generator=gen))
+        tag = int(torch.randint(0, 4, (1,), generator=gen))
+        index = (row, position, tag) if batch_first else (position, row, tag)
+        emissions[index] = bad
+    assert ours.decode(emissions, mask) == theirs.decode(emissions, mask)
+    llh = ours(emissions, tags, mask, reduction="none")
+    assert torch.isnan(llh).all() if bad != float("-inf") else not torch.isnan(llh).any()

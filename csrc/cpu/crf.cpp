@@ -323,11 +323,38 @@ struct RawTransitions {
   const scalar_t* trans;
 };
 
+// a beats the best so far b as torch.max's argmax decides: larger, or NaN
+// over a number (and the first of equal values or of NaNs stays).
+template <typename scalar_t>
+bool beats_nan_first(scalar_t a, scalar_t b) {
+  return a > b || (std::isnan(a) && !std::isnan(b));
+}
+
+// maxplus_step with torch.max's choices where NaN is involved (see
+// beats_nan_first), scalar: for sequences with an invalid score only, so
+// that their decoded path is still pytorch-crf's.
+template <typename scalar_t>
+void maxplus_step_nan_first(int64_t K, const scalar_t* score, const scalar_t* trans, const scalar_t* e,
+                            scalar_t* best, int32_t* backpointers) {
+  for (int64_t j = 0; j < K; ++j) {
+    scalar_t top = (score[0] + trans[j]) + e[j];
+    int32_t arg = 0;
+    for (int64_t i = 1; i < K; ++i) {
+      const scalar_t v = (score[i] + trans[i * K + j]) + e[j];
+      if (beats_nan_first(v, top)) top = v, arg = static_cast<int32_t>(i);
+    }
+    best[j] = top;
+    backpointers[j] = arg;
+  }
+}
+
 // ---------------------------------------------------------------------------
-// Viterbi for one sequence; backpointers (T, K) in `backpointers`.
+// Viterbi for one sequence; backpointers (T, K) in `backpointers`. With
+// nan_first (a sequence with a NaN or +inf score), comparisons follow
+// torch.max's NaN rule instead of skipping NaN, as pytorch-crf's decode does.
 template <typename scalar_t>
 scalar_t viterbi_sequence(const RawTransitions<scalar_t>& tr, const scalar_t* emissions, const bool* mask,
-                          int64_t T, int64_t* path, int32_t* backpointers, scalar_t* work) {
+                          int64_t T, int64_t* path, int32_t* backpointers, scalar_t* work, bool nan_first) {
   const int64_t K = tr.K;
   scalar_t* score = work;
   scalar_t* best = work + K;
@@ -340,7 +367,10 @@ scalar_t viterbi_sequence(const RawTransitions<scalar_t>& tr, const scalar_t* em
       first = t;
       for (int64_t j = 0; j < K; ++j) score[j] = tr.start[j] + e[j];
     } else {
-      maxplus_step(K, score, tr.trans, e, best, backpointers + t * K);
+      if (nan_first)
+        maxplus_step_nan_first(K, score, tr.trans, e, best, backpointers + t * K);
+      else
+        maxplus_step(K, score, tr.trans, e, best, backpointers + t * K);
       std::copy(best, best + K, score);
     }
     last = t;
@@ -350,7 +380,7 @@ scalar_t viterbi_sequence(const RawTransitions<scalar_t>& tr, const scalar_t* em
   scalar_t top = score[0] + tr.end[0];
   for (int64_t j = 1; j < K; ++j) {
     const scalar_t v = score[j] + tr.end[j];
-    if (v > top) top = v, tag = j;
+    if (nan_first ? beats_nan_first(v, top) : v > top) top = v, tag = j;
   }
   for (int64_t t = last; t >= first; --t) {
     if (!mask[t]) continue;
@@ -1166,11 +1196,10 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cpu(const at::Tensor& emissions_i
     for_each_sequence(
         B, [&] { return Scratch{std::vector<scalar_t>(2 * K), std::vector<int32_t>(T * K)}; },
         [&](int64_t b, Scratch& s) {
+          const bool invalid = params_invalid || invalid_emissions(em + b * T * K, mk + b * T, T, K);
           sc[b] = viterbi_sequence(tr, em + b * T * K, mk + b * T, T, pa + b * T, s.backpointers.data(),
-                                   s.work.data());
-          // The path is whatever the comparisons made of the invalid score; the score says so.
-          if (params_invalid || invalid_emissions(em + b * T * K, mk + b * T, T, K))
-            sc[b] = std::numeric_limits<scalar_t>::quiet_NaN();
+                                   s.work.data(), invalid);
+          if (invalid) sc[b] = std::numeric_limits<scalar_t>::quiet_NaN();
         });
   });
   return {paths, scores};
