@@ -406,6 +406,29 @@ def test_opcheck(device):
             torch.library.opcheck(torch.ops.fastnlp.attention_dropout_mask.default, (q.detach(), k.detach(), p, rng))
 
 
+@pytest.mark.parametrize("where", ["query_row", "key", "every_key"])
+def test_nan_inputs_give_nan_where_sdpa_does(where):
+    # A row whose scores are all NaN must come out NaN, not look like a row
+    # with no visible key (the running max skips NaN); some NaN scores too.
+    gen = torch.Generator().manual_seed(101)
+    q, k, v = (torch.randn(1, 2, 70, 8, generator=gen) for _ in range(3))
+    if where == "query_row":
+        q[0, 1, 3, 0] = float("nan")
+    elif where == "key":
+        k[0, 0, 65, 2] = float("nan")  # a real key, in the second key block
+    else:
+        k[0, 1, :, 4] = float("nan")
+    # (SDPA also turns a NaN in a padded key into NaN rows; the kernel never
+    # reads padded keys, as the CRF ignores unselected positions.)
+    lengths = torch.tensor([68])
+    padding = torch.arange(70) < lengths[:, None]
+    got = ops.attention(q, k, v, key_padding_mask=lengths)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=padding[:, None, None, :])
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    finite = ~torch.isnan(want)
+    torch.testing.assert_close(got[finite], want[finite])
+
+
 def test_double_backward_raises_instead_of_dropping_the_kernels_share():
     # The backward pass is a kernel: with create_graph=True the first-order
     # gradients are unchanged, and differentiating them raises a clear error

@@ -358,7 +358,7 @@ void forward_blocks(const Problem<scalar_t, acc_t>& pb, const Strided4<const sca
     }
     for (int64_t r = 0; r < mq; ++r) {
       const int64_t row = (b * pb.H + h) * pb.Lq + i0 + r;
-      const bool any = w.l[r] > acc_t(0);
+      const bool any = !(w.l[r] == acc_t(0));  // l is 0 on a row that saw no key; NaN goes through
       const acc_t inv = any ? acc_t(1) / w.l[r] : acc_t(0);
       scalar_t* dst = out + row * pb.Dv;
       const acc_t* o = w.o.data() + r * Dvp;

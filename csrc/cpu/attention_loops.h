@@ -155,8 +155,14 @@ __attribute__((always_inline)) inline void online_softmax_impl(int64_t rows, int
     T* s = S + r * ld;
     const T m_new = std::max(m[r], row_max_impl(n, s));
     if (m_new == -std::numeric_limits<T>::infinity()) {
+      // Nothing visible so far, or only NaN scores (NaN in q or k), which
+      // the max skips. softmax is NaN there: l turns NaN and stays NaN
+      // (NaN * alpha + sum), so the row's output and lse come out NaN.
+      bool nan = false;
+      for (int64_t c = 0; c < n; ++c) nan |= s[c] != s[c];
       for (int64_t c = 0; c < n; ++c) s[c] = T(0);
       alpha[r] = T(1);
+      if (nan) l[r] = std::numeric_limits<T>::quiet_NaN();
       continue;
     }
     alpha[r] = exp_any(m[r] - m_new);  // 0 when m[r] = -inf
