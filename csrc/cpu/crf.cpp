@@ -66,17 +66,18 @@ using acc_t = double;
 // the scaled or exact arithmetic would otherwise take.
 template <typename scalar_t>
 bool invalid_scores(const scalar_t* x, int64_t n) {
-  bool bad = false;
-  for (int64_t i = 0; i < n; ++i) bad |= !(x[i] < std::numeric_limits<scalar_t>::infinity());
-  return bad;
+  return any_nan_or_inf(n, x);
 }
 
-// The selected positions of one sequence's emissions (T, K).
+// The selected positions of one sequence's emissions (T, K). One vector pass
+// over all of them first: row by row only when something is invalid, to see
+// whether it is at a selected position.
 template <typename scalar_t>
 bool invalid_emissions(const scalar_t* emissions, const bool* mask, int64_t T, int64_t K) {
-  bool bad = false;
-  for (int64_t t = 0; t < T; ++t) bad |= mask[t] && invalid_scores(emissions + t * K, K);
-  return bad;
+  if (!invalid_scores(emissions, T * K)) return false;
+  for (int64_t t = 0; t < T; ++t)
+    if (mask[t] && invalid_scores(emissions + t * K, K)) return true;
+  return false;
 }
 
 template <typename scalar_t>

@@ -158,6 +158,18 @@ FASTNLP_VECTOR_CLONES inline void exp_shifted(int64_t n, const double* x, double
   for (int64_t j = 0; j < n; ++j) out[j] = vmath_detail::exp_one(x[j] - shift);
 }
 
+// Whether some x[j] is NaN or +inf (not below +inf): scores the CRF refuses.
+// An OR over integers of the scalar's width, so the loop is one compare and
+// one OR per vector (an int64 count would widen every float lane).
+template <typename scalar_t>
+__attribute__((always_inline)) inline bool any_nan_or_inf_impl(int64_t n, const scalar_t* x) {
+  typename Simd<scalar_t>::Lane bad = 0;
+  for (int64_t j = 0; j < n; ++j) bad |= !(x[j] < __builtin_inf());
+  return bad != 0;
+}
+FASTNLP_VECTOR_CLONES inline bool any_nan_or_inf(int64_t n, const float* x) { return any_nan_or_inf_impl(n, x); }
+FASTNLP_VECTOR_CLONES inline bool any_nan_or_inf(int64_t n, const double* x) { return any_nan_or_inf_impl(n, x); }
+
 // out[j] = log(x[j]); exact 0 gives -inf; subnormal, infinite or NaN inputs
 // (which a vectorised formula would get wrong) go through std::log.
 FASTNLP_VECTOR_CLONES inline void log_array(int64_t n, const double* __restrict x, double* __restrict out) {
