@@ -82,9 +82,14 @@ def extension():
         ext_class = CUDAExtension
     else:
         ext_class = CppExtension
+    # Every other file under csrc (headers; CUDA sources on a CPU-only build):
+    # setuptools puts an extension's depends into the sdist, which must build
+    # on any machine, whatever this one compiles.
+    depends = [path for path in source_files("**/*") if os.path.isfile(path) and path not in sources]
     return ext_class(
         name="fastnlp._C",
         sources=sources,
+        depends=depends,
         include_dirs=[os.path.join(ROOT, "csrc"), GENERATED],
         define_macros=define_macros,
         extra_compile_args=extra,

@@ -53,7 +53,7 @@ def test_stale_or_mismatched_build_is_refused_with_build_instructions(tmp_path):
 def test_sdist_carries_every_kernel_source(tmp_path):
     # setup.py compiles only what the building machine can use (no .cu without
     # nvcc), but an sdist made anywhere must build everywhere: headers and CUDA
-    # sources included (MANIFEST.in).
+    # sources included (the extension's depends in setup.py).
     command = [sys.executable, "setup.py", "-q", "egg_info", "--egg-base", str(tmp_path), "sdist", "-d", str(tmp_path)]
     result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
