@@ -8,6 +8,12 @@ mask (B, T, bool or uint8) selects the positions that form each chain; they
 need not be a prefix, so [CLS], [SEP] or non-first sub-word pieces can simply
 be masked out, and a row with nothing selected is an empty sequence.
 
+Scores come back in the inputs' promoted dtype; the kernels compute in
+float32 (float16, bfloat16 and integer inputs) or float64. A NaN or +inf
+score at a selected position, or in a parameter, makes that sequence's
+results and gradients NaN (CPU kernels; see csrc/cpu/crf.cpp); -inf is a
+valid score.
+
 Every function validates its input and raises ValueError naming the argument
 before any kernel runs. Functions are TorchScript-compatible because
 fastnlp.nn.CRF, which calls them, must be scriptable.
@@ -131,7 +137,7 @@ def _check_parameters(emissions: Tensor, start_transitions: Tensor, end_transiti
             raise ValueError(f"{name} is on {tensor.device} but emissions are on {emissions.device}")
 
 
-def result_dtype(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor,
+def _result_dtype(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor,
                  transitions: Tensor) -> torch.dtype:
     """The dtype of the scores returned: that of the inputs promoted together, as torch's arithmetic gives."""
     dtype = torch.promote_types(emissions.dtype, transitions.dtype)
@@ -152,7 +158,7 @@ def _prepare(emissions: Tensor, start_transitions: Tensor, end_transitions: Tens
         mask = torch.ones(emissions.shape[:2], dtype=torch.bool, device=emissions.device)
     elif mask.device != emissions.device:
         raise ValueError(f"mask is on {mask.device} but emissions are on {emissions.device}")
-    out_dtype = result_dtype(emissions, start_transitions, end_transitions, transitions)
+    out_dtype = _result_dtype(emissions, start_transitions, end_transitions, transitions)
     dtype = _compute_dtype(out_dtype)
     return (emissions.to(dtype), mask.to(torch.bool), start_transitions.to(dtype), end_transitions.to(dtype),
             transitions.to(dtype), out_dtype)
