@@ -406,6 +406,39 @@ def test_opcheck(device):
             torch.library.opcheck(torch.ops.fastnlp.attention_dropout_mask.default, (q.detach(), k.detach(), p, rng))
 
 
+@pytest.mark.parametrize("mask_shape", [(5, 7), (2, 1, 5, 7), (1, 4, 1, 7), (2, 4, 5, 7)])
+@pytest.mark.parametrize("is_causal", [False, True])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_learned_float_mask_gets_the_references_gradient(mask_shape, is_causal, dropout_p):
+    # A float attn_mask that requires grad (a learned position bias): its
+    # gradient, and those of q, k and v, equal the reference's, with key
+    # padding, grouped-query heads and the kernels' own dropout mask.
+    gen = torch.Generator().manual_seed(103)
+    q = torch.randn(2, 4, 5, 8, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 2, 7, 8, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 2, 7, 6, generator=gen, dtype=torch.float64)
+    bias = torch.randn(*mask_shape, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([7, 4])
+    results = []
+    for backend in (None, "reference"):
+        leaves = [t.clone().requires_grad_(True) for t in (q, k, v, bias)]
+        torch.manual_seed(0)  # the same dropout stream for both
+        out = ops.attention(*leaves[:3], attn_mask=leaves[3], key_padding_mask=lengths, is_causal=is_causal,
+                            dropout_p=dropout_p, backend=backend)
+        results.append(torch.autograd.grad(out, leaves, grad_out))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+
+
+def test_learned_float_mask_gradcheck():
+    gen = torch.Generator().manual_seed(107)
+    q, k = (torch.randn(1, 2, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    bias = torch.randn(5, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, bias: ops.attention(q, k, k, attn_mask=bias, key_padding_mask=torch.tensor([4])), (q, k, bias))
+
+
 @pytest.mark.parametrize("where", ["query_row", "key", "every_key"])
 def test_nan_inputs_give_nan_where_sdpa_does(where):
     # A row whose scores are all NaN must come out NaN, not look like a row

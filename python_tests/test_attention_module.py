@@ -654,15 +654,30 @@ def test_float_mask_dtypes_are_refused_like_torch(monkeypatch, query_dtype, need
     assert refused > 0
 
 
-@pytest.mark.parametrize("with_attn_mask", [False, True])
-def test_float_key_padding_mask_requiring_grad_is_refused_by_its_name(with_attn_mask):
-    _, ours = make_pair(embed_dim=8, num_heads=2)
-    x = torch.randn(3, 2, 8)
-    kpm = torch.zeros(2, 3, requires_grad=True)
-    kwargs = dict(key_padding_mask=kpm, attn_mask=torch.zeros(3, 3) if with_attn_mask else None)
-    for need_weights in (True, False):
-        with pytest.raises(ValueError, match="^key_padding_mask must not require grad"):
-            ours(x, x, x, need_weights=need_weights, **kwargs)
+@pytest.mark.parametrize("need_weights", [False, True])
+@pytest.mark.parametrize("masks", ["attn_mask", "key_padding_mask", "both"])
+def test_learned_float_masks_get_torchs_gradients(masks, need_weights):
+    # A float mask that requires grad (a learned position bias) gets the
+    # gradient torch gives it, as do the inputs and parameters.
+    theirs, ours = make_pair(embed_dim=8, num_heads=2, batch_first=True, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(7)
+    x = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64)
+    grad_out = torch.randn(3, 5, 8, generator=gen, dtype=torch.float64)
+    bias = torch.randn(2 * 3, 5, 5, generator=gen, dtype=torch.float64) if masks != "key_padding_mask" else None
+    padding = torch.randn(3, 5, generator=gen, dtype=torch.float64) if masks != "attn_mask" else None
+    results = []
+    for module in (theirs, ours):
+        inputs = [t.clone().requires_grad_(True) for t in (x, bias, padding) if t is not None]
+        leaves = iter(inputs)
+        query = next(leaves)
+        attn_mask = next(leaves) if bias is not None else None
+        key_padding_mask = next(leaves) if padding is not None else None
+        out, _ = module(query, query, query, key_padding_mask=key_padding_mask, attn_mask=attn_mask,
+                        need_weights=need_weights)
+        results.append((out, torch.autograd.grad(out, inputs + list(module.parameters()), grad_out)))
+    torch.testing.assert_close(results[1][0], results[0][0])
+    for got, want in zip(results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want)
 
 
 # ---------------------------------------------------------------------------

@@ -137,3 +137,36 @@ def test_softcap_is_refused_with_a_clear_error():
     query = torch.randn(1, 2, 3, 4)
     with pytest.raises(ValueError, match="softcap"):
         fastnlp_transformers.fastnlp_attention_forward(torch.nn.Module(), query, query, query, None, softcap=30.0)
+
+
+def test_attention_sinks_are_refused_with_a_clear_error():
+    # GPT-OSS passes its sinks as s_aux; ignoring them would give wrong outputs.
+    query = torch.randn(1, 2, 3, 4)
+    with pytest.raises(ValueError, match="attention sinks"):
+        fastnlp_transformers.fastnlp_attention_forward(torch.nn.Module(), query, query, query, None,
+                                                       s_aux=torch.zeros(2))
+
+
+def test_t5_trains_like_eager_with_its_learned_position_bias():
+    # T5's relative position bias is a parameter added to the scores: the
+    # kernel's additive mask, with a gradient.
+    def t5(attn_implementation):
+        torch.manual_seed(0)
+        config = transformers.T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                       num_decoder_layers=2, num_heads=4, dropout_rate=0.0, decoder_start_token_id=0,
+                                       pad_token_id=0, attn_implementation=attn_implementation)
+        return transformers.T5ForConditionalGeneration(config)
+
+    ids, mask = _batch([9, 5], total=9)
+    labels = ids[:, :6].clone()
+    eager, ours = t5("eager"), t5("fastnlp")
+    ours.load_state_dict(eager.state_dict())
+    results = []
+    for model in (eager, ours):
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        results.append((loss, torch.autograd.grad(loss, list(model.parameters()))))
+    torch.testing.assert_close(results[1][0], results[0][0], atol=1e-5, rtol=1e-5)
+    names = [name for name, _ in ours.named_parameters()]
+    assert any("relative_attention_bias" in name for name in names)
+    for name, got, want in zip(names, results[1][1], results[0][1]):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=name)

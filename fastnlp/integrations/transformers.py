@@ -20,7 +20,8 @@ transformers' own "sdpa" mask function.
 Beyond "sdpa": output_attentions=True returns the attention weights from the
 fused kernel's row log-sum-exp (fastnlp.ops.attention_with_weights) instead of
 warning that they are unavailable, and a query row whose keys are all masked
-gives 0, never NaN.
+gives 0, never NaN. A learned position bias (T5) is an additive mask with a
+gradient. softcap and attention sinks (s_aux) are refused with a clear error.
 """
 
 from typing import Optional, Tuple
@@ -63,6 +64,11 @@ def fastnlp_attention_forward(module: torch.nn.Module, query: Tensor, key: Tenso
     (B, H, Lq, Lk) when output_attentions is asked for, else None)."""
     if kwargs.get("softcap") is not None:
         raise ValueError("the fastnlp attention implementation does not support softcap; "
+                         "use attn_implementation='eager' for this model")
+    if kwargs.get("s_aux") is not None:
+        # Attention sinks (GPT-OSS): an extra logit per head in each softmax
+        # denominator. Ignoring it would give wrong outputs without a word.
+        raise ValueError("the fastnlp attention implementation does not support attention sinks (s_aux); "
                          "use attn_implementation='eager' for this model")
     if kwargs.get("cache") is not None:
         raise NotImplementedError("the fastnlp attention implementation does not support paged caches "

@@ -231,11 +231,6 @@ class MultiheadAttention(nn.Module):
                     raise AssertionError(f"Expected key_padded_mask.shape[{dim}] to be {want + extra * dim}, "
                                          f"but got {got + extra * dim}")
         _check_mask_dtypes(attn_mask, key_padding_mask, query.dtype, need_weights)
-        if key_padding_mask is not None and key_padding_mask.requires_grad:
-            # Checked here: a float key_padding_mask reaches the kernel folded
-            # into the additive attn_mask, whose own check would name attn_mask.
-            raise ValueError("key_padding_mask must not require grad: gradients with respect to the mask are not "
-                             "computed")
 
         k, v = self._append_keys(k, v, bsz, seq_dim)
         mask, padding = _kernel_masks(attn_mask, key_padding_mask, extra, bsz, self.num_heads, tgt_len, q.dtype)

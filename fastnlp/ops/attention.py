@@ -65,12 +65,40 @@ def _backward(ctx, grad_out, grad_lse):
     saved = ctx.saved_tensors
     query, key, value, out, lse, attn_mask, key_padding_mask, rng_state = saved
     with torch.no_grad():
-        grads = torch.ops.fastnlp.attention_backward(
+        grad_query, grad_key, grad_value = torch.ops.fastnlp.attention_backward(
             grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, ctx.is_causal, ctx.dropout_p,
             ctx.scale, rng_state)
+        grad_mask = None
+        if ctx.needs_input_grad[3]:  # a learned additive mask (a position bias)
+            grad_mask = _mask_gradient(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
+                                       ctx.is_causal, ctx.dropout_p, ctx.scale, rng_state)
+    grads = (grad_query, grad_key, grad_value, grad_mask)
     if torch.is_grad_enabled():
         grads = _without_double_backward(saved + (grad_out,), grads)
-    return (*grads, None, None, None, None, None, None)
+    return (*grads, None, None, None, None, None)
+
+
+def _mask_gradient(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                   rng_state):
+    """The gradient of an additive float attn_mask: that of the scores, P * (dP - delta).
+
+    Dense, (B, H, Lq, Lk), unlike the kernels' tiles: only for a mask that
+    requires grad, which is itself a (broadcast) Lq x Lk tensor. P comes from
+    the forward's lse, as for the returned weights; dP = dout v^T, through
+    the same dropout mask as the kernels'; delta = rowsum(dout * out), since
+    out = (P after dropout) v. Summed back to the mask's own shape.
+    """
+    probabilities = _weights_from_lse(query, key, lse, attn_mask, key_padding_mask, is_causal, scale)
+    heads, accumulate = query.shape[1], lse.dtype
+    if value.shape[1] != heads:
+        value = value.repeat_interleave(heads // value.shape[1], dim=1)
+    grad_p = torch.matmul(grad_out.to(accumulate), value.to(accumulate).transpose(-2, -1))
+    if rng_state is not None:
+        keep = torch.ops.fastnlp.attention_dropout_mask(query, key, dropout_p, rng_state)
+        grad_p = grad_p * keep.to(accumulate) / (1.0 - dropout_p)
+    delta = (grad_out.to(accumulate) * out.to(accumulate)).sum(dim=-1, keepdim=True)
+    grad_scores = probabilities * (grad_p - delta)
+    return grad_scores.to(attn_mask.dtype).sum_to_size(attn_mask.shape)
 
 
 def _without_double_backward(inputs, grads):
@@ -93,7 +121,7 @@ def _without_double_backward(inputs, grads):
         b"fastnlp::attention_forward has no double backward: its gradient is computed by a kernel, so a graph "
         b"built with create_graph=True cannot be differentiated through it", 1)
     zero = error(zero)
-    return tuple(grad + zero for grad in grads)
+    return tuple(None if grad is None else grad + zero for grad in grads)
 
 
 torch.library.register_autograd("fastnlp::attention_forward", _backward, setup_context=_setup_context)
@@ -162,8 +190,6 @@ def _prepare_attn_mask(attn_mask, query: Tensor, key: Tensor) -> Optional[Tensor
     if len(shape) > 4 or any(s != 1 and s != f for s, f in zip(reversed(shape), reversed(full))):
         raise ValueError(f"attn_mask of shape {_shape(shape)} does not broadcast to (batch, heads, query_len, "
                          f"key_len) = {_shape(full)}")
-    if attn_mask.requires_grad:
-        raise ValueError("attn_mask must not require grad: gradients with respect to the mask are not computed")
     if attn_mask.dtype != torch.bool:
         attn_mask = attn_mask.to(_accumulation_dtype(query.dtype))
     return attn_mask.reshape((1,) * (4 - len(shape)) + shape).expand(full)
@@ -250,7 +276,9 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     are scaled by 1 / (1 - p)); the random stream comes from torch's default
     generator. scale defaults to 1 / sqrt(D). Rows with no visible key give 0.
 
-    Differentiable with respect to query, key and value.
+    Differentiable with respect to query, key and value, and a float
+    attn_mask that requires grad (a learned position bias; its gradient is
+    computed densely, (B, H, Lq, Lk), in the backward pass).
     """
     attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
                                                              is_causal, dropout_p, scale)
