@@ -11,6 +11,7 @@
   tokens/s, the baseline twin's steps interleaved with the model's).
 """
 
+import argparse
 import random
 import time
 from dataclasses import dataclass, field
@@ -314,9 +315,12 @@ class _Trainee:
             self.result.tokens += batch.num_tokens
 
 
+WARMUP_STEPS = 2  # untimed: a compiled model compiles in them
+
+
 def train(model: nn.Module, batches: Sequence[Batch], lr: float = 5e-3, *,
           loss_fn: Optional[Callable[..., Tensor]] = None, eval_batches: Sequence[Batch] = (),
-          evaluations: int = 4, warmup: int = 2, baseline: Optional[nn.Module] = None,
+          evaluations: int = 4, warmup: int = WARMUP_STEPS, baseline: Optional[nn.Module] = None,
           desc: str = "train", progress: bool = True) -> Tuple[TrainResult, Optional[TrainResult]]:
     """Adam on `batches`, one step each.
 
@@ -358,8 +362,17 @@ def train(model: nn.Module, batches: Sequence[Batch], lr: float = 5e-3, *,
 
 # --------------------------------------------------------------------------- the examples' command line
 
+def _timed_steps(text: str) -> int:
+    """--steps: at least one step past the untimed warm-up, or there is no speed to report."""
+    steps = int(text)
+    if steps <= WARMUP_STEPS:
+        raise argparse.ArgumentTypeError(f"must be more than {WARMUP_STEPS}, the untimed warm-up steps; got {steps}")
+    return steps
+
+
 def add_arguments(parser, steps: int, batch_size: int) -> None:
-    parser.add_argument("--steps", type=int, default=steps, help="training steps (one batch each)")
+    parser.add_argument("--steps", type=_timed_steps, default=steps,
+                        help=f"training steps (one batch each), more than the {WARMUP_STEPS} untimed warm-up ones")
     parser.add_argument("--batch-size", type=int, default=batch_size)
     parser.add_argument("--lr", type=float, default=5e-3)
     parser.add_argument("--eval-sentences", type=int, default=256, help="size of the held-out set")

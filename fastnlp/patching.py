@@ -12,10 +12,16 @@ what was left alone and why.
 Left alone, with the reason in the report:
 - subclasses (including parametrized modules, whose class torch rewrites):
   their forward may do something the fastnlp module does not;
-- modules with hooks registered: the hooks were registered on that object;
+- modules with hooks registered, on them or on a submodule (out_proj), or
+  with a parametrized submodule: the hooks and parametrizations belong to
+  those objects;
+- attention modules whose head dim is above what fastnlp's kernels take;
 - modules on a device this build of fastnlp has no kernel for;
 - the model itself, when it is one of those layers: a module cannot replace
   itself in place (build the fastnlp module directly instead).
+
+Every replacement is built before any is put in, so a failure leaves the
+model as it was. Building draws no random numbers from the caller's stream.
 
 unpatch(model) puts the originals back, handing them the current parameters
 of the fastnlp modules (so training done while patched is kept).
@@ -27,8 +33,10 @@ from typing import Callable, Dict, Iterable, List, Optional, Tuple, Type, Union
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 import fastnlp.nn as fastnlp_nn
+from fastnlp.ops.attention import MAX_HEAD_DIM
 
 LAYERS = ("attention", "lstm", "crf")
 
@@ -62,8 +70,11 @@ def _multihead_attention(module: nn.MultiheadAttention) -> nn.Module:
 
 
 def _crf(module: nn.Module) -> nn.Module:
-    # fastnlp's CRF takes no device; its (empty) constraint buffers follow the parameters below.
-    return fastnlp_nn.CRF(module.num_tags, module.batch_first)
+    # fastnlp's CRF takes no device, so it is built on the CPU: its initial
+    # draw must not move the caller's random stream (the parameters are
+    # replaced below anyway).
+    with torch.random.fork_rng(devices=[]):
+        return fastnlp_nn.CRF(module.num_tags, module.batch_first)
 
 
 def _swaps() -> List[_Swap]:
@@ -104,15 +115,31 @@ def _has_hooks(module: nn.Module) -> bool:
     return any(len(getattr(module, attribute, {})) > 0 for attribute in hook_dicts)
 
 
+def _altered_child(module: nn.Module) -> Optional[str]:
+    """The name of a submodule (MultiheadAttention's out_proj) with hooks or a
+    parametrization (old and new weight_norm): the replacement builds its own."""
+    for name, child in module.named_modules():
+        if name and (_has_hooks(child) or parametrize.is_parametrized(child)):
+            return name
+    return None
+
+
 def _device(module: nn.Module) -> Optional[torch.device]:
     for tensor in module.parameters():
         return tensor.device
     return None
 
 
+# Dispatch keys are not all the upper-cased device type ("Meta").
+_DISPATCH_KEYS = {"cpu": "CPU", "cuda": "CUDA", "meta": "Meta"}
+
+
 def _has_kernel(op: str, device: torch.device) -> bool:
-    key = "CPU" if device.type == "cpu" else device.type.upper()
-    return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnlp::{op}", key)
+    key = _DISPATCH_KEYS.get(device.type, device.type.upper())
+    try:
+        return torch._C._dispatch_has_kernel_for_dispatch_key(f"fastnlp::{op}", key)
+    except RuntimeError:  # a key this torch does not know
+        return False
 
 
 def _why_not(name: str, module: nn.Module, swap: _Swap) -> Optional[str]:
@@ -123,6 +150,11 @@ def _why_not(name: str, module: nn.Module, swap: _Swap) -> Optional[str]:
         return "the model itself; a module cannot be replaced in place (use the fastnlp.nn module directly)"
     if _has_hooks(module):
         return "it has hooks registered on it, which a new module object would not run"
+    child = _altered_child(module)
+    if child is not None:
+        return f"its submodule {child} has hooks or a parametrization, which a new module object would not have"
+    if isinstance(module, nn.MultiheadAttention) and module.head_dim > MAX_HEAD_DIM:
+        return f"its head dim {module.head_dim} is above the {MAX_HEAD_DIM} fastnlp's attention kernels take"
     device = _device(module)
     if device is not None and not _has_kernel(swap.kernel_op, device):
         return f"this build of fastnlp has no {device.type} kernel for it"
@@ -185,7 +217,10 @@ def patch(model: nn.Module, layers: Union[str, Iterable[str]] = LAYERS) -> Patch
             if isinstance(module, swap.original_class):
                 found.append((name, module, swap))
                 break
+    # Every replacement is built before any is put in: should one fail, the
+    # model is left as it was, not half patched.
     replacements: Dict[int, nn.Module] = {}
+    chosen: List[Tuple[str, nn.Module]] = []
     for name, module, swap in found:
         reason = _why_not(name, module, swap)
         if reason is not None:
@@ -193,6 +228,8 @@ def patch(model: nn.Module, layers: Union[str, Iterable[str]] = LAYERS) -> Patch
             continue
         if id(module) not in replacements:
             replacements[id(module)] = _build_replacement(module, swap)
+        chosen.append((name, module))
+    for name, module in chosen:
         replacement = replacements[id(module)]
         _replace(model, name, replacement)
         report.swapped.append((name, _qualified(type(module)), _qualified(type(replacement))))

@@ -151,6 +151,67 @@ def test_what_is_left_alone_is_reported_with_the_reason():
     assert report.swapped == [] and "the model itself" in report.skipped[0][2]
 
 
+@pytest.mark.filterwarnings("ignore:`torch.nn.utils.weight_norm` is deprecated:FutureWarning")
+@pytest.mark.parametrize("alteration", ["parametrization", "old_weight_norm", "hook"])
+def test_attention_with_an_altered_out_proj_is_left_alone_and_nothing_is_half_patched(alteration):
+    # The replacement builds its own out_proj, which would not carry these.
+    model = nn.Sequential(nn.LSTM(4, 5), nn.MultiheadAttention(8, 2))
+    out_proj = model[1].out_proj
+    if alteration == "parametrization":
+        torch.nn.utils.parametrizations.weight_norm(out_proj)
+    elif alteration == "old_weight_norm":
+        torch.nn.utils.weight_norm(out_proj)
+    else:
+        out_proj.register_forward_hook(lambda module, args, output: None)
+    report = fastnlp.patch(model)
+    assert [name for name, _, _ in report.swapped] == ["0"]
+    ((name, _, reason),) = report.skipped
+    assert name == "1" and "out_proj" in reason
+    assert type(model[1]) is nn.MultiheadAttention and model[1].out_proj is out_proj
+
+
+def test_attention_with_a_head_dim_above_the_kernels_is_left_alone():
+    model = nn.Sequential(nn.MultiheadAttention(600, 2))
+    report = fastnlp.patch(model)
+    assert report.swapped == [] and "head dim 300" in report.skipped[0][2]
+    x = torch.randn(4, 2, 600)
+    model[0](x, x, x)  # still torch's, still running
+
+
+def test_a_failed_build_leaves_the_model_as_it_was(monkeypatch):
+    model = nn.Sequential(nn.LSTM(4, 5), nn.LSTMCell(4, 5))
+    original = fastnlp.patching._build_replacement
+
+    def build_then_fail(module, swap):
+        if isinstance(module, nn.LSTMCell):
+            raise RuntimeError("build failed")
+        return original(module, swap)
+
+    monkeypatch.setattr(fastnlp.patching, "_build_replacement", build_then_fail)
+    with pytest.raises(RuntimeError, match="build failed"):
+        fastnlp.patch(model)
+    assert type(model[0]) is nn.LSTM and type(model[1]) is nn.LSTMCell
+
+
+def test_patching_a_crf_draws_no_random_numbers():
+    def next_draw(patch):
+        torch.manual_seed(0)
+        model = nn.Sequential(torchcrf.CRF(NUM_TAGS))
+        torch.manual_seed(1)
+        if patch:
+            assert len(fastnlp.patch(model).swapped) == 1
+        return torch.rand(3)
+
+    torch.testing.assert_close(next_draw(True), next_draw(False), rtol=0, atol=0)
+
+
+def test_a_model_on_the_meta_device_is_patched_or_reported():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.LSTM(3, 4), nn.MultiheadAttention(8, 2))
+    report = fastnlp.patch(model)  # it raised on the dispatch key's spelling ("Meta")
+    assert len(report.swapped) + len(report.skipped) == 2
+
+
 def test_a_module_shared_under_two_names_gets_one_replacement():
     shared = nn.LSTM(4, 3)
     model = nn.ModuleDict({"first": shared, "second": shared})
