@@ -732,3 +732,19 @@ def test_module_compiles_under_autocast():
     for a, b in zip(out, eager):
         assert a.dtype == b.dtype
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace.*` is deprecated:DeprecationWarning")
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_torch_jit_trace_matches_eager(bidirectional):
+    # The paired-direction op takes lists of optional tensors, which the tracer
+    # cannot record: under tracing the two directions run as two ops.
+    torch.manual_seed(0)
+    model = LSTM(4, 5, num_layers=2, bidirectional=bidirectional)
+    x = torch.randn(6, 3, 4)
+    traced = torch.jit.trace(model, (x,))
+    other = torch.randn(6, 3, 4)
+    for got, want in zip(traced(other)[1], model(other)[1]):
+        torch.testing.assert_close(got, want)
+    torch.testing.assert_close(traced(other)[0], model(other)[0])

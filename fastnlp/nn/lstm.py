@@ -355,8 +355,13 @@ class LSTM(nn.Module):
 
     @staticmethod
     def _run_pair(rows: Tensor) -> bool:
-        """Both directions in one op (lstm_layer_pair: concurrently on two CPU threads)?"""
-        return rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64) and not use_reference(None)
+        """Both directions in one op (lstm_layer_pair: concurrently on two CPU threads)?
+
+        Not under torch.jit.trace, which cannot record the pair op's lists of
+        optional tensors; two lstm_layer ops compute the same.
+        """
+        return (rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64)
+                and not use_reference(None) and not torch.jit.is_tracing())
 
     def _direction_args(self, index: int, rows: Tensor, h0: Tensor, c0: Tensor) -> dict:
         """lstm_layer's arguments for layer-direction `index`, by name."""
