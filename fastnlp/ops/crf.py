@@ -300,8 +300,10 @@ def crf_viterbi_topk(emissions: Tensor, k: int, start_transitions: Tensor, end_t
                      backend: Optional[str] = None) -> Tuple[Tensor, Tensor]:
     """The k best tag paths, (B, T, k) int64, and their scores (B, k), best first.
 
-    Where a sequence has fewer than k paths the missing ranks score -inf and
-    their paths are -1; positions the mask excludes are -1.
+    Where a sequence has fewer than k paths (K^length) the missing ranks
+    score -inf and their paths are -1; positions the mask excludes are -1. A
+    path that exists but is forbidden (constraints, -inf scores) keeps its
+    tags and scores -inf, as in crf_viterbi.
     """
     if not torch.jit.is_scripting():
         # bool is an int to Python, and a tensor or float k would reach the op's schema check.
