@@ -498,11 +498,13 @@ def test_reference_gradients_are_finite_where_constraints_leave_states_unreachab
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("partial_labels", [False, True])
-def test_nan_or_inf_score_makes_its_sequence_nan(dtype, bad, partial_labels):
+def test_nan_or_inf_score_makes_its_sequence_nan(device, dtype, bad, partial_labels):
     # log Z of a +inf or NaN score is undefined: that sequence's results and
     # gradients are NaN (the parameter gradients, summed over the batch, too);
     # the other sequences, and values at unselected positions, are untouched.
-    emissions, tags, mask, start, end, trans = random_problem(3, 6, 4, dtype=dtype, seed=79, mask_kind="full")
+    # (On CUDA this waits for a GPU: the kernels there are untested for it.)
+    emissions, tags, mask, start, end, trans = random_problem(3, 6, 4, dtype=dtype, device=device, seed=79,
+                                                              mask_kind="full")
     if not partial_labels:
         tags = tags.clamp(min=0)
     mask[2, 4] = False
@@ -540,8 +542,8 @@ def test_nan_or_inf_score_makes_its_sequence_nan(dtype, bad, partial_labels):
 
 
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_nan_or_inf_transition_parameter_makes_every_sequence_nan(bad):
-    emissions, tags, mask, start, end, trans = random_problem(2, 5, 3, seed=83, mask_kind="full")
+def test_nan_or_inf_transition_parameter_makes_every_sequence_nan(device, bad):
+    emissions, tags, mask, start, end, trans = random_problem(2, 5, 3, device=device, seed=83, mask_kind="full")
     trans = trans.clone()
     trans[1, 2] = bad
     llh, grads = likelihood_and_grads(emissions, tags, mask, start, end, trans, backend=None)
