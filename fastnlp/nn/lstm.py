@@ -284,14 +284,14 @@ class LSTM(nn.Module):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             self._check_input(data, packed=True)
             batch = int(batch_sizes[0])
-            if hx is None:
-                hx = self._zero_state(data, batch)
-                self._check_run(data, hx, batch_sizes.numel())
-            else:
+            given = hx is not None
+            if given:
                 self._check_hidden(hx, batch)
-                self._check_run(data, hx, batch_sizes.numel())  # before hx meets sorted_indices
-                if sorted_indices is not None:  # hx follows the user's order
-                    hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
+            else:
+                hx = self._zero_state(data, batch)
+            self._check_run(data, hx, batch_sizes.numel())  # before hx meets sorted_indices
+            if given and sorted_indices is not None:  # hx follows the user's order
+                hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
             output, h_n, c_n = self._run(data, batch_sizes, hx)
             if unsorted_indices is not None:
                 h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)

@@ -230,23 +230,21 @@ def lstm_cell(input: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh:
     as there). As in torch.nn.LSTMCell, c may have another dtype than input:
     the results are promoted with it.
     """
+    result_dtype = None
     if c.dtype != input.dtype and _autocast_dtype(input) is None:
         # torch.nn.LSTMCell forms f * c + i * g in c's dtype promoted with the
         # gates', and h = o * tanh(c) with it (a float64 c: float64 results).
         # The kernel takes one dtype: it runs in input's, its results promoted.
         # (Under autocast lstm_layer casts c and promotes the results itself.)
-        dtype = torch.promote_types(input.dtype, c.dtype)
-        h_new, c_new = lstm_cell(
-            input, h, c.to(input.dtype), weight_ih, weight_hh, bias_ih, bias_hh, backend=backend,
-            layer_norm_ih_weight=layer_norm_ih_weight, layer_norm_ih_bias=layer_norm_ih_bias,
-            layer_norm_hh_weight=layer_norm_hh_weight, layer_norm_hh_bias=layer_norm_hh_bias,
-            layer_norm_cell_weight=layer_norm_cell_weight, layer_norm_cell_bias=layer_norm_cell_bias)
-        return h_new.to(dtype), c_new.to(dtype)
+        result_dtype = torch.promote_types(input.dtype, c.dtype)
+        c = c.to(input.dtype)
     _output, h_new, c_new = lstm_layer(
         input, _PADDED, h, c, weight_ih, weight_hh, bias_ih, bias_hh, backend=backend,
         layer_norm_ih_weight=layer_norm_ih_weight, layer_norm_ih_bias=layer_norm_ih_bias,
         layer_norm_hh_weight=layer_norm_hh_weight, layer_norm_hh_bias=layer_norm_hh_bias,
         layer_norm_cell_weight=layer_norm_cell_weight, layer_norm_cell_bias=layer_norm_cell_bias)
+    if result_dtype is not None:
+        return h_new.to(result_dtype), c_new.to(result_dtype)
     return h_new, c_new
 
 
