@@ -28,11 +28,12 @@ TORCH_LIBRARY(fastnlp, m) {
   // log p(tags | emissions) per sequence (B,): the gold-path score minus log Z
   // in one pass. tags (B, T) int64 holds a tag in [0, K) or ignore_index
   // (unknown: marginalised out of the gold score) at every selected position;
-  // anything else there is an error. alpha (float64) and exact (B,) bool are
-  // saved for the backward pass: alpha is what the backward needs of the
-  // forward pass -- on the CPU (B, 2, T, K), the scaled forward variables and
-  // the emission weights; empty on CUDA -- and exact marks the sequences the
-  // backward pass recomputes from scratch (all of them on CUDA).
+  // anything else there is an error. alpha and exact (B,) bool are saved for
+  // the backward pass: alpha is what the backward needs of the forward pass
+  // -- on the CPU (B, 2, T, K) in the emissions' dtype, the scaled forward
+  // variables and the emission weights; empty float64 on CUDA -- and exact
+  // marks the sequences the backward pass recomputes from scratch (all of
+  // them on CUDA).
   m.def(
       "crf_log_likelihood(Tensor emissions, Tensor mask, Tensor tags, Tensor start_transitions, "
       "Tensor end_transitions, Tensor transitions, int ignore_index) "

@@ -716,6 +716,57 @@ def test_fused_likelihood_long_sequence_gradients_match_float64_reference():
     assert not exact.any(), "magnitude-10 emissions must stay on the scaled path"
 
 
+def float64_likelihood_and_grads(emissions, tags, mask, start, end, trans):
+    """The fused kernel in float64 (within 1e-10 of the reference, tested above)."""
+    return likelihood_and_grads(emissions.double(), tags, mask, start.double(), end.double(), trans.double(),
+                                backend=None)
+
+
+def assert_float32_near_float64(problem, llh_rtol=2e-7, grad_rtol=5e-7):
+    """float32 results within llh_rtol of the float64 kernel's log-likelihood, and
+    gradients within grad_rtol of each gradient's largest entry: a few float32
+    roundings, which the scaled float32 recursions must keep to."""
+    got = likelihood_and_grads(*problem, backend=None)
+    want = float64_likelihood_and_grads(*problem)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=llh_rtol, atol=0)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=grad_rtol * float(w.abs().max()))
+
+
+@pytest.mark.parametrize("shape", [(8, 64, 50, 1.0), (2, 4096, 5, 1.0), (2, 1024, 20, 3.0)])
+def test_float32_likelihood_runs_in_float32_at_float64_accuracy(shape):
+    # float32 emissions whose scores fit float32's bound keep their scaled rows
+    # in float32 (saved, none recomputed). Long chains (thousands of steps,
+    # whose transition gradients sum over all of them) included.
+    batch, seq_len, num_tags, scale = shape
+    problem = random_problem(batch, seq_len, num_tags, dtype=torch.float32, seed=71, mask_kind="full", scale=scale)
+    emissions, tags, mask, start, end, trans = problem
+    _, alpha, exact = torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, -100)
+    assert alpha.dtype == torch.float32 and not exact.any()
+    assert_float32_near_float64(problem)
+
+
+def test_float32_likelihood_widens_per_sequence():
+    # Per float32 sequence: scores within float32's bound run in float32;
+    # ranges of ~60 nats in double (recomputed by the backward pass); ranges
+    # of thousands of nats in exact log space. All three in one batch, with
+    # partial tags (pinned chains) and constraints (zero weights).
+    emissions, tags, mask, start, end, trans = random_problem(3, 12, 6, dtype=torch.float32, seed=73,
+                                                              mask_kind="random")
+    trans = trans.clone()
+    trans[0, 1] = trans[2, 3] = float("-inf")
+    emissions = emissions.clone()
+    emissions[1] *= 15.0
+    emissions[2] *= 1000.0
+    mask[:, 0] = True
+    _, _, exact = torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, -100)
+    assert exact.tolist() == [False, True, True]
+    problem = (emissions, tags, mask, start, end, trans)
+    assert_float32_near_float64(problem)
+    assert_likelihood_matches_reference(tuple(x.double() if x.is_floating_point() else x for x in problem),
+                                        dict(rtol=1e-9, atol=1e-7))
+
+
 def test_fused_likelihood_falls_back_per_sequence():
     # One sequence with emission ranges of thousands of nats needs the exact
     # log-space path; its neighbours stay on the scaled one, and all are right.

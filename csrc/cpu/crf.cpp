@@ -20,6 +20,7 @@
 #include <memory>
 #include <optional>
 #include <tuple>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/vector_loops.h"
@@ -659,30 +660,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_bac
 // tagged ones run the same recursion with the tagged positions pinned.
 //
 // The scaled recursions are exact as long as every nonzero factor (E, x, and
-// a, b relative to their row's max) is at least kTiny: a product of three is
-// then a normal double, so nothing that might later dominate is lost to
+// a, b relative to their row's max) is at least tiny: a product of three is
+// then a normal number, so nothing that might later dominate is lost to
 // underflow. Zeros stay exact zeros (constraints: exp(-inf) = 0). A sequence
-// that breaks the bound (score ranges of hundreds of nats), or that has no
-// path at all, is recomputed by the exact log-space kernels above instead.
-constexpr acc_t kTiny = 1e-100;
-constexpr acc_t kLogTiny = -230.25850929940458;  // log(kTiny)
+// that breaks the bound, or that has no path at all, is recomputed by the
+// exact log-space kernels above instead.
+//
+// They run in one of two precisions ("tiers"). float64 emissions use double.
+// float32 emissions use float when the sequence's scores fit float's bound
+// (ranges up to 27 nats: (1e-12)^3 is still normal), which halves the cost of
+// every vector loop, and double otherwise (up to 230 nats). Either way log Z
+// is summed in double and the float tier's weights are computed in double
+// and rounded once, so the float tier's log-likelihood stays within ~1e-7
+// relative of the exact value (pytorch-crf's own float32 log-space sums are
+// less accurate than that).
+template <typename calc_t>
+struct Tier;
+template <>
+struct Tier<double> {
+  static constexpr double kTiny = 1e-100;
+  static constexpr double kLogTiny = -230.25850929940458;  // log(kTiny)
+};
+template <>
+struct Tier<float> {
+  static constexpr float kTiny = 1e-12f;
+  static constexpr double kLogTiny = -27.631021115928547;  // log(1e-12)
+};
 
-// What the scaled recursions share across the batch, on top of Transitions.
+// What the scaled recursions share across the batch, on top of Transitions,
+// in the tier's type.
+template <typename calc_t>
 struct ScaledChain {
   const Transitions& tr;
-  std::vector<acc_t> end_weight;  // exp(end[j] - end_max)
+  std::vector<calc_t> scaled, scaled_t;  // E and E transposed (Transitions), rounded to calc_t
+  std::vector<calc_t> end_weight;        // exp(end[j] - end_max)
   acc_t end_max;
-  bool representable;             // every nonzero E[i][j] and end_weight[j] >= kTiny
+  bool representable;                    // every nonzero E[i][j] and end_weight[j] >= kTiny
 
   explicit ScaledChain(const Transitions& tr_)
-      : tr(tr_), end_weight(tr_.K), end_max(kNegInf<acc_t>), representable(true) {
+      : tr(tr_), scaled(tr_.scaled.begin(), tr_.scaled.end()), scaled_t(tr_.scaled_t.begin(), tr_.scaled_t.end()),
+        end_weight(tr_.K), end_max(kNegInf<acc_t>), representable(true) {
     const int64_t K = tr.K;
+    const acc_t tiny = Tier<calc_t>::kTiny;
     for (int64_t j = 0; j < K; ++j) end_max = std::max(end_max, tr.end[j]);
     for (int64_t j = 0; j < K; ++j) {
-      end_weight[j] = end_max == kNegInf<acc_t> ? acc_t(0) : std::exp(tr.end[j] - end_max);
-      representable &= end_weight[j] == 0 || end_weight[j] >= kTiny;
+      const acc_t w = end_max == kNegInf<acc_t> ? acc_t(0) : std::exp(tr.end[j] - end_max);
+      end_weight[j] = static_cast<calc_t>(w);
+      representable &= w == 0 || w >= tiny;
     }
-    for (int64_t x = 0; x < K * K; ++x) representable &= tr.scaled[x] == 0 || tr.scaled[x] >= kTiny;
+    for (int64_t x = 0; x < K * K; ++x) representable &= tr.scaled[x] == 0 || tr.scaled[x] >= tiny;
     // NaN parameters: let the exact path produce whatever it produces.
     for (int64_t x = 0; x < K * K; ++x) representable &= !std::isnan(tr.scaled[x]);
     for (int64_t j = 0; j < K; ++j) representable &= !std::isnan(end_weight[j]) && !std::isnan(tr.start[j]);
@@ -724,10 +750,12 @@ acc_t gold_path_score(const Transitions& tr, const scalar_t* emissions, const bo
 // the forward row a (T, K) (zeros where the mask excludes t), and log Z of the
 // chain to *log_z. The row at t is (a_{t'} E) * x_t / s_{t'}: unnormalised by
 // its own max s_t, which the next step divides out, so each row costs one
-// pass. shifts: scratch (T). False: not representable exactly.
-template <typename scalar_t>
-bool scaled_forward(const ScaledChain& c, const scalar_t* emissions, const bool* mask, const int64_t* tags,
-                    int64_t T, acc_t* a, acc_t* x, acc_t* log_z, acc_t* shifts) {
+// pass. shifts: scratch (T); scores: scratch (T, K) for the log-weights
+// before their exp, which may be x itself in the double tier. False: not
+// representable exactly in calc_t.
+template <typename calc_t, typename scalar_t>
+bool scaled_forward(const ScaledChain<calc_t>& c, const scalar_t* emissions, const bool* mask, const int64_t* tags,
+                    int64_t T, calc_t* a, calc_t* x, acc_t* log_z, acc_t* shifts, acc_t* scores) {
   const Transitions& tr = c.tr;
   const int64_t K = tr.K;
   // Emission weights of every position first, so that one exp call covers them all.
@@ -735,11 +763,11 @@ bool scaled_forward(const ScaledChain& c, const scalar_t* emissions, const bool*
   // 0 without an exp.
   int64_t end = T;
   while (end > 0 && !mask[end - 1]) --end;
-  std::fill(x + end * K, x + T * K, acc_t(0));
+  std::fill(x + end * K, x + T * K, calc_t(0));
   bool first = true;
   int64_t tiny = 0;
   for (int64_t t = 0; t < end; ++t) {
-    acc_t* y = x + t * K;
+    acc_t* y = scores + t * K;
     if (!mask[t]) {
       std::fill(y, y + K, kNegInf<acc_t>);
       continue;
@@ -753,38 +781,39 @@ bool scaled_forward(const ScaledChain& c, const scalar_t* emissions, const bool*
       shifts[t] = base[cur.lo] + acc_t(e[cur.lo]);
     } else {
       int64_t small = 0;
-      shifts[t] = shifted_scores(K, base, e, kLogTiny, y, &small);
+      shifts[t] = shifted_scores(K, base, e, Tier<calc_t>::kLogTiny, y, &small);
       tiny += small;
     }
     if (!std::isfinite(shifts[t])) return false;  // nothing reachable, or inf/NaN: the exact path decides
     first = false;
   }
   if (tiny) return false;
-  exp_shifted(end * K, x, 0.0, x);
+  exp_shifted(end * K, scores, 0.0, x);
 
-  const acc_t* prev = nullptr;
+  const calc_t* prev = nullptr;
   StateRange prev_range{0, 0};
-  acc_t inv_prev = 1, log_scale = 0;
+  calc_t inv_prev = 1;
+  acc_t log_scale = 0;
   for (int64_t t = 0; t < T; ++t) {
-    acc_t* row = a + t * K;
+    calc_t* row = a + t * K;
     if (!mask[t]) {
-      std::fill(row, row + K, acc_t(0));
+      std::fill(row, row + K, calc_t(0));
       continue;
     }
     const StateRange cur = allowed_states(tags, t, K);
-    const acc_t* xt = x + t * K;
-    acc_t top = 1;  // max of x at the first position (exp(0))
+    const calc_t* xt = x + t * K;
+    calc_t top = 1;  // max of x at the first position (exp(0))
     if (prev == nullptr) {
       std::copy(xt, xt + K, row);
     } else {
-      if (cur.size() < K) std::fill(row, row + K, acc_t(0));
+      if (cur.size() < K) std::fill(row, row + K, calc_t(0));
       int64_t small = 0;
       top = scaled_step(prev_range.size(), cur.size(), prev + prev_range.lo,
-                        tr.scaled.data() + prev_range.lo * K + cur.lo, K, xt + cur.lo, inv_prev, kTiny,
-                        row + cur.lo, &small);
+                        c.scaled.data() + prev_range.lo * K + cur.lo, K, xt + cur.lo, inv_prev,
+                        Tier<calc_t>::kTiny, row + cur.lo, &small);
       if (!(top > 0) || !std::isfinite(top) || small) return false;  // no path, NaN, or too small
     }
-    log_scale += shifts[t] + std::log(top);
+    log_scale += shifts[t] + std::log(acc_t(top));
     inv_prev = 1 / top;
     prev = row;
     prev_range = cur;
@@ -794,7 +823,7 @@ bool scaled_forward(const ScaledChain& c, const scalar_t* emissions, const bool*
     return true;
   }
   acc_t z = 0;
-  for (int64_t j = prev_range.lo; j < prev_range.hi; ++j) z += prev[j] * c.end_weight[j];
+  for (int64_t j = prev_range.lo; j < prev_range.hi; ++j) z += acc_t(prev[j]) * acc_t(c.end_weight[j]);
   *log_z = log_scale + std::log(z * inv_prev) + c.end_max;
   return z > 0 && std::isfinite(*log_z);
 }
@@ -814,29 +843,33 @@ struct ScaledGrads {
 // position, so the forward scales are never needed. False: not representable
 // (the caller redoes the sequence exactly and discards what was added).
 // With pair_c and pair_q (T, pair_ld) given, the pairwise marginals of the
-// step into position t are left as the factors pair_c[t] (outer) pair_q[t],
-// for the caller to sum over the chain in one product (gram_accumulate); rows
-// of positions without such a step, and columns past K, are not written.
-// Without them they are accumulated into grads.trans_scaled here.
-template <typename Sink>
-bool scaled_backward(const ScaledChain& c, const bool* mask, const int64_t* tags, int64_t T, const acc_t* a,
-                     const acc_t* x, acc_t g, ScaledGrads grads, acc_t* work, const Sink& sink,
-                     acc_t* pair_c = nullptr, acc_t* pair_q = nullptr, int64_t pair_ld = 0) {
+// step into position t, divided by g, are left as the factors pair_c[t]
+// (outer) pair_q[t], for the caller to sum over the chain in one product
+// (gram_accumulate) and scale by g in double; rows of positions without such
+// a step, and columns past K, are not written. Without them (double tier
+// only) they are accumulated into grads.trans_scaled here. work: 7K scratch.
+template <typename calc_t, typename Sink>
+bool scaled_backward(const ScaledChain<calc_t>& c, const bool* mask, const int64_t* tags, int64_t T,
+                     const calc_t* a, const calc_t* x, acc_t g, ScaledGrads grads, calc_t* work, const Sink& sink,
+                     calc_t* pair_c = nullptr, calc_t* pair_q = nullptr, int64_t pair_ld = 0) {
   const Transitions& tr = c.tr;
   const int64_t K = tr.K;
-  acc_t* b = work;               // backward variables at t, max 1
-  acc_t* b_prev = work + K;      // at the previous selected position
-  acc_t* marg = work + 2 * K;
-  acc_t* marg_prev = work + 3 * K;
-  acc_t* r = work + 4 * K;
-  acc_t* q = work + 5 * K;       // x_t * b_t
-  acc_t* coef = work + 6 * K;
+  calc_t* b = work;               // backward variables at t, max 1
+  calc_t* b_prev = work + K;      // at the previous selected position
+  calc_t* marg = work + 2 * K;
+  calc_t* marg_prev = work + 3 * K;
+  calc_t* r = work + 4 * K;
+  calc_t* q = work + 5 * K;       // x_t * b_t
+  calc_t* coef = work + 6 * K;
+  // The factor backward_step folds into coef: g itself only when this
+  // function adds the pairwise marginals (and then in double).
+  const calc_t coef_g = pair_c != nullptr ? calc_t(1) : calc_t(g);
   int64_t t = T - 1;
   while (t >= 0 && !mask[t]) --t;
   if (t < 0) return true;
   StateRange cur = allowed_states(tags, t, K);
-  const acc_t* at = a + t * K;
-  acc_t n = 0;
+  const calc_t* at = a + t * K;
+  calc_t n = 0;
   for (int64_t j = cur.lo; j < cur.hi; ++j) n += at[j] * c.end_weight[j];
   if (!(n > 0)) return false;
   for (int64_t j = cur.lo; j < cur.hi; ++j) {
@@ -853,20 +886,24 @@ bool scaled_backward(const ScaledChain& c, const bool* mask, const int64_t* tags
       return true;
     }
     const StateRange prev = allowed_states(tags, tp, K);
-    const acc_t* xt = x + t * K;
+    const calc_t* xt = x + t * K;
     if (pair_q != nullptr) q = pair_q + t * pair_ld;  // the free chain: every state allowed
     for (int64_t j = cur.lo; j < cur.hi; ++j) q[j] = xt[j] * b[j];
     // r[i] = sum_j E[i][j] q[j], streaming rows of E transposed.
-    vecmat(cur.size(), prev.size(), q + cur.lo, tr.scaled_t.data() + cur.lo * K + prev.lo, K, r + prev.lo);
+    vecmat(cur.size(), prev.size(), q + cur.lo, c.scaled_t.data() + cur.lo * K + prev.lo, K, r + prev.lo);
     int64_t small = 0;
     if (pair_c != nullptr) coef = pair_c + t * pair_ld;
-    const acc_t norm = backward_step(prev.size(), r + prev.lo, a + tp * K + prev.lo, g, kTiny, b_prev + prev.lo,
-                                     marg_prev + prev.lo, coef + prev.lo, &small);
+    const calc_t norm = backward_step(prev.size(), r + prev.lo, a + tp * K + prev.lo, coef_g, Tier<calc_t>::kTiny,
+                                      b_prev + prev.lo, marg_prev + prev.lo, coef + prev.lo, &small);
     if (!(norm > 0) || small) return false;
-    // P(i, j) = coef[i] E[i][j] q[j] / g; E is applied by the caller.
-    if (pair_c == nullptr)
-      outer_accumulate(prev.size(), cur.size(), coef + prev.lo, q + cur.lo, K,
-                       grads.trans_scaled + prev.lo * K + cur.lo);
+    // P(i, j) = coef[i] E[i][j] q[j] / coef_g; E is applied by the caller.
+    if (pair_c == nullptr) {
+      if constexpr (std::is_same_v<calc_t, acc_t>)
+        outer_accumulate(prev.size(), cur.size(), coef + prev.lo, q + cur.lo, K,
+                         grads.trans_scaled + prev.lo * K + cur.lo);
+      else
+        TORCH_INTERNAL_ASSERT(false, "the float tier leaves its pairwise factors to the caller");
+    }
     std::swap(b, b_prev);
     std::swap(marg, marg_prev);
     t = tp;
@@ -897,21 +934,100 @@ at::Tensor checked_likelihood_tags(const at::Tensor& tags, const at::Tensor& mas
   return t;
 }
 
+// The free chain's scratch in one tier: the backward recursion's work rows,
+// its pairwise factors (T, pair_ld) (zero-initialised; the padding columns
+// are never written) and their sum (K, K). Sized on first use.
+template <typename calc_t>
+struct FreeChainScratch {
+  std::vector<calc_t> work, pair_c, pair_q, pair_sum;
+  int64_t pair_ld = 0;  // K rounded up to two vectors, for gram_accumulate
+
+  void size_for(int64_t T, int64_t K) {
+    if (!work.empty()) return;
+    constexpr int64_t tile = 2 * Simd<calc_t>::W;
+    pair_ld = (K + tile - 1) / tile * tile;
+    work.resize(7 * K);
+    pair_c.assign(T * pair_ld, calc_t(0));
+    pair_q.assign(T * pair_ld, calc_t(0));
+    pair_sum.resize(K * K);
+  }
+};
+
 // Per-thread scratch of the fused op; the (T, K) buffers are only sized when a
-// sequence needs them (partial tags, or the exact fallback).
+// sequence needs them (partial tags, the double tier of a float32 sequence,
+// or the exact fallback).
 struct LikelihoodScratch {
   std::vector<acc_t> work, shifts;
   std::vector<int64_t> mapped;
-  std::vector<acc_t> chain_a, chain_b, grad_a, grad_b;
-  // The free chain's pairwise factors (T, round_up(K, 8)), backward only;
-  // zero-initialised, and the padding columns are never written.
-  std::vector<acc_t> pair_c, pair_q;
+  std::vector<acc_t> scores, chain_a, chain_b, grad_a, grad_b, wide_rows;
+  FreeChainScratch<float> narrow;
+  FreeChainScratch<double> wide;
   acc_t* sized(std::vector<acc_t>& v, int64_t n) {
     if (static_cast<int64_t>(v.size()) < n) v.resize(n);
     return v.data();
   }
+  template <typename calc_t>
+  FreeChainScratch<calc_t>& free_chain() {
+    if constexpr (std::is_same_v<calc_t, float>)
+      return narrow;
+    else
+      return wide;
+  }
 };
 
+// The free chain's part of one sequence's gradient, from its scaled forward
+// rows a and weights x in calc_t: sink(t, marginal) at every selected
+// position, with the posterior marginals the chain's gradient is -g times;
+// -g times the start, end and pairwise marginals into grads; zero rows of
+// grad_emissions at unselected positions. False: not representable (what was
+// added to grads is unusable).
+template <typename calc_t, typename scalar_t, typename Sink>
+bool free_chain_gradient(const ScaledChain<calc_t>& c, const bool* m, int64_t T, const calc_t* a, const calc_t* x,
+                         acc_t g, ScaledGrads grads, FreeChainScratch<calc_t>& s, scalar_t* grad_emissions,
+                         const Sink& sink) {
+  const int64_t K = c.tr.K;
+  s.size_for(T, K);
+  calc_t* pc = s.pair_c.data();
+  calc_t* pq = s.pair_q.data();
+  const int64_t ld = s.pair_ld;
+  const bool ok = scaled_backward(
+      c, m, nullptr, T, a, x, -g, grads, s.work.data(),
+      [&](int64_t t, const calc_t* marg, StateRange) { sink(t, marg); }, pc, pq, ld);
+  if (!ok) return false;
+  // Rows the recursion did not write: masked positions have no marginal, and
+  // no pairwise step ends at them or at the first selected one. The pairwise
+  // sums cover the rows after it.
+  int64_t first = -1, last = -1;
+  for (int64_t t = 0; t < T; ++t) {
+    if (m[t]) {
+      last = t, first = first < 0 ? t : first;
+      continue;
+    }
+    std::fill(grad_emissions + t * K, grad_emissions + (t + 1) * K, scalar_t(0));
+    std::fill(pc + t * ld, pc + (t + 1) * ld, calc_t(0));
+    std::fill(pq + t * ld, pq + (t + 1) * ld, calc_t(0));
+  }
+  // Summed in chunks of kGramChunk steps, each chunk's sum added in double:
+  // a float sum over thousands of steps would lose digits.
+  constexpr int64_t kGramChunk = 64;
+  calc_t* pair_sum = s.pair_sum.data();
+  for (int64_t t0 = first + 1; first >= 0 && t0 <= last; t0 += kGramChunk) {
+    std::fill(pair_sum, pair_sum + K * K, calc_t(0));
+    gram_accumulate(t0, std::min(t0 + kGramChunk, last + 1), K, pc, pq, ld, pair_sum, K);
+    for (int64_t x = 0; x < K * K; ++x) grads.trans_scaled[x] += -g * acc_t(pair_sum[x]);
+  }
+  return true;
+}
+
+// Where scaled_forward may put the log-weights: in place in the weights x in
+// the double tier; the float tier needs a double scratch instead.
+inline acc_t* in_place_scores(double* x) { return x; }
+inline acc_t* in_place_scores(float*) { return nullptr; }
+
+// The saved forward state: per sequence, the free chain's scaled forward rows
+// and emission weights (2, T, K), in the emissions' type (float32 or float64:
+// the tier the backward pass runs in), and whether the backward pass must
+// recompute the sequence instead (`exact`: the rows did not fit that tier).
 std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cpu(
     const at::Tensor& emissions_in, const at::Tensor& mask_in, const at::Tensor& tags_in, const at::Tensor& start_in,
     const at::Tensor& end_in, const at::Tensor& trans_in, int64_t ignore_index) {
@@ -921,55 +1037,69 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cpu(
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   const at::Tensor tags = checked_likelihood_tags(tags_in, mask, K, ignore_index);
   at::Tensor llh = at::empty({B}, emissions.options());
-  at::Tensor alpha = at::empty({B, 2, T, K}, emissions.options().dtype(at::kDouble));
+  at::Tensor alpha = at::empty({B, 2, T, K}, emissions.options());
   at::Tensor exact = at::empty({B}, emissions.options().dtype(at::kBool));
   if (B == 0) return {llh, alpha, exact};
   AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_likelihood_cpu", [&] {
+    constexpr bool narrow_tier = !std::is_same_v<scalar_t, acc_t>;
     const Transitions tr = make_transitions<scalar_t>(start, end, trans);
-    const ScaledChain chain(tr);
+    const ScaledChain<scalar_t> chain(tr);  // the emissions' tier
+    const ScaledChain<acc_t> wide(tr);      // double: pinned chains, and float32 rows that do not fit float
     const scalar_t* em = emissions.data_ptr<scalar_t>();
     const bool* mk = mask.data_ptr<bool>();
     const int64_t* tg = tags.data_ptr<int64_t>();
     scalar_t* out = llh.data_ptr<scalar_t>();
-    acc_t* al = alpha.data_ptr<acc_t>();
+    scalar_t* state = alpha.data_ptr<scalar_t>();
     bool* ex = exact.data_ptr<bool>();
     for_each_sequence(
         B,
         [&] {
-          return LikelihoodScratch{std::vector<acc_t>(6 * K), std::vector<acc_t>(T), std::vector<int64_t>(T),
-                                   {}, {}, {}, {}, {}, {}};
+          LikelihoodScratch s;
+          s.work.resize(6 * K);
+          s.shifts.resize(T);
+          s.mapped.resize(T);
+          return s;
         },
         [&](int64_t b, LikelihoodScratch& s) {
           const scalar_t* e = em + b * T * K;
           const bool* m = mk + b * T;
           int64_t* mapped = s.mapped.data();
           const bool partial = map_tags(tg + b * T, m, T, ignore_index, mapped);
-          acc_t* a = al + b * 2 * T * K;
+          scalar_t* a = state + b * 2 * T * K;
+          scalar_t* x = a + T * K;
           if (tr.invalid || invalid_emissions(e, m, T, K)) {
-            std::fill(a, a + 2 * T * K, acc_t(0));  // not used: the backward pass rescans
+            std::fill(a, a + 2 * T * K, scalar_t(0));  // not used: the backward pass rescans
             ex[b] = true;
             out[b] = static_cast<scalar_t>(kNaN);
             return;
           }
           acc_t log_z = 0, gold = 0;
-          bool ok = chain.representable && scaled_forward(chain, e, m, nullptr, T, a, a + T * K, &log_z,
-                                                          s.shifts.data());
-          if (ok) {
+          acc_t* scores = narrow_tier ? s.sized(s.scores, T * K) : in_place_scores(x);
+          const bool saved = chain.representable && scaled_forward(chain, e, m, nullptr, T, a, x, &log_z,
+                                                                  s.shifts.data(), scores);
+          bool scaled = saved;
+          if (!saved && narrow_tier && wide.representable) {
+            // Scores too far apart for float: the double tier, whose rows
+            // the backward pass recomputes.
+            acc_t* wa = s.sized(s.wide_rows, 2 * T * K);
+            scaled = scaled_forward(wide, e, m, nullptr, T, wa, wa + T * K, &log_z, s.shifts.data(), wa + T * K);
+          }
+          if (scaled) {
             if (partial) {
               acc_t* pa = s.sized(s.chain_a, 2 * T * K);
-              ok = scaled_forward(chain, e, m, mapped, T, pa, pa + T * K, &gold, s.shifts.data());
+              const bool ok = scaled_forward(wide, e, m, mapped, T, pa, pa + T * K, &gold, s.shifts.data(),
+                                             pa + T * K);
               // A tagging that no path agrees with is -inf, as in the exact path.
               if (!ok) gold = forward_sequence(tr, e, m, mapped, T, s.sized(s.chain_a, T * K), s.work.data());
-              ok = true;
             } else {
               gold = gold_path_score(tr, e, m, mapped, T);
             }
           } else {
             log_z = forward_sequence(tr, e, m, nullptr, T, s.sized(s.chain_a, T * K), s.work.data());
             gold = forward_sequence(tr, e, m, mapped, T, s.sized(s.chain_a, T * K), s.work.data());
-            std::fill(a, a + 2 * T * K, acc_t(0));  // not used: the backward pass recomputes this sequence
           }
-          ex[b] = !ok;
+          if (!saved) std::fill(a, a + 2 * T * K, scalar_t(0));  // not used: the backward pass recomputes
+          ex[b] = !saved;
           out[b] = static_cast<scalar_t>(gold - log_z);
         });
   });
@@ -996,9 +1126,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
   const at::Tensor start = start_in.contiguous(), end = end_in.contiguous(), trans = trans_in.contiguous();
   const int64_t B = emissions.size(0), T = emissions.size(1), K = emissions.size(2);
   TORCH_CHECK(alpha_in.dim() == 4 && alpha_in.size(0) == B && alpha_in.size(1) == 2 && alpha_in.size(2) == T &&
-                  alpha_in.size(3) == K && alpha_in.scalar_type() == at::kDouble,
-              "alpha must be float64 of shape (", B, ", 2, ", T, ", ", K, "), got ", alpha_in.scalar_type(), " ",
-              alpha_in.sizes());
+                  alpha_in.size(3) == K && alpha_in.scalar_type() == emissions.scalar_type(),
+              "alpha must be ", emissions.scalar_type(), " of shape (", B, ", 2, ", T, ", ", K, "), got ",
+              alpha_in.scalar_type(), " ", alpha_in.sizes());
   TORCH_CHECK(exact_in.dim() == 1 && exact_in.size(0) == B && exact_in.scalar_type() == at::kBool,
               "exact must be bool of shape (", B, "), got ", exact_in.scalar_type(), " ", exact_in.sizes());
   TORCH_CHECK(grad_in.dim() == 1 && grad_in.size(0) == B, "grad_log_likelihood must be (", B, "), got ",
@@ -1011,12 +1141,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
   at::Tensor grad_end = at::empty({K}, emissions.options());
   at::Tensor grad_trans = at::empty({K, K}, emissions.options());
   AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_likelihood_backward_cpu", [&] {
+    constexpr bool narrow_tier = !std::is_same_v<scalar_t, acc_t>;
     const Transitions tr = make_transitions<scalar_t>(start, end, trans);
-    const ScaledChain chain(tr);
+    const ScaledChain<scalar_t> chain(tr);
+    const ScaledChain<acc_t> wide(tr);
     const scalar_t* em = emissions.data_ptr<scalar_t>();
     const bool* mk = mask.data_ptr<bool>();
     const int64_t* tg = tags.data_ptr<int64_t>();
-    const acc_t* al = alpha.data_ptr<acc_t>();
+    const scalar_t* state = alpha.data_ptr<scalar_t>();
     const bool* ex = exact.data_ptr<bool>();
     const scalar_t* gr = grad.data_ptr<scalar_t>();
     scalar_t* ge_all = grad_emissions.data_ptr<scalar_t>();
@@ -1026,22 +1158,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
     // on which thread ran which sequence.
     const int64_t slot = 2 * K + K * K;
     std::unique_ptr<acc_t[]> per_sequence(new acc_t[B * slot]);
-    // Rows of the per-thread pairwise factors: K rounded up for gram_accumulate.
-    const int64_t pair_ld = (K + 7) / 8 * 8;
     std::vector<std::vector<acc_t>> exact_trans(B);
     for_each_sequence(
         B,
         [&] {
-          return LikelihoodScratch{std::vector<acc_t>(10 * K), std::vector<acc_t>(T), std::vector<int64_t>(T),
-                                   {}, {}, {}, {}, std::vector<acc_t>(T * pair_ld), std::vector<acc_t>(T * pair_ld)};
+          LikelihoodScratch s;
+          s.work.resize(10 * K);
+          s.shifts.resize(T);
+          s.mapped.resize(T);
+          return s;
         },
         [&](int64_t b, LikelihoodScratch& s) {
           const scalar_t* e = em + b * T * K;
           const bool* m = mk + b * T;
           const acc_t g = gr[b];
           scalar_t* ge = ge_all + b * T * K;
-          acc_t* pc = s.pair_c.data();
-          acc_t* pq = s.pair_q.data();
           acc_t* mine = per_sequence.get() + b * slot;
           if (tr.invalid || invalid_emissions(e, m, T, K)) {
             // exact_trans holds this sequence's pairwise marginals: NaN, like the rest.
@@ -1049,73 +1180,72 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
             invalid_sequence_gradient(m, T, K, ge, ParamGrads{mine, mine + K, mine + 2 * K});
             return;
           }
-          std::fill(mine, mine + slot, acc_t(0));
           const ScaledGrads grads{mine, mine + K, mine + 2 * K};
           int64_t* mapped = s.mapped.data();
           const bool partial = map_tags(tg + b * T, m, T, ignore_index, mapped);
-
-          // The gold side: pinned marginals times g, (T, K), or for a fully
-          // tagged sequence the indicator of its path, applied in the sink.
-          const acc_t* pinned = nullptr;
           bool gold_counts = false;  // add g at the gold path's states and transitions
-          if (partial) {
-            acc_t* pa = s.sized(s.chain_a, 2 * T * K);
-            acc_t* pg = s.sized(s.grad_a, T * K);
-            acc_t gold = 0;
-            bool ok = !ex[b] && scaled_forward(chain, e, m, mapped, T, pa, pa + T * K, &gold, s.shifts.data());
-            if (ok) {
-              std::fill(pg, pg + T * K, acc_t(0));
-              ok = scaled_backward(chain, m, mapped, T, pa, pa + T * K, g, grads, s.work.data(),
-                                   [&](int64_t t, const acc_t* marg, StateRange r) {
-                                     for (int64_t j = r.lo; j < r.hi; ++j) pg[t * K + j] = g * marg[j];
-                                   });
-            }
-            if (!ok) {
-              std::fill(mine, mine + slot, acc_t(0));
-              auto& direct = exact_trans[b];
-              direct.assign(K * K, acc_t(0));
-              exact_chain_gradient(tr, e, m, mapped, T, g, s, pg, ParamGrads{mine, mine + K, direct.data()});
-            }
-            pinned = pg;
-          } else {
-            gold_counts = std::isfinite(gold_path_score(tr, e, m, mapped, T));
-          }
 
-          // The free side: -g times the marginals.
-          bool ok = !ex[b];
-          if (ok) {
-            const acc_t* a = al + b * 2 * T * K;
-            ok = scaled_backward(chain, m, nullptr, T, a, a + T * K, -g, grads, s.work.data(),
-                                 [&](int64_t t, const acc_t* marg, StateRange) {
-                                   scalar_t* row = ge + t * K;
-                                   if (pinned != nullptr) {
-                                     const acc_t* p = pinned + t * K;
-                                     for (int64_t j = 0; j < K; ++j) row[j] = static_cast<scalar_t>(p[j] - g * marg[j]);
-                                   } else {
-                                     for (int64_t j = 0; j < K; ++j) row[j] = static_cast<scalar_t>(-g * marg[j]);
-                                     if (gold_counts) {
-                                       const int64_t y = mapped[t];
-                                       row[y] = static_cast<scalar_t>(g - g * marg[y]);
-                                     }
-                                   }
-                                 },
-                                 pc, pq, pair_ld);
-            if (ok) {
-              // Rows the recursion did not write: masked positions have no
-              // marginal, and no pairwise step ends at them or at the first
-              // selected one. The pairwise sums cover the rows after it.
-              int64_t first = -1, last = -1;
-              for (int64_t t = 0; t < T; ++t) {
-                if (m[t]) {
-                  last = t, first = first < 0 ? t : first;
-                  continue;
-                }
-                std::fill(ge + t * K, ge + (t + 1) * K, scalar_t(0));
-                std::fill(pc + t * pair_ld, pc + (t + 1) * pair_ld, acc_t(0));
-                std::fill(pq + t * pair_ld, pq + (t + 1) * pair_ld, acc_t(0));
+          // One try at the whole sequence with the free chain's rows a, x in
+          // calc_t: the gold side (pinned marginals times g, or for a fully
+          // tagged sequence the indicator of its path, applied in the sink),
+          // then the free side, -g times the marginals. False: the free
+          // chain does not fit calc_t; nothing written is usable.
+          auto scaled_sequence = [&](const auto& c, const auto* a, const auto* x) -> bool {
+            using calc_t = std::remove_cv_t<std::remove_pointer_t<decltype(a)>>;
+            std::fill(mine, mine + slot, acc_t(0));
+            exact_trans[b].clear();
+            const acc_t* pinned = nullptr;
+            gold_counts = false;
+            if (partial) {
+              acc_t* pa = s.sized(s.chain_a, 2 * T * K);
+              acc_t* pg = s.sized(s.grad_a, T * K);
+              acc_t gold = 0;
+              bool ok = scaled_forward(wide, e, m, mapped, T, pa, pa + T * K, &gold, s.shifts.data(), pa + T * K);
+              if (ok) {
+                std::fill(pg, pg + T * K, acc_t(0));
+                ok = scaled_backward(wide, m, mapped, T, pa, pa + T * K, g, grads, s.work.data(),
+                                     [&](int64_t t, const acc_t* marg, StateRange r) {
+                                       for (int64_t j = r.lo; j < r.hi; ++j) pg[t * K + j] = g * marg[j];
+                                     });
               }
-              if (first >= 0) gram_accumulate(first + 1, last + 1, K, pc, pq, pair_ld, grads.trans_scaled, K);
+              if (!ok) {
+                std::fill(mine, mine + slot, acc_t(0));
+                auto& direct = exact_trans[b];
+                direct.assign(K * K, acc_t(0));
+                exact_chain_gradient(tr, e, m, mapped, T, g, s, pg, ParamGrads{mine, mine + K, direct.data()});
+              }
+              pinned = pg;
+            } else {
+              gold_counts = std::isfinite(gold_path_score(tr, e, m, mapped, T));
             }
+            return free_chain_gradient(c, m, T, a, x, g, grads, s.free_chain<calc_t>(), ge,
+                                       [&](int64_t t, const calc_t* marg) {
+                                         scalar_t* row = ge + t * K;
+                                         if (pinned != nullptr) {
+                                           const acc_t* p = pinned + t * K;
+                                           for (int64_t j = 0; j < K; ++j)
+                                             row[j] = static_cast<scalar_t>(p[j] - g * marg[j]);
+                                         } else {
+                                           for (int64_t j = 0; j < K; ++j)
+                                             row[j] = static_cast<scalar_t>(-g * marg[j]);
+                                           if (gold_counts) {
+                                             const int64_t y = mapped[t];
+                                             row[y] = static_cast<scalar_t>(g - g * marg[y]);
+                                           }
+                                         }
+                                       });
+          };
+
+          // The saved rows in the emissions' tier; for float32 rows that were
+          // not saved (or whose backward does not fit float), the double tier
+          // recomputed; else the exact log-space path.
+          const scalar_t* a = state + b * 2 * T * K;
+          bool ok = !ex[b] && scaled_sequence(chain, a, a + T * K);
+          if (!ok && narrow_tier && wide.representable) {
+            acc_t* wa = s.sized(s.wide_rows, 2 * T * K);
+            acc_t log_z = 0;
+            ok = scaled_forward(wide, e, m, nullptr, T, wa, wa + T * K, &log_z, s.shifts.data(), wa + T * K) &&
+                 scaled_sequence(wide, static_cast<const acc_t*>(wa), static_cast<const acc_t*>(wa + T * K));
           }
           if (!ok) {
             // Redo the whole sequence exactly (the gold side's shares included).

@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <limits>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
 #define FASTNLP_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
@@ -158,6 +159,14 @@ FASTNLP_VECTOR_CLONES inline void exp_shifted(int64_t n, const double* x, double
   for (int64_t j = 0; j < n; ++j) out[j] = vmath_detail::exp_one(x[j] - shift);
 }
 
+// out[j] = exp(x[j] - shift) rounded to float: the float32 tier of the
+// scaled CRF recursions, whose weights are computed in double so that the
+// only error is the final rounding.
+FASTNLP_VECTOR_CLONES inline void exp_shifted(int64_t n, const double* __restrict x, double shift,
+                                              float* __restrict out) {
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(vmath_detail::exp_one(x[j] - shift));
+}
+
 // Whether some x[j] is NaN or +inf (not below +inf): scores the CRF refuses.
 // An OR over integers of the scalar's width, so the loop is one compare and
 // one OR per vector (an int64 count would widen every float lane).
@@ -183,76 +192,78 @@ FASTNLP_VECTOR_CLONES inline void log_array(int64_t n, const double* __restrict 
 
 namespace vmath_detail {
 
-typedef double v4d __attribute__((vector_size(32), aligned(8)));  // unaligned-load type
-
-// s[j0 + x] = sum_i a[i] * M[i * ld + j0 + x] for x < 4 V: V vectors of
+// s[j0 + x] = sum_i a[i] * M[i * ld + j0 + x] for x < V * W: V vectors of
 // columns held in registers over all m rows, with two sets of accumulators
 // (even and odd rows) so the multiply-adds do not wait on each other.
-template <int V>
-__attribute__((always_inline)) inline void vecmat_columns(int64_t m, const double* __restrict a,
-                                                          const double* __restrict M, int64_t ld,
-                                                          double* __restrict s) {
-  v4d even[V], odd[V];
-  for (int v = 0; v < V; ++v) even[v] = odd[v] = v4d{0, 0, 0, 0};
+template <typename T, int V>
+__attribute__((always_inline)) inline void vecmat_columns(int64_t m, const T* __restrict a, const T* __restrict M,
+                                                          int64_t ld, T* __restrict s) {
+  using Vec = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  constexpr int W = Simd<T>::W;
+  Vec even[V], odd[V];
+  for (int v = 0; v < V; ++v) even[v] = odd[v] = Vec{};
   int64_t i = 0;
   for (; i + 2 <= m; i += 2) {
-    const double a0 = a[i], a1 = a[i + 1];
-    const double* r0 = M + i * ld;
-    const double* r1 = r0 + ld;
+    const T a0 = a[i], a1 = a[i + 1];
+    const T* r0 = M + i * ld;
+    const T* r1 = r0 + ld;
     for (int v = 0; v < V; ++v) {
-      even[v] += a0 * *reinterpret_cast<const v4d*>(r0 + 4 * v);
-      odd[v] += a1 * *reinterpret_cast<const v4d*>(r1 + 4 * v);
+      even[v] += a0 * *reinterpret_cast<const U*>(r0 + W * v);
+      odd[v] += a1 * *reinterpret_cast<const U*>(r1 + W * v);
     }
   }
   if (i < m) {
-    const double a0 = a[i];
-    const double* r0 = M + i * ld;
-    for (int v = 0; v < V; ++v) even[v] += a0 * *reinterpret_cast<const v4d*>(r0 + 4 * v);
+    const T a0 = a[i];
+    const T* r0 = M + i * ld;
+    for (int v = 0; v < V; ++v) even[v] += a0 * *reinterpret_cast<const U*>(r0 + W * v);
   }
-  for (int v = 0; v < V; ++v) *reinterpret_cast<v4d*>(s + 4 * v) = even[v] + odd[v];
+  for (int v = 0; v < V; ++v) *reinterpret_cast<U*>(s + W * v) = even[v] + odd[v];
 }
 
-// vecmat_columns<1> with four sets of accumulators (rows i mod 4): one
+// vecmat_columns<T, 1> with four sets of accumulators (rows i mod 4): one
 // vector of columns alone would wait on its multiply-adds with two.
-__attribute__((always_inline)) inline void vecmat_last_columns(int64_t m, const double* __restrict a,
-                                                               const double* __restrict M, int64_t ld,
-                                                               double* __restrict s) {
-  v4d acc[4] = {{0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}, {0, 0, 0, 0}};
+template <typename T>
+__attribute__((always_inline)) inline void vecmat_last_columns(int64_t m, const T* __restrict a,
+                                                               const T* __restrict M, int64_t ld, T* __restrict s) {
+  using Vec = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  Vec acc[4] = {Vec{}, Vec{}, Vec{}, Vec{}};
   int64_t i = 0;
   for (; i + 4 <= m; i += 4)
-    for (int r = 0; r < 4; ++r) acc[r] += a[i + r] * *reinterpret_cast<const v4d*>(M + (i + r) * ld);
-  for (int r = 0; i < m; ++i, ++r) acc[r] += a[i] * *reinterpret_cast<const v4d*>(M + i * ld);
-  *reinterpret_cast<v4d*>(s) = (acc[0] + acc[1]) + (acc[2] + acc[3]);
+    for (int r = 0; r < 4; ++r) acc[r] += a[i + r] * *reinterpret_cast<const U*>(M + (i + r) * ld);
+  for (int r = 0; i < m; ++i, ++r) acc[r] += a[i] * *reinterpret_cast<const U*>(M + i * ld);
+  *reinterpret_cast<U*>(s) = (acc[0] + acc[1]) + (acc[2] + acc[3]);
 }
 
-}  // namespace vmath_detail
-
 // s[j] = sum_i a[i] * M[i * ld + j] for i < m, j < n: one step of a scaled
-// recursion. Up to 16 columns at a time stay in registers while the rows of M
-// stream past once. The last n % 4 columns are done as the last four columns
-// when n >= 4 (recomputing up to three, to within rounding: that block sums
-// its rows in another order), one by one only when n < 4.
+// recursion. Up to 4 vectors of columns at a time stay in registers while the
+// rows of M stream past once. The last n % W columns are done as the last W
+// columns when n >= W (recomputing some, to within rounding: that block sums
+// its rows in another order), one by one only when n < W.
 // (M is finite, so rows with a[i] = 0 add exactly 0.)
-FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __restrict a,
-                                         const double* __restrict M, int64_t ld, double* __restrict s) {
+template <typename T>
+__attribute__((always_inline)) inline void vecmat_impl(int64_t m, int64_t n, const T* __restrict a,
+                                                       const T* __restrict M, int64_t ld, T* __restrict s) {
+  constexpr int W = Simd<T>::W;
   int64_t j = 0;
-  for (; j + 16 <= n; j += 16) vmath_detail::vecmat_columns<4>(m, a, M + j, ld, s + j);
-  if (j + 12 <= n) {
-    vmath_detail::vecmat_columns<3>(m, a, M + j, ld, s + j);
-    j += 12;
-  } else if (j + 8 <= n) {
-    vmath_detail::vecmat_columns<2>(m, a, M + j, ld, s + j);
-    j += 8;
-  } else if (j + 4 <= n) {
-    vmath_detail::vecmat_columns<1>(m, a, M + j, ld, s + j);
-    j += 4;
+  for (; j + 4 * W <= n; j += 4 * W) vecmat_columns<T, 4>(m, a, M + j, ld, s + j);
+  if (j + 3 * W <= n) {
+    vecmat_columns<T, 3>(m, a, M + j, ld, s + j);
+    j += 3 * W;
+  } else if (j + 2 * W <= n) {
+    vecmat_columns<T, 2>(m, a, M + j, ld, s + j);
+    j += 2 * W;
+  } else if (j + W <= n) {
+    vecmat_columns<T, 1>(m, a, M + j, ld, s + j);
+    j += W;
   }
-  if (j < n && n >= 4) {
-    vmath_detail::vecmat_last_columns(m, a, M + n - 4, ld, s + n - 4);
+  if (j < n && n >= W) {
+    vecmat_last_columns<T>(m, a, M + n - W, ld, s + n - W);
     return;
   }
   for (; j < n; ++j) {
-    double even = 0, odd = 0;
+    T even = 0, odd = 0;
     int64_t i = 0;
     for (; i + 2 <= m; i += 2) {
       even += a[i] * M[i * ld + j];
@@ -261,6 +272,17 @@ FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __r
     if (i < m) even += a[i] * M[i * ld + j];
     s[j] = even + odd;
   }
+}
+
+}  // namespace vmath_detail
+
+FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const float* __restrict a, const float* __restrict M,
+                                         int64_t ld, float* __restrict s) {
+  vmath_detail::vecmat_impl(m, n, a, M, ld, s);
+}
+FASTNLP_VECTOR_CLONES inline void vecmat(int64_t m, int64_t n, const double* __restrict a,
+                                         const double* __restrict M, int64_t ld, double* __restrict s) {
+  vmath_detail::vecmat_impl(m, n, a, M, ld, s);
 }
 
 // G[i * ld + j] += c[i] * M[i * ld + j] * w[j]: accumulating pairwise marginals.
@@ -318,80 +340,125 @@ FASTNLP_VECTOR_CLONES inline double shifted_scores(int64_t n, const double* base
   return shifted_scores_impl(n, base, e, log_tiny, y, tiny);
 }
 
-// One step of a scaled forward recursion: s[j] = (sum_i a[i] M[i * ld + j]) *
-// x[j] * scale for j < n. Returns max_j s[j]; *tiny counts the nonzero s[j]
-// below tiny_ratio times that max.
-typedef double v4 __attribute__((vector_size(32), aligned(8)));
-FASTNLP_VECTOR_CLONES inline double scaled_step(int64_t m, int64_t n, const double* __restrict a,
-                                                const double* __restrict M, int64_t ld, const double* __restrict x,
-                                                double scale, double tiny_ratio, double* __restrict s,
-                                                int64_t* tiny) {
-  vecmat(m, n, a, M, ld, s);
-  // The max four lanes at a time, as in shifted_scores_impl.
-  v4 tv = {0, 0, 0, 0};
+namespace vmath_detail {
+
+// The largest of x[0..n) and 0, W lanes at a time (GCC vectorises no max of
+// floating values without -ffast-math); NaN never wins.
+template <typename T>
+__attribute__((always_inline)) inline T max_or_zero(int64_t n, const T* __restrict x) {
+  using Vec = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  constexpr int W = Simd<T>::W;
+  Vec tv = Vec{};
   int64_t j0 = 0;
-  for (; j0 + 4 <= n; j0 += 4) {
-    const v4 v = *reinterpret_cast<const v4*>(s + j0) * (*reinterpret_cast<const v4*>(x + j0) * scale);
-    *reinterpret_cast<v4*>(s + j0) = v;
+  for (; j0 + W <= n; j0 += W) {
+    const Vec v = *reinterpret_cast<const U*>(x + j0);
     tv = v > tv ? v : tv;
   }
-  double top = 0;
-  for (int l = 0; l < 4; ++l) top = tv[l] > top ? tv[l] : top;
+  T top = 0;
+  for (int l = 0; l < W; ++l) top = tv[l] > top ? tv[l] : top;
+  for (int64_t j = j0; j < n; ++j) top = x[j] > top ? x[j] : top;
+  return top;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline T scaled_step_impl(int64_t m, int64_t n, const T* __restrict a,
+                                                         const T* __restrict M, int64_t ld, const T* __restrict x,
+                                                         T scale, T tiny_ratio, T* __restrict s, int64_t* tiny) {
+  using Vec = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  constexpr int W = Simd<T>::W;
+  vecmat_impl(m, n, a, M, ld, s);
+  Vec tv = Vec{};
+  int64_t j0 = 0;
+  for (; j0 + W <= n; j0 += W) {
+    const Vec v = *reinterpret_cast<const U*>(s + j0) * (*reinterpret_cast<const U*>(x + j0) * scale);
+    *reinterpret_cast<U*>(s + j0) = v;
+    tv = v > tv ? v : tv;  // NaN never wins
+  }
+  T top = 0;
+  for (int l = 0; l < W; ++l) top = tv[l] > top ? tv[l] : top;
   for (int64_t j = j0; j < n; ++j) {
     s[j] *= x[j] * scale;
     top = s[j] > top ? s[j] : top;
   }
-  const double floor = top * tiny_ratio;
-  int64_t count = 0;
+  const T floor = top * tiny_ratio;
+  // A count in lanes of T's width, so that the compare vectorises unwidened.
+  typename Simd<T>::Lane count = 0;
   for (int64_t j = 0; j < n; ++j) count += (s[j] < floor) & (s[j] > 0);
   *tiny = count;
   return top;
+}
+
+template <typename T>
+__attribute__((always_inline)) inline T backward_step_impl(int64_t n, const T* __restrict r, const T* __restrict a,
+                                                           T g, T tiny, T* __restrict b, T* __restrict marg,
+                                                           T* __restrict coef, int64_t* count) {
+  using Vec = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  constexpr int W = Simd<T>::W;
+  const T top = max_or_zero(n, r);
+  if (!(top > 0) || !(top <= std::numeric_limits<T>::max())) return 0;
+  const T inv = 1 / top;
+  // The sum W lanes at a time too: GCC does not reorder a floating sum by
+  // itself, and as a scalar chain it costs as much as the step's mat-vec.
+  Vec nv = Vec{};
+  int64_t i0 = 0;
+  for (; i0 + W <= n; i0 += W) {
+    const Vec bv = *reinterpret_cast<const U*>(r + i0) * inv;
+    *reinterpret_cast<U*>(b + i0) = bv;
+    nv += *reinterpret_cast<const U*>(a + i0) * bv;
+  }
+  T norm = 0;
+  for (int l = 0; l < W; ++l) norm += nv[l];
+  for (int64_t i = i0; i < n; ++i) {
+    b[i] = r[i] * inv;
+    norm += a[i] * b[i];
+  }
+  typename Simd<T>::Lane small = 0;  // as in scaled_step_impl
+  for (int64_t i = 0; i < n; ++i) small += (b[i] < tiny) & (b[i] > 0);
+  *count = small;
+  if (!(norm > 0)) return norm;
+  const T inv_norm = 1 / norm;
+  const T pair = g * inv_norm * inv;
+  for (int64_t i = 0; i < n; ++i) {
+    marg[i] = a[i] * b[i] * inv_norm;
+    coef[i] = a[i] * pair;
+  }
+  return norm;
+}
+
+}  // namespace vmath_detail
+
+// One step of a scaled forward recursion: s[j] = (sum_i a[i] M[i * ld + j]) *
+// x[j] * scale for j < n. Returns max_j s[j]; *tiny counts the nonzero s[j]
+// below tiny_ratio times that max.
+FASTNLP_VECTOR_CLONES inline float scaled_step(int64_t m, int64_t n, const float* __restrict a,
+                                               const float* __restrict M, int64_t ld, const float* __restrict x,
+                                               float scale, float tiny_ratio, float* __restrict s, int64_t* tiny) {
+  return vmath_detail::scaled_step_impl(m, n, a, M, ld, x, scale, tiny_ratio, s, tiny);
+}
+FASTNLP_VECTOR_CLONES inline double scaled_step(int64_t m, int64_t n, const double* __restrict a,
+                                                const double* __restrict M, int64_t ld, const double* __restrict x,
+                                                double scale, double tiny_ratio, double* __restrict s,
+                                                int64_t* tiny) {
+  return vmath_detail::scaled_step_impl(m, n, a, M, ld, x, scale, tiny_ratio, s, tiny);
 }
 
 // One step of a scaled backward recursion, from r[i] = sum_j E[i][j] q[j] and
 // the forward row a at the same position: b[i] = r[i] / max r, marg[i] = a[i]
 // b[i] / norm (the posterior), coef[i] = g a[i] / (norm max r) (the factor of
 // the pairwise marginals), norm = sum_i a[i] b[i]. Returns norm (0 when there
-// is no mass, NaN propagated); *tiny counts nonzero b[i] below tiny.
+// is no mass, NaN propagated); *count counts nonzero b[i] below tiny.
+FASTNLP_VECTOR_CLONES inline float backward_step(int64_t n, const float* __restrict r, const float* __restrict a,
+                                                 float g, float tiny, float* __restrict b, float* __restrict marg,
+                                                 float* __restrict coef, int64_t* count) {
+  return vmath_detail::backward_step_impl(n, r, a, g, tiny, b, marg, coef, count);
+}
 FASTNLP_VECTOR_CLONES inline double backward_step(int64_t n, const double* __restrict r, const double* __restrict a,
                                                   double g, double tiny, double* __restrict b,
                                                   double* __restrict marg, double* __restrict coef, int64_t* count) {
-  // The max and the sum four lanes at a time: GCC vectorises neither a max
-  // nor a sum of doubles by itself (it may not reorder them without
-  // -ffast-math), and as scalar chains they cost as much as the step's mat-vec.
-  int64_t i0 = 0;
-  v4 tv = {0, 0, 0, 0};
-  for (; i0 + 4 <= n; i0 += 4) {
-    const v4 rv = *reinterpret_cast<const v4*>(r + i0);
-    tv = rv > tv ? rv : tv;  // NaN never wins, as in the scalar form
-  }
-  double top = 0;
-  for (int l = 0; l < 4; ++l) top = tv[l] > top ? tv[l] : top;
-  for (int64_t i = i0; i < n; ++i) top = r[i] > top ? r[i] : top;
-  if (!(top > 0) || !(top <= 1.7976931348623157e308)) return 0;
-  const double inv = 1 / top;
-  v4 nv = {0, 0, 0, 0};
-  for (i0 = 0; i0 + 4 <= n; i0 += 4) {
-    const v4 bv = *reinterpret_cast<const v4*>(r + i0) * inv;
-    *reinterpret_cast<v4*>(b + i0) = bv;
-    nv += *reinterpret_cast<const v4*>(a + i0) * bv;
-  }
-  double norm = (nv[0] + nv[1]) + (nv[2] + nv[3]);
-  for (int64_t i = i0; i < n; ++i) {
-    b[i] = r[i] * inv;
-    norm += a[i] * b[i];
-  }
-  int64_t small = 0;
-  for (int64_t i = 0; i < n; ++i) small += (b[i] < tiny) & (b[i] > 0);
-  *count = small;
-  if (!(norm > 0)) return norm;
-  const double inv_norm = 1 / norm;
-  const double pair = g * inv_norm * inv;
-  for (int64_t i = 0; i < n; ++i) {
-    marg[i] = a[i] * b[i] * inv_norm;
-    coef[i] = a[i] * pair;
-  }
-  return norm;
+  return vmath_detail::backward_step_impl(n, r, a, g, tiny, b, marg, coef, count);
 }
 
 // G[i * ld + j] += c[i] * w[j]: a rank-one update, the pairwise marginals of
@@ -423,37 +490,47 @@ FASTNLP_VECTOR_CLONES inline void outer_accumulate(int64_t m, int64_t n, const d
 
 // G[i * ldg + j] += sum_{t0 <= t < t1} c[t * ld + i] * q[t * ld + j] for i, j
 // < k: the pairwise marginals of a whole chain, as one (T x k)^T (T x k)
-// product. c and q hold ld >= round_up(k, 8) columns; those past k must be
-// zero (finite would do: their products are discarded). Tiles of 4 x 8
+// product. c and q hold ld >= round_up(k, 2 W) columns; those past k must be
+// zero (finite would do: their products are discarded). Tiles of 4 x 2W
 // outputs stay in registers over the t loop, so each row of c and q is read
 // once per tile and G once per call.
+namespace vmath_detail {
+template <typename T>
+__attribute__((always_inline)) inline void gram_accumulate_impl(int64_t t0, int64_t t1, int64_t k,
+                                                                const T* __restrict c, const T* __restrict q,
+                                                                int64_t ld, T* __restrict G, int64_t ldg) {
+  using Vec = typename Simd<T>::V;
+  using U = typename Simd<T>::U;
+  constexpr int W = Simd<T>::W;
+  for (int64_t i0 = 0; i0 < k; i0 += 4) {
+    for (int64_t j0 = 0; j0 < k; j0 += 2 * W) {
+      Vec s[4][2] = {{Vec{}, Vec{}}, {Vec{}, Vec{}}, {Vec{}, Vec{}}, {Vec{}, Vec{}}};
+      for (int64_t t = t0; t < t1; ++t) {
+        const T* ct = c + t * ld + i0;
+        const Vec q0 = *reinterpret_cast<const U*>(q + t * ld + j0);
+        const Vec q1 = *reinterpret_cast<const U*>(q + t * ld + j0 + W);
+        for (int r = 0; r < 4; ++r) {
+          s[r][0] += ct[r] * q0;
+          s[r][1] += ct[r] * q1;
+        }
+      }
+      const int64_t rows = k - i0 < 4 ? k - i0 : 4, cols = k - j0 < 2 * W ? k - j0 : 2 * W;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t x = 0; x < cols; ++x) G[(i0 + r) * ldg + j0 + x] += s[r][x / W][x % W];
+    }
+  }
+}
+}  // namespace vmath_detail
+
+FASTNLP_VECTOR_CLONES inline void gram_accumulate(int64_t t0, int64_t t1, int64_t k, const float* __restrict c,
+                                                  const float* __restrict q, int64_t ld, float* __restrict G,
+                                                  int64_t ldg) {
+  vmath_detail::gram_accumulate_impl(t0, t1, k, c, q, ld, G, ldg);
+}
 FASTNLP_VECTOR_CLONES inline void gram_accumulate(int64_t t0, int64_t t1, int64_t k, const double* __restrict c,
                                                   const double* __restrict q, int64_t ld, double* __restrict G,
                                                   int64_t ldg) {
-  typedef double v4 __attribute__((vector_size(32), aligned(8)));
-  for (int64_t i0 = 0; i0 < k; i0 += 4) {
-    for (int64_t j0 = 0; j0 < k; j0 += 8) {
-      v4 s00 = {0, 0, 0, 0}, s01 = s00, s10 = s00, s11 = s00, s20 = s00, s21 = s00, s30 = s00, s31 = s00;
-      for (int64_t t = t0; t < t1; ++t) {
-        const double* ct = c + t * ld + i0;
-        const v4 q0 = *reinterpret_cast<const v4*>(q + t * ld + j0);
-        const v4 q1 = *reinterpret_cast<const v4*>(q + t * ld + j0 + 4);
-        const double c0 = ct[0], c1 = ct[1], c2 = ct[2], c3 = ct[3];
-        s00 += c0 * q0;
-        s01 += c0 * q1;
-        s10 += c1 * q0;
-        s11 += c1 * q1;
-        s20 += c2 * q0;
-        s21 += c2 * q1;
-        s30 += c3 * q0;
-        s31 += c3 * q1;
-      }
-      const v4 tile[4][2] = {{s00, s01}, {s10, s11}, {s20, s21}, {s30, s31}};
-      const int64_t rows = k - i0 < 4 ? k - i0 : 4, cols = k - j0 < 8 ? k - j0 : 8;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t x = 0; x < cols; ++x) G[(i0 + r) * ldg + j0 + x] += tile[r][x / 4][x % 4];
-    }
-  }
+  vmath_detail::gram_accumulate_impl(t0, t1, k, c, q, ld, G, ldg);
 }
 
 // One Viterbi step over all K predecessors: best[j] = max_i (score[i] +

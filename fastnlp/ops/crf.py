@@ -67,10 +67,13 @@ def _viterbi_topk_fake(emissions, mask, start_transitions, end_transitions, tran
 @torch.library.register_fake("fastnlp::crf_log_likelihood")
 def _log_likelihood_fake(emissions, mask, tags, start_transitions, end_transitions, transitions, ignore_index):
     batch, seq_len, num_tags = emissions.shape
-    # The saved forward state is the CPU kernel's; the CUDA composite saves none.
-    state = (batch, 2, seq_len, num_tags) if emissions.device.type == "cpu" else (0,)
-    return (emissions.new_empty(batch), emissions.new_empty(state, dtype=torch.float64),
-            emissions.new_empty(batch, dtype=torch.bool))
+    # The saved forward state is the CPU kernel's, in the emissions' dtype (the
+    # precision its backward pass runs in); the CUDA composite saves none.
+    if emissions.device.type == "cpu":
+        state = emissions.new_empty((batch, 2, seq_len, num_tags))
+    else:
+        state = emissions.new_empty((0,), dtype=torch.float64)
+    return emissions.new_empty(batch), state, emissions.new_empty(batch, dtype=torch.bool)
 
 
 @torch.library.register_fake("fastnlp::crf_log_likelihood_backward")
