@@ -152,6 +152,11 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _as_dtype(x: Tensor, dtype: torch.dtype) -> Tensor:
+    """x in dtype; skips Tensor.to when it would be a no-op, which still costs ~2 us a call (6 a step)."""
+    return x if x.dtype == dtype else x.to(dtype)
+
+
 def _prepare(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
              mask: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, torch.dtype]:
     """Validate; return (emissions, mask, start, end, transitions) in the kernels' dtypes, and the result dtype."""
@@ -163,8 +168,8 @@ def _prepare(emissions: Tensor, start_transitions: Tensor, end_transitions: Tens
         raise ValueError(f"mask is on {mask.device} but emissions are on {emissions.device}")
     out_dtype = _result_dtype(emissions, start_transitions, end_transitions, transitions)
     dtype = _compute_dtype(out_dtype)
-    return (emissions.to(dtype), mask.to(torch.bool), start_transitions.to(dtype), end_transitions.to(dtype),
-            transitions.to(dtype), out_dtype)
+    return (_as_dtype(emissions, dtype), _as_dtype(mask, torch.bool), _as_dtype(start_transitions, dtype),
+            _as_dtype(end_transitions, dtype), _as_dtype(transitions, dtype), out_dtype)
 
 
 def _check_tags(tags: Tensor, emissions: Tensor, mask: Tensor, ignore_index: int, check_range: bool) -> Tensor:
@@ -214,8 +219,8 @@ def crf_log_partition(emissions: Tensor, start_transitions: Tensor, end_transiti
                                                              transitions, mask)
     if not torch.jit.is_scripting():
         if use_reference(backend):
-            return reference.log_partition(emissions, mask, None, start, end, trans).to(out_dtype)
-    return torch.ops.fastnlp.crf_log_partition(emissions, mask, None, start, end, trans)[0].to(out_dtype)
+            return _as_dtype(reference.log_partition(emissions, mask, None, start, end, trans), out_dtype)
+    return _as_dtype(torch.ops.fastnlp.crf_log_partition(emissions, mask, None, start, end, trans)[0], out_dtype)
 
 
 def crf_gold_score(emissions: Tensor, tags: Tensor, start_transitions: Tensor, end_transitions: Tensor,
@@ -232,8 +237,8 @@ def crf_gold_score(emissions: Tensor, tags: Tensor, start_transitions: Tensor, e
     tags = _prepare_tags(tags, emissions, mask, ignore_index)
     if not torch.jit.is_scripting():
         if use_reference(backend):
-            return reference.log_partition(emissions, mask, tags, start, end, trans).to(out_dtype)
-    return torch.ops.fastnlp.crf_log_partition(emissions, mask, tags, start, end, trans)[0].to(out_dtype)
+            return _as_dtype(reference.log_partition(emissions, mask, tags, start, end, trans), out_dtype)
+    return _as_dtype(torch.ops.fastnlp.crf_log_partition(emissions, mask, tags, start, end, trans)[0], out_dtype)
 
 
 def crf_log_likelihood(emissions: Tensor, tags: Tensor, start_transitions: Tensor, end_transitions: Tensor,
@@ -253,12 +258,12 @@ def crf_log_likelihood(emissions: Tensor, tags: Tensor, start_transitions: Tenso
         if use_reference(backend):
             tags = _prepare_tags(tags, emissions, mask, ignore_index)
             gold = reference.log_partition(emissions, mask, tags, start, end, trans)
-            return (gold - reference.log_partition(emissions, mask, None, start, end, trans)).to(out_dtype)
+            return _as_dtype(gold - reference.log_partition(emissions, mask, None, start, end, trans), out_dtype)
     # The CPU kernel checks the tag range itself, with the same ValueError, in
     # a scan that costs less than the tensor ops of the check here.
     tags = _check_tags(tags, emissions, mask, ignore_index, emissions.device.type != "cpu")
     llh = torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, ignore_index)[0]
-    return llh.to(out_dtype)
+    return _as_dtype(llh, out_dtype)
 
 
 def crf_marginals(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
@@ -273,12 +278,12 @@ def crf_marginals(emissions: Tensor, start_transitions: Tensor, end_transitions:
     emissions, start, end, trans = emissions.detach(), start.detach(), end.detach(), trans.detach()
     if not torch.jit.is_scripting():
         if use_reference(backend):
-            return reference.marginals(emissions, mask, start, end, trans).to(out_dtype)
+            return _as_dtype(reference.marginals(emissions, mask, start, end, trans), out_dtype)
     log_z, alpha = torch.ops.fastnlp.crf_log_partition(emissions, mask, None, start, end, trans)
     ones = torch.ones_like(log_z)
     probabilities = torch.ops.fastnlp.crf_log_partition_backward(ones, emissions, mask, None, start, end, trans,
                                                                  alpha, log_z)[0]
-    return probabilities.to(out_dtype)
+    return _as_dtype(probabilities, out_dtype)
 
 
 def crf_viterbi(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor, transitions: Tensor,
@@ -293,9 +298,9 @@ def crf_viterbi(emissions: Tensor, start_transitions: Tensor, end_transitions: T
     if not torch.jit.is_scripting():
         if use_reference(backend):
             paths, scores = reference.viterbi(emissions, mask, start, end, trans)
-            return paths, scores.to(out_dtype)
+            return paths, _as_dtype(scores, out_dtype)
     paths, scores = torch.ops.fastnlp.crf_viterbi(emissions, mask, start, end, trans)
-    return paths, scores.to(out_dtype)
+    return paths, _as_dtype(scores, out_dtype)
 
 
 def crf_viterbi_topk(emissions: Tensor, k: int, start_transitions: Tensor, end_transitions: Tensor,
@@ -320,6 +325,6 @@ def crf_viterbi_topk(emissions: Tensor, k: int, start_transitions: Tensor, end_t
     if not torch.jit.is_scripting():
         if use_reference(backend):
             paths, scores = reference.viterbi_topk(emissions, mask, start, end, trans, k)
-            return paths, scores.to(out_dtype)
+            return paths, _as_dtype(scores, out_dtype)
     paths, scores = torch.ops.fastnlp.crf_viterbi_topk(emissions, mask, start, end, trans, k)
-    return paths, scores.to(out_dtype)
+    return paths, _as_dtype(scores, out_dtype)
