@@ -17,7 +17,7 @@ test: $(VENV)/.built
 	$(PY) -m pytest python_tests
 
 bench: $(VENV)/.built $(VENV)/.bench-deps
-	$(PY) -m fastnlp.bench --device cpu
+	$(PY) -m fastnlp.bench --device cpu --quick
 
 build: $(VENV)/.built
 

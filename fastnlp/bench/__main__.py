@@ -30,7 +30,9 @@ def parse_args(argv=None):
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="device for the tensors (default: cpu)")
     parser.add_argument("--quick", action="store_true",
-                        help=f"fewer shapes and {QUICK_REPEATS} repeats: a smoke run")
+                        help=f"fewer LSTM and attention-module shapes and {QUICK_REPEATS} repeats: "
+                             "what `make bench` runs, under 5 minutes on a 2-core CPU (the full "
+                             "run takes about 10)")
     parser.add_argument("--out", default="benchmarks/results",
                         help="directory for bench_<device>.csv/.png, relative to the "
                              "current directory (default: benchmarks/results)")
