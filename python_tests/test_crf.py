@@ -746,6 +746,22 @@ def test_float32_likelihood_runs_in_float32_at_float64_accuracy(shape):
     assert_float32_near_float64(problem)
 
 
+@given(st.integers(1, 4), st.integers(1, 40), st.integers(1, 12), st.integers(0, 2**16),
+       st.sampled_from(["random", "prefix", "full"]), st.sampled_from([1.0, 10.0, 40.0, 400.0]))
+def test_float32_likelihood_matches_float64_at_every_score_spread(batch, seq_len, num_tags, seed, mask_kind, scale):
+    # Spreads from a few nats (the float32 tier) through tens (the double
+    # tier) to hundreds (the exact path), with partial tags: whichever path a
+    # float32 sequence takes, it agrees with the float64 kernel to float32
+    # rounding.
+    problem = random_problem(batch, seq_len, num_tags, dtype=torch.float32, seed=seed, mask_kind=mask_kind,
+                             scale=scale)
+    got = likelihood_and_grads(*problem, backend=None)
+    want = float64_likelihood_and_grads(*problem)
+    torch.testing.assert_close(got[0].double(), want[0], rtol=1e-6, atol=1e-6, equal_nan=True)
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g.double(), w, rtol=0, atol=1e-6 * max(1.0, float(w.abs().max())))
+
+
 def test_float32_likelihood_widens_per_sequence():
     # Per float32 sequence: scores within float32's bound run in float32;
     # ranges of ~60 nats in double (recomputed by the backward pass); ranges
