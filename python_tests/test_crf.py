@@ -783,6 +783,23 @@ def test_float32_likelihood_widens_per_sequence():
                                         dict(rtol=1e-9, atol=1e-7))
 
 
+def test_float32_likelihood_leaves_float32_when_a_row_max_is_tiny():
+    # Every factor here fits float32's bound (>= 1e-12), but the only path
+    # through position 1 has weight e^-27 * e^-27: its row's max is ~3e-24,
+    # and products with that row would leave float32's normal range a step
+    # later. The float32 tier must hand such a sequence to the double tier.
+    ninf = float("-inf")
+    start, end = torch.tensor([0.0, ninf, ninf]), torch.zeros(3)
+    trans = torch.tensor([[ninf, -27.0, ninf], [-27.0, -27.0, ninf], [0.0, 0.0, 0.0]])
+    emissions = torch.tensor([[[0.0, 0.0, 0.0], [0.0, -27.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]])
+    mask, tags = torch.ones(1, 4, dtype=torch.bool), torch.tensor([[0, 1, 0, 1]])
+    _, _, exact32 = torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, -100)
+    problem64 = [x.double() for x in (emissions, start, end, trans)]
+    _, _, exact64 = torch.ops.fastnlp.crf_log_likelihood(problem64[0], mask, tags, *problem64[1:], -100)
+    assert exact32.tolist() == [True] and exact64.tolist() == [False]
+    assert_float32_near_float64((emissions, tags, mask, start, end, trans))
+
+
 def test_fused_likelihood_falls_back_per_sequence():
     # One sequence with emission ranges of thousands of nats needs the exact
     # log-space path; its neighbours stay on the scaled one, and all are right.

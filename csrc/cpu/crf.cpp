@@ -660,8 +660,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_bac
 // tagged ones run the same recursion with the tagged positions pinned.
 //
 // The scaled recursions are exact as long as every nonzero factor (E, x, and
-// a, b relative to their row's max) is at least tiny: a product of three is
-// then a normal number, so nothing that might later dominate is lost to
+// a, b relative to their row's max) and every row's max is at least tiny: a
+// product of three is then a normal number, so nothing that might later dominate is lost to
 // underflow. Zeros stay exact zeros (constraints: exp(-inf) = 0). A sequence
 // that breaks the bound, or that has no path at all, is recomputed by the
 // exact log-space kernels above instead.
@@ -811,7 +811,11 @@ bool scaled_forward(const ScaledChain<calc_t>& c, const scalar_t* emissions, con
       top = scaled_step(prev_range.size(), cur.size(), prev + prev_range.lo,
                         c.scaled.data() + prev_range.lo * K + cur.lo, K, xt + cur.lo, inv_prev,
                         Tier<calc_t>::kTiny, row + cur.lo, &small);
-      if (!(top > 0) || !std::isfinite(top) || small) return false;  // no path, NaN, or too small
+      // No path, NaN, a row entry too small, or the row's max itself below
+      // tiny: the next step multiplies this unnormalised row by E before
+      // dividing by top, so entries that are tiny relative to a tiny top
+      // would give products below the tier's normal range.
+      if (!(top >= Tier<calc_t>::kTiny) || !std::isfinite(top) || small) return false;
     }
     log_scale += shifts[t] + std::log(acc_t(top));
     inv_prev = 1 / top;
