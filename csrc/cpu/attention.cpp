@@ -319,7 +319,7 @@ void forward_blocks(const Problem<scalar_t, acc_t>& pb, const Strided4<const sca
   TilePlan<acc_t> plan;
   for (int64_t qb = qb0; qb < qb1; ++qb) {
     const int64_t i0 = qb * kBlockQ, mq = std::min(kBlockQ, pb.Lq - i0);
-    const int64_t mq_pad = round_up(mq, attention_detail::kRows);
+    const int64_t mq_pad = round_up(mq, tile_detail::kRows);
     // The scale is folded into q once rather than applied to every score.
     pack_rows(q, b, h, i0, mq, mq_pad, pb.D, Dp, pb.scale, w.q.data(), Dp);
     std::fill(w.o.begin(), w.o.begin() + mq_pad * Dvp, acc_t(0));
@@ -391,7 +391,7 @@ void backward_kv_head(const Problem<scalar_t, acc_t>& pb, const Strided4<const s
                       const acc_t* lse_in, scalar_t* dq_out, scalar_t* dk_out, scalar_t* dv_out, int64_t b,
                       int64_t hk, BackwardScratch<acc_t>& w) {
   constexpr int64_t cols = 2 * Simd<acc_t>::W;
-  constexpr int64_t rows_step = attention_detail::kRows;
+  constexpr int64_t rows_step = tile_detail::kRows;
   const int64_t Dp = pb.Dp, Dvp = pb.Dvp, Lq = pb.Lq, Lk = pb.Lk;
   const int64_t Lq_pad = round_up(Lq, rows_step);
   std::fill(w.dk.begin(), w.dk.end(), acc_t(0));
@@ -616,7 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_backward_cpu(
     scalar_t* dk = grad_key.data_ptr<scalar_t>();
     scalar_t* dv = grad_value.data_ptr<scalar_t>();
     constexpr int64_t cols = 2 * Simd<acc_t>::W;
-    const int64_t Lq_pad = round_up(pb.Lq, attention_detail::kRows), Lk_pad = round_up(pb.Lk, cols);
+    const int64_t Lq_pad = round_up(pb.Lq, tile_detail::kRows), Lk_pad = round_up(pb.Lk, cols);
     for_each_task(
         B * Hk, [&] { return BackwardScratch<acc_t>(Lq_pad, Lk_pad, pb.Dp, pb.Dvp); },
         [&](int64_t task, BackwardScratch<acc_t>& w) {

@@ -1,6 +1,6 @@
-// Inner loops of the CPU attention kernel (csrc/cpu/attention.cpp): a small
-// register-blocked matrix product for the tiles and the row operations of the
-// online softmax. Like vector_loops.h they are compiled for x86-64-v3 and for
+// Inner loops of the CPU attention kernel (csrc/cpu/attention.cpp): the row
+// operations of the online softmax (its tile products are vector_loops.h's
+// tile_gemm). Like vector_loops.h they are compiled for x86-64-v3 and for
 // the baseline ISA with the right one picked at load time; each entry point
 // does a whole tile, so the dispatch is paid per tile, not per element.
 //
@@ -17,55 +17,6 @@
 
 namespace fastnlp {
 namespace attention_detail {
-
-// The product works on a strip of R rows x 2 vectors of C at a time, R = 6
-// where the rows allow (12 accumulators, two loads of B and six broadcasts of
-// A per step of k: both FMA ports stay busy without spilling the 16 AVX2
-// registers), 4 or 2 at the bottom of a tile. Tiles are padded to kRows rows.
-constexpr int kRows = 4;
-
-template <bool TransA, int R, typename T>
-__attribute__((always_inline)) inline void gemm_strip(int64_t K, const T* __restrict a, int64_t lda,
-                                                      const T* __restrict B, int64_t ldb, T* __restrict C,
-                                                      int64_t ldc, bool accumulate) {
-  using V = typename Simd<T>::V;
-  using U = typename Simd<T>::U;
-  constexpr int W = Simd<T>::W;
-  V c[R][2];
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 2; ++v) c[r][v] = accumulate ? *reinterpret_cast<const U*>(C + r * ldc + v * W) : V{};
-  for (int64_t k = 0; k < K; ++k) {
-    V b[2];
-    for (int v = 0; v < 2; ++v) b[v] = *reinterpret_cast<const U*>(B + k * ldb + v * W);
-    for (int r = 0; r < R; ++r) {
-      const T ar = TransA ? a[k * lda + r] : a[r * lda + k];
-      for (int v = 0; v < 2; ++v) c[r][v] += ar * b[v];
-    }
-  }
-  for (int r = 0; r < R; ++r)
-    for (int v = 0; v < 2; ++v) *reinterpret_cast<U*>(C + r * ldc + v * W) = c[r][v];
-}
-
-// C[M x N] (+)= op(A) * B[K x N], all row major with leading dimensions lda,
-// ldb, ldc; op(A) is A[M x K], or with TransA the transpose of A[K x M] (so
-// the backward pass needs no transposed copies of its tiles). M must be a
-// multiple of kRows and N of 2 * W: the kernel pads its tiles (with zeros
-// where the padding enters a sum) so no edge code is needed.
-template <bool TransA, typename T>
-__attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64_t K, const T* __restrict A,
-                                                     int64_t lda, const T* __restrict B, int64_t ldb,
-                                                     T* __restrict C, int64_t ldc, bool accumulate) {
-  constexpr int W = Simd<T>::W;
-  for (int64_t j = 0; j < N; j += 2 * W) {
-    int64_t i = 0;
-    for (; i + 6 <= M; i += 6)
-      gemm_strip<TransA, 6>(K, TransA ? A + i : A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-    for (; i + 4 <= M; i += 4)
-      gemm_strip<TransA, 4>(K, TransA ? A + i : A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-    for (; i + 2 <= M; i += 2)
-      gemm_strip<TransA, 2>(K, TransA ? A + i : A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
-  }
-}
 
 __attribute__((always_inline)) inline float exp_any(float x) { return vmath_detail::exp_one_float(x); }
 __attribute__((always_inline)) inline double exp_any(double x) { return vmath_detail::exp_one(x); }
@@ -178,28 +129,6 @@ __attribute__((always_inline)) inline void exp_rows_impl(int64_t rows, int64_t n
 }
 
 }  // namespace attention_detail
-
-// C (+)= A B.
-FASTNLP_VECTOR_CLONES inline void tile_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                                            const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
-  attention_detail::gemm_impl<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-FASTNLP_VECTOR_CLONES inline void tile_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                                            const double* B, int64_t ldb, double* C, int64_t ldc,
-                                            bool accumulate) {
-  attention_detail::gemm_impl<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-// C (+)= A^T B, A given as (K x M).
-FASTNLP_VECTOR_CLONES inline void tile_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
-                                               const float* B, int64_t ldb, float* C, int64_t ldc,
-                                               bool accumulate) {
-  attention_detail::gemm_impl<true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
-FASTNLP_VECTOR_CLONES inline void tile_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
-                                               const double* B, int64_t ldb, double* C, int64_t ldc,
-                                               bool accumulate) {
-  attention_detail::gemm_impl<true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
-}
 
 FASTNLP_VECTOR_CLONES inline float exp_shift_sum(int64_t n, float* x, float shift) {
   return attention_detail::exp_shift_sum_impl(n, x, shift);

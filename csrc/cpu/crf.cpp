@@ -849,7 +849,7 @@ struct ScaledGrads {
 // With pair_c and pair_q (T, pair_ld) given, the pairwise marginals of the
 // step into position t, divided by g, are left as the factors pair_c[t]
 // (outer) pair_q[t], for the caller to sum over the chain in one product
-// (gram_accumulate) and scale by g in double; rows of positions without such
+// (tile_gemm_at) and scale by g in double; rows of positions without such
 // a step, and columns past K, are not written. Without them (double tier
 // only) they are accumulated into grads.trans_scaled here. work: 7K scratch.
 template <typename calc_t, typename Sink>
@@ -940,20 +940,23 @@ at::Tensor checked_likelihood_tags(const at::Tensor& tags, const at::Tensor& mas
 
 // The free chain's scratch in one tier: the backward recursion's work rows,
 // its pairwise factors (T, pair_ld) (zero-initialised; the padding columns
-// are never written) and their sum (K, K). Sized on first use.
+// are never written) and their sum (pair_rows, pair_ld), padded as
+// tile_gemm_at wants. Sized on first use.
 template <typename calc_t>
 struct FreeChainScratch {
   std::vector<calc_t> work, pair_c, pair_q, pair_sum;
-  int64_t pair_ld = 0;  // K rounded up to two vectors, for gram_accumulate
+  int64_t pair_ld = 0;    // K rounded up to two vectors
+  int64_t pair_rows = 0;  // K rounded up to tile_gemm's rows
 
   void size_for(int64_t T, int64_t K) {
     if (!work.empty()) return;
-    constexpr int64_t tile = 2 * Simd<calc_t>::W;
-    pair_ld = (K + tile - 1) / tile * tile;
+    constexpr int64_t cols = 2 * Simd<calc_t>::W, rows = tile_detail::kRows;
+    pair_ld = (K + cols - 1) / cols * cols;
+    pair_rows = (K + rows - 1) / rows * rows;
     work.resize(7 * K);
     pair_c.assign(T * pair_ld, calc_t(0));
     pair_q.assign(T * pair_ld, calc_t(0));
-    pair_sum.resize(K * K);
+    pair_sum.resize(pair_rows * pair_ld);
   }
 };
 
@@ -1011,14 +1014,17 @@ bool free_chain_gradient(const ScaledChain<calc_t>& c, const bool* m, int64_t T,
     std::fill(pc + t * ld, pc + (t + 1) * ld, calc_t(0));
     std::fill(pq + t * ld, pq + (t + 1) * ld, calc_t(0));
   }
-  // Summed in chunks of kGramChunk steps, each chunk's sum added in double:
-  // a float sum over thousands of steps would lose digits.
+  // sum_t pc[t]^T pq[t] over the steps, as one product per chunk of
+  // kGramChunk steps, each chunk's sum added in double: a float sum over
+  // thousands of steps would lose digits. (The padded rows and columns of
+  // the sum are not used.)
   constexpr int64_t kGramChunk = 64;
   calc_t* pair_sum = s.pair_sum.data();
   for (int64_t t0 = first + 1; first >= 0 && t0 <= last; t0 += kGramChunk) {
-    std::fill(pair_sum, pair_sum + K * K, calc_t(0));
-    gram_accumulate(t0, std::min(t0 + kGramChunk, last + 1), K, pc, pq, ld, pair_sum, K);
-    for (int64_t x = 0; x < K * K; ++x) grads.trans_scaled[x] += -g * acc_t(pair_sum[x]);
+    const int64_t steps = std::min(kGramChunk, last + 1 - t0);
+    tile_gemm_at(s.pair_rows, ld, steps, pc + t0 * ld, ld, pq + t0 * ld, ld, pair_sum, ld, false);
+    for (int64_t i = 0; i < K; ++i)
+      for (int64_t j = 0; j < K; ++j) grads.trans_scaled[i * K + j] += -g * acc_t(pair_sum[i * ld + j]);
   }
   return true;
 }

@@ -488,49 +488,81 @@ FASTNLP_VECTOR_CLONES inline void outer_accumulate(int64_t m, int64_t n, const d
   }
 }
 
-// G[i * ldg + j] += sum_{t0 <= t < t1} c[t * ld + i] * q[t * ld + j] for i, j
-// < k: the pairwise marginals of a whole chain, as one (T x k)^T (T x k)
-// product. c and q hold ld >= round_up(k, 2 W) columns; those past k must be
-// zero (finite would do: their products are discarded). Tiles of 4 x 2W
-// outputs stay in registers over the t loop, so each row of c and q is read
-// once per tile and G once per call.
-namespace vmath_detail {
-template <typename T>
-__attribute__((always_inline)) inline void gram_accumulate_impl(int64_t t0, int64_t t1, int64_t k,
-                                                                const T* __restrict c, const T* __restrict q,
-                                                                int64_t ld, T* __restrict G, int64_t ldg) {
-  using Vec = typename Simd<T>::V;
+// A small register-blocked matrix product for tiles held in caches: the
+// attention kernel's tile products and the CRF's pairwise-marginal sums.
+namespace tile_detail {
+
+// The product works on a strip of R rows x 2 vectors of C at a time, R = 6
+// where the rows allow (12 accumulators, two loads of B and six broadcasts of
+// A per step of k: both FMA ports stay busy without spilling the 16 AVX2
+// registers), 4 or 2 at the bottom of a tile. Tiles are padded to kRows rows.
+constexpr int kRows = 4;
+
+template <bool TransA, int R, typename T>
+__attribute__((always_inline)) inline void gemm_strip(int64_t K, const T* __restrict a, int64_t lda,
+                                                      const T* __restrict B, int64_t ldb, T* __restrict C,
+                                                      int64_t ldc, bool accumulate) {
+  using V = typename Simd<T>::V;
   using U = typename Simd<T>::U;
   constexpr int W = Simd<T>::W;
-  for (int64_t i0 = 0; i0 < k; i0 += 4) {
-    for (int64_t j0 = 0; j0 < k; j0 += 2 * W) {
-      Vec s[4][2] = {{Vec{}, Vec{}}, {Vec{}, Vec{}}, {Vec{}, Vec{}}, {Vec{}, Vec{}}};
-      for (int64_t t = t0; t < t1; ++t) {
-        const T* ct = c + t * ld + i0;
-        const Vec q0 = *reinterpret_cast<const U*>(q + t * ld + j0);
-        const Vec q1 = *reinterpret_cast<const U*>(q + t * ld + j0 + W);
-        for (int r = 0; r < 4; ++r) {
-          s[r][0] += ct[r] * q0;
-          s[r][1] += ct[r] * q1;
-        }
-      }
-      const int64_t rows = k - i0 < 4 ? k - i0 : 4, cols = k - j0 < 2 * W ? k - j0 : 2 * W;
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t x = 0; x < cols; ++x) G[(i0 + r) * ldg + j0 + x] += s[r][x / W][x % W];
+  V c[R][2];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 2; ++v) c[r][v] = accumulate ? *reinterpret_cast<const U*>(C + r * ldc + v * W) : V{};
+  for (int64_t k = 0; k < K; ++k) {
+    V b[2];
+    for (int v = 0; v < 2; ++v) b[v] = *reinterpret_cast<const U*>(B + k * ldb + v * W);
+    for (int r = 0; r < R; ++r) {
+      const T ar = TransA ? a[k * lda + r] : a[r * lda + k];
+      for (int v = 0; v < 2; ++v) c[r][v] += ar * b[v];
     }
   }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < 2; ++v) *reinterpret_cast<U*>(C + r * ldc + v * W) = c[r][v];
 }
-}  // namespace vmath_detail
 
-FASTNLP_VECTOR_CLONES inline void gram_accumulate(int64_t t0, int64_t t1, int64_t k, const float* __restrict c,
-                                                  const float* __restrict q, int64_t ld, float* __restrict G,
-                                                  int64_t ldg) {
-  vmath_detail::gram_accumulate_impl(t0, t1, k, c, q, ld, G, ldg);
+// C[M x N] (+)= op(A) * B[K x N], all row major with leading dimensions lda,
+// ldb, ldc; op(A) is A[M x K], or with TransA the transpose of A[K x M] (so
+// the backward pass needs no transposed copies of its tiles). M must be a
+// multiple of kRows and N of 2 * W: the kernel pads its tiles (with zeros
+// where the padding enters a sum) so no edge code is needed.
+template <bool TransA, typename T>
+__attribute__((always_inline)) inline void gemm_impl(int64_t M, int64_t N, int64_t K, const T* __restrict A,
+                                                     int64_t lda, const T* __restrict B, int64_t ldb,
+                                                     T* __restrict C, int64_t ldc, bool accumulate) {
+  constexpr int W = Simd<T>::W;
+  for (int64_t j = 0; j < N; j += 2 * W) {
+    int64_t i = 0;
+    for (; i + 6 <= M; i += 6)
+      gemm_strip<TransA, 6>(K, TransA ? A + i : A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    for (; i + 4 <= M; i += 4)
+      gemm_strip<TransA, 4>(K, TransA ? A + i : A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+    for (; i + 2 <= M; i += 2)
+      gemm_strip<TransA, 2>(K, TransA ? A + i : A + i * lda, lda, B + j, ldb, C + i * ldc + j, ldc, accumulate);
+  }
 }
-FASTNLP_VECTOR_CLONES inline void gram_accumulate(int64_t t0, int64_t t1, int64_t k, const double* __restrict c,
-                                                  const double* __restrict q, int64_t ld, double* __restrict G,
-                                                  int64_t ldg) {
-  vmath_detail::gram_accumulate_impl(t0, t1, k, c, q, ld, G, ldg);
+
+}  // namespace tile_detail
+
+// C (+)= A B.
+FASTNLP_VECTOR_CLONES inline void tile_gemm(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                            const float* B, int64_t ldb, float* C, int64_t ldc, bool accumulate) {
+  tile_detail::gemm_impl<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+FASTNLP_VECTOR_CLONES inline void tile_gemm(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                                            const double* B, int64_t ldb, double* C, int64_t ldc,
+                                            bool accumulate) {
+  tile_detail::gemm_impl<false>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+// C (+)= A^T B, A given as (K x M).
+FASTNLP_VECTOR_CLONES inline void tile_gemm_at(int64_t M, int64_t N, int64_t K, const float* A, int64_t lda,
+                                               const float* B, int64_t ldb, float* C, int64_t ldc,
+                                               bool accumulate) {
+  tile_detail::gemm_impl<true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
+}
+FASTNLP_VECTOR_CLONES inline void tile_gemm_at(int64_t M, int64_t N, int64_t K, const double* A, int64_t lda,
+                                               const double* B, int64_t ldb, double* C, int64_t ldc,
+                                               bool accumulate) {
+  tile_detail::gemm_impl<true>(M, N, K, A, lda, B, ldb, C, ldc, accumulate);
 }
 
 // One Viterbi step over all K predecessors: best[j] = max_i (score[i] +
