@@ -1029,6 +1029,25 @@ bool free_chain_gradient(const ScaledChain<calc_t>& c, const bool* m, int64_t T,
   return true;
 }
 
+// The scaled chains of one fused-likelihood call: the double one (pinned
+// chains, and float32 sequences whose scores do not fit float) and, for
+// float32 emissions only, the float one. own() is the emissions' tier.
+template <typename scalar_t>
+struct LikelihoodChains {
+  ScaledChain<acc_t> wide;
+  std::optional<ScaledChain<float>> narrow;
+
+  explicit LikelihoodChains(const Transitions& tr) : wide(tr) {
+    if constexpr (std::is_same_v<scalar_t, float>) narrow.emplace(tr);
+  }
+  const ScaledChain<scalar_t>& own() const {
+    if constexpr (std::is_same_v<scalar_t, float>)
+      return *narrow;
+    else
+      return wide;
+  }
+};
+
 // Where scaled_forward may put the log-weights: in place in the weights x in
 // the double tier; the float tier needs a double scratch instead.
 inline acc_t* in_place_scores(double* x) { return x; }
@@ -1053,8 +1072,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_cpu(
   AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_likelihood_cpu", [&] {
     constexpr bool narrow_tier = !std::is_same_v<scalar_t, acc_t>;
     const Transitions tr = make_transitions<scalar_t>(start, end, trans);
-    const ScaledChain<scalar_t> chain(tr);  // the emissions' tier
-    const ScaledChain<acc_t> wide(tr);      // double: pinned chains, and float32 rows that do not fit float
+    const LikelihoodChains<scalar_t> chains(tr);
+    const ScaledChain<scalar_t>& chain = chains.own();
+    const ScaledChain<acc_t>& wide = chains.wide;
     const scalar_t* em = emissions.data_ptr<scalar_t>();
     const bool* mk = mask.data_ptr<bool>();
     const int64_t* tg = tags.data_ptr<int64_t>();
@@ -1153,8 +1173,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
   AT_DISPATCH_FLOATING_TYPES(emissions.scalar_type(), "crf_log_likelihood_backward_cpu", [&] {
     constexpr bool narrow_tier = !std::is_same_v<scalar_t, acc_t>;
     const Transitions tr = make_transitions<scalar_t>(start, end, trans);
-    const ScaledChain<scalar_t> chain(tr);
-    const ScaledChain<acc_t> wide(tr);
+    const LikelihoodChains<scalar_t> chains(tr);
+    const ScaledChain<scalar_t>& chain = chains.own();
+    const ScaledChain<acc_t>& wide = chains.wide;
     const scalar_t* em = emissions.data_ptr<scalar_t>();
     const bool* mk = mask.data_ptr<bool>();
     const int64_t* tg = tags.data_ptr<int64_t>();
