@@ -4,6 +4,8 @@ import csv
 import time
 
 import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from fastnlp.bench import harness
 
@@ -61,3 +63,49 @@ def test_a_second_run_appends_to_the_csv(tmp_path):
 def test_a_case_must_name_its_implementations():
     with pytest.raises(ValueError, match="is not an impl"):
         harness.Case(op="op", name="case", impls={"ours": lambda: None}, baselines=["missing"], ours="ours")
+
+
+@pytest.mark.parametrize("bidirectional", [True, False])
+def test_lstm_cases_run_and_agree_at_a_tiny_shape(bidirectional):
+    import fastnlp.nn
+    from fastnlp.bench import lstm as bench_lstm
+
+    d = bench_lstm._Data(3, 5, 4, 6, bidirectional, device="cpu", fastnlp_nn=fastnlp.nn)
+    threads = torch.get_num_threads()
+    for case in (bench_lstm._padded_case(d), bench_lstm._packed_case(d), bench_lstm._cell_loop_case(d),
+                 bench_lstm._layer_norm_case(d), bench_lstm._latency_case(d)):
+        outputs = {name: run() for name, run in case.impls.items()}
+        assert case.check(outputs) is None, case.name
+    assert torch.get_num_threads() == threads  # the one-core products put the thread count back
+
+
+class _CountMatmulFlops(TorchDispatchMode):
+    """Sums 2 * M * K * N over the matrix products run under it, whatever their overload."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("mm", "addmm", "addmm_"):
+            a, b = args[-2:] if name != "mm" else args[:2]
+            self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("per_step_weight_grads", [True, False])
+def test_lstm_products_floor_does_one_step_of_products(per_step_weight_grads):
+    # Forward (x W_ih^T and h W_hh^T) and backward (input, hidden and both
+    # weight gradients): three times 2 * rows * 4H * (I + H) flops, no more.
+    import fastnlp.nn
+    from fastnlp.bench import lstm as bench_lstm
+
+    B, T, I, H = 3, 5, 4, 6
+    d = bench_lstm._Data(B, T, I, H, False, device="cpu", fastnlp_nn=fastnlp.nn)
+    rows = bench_lstm._rows_per_step(d.lengths)
+    assert rows[0] == B and sum(rows) == int(d.lengths.sum())
+    run = bench_lstm._products_alone(d, rows, 1, per_step_weight_grads)
+    with _CountMatmulFlops() as counter:
+        run()
+    assert counter.flops == 3 * 2 * sum(rows) * 4 * H * (I + H)

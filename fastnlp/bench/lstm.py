@@ -44,6 +44,7 @@ TORCH_PACKED = "nn.LSTM packed"
 TORCH_PADDED = "nn.LSTM padded"
 OURS_PADDED = "fastnlp padded"
 TORCH_CELL = "nn.LSTMCell loop"
+PRODUCTS = "matrix products alone"
 OURS_LN = "fastnlp layer_norm"
 REFERENCE_LN = "reference layer_norm"
 
@@ -134,6 +135,68 @@ def _check_same(results: Dict[str, Any], scaled: bool = False) -> Optional[str]:
     return "; ".join(bad) if bad else None
 
 
+# "matrix products alone": the matrix products fastnlp's kernel must do for a
+# case, with the same shapes and the same BLAS, and nothing else (no gate
+# arithmetic, no autograd, no Python module). Not an alternative to measure
+# against but a floor: a speed-up target that needs ours to beat it is out of
+# reach of any kernel built on those products.
+def _products_alone(d: _Data, rows_per_step: List[int], directions: int, per_step_weight_grads: bool):
+    """A callable that runs the products of one forward+backward step.
+
+    rows_per_step: rows alive at each step of one direction. With two
+    directions each runs on its own core in fastnlp (lstm_forward_pair), so
+    one direction's products run here on one thread and stand for both.
+    per_step_weight_grads: a cell loop's autograd takes the input and weight
+    gradients step by step; the layer takes them once over all rows.
+    """
+    I, H = d.x.size(-1), d.torch_cell.hidden_size
+    N, dev = sum(rows_per_step), d.x.device
+    g = torch.Generator().manual_seed(1)
+    x, h, grad_gates = (torch.randn(N, n, generator=g).to(dev) for n in (I, H, 4 * H))
+    weight_ih = torch.randn(4 * H, I, generator=g).to(dev)
+    weight_hh = torch.randn(4 * H, H, generator=g).to(dev)
+    bias = torch.randn(4 * H, generator=g).to(dev)
+    grad_x, gates = torch.empty(N, I, device=dev), torch.empty(N, 4 * H, device=dev)
+    grad_h = torch.empty(max(rows_per_step), H, device=dev)
+    grad_weight_ih, grad_weight_hh = torch.empty_like(weight_ih), torch.empty_like(weight_hh)
+    offsets = [sum(rows_per_step[:t]) for t in range(len(rows_per_step))]
+    steps = list(zip(offsets, rows_per_step))
+
+    def products():
+        if not per_step_weight_grads:
+            torch.addmm(bias, x, weight_ih.t(), out=gates)
+        for lo, n in steps:
+            if per_step_weight_grads:
+                torch.addmm(bias, x[lo:lo + n], weight_ih.t(), out=gates[lo:lo + n])
+            gates[lo:lo + n].addmm_(h[lo:lo + n], weight_hh.t())
+        for lo, n in reversed(steps):
+            torch.mm(grad_gates[lo:lo + n], weight_hh, out=grad_h[:n])
+            if per_step_weight_grads:
+                torch.mm(grad_gates[lo:lo + n], weight_ih, out=grad_x[lo:lo + n])
+                grad_weight_ih.addmm_(grad_gates[lo:lo + n].t(), x[lo:lo + n])
+                grad_weight_hh.addmm_(grad_gates[lo:lo + n].t(), h[lo:lo + n])
+        if not per_step_weight_grads:
+            torch.mm(grad_gates, weight_ih, out=grad_x)
+            torch.mm(grad_gates.t(), x, out=grad_weight_ih)
+            torch.mm(grad_gates.t(), h, out=grad_weight_hh)
+
+    def run():
+        threads = torch.get_num_threads()
+        if directions == 2:
+            torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                products()
+        finally:
+            torch.set_num_threads(threads)
+
+    return run
+
+
+def _rows_per_step(lengths: torch.Tensor) -> List[int]:
+    return [int((lengths > t).sum()) for t in range(int(lengths.max()))]
+
+
 def _padded_case(d: _Data) -> Case:
     impls = {OURS: lambda: _step(d.ours_lstm, d.x), TORCH: lambda: _step(d.torch_lstm, d.x)}
     return Case(op=OP, name=f"fwd+bwd padded {d.shape}", impls=impls, baselines=[TORCH], ours=OURS,
@@ -141,24 +204,32 @@ def _padded_case(d: _Data) -> Case:
 
 
 def _packed_case(d: _Data) -> Case:
+    directions = 2 if d.torch_lstm.bidirectional else 1
     impls = {
         OURS: lambda: _step(d.ours_lstm, d.x, d.lengths),
         TORCH_PACKED: lambda: _step(d.torch_lstm, d.x, d.lengths),
         TORCH_PADDED: lambda: _step(d.torch_lstm, d.x),
         OURS_PADDED: lambda: _step(d.ours_lstm, d.x),
+        PRODUCTS: _products_alone(d, _rows_per_step(d.lengths), directions, per_step_weight_grads=False),
     }
 
     def check(results):  # padded and packed runs compute different things: compare like with like
         return _check_same({k: results[k] for k in (OURS, TORCH_PACKED)})
 
-    return Case(op=OP, name=f"fwd+bwd packed {d.shape}", impls=impls, baselines=[TORCH_PACKED, TORCH_PADDED],
-                ours=OURS, check=check)
+    return Case(op=OP, name=f"fwd+bwd packed {d.shape}", impls=impls,
+                baselines=[TORCH_PACKED, TORCH_PADDED, PRODUCTS], ours=OURS, check=check)
 
 
 def _cell_loop_case(d: _Data) -> Case:
-    impls = {OURS: lambda: _cell_loop(d.ours_cell, d.x), TORCH_CELL: lambda: _cell_loop(d.torch_cell, d.x)}
+    steps = [d.x.size(1)] * d.x.size(0)
+    impls = {OURS: lambda: _cell_loop(d.ours_cell, d.x), TORCH_CELL: lambda: _cell_loop(d.torch_cell, d.x),
+             PRODUCTS: _products_alone(d, steps, 1, per_step_weight_grads=True)}
+
+    def check(results):
+        return _check_same({k: results[k] for k in (OURS, TORCH_CELL)})
+
     return Case(op=OP, name=f"cell loop fwd+bwd {d.shape.replace(' bi', ' uni')}", impls=impls,
-                baselines=[TORCH_CELL], ours=OURS, check=_check_same)
+                baselines=[TORCH_CELL, PRODUCTS], ours=OURS, check=check)
 
 
 @contextlib.contextmanager
