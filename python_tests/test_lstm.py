@@ -161,10 +161,15 @@ def test_opcheck(device, packed, proj, layer_norm):
     batch_sizes, t = make_layer_inputs(lengths, 3, 4, proj, "both", torch.float32, device, packed=packed)
     reg = make_regularisers(batch_sizes, t)
     ln = make_layer_norm(4, torch.float32, device) if layer_norm else {}
+    # The states as strided views: the kernels return contiguous states
+    # whatever the inputs' strides, and the fake kernels must say the same.
+    h0_strided, c0_strided = (x.t().contiguous().t() for x in (t["h0"], t["c0"]))
     for reverse in (False, True):
         args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
                 t["bias_hh"], t["weight_hr"], reverse)
         torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args, kwargs=ln)
+        strided = args[:2] + (h0_strided, c0_strided) + args[4:]
+        torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, strided, kwargs=ln)
         torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args + tuple(reg.values()) + tuple(ln.values()))
 
 

@@ -37,19 +37,24 @@ __all__ = [
 ]
 
 # ---------------------------------------------------------------------------
-# Registration: shapes for tracing (torch.compile, meta tensors).
+# Registration: shapes for tracing (torch.compile, meta tensors). The kernels
+# return contiguous tensors whatever the inputs' strides, so the fakes do too
+# (new_empty, not empty_like, which would copy a transposed input's strides).
+
+
+def _contiguous_like(*tensors):
+    return tuple(t.new_empty(t.shape) for t in tensors)
 
 
 @torch.library.register_fake("fastnlp::crf_log_partition")
 def _log_partition_fake(emissions, mask, tags, start_transitions, end_transitions, transitions):
-    return emissions.new_empty(emissions.shape[0]), torch.empty_like(emissions)
+    return emissions.new_empty(emissions.shape[0]), emissions.new_empty(emissions.shape)
 
 
 @torch.library.register_fake("fastnlp::crf_log_partition_backward")
 def _log_partition_backward_fake(grad, emissions, mask, tags, start_transitions, end_transitions, transitions,
                                  alpha, log_partition):
-    return (torch.empty_like(emissions), torch.empty_like(start_transitions), torch.empty_like(end_transitions),
-            torch.empty_like(transitions))
+    return _contiguous_like(emissions, start_transitions, end_transitions, transitions)
 
 
 @torch.library.register_fake("fastnlp::crf_viterbi")
@@ -79,8 +84,7 @@ def _log_likelihood_fake(emissions, mask, tags, start_transitions, end_transitio
 @torch.library.register_fake("fastnlp::crf_log_likelihood_backward")
 def _log_likelihood_backward_fake(grad, emissions, mask, tags, start_transitions, end_transitions, transitions,
                                   ignore_index, alpha, exact):
-    return (torch.empty_like(emissions), torch.empty_like(start_transitions), torch.empty_like(end_transitions),
-            torch.empty_like(transitions))
+    return _contiguous_like(emissions, start_transitions, end_transitions, transitions)
 
 
 # Autograd for crf_log_partition and crf_log_likelihood is registered in C++ (csrc/crf_autograd.cpp):

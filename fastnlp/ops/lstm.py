@@ -36,7 +36,9 @@ def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih
         ln_stats = input.new_empty(rows, 4, dtype=_ln_stats_dtype(input))
     else:
         norm_ih, norm_hh, ln_stats = input.new_empty(0), input.new_empty(0), input.new_empty(0)
-    return (input.new_empty(rows, h0.shape[1]), torch.empty_like(h0), torch.empty_like(c0),
+    # The kernels return contiguous tensors whatever the inputs' strides:
+    # new_empty, not empty_like (which keeps a transposed h0's strides).
+    return (input.new_empty(rows, h0.shape[1]), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
             input.new_empty(rows, 4 * hidden), input.new_empty(rows, hidden), norm_ih, norm_hh, ln_stats)
 
 
@@ -47,15 +49,15 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
                         layer_norm_cell_weight=None, layer_norm_cell_bias=None, norm_ih=None, norm_hh=None,
                         ln_stats=None):
     grad_bias = input.new_empty(weight_ih.shape[0] if has_bias else 0)
-    grad_weight_hr = torch.empty_like(weight_hr) if weight_hr is not None else input.new_empty(0)
+    grad_weight_hr = weight_hr.new_empty(weight_hr.shape) if weight_hr is not None else input.new_empty(0)
     if layer_norm_ih_weight is not None:
         gates_size, hidden = weight_ih.shape[0], c0.shape[1]
         grad_ln = (input.new_empty(gates_size), input.new_empty(gates_size), input.new_empty(gates_size),
                    input.new_empty(hidden), input.new_empty(hidden))
     else:
         grad_ln = tuple(input.new_empty(0) for _ in range(5))
-    return (torch.empty_like(input), torch.empty_like(h0), torch.empty_like(c0), torch.empty_like(weight_ih),
-            torch.empty_like(weight_hh), grad_bias, grad_weight_hr) + grad_ln
+    contiguous = tuple(t.new_empty(t.shape) for t in (input, h0, c0, weight_ih, weight_hh))  # as the forward's
+    return contiguous + (grad_bias, grad_weight_hr) + grad_ln
 
 
 @torch.library.register_fake("fastnlp::lstm_forward_pair")
