@@ -327,6 +327,7 @@ def _bad_calls():
         (dict(dropout_p=-0.1), ValueError, "dropout_p"),
         (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
         (dict(is_causal=1), TypeError, "is_causal must be a bool"),
+        (dict(enable_gqa=None), TypeError, "enable_gqa must be a bool"),
         (dict(query=q.to("meta")), ValueError, "query, key and value must be on one device"),
         (dict(backend="fast"), ValueError, "backend must be one of"),
     ], dict(query=q, key=k, value=v)
@@ -339,6 +340,38 @@ def test_errors_name_the_argument(index):
     kwargs = {**base, **override}
     with pytest.raises(error, match=pattern):
         ops.attention(**kwargs)
+
+
+def test_positional_arguments_are_those_of_sdpa():
+    # attn_mask, dropout_p, is_causal positional, scale and enable_gqa keyword
+    # only: SDPA's signature, so a call to it can be renamed and nothing else.
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 4, 5, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    mask = torch.rand(5, 5, generator=gen) < 0.7
+    mask.fill_diagonal_(True)
+    for args, kwargs in [((mask,), {}), ((None, 0.0, True), {}), ((mask, 0.0, False), dict(scale=0.3)),
+                         ((None, 0.0, True), dict(scale=0.3, enable_gqa=False))]:
+        want = F.scaled_dot_product_attention(q, k, v, *args, **kwargs)
+        torch.testing.assert_close(ops.attention(q, k, v, *args, **kwargs), want)
+        torch.testing.assert_close(ops.attention_with_weights(q, k, v, *args, **kwargs)[0], want)
+    grouped = k[:, :2], v[:, :2]  # grouped-query heads, with or without SDPA's flag
+    torch.testing.assert_close(ops.attention(q, *grouped, mask, enable_gqa=True),
+                               F.scaled_dot_product_attention(q, *grouped, mask, enable_gqa=True))
+    torch.testing.assert_close(ops.attention(q, *grouped, mask), ops.attention(q, *grouped, mask, enable_gqa=True))
+    with pytest.raises(TypeError):  # as SDPA: no positional scale
+        ops.attention(q, k, v, mask, 0.0, False, 0.3)
+
+
+def test_key_padding_mask_is_keyword_only():
+    # Passed where SDPA takes dropout_p, it is refused, not read as a probability.
+    q = torch.randn(1, 1, 3, 4)
+    lengths = torch.tensor([2])
+    with pytest.raises(ValueError, match="dropout_p must be a number"):
+        ops.attention(q, q, q, None, lengths)
+    with pytest.raises(ValueError, match="dropout_p must be a number"):
+        ops.attention_with_weights(q, q, q, None, lengths)
+    torch.testing.assert_close(ops.attention(q, q, q, key_padding_mask=lengths),
+                               ops.attention(q, q, q, torch.tensor([True, True, False])))
 
 
 def test_missing_device_kernel_is_a_clear_not_implemented_error(monkeypatch):

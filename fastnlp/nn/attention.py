@@ -237,9 +237,11 @@ class MultiheadAttention(nn.Module):
         q, k, v = (self._split_heads(x, seq_dim) for x in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
         if need_weights:
-            out, weights = ops.attention_with_weights(q, k, v, mask, padding, kernel_causal, dropout_p)
+            out, weights = ops.attention_with_weights(q, k, v, mask, dropout_p, kernel_causal,
+                                                      key_padding_mask=padding)
         else:
-            out, weights = ops.attention(q, k, v, mask, padding, kernel_causal, dropout_p), None
+            out = ops.attention(q, k, v, mask, dropout_p, kernel_causal, key_padding_mask=padding)
+            weights = None
         out = self._merge_heads(out, seq_dim)
         out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
 

@@ -224,10 +224,12 @@ def _prepare_key_padding_mask(key_padding_mask, query: Tensor, key: Tensor) -> O
     return torch.arange(key_len, device=key.device)[None, :] < key_padding_mask[:, None]
 
 
-def _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale):
+def _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa=False):
     _check_qkv(query, key, value)
     if not isinstance(is_causal, bool):
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
+    if not isinstance(enable_gqa, bool):
+        raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if scale is None:
@@ -260,9 +262,14 @@ def _draw_rng_state(dropout_p: float) -> Optional[Tensor]:
 
 
 def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-              key_padding_mask: Optional[Tensor] = None, is_causal: bool = False, dropout_p: float = 0.0,
-              scale: Optional[float] = None, *, backend: Optional[str] = None) -> Tensor:
+              dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
+              enable_gqa: bool = False, key_padding_mask: Optional[Tensor] = None,
+              backend: Optional[str] = None) -> Tensor:
     """softmax(query key^T * scale + masks) value, shape (B, H, Lq, Dv).
+
+    Called as torch.nn.functional.scaled_dot_product_attention is: the same
+    positional arguments, scale and enable_gqa keyword-only; key_padding_mask
+    is keyword-only too.
 
     query (B, H, Lq, D); key (B, Hk, Lk, D) and value (B, Hk, Lk, Dv) with H a
     multiple of Hk (grouped-query attention: head h reads kv-head h // (H // Hk));
@@ -279,9 +286,12 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     Differentiable with respect to query, key and value, and a float
     attn_mask that requires grad (a learned position bias; its gradient is
     computed densely, (B, H, Lq, Lk), in the backward pass).
+
+    enable_gqa is there for SDPA's signature: grouped-query heads work with
+    or without it.
     """
     attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
-                                                             is_causal, dropout_p, scale)
+                                                             is_causal, dropout_p, scale, enable_gqa)
     rng_state = _draw_rng_state(dropout_p)
     if use_reference(backend):
         dropout_mask = None
@@ -301,8 +311,8 @@ def dropout_mask(query: Tensor, key: Tensor, dropout_p: float, rng_state: Tensor
 
 
 def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-                           key_padding_mask: Optional[Tensor] = None, is_causal: bool = False,
-                           dropout_p: float = 0.0, scale: Optional[float] = None) -> tuple:
+                           dropout_p: float = 0.0, is_causal: bool = False, *, scale: Optional[float] = None,
+                           enable_gqa: bool = False, key_padding_mask: Optional[Tensor] = None) -> tuple:
     """fastnlp.ops.attention and, beside it, the attention weights it used:
     (out (B, H, Lq, Dv), weights (B, H, Lq, Lk) in query's dtype).
 
@@ -319,7 +329,7 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     kernel: the weights need its lse.
     """
     attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
-                                                             is_causal, dropout_p, scale)
+                                                             is_causal, dropout_p, scale, enable_gqa)
     if not is_compiling():
         _check_kernel_exists(query.device)
     rng_state = _draw_rng_state(dropout_p)
