@@ -113,8 +113,24 @@ def test_errors_match_pytorch_crf():
     for cls in (torchcrf.CRF, CRF):
         with pytest.raises(ValueError, match="invalid number of tags: 0"):
             cls(0)
-    with pytest.raises(ValueError, match=r"tags must be in \[0, 5\)"):
-        ours(emissions, torch.full_like(tags, 5))
+    # Where pytorch-crf's checks pass and a torch op inside it fails, the same
+    # error type as that op's (tags as an index, the mask as a condition).
+    type_cases = [
+        (lambda m: m(emissions, torch.full_like(tags, 5)), IndexError, r"tags must be in \[0, 5\)"),
+        (lambda m: m(emissions, tags.double()), IndexError, "tags must be an integer tensor"),
+        (lambda m: m(emissions, tags, mask.float()), RuntimeError, "mask must be a bool or uint8 tensor"),
+        (lambda m: m.decode(emissions, mask.to(torch.int8)), RuntimeError, "mask must be a bool or uint8 tensor"),
+        (lambda m: m(emissions.to(torch.complex64), tags), RuntimeError, "emissions must be a real tensor"),
+    ]
+    for call, error, message in type_cases:
+        with pytest.raises(error):
+            call(theirs)
+        with pytest.raises(error, match=message):
+            call(ours)
+    # (A tag of -5 is read by pytorch-crf as tag 0, Python's negative index;
+    # fastnlp refuses it.)
+    with pytest.raises(IndexError, match="got -5 at batch 0, position 0"):
+        ours(emissions, torch.full_like(tags, -5))
 
 
 def test_torchscript():
@@ -275,7 +291,7 @@ def test_integer_emissions_are_scored_like_pytorch_crf():
     # pytorch-crf's shape checks come first, whatever the dtype.
     with pytest.raises(ValueError, match="the first two dimensions of emissions and tags must match"):
         ours(integers, tags[:2])
-    with pytest.raises(ValueError, match="emissions must be a real tensor"):
+    with pytest.raises(RuntimeError, match="emissions must be a real tensor"):
         ours(emissions.to(torch.complex64), tags)
 
 

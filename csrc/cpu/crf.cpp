@@ -524,7 +524,7 @@ std::optional<at::Tensor> checked_tags(const std::optional<at::Tensor>& tags, co
   const int64_t* tag = t.data_ptr<int64_t>();
   const bool* selected = mask.data_ptr<bool>();
   for (int64_t x = 0; x < t.numel(); ++x) {
-    TORCH_CHECK_VALUE(!selected[x] || (tag[x] >= -1 && tag[x] < K), "tags must be in [0, ", K,
+    TORCH_CHECK_INDEX(!selected[x] || (tag[x] >= -1 && tag[x] < K), "tags must be in [0, ", K,
                       ") or -1 (free) at selected positions, got ", tag[x]);
   }
   return t;
@@ -923,7 +923,7 @@ void check_likelihood_tags(const at::Tensor& tags, const at::Tensor& mask, int64
   const bool* selected = mask.data_ptr<bool>();
   for (int64_t x = 0; x < B * T; ++x) {
     if (!selected[x] || tag[x] == ignore_index || (tag[x] >= 0 && tag[x] < K)) continue;
-    TORCH_CHECK_VALUE(false, "tags must be in [0, ", K, ") or equal ignore_index (", ignore_index,
+    TORCH_CHECK_INDEX(false, "tags must be in [0, ", K, ") or equal ignore_index (", ignore_index,
                       ") at the positions the mask selects; got ", tag[x], " at batch ", x / T, ", position ",
                       x % T);
   }

@@ -104,7 +104,12 @@ def _shape_str(shape: List[int]) -> str:
 
 
 def check_crf_shapes(emissions: Tensor, num_tags: int, tags: Optional[Tensor], mask: Optional[Tensor]) -> None:
-    """pytorch-crf's shape checks, with its messages, plus dtype checks."""
+    """pytorch-crf's shape checks, with its messages, plus dtype checks.
+
+    Where pytorch-crf's own checks pass and a torch op inside it fails (tags
+    used as an index, the mask as torch.where's condition), the error is of
+    that op's type (IndexError, RuntimeError), with a message of our own.
+    """
     if emissions.dim() != 3:
         raise ValueError(f"emissions must have dimension of 3, got {emissions.dim()}")
     if emissions.size(2) != num_tags:
@@ -114,17 +119,17 @@ def check_crf_shapes(emissions: Tensor, num_tags: int, tags: Optional[Tensor], m
             raise ValueError("the first two dimensions of emissions and tags must match, "
                              f"got {_shape_str(emissions.shape[:2])} and {_shape_str(tags.shape)}")
         if tags.is_floating_point() or tags.is_complex() or tags.dtype == torch.bool:
-            raise ValueError(f"tags must be an integer tensor, got {tags.dtype}")
+            raise IndexError(f"tags must be an integer tensor, got {tags.dtype}")
     if mask is not None:
         if emissions.shape[:2] != mask.shape:
             raise ValueError("the first two dimensions of emissions and mask must match, "
                              f"got {_shape_str(emissions.shape[:2])} and {_shape_str(mask.shape)}")
         if mask.dtype != torch.bool and mask.dtype != torch.uint8:
-            raise ValueError(f"mask must be a bool or uint8 tensor, got {mask.dtype}")
+            raise RuntimeError(f"mask must be a bool or uint8 tensor, got {mask.dtype}")
     # Integer emissions are scored in the parameters' floating type, as
     # pytorch-crf's arithmetic promotes them; complex ones have no order.
     if emissions.is_complex():
-        raise ValueError(f"emissions must be a real tensor, got {emissions.dtype}")
+        raise RuntimeError(f"emissions must be a real tensor, got {emissions.dtype}")
 
 
 def _check_parameters(emissions: Tensor, start_transitions: Tensor, end_transitions: Tensor,
@@ -192,7 +197,7 @@ def _check_tags(tags: Tensor, emissions: Tensor, mask: Tensor, ignore_index: int
         bad = mask & (tags != ignore_index) & (tags.clamp(0, emissions.size(2) - 1) != tags)
         if bool(bad.any()):
             where = bad.nonzero()[0]
-            raise ValueError(f"tags must be in [0, {emissions.size(2)}) or equal ignore_index ({ignore_index}) "
+            raise IndexError(f"tags must be in [0, {emissions.size(2)}) or equal ignore_index ({ignore_index}) "
                              f"at the positions the mask selects; got {int(tags[where[0], where[1]])} at "
                              f"batch {int(where[0])}, position {int(where[1])}")
     return tags
