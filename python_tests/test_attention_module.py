@@ -590,6 +590,22 @@ def test_errors_match_torch(index):
     assert ours == theirs
 
 
+@pytest.mark.parametrize("ctor,args", [
+    (dict(embed_dim=4, num_heads=1), (_q(3, 1, 4), _q(3, 2, 4), _q(3, 2, 4))),
+    (dict(embed_dim=4, num_heads=2, batch_first=True), (_q(1, 3, 4), _q(2, 3, 4), _q(2, 3, 4))),
+    (dict(embed_dim=4, num_heads=2, kdim=3, vdim=2), (_q(3, 2, 4), _q(5, 3, 3), _q(5, 3, 2))),
+    (dict(embed_dim=4, num_heads=2, add_bias_kv=True), (_q(3, 2, 4), _q(5, 1, 4), _q(5, 1, 4))),
+])
+def test_key_batch_unlike_query_batch_is_torchs_error_type(ctor, args):
+    # torch fails in a reshape ("shape ... is invalid for input of size ..."):
+    # the same type, and a message that says which batch sizes disagree.
+    t_module, o_module = make_pair(**ctor)
+    theirs = _outcome(lambda: t_module(*args))
+    assert theirs is not None and theirs[0] is RuntimeError
+    with pytest.raises(RuntimeError, match=r"key has batch size \d but query has \d"):
+        o_module(*args)
+
+
 def test_mismatched_mask_types_warn_like_torch():
     theirs, ours = make_pair(embed_dim=4, num_heads=2)
     x = torch.randn(3, 2, 4)

@@ -223,6 +223,9 @@ class MultiheadAttention(nn.Module):
             raise AssertionError("bias_k is set but bias_v is None")
         if self.bias_v is not None and self.bias_k is None:
             raise AssertionError("bias_v is set but bias_k is None")
+        if key.shape[1 - seq_dim] != bsz:
+            # torch's heads reshape fails here, a RuntimeError; this one says why.
+            raise RuntimeError(f"key has batch size {key.shape[1 - seq_dim]} but query has {bsz}")
         extra = (self.bias_k is not None) + bool(self.add_zero_attn)  # keys appended after the sequence
         if key_padding_mask is not None:
             for dim, want in ((0, bsz), (1, src_len)):
