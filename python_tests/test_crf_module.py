@@ -326,3 +326,20 @@ def test_decode_with_non_finite_emissions_equals_pytorch_crf(bad, batch_first):
     assert ours.decode(emissions, mask) == theirs.decode(emissions, mask)
     llh = ours(emissions, tags, mask, reduction="none")
     assert torch.isnan(llh).all() if bad != float("-inf") else not torch.isnan(llh).any()
+
+
+@pytest.mark.parametrize("seq_len", [1, 2])
+def test_parameters_the_chain_never_uses_get_no_gradient(seq_len):
+    # With one step no transition is scored: pytorch-crf leaves
+    # transitions.grad None (so optimizers skip it: no weight decay, no
+    # momentum step on a zero gradient), and so does fastnlp.
+    theirs, ours = make_pair(4, False)
+    emissions, tags, mask = make_inputs(seq_len, 3, 4, False)
+    for module in (theirs, ours):
+        module(emissions, tags, mask).backward()
+    for name in ("start_transitions", "end_transitions", "transitions"):
+        got, want = getattr(ours, name).grad, getattr(theirs, name).grad
+        assert (got is None) == (want is None), name
+        if want is not None:
+            torch.testing.assert_close(got, want)
+    assert (ours.transitions.grad is None) == (seq_len == 1)

@@ -96,6 +96,11 @@ class CRF(nn.Module):
         if not self.batch_first:
             emissions, tags, mask = emissions.transpose(0, 1), tags.transpose(0, 1), mask.transpose(0, 1)
         start, end, transitions = self._scores()
+        if emissions.size(1) < 2:
+            # No transition is scored. pytorch-crf's graph never reaches them
+            # then, so transitions.grad stays None and optimizers skip it
+            # (no weight decay, no momentum step on a zero gradient): the same.
+            transitions = transitions.detach()
         llh = F.crf_log_likelihood(emissions, tags, start, end, transitions, mask, self.ignore_index)
         if reduction == "none":
             return llh
