@@ -362,6 +362,30 @@ def test_positional_arguments_are_those_of_sdpa():
         ops.attention(q, k, v, mask, 0.0, False, 0.3)
 
 
+def test_three_dimensional_inputs_are_one_head_as_in_sdpa():
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True)
+    k, v = (torch.randn(2, 7, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    masks = [None, torch.rand(5, 7, generator=gen) < 0.7, torch.randn(2, 5, 7, generator=gen, dtype=torch.float64),
+             torch.rand(1, 5, 7, generator=gen) < 0.7]
+    for mask in masks:
+        out = ops.attention(q, k, v, mask)
+        want = F.scaled_dot_product_attention(q, k, v, mask)
+        assert out.shape == (2, 5, 8)
+        torch.testing.assert_close(out, want)
+        for got, expected in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(want.sum(), (q, k, v))):
+            torch.testing.assert_close(got, expected)
+        out, weights = ops.attention_with_weights(q, k, v, mask)
+        torch.testing.assert_close(out, want)
+        assert weights.shape == (2, 5, 7)
+        torch.testing.assert_close(weights @ v, want)
+    lengths = torch.tensor([7, 3])
+    torch.testing.assert_close(ops.attention(q, k, v, key_padding_mask=lengths),
+                               ops.attention(q[:, None], k[:, None], v[:, None], key_padding_mask=lengths)[:, 0])
+    with pytest.raises(ValueError, match="or query, key and value all 3-D"):
+        ops.attention(q, k[:, None], v[:, None])
+
+
 def test_key_padding_mask_is_keyword_only():
     # Passed where SDPA takes dropout_p, it is refused, not read as a probability.
     q = torch.randn(1, 1, 3, 4)

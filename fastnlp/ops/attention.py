@@ -144,7 +144,8 @@ def _check_qkv(query, key, value) -> None:
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a Tensor, got {type(tensor).__name__}")
         if tensor.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, heads, length, head_dim), got shape {_shape(tensor.shape)}")
+            raise ValueError(f"{name} must be 4-D (batch, heads, length, head_dim), or query, key and value all "
+                             f"3-D (batch, length, head_dim), got shape {_shape(tensor.shape)}")
         if tensor.dtype not in (torch.float32, torch.float64, torch.bfloat16, torch.float16):
             raise TypeError(f"{name} must be float32, float64, bfloat16 or float16, got {tensor.dtype}")
     if key.dtype != query.dtype or value.dtype != query.dtype:
@@ -224,6 +225,16 @@ def _prepare_key_padding_mask(key_padding_mask, query: Tensor, key: Tensor) -> O
     return torch.arange(key_len, device=key.device)[None, :] < key_padding_mask[:, None]
 
 
+def _one_head(query, key, value, attn_mask):
+    """SDPA's 3-D form, (batch, length, head_dim) each, as one head of the 4-D
+    form (a 3-D attn_mask gains the heads dim too); True if it was 3-D."""
+    if not all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value)):
+        return query, key, value, attn_mask, False
+    if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
+        attn_mask = attn_mask.unsqueeze(1)
+    return query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), attn_mask, True
+
+
 def _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa=False):
     _check_qkv(query, key, value)
     if not isinstance(is_causal, bool):
@@ -273,7 +284,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
 
     query (B, H, Lq, D); key (B, Hk, Lk, D) and value (B, Hk, Lk, Dv) with H a
     multiple of Hk (grouped-query attention: head h reads kv-head h // (H // Hk));
-    head dims up to 256. float32, float64, bfloat16 or float16 (accumulated in
+    or all three 3-D, (B, L, D), as SDPA takes them (one head; the result is
+    then (B, Lq, Dv)); head dims up to 256. float32, float64, bfloat16 or float16 (accumulated in
     float32; float64 in float64).
 
     attn_mask: bool (True = take part) or additive float (query's dtype or
@@ -290,6 +302,7 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     enable_gqa is there for SDPA's signature: grouped-query heads work with
     or without it.
     """
+    query, key, value, attn_mask, one_head = _one_head(query, key, value, attn_mask)
     attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
                                                              is_causal, dropout_p, scale, enable_gqa)
     rng_state = _draw_rng_state(dropout_p)
@@ -297,12 +310,14 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
         dropout_mask = None
         if rng_state is not None:
             dropout_mask = torch.ops.fastnlp.attention_dropout_mask(query, key, dropout_p, rng_state)
-        return reference.attention(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
-                                   dropout_mask)
-    if not is_compiling():  # a dispatcher query dynamo cannot trace; the dispatcher itself still refuses
-        _check_kernel_exists(query.device)
-    return torch.ops.fastnlp.attention_forward(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p,
-                                               scale, rng_state)[0]
+        out = reference.attention(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                                  dropout_mask)
+    else:
+        if not is_compiling():  # a dispatcher query dynamo cannot trace; the dispatcher itself still refuses
+            _check_kernel_exists(query.device)
+        out = torch.ops.fastnlp.attention_forward(query, key, value, attn_mask, key_padding_mask, is_causal,
+                                                  dropout_p, scale, rng_state)[0]
+    return out.squeeze(1) if one_head else out
 
 
 def dropout_mask(query: Tensor, key: Tensor, dropout_p: float, rng_state: Tensor) -> Tensor:
@@ -328,6 +343,7 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     respect to query and key (the softmax's gradient). Always the compiled
     kernel: the weights need its lse.
     """
+    query, key, value, attn_mask, one_head = _one_head(query, key, value, attn_mask)
     attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
                                                              is_causal, dropout_p, scale, enable_gqa)
     if not is_compiling():
@@ -339,7 +355,8 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     if rng_state is not None:
         keep = torch.ops.fastnlp.attention_dropout_mask(query, key, dropout_p, rng_state)
         weights = weights * keep.to(weights.dtype) / (1.0 - dropout_p)
-    return out, weights.to(query.dtype)
+    weights = weights.to(query.dtype)
+    return (out.squeeze(1), weights.squeeze(1)) if one_head else (out, weights)
 
 
 def _weights_from_lse(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Optional[Tensor],
