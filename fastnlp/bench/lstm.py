@@ -12,6 +12,7 @@ lengths drawn from [T/2, T]):
   a baseline too, since packed input should cost no more than padded input;
 * "cell loop fwd+bwd": a Python loop over T steps of an LSTMCell (one
   direction), what users of a cell write for custom recurrences;
+  these two also time "matrix products alone", a floor (see _products_alone);
 * "inference B=1": forward only, no autograd, one sequence: serving latency;
 * "layer_norm fwd+bwd padded": LSTM(..., layer_norm=True) against the same
   model on the pure-PyTorch reference (F.layer_norm in a Python time loop,
