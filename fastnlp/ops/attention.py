@@ -285,8 +285,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     query (B, H, Lq, D); key (B, Hk, Lk, D) and value (B, Hk, Lk, Dv) with H a
     multiple of Hk (grouped-query attention: head h reads kv-head h // (H // Hk));
     or all three 3-D, (B, L, D), as SDPA takes them (one head; the result is
-    then (B, Lq, Dv)); head dims up to 256. float32, float64, bfloat16 or float16 (accumulated in
-    float32; float64 in float64).
+    then (B, Lq, Dv)); head dims up to 256. float32, float64, bfloat16 or
+    float16 (accumulated in float32; float64 in float64).
 
     attn_mask: bool (True = take part) or additive float (query's dtype or
     float32), broadcastable to (B, H, Lq, Lk). key_padding_mask: bool (B, Lk),
