@@ -522,6 +522,15 @@ def raised_type(fn):
     "torch_cls, call, ours_says",
     [
         (torch.nn.LSTM, lambda m: m(torch.randn(5, 2, 3), torch.zeros(2, 1, 2, 4)), "hx must be a tuple"),
+        # A tensor for hx (h_0 alone, say): torch reads hx[0] and hx[1] first.
+        (torch.nn.LSTM, lambda m: m(torch.randn(5, 2, 3), torch.zeros(2, 2, 4)), "hx and cx should also be 3-D"),
+        (torch.nn.LSTM, lambda m: m(torch.randn(5, 2, 3), torch.zeros(1, 2, 4)), "it has no hx[1]"),
+        (torch.nn.LSTM, lambda m: m(torch.randn(5, 3), torch.zeros(2, 4)), "hx and cx should also be 2-D"),
+        (torch.nn.LSTM, lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4),)), "it has no hx[1]"),
+        (torch.nn.LSTM, lambda m: m(pack_padded_sequence(torch.randn(5, 2, 3), [5, 3]), (torch.zeros(1, 2, 4),)),
+         "expects two hidden states"),
+        (torch.nn.LSTM, lambda m: m(pack_padded_sequence(torch.randn(5, 2, 3), [5, 3]), torch.zeros(1, 2, 4)),
+         "hx must be a tuple"),
         (torch.nn.LSTM, lambda m: m(torch.randn(5, 2, 3), (torch.zeros(1, 2, 4),) * 3), "expects two hidden states"),
         (torch.nn.LSTM, lambda m: m(pack_padded_sequence(torch.randn(5, 2, 3), [5, 3]), (torch.zeros(1, 2, 4),) * 3),
          "expects two hidden states"),

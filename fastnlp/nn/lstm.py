@@ -72,6 +72,15 @@ def _check_constructor_args(input_size, hidden_size, num_layers, bias, batch_fir
         raise ValueError("proj_size has to be smaller than hidden_size")
 
 
+def _index_hx_pair(hx, module: str) -> Tuple[Tensor, Tensor]:
+    """hx[0] and hx[1], read as torch.nn.LSTM first reads them: an hx with no
+    hx[1] (a tuple of one, a tensor of one row) is torch's IndexError."""
+    try:
+        return hx[0], hx[1]
+    except IndexError:
+        raise IndexError(f"{module}: hx must be a tuple of two Tensors (h_0, c_0); it has no hx[1]") from None
+
+
 def _check_hx_pair(hx, module: str, op: str) -> None:
     """hx must be (h_0, c_0), a tuple or list of two, as torch's _VF.lstm / lstm_cell take it."""
     if not isinstance(hx, (tuple, list)):
@@ -278,10 +287,10 @@ class LSTM(nn.Module):
 
     def forward(self, input: Union[Tensor, PackedSequence], hx: Optional[HiddenState] = None):
         """Same inputs and outputs as torch.nn.LSTM.forward: returns output, (h_n, c_n)."""
-        if hx is not None:
-            _check_hx_pair(hx, "LSTM", "lstm")
         if isinstance(input, PackedSequence):
             data, batch_sizes, sorted_indices, unsorted_indices = input
+            if hx is not None:
+                _check_hx_pair(hx, "LSTM", "lstm")
             self._check_input(data, packed=True)
             batch = int(batch_sizes[0])
             given = hx is not None
@@ -301,16 +310,24 @@ class LSTM(nn.Module):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
+        # torch's dims check below reads hx[0] and hx[1] before anything checks
+        # that hx is a pair, so a tensor hx (h_0 alone, say) or a tuple of one
+        # fails in it, an IndexError or RuntimeError: the same order here.
+        if hx is not None:
+            _index_hx_pair(hx, "LSTM")
         if not batched:
             input = input.unsqueeze(batch_dim)
             if hx is not None:
                 if hx[0].dim() != 2 or hx[1].dim() != 2:
                     raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
                                        f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+                _check_hx_pair(hx, "LSTM", "lstm")
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        elif hx is not None and (hx[0].dim() != 3 or hx[1].dim() != 3):
-            raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
-                               f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+        elif hx is not None:
+            if hx[0].dim() != 3 or hx[1].dim() != 3:
+                raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
+                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
+            _check_hx_pair(hx, "LSTM", "lstm")
         self._check_input(input, packed=False)
         batch = input.size(batch_dim)
         if hx is None:
