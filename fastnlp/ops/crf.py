@@ -14,8 +14,12 @@ score at a selected position, or in a parameter, makes that sequence's
 results and gradients NaN (CPU kernels; see csrc/cpu/crf.cpp); -inf is a
 valid score.
 
-Every function validates its input and raises ValueError naming the argument
-before any kernel runs. Functions are TorchScript-compatible because
+Every function validates its input before any kernel runs and raises an
+error naming the argument: ValueError for shapes and values, as pytorch-crf;
+IndexError for tags that are not integers or out of range, RuntimeError for a
+mask that is not bool or uint8 and for complex emissions (the types of the
+torch ops that fail inside pytorch-crf). On the CPU the kernel's own scan
+finds out-of-range tags, with the same IndexError. Functions are TorchScript-compatible because
 fastnlp.nn.CRF, which calls them, must be scriptable.
 """
 
@@ -268,7 +272,7 @@ def crf_log_likelihood(emissions: Tensor, tags: Tensor, start_transitions: Tenso
             tags = _prepare_tags(tags, emissions, mask, ignore_index)
             gold = reference.log_partition(emissions, mask, tags, start, end, trans)
             return _as_dtype(gold - reference.log_partition(emissions, mask, None, start, end, trans), out_dtype)
-    # The CPU kernel checks the tag range itself, with the same ValueError, in
+    # The CPU kernel checks the tag range itself, with the same IndexError, in
     # a scan that costs less than the tensor ops of the check here.
     tags = _check_tags(tags, emissions, mask, ignore_index, emissions.device.type != "cpu")
     llh = torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, ignore_index)[0]
