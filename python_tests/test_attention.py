@@ -384,6 +384,10 @@ def test_three_dimensional_inputs_are_one_head_as_in_sdpa():
                                ops.attention(q[:, None], k[:, None], v[:, None], key_padding_mask=lengths)[:, 0])
     with pytest.raises(ValueError, match="or query, key and value all 3-D"):
         ops.attention(q, k[:, None], v[:, None])
+    with pytest.raises(ValueError, match=r"\(3-D inputs run as one head: these shapes include its heads dim of 1\)"):
+        ops.attention(q, k, v[:, :6])
+    with pytest.raises(ValueError, match="3-D inputs run as one head"):
+        ops.attention_with_weights(q, k, v, torch.ones(3, 5, 7, dtype=torch.bool))
 
 
 def test_key_padding_mask_is_keyword_only():

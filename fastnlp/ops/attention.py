@@ -235,6 +235,17 @@ def _one_head(query, key, value, attn_mask):
     return query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), attn_mask, True
 
 
+def _prepare_one_head(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa,
+                      one_head):
+    """_prepare, its errors saying so when 3-D inputs were given the heads dim of 1 they name."""
+    try:
+        return _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa)
+    except (TypeError, ValueError) as error:
+        if not one_head:
+            raise
+        raise type(error)(f"{error} (3-D inputs run as one head: these shapes include its heads dim of 1)") from None
+
+
 def _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa=False):
     _check_qkv(query, key, value)
     if not isinstance(is_causal, bool):
@@ -303,8 +314,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     or without it.
     """
     query, key, value, attn_mask, one_head = _one_head(query, key, value, attn_mask)
-    attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
-                                                             is_causal, dropout_p, scale, enable_gqa)
+    attn_mask, key_padding_mask, dropout_p, scale = _prepare_one_head(
+        query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa, one_head)
     rng_state = _draw_rng_state(dropout_p)
     if use_reference(backend):
         dropout_mask = None
@@ -344,8 +355,8 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     kernel: the weights need its lse.
     """
     query, key, value, attn_mask, one_head = _one_head(query, key, value, attn_mask)
-    attn_mask, key_padding_mask, dropout_p, scale = _prepare(query, key, value, attn_mask, key_padding_mask,
-                                                             is_causal, dropout_p, scale, enable_gqa)
+    attn_mask, key_padding_mask, dropout_p, scale = _prepare_one_head(
+        query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa, one_head)
     if not is_compiling():
         _check_kernel_exists(query.device)
     rng_state = _draw_rng_state(dropout_p)
