@@ -310,24 +310,20 @@ class LSTM(nn.Module):
             raise ValueError(f"LSTM: Expected input to be 2D or 3D, got {input.dim()}D instead")
         batched = input.dim() == 3
         batch_dim = 0 if self.batch_first else 1
-        # torch's dims check below reads hx[0] and hx[1] before anything checks
-        # that hx is a pair, so a tensor hx (h_0 alone, say) or a tuple of one
-        # fails in it, an IndexError or RuntimeError: the same order here.
         if hx is not None:
-            _index_hx_pair(hx, "LSTM")
+            # torch's dims check reads hx[0] and hx[1] before anything checks
+            # that hx is a pair, so a tensor hx (h_0 alone, say) or a tuple of
+            # one fails in it, an IndexError or RuntimeError: the same order here.
+            h0, c0 = _index_hx_pair(hx, "LSTM")
+            dims, kind = (3, "batched 3-D") if batched else (2, "unbatched 2-D")
+            if h0.dim() != dims or c0.dim() != dims:
+                raise RuntimeError(f"For {kind} input, hx and cx should also be {dims}-D but got "
+                                   f"({h0.dim()}-D, {c0.dim()}-D) tensors")
+            _check_hx_pair(hx, "LSTM", "lstm")
         if not batched:
             input = input.unsqueeze(batch_dim)
             if hx is not None:
-                if hx[0].dim() != 2 or hx[1].dim() != 2:
-                    raise RuntimeError("For unbatched 2-D input, hx and cx should also be 2-D but got "
-                                       f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
-                _check_hx_pair(hx, "LSTM", "lstm")
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        elif hx is not None:
-            if hx[0].dim() != 3 or hx[1].dim() != 3:
-                raise RuntimeError("For batched 3-D input, hx and cx should also be 3-D but got "
-                                   f"({hx[0].dim()}-D, {hx[1].dim()}-D) tensors")
-            _check_hx_pair(hx, "LSTM", "lstm")
         self._check_input(input, packed=False)
         batch = input.size(batch_dim)
         if hx is None:

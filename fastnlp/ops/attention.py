@@ -225,25 +225,24 @@ def _prepare_key_padding_mask(key_padding_mask, query: Tensor, key: Tensor) -> O
     return torch.arange(key_len, device=key.device)[None, :] < key_padding_mask[:, None]
 
 
-def _one_head(query, key, value, attn_mask):
-    """SDPA's 3-D form, (batch, length, head_dim) each, as one head of the 4-D
-    form (a 3-D attn_mask gains the heads dim too); True if it was 3-D."""
-    if not all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value)):
-        return query, key, value, attn_mask, False
-    if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
-        attn_mask = attn_mask.unsqueeze(1)
-    return query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), attn_mask, True
-
-
-def _prepare_one_head(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa,
-                      one_head):
-    """_prepare, its errors saying so when 3-D inputs were given the heads dim of 1 they name."""
+def _prepare_inputs(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa):
+    """_prepare for the public functions, which also take SDPA's 3-D form:
+    (batch, length, head_dim) each, run as one head of the 4-D form (a 3-D
+    attn_mask gains the heads dim too; errors then say their shapes did).
+    Returns query, key, value, attn_mask, key_padding_mask, dropout_p, scale
+    and whether the inputs were 3-D."""
+    one_head = all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value))
+    if one_head:
+        query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
+        if isinstance(attn_mask, Tensor) and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)
     try:
-        return _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa)
+        prepared = _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa)
     except (TypeError, ValueError) as error:
         if not one_head:
             raise
         raise type(error)(f"{error} (3-D inputs run as one head: these shapes include its heads dim of 1)") from None
+    return (query, key, value) + prepared + (one_head,)
 
 
 def _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa=False):
@@ -313,9 +312,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     enable_gqa is there for SDPA's signature: grouped-query heads work with
     or without it.
     """
-    query, key, value, attn_mask, one_head = _one_head(query, key, value, attn_mask)
-    attn_mask, key_padding_mask, dropout_p, scale = _prepare_one_head(
-        query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa, one_head)
+    query, key, value, attn_mask, key_padding_mask, dropout_p, scale, one_head = _prepare_inputs(
+        query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa)
     rng_state = _draw_rng_state(dropout_p)
     if use_reference(backend):
         dropout_mask = None
@@ -354,9 +352,8 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     respect to query and key (the softmax's gradient). Always the compiled
     kernel: the weights need its lse.
     """
-    query, key, value, attn_mask, one_head = _one_head(query, key, value, attn_mask)
-    attn_mask, key_padding_mask, dropout_p, scale = _prepare_one_head(
-        query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa, one_head)
+    query, key, value, attn_mask, key_padding_mask, dropout_p, scale, one_head = _prepare_inputs(
+        query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa)
     if not is_compiling():
         _check_kernel_exists(query.device)
     rng_state = _draw_rng_state(dropout_p)
