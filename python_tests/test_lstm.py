@@ -440,7 +440,7 @@ def test_layer_norm_layer_gradcheck(reverse, proj, regularise):
     def fn(*values):
         t = dict.fromkeys(tensors)
         t.update(zip(names, values[:len(names)]))
-        return run_layer(batch_sizes, t, reverse, regularisers=dict(reg, **dict(zip(ln, values[len(names):]))))
+        return run_layer(batch_sizes, t, reverse, regularisers={**reg, **dict(zip(ln, values[len(names):]))})
 
     assert torch.autograd.gradcheck(fn, [tensors[k] for k in names] + list(ln.values()))
 
@@ -450,8 +450,8 @@ def test_layer_norm_compiled_layer_matches_eager():
     ln = make_layer_norm(5, torch.float32, "cpu")
     reg = make_regularisers(batch_sizes, t)
 
-    def run(batch_sizes, t, ln):
-        return run_layer(batch_sizes, t, True, regularisers=dict(reg, **ln))
+    def run(batch_sizes, t, ln):  # {**a, **b}: TorchDynamo before torch 2.6 cannot trace dict(a, **b)
+        return run_layer(batch_sizes, t, True, regularisers={**reg, **ln})
 
     compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
     leaves = [v for v in t.values() if v is not None] + list(ln.values())

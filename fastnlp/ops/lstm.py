@@ -91,10 +91,15 @@ def _autocast_dtype(input: Tensor) -> Optional[torch.dtype]:
 
     torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype are
     torch >= 2.4 APIs; is_autocast_enabled raises for a device type autocast
-    does not know (meta), hence is_autocast_available first.
+    does not know (meta), hence is_autocast_available first, but only for
+    other devices than the CPU and CUDA, which autocast always knows:
+    torch.compile before torch 2.6 cannot trace is_autocast_available (a
+    graph break, so fullgraph=True fails).
     """
     device_type = input.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return None
+    if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
 
