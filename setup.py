@@ -16,6 +16,7 @@ import os
 import shutil
 import sys
 
+import setuptools
 import torch
 from setuptools import setup
 from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -97,6 +98,16 @@ def extension():
     )
 
 
+def check_sdist_carries_depends():
+    """setuptools puts an extension's depends (every header) into the sdist
+    from 68.1 on; an older one makes an sdist that cannot build."""
+    release = tuple(int(part) for part in setuptools.__version__.split(".")[:2])
+    if "sdist" in sys.argv and release < (68, 1):
+        sys.exit(f"fastnlp: making an sdist needs setuptools >= 68.1 (found {setuptools.__version__}): "
+                 "older ones leave out the headers under csrc/")
+
+
+check_sdist_carries_depends()
 setup(
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},
