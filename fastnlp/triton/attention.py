@@ -513,6 +513,11 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
+TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
+# tl.dot takes float64 operands from Triton 3.2 on; 3.1 (torch 2.5's) refuses them.
+FLOAT64_DOT = TRITON_RELEASE >= (3, 2)
+
+
 def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
     if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
         raise RuntimeError(f"query, key and value must be 4-D, got {tuple(query.shape)}, {tuple(key.shape)} "
@@ -529,6 +534,9 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
         raise RuntimeError(f"head dims up to 256 are supported, got {query.shape[3]} and {value.shape[3]}")
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise RuntimeError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if query.dtype == torch.float64 and not FLOAT64_DOT:
+        raise TypeError(f"fastnlp attention: float64 on the GPU needs Triton >= 3.2, found {triton.__version__}: "
+                        "use float32, or backend='reference'")
 
 
 def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
