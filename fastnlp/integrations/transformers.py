@@ -36,9 +36,10 @@ try:
         prepare_padding_mask,
         sdpa_mask,
     )
-except ImportError as error:  # absent, or too old to have the mask interface
-    raise ImportError("fastnlp.integrations.transformers needs transformers >= 5.0: "
-                      "pip install 'fastnlp-kernels[transformers]'") from error
+except ImportError as error:  # absent, too old to have the mask interface, or newer than the torch
+    raise ImportError("fastnlp.integrations.transformers needs transformers >= 5.0 and a torch that version "
+                      "supports (transformers 5 needs torch >= 2.6): pip install 'fastnlp-kernels[transformers]'"
+                      f" (the import failed with: {error})") from error
 
 from fastnlp.ops.attention import attention, attention_with_weights
 
