@@ -16,3 +16,23 @@ requires_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
 
 # Parametrize over these to run a test on every device, CUDA skipped without a GPU.
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
+
+# fastnlp's drop-in modules raise the errors of torch 2.13, the torch CI pins.
+# Older releases (fastnlp supports torch >= 2.5) word some of those messages
+# differently and accept a few constructor arguments 2.13 refuses; there the
+# error tests compare exception types only, and skip what that torch accepts.
+TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+ERRORS_FOLLOW_TORCH = (2, 13)
+
+
+def assert_same_error(ours, theirs):
+    """ours, theirs: (exception type, message) from the same call, or None when it succeeded."""
+    older = TORCH_RELEASE < ERRORS_FOLLOW_TORCH
+    if theirs is None and older:
+        pytest.skip(f"torch {torch.__version__} accepts this call; torch >= 2.13 and fastnlp refuse it")
+    assert theirs is not None, "torch accepts this call: not an error case"
+    assert ours is not None, f"fastnlp accepts what torch refuses with {theirs}"
+    if older:
+        assert ours[0] is theirs[0], (ours, theirs)
+    else:
+        assert ours == theirs
