@@ -94,10 +94,13 @@ class _CountMatmulFlops(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+@pytest.mark.parametrize("directions", [1, 2])
 @pytest.mark.parametrize("per_step_weight_grads", [True, False])
-def test_lstm_products_floor_does_one_step_of_products(per_step_weight_grads):
+def test_lstm_products_floor_does_one_step_of_products(per_step_weight_grads, directions):
     # Forward (x W_ih^T and h W_hh^T) and backward (input, hidden and both
-    # weight gradients): three times 2 * rows * 4H * (I + H) flops, no more.
+    # weight gradients): three times 2 * rows * 4H * (I + H) flops per
+    # direction, no more. (One intra-op thread: the directions then run here,
+    # one after the other, where the counting mode sees them.)
     import fastnlp.nn
     from fastnlp.bench import lstm as bench_lstm
 
@@ -105,7 +108,31 @@ def test_lstm_products_floor_does_one_step_of_products(per_step_weight_grads):
     d = bench_lstm._Data(B, T, I, H, False, device="cpu", fastnlp_nn=fastnlp.nn)
     rows = bench_lstm._rows_per_step(d.lengths)
     assert rows[0] == B and sum(rows) == int(d.lengths.sum())
-    run = bench_lstm._products_alone(d, rows, 1, per_step_weight_grads)
-    with _CountMatmulFlops() as counter:
-        run()
-    assert counter.flops == 3 * 2 * sum(rows) * 4 * H * (I + H)
+    run = bench_lstm._products_alone(d, rows, directions, per_step_weight_grads)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with _CountMatmulFlops() as counter:
+            run()
+    finally:
+        torch.set_num_threads(threads)
+    assert counter.flops == directions * 3 * 2 * sum(rows) * 4 * H * (I + H)
+
+
+def test_two_directions_of_products_run_at_once_on_one_thread_each():
+    import threading
+
+    from fastnlp.bench import lstm as bench_lstm
+
+    threads = torch.get_num_threads()
+    both_started = threading.Barrier(2, timeout=30)  # broken (an error) unless both run at the same time
+    seen = []
+
+    def call():
+        seen.append((threading.get_ident(), torch.get_num_threads()))
+        both_started.wait()
+
+    bench_lstm._concurrently_on_one_thread_each([call, call])
+    assert len({ident for ident, _ in seen}) == 2
+    assert [n for _, n in seen] == [1, 1]
+    assert torch.get_num_threads() == threads

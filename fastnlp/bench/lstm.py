@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import threading
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -144,15 +145,51 @@ def _check_same(results: Dict[str, Any], scaled: bool = False) -> Optional[str]:
 def _products_alone(d: _Data, rows_per_step: List[int], directions: int, per_step_weight_grads: bool):
     """A callable that runs the products of one forward+backward step.
 
-    rows_per_step: rows alive at each step of one direction. With two
-    directions each runs on its own core in fastnlp (lstm_forward_pair), so
-    one direction's products run here on one thread and stand for both.
-    per_step_weight_grads: a cell loop's autograd takes the input and weight
-    gradients step by step; the layer takes them once over all rows.
+    rows_per_step: rows alive at each step of one direction. directions: 1,
+    or 2 for a bi-LSTM, whose two directions are scheduled as fastnlp's
+    lstm_forward_pair schedules them: with exactly two intra-op threads each
+    runs on its own core, at the same time (two cores sharing the L3 and the
+    memory bus run slower than one alone: the floor must pay that too),
+    otherwise one after the other. per_step_weight_grads: a cell loop's
+    autograd takes the input and weight gradients step by step; the layer
+    takes them once over all rows.
     """
+    one_direction = [_products_of_one_direction(d, rows_per_step, per_step_weight_grads, seed=1 + k)
+                     for k in range(directions)]
+
+    def run():
+        with torch.no_grad():
+            if directions == 2 and torch.get_num_threads() == 2:
+                _concurrently_on_one_thread_each(one_direction)
+            else:
+                for products in one_direction:
+                    products()
+
+    return run
+
+
+def _concurrently_on_one_thread_each(calls):
+    """Runs calls[1:] on Python threads and calls[0] here, all at once, with
+    one intra-op thread each (torch ops let go of the GIL while they run)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        others = [threading.Thread(target=call) for call in calls[1:]]
+        for thread in others:
+            thread.start()
+        try:
+            calls[0]()
+        finally:
+            for thread in others:
+                thread.join()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _products_of_one_direction(d: _Data, rows_per_step: List[int], per_step_weight_grads: bool, seed: int):
     I, H = d.x.size(-1), d.torch_cell.hidden_size
     N, dev = sum(rows_per_step), d.x.device
-    g = torch.Generator().manual_seed(1)
+    g = torch.Generator().manual_seed(seed)
     x, h, grad_gates = (torch.randn(N, n, generator=g).to(dev) for n in (I, H, 4 * H))
     weight_ih = torch.randn(4 * H, I, generator=g).to(dev)
     weight_hh = torch.randn(4 * H, H, generator=g).to(dev)
@@ -181,17 +218,7 @@ def _products_alone(d: _Data, rows_per_step: List[int], directions: int, per_ste
             torch.mm(grad_gates.t(), x, out=grad_weight_ih)
             torch.mm(grad_gates.t(), h, out=grad_weight_hh)
 
-    def run():
-        threads = torch.get_num_threads()
-        if directions == 2:
-            torch.set_num_threads(1)
-        try:
-            with torch.no_grad():
-                products()
-        finally:
-            torch.set_num_threads(threads)
-
-    return run
+    return products
 
 
 def _rows_per_step(lengths: torch.Tensor) -> List[int]:
