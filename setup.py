@@ -44,6 +44,27 @@ def want_cuda():
     return torch.version.cuda is not None and nvcc_found
 
 
+# torch's CUDA headers, which the bindings include, include these: a toolkit
+# without them (an nvcc-only install, say) fails deep inside the compile.
+CUDA_HEADERS_TORCH_NEEDS = ("cuda_runtime_api.h", "cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h")
+
+
+def check_cuda_headers():
+    """Stops with what to do when a header the CUDA build needs is nowhere the compiler looks."""
+    # The toolkit's include folder (CUDAExtension adds it), the compiler's
+    # default folders, then those the environment adds.
+    places = [os.path.join(CUDA_HOME or "", "include"), "/usr/local/include", "/usr/include"]
+    places += [d for var in ("CPATH", "CPLUS_INCLUDE_PATH") for d in os.environ.get(var, "").split(os.pathsep) if d]
+    places = list(dict.fromkeys(places))
+    missing = [h for h in CUDA_HEADERS_TORCH_NEEDS if not any(os.path.isfile(os.path.join(d, h)) for d in places)]
+    if missing:
+        verb = "is" if len(missing) == 1 else "are"
+        sys.exit(f"fastnlp: torch {torch.__version__} has CUDA and nvcc was found, so the CUDA kernels are built, "
+                 f"but {', '.join(missing)} {verb} in none of {', '.join(places)}. Set CUDA_HOME to the CUDA "
+                 "toolkit (and CPATH to headers installed elsewhere, e.g. pip's nvidia/cu13/include), or "
+                 "FASTNLP_CPU_ONLY=1 to build without the CUDA kernels.")
+
+
 def write_build_stamp():
     """Only ops.cpp includes this header, so a source change recompiles one file, not all."""
     os.makedirs(GENERATED, exist_ok=True)
@@ -76,6 +97,7 @@ def extension():
     define_macros = []
     extra = {"cxx": cxx_flags}
     if with_cuda:
+        check_cuda_headers()
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += source_files("cuda/*.cu") + source_files("cuda/*.cpp")
         define_macros.append(("FASTNLP_WITH_CUDA", "1"))
