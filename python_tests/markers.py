@@ -36,3 +36,12 @@ def assert_same_error(ours, theirs):
         assert ours[0] is theirs[0], (ours, theirs)
     else:
         assert ours == theirs
+
+
+def float64_attention_runs(device_type: str, dtype: torch.dtype) -> bool:
+    """False for float64 attention on CUDA where Triton is too old to compile it (see FLOAT64_DOT)."""
+    if device_type != "cuda" or dtype != torch.float64:
+        return True
+    from fastnlp.triton.attention import FLOAT64_DOT
+
+    return FLOAT64_DOT

@@ -514,8 +514,10 @@ def _on_device(t: Tensor):
 
 
 TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
-# tl.dot takes float64 operands from Triton 3.2 on; 3.1 (torch 2.5's) refuses them.
-FLOAT64_DOT = TRITON_RELEASE >= (3, 2)
+# The kernels' float64 tl.dot compiles for the GPU from Triton 3.9 on
+# (checked by compiling for sm_90): 3.1 (torch 2.5's) refuses float64
+# operands, and 3.6 to 3.8 (3.6 is torch 2.11's) fail to compile it.
+FLOAT64_DOT = TRITON_RELEASE >= (3, 9)
 
 
 def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
@@ -535,7 +537,7 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise RuntimeError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     if query.dtype == torch.float64 and not FLOAT64_DOT:
-        raise TypeError(f"fastnlp attention: float64 on the GPU needs Triton >= 3.2, found {triton.__version__}: "
+        raise TypeError(f"fastnlp attention: float64 on the GPU needs Triton >= 3.9, found {triton.__version__}: "
                         "use float32, or backend='reference'")
 
 
