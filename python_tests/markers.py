@@ -3,6 +3,8 @@
 Nothing here initialises CUDA: torch.cuda.is_available() only asks the driver.
 """
 
+import importlib
+import re
 import shutil
 
 import pytest
@@ -21,7 +23,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]
 # Older releases (fastnlp supports torch >= 2.5) word some of those messages
 # differently and accept a few constructor arguments 2.13 refuses; there the
 # error tests compare exception types only, and skip what that torch accepts.
-TORCH_RELEASE = tuple(int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
+TORCH_RELEASE = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", torch.__version__).groups())
 ERRORS_FOLLOW_TORCH = (2, 13)
 
 
@@ -29,6 +31,7 @@ def assert_same_error(ours, theirs):
     """ours, theirs: (exception type, message) from the same call, or None when it succeeded."""
     older = TORCH_RELEASE < ERRORS_FOLLOW_TORCH
     if theirs is None and older:
+        assert ours is not None, "fastnlp accepts this call, which torch >= 2.13 refuses"
         pytest.skip(f"torch {torch.__version__} accepts this call; torch >= 2.13 and fastnlp refuse it")
     assert theirs is not None, "torch accepts this call: not an error case"
     assert ours is not None, f"fastnlp accepts what torch refuses with {theirs}"
@@ -45,3 +48,21 @@ def float64_attention_runs(device_type: str, dtype: torch.dtype) -> bool:
     from fastnlp.triton.attention import FLOAT64_DOT
 
     return FLOAT64_DOT
+
+
+def skip_unless_float64_attention_runs(device_type: str, dtype: torch.dtype) -> None:
+    if not float64_attention_runs(device_type, dtype):
+        pytest.skip("float64 attention on CUDA needs Triton >= 3.9")
+
+
+def import_transformers_bridge():
+    """fastnlp.integrations.transformers, or a skip without a transformers it can use.
+
+    transformers 5 imports under torch < 2.6 but fails there (fastnlp itself
+    supports torch 2.5), so on such a torch any ImportError skips; on a newer
+    one only a missing transformers does, and a broken bridge fails the tests.
+    """
+    pytest.importorskip("transformers")
+    if TORCH_RELEASE < (2, 6):
+        return pytest.importorskip("fastnlp.integrations.transformers", exc_type=ImportError)
+    return importlib.import_module("fastnlp.integrations.transformers")

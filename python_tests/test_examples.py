@@ -8,6 +8,7 @@ import torch
 
 import bert_bilstm_crf
 import bilstm_crf
+from markers import import_transformers_bridge
 from tagging import LABELS, TaggingTask, bilstm_crf as build_bilstm_crf, make_twins, span_f1, spans
 
 pytest.importorskip("torchcrf")
@@ -33,14 +34,8 @@ def test_bilstm_crf_smoke(capsys):
     assert figures["checkpoints"][-1]["f1"] > figures["checkpoints"][0]["f1"]
 
 
-def needs_transformers():
-    """Skips without a transformers fastnlp's bridge can use (transformers 5
-    imports under torch < 2.6 but fails; fastnlp itself supports torch 2.5)."""
-    pytest.importorskip("fastnlp.integrations.transformers", exc_type=ImportError)
-
-
 def test_bert_bilstm_crf_smoke(capsys):
-    needs_transformers()
+    import_transformers_bridge()
     figures = bert_bilstm_crf.main(SMOKE + ["--steps", "12"])
     out = capsys.readouterr().out
     check_run(figures, out)
@@ -56,7 +51,7 @@ def test_compile_flag_trains_fullgraph(capsys):
 def model_builder(model):
     """The example's model constructor (the BERT one skips the test without transformers)."""
     if model == "bert_bilstm_crf":
-        needs_transformers()
+        import_transformers_bridge()
         return bert_bilstm_crf.bert_bilstm_crf
     return build_bilstm_crf
 

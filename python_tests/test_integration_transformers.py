@@ -7,10 +7,10 @@ import inspect
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
-# ImportError, not only a missing module: transformers 5 imports but fails
-# under torch < 2.6, which fastnlp itself supports.
-fastnlp_transformers = pytest.importorskip("fastnlp.integrations.transformers", exc_type=ImportError)
+from markers import import_transformers_bridge
+
+fastnlp_transformers = import_transformers_bridge()
+import transformers  # noqa: E402
 
 VOCAB = 97
 
