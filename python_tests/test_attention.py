@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 import fastnlp  # noqa: F401  (loads the ops)
 from fastnlp import ops
 from fastnlp.reference import attention as reference
-from markers import DEVICES, float64_attention_runs
+from markers import DEVICES, float64_attention_runs, skip_unless_float64_attention_runs
 
 # The module, not the function fastnlp.ops.attention that shadows its name.
 attention_module = importlib.import_module("fastnlp.ops.attention")
@@ -103,8 +103,7 @@ shapes = st.tuples(
 @pytest.mark.parametrize("device", DEVICES)
 @given(problem=shapes)
 def test_matches_reference_and_sdpa_float64(device, problem):
-    if not float64_attention_runs(device, torch.float64):
-        pytest.skip("float64 attention on the GPU needs Triton >= 3.9")
+    skip_unless_float64_attention_runs(device, torch.float64)
     batch, (heads, kv_heads), query_len, key_len, head_dim, value_dim, mask_kind, seed = problem
     q, k, v, kwargs = make_problem(batch, heads, kv_heads, query_len, key_len, head_dim, value_dim or head_dim,
                                    mask_kind, seed, device=device)
@@ -216,8 +215,7 @@ def test_head_dim_extremes(head_dim):
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_fully_masked_rows_give_zero_output_and_zero_gradient(device, dtype):
-    if not float64_attention_runs(device, dtype):
-        pytest.skip("float64 attention on the GPU needs Triton >= 3.9")
+    skip_unless_float64_attention_runs(device, dtype)
     q, k, v, _ = make_problem(3, 2, 2, 20, 70, 16, 16, "none", seed=11, dtype=dtype, device=device)
     attn_mask = torch.ones(3, 2, 20, 70, dtype=torch.bool, device=device)
     attn_mask[0, 1, 4] = False              # one row hidden by attn_mask
@@ -460,7 +458,7 @@ def opcheck_samples(device):
 def test_opcheck(device):
     for q, k, v, attn_mask, kpm, causal, p, scale, rng in opcheck_samples(device):
         if not float64_attention_runs(device, q.dtype):
-            continue  # float64 on the GPU needs Triton >= 3.9
+            continue  # float64 on CUDA needs Triton >= 3.9
         q, k, v = leaves(q, k, v)
         args = (q, k, v, attn_mask, kpm, causal, p, scale, rng)
         torch.library.opcheck(torch.ops.fastnlp.attention_forward.default, args)

@@ -29,6 +29,7 @@ dense mask of attention_dropout_mask agree on every device.
 """
 
 import contextlib
+import re
 from typing import Optional, Tuple
 
 import torch
@@ -513,7 +514,7 @@ def _on_device(t: Tensor):
     return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
 
 
-TRITON_RELEASE = tuple(int(part) for part in triton.__version__.split(".")[:2])
+TRITON_RELEASE = tuple(int(part) for part in re.match(r"(\d+)\.(\d+)", triton.__version__).groups())
 # The kernels' float64 tl.dot compiles for the GPU from Triton 3.9 on
 # (checked by compiling for sm_90): 3.1 (torch 2.5's) refuses float64
 # operands, and 3.6 to 3.8 (3.6 is torch 2.11's) fail to compile it.
@@ -537,8 +538,8 @@ def _check_qkv(query: Tensor, key: Tensor, value: Tensor) -> None:
     if key.dtype != query.dtype or value.dtype != query.dtype:
         raise RuntimeError(f"query, key and value must have one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
     if query.dtype == torch.float64 and not FLOAT64_DOT:
-        raise TypeError(f"fastnlp attention: float64 on the GPU needs Triton >= 3.9, found {triton.__version__}: "
-                        "use float32, or backend='reference'")
+        raise TypeError(f"fastnlp attention: float64 needs Triton >= 3.9 (its Triton kernels, the GPU path), found "
+                        f"{triton.__version__}: use float32, or backend='reference'")
 
 
 def attention_forward(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
