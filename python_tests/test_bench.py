@@ -136,3 +136,13 @@ def test_two_directions_of_products_run_at_once_on_one_thread_each():
     assert len({ident for ident, _ in seen}) == 2
     assert [n for _, n in seen] == [1, 1]
     assert torch.get_num_threads() == threads
+
+
+def test_an_error_in_the_other_thread_is_raised_by_the_caller():
+    from fastnlp.bench import lstm as bench_lstm
+
+    def fails():
+        raise ValueError("in the worker")
+
+    with pytest.raises(ValueError, match="in the worker"):
+        bench_lstm._concurrently_on_one_thread_each([lambda: None, fails])

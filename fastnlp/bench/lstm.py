@@ -154,27 +154,36 @@ def _products_alone(d: _Data, rows_per_step: List[int], directions: int, per_ste
     autograd takes the input and weight gradients step by step; the layer
     takes them once over all rows.
     """
-    one_direction = [_products_of_one_direction(d, rows_per_step, per_step_weight_grads, seed=1 + k)
+    per_direction = [_products_of_one_direction(d, rows_per_step, per_step_weight_grads, seed=1 + k)
                      for k in range(directions)]
 
     def run():
-        with torch.no_grad():
-            if directions == 2 and torch.get_num_threads() == 2:
-                _concurrently_on_one_thread_each(one_direction)
-            else:
-                for products in one_direction:
-                    products()
+        if directions == 2 and torch.get_num_threads() == 2:
+            _concurrently_on_one_thread_each(per_direction)
+        else:
+            for products in per_direction:
+                products()
 
     return run
 
 
 def _concurrently_on_one_thread_each(calls):
     """Runs calls[1:] on Python threads and calls[0] here, all at once, with
-    one intra-op thread each (torch ops let go of the GIL while they run)."""
+    one intra-op thread each (torch ops let go of the GIL while they run; the
+    Python between them does not, which the kernel's C++ threads do not pay).
+    An error in any call is raised here."""
     threads = torch.get_num_threads()
+    errors = []
+
+    def keeping_errors(call):
+        try:
+            call()
+        except BaseException as error:  # noqa: BLE001  (raised again below, in this thread)
+            errors.append(error)
+
     torch.set_num_threads(1)
     try:
-        others = [threading.Thread(target=call) for call in calls[1:]]
+        others = [threading.Thread(target=keeping_errors, args=(call,)) for call in calls[1:]]
         for thread in others:
             thread.start()
         try:
@@ -184,6 +193,8 @@ def _concurrently_on_one_thread_each(calls):
                 thread.join()
     finally:
         torch.set_num_threads(threads)
+    if errors:
+        raise errors[0]
 
 
 def _products_of_one_direction(d: _Data, rows_per_step: List[int], per_step_weight_grads: bool, seed: int):
@@ -200,6 +211,7 @@ def _products_of_one_direction(d: _Data, rows_per_step: List[int], per_step_weig
     offsets = [sum(rows_per_step[:t]) for t in range(len(rows_per_step))]
     steps = list(zip(offsets, rows_per_step))
 
+    @torch.no_grad()  # (grad mode is per thread: here, not around the caller)
     def products():
         if not per_step_weight_grads:
             torch.addmm(bias, x, weight_ih.t(), out=gates)
