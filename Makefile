@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip --disable-pip-version-check
 
-TEST_DEPS := ninja pybind11 setuptools wheel pytest hypothesis pytorch-crf expecttest triton numpy transformers tqdm
+TEST_DEPS := ninja pybind11 "setuptools>=68.1" wheel "pytest>=8.2" hypothesis pytorch-crf expecttest triton numpy transformers tqdm
 BENCH_DEPS := tqdm matplotlib pytorch-crf torch-struct
 SOURCES := setup.py fastnlp/_source_hash.py $(shell find csrc -type f)
 

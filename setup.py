@@ -14,6 +14,7 @@ import glob
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 
 import setuptools
@@ -47,20 +48,31 @@ def want_cuda():
 # torch's CUDA headers, which the bindings include, include these: a toolkit
 # without them (an nvcc-only install, say) fails deep inside the compile.
 CUDA_HEADERS_TORCH_NEEDS = ("cuda_runtime_api.h", "cusparse.h", "cublas_v2.h", "cublasLt.h", "cusolverDn.h")
+BUILD_COMMANDS = {"build", "build_ext", "bdist_wheel", "editable_wheel", "develop", "install"}
 
 
 def check_cuda_headers():
-    """Stops with what to do when a header the CUDA build needs is nowhere the compiler looks."""
-    # The toolkit's include folder (CUDAExtension adds it), the compiler's
-    # default folders, then those the environment adds.
-    places = [os.path.join(CUDA_HOME or "", "include"), "/usr/local/include", "/usr/include"]
-    places += [d for var in ("CPATH", "CPLUS_INCLUDE_PATH") for d in os.environ.get(var, "").split(os.pathsep) if d]
-    places = list(dict.fromkeys(places))
-    missing = [h for h in CUDA_HEADERS_TORCH_NEEDS if not any(os.path.isfile(os.path.join(d, h)) for d in places)]
-    if missing:
-        verb = "is" if len(missing) == 1 else "are"
+    """Stops with what to do when the compiler cannot find a header the CUDA
+    build needs. The compiler itself is asked (it preprocesses the includes
+    with the toolkit's include folder, as the build will), so its own search
+    folders, CPATH and the like count; only commands that compile check."""
+    if not BUILD_COMMANDS.intersection(sys.argv[1:]):
+        return
+    include_dirs = [os.path.join(CUDA_HOME, "include")] if CUDA_HOME else []
+    if os.environ.get("CUDA_INC_PATH"):
+        include_dirs.append(os.environ["CUDA_INC_PATH"])
+    source = "".join(f"#include <{header}>\n" for header in CUDA_HEADERS_TORCH_NEEDS)
+    command = [os.environ.get("CXX", "c++"), "-E", "-x", "c++", "-", "-o", os.devnull]
+    command += [f"-I{d}" for d in include_dirs]
+    try:
+        result = subprocess.run(command, input=source, capture_output=True, text=True)
+    except OSError:  # no compiler by that name: the build will say so itself
+        return
+    if result.returncode != 0:
+        first_error = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip())
         sys.exit(f"fastnlp: torch {torch.__version__} has CUDA and nvcc was found, so the CUDA kernels are built, "
-                 f"but {', '.join(missing)} {verb} in none of {', '.join(places)}. Set CUDA_HOME to the CUDA "
+                 f"but the compiler cannot find the CUDA headers torch's include ({first_error}; looked in "
+                 f"{', '.join(include_dirs) or 'no CUDA_HOME'} and its own folders). Set CUDA_HOME to the CUDA "
                  "toolkit (and CPATH to headers installed elsewhere, e.g. pip's nvidia/cu13/include), or "
                  "FASTNLP_CPU_ONLY=1 to build without the CUDA kernels.")
 
