@@ -135,8 +135,9 @@ def extension():
 def check_sdist_carries_depends():
     """setuptools puts an extension's depends (every header) into the sdist
     from 68.1 on; an older one makes an sdist that cannot build."""
-    release = tuple(int(part) for part in setuptools.__version__.split(".")[:2])
-    if "sdist" in sys.argv and release < (68, 1):
+    if "sdist" not in sys.argv:
+        return
+    if tuple(int(part) for part in setuptools.__version__.split(".")[:2]) < (68, 1):
         sys.exit(f"fastnlp: making an sdist needs setuptools >= 68.1 (found {setuptools.__version__}): "
                  "older ones leave out the headers under csrc/")
 

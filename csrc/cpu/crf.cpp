@@ -661,10 +661,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_bac
 //
 // The scaled recursions are exact as long as every nonzero factor (E, x, and
 // a, b relative to their row's max) and every row's max is at least tiny: a
-// product of three is then a normal number, so nothing that might later dominate is lost to
-// underflow. Zeros stay exact zeros (constraints: exp(-inf) = 0). A sequence
-// that breaks the bound, or that has no path at all, is recomputed by the
-// exact log-space kernels above instead.
+// product of three is then a normal number, so nothing that might later
+// dominate is lost to underflow. Zeros stay exact zeros (constraints:
+// exp(-inf) = 0). A sequence that breaks the bound, or that has no path at
+// all, is recomputed by the exact log-space kernels above instead.
 //
 // They run in one of two precisions ("tiers"). float64 emissions use double.
 // float32 emissions use float when the sequence's scores fit float's bound

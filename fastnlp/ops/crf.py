@@ -19,8 +19,9 @@ error naming the argument: ValueError for shapes and values, as pytorch-crf;
 IndexError for tags that are not integers or out of range, RuntimeError for a
 mask that is not bool or uint8 and for complex emissions (the types of the
 torch ops that fail inside pytorch-crf). On the CPU the kernel's own scan
-finds out-of-range tags, with the same IndexError. Functions are TorchScript-compatible because
-fastnlp.nn.CRF, which calls them, must be scriptable.
+finds out-of-range tags, with the same IndexError. Functions are
+TorchScript-compatible because fastnlp.nn.CRF, which calls them, must be
+scriptable.
 """
 
 from typing import List, Optional, Tuple
