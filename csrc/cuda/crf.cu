@@ -22,6 +22,7 @@
 // into NaN.
 
 #include "crf.h"
+#include "launch.h"
 
 #include <algorithm>
 #include <cmath>
@@ -188,8 +189,7 @@ template <typename scalar_t, bool kTransShared, bool kVecShared>
 __device__ __forceinline__ BlockMemory<scalar_t> block_memory(const scalar_t* transitions, int K,
                                                               int ld_shared, int64_t vec_elems,
                                                               scalar_t* vec_global) {
-  extern __shared__ __align__(16) unsigned char smem_raw[];
-  scalar_t* smem = reinterpret_cast<scalar_t*>(smem_raw);
+  scalar_t* smem = reinterpret_cast<scalar_t*>(dynamic_shared_memory());
   BlockMemory<scalar_t> mem;
   if constexpr (kVecShared) {
     mem.vec = smem;
@@ -632,10 +632,9 @@ cudaError_t launch_forward(const scalar_t* emissions, const bool* mask, const in
   const unsigned grid = static_cast<unsigned>(B);
   const size_t smem = static_cast<size_t>(plan.smem_bytes);
   with_plan(plan, [&](auto ts, auto vs) {
-    crf_forward_kernel<scalar_t, decltype(ts)::value, decltype(vs)::value>
-        <<<grid, block_threads(K), smem, stream>>>(
-            emissions, mask, tags, start, end, transitions, T, static_cast<int>(K), plan.ld,
-            log_partition, alpha, vec_global);
+    launch_kernel(crf_forward_kernel<scalar_t, decltype(ts)::value, decltype(vs)::value>, grid,
+                  block_threads(K), smem, stream, emissions, mask, tags, start, end, transitions, T,
+                  static_cast<int>(K), plan.ld, log_partition, alpha, vec_global);
   });
   return cudaGetLastError();
 }
@@ -656,11 +655,10 @@ cudaError_t launch_backward(const scalar_t* grad_log_partition, const scalar_t* 
   const unsigned grid = static_cast<unsigned>(B);
   const size_t smem = static_cast<size_t>(plan.smem_bytes);
   with_plan(plan, [&](auto ts, auto vs) {
-    crf_backward_kernel<scalar_t, decltype(ts)::value, decltype(vs)::value>
-        <<<grid, block_threads(K), smem, stream>>>(
-            grad_log_partition, emissions, mask, tags, end, transitions, alpha, log_partition, T,
-            static_cast<int>(K), plan.ld, grad_emissions, grad_start, grad_end, grad_transitions,
-            vec_global);
+    launch_kernel(crf_backward_kernel<scalar_t, decltype(ts)::value, decltype(vs)::value>, grid,
+                  block_threads(K), smem, stream, grad_log_partition, emissions, mask, tags, end,
+                  transitions, alpha, log_partition, T, static_cast<int>(K), plan.ld, grad_emissions,
+                  grad_start, grad_end, grad_transitions, vec_global);
   });
   return cudaGetLastError();
 }
@@ -693,10 +691,9 @@ cudaError_t launch_viterbi(const scalar_t* emissions, const bool* mask, const sc
   const unsigned grid = static_cast<unsigned>(B);
   const size_t smem = static_cast<size_t>(plan.smem_bytes);
   with_plan(plan, [&](auto ts, auto vs) {
-    crf_viterbi_kernel<scalar_t, decltype(ts)::value, decltype(vs)::value>
-        <<<grid, block_threads(K), smem, stream>>>(
-            emissions, mask, start, end, transitions, T, static_cast<int>(K), plan.ld, paths,
-            scores, backpointers, vec_global);
+    launch_kernel(crf_viterbi_kernel<scalar_t, decltype(ts)::value, decltype(vs)::value>, grid,
+                  block_threads(K), smem, stream, emissions, mask, start, end, transitions, T,
+                  static_cast<int>(K), plan.ld, paths, scores, backpointers, vec_global);
   });
   return cudaGetLastError();
 }
@@ -739,10 +736,10 @@ cudaError_t launch_viterbi_topk(const scalar_t* emissions, const bool* mask,
   const unsigned grid = static_cast<unsigned>(B);
   const size_t smem = static_cast<size_t>(plan.smem_bytes);
   with_plan(plan, [&](auto ts, auto vs) {
-    crf_viterbi_topk_kernel<scalar_t, decltype(ts)::value, decltype(vs)::value>
-        <<<grid, threads, smem, stream>>>(
-            emissions, mask, start, end, transitions, T, static_cast<int>(K),
-            static_cast<int>(k), plan.ld, paths, scores, backpointers, final_states, vec_global);
+    launch_kernel(crf_viterbi_topk_kernel<scalar_t, decltype(ts)::value, decltype(vs)::value>, grid,
+                  threads, smem, stream, emissions, mask, start, end, transitions, T,
+                  static_cast<int>(K), static_cast<int>(k), plan.ld, paths, scores, backpointers,
+                  final_states, vec_global);
   });
   return cudaGetLastError();
 }

@@ -23,6 +23,7 @@
 // pass (c~ parked in `cells`, the gate gradients) it reads back in the next
 // without a barrier. The passes and formulas are csrc/cpu/lstm.cpp's.
 
+#include "launch.h"
 #include "lstm_step.h"
 
 #include <cmath>
@@ -351,10 +352,10 @@ cudaError_t launch_forward(const ForwardArgs<T>& a, cudaStream_t stream) {
     if (a.ln_hh_weight == nullptr || a.ln_hh_bias == nullptr || a.ln_cell_weight == nullptr ||
         a.ln_cell_bias == nullptr || a.ln_stats == nullptr)
       return cudaErrorInvalidValue;
-    lstm_forward_ln_kernel<T><<<row_blocks(a.rows), kThreads, 0, stream>>>(a);
+    launch_kernel(lstm_forward_ln_kernel<T>, row_blocks(a.rows), kThreads, 0, stream, a);
     return cudaGetLastError();
   }
-  lstm_forward_kernel<T><<<grid_blocks(units), kThreads, 0, stream>>>(a);
+  launch_kernel(lstm_forward_kernel<T>, grid_blocks(units), kThreads, 0, stream, a);
   return cudaGetLastError();
 }
 
@@ -371,10 +372,10 @@ cudaError_t launch_backward(const BackwardArgs<T>& a, cudaStream_t stream) {
     if (a.ln_stats == nullptr || a.ln_hh_weight == nullptr || a.ln_cell_weight == nullptr ||
         a.ln_cell_bias == nullptr || a.grad_rec == nullptr || a.grad_ln_cell == nullptr)
       return cudaErrorInvalidValue;
-    lstm_backward_ln_kernel<T><<<row_blocks(a.rows), kThreads, 0, stream>>>(a);
+    launch_kernel(lstm_backward_ln_kernel<T>, row_blocks(a.rows), kThreads, 0, stream, a);
     return cudaGetLastError();
   }
-  lstm_backward_kernel<T><<<grid_blocks(units), kThreads, 0, stream>>>(a);
+  launch_kernel(lstm_backward_kernel<T>, grid_blocks(units), kThreads, 0, stream, a);
   return cudaGetLastError();
 }
 
