@@ -13,8 +13,8 @@
 // nothing measurable here and keep float32 close to the CPU kernel's
 // correctly rounded results.
 //
-// The per-unit functions are __host__ __device__ so that the arithmetic and
-// the index mapping can be exercised on a machine without a GPU.
+// python_tests/test_cuda_emulated.py runs these kernels on the CPU, through
+// the emulator that csrc/cuda/launch.h makes room for.
 //
 // Layer-normalised steps need each row's statistics before any unit can
 // finish, so they run one block per row (grid-stride over rows), threads
