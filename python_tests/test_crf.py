@@ -513,7 +513,8 @@ def test_nan_or_inf_score_makes_its_sequence_nan(device, dtype, bad, partial_lab
     # log Z of a +inf or NaN score is undefined: that sequence's results and
     # gradients are NaN (the parameter gradients, summed over the batch, too);
     # the other sequences, and values at unselected positions, are untouched.
-    # (On CUDA this waits for a GPU: the kernels there are untested for it.)
+    # (The CUDA kernels' share of this is also checked without a GPU, in
+    # test_cuda_emulated.py.)
     emissions, tags, mask, start, end, trans = random_problem(3, 6, 4, dtype=dtype, device=device, seed=79,
                                                               mask_kind="full")
     if not partial_labels:

@@ -484,6 +484,60 @@ def test_crf_kernels_on_random_sizes(emulated, B, T, K, seed, pinned):
     torch.testing.assert_close(scores, want_scores)
 
 
+@pytest.mark.parametrize("where", ["emissions", "transitions"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+def test_crf_kernels_on_nan_and_infinite_scores_match_the_cpu_ops(emulated, where, dtype):
+    # NaN and +inf poison what they touch; -inf is a forbidden tag (see README).
+    case = CrfCase(B=4, T=5, K=4, dtype=dtype, seed=3)
+    case.mask[:] = True
+    case.emissions[0, 2, 1] = float("nan")
+    case.emissions[1, 3, 0] = float("inf")
+    case.emissions[2, 1, :3] = float("-inf")
+    if where == "transitions":
+        case.transitions[2, 3] = float("nan")
+        case.end[1] = float("inf")
+    B, T, K = case.B, case.T, case.K
+    log_z, alpha = emulated_log_partition(emulated, case)
+    want_log_z, want_alpha = torch.ops.fastnlp.crf_log_partition(case.emissions, case.mask, None, *case.params())
+    torch.testing.assert_close(log_z, want_log_z, equal_nan=True)
+    torch.testing.assert_close(alpha, want_alpha, equal_nan=True)
+    grads = [torch.full(shape, float("nan"), dtype=dtype) for shape in ((B, T, K), (B, K), (B, K), (B, K, K))]
+    ws = workspace(emulated.emu_crf_log_partition_backward_workspace_bytes(B, K, case.emissions.element_size()))
+    grad_log_z = torch.ones(B, dtype=dtype)
+    status = call(emulated, "emu_crf_log_partition_backward", DTYPE_CODES[dtype], ptr(grad_log_z),
+                  ptr(case.emissions), ptr(case.mask), None, ptr(case.end), ptr(case.transitions), ptr(alpha),
+                  ptr(log_z), B, T, K, *map(ptr, grads), ptr(ws))
+    assert status == CUDA_SUCCESS
+    want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z, case.emissions, case.mask, None,
+                                                        *case.params(), want_alpha, want_log_z)
+    for name, got, expected in zip(("emissions", "start", "end", "transitions"),
+                                   [grads[0]] + [g.sum(0) for g in grads[1:]], want):
+        torch.testing.assert_close(got, expected, equal_nan=True, msg=lambda m, name=name: f"grad of {name}: {m}")
+    paths = torch.full((B, T), -7, dtype=torch.int64)
+    scores = torch.full((B,), 0.0, dtype=dtype)
+    ws = workspace(emulated.emu_crf_viterbi_workspace_bytes(B, T, K, case.emissions.element_size()))
+    status = call(emulated, "emu_crf_viterbi", DTYPE_CODES[dtype], ptr(case.emissions), ptr(case.mask),
+                  *map(ptr, case.params()), B, T, K, ptr(paths), ptr(scores), ptr(ws))
+    assert status == CUDA_SUCCESS
+    want_viterbi_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
+    torch.testing.assert_close(scores, want_scores, equal_nan=True)
+    torch.testing.assert_close(paths, want_viterbi_paths)
+    k = 3
+    paths = torch.full((B, T, k), -7, dtype=torch.int64)
+    scores = torch.full((B, k), 0.0, dtype=dtype)
+    ws = workspace(emulated.emu_crf_viterbi_topk_workspace_bytes(B, T, K, k, case.emissions.element_size()))
+    status = call(emulated, "emu_crf_viterbi_topk", DTYPE_CODES[dtype], ptr(case.emissions), ptr(case.mask),
+                  *map(ptr, case.params()), B, T, K, k, ptr(paths), ptr(scores), ptr(ws))
+    assert status == CUDA_SUCCESS
+    want_paths, want_scores = torch.ops.fastnlp.crf_viterbi_topk(case.emissions, case.mask, *case.params(), k)
+    torch.testing.assert_close(scores, want_scores, equal_nan=True)
+    # The k best paths of an invalid sequence are unspecified (see crf.h): on
+    # CUDA the first is the Viterbi path; the CPU ranks NaN differently.
+    valid = ~want_scores.isnan().any(1)
+    torch.testing.assert_close(paths[valid], want_paths[valid])
+    assert torch.equal(paths[~valid][..., 0], want_viterbi_paths[~valid])
+
+
 def test_crf_state_vectors_in_the_workspace(emulated):
     # float64 K = 3100: 2K state scalars (49.6 KB) no longer fit in 48 KB of
     # shared memory, so they live in the workspace, as do the transitions.

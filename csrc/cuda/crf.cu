@@ -70,6 +70,29 @@ __device__ __forceinline__ scalar_t nan_max(scalar_t m, scalar_t x) {
   return (x > m || is_nan(x)) ? x : m;
 }
 
+// A score is valid when it is finite or -inf (a forbidden state or move).
+template <typename scalar_t>
+__device__ __forceinline__ bool invalid_score(scalar_t x) {
+  return is_nan(x) || x == Math<scalar_t>::inf();
+}
+
+// Whether sequence b has an invalid score (crf.h): NaN or +inf at one of its
+// selected positions, or in any parameter. The same answer in every thread
+// of the block, after a barrier. Pass start == nullptr to skip it.
+template <typename scalar_t>
+__device__ __forceinline__ bool invalid_sequence(const scalar_t* em, const bool* mask, int64_t T, int K,
+                                                 const scalar_t* start, const scalar_t* end,
+                                                 const scalar_t* transitions) {
+  bool invalid = false;
+  for (int64_t idx = threadIdx.x; idx < T * K; idx += blockDim.x)
+    invalid = invalid || (mask[idx / K] && invalid_score(em[idx]));
+  for (int64_t idx = threadIdx.x; idx < static_cast<int64_t>(K) * K; idx += blockDim.x)
+    invalid = invalid || invalid_score(transitions[idx]);
+  for (int j = threadIdx.x; j < K; j += blockDim.x)
+    invalid = invalid || invalid_score(end[j]) || (start != nullptr && invalid_score(start[j]));
+  return __syncthreads_or(invalid) != 0;
+}
+
 // log(sum_i exp(term(i))) for i < n.
 template <typename scalar_t, typename Term>
 __device__ __forceinline__ scalar_t log_sum_exp(int n, const Term& term) {
@@ -230,6 +253,14 @@ __global__ void __launch_bounds__(kMaxThreads)
   scalar_t* cur = mem.vec + K;
   bool started = false;
 
+  if (invalid_sequence(emissions + b * T * K, mask + b * T, T, K, start, end, transitions)) {
+    // NaN throughout, which the backward kernel reads as "invalid".
+    const scalar_t nan = M::inf() - M::inf();
+    for (int64_t idx = threadIdx.x; idx < T * K; idx += blockDim.x) alpha[b * T * K + idx] = nan;
+    if (threadIdx.x == 0) log_partition[b] = nan;
+    return;
+  }
+
   for (int64_t t = 0; t < T; ++t) {
     const int64_t bt = b * T + t;
     scalar_t* alpha_row = alpha + bt * K;
@@ -310,9 +341,23 @@ __global__ void __launch_bounds__(kMaxThreads) crf_backward_kernel(
     for (int j = threadIdx.x; j < K; j += blockDim.x) ge[t * K + j] = 0;
   };
 
-  // No consistent path (or a non-finite input): the loss is constant in the
-  // inputs where it is -inf, and a NaN/inf gradient would poison the batch.
-  if (!(log_z > -M::inf() && log_z < M::inf())) {
+  // An invalid score (the forward kernel made log Z NaN): NaN at the selected
+  // positions and in the parameter shares, 0 at the other positions.
+  if (is_nan(log_z)) {
+    const scalar_t nan = M::inf() - M::inf();
+    for (int64_t t = 0; t < T; ++t) {
+      const scalar_t value = mask[b * T + t] ? nan : scalar_t(0);
+      for (int j = threadIdx.x; j < K; j += blockDim.x) ge[t * K + j] = value;
+    }
+    for (int j = threadIdx.x; j < K; j += blockDim.x) {
+      grad_start[b * K + j] = nan;
+      grad_end[b * K + j] = nan;
+      for (int i = 0; i < K; ++i) gt[static_cast<int64_t>(i) * K + j] = nan;
+    }
+    return;
+  }
+  // No consistent path: the loss is constant in the inputs where it is -inf.
+  if (!(log_z > -M::inf())) {
     for (int64_t t = 0; t < T; ++t) zero_row(t);
     return;
   }
@@ -396,6 +441,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   scalar_t* cur = mem.vec + K;
   const int64_t ld = mem.ld;
   int64_t t_first = -1;
+  // The path is still decoded (NaN wins, as above); the score is NaN.
+  const bool invalid = invalid_sequence(emissions + b * T * K, mask + b * T, T, K, start, end, transitions);
 
   for (int64_t t = 0; t < T; ++t) {
     const int64_t bt = b * T + t;
@@ -446,7 +493,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       state = j;
     }
   }
-  scores[b] = best;
+  scores[b] = invalid ? Math<scalar_t>::inf() - Math<scalar_t>::inf() : best;
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t bt = b * T + t;
     if (!mask[bt]) {
@@ -481,6 +528,8 @@ __global__ void __launch_bounds__(kMaxThreads) crf_viterbi_topk_kernel(
   const int64_t ld = mem.ld;
   int n_valid = 0;
   int64_t t_first = -1;
+  // The paths are still decoded; every score is NaN.
+  const bool invalid = invalid_sequence(emissions + b * T * K, mask + b * T, T, K, start, end, transitions);
 
   for (int64_t t = 0; t < T; ++t) {
     const int64_t bt = b * T + t;
@@ -532,6 +581,9 @@ __global__ void __launch_bounds__(kMaxThreads) crf_viterbi_topk_kernel(
     for (int n = n_final; n < k; ++n) {
       score_row[n] = -M::inf();
       fin[n] = -1;
+    }
+    if (invalid) {
+      for (int n = 0; n < k; ++n) score_row[n] = M::inf() - M::inf();
     }
   }
   __syncthreads();

@@ -26,6 +26,16 @@
 // scalars) go there when they fit in the rest, otherwise into the workspace,
 // so any K works; only the speed changes.
 //
+// Invalid scores: a score is valid when it is finite or -inf (a forbidden
+// state or move). NaN or +inf leaves log Z undefined, so a sequence with one
+// at a selected position of its emissions, or every sequence when a
+// parameter (start, end or transitions) holds one, is invalid: its
+// log_partition, alpha, Viterbi and k-best scores are NaN, and its gradients
+// are NaN (grad_emissions at its selected positions, 0 at the others, and its
+// parameter shares). Its Viterbi path is decoded as for any sequence (NaN
+// wins, as in torch.max); its k-best paths are unspecified. The CPU kernels
+// (csrc/cpu/crf.cpp) follow the same rule.
+//
 // Sizes: B, T >= 0, 1 <= K, B < 2^31. B == 0 returns cudaSuccess without
 // launching; T == 0 is valid (every sequence empty). Invalid sizes return
 // cudaErrorInvalidValue.
