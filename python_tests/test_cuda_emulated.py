@@ -1,18 +1,24 @@
-"""The CUDA kernels, run on the CPU by the emulator in cuda_emulation/ (see its
-emulator.h for what it checks and what it cannot).
+"""The CUDA kernels and their torch bindings, run on the CPU by the emulator in
+cuda_emulation/ (see its emulator.h for what it checks and what it cannot).
 
-A GPU runs these kernels through the torch bindings in csrc/cuda/*_binding.cpp
-(test_lstm.py and test_crf.py, which skip without one). Here the unchanged
-csrc/cuda/*.cu are compiled as C++ with g++ and their launchers called on
-host memory through ctypes, so that the kernels' arithmetic, indexing,
-barriers, shuffles, shared-memory plans and launch configurations are checked
-on every machine that has the CUDA headers:
+On a GPU, test_lstm.py and test_crf.py run them (and skip without one).
+Here the unchanged csrc/cuda/*.cu are compiled as C++ with g++, on every
+machine with the CUDA headers, so that the kernels' arithmetic, indexing,
+barriers, shuffles, shared-memory plans and launch configurations are
+checked without a GPU:
 
-* the LSTM step kernels against the step's definition in lstm_step.h, written
-  here in float64 torch (autograd gives the backward), for every dtype;
+* the LSTM step kernels (launchers called through ctypes on host memory)
+  against the step's definition in lstm_step.h, written here in float64
+  torch (autograd gives the backward), for every dtype;
 * the CRF kernels against fastnlp's CPU ops (themselves checked against the
   reference in test_crf.py), for K that puts the transitions and the state
-  vectors in shared memory, in global memory, or each in either.
+  vectors in shared memory, in global memory, or each in either;
+* the bindings (csrc/cuda/*_binding.cpp, built as a torch extension with
+  stand-ins for the torch CUDA API, cuda_emulation/torch_stand_ins.h) on CPU
+  tensors: the CUDA LSTM runs csrc/lstm.cpp's time loop as on a GPU (ATen
+  products, the emulated step kernels, the loop's CUDA-only paths), the CUDA
+  CRF ops their workspaces, special cases and the log-likelihood composed of
+  two passes; all against the CPU ops.
 
 Outputs start as NaN (0xff bytes for integers) so that an element a kernel
 fails to write shows; inputs a kernel must not read are NaN too.
@@ -59,7 +65,7 @@ def cuda_include_dir():
 
 
 def _declare(lib):
-    p, i64, i32, b = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_void_p
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.emu_take_failure.restype = ctypes.c_char_p
     lib.emu_set_seed.argtypes = [ctypes.c_uint64]
     lib.emu_lstm_forward_step.argtypes = [i32] + [p] * 7 + [i64, i64] + [p] * 6
@@ -71,10 +77,10 @@ def _declare(lib):
     lib.emu_crf_viterbi_workspace_bytes.restype = i64
     lib.emu_crf_viterbi_topk_workspace_bytes.argtypes = [i64] * 5
     lib.emu_crf_viterbi_topk_workspace_bytes.restype = i64
-    lib.emu_crf_log_partition.argtypes = [i32, p, b, p, p, p, p, i64, i64, i64, p, p, p]
-    lib.emu_crf_log_partition_backward.argtypes = [i32, p, p, b, p, p, p, p, p, i64, i64, i64, p, p, p, p, p]
-    lib.emu_crf_viterbi.argtypes = [i32, p, b, p, p, p, i64, i64, i64, p, p, p]
-    lib.emu_crf_viterbi_topk.argtypes = [i32, p, b, p, p, p, i64, i64, i64, i64, p, p, p]
+    lib.emu_crf_log_partition.argtypes = [i32] + [p] * 6 + [i64] * 3 + [p] * 3
+    lib.emu_crf_log_partition_backward.argtypes = [i32] + [p] * 8 + [i64] * 3 + [p] * 5
+    lib.emu_crf_viterbi.argtypes = [i32] + [p] * 5 + [i64] * 3 + [p] * 3
+    lib.emu_crf_viterbi_topk.argtypes = [i32] + [p] * 5 + [i64] * 4 + [p] * 3
     lib.emu_fault.argtypes = [i32, i64, p]
     return lib
 
@@ -618,3 +624,152 @@ def test_emulator_refuses_launches_that_cuda_refuses(emulated, config):
     # The error is the launch's: the next call starts clean.
     status, message, out = fault(emulated, "refused launch", param=4)
     assert status == CUDA_SUCCESS and out[0] == 1
+
+
+# -- the bindings ------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bindings(tmp_path_factory):
+    """csrc/cuda/*_binding.cpp with the kernels, built for the CPU (about a minute on two cores)."""
+    include = cuda_include_dir()
+    if include is None:
+        pytest.skip("needs the CUDA toolkit's headers")
+    from torch.utils.cpp_extension import load
+
+    sources = [EMULATION / name for name in ("bindings_module.cpp", "bindings_lstm.cpp", "bindings_crf.cpp",
+                                             "emulator.cpp")] + [ROOT / "csrc" / "lstm.cpp"]
+    return load(name="fastnlp_emulated_bindings", sources=[str(path) for path in sources],
+                extra_cflags=["-O1", "-DFASTNLP_CUDA_EMULATION", "-include", str(EMULATION / "torch_stand_ins.h")],
+                extra_include_paths=[str(ROOT / "csrc"), str(EMULATION), str(include)],
+                build_directory=str(tmp_path_factory.mktemp("emulated_bindings")))
+
+
+class LstmProblem:
+    """lstm_forward's arguments for one layer direction, drawn at random."""
+
+    def __init__(self, seed, dtype, packed, reverse, projected, regularised, layer_norm, bias, T=4, B=3, I=5, H=6):
+        g = torch.Generator().manual_seed(seed)
+
+        def rand(*shape):
+            return torch.randn(*shape, generator=g, dtype=torch.float64).mul(0.5).to(dtype)
+
+        P = 4 if projected else H
+        self.batch_sizes = torch.tensor([B, B, B - 1, 1][:T], dtype=torch.int64) if packed else \
+            torch.empty(0, dtype=torch.int64)
+        N = int(self.batch_sizes.sum()) if packed else T * B
+        self.args = [rand(N, I), self.batch_sizes, rand(B, P), rand(B, H), rand(4 * H, I), rand(4 * H, P),
+                     rand(4 * H) if bias else None, rand(4 * H) if bias else None, rand(P, H) if projected else None,
+                     reverse]
+        regularisers = [None, None, None]
+        if regularised:  # recurrent dropout's mask, zoneout weights
+            regularisers = [(torch.rand(B, P, generator=g) > 0.3).to(dtype) / 0.7,
+                            (torch.rand(N, H, generator=g) > 0.5).to(dtype),
+                            (torch.rand(N, P, generator=g) > 0.5).to(dtype)]
+            if projected:
+                regularisers[2] = None  # zoneout of h needs h_state, which a projection replaces
+        norms = [None] * 6
+        if layer_norm:
+            norms = [rand(4 * H) + 1, rand(4 * H), rand(4 * H) + 1, rand(4 * H), rand(H) + 1, rand(H)]
+        self.args += regularisers + norms
+        self.has_bias = bias
+        self.grads = [rand(N, P), rand(B, P), rand(B, H)]  # of output, h_n, c_n
+
+    def upcast(self, dtype):
+        return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in self.args]
+
+
+def lstm_forward_and_backward(op_forward, op_backward, args, grads, has_bias):
+    """The forward's outputs and the backward's gradients, from one implementation."""
+    out = op_forward(*args)
+    input, batch_sizes, h0, c0, weight_ih, weight_hh, _, _, weight_hr, reverse = args[:10]
+    regularisers, norms = args[10:13], args[13:19]
+    output, _, _, gates, cells, norm_ih, norm_hh, ln_stats = out
+    layer_norm = norms[0] is not None
+    saved = (norm_ih, norm_hh, ln_stats) if layer_norm else (None, None, None)
+    backward = op_backward(*[g.to(input.dtype) for g in grads], input, batch_sizes, h0, c0, weight_ih, weight_hh,
+                           weight_hr, has_bias, reverse, output, gates, cells, *regularisers, norms[0], norms[2],
+                           norms[4], norms[5], *saved)
+    return out[:3], backward
+
+
+LSTM_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-2, torch.bfloat16: 2e-1}
+
+
+def assert_same_lstm(bindings, problem, dtype):
+    ours = lstm_forward_and_backward(bindings.lstm_forward, bindings.lstm_backward, problem.args, problem.grads,
+                                     problem.has_bias)
+    # The CPU op in float64 on the same (rounded) inputs is the oracle.
+    want = lstm_forward_and_backward(torch.ops.fastnlp.lstm_forward, torch.ops.fastnlp.lstm_backward,
+                                     problem.upcast(torch.float64), problem.grads, problem.has_bias)
+    names = ["output", "h_n", "c_n", "grad_input", "grad_h0", "grad_c0", "grad_weight_ih", "grad_weight_hh",
+             "grad_bias", "grad_weight_hr", "grad_ln_ih_weight", "grad_ln_hh_weight", "grad_ln_gate_bias",
+             "grad_ln_cell_weight", "grad_ln_cell_bias"]
+    tol = LSTM_TOLERANCE[dtype]
+    for name, got, expected in zip(names, list(ours[0]) + list(ours[1]), list(want[0]) + list(want[1])):
+        assert got.dtype == dtype, name
+        torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_cuda_lstm_binding_matches_the_cpu_op(bindings, dtype, packed):
+    for reverse, projected in ((False, False), (True, True)):
+        problem = LstmProblem(7, dtype, packed, reverse, projected, regularised=False, layer_norm=False, bias=True)
+        assert_same_lstm(bindings, problem, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@given(seed=st.integers(0, 2**32 - 1), packed=st.booleans(), reverse=st.booleans(), projected=st.booleans(),
+       regularised=st.booleans(), layer_norm=st.booleans(), bias=st.booleans())
+def test_cuda_lstm_binding_matches_the_cpu_op_in_every_configuration(bindings, dtype, seed, packed, reverse,
+                                                                      projected, regularised, layer_norm, bias):
+    problem = LstmProblem(seed, dtype, packed, reverse, projected, regularised, layer_norm, bias)
+    assert_same_lstm(bindings, problem, dtype)
+
+
+def test_cuda_lstm_binding_refuses_a_dtype_its_kernels_do_not_take(bindings):
+    problem = LstmProblem(1, torch.float32, packed=False, reverse=False, projected=False, regularised=False,
+                          layer_norm=False, bias=True)
+    args = list(problem.args)
+    args[0] = args[0].to(torch.int32)
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        bindings.lstm_forward(*args)
+
+
+CRF_BINDING_CASES = [(torch.float32, 5), (torch.float64, 5), (torch.float32, 100)]
+
+
+@pytest.mark.parametrize("dtype,K", CRF_BINDING_CASES, ids=str)
+@pytest.mark.parametrize("B,T", [(3, 6), (2, 0), (0, 4)], ids=["B=3 T=6", "no steps", "no sequences"])
+def test_cuda_crf_binding_matches_the_cpu_ops(bindings, dtype, K, B, T):
+    case = CrfCase(B, T, K, dtype, seed=K + T, pinned=True)
+    ops = torch.ops.fastnlp
+    params = case.params()
+    for tags in (None, case.tags):
+        got = bindings.crf_log_partition(case.emissions, case.mask, tags, *params)
+        want = ops.crf_log_partition(case.emissions, case.mask, tags, *params)
+        torch.testing.assert_close(got[0], want[0])
+        grad = torch.linspace(-1, 2, B, dtype=dtype)
+        # (alpha, log_partition): the op's outputs, the other way round.
+        got_grads = bindings.crf_log_partition_backward(grad, case.emissions, case.mask, tags, *params, *got[::-1])
+        want_grads = ops.crf_log_partition_backward(grad, case.emissions, case.mask, tags, *params, *want[::-1])
+        for g, w in zip(got_grads, want_grads):
+            torch.testing.assert_close(g, w)
+    # The log-likelihood: gold tags with some unknown (ignore_index) positions.
+    tags = torch.where(case.tags >= 0, case.tags, torch.full_like(case.tags, -100))
+    tags = torch.where(case.mask, tags, torch.randint(0, K, tags.shape, generator=torch.Generator().manual_seed(1)))
+    got = bindings.crf_log_likelihood(case.emissions, case.mask, tags, *params, -100)
+    want = ops.crf_log_likelihood(case.emissions, case.mask, tags, *params, -100)
+    torch.testing.assert_close(got[0], want[0])
+    grad = torch.linspace(1, -1, B, dtype=dtype)
+    got_grads = bindings.crf_log_likelihood_backward(grad, case.emissions, case.mask, tags, *params, -100, *got[1:])
+    want_grads = ops.crf_log_likelihood_backward(grad, case.emissions, case.mask, tags, *params, -100, *want[1:])
+    for g, w in zip(got_grads, want_grads):
+        torch.testing.assert_close(g, w)
+    for got, want in ((bindings.crf_viterbi(case.emissions, case.mask, *params),
+                       ops.crf_viterbi(case.emissions, case.mask, *params)),
+                      (bindings.crf_viterbi_topk(case.emissions, case.mask, *params, 3),
+                       ops.crf_viterbi_topk(case.emissions, case.mask, *params, 3))):
+        torch.testing.assert_close(got[1], want[1])
+        torch.testing.assert_close(got[0], want[0])

@@ -2,9 +2,6 @@
 // and allocation here, the kernels in crf.cu behind the torch-free crf.h.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -13,6 +10,7 @@
 #include <tuple>
 
 #include "crf.h"
+#include "torch_cuda.h"
 
 namespace fastnlp {
 namespace {
@@ -41,7 +39,7 @@ struct Sizes {
 Sizes check_inputs(const at::Tensor& emissions,
                    const at::Tensor& mask, const at::Tensor& start_transitions,
                    const at::Tensor& end_transitions, const at::Tensor& transitions) {
-  TORCH_CHECK(emissions.is_cuda(), "crf: emissions must be a CUDA tensor");
+  TORCH_CHECK(is_cuda_tensor(emissions), "crf: emissions must be a CUDA tensor");
   TORCH_CHECK(emissions.dim() == 3, "crf: emissions must be (B, T, K), got shape ",
               emissions.sizes());
   TORCH_CHECK(emissions.scalar_type() == at::kFloat || emissions.scalar_type() == at::kDouble,
@@ -317,6 +315,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_likelihood_ba
 }  // namespace
 }  // namespace fastnlp
 
+#ifndef FASTNLP_CUDA_EMULATION  // the emulation build calls the functions directly
 TORCH_LIBRARY_IMPL(fastnlp, CUDA, m) {
   m.impl("crf_log_partition", &fastnlp::crf_log_partition_cuda);
   m.impl("crf_log_partition_backward", &fastnlp::crf_log_partition_backward_cuda);
@@ -325,3 +324,4 @@ TORCH_LIBRARY_IMPL(fastnlp, CUDA, m) {
   m.impl("crf_viterbi", &fastnlp::crf_viterbi_cuda);
   m.impl("crf_viterbi_topk", &fastnlp::crf_viterbi_topk_cuda);
 }
+#endif

@@ -3,9 +3,6 @@
 // through ATen, with the pointwise step kernels of lstm.cu (behind the
 // torch-free lstm_step.h) as its LstmStepKernels.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <cstdint>
@@ -14,6 +11,7 @@
 #include <tuple>
 
 #include "cuda/lstm_step.h"
+#include "cuda/torch_cuda.h"
 #include "lstm.h"
 
 namespace fastnlp {
@@ -26,7 +24,7 @@ namespace kern = ::fastnlp::cuda_impl;
 // checking them here keeps a malformed direct call of lstm_backward from
 // reading memory with the wrong layout or type.
 void check_step_tensor(const at::Tensor& t, const char* name, const at::Tensor& gates, int64_t rows, int64_t cols) {
-  TORCH_CHECK(t.is_cuda() && t.device() == gates.device(), "fastnlp.lstm (CUDA step): ", name, " is on ",
+  TORCH_CHECK(is_cuda_tensor(t) && t.device() == gates.device(), "fastnlp.lstm (CUDA step): ", name, " is on ",
               t.device(), " but gates is on ", gates.device());
   TORCH_CHECK(t.scalar_type() == gates.scalar_type(), "fastnlp.lstm (CUDA step): ", name, " has dtype ",
               t.scalar_type(), " but gates has dtype ", gates.scalar_type());
@@ -75,7 +73,7 @@ void check_optional_step_tensor(const at::Tensor& t, const char* name, const at:
 // slice of a contiguous (N, 4) buffer, so contiguous itself.
 void check_ln_stats(const at::Tensor& t, const at::Tensor& gates, int64_t rows) {
   const at::ScalarType want = gates.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  TORCH_CHECK(t.is_cuda() && t.device() == gates.device() && t.scalar_type() == want && t.dim() == 2 &&
+  TORCH_CHECK(is_cuda_tensor(t) && t.device() == gates.device() && t.scalar_type() == want && t.dim() == 2 &&
                   t.size(0) == rows && t.size(1) == 4 && t.is_contiguous(),
               "fastnlp.lstm (CUDA step): ln_stats must be a contiguous (", rows, ", 4) ", want, " tensor on ",
               gates.device(), ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
@@ -194,7 +192,7 @@ void backward_step_cuda(const LstmBackwardStep& s) {
 constexpr LstmStepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda, /*layer_norm_backward=*/nullptr};
 
 void check_cuda_input(const at::Tensor& input) {
-  TORCH_CHECK(input.is_cuda(), "fastnlp.lstm: input must be a CUDA tensor here, got one on ", input.device());
+  TORCH_CHECK(is_cuda_tensor(input), "fastnlp.lstm: input must be a CUDA tensor here, got one on ", input.device());
   const at::ScalarType dtype = input.scalar_type();
   TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
               "fastnlp.lstm: the CUDA kernel takes float32, float64, float16 or bfloat16, got ", dtype);
@@ -241,7 +239,9 @@ LstmBackwardResult lstm_backward_cuda(
 }  // namespace
 }  // namespace fastnlp
 
+#ifndef FASTNLP_CUDA_EMULATION  // the emulation build calls the functions directly
 TORCH_LIBRARY_IMPL(fastnlp, CUDA, m) {
   m.impl("lstm_forward", &fastnlp::lstm_forward_cuda);
   m.impl("lstm_backward", &fastnlp::lstm_backward_cuda);
 }
+#endif

@@ -38,7 +38,6 @@ struct Block {
   const std::function<void()>* body = nullptr;
   std::vector<unsigned char> shared;  // dynamic shared memory + alignment slack + guard
   unsigned char* dynamic = nullptr;
-  size_t dynamic_bytes = 0;
   std::vector<std::array<unsigned char, 8>> offered;  // one word per thread, for shuffles
 };
 
@@ -196,7 +195,13 @@ const Coordinates& current() {
   return running->coordinates;
 }
 
-unsigned lane() { return current().thread.x % kWarp; }
+unsigned lane() {
+  if (running == nullptr) {
+    fail("lane read outside a kernel");
+    return 0;
+  }
+  return running->linear % kWarp;  // warps are runs of 32 in linear thread order
+}
 
 void sync_block() {
   if (running == nullptr) return fail("__syncthreads outside a kernel");
@@ -260,7 +265,6 @@ void run_grid(dim3 grid, dim3 threads, size_t smem, const std::function<void()>&
         block.shared.assign(smem + 16 + kGuardBytes, kFillByte);
         const uintptr_t raw = reinterpret_cast<uintptr_t>(block.shared.data());
         block.dynamic = block.shared.data() + ((16 - raw % 16) % 16);
-        block.dynamic_bytes = smem;
         std::fill(block.dynamic + smem, block.dynamic + smem + kGuardBytes, kGuardByte);
         first.block = {x, y, z};
         run_block(first);
