@@ -31,6 +31,8 @@ settings.register_profile(
     max_examples=30,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+# Three examples a test: for slow runs such as .ci/gpu_check's compute-sanitizer step.
+settings.register_profile("short", parent=settings.get_profile("fastnlp"), max_examples=3)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "fastnlp"))
 
 

@@ -60,6 +60,23 @@ def test_a_second_run_appends_to_the_csv(tmp_path):
         assert len(list(csv.DictReader(f))) == 4
 
 
+def test_the_commit_outside_a_repository_comes_from_fastnlp_commit(tmp_path, monkeypatch):
+    # A lent GPU machine gets a copy of the tree without its git history.
+    monkeypatch.delenv("FASTNLP_COMMIT", raising=False)
+    assert harness.git_commit(cwd=str(tmp_path)) == "unknown"
+    monkeypatch.setenv("FASTNLP_COMMIT", "8f1974b")
+    assert harness.git_commit(cwd=str(tmp_path)) == "8f1974b"
+
+
+def test_lstm_bench_leaves_cudnn_tf32_as_it_found_it():
+    from fastnlp.bench import lstm as bench_lstm
+
+    before = torch.backends.cudnn.allow_tf32
+    with bench_lstm._ieee_float32():
+        assert torch.backends.cudnn.allow_tf32 is False
+    assert torch.backends.cudnn.allow_tf32 == before
+
+
 def test_a_case_must_name_its_implementations():
     with pytest.raises(ValueError, match="is not an impl"):
         harness.Case(op="op", name="case", impls={"ours": lambda: None}, baselines=["missing"], ours="ours")

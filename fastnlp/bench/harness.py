@@ -290,14 +290,19 @@ def measure(case: Case, repeats: int, device: str, bar=None) -> CaseResult:
 
 
 def git_commit(cwd: Optional[str] = None) -> str:
-    """Short hash of HEAD of the repository in cwd, "-dirty" if tracked files changed."""
+    """Short hash of HEAD of the repository in cwd, "-dirty" if tracked files changed.
+
+    Where there is no repository (a copy of the tree, as on a lent GPU
+    machine), FASTNLP_COMMIT names the commit, else "unknown".
+    """
+    fallback = os.environ.get("FASTNLP_COMMIT", "unknown")
     try:
         head = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], cwd=cwd,
             capture_output=True, text=True, timeout=10,
         )
         if head.returncode != 0:
-            return "unknown"
+            return fallback
         commit = head.stdout.strip()
         status = subprocess.run(
             ["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
@@ -307,7 +312,7 @@ def git_commit(cwd: Optional[str] = None) -> str:
             commit += "-dirty"
         return commit
     except (OSError, subprocess.SubprocessError):
-        return "unknown"
+        return fallback
 
 
 def device_name(device: str) -> str:

@@ -20,7 +20,11 @@ lengths drawn from [T/2, T]):
   baseline too: the cost of the normalisation itself.
 
 On CUDA the padded and packed cases run in bfloat16 too (the issue's GPU
-targets are for float32 and bfloat16).
+targets are for float32 and bfloat16), and float32 is IEEE float32 on both
+sides: cuDNN's RNNs may use TF32 for float32 by default
+(torch.backends.cudnn.allow_tf32), fastnlp's cuBLAS products do not
+(torch.backends.cuda.matmul.allow_tf32 is off by default), so the
+nn.LSTM runs here switch TF32 off.
 """
 
 from __future__ import annotations
@@ -99,15 +103,27 @@ class _Data:
         self.ours_cell.load_state_dict(self.torch_cell.state_dict())
 
 
+def _ieee_float32():
+    """cuDNN without TF32 (see the module docstring), its other flags as they are.
+
+    Through cudnn.flags(), which sets them all: PyTorch's test utilities
+    forbid setting them one by one (torch.backends.disable_global_flags).
+    """
+    cudnn = torch.backends.cudnn
+    return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,
+                       allow_tf32=False)
+
+
 def _step(module, x, lengths=None):
     """Forward + backward with respect to the input and all parameters."""
-    if lengths is None:
-        out, _ = module(x)
-    else:
-        out, _ = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
-        out = out.data
-    loss = out.sum()
-    return loss.detach(), torch.autograd.grad(loss, [x] + list(module.parameters()))
+    with _ieee_float32():
+        if lengths is None:
+            out, _ = module(x)
+        else:
+            out, _ = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
+            out = out.data
+        loss = out.sum()
+        return loss.detach(), torch.autograd.grad(loss, [x] + list(module.parameters()))
 
 
 def _cell_loop(cell, x):
@@ -319,7 +335,7 @@ def _layer_norm_case(d: _Data) -> Case:
 
 def _latency_case(d: _Data) -> Case:
     def forward(module):
-        with torch.no_grad():
+        with torch.no_grad(), _ieee_float32():
             return module(d.x_nograd)[0]
 
     impls = {OURS: lambda: forward(d.ours_lstm), TORCH: lambda: forward(d.torch_lstm)}
