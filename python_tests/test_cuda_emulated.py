@@ -494,8 +494,9 @@ def test_crf_kernels_on_random_sizes(emulated, B, T, K, seed, pinned):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 def test_crf_kernels_on_nan_and_infinite_scores_match_the_cpu_ops(emulated, where, dtype):
     # NaN and +inf poison what they touch; -inf is a forbidden tag (see README).
-    case = CrfCase(B=4, T=5, K=4, dtype=dtype, seed=3)
+    case = CrfCase(B=5, T=5, K=4, dtype=dtype, seed=3)
     case.mask[:] = True
+    case.mask[4] = False  # empty: invalid only through the parameters
     case.emissions[0, 2, 1] = float("nan")
     case.emissions[1, 3, 0] = float("inf")
     case.emissions[2, 1, :3] = float("-inf")
@@ -555,6 +556,40 @@ def test_crf_state_vectors_in_the_workspace(emulated):
     torch.testing.assert_close(alpha, want_alpha)
 
 
+def test_crf_backward_and_topk_with_state_vectors_in_the_workspace(emulated):
+    # The backward's 3K float64 state scalars leave shared memory above K = 2048;
+    # top-k's 2Kk do at K = 70, k = 100 (112 KB).
+    case = CrfCase(B=1, T=2, K=2100, dtype=torch.float64, seed=6)
+    case.mask[:] = True
+    assert emulated.emu_crf_log_partition_backward_workspace_bytes(1, 2100, 8) >= 3 * 2100 * 8
+    log_z, alpha = emulated_log_partition(emulated, case)
+    grads = [torch.full(shape, float("nan"), dtype=torch.float64) for shape in ((1, 2, 2100), (1, 2100), (1, 2100),
+                                                                                (1, 2100, 2100))]
+    ws = workspace(emulated.emu_crf_log_partition_backward_workspace_bytes(1, 2100, 8))
+    grad_log_z = torch.ones(1, dtype=torch.float64)
+    status = call(emulated, "emu_crf_log_partition_backward", DTYPE_CODES[torch.float64], ptr(grad_log_z),
+                  ptr(case.emissions), ptr(case.mask), None, ptr(case.end), ptr(case.transitions), ptr(alpha),
+                  ptr(log_z), 1, 2, 2100, *map(ptr, grads), ptr(ws))
+    assert status == CUDA_SUCCESS
+    want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z, case.emissions, case.mask, None, *case.params(),
+                                                        alpha, log_z)
+    for got, expected in zip([grads[0]] + [g.sum(0) for g in grads[1:]], want):
+        torch.testing.assert_close(got, expected)
+
+    case = CrfCase(B=2, T=3, K=70, dtype=torch.float64, seed=7)
+    k = 100
+    assert emulated.emu_crf_viterbi_topk_workspace_bytes(2, 3, 70, k, 8) >= 2 * 2 * 70 * k * 8
+    paths = torch.full((2, 3, k), -7, dtype=torch.int64)
+    scores = torch.full((2, k), float("nan"), dtype=torch.float64)
+    ws = workspace(emulated.emu_crf_viterbi_topk_workspace_bytes(2, 3, 70, k, 8))
+    status = call(emulated, "emu_crf_viterbi_topk", DTYPE_CODES[torch.float64], ptr(case.emissions), ptr(case.mask),
+                  *map(ptr, case.params()), 2, 3, 70, k, ptr(paths), ptr(scores), ptr(ws))
+    assert status == CUDA_SUCCESS
+    want_paths, want_scores = torch.ops.fastnlp.crf_viterbi_topk(case.emissions, case.mask, *case.params(), k)
+    torch.testing.assert_close(scores, want_scores)
+    torch.testing.assert_close(paths, want_paths)
+
+
 def test_crf_launchers_refuse_bad_sizes_and_skip_an_empty_batch(emulated):
     case = CrfCase(B=1, T=2, K=3, dtype=torch.float32, seed=0)
     out = torch.zeros(1, 2, 3)
@@ -572,7 +607,8 @@ def test_crf_launchers_refuse_bad_sizes_and_skip_an_empty_batch(emulated):
 # missing barrier, exposed): the checks above rely on these.
 
 FAULTS = {"divergent __syncthreads": 0, "past shared memory": 1, "divergent shuffle": 2,
-          "shuffle in a partial warp": 3, "missing barrier": 4, "with its barrier": 5, "refused launch": 6}
+          "shuffle in a partial warp": 3, "missing barrier": 4, "with its barrier": 5, "refused launch": 6,
+          "before shared memory": 7}
 
 
 def fault(lib, name, param=0):
@@ -595,9 +631,10 @@ def test_emulator_reports_divergent_barriers_and_shuffles(emulated):
 
 
 @pytest.mark.parametrize("smem", [0, 100, 4096])
-def test_emulator_reports_writes_past_the_dynamic_shared_memory(emulated, smem):
-    status, message, _ = fault(emulated, "past shared memory", param=smem)
-    assert status == EMULATION_FAULT and f"past its {smem} bytes" in message
+def test_emulator_reports_writes_outside_the_dynamic_shared_memory(emulated, smem):
+    for where in ("past shared memory", "before shared memory"):
+        status, message, _ = fault(emulated, where, param=smem)
+        assert status == EMULATION_FAULT and f"outside its {smem} bytes" in message, where
 
 
 def test_emulator_exposes_a_missing_barrier(emulated):
@@ -735,6 +772,40 @@ def test_cuda_lstm_binding_refuses_a_dtype_its_kernels_do_not_take(bindings):
     args[0] = args[0].to(torch.int32)
     with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
         bindings.lstm_forward(*args)
+
+
+def test_cuda_crf_binding_on_invalid_parameters_without_steps_and_on_overflow(bindings):
+    ops = torch.ops.fastnlp
+    # T = 0 with a NaN transition: every (empty) sequence is invalid, as on the CPU.
+    case = CrfCase(2, 0, 3, torch.float64, seed=4)
+    case.transitions[0, 1] = float("nan")
+    results = [(bindings.crf_log_partition(case.emissions, case.mask, None, *case.params()),
+                ops.crf_log_partition(case.emissions, case.mask, None, *case.params())),
+               (bindings.crf_viterbi(case.emissions, case.mask, *case.params()),
+                ops.crf_viterbi(case.emissions, case.mask, *case.params())),
+               (bindings.crf_viterbi_topk(case.emissions, case.mask, *case.params(), 2),
+                ops.crf_viterbi_topk(case.emissions, case.mask, *case.params(), 2))]
+    for got, want in results:
+        assert torch.isnan(want[1]).all()
+        torch.testing.assert_close(got[1], want[1], equal_nan=True)
+    grad = torch.ones(2, dtype=torch.float64)
+    log_z, alpha = results[0][0]
+    got = bindings.crf_log_partition_backward(grad, case.emissions, case.mask, None, *case.params(), alpha, log_z)
+    for g in got[1:]:
+        assert torch.isnan(g).all()
+    # Valid float32 scores whose log Z overflows to +inf: no gradient, as on the CPU.
+    case = CrfCase(1, 3, 2, torch.float32, seed=5)
+    case.mask[:] = True
+    case.emissions.fill_(3e38)
+    got = bindings.crf_log_partition(case.emissions, case.mask, None, *case.params())
+    want = ops.crf_log_partition(case.emissions, case.mask, None, *case.params())
+    assert got[0].isinf().all() and want[0].isinf().all()
+    grad = torch.ones(1)
+    for g, w in zip(bindings.crf_log_partition_backward(grad, case.emissions, case.mask, None, *case.params(),
+                                                        got[1], got[0]),
+                    ops.crf_log_partition_backward(grad, case.emissions, case.mask, None, *case.params(),
+                                                   want[1], want[0])):
+        torch.testing.assert_close(g, w)
 
 
 CRF_BINDING_CASES = [(torch.float32, 5), (torch.float64, 5), (torch.float32, 100)]

@@ -356,8 +356,10 @@ __global__ void __launch_bounds__(kMaxThreads) crf_backward_kernel(
     }
     return;
   }
-  // No consistent path: the loss is constant in the inputs where it is -inf.
-  if (!(log_z > -M::inf())) {
+  // No consistent path (log Z = -inf: the loss is constant in the inputs
+  // there), or valid scores whose sum overflowed (+inf): no gradient, as on
+  // the CPU.
+  if (!(log_z > -M::inf() && log_z < M::inf())) {
     for (int64_t t = 0; t < T; ++t) zero_row(t);
     return;
   }
@@ -479,8 +481,8 @@ __global__ void __launch_bounds__(kMaxThreads)
   // every backpointer).
   if (threadIdx.x != 0) return;
   int64_t* path = paths + b * T;
-  if (t_first < 0) {
-    scores[b] = 0;
+  if (t_first < 0) {  // the empty path
+    scores[b] = invalid ? Math<scalar_t>::inf() - Math<scalar_t>::inf() : scalar_t(0);
     for (int64_t t = 0; t < T; ++t) path[t] = -1;
     return;
   }

@@ -33,8 +33,10 @@
 // log_partition, alpha, Viterbi and k-best scores are NaN, and its gradients
 // are NaN (grad_emissions at its selected positions, 0 at the others, and its
 // parameter shares). Its Viterbi path is decoded as for any sequence (NaN
-// wins, as in torch.max); its k-best paths are unspecified. The CPU kernels
-// (csrc/cpu/crf.cpp) follow the same rule.
+// wins, as in torch.max); its k-best paths are unspecified. An empty
+// sequence (nothing selected) is invalid too when a parameter is. A valid
+// sequence whose log Z overflows to +inf gets zero gradients. The CPU
+// kernels (csrc/cpu/crf.cpp) follow the same rules.
 //
 // Sizes: B, T >= 0, 1 <= K, B < 2^31. B == 0 returns cudaSuccess without
 // launching; T == 0 is valid (every sequence empty). Invalid sizes return

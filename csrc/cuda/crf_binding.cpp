@@ -97,11 +97,6 @@ std::tuple<at::Tensor, at::Tensor> crf_log_partition_cuda(
   at::Tensor log_partition = at::empty({B}, emissions.options());
   at::Tensor alpha = at::empty({B, T, K}, emissions.options());
   if (B == 0) return {log_partition, alpha};
-  if (T == 0) {
-    // Every sequence is empty: log_partition of an empty chain is 0.
-    log_partition.zero_();
-    return {log_partition, alpha};
-  }
 
   const at::Tensor em = emissions.contiguous();
   const at::Tensor mask_c = mask.contiguous();
@@ -136,8 +131,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_bac
   check_param(log_partition, emissions, {B}, "log_partition");
 
   at::Tensor grad_emissions = at::empty({B, T, K}, emissions.options());
-  if (B == 0 || T == 0) {
-    // No selected position anywhere: every gradient is zero.
+  if (B == 0) {
+    // No sequence: every gradient is zero. (T == 0 goes to the kernel, which
+    // still makes an invalid parameter's gradient NaN.)
     grad_emissions.zero_();
     return {grad_emissions, at::zeros({K}, emissions.options()),
             at::zeros({K}, emissions.options()), at::zeros({K, K}, emissions.options())};
@@ -183,10 +179,6 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cuda(const at::Tensor& emissions,
   at::Tensor paths = at::empty({B, T}, emissions.options().dtype(at::kLong));
   at::Tensor scores = at::empty({B}, emissions.options());
   if (B == 0) return {paths, scores};
-  if (T == 0) {
-    scores.zero_();
-    return {paths, scores};
-  }
 
   const at::Tensor em = emissions.contiguous();
   const at::Tensor mask_c = mask.contiguous();
@@ -223,12 +215,6 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_topk_cuda(const at::Tensor& emiss
   at::Tensor paths = at::empty({B, T, k}, emissions.options().dtype(at::kLong));
   at::Tensor scores = at::empty({B, k}, emissions.options());
   if (B == 0) return {paths, scores};
-  if (T == 0) {
-    // The empty path is the only one: rank 0 scores 0, the other ranks do not exist.
-    scores.fill_(-std::numeric_limits<double>::infinity());
-    scores.select(1, 0).zero_();
-    return {paths, scores};
-  }
 
   const at::Tensor em = emissions.contiguous();
   const at::Tensor mask_c = mask.contiguous();

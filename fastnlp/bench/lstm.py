@@ -108,6 +108,8 @@ def _ieee_float32():
 
     Through cudnn.flags(), which sets them all: PyTorch's test utilities
     forbid setting them one by one (torch.backends.disable_global_flags).
+    (Whether allow_tf32=False is all it takes under the fp32_precision
+    settings of torch >= 2.9 is not yet checked on a GPU.)
     """
     cudnn = torch.backends.cudnn
     return cudnn.flags(enabled=cudnn.enabled, benchmark=cudnn.benchmark, deterministic=cudnn.deterministic,

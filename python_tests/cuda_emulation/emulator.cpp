@@ -18,7 +18,10 @@ constexpr unsigned kWarp = 32;
 constexpr unsigned kMaxBlockThreads = 1024;
 constexpr size_t kMaxDynamicShared = 48 * 1024;  // without cudaFuncSetAttribute's opt-in
 constexpr size_t kGuardBytes = 256;
-constexpr unsigned char kGuardByte = 0xa5;
+// 0x7f7f7f7f reads as 3.4e38 (float), 0x7f7f... as 1.4e306 (double): a read
+// of the guard throws results far off. The region itself starts as 0xff
+// bytes, NaN in either type.
+constexpr unsigned char kGuardByte = 0x7f;
 constexpr unsigned char kFillByte = 0xff;
 constexpr size_t kStackBytes = 256 * 1024;
 
@@ -36,7 +39,7 @@ struct Block {
   std::vector<Fiber> fibers;
   unsigned count = 0;  // threads in the block (the first `count` fibers)
   const std::function<void()>* body = nullptr;
-  std::vector<unsigned char> shared;  // dynamic shared memory + alignment slack + guard
+  std::vector<unsigned char> shared;  // guard + alignment slack + dynamic shared memory + guard
   unsigned char* dynamic = nullptr;
   std::vector<std::array<unsigned char, 8>> offered;  // one word per thread, for shuffles
 };
@@ -262,19 +265,20 @@ void run_grid(dim3 grid, dim3 threads, size_t smem, const std::function<void()>&
   for (unsigned z = 0; z < grid.z; ++z) {
     for (unsigned y = 0; y < grid.y; ++y) {
       for (unsigned x = 0; x < grid.x; ++x) {
-        block.shared.assign(smem + 16 + kGuardBytes, kFillByte);
-        const uintptr_t raw = reinterpret_cast<uintptr_t>(block.shared.data());
-        block.dynamic = block.shared.data() + ((16 - raw % 16) % 16);
-        std::fill(block.dynamic + smem, block.dynamic + smem + kGuardBytes, kGuardByte);
+        block.shared.assign(kGuardBytes + 16 + smem + kGuardBytes, kGuardByte);
+        const uintptr_t raw = reinterpret_cast<uintptr_t>(block.shared.data() + kGuardBytes);
+        block.dynamic = block.shared.data() + kGuardBytes + ((16 - raw % 16) % 16);
+        std::fill(block.dynamic, block.dynamic + smem, kFillByte);
         first.block = {x, y, z};
         run_block(first);
         if (!failure.empty()) return;
-        for (size_t i = 0; i < kGuardBytes; ++i) {
-          if (block.dynamic[smem + i] != kGuardByte) {
-            fail("block (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) +
-                 ") wrote past its " + std::to_string(smem) + " bytes of dynamic shared memory");
-            return;
-          }
+        const auto intact = [](const unsigned char* p) {
+          return std::all_of(p, p + kGuardBytes, [](unsigned char b) { return b == kGuardByte; });
+        };
+        if (!intact(block.dynamic - kGuardBytes) || !intact(block.dynamic + smem)) {
+          fail("block (" + std::to_string(x) + "," + std::to_string(y) + "," + std::to_string(z) +
+               ") wrote outside its " + std::to_string(smem) + " bytes of dynamic shared memory");
+          return;
         }
       }
     }

@@ -19,19 +19,26 @@
 //  * between two barriers the threads of a block run one at a time, in a
 //    random order (seeded; see run_block in emulator.cpp), so a kernel that
 //    reads what another thread writes without a barrier between them gives
-//    order-dependent results;
-//  * `static` storage serves __shared__ arrays (one block runs at a time);
-//    the dynamic shared memory is exactly the launch's `smem` bytes, filled
-//    with 0xff bytes (NaN for floating types) and followed by a guard that
-//    must be intact when the block ends;
+//    order-dependent results. A thread runs uninterrupted from one barrier
+//    or shuffle to the next, so a lost update of an unsynchronised
+//    read-modify-write inside such a stretch does not show;
+//  * `static` storage serves __shared__ arrays (one block runs at a time):
+//    they start as zeros and keep the last block's values, where a GPU
+//    leaves them undefined, so reading one before writing it goes unseen.
+//    The dynamic shared memory is exactly the launch's `smem` bytes, filled
+//    with 0xff bytes (NaN for floating types), between guards that must be
+//    intact when the block ends;
 //  * a launch with a configuration that CUDA refuses (no threads, more than
 //    1024 per block, more than 48 KB of dynamic shared memory without an
 //    opt-in, an empty grid) runs nothing and sets the error that
 //    cudaGetLastError() returns, as a GPU launch would.
 //
-// Not emulated: memory spaces (device pointers are host pointers here),
-// streams (a launch runs to completion before it returns), the memory model
-// and warp-synchronous timing. Host math (expf, tanhf, ...) replaces the
+// Not emulated: memory spaces (device pointers are host pointers here, and
+// an access outside a buffer is not caught; the tests fill outputs with NaN
+// so that an element a kernel fails to write shows), streams (a launch runs
+// to completion before it returns), the memory model, warp-synchronous
+// timing, __launch_bounds__ (defined away: a launch above a kernel's bound
+// is not refused) and static shared memory's share of the 48 KB. Host math (expf, tanhf, ...) replaces the
 // device's, whose results may differ in the last ulp.
 #pragma once
 

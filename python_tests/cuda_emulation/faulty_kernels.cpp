@@ -19,6 +19,8 @@ __global__ void returns_before_a_barrier(int64_t* out) {
 
 __global__ void writes_past_shared_memory(int64_t bytes) { dynamic_shared_memory()[bytes + threadIdx.x] = 1; }
 
+__global__ void writes_before_shared_memory() { dynamic_shared_memory()[-1 - static_cast<int64_t>(threadIdx.x)] = 1; }
+
 __global__ void shuffles(int64_t* out, int skip_lane) {
   if (static_cast<int>(threadIdx.x % 32) == skip_lane) return;
   out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, static_cast<int64_t>(threadIdx.x), 1);
@@ -71,6 +73,9 @@ int emu_fault(int which, int64_t param, int64_t* out) {
     case 6:  // refused configurations: param selects one
       launch_kernel(writes_one, dim3(param == 0 ? 0 : 1), dim3(param == 1 ? 0 : param == 2 ? 1025 : 1),
                     param == 3 ? size_t(48 * 1024 + 1) : size_t(0), nullptr, out);
+      break;
+    case 7:
+      launch_kernel(writes_before_shared_memory, dim3(1), dim3(32), static_cast<size_t>(param), nullptr);
       break;
     default:
       return -2;
