@@ -547,13 +547,24 @@ def test_crf_kernels_on_nan_and_infinite_scores_match_the_cpu_ops(emulated, wher
 
 def test_crf_state_vectors_in_the_workspace(emulated):
     # float64 K = 3100: 2K state scalars (49.6 KB) no longer fit in 48 KB of
-    # shared memory, so they live in the workspace, as do the transitions.
+    # shared memory, so they live in the workspace, as do the transitions:
+    # the forward and Viterbi kernels.
     case = CrfCase(B=2, T=3, K=3100, dtype=torch.float64, seed=5)
     assert emulated.emu_crf_log_partition_workspace_bytes(2, 3100, 8) >= 2 * 2 * 3100 * 8
     log_z, alpha = emulated_log_partition(emulated, case)
     want_log_z, want_alpha = torch.ops.fastnlp.crf_log_partition(case.emissions, case.mask, None, *case.params())
     torch.testing.assert_close(log_z, want_log_z)
     torch.testing.assert_close(alpha, want_alpha)
+    # Viterbi's 2K state scalars likewise.
+    paths = torch.full((2, 3), -7, dtype=torch.int64)
+    scores = torch.full((2,), float("nan"), dtype=torch.float64)
+    ws = workspace(emulated.emu_crf_viterbi_workspace_bytes(2, 3, 3100, 8))
+    status = call(emulated, "emu_crf_viterbi", DTYPE_CODES[torch.float64], ptr(case.emissions), ptr(case.mask),
+                  *map(ptr, case.params()), 2, 3, 3100, ptr(paths), ptr(scores), ptr(ws))
+    assert status == CUDA_SUCCESS
+    want_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
+    torch.testing.assert_close(scores, want_scores)
+    torch.testing.assert_close(paths, want_paths)
 
 
 def test_crf_backward_and_topk_with_state_vectors_in_the_workspace(emulated):
