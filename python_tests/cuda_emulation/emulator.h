@@ -58,6 +58,12 @@
 
 #define __launch_bounds__(...)
 
+// The launchers' cudaGetLastError() is the emulator's: renamed, since a
+// process whose torch is a CUDA build has the real CUDA runtime loaded, whose
+// symbol would otherwise win (and answer "no driver" here).
+#define cudaGetLastError fastnlp_emulation_cuda_get_last_error
+cudaError_t fastnlp_emulation_cuda_get_last_error();
+
 namespace fastnlp_emulation {
 
 struct Coordinates {
