@@ -60,6 +60,7 @@ def _worker(rank, port, out_path):
         # aborted that one now and then ("terminate called without an active
         # exception", SIGABRT).
         dist.barrier()
+        open(f"{out_path}.rank{rank}.done", "w").close()  # everything the test checks is behind us
     finally:
         dist.destroy_process_group()
 
@@ -70,9 +71,21 @@ def free_port():
         return sock.getsockname()[1]
 
 
+def run_ranks(out_path):
+    """Trains on WORLD_SIZE processes. A rank that dies while gloo tears down
+    (SIGABRT, "terminate called without an active exception", still seen
+    about once in five CI runs after the barrier above) is let go once every
+    rank has marked its work done: the state checked below is complete."""
+    try:
+        torch.multiprocessing.spawn(_worker, args=(free_port(), out_path), nprocs=WORLD_SIZE, join=True)
+    except torch.multiprocessing.ProcessExitedException:
+        if not all(os.path.exists(f"{out_path}.rank{rank}.done") for rank in range(WORLD_SIZE)):
+            raise
+
+
 def test_ddp_matches_single_process_on_the_global_batch(tmp_path):
     out_path = os.path.join(tmp_path, "ddp_state.pt")
-    torch.multiprocessing.spawn(_worker, args=(free_port(), out_path), nprocs=WORLD_SIZE, join=True)
+    run_ranks(out_path)
     ddp_state = torch.load(out_path)
 
     threads = torch.get_num_threads()
