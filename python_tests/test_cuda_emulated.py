@@ -113,10 +113,6 @@ def call(lib, name, *args):
     return status
 
 
-def nan_like(t):
-    return torch.full_like(t, float("nan"))
-
-
 def unreadable(*shape, dtype):
     """A buffer whose content must not be read (or, if read, must not matter)."""
     return torch.full(shape, float("nan"), dtype=dtype)
@@ -417,53 +413,71 @@ def emulated_log_partition(lib, case):
     return log_z, alpha
 
 
+def emulated_backward(lib, case, grad_log_z, log_z, alpha):
+    """The gradients of emissions, start, end and transitions (the per-sequence
+    parameter gradients summed over the batch, as the CUDA binding sums them)."""
+    B, T, K = case.B, case.T, case.K
+    grads = [torch.full(shape, float("nan"), dtype=case.dtype) for shape in ((B, T, K), (B, K), (B, K), (B, K, K))]
+    ws = workspace(lib.emu_crf_log_partition_backward_workspace_bytes(B, K, case.emissions.element_size()))
+    status = call(lib, "emu_crf_log_partition_backward", DTYPE_CODES[case.dtype], ptr(grad_log_z),
+                  ptr(case.emissions), ptr(case.mask), ptr(case.tags), ptr(case.end), ptr(case.transitions),
+                  ptr(alpha), ptr(log_z), B, T, K, *map(ptr, grads), ptr(ws))
+    assert status == CUDA_SUCCESS
+    return [grads[0]] + [g.sum(0) for g in grads[1:]]
+
+
+def emulated_viterbi(lib, case, score_fill=float("nan")):
+    """(paths, scores); score_fill is what the scores start as (NaN, unless NaN is expected)."""
+    B, T, K = case.B, case.T, case.K
+    paths = torch.full((B, T), -7, dtype=torch.int64)
+    scores = torch.full((B,), score_fill, dtype=case.dtype)
+    ws = workspace(lib.emu_crf_viterbi_workspace_bytes(B, T, K, case.emissions.element_size()))
+    status = call(lib, "emu_crf_viterbi", DTYPE_CODES[case.dtype], ptr(case.emissions), ptr(case.mask),
+                  *map(ptr, case.params()), B, T, K, ptr(paths), ptr(scores), ptr(ws))
+    assert status == CUDA_SUCCESS
+    return paths, scores
+
+
+def emulated_topk(lib, case, k, score_fill=float("nan")):
+    """(paths, scores) of the k best paths; score_fill as in emulated_viterbi."""
+    B, T, K = case.B, case.T, case.K
+    paths = torch.full((B, T, k), -7, dtype=torch.int64)
+    scores = torch.full((B, k), score_fill, dtype=case.dtype)
+    ws = workspace(lib.emu_crf_viterbi_topk_workspace_bytes(B, T, K, k, case.emissions.element_size()))
+    status = call(lib, "emu_crf_viterbi_topk", DTYPE_CODES[case.dtype], ptr(case.emissions), ptr(case.mask),
+                  *map(ptr, case.params()), B, T, K, k, ptr(paths), ptr(scores), ptr(ws))
+    assert status == CUDA_SUCCESS
+    return paths, scores
+
+
 @pytest.mark.parametrize("dtype,K", CRF_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("pinned", [False, True], ids=["free", "pinned"])
 def test_crf_log_partition_and_backward_match_the_cpu_ops(emulated, dtype, K, pinned):
     case = CrfCase(B=3, T=6, K=K, dtype=dtype, seed=K, pinned=pinned)
-    B, T = case.B, case.T
     log_z, alpha = emulated_log_partition(emulated, case)
     want_log_z, want_alpha = torch.ops.fastnlp.crf_log_partition(case.emissions, case.mask, case.tags,
                                                                  *case.params())
     torch.testing.assert_close(log_z, want_log_z)
     torch.testing.assert_close(alpha, want_alpha)
 
-    grad_log_z = torch.randn(B, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    grads = [torch.full(shape, float("nan"), dtype=dtype) for shape in ((B, T, K), (B, K), (B, K), (B, K, K))]
-    ws = workspace(emulated.emu_crf_log_partition_backward_workspace_bytes(B, K, case.emissions.element_size()))
-    status = call(emulated, "emu_crf_log_partition_backward", DTYPE_CODES[dtype], ptr(grad_log_z),
-                  ptr(case.emissions), ptr(case.mask), ptr(case.tags), ptr(case.end), ptr(case.transitions),
-                  ptr(alpha), ptr(log_z), B, T, K, *map(ptr, grads), ptr(ws))
-    assert status == CUDA_SUCCESS
+    grad_log_z = torch.randn(case.B, dtype=dtype, generator=torch.Generator().manual_seed(1))
+    grads = emulated_backward(emulated, case, grad_log_z, log_z, alpha)
     want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z, case.emissions, case.mask, case.tags,
                                                         *case.params(), want_alpha, want_log_z)
-    grad_emissions, per_sequence = grads[0], [g.sum(0) for g in grads[1:]]  # the CUDA binding sums over B
-    for name, got, expected in zip(("emissions", "start", "end", "transitions"), [grad_emissions] + per_sequence,
-                                   want):
+    for name, got, expected in zip(("emissions", "start", "end", "transitions"), grads, want):
         torch.testing.assert_close(got, expected, msg=lambda m, name=name: f"grad of {name}: {m}")
 
 
 @pytest.mark.parametrize("dtype,K", CRF_CASES, ids=lambda v: str(v))
 def test_crf_viterbi_and_topk_match_the_cpu_ops(emulated, dtype, K):
     case = CrfCase(B=3, T=5, K=K, dtype=dtype, seed=100 + K)
-    B, T = case.B, case.T
-    paths = torch.full((B, T), -7, dtype=torch.int64)
-    scores = torch.full((B,), float("nan"), dtype=dtype)
-    ws = workspace(emulated.emu_crf_viterbi_workspace_bytes(B, T, K, case.emissions.element_size()))
-    status = call(emulated, "emu_crf_viterbi", DTYPE_CODES[dtype], ptr(case.emissions), ptr(case.mask),
-                  *map(ptr, case.params()), B, T, K, ptr(paths), ptr(scores), ptr(ws))
-    assert status == CUDA_SUCCESS
+    paths, scores = emulated_viterbi(emulated, case)
     want_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
     torch.testing.assert_close(paths, want_paths)
     torch.testing.assert_close(scores, want_scores)
 
     for k in (1, 3):
-        paths = torch.full((B, T, k), -7, dtype=torch.int64)
-        scores = torch.full((B, k), float("nan"), dtype=dtype)
-        ws = workspace(emulated.emu_crf_viterbi_topk_workspace_bytes(B, T, K, k, case.emissions.element_size()))
-        status = call(emulated, "emu_crf_viterbi_topk", DTYPE_CODES[dtype], ptr(case.emissions), ptr(case.mask),
-                      *map(ptr, case.params()), B, T, K, k, ptr(paths), ptr(scores), ptr(ws))
-        assert status == CUDA_SUCCESS
+        paths, scores = emulated_topk(emulated, case, k)
         want_paths, want_scores = torch.ops.fastnlp.crf_viterbi_topk(case.emissions, case.mask, *case.params(), k)
         torch.testing.assert_close(scores, want_scores)
         torch.testing.assert_close(paths, want_paths)
@@ -479,12 +493,7 @@ def test_crf_kernels_on_random_sizes(emulated, B, T, K, seed, pinned):
                                                                  *case.params())
     torch.testing.assert_close(log_z, want_log_z)
     torch.testing.assert_close(alpha, want_alpha)
-    paths = torch.full((B, T), -7, dtype=torch.int64)
-    scores = torch.full((B,), float("nan"), dtype=torch.float64)
-    ws = workspace(emulated.emu_crf_viterbi_workspace_bytes(B, T, K, 8))
-    status = call(emulated, "emu_crf_viterbi", DTYPE_CODES[torch.float64], ptr(case.emissions), ptr(case.mask),
-                  *map(ptr, case.params()), B, T, K, ptr(paths), ptr(scores), ptr(ws))
-    assert status == CUDA_SUCCESS
+    paths, scores = emulated_viterbi(emulated, case)
     want_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
     torch.testing.assert_close(paths, want_paths)
     torch.testing.assert_close(scores, want_scores)
@@ -503,39 +512,23 @@ def test_crf_kernels_on_nan_and_infinite_scores_match_the_cpu_ops(emulated, wher
     if where == "transitions":
         case.transitions[2, 3] = float("nan")
         case.end[1] = float("inf")
-    B, T, K = case.B, case.T, case.K
     log_z, alpha = emulated_log_partition(emulated, case)
     want_log_z, want_alpha = torch.ops.fastnlp.crf_log_partition(case.emissions, case.mask, None, *case.params())
     torch.testing.assert_close(log_z, want_log_z, equal_nan=True)
     torch.testing.assert_close(alpha, want_alpha, equal_nan=True)
-    grads = [torch.full(shape, float("nan"), dtype=dtype) for shape in ((B, T, K), (B, K), (B, K), (B, K, K))]
-    ws = workspace(emulated.emu_crf_log_partition_backward_workspace_bytes(B, K, case.emissions.element_size()))
-    grad_log_z = torch.ones(B, dtype=dtype)
-    status = call(emulated, "emu_crf_log_partition_backward", DTYPE_CODES[dtype], ptr(grad_log_z),
-                  ptr(case.emissions), ptr(case.mask), None, ptr(case.end), ptr(case.transitions), ptr(alpha),
-                  ptr(log_z), B, T, K, *map(ptr, grads), ptr(ws))
-    assert status == CUDA_SUCCESS
+    grad_log_z = torch.ones(case.B, dtype=dtype)
+    grads = emulated_backward(emulated, case, grad_log_z, log_z, alpha)
     want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z, case.emissions, case.mask, None,
                                                         *case.params(), want_alpha, want_log_z)
-    for name, got, expected in zip(("emissions", "start", "end", "transitions"),
-                                   [grads[0]] + [g.sum(0) for g in grads[1:]], want):
+    for name, got, expected in zip(("emissions", "start", "end", "transitions"), grads, want):
         torch.testing.assert_close(got, expected, equal_nan=True, msg=lambda m, name=name: f"grad of {name}: {m}")
-    paths = torch.full((B, T), -7, dtype=torch.int64)
-    scores = torch.full((B,), 0.0, dtype=dtype)
-    ws = workspace(emulated.emu_crf_viterbi_workspace_bytes(B, T, K, case.emissions.element_size()))
-    status = call(emulated, "emu_crf_viterbi", DTYPE_CODES[dtype], ptr(case.emissions), ptr(case.mask),
-                  *map(ptr, case.params()), B, T, K, ptr(paths), ptr(scores), ptr(ws))
-    assert status == CUDA_SUCCESS
+    # Scores start as 0 here, not NaN: a score left unwritten must not pass for an expected NaN.
+    paths, scores = emulated_viterbi(emulated, case, score_fill=0.0)
     want_viterbi_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
     torch.testing.assert_close(scores, want_scores, equal_nan=True)
     torch.testing.assert_close(paths, want_viterbi_paths)
     k = 3
-    paths = torch.full((B, T, k), -7, dtype=torch.int64)
-    scores = torch.full((B, k), 0.0, dtype=dtype)
-    ws = workspace(emulated.emu_crf_viterbi_topk_workspace_bytes(B, T, K, k, case.emissions.element_size()))
-    status = call(emulated, "emu_crf_viterbi_topk", DTYPE_CODES[dtype], ptr(case.emissions), ptr(case.mask),
-                  *map(ptr, case.params()), B, T, K, k, ptr(paths), ptr(scores), ptr(ws))
-    assert status == CUDA_SUCCESS
+    paths, scores = emulated_topk(emulated, case, k, score_fill=0.0)
     want_paths, want_scores = torch.ops.fastnlp.crf_viterbi_topk(case.emissions, case.mask, *case.params(), k)
     torch.testing.assert_close(scores, want_scores, equal_nan=True)
     # The k best paths of an invalid sequence are unspecified (see crf.h): on
@@ -556,12 +549,7 @@ def test_crf_state_vectors_in_the_workspace(emulated):
     torch.testing.assert_close(log_z, want_log_z)
     torch.testing.assert_close(alpha, want_alpha)
     # Viterbi's 2K state scalars likewise.
-    paths = torch.full((2, 3), -7, dtype=torch.int64)
-    scores = torch.full((2,), float("nan"), dtype=torch.float64)
-    ws = workspace(emulated.emu_crf_viterbi_workspace_bytes(2, 3, 3100, 8))
-    status = call(emulated, "emu_crf_viterbi", DTYPE_CODES[torch.float64], ptr(case.emissions), ptr(case.mask),
-                  *map(ptr, case.params()), 2, 3, 3100, ptr(paths), ptr(scores), ptr(ws))
-    assert status == CUDA_SUCCESS
+    paths, scores = emulated_viterbi(emulated, case)
     want_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
     torch.testing.assert_close(scores, want_scores)
     torch.testing.assert_close(paths, want_paths)
@@ -574,28 +562,17 @@ def test_crf_backward_and_topk_with_state_vectors_in_the_workspace(emulated):
     case.mask[:] = True
     assert emulated.emu_crf_log_partition_backward_workspace_bytes(1, 2100, 8) >= 3 * 2100 * 8
     log_z, alpha = emulated_log_partition(emulated, case)
-    grads = [torch.full(shape, float("nan"), dtype=torch.float64) for shape in ((1, 2, 2100), (1, 2100), (1, 2100),
-                                                                                (1, 2100, 2100))]
-    ws = workspace(emulated.emu_crf_log_partition_backward_workspace_bytes(1, 2100, 8))
     grad_log_z = torch.ones(1, dtype=torch.float64)
-    status = call(emulated, "emu_crf_log_partition_backward", DTYPE_CODES[torch.float64], ptr(grad_log_z),
-                  ptr(case.emissions), ptr(case.mask), None, ptr(case.end), ptr(case.transitions), ptr(alpha),
-                  ptr(log_z), 1, 2, 2100, *map(ptr, grads), ptr(ws))
-    assert status == CUDA_SUCCESS
+    grads = emulated_backward(emulated, case, grad_log_z, log_z, alpha)
     want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z, case.emissions, case.mask, None, *case.params(),
                                                         alpha, log_z)
-    for got, expected in zip([grads[0]] + [g.sum(0) for g in grads[1:]], want):
+    for got, expected in zip(grads, want):
         torch.testing.assert_close(got, expected)
 
     case = CrfCase(B=2, T=3, K=70, dtype=torch.float64, seed=7)
     k = 100
     assert emulated.emu_crf_viterbi_topk_workspace_bytes(2, 3, 70, k, 8) >= 2 * 2 * 70 * k * 8
-    paths = torch.full((2, 3, k), -7, dtype=torch.int64)
-    scores = torch.full((2, k), float("nan"), dtype=torch.float64)
-    ws = workspace(emulated.emu_crf_viterbi_topk_workspace_bytes(2, 3, 70, k, 8))
-    status = call(emulated, "emu_crf_viterbi_topk", DTYPE_CODES[torch.float64], ptr(case.emissions), ptr(case.mask),
-                  *map(ptr, case.params()), 2, 3, 70, k, ptr(paths), ptr(scores), ptr(ws))
-    assert status == CUDA_SUCCESS
+    paths, scores = emulated_topk(emulated, case, k)
     want_paths, want_scores = torch.ops.fastnlp.crf_viterbi_topk(case.emissions, case.mask, *case.params(), k)
     torch.testing.assert_close(scores, want_scores)
     torch.testing.assert_close(paths, want_paths)

@@ -30,7 +30,6 @@ namespace kern = ::fastnlp::cuda_impl;
 // dtype codes: the element type of every floating pointer of one call.
 enum Dtype : int { kFloat32 = 0, kFloat64 = 1, kFloat16 = 2, kBFloat16 = 3 };
 
-
 // -2: a dtype code the launcher does not take.
 template <typename F>
 int with_type(int dtype, const F& f) {
