@@ -188,20 +188,26 @@ bool split_by_columns(const at::Tensor& out, int64_t n, int64_t threads) {
 }
 
 // out (rows, n) = beta * out + a (rows, k) @ b (k, n), b often a transposed
-// weight (beta 0 or 1; with 0 whatever out held is ignored). Split (see
+// weight (beta 0 or 1; with 0 whatever out held is ignored), through the
+// device's few-rows product where it takes it, else addmm_. Split (see
 // above), each thread takes its own block of b's columns (for a transposed
 // weight, a contiguous block of the weight's rows), which then stays in that
 // core's caches from one step to the next.
-void split_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta = 1.0) {
+void split_addmm_(const LstmStepKernels& kernels, at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
+                  double beta) {
+  const auto product = [&](at::Tensor& out_block, const at::Tensor& b_block) {
+    if (kernels.few_rows_addmm == nullptr || !kernels.few_rows_addmm(out_block, a, b_block, beta))
+      out_block.addmm_(a, b_block, beta);
+  };
   const int64_t n = b.size(1);
   const int64_t threads = at::get_num_threads();
   if (!split_by_columns(out, n, threads)) {
-    out.addmm_(a, b, beta);
+    product(out, b);
     return;
   }
   for_column_blocks(n, threads, [&](int64_t c0, int64_t c1) {
     at::Tensor out_block = out.narrow(1, c0, c1 - c0);
-    out_block.addmm_(a, b.narrow(1, c0, c1 - c0), beta);
+    product(out_block, b.narrow(1, c0, c1 - c0));
   });
 }
 
@@ -324,9 +330,9 @@ LstmForwardResult lstm_forward_impl(
     // it joins the gates, so it gets its own rows.
     at::Tensor step_rec = ln ? norm_hh.narrow(0, offset, rows) : at::Tensor();
     if (ln)
-      split_addmm_(step_rec, h_in, weight_hh_t, 0.0);
+      split_addmm_(kernels, step_rec, h_in, weight_hh_t, 0.0);
     else
-      split_addmm_(step_gates, h_in, weight_hh_t);
+      split_addmm_(kernels, step_gates, h_in, weight_hh_t, 1.0);
     at::Tensor step_out = output.narrow(0, offset, rows);
     LstmForwardStep step{step_gates,
                          c_state.narrow(0, 0, rows),
@@ -549,7 +555,7 @@ LstmBackwardResult lstm_backward_impl(
         step.grad_ln_cell = grad_ln_cell.narrow(0, at_row, rows);
       }
       kernels.backward(step);
-      split_addmm_(dh, ln ? step.grad_rec : step_grad_gates, weight_hh, 0.0);
+      split_addmm_(kernels, dh, ln ? step.grad_rec : step_grad_gates, weight_hh, 0.0);
       if (recurrent_mask.defined()) dh.mul_(recurrent_mask.narrow(0, 0, rows));
       if (step_grad_h_zoneout.defined()) dh.add_(step_grad_h_zoneout);
     }

@@ -72,6 +72,10 @@ struct LstmStepKernels {
   // all rows at once (all contiguous). nullptr: composed from ATen ops.
   void (*layer_norm_backward)(const at::Tensor& grad, const at::Tensor& norm, const at::Tensor& ln_stats,
                               const at::Tensor& gain, at::Tensor& out) = nullptr;
+  // Optional: out = beta * out + a @ b (beta 0 or 1) for a per-step product
+  // with few rows, where the device's own loops beat its BLAS; returns false,
+  // touching nothing, where it does not apply. nullptr, or false: addmm_.
+  bool (*few_rows_addmm)(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) = nullptr;
 };
 
 // Training-time regularisers, applied inside the time loop (all optional):

@@ -323,6 +323,38 @@ def test_wide_layer_splits_the_recurrent_product(lengths):
         torch.set_num_threads(threads)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hidden, proj", [(13, 0), (13, 11), (130, 0)])
+@pytest.mark.parametrize("dtype, layer_norm", [(torch.float32, False), (torch.float64, False), (torch.float64, True)])
+def test_few_rows_products_match_reference(threads, hidden, proj, dtype, layer_norm):
+    """Steps with one to five sequences alive: the CPU kernel's own products up
+    to four rows (csrc/cpu/few_rows_matmul.cpp: h W_hh^T forward, g W_hh
+    backward), MKL's for five. Sizes leave vector tails (13 = 8 + 5 floats,
+    3 * 4 + 1 doubles; P = 11), H = 130 with two threads splits W_hh in column
+    blocks (split_addmm_), and layer norm writes the forward's product into a
+    buffer that was never written (beta = 0). The reference runs in float64 on
+    the same values: in float32, sums of 130 to 520 unit-range terms stray
+    from it by up to ~4.5e-6 of a tensor's largest entry, in the float32
+    reference as in the kernel (measured), whatever their order."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lengths, packed in (([9, 7, 5, 3, 1], True), ([4], False), ([4, 4, 4], False)):
+            batch_sizes, tensors = make_layer_inputs(lengths, 13, hidden, proj, "both", dtype, "cpu", packed=packed)
+            ln = make_layer_norm(hidden, dtype, "cpu") if layer_norm else {}
+            exact = {k: v.detach().double().requires_grad_() if v is not None else None for k, v in tensors.items()}
+            for reverse in (False, True):
+                out, grads = layer_norm_outputs_and_grads(batch_sizes, tensors, ln, reverse)
+                ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, exact, ln, reverse,
+                                                                  backend="reference")
+                for a, b in zip(out + grads, ref_out + ref_grads):
+                    assert a.dtype == dtype
+                    error = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+                    assert error <= (1e-5 if dtype == torch.float32 else 1e-12), error
+    finally:
+        torch.set_num_threads(previous)
+
+
 # -- layer normalisation (the LayerNorm-LSTM of Ba et al.) --------------------
 
 LAYER_NORM_NAMES = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_hh_weight", "layer_norm_hh_bias",

@@ -11,6 +11,7 @@
 #include <cmath>
 #include <vector>
 
+#include "cpu/few_rows_matmul.h"
 #include "cpu/vector_loops.h"
 #include "lstm.h"
 
@@ -551,7 +552,8 @@ void layer_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& norm, con
   });
 }
 
-constexpr LstmStepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &layer_norm_backward_cpu};
+constexpr LstmStepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &layer_norm_backward_cpu,
+                                       &few_rows_addmm_};
 
 void check_cpu_dtype(const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
