@@ -211,6 +211,19 @@ void split_addmm_(const LstmStepKernels& kernels, at::Tensor& out, const at::Ten
   });
 }
 
+// x W_ih^T + bias (undefined: none) for all N rows: one GEMM, or, for a
+// cell step of a few rows, the device's few-rows product.
+at::Tensor input_product(const LstmStepKernels& kernels, const at::Tensor& input, const at::Tensor& weight_ih,
+                         const at::Tensor& bias) {
+  const int64_t N = input.size(0), G = weight_ih.size(0);
+  if (kernels.few_rows_addmm != nullptr && N <= kernels.few_rows_max) {
+    at::Tensor gates = at::empty({N, G}, input.options());  // never a view of the bias: it is written
+    if (bias.defined()) gates.copy_(bias.expand({N, G}));
+    if (kernels.few_rows_addmm(gates, input, weight_ih.t(), bias.defined() ? 1.0 : 0.0)) return gates;
+  }
+  return bias.defined() ? at::addmm(bias, input, weight_ih.t()) : at::mm(input, weight_ih.t());
+}
+
 // The backward pass walks the steps in chunks and does the work that does
 // not feed the recursion (the input and weight gradients: GEMMs over the
 // chunk's rows) as soon as a chunk is done, so the per-step gradients live
@@ -292,12 +305,14 @@ LstmForwardResult lstm_forward_impl(
     norm_hh = at::empty({N, 4 * H}, input.options());
     ln_stats = at::empty({N, 4}, input.options().dtype(ln_stats_dtype(input)));
     ln_stats.select(1, 0).copy_(rstd.reshape({N}));
-  } else if (has_tensor(bias_ih) && has_tensor(bias_hh))
-    gates = at::addmm(*bias_ih + *bias_hh, input, weight_ih.t());
-  else if (has_tensor(bias_ih) || has_tensor(bias_hh))
-    gates = at::addmm(has_tensor(bias_ih) ? *bias_ih : *bias_hh, input, weight_ih.t());
-  else
-    gates = at::mm(input, weight_ih.t());
+  } else {
+    at::Tensor bias;
+    if (has_tensor(bias_ih) && has_tensor(bias_hh))
+      bias = *bias_ih + *bias_hh;
+    else if (has_tensor(bias_ih) || has_tensor(bias_hh))
+      bias = has_tensor(bias_ih) ? *bias_ih : *bias_hh;
+    gates = input_product(kernels, input, weight_ih, bias);
+  }
   if (!ln) {  // three distinct tensors: outputs of an op must not alias
     norm_ih = at::empty({0}, input.options());
     norm_hh = at::empty({0}, input.options());

@@ -76,6 +76,7 @@ struct LstmStepKernels {
   // with few rows, where the device's own loops beat its BLAS; returns false,
   // touching nothing, where it does not apply. nullptr, or false: addmm_.
   bool (*few_rows_addmm)(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) = nullptr;
+  int64_t few_rows_max = 0;  // rows up to which few_rows_addmm may take a product
 };
 
 // Training-time regularisers, applied inside the time loop (all optional):

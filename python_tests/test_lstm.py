@@ -355,6 +355,28 @@ def test_few_rows_products_match_reference(threads, hidden, proj, dtype, layer_n
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("bias", ["both", "none", "ih", "hh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_cell_step_of_few_rows_matches_reference(bias, dtype):
+    """A step of one to four rows in all (an LSTMCell call, T = 1) also takes
+    its input product x W_ih^T + biases through the CPU's few-rows loop
+    (csrc/lstm.cpp, input_product), five rows through addmm; every bias
+    combination, gradients included; no argument written to (the bias is
+    where the product starts, and a (1, 4H) view of it is still the bias)."""
+    for rows in (1, 2, 4, 5):
+        batch_sizes, tensors = make_layer_inputs([1] * rows, 13, 7, 0, bias, dtype, "cpu", packed=False)
+        exact = {k: v.detach().clone().double().requires_grad_() if v is not None else None
+                 for k, v in tensors.items()}
+        out, grads = layer_norm_outputs_and_grads(batch_sizes, tensors, {}, False)
+        for name, value in tensors.items():
+            if value is not None:
+                assert torch.equal(value.double(), exact[name]), name
+        ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, exact, {}, False, backend="reference")
+        for a, b in zip(out + grads, ref_out + ref_grads):
+            error = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+            assert error <= (1e-6 if dtype == torch.float32 else 1e-14), (rows, error)
+
+
 # -- layer normalisation (the LayerNorm-LSTM of Ba et al.) --------------------
 
 LAYER_NORM_NAMES = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_hh_weight", "layer_norm_hh_bias",

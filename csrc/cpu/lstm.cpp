@@ -553,7 +553,7 @@ void layer_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& norm, con
 }
 
 constexpr LstmStepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &layer_norm_backward_cpu,
-                                       &few_rows_addmm_};
+                                       &few_rows_addmm_, kFewRowsMax};
 
 void check_cpu_dtype(const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
