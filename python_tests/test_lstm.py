@@ -355,6 +355,30 @@ def test_few_rows_products_match_reference(threads, hidden, proj, dtype, layer_n
         torch.set_num_threads(previous)
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+def test_column_major_weights_match_reference(threads):
+    """Weights whose columns, not rows, are contiguous (x.t().contiguous().t():
+    what a transposed parameter looks like) give the few-rows loops the other
+    layout of each product (csrc/cpu/few_rows_matmul.cpp), or MKL where
+    neither fits; few rows and many, 4H = 64 and P = 16 so that both
+    layouts' multiple-of-four conditions hold."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for lengths, packed in (([5, 3, 1], True), ([3], False), ([6] * 7, False)):
+            batch_sizes, tensors = make_layer_inputs(lengths, 12, 16, 0, "both", torch.float64, "cpu", packed=packed)
+            for name in ("weight_ih", "weight_hh"):
+                tensors[name] = tensors[name].detach().t().contiguous().t().requires_grad_()
+                assert not tensors[name].is_contiguous()
+            for reverse in (False, True):
+                out, grads = outputs_and_grads(batch_sizes, tensors, reverse)
+                ref_out, ref_grads = outputs_and_grads(batch_sizes, tensors, reverse, backend="reference")
+                for a, b in zip(out + grads, ref_out + ref_grads):
+                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    finally:
+        torch.set_num_threads(previous)
+
+
 @pytest.mark.parametrize("bias", ["both", "none", "ih", "hh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cell_step_of_few_rows_matches_reference(bias, dtype):
