@@ -14,6 +14,8 @@ lengths drawn from [T/2, T]):
   direction), what users of a cell write for custom recurrences;
   these two also time "matrix products alone", a floor (see _products_alone);
 * "inference B=1": forward only, no autograd, one sequence: serving latency;
+* "cell loop inference B=1": the same sequence through a Python loop over
+  LSTMCell steps, no autograd: a greedy decoder's per-token step;
 * "layer_norm fwd+bwd padded": LSTM(..., layer_norm=True) against the same
   model on the pure-PyTorch reference (F.layer_norm in a Python time loop,
   the obvious way to write a LayerNorm-LSTM), with fastnlp's plain LSTM as a
@@ -73,7 +75,9 @@ def cases(device: str, quick: bool) -> List[Case]:
             d = _Data(*shape, device=device, fastnlp_nn=fastnlp.nn, dtype=torch.bfloat16)
             out.append(_padded_case(d))
             out.append(_packed_case(d))
-    out.append(_latency_case(_Data(*LATENCY_SHAPE, device=device, fastnlp_nn=fastnlp.nn)))
+    latency = _Data(*LATENCY_SHAPE, device=device, fastnlp_nn=fastnlp.nn)
+    out.append(_latency_case(latency))
+    out.append(_cell_inference_case(latency))
     return out
 
 
@@ -348,3 +352,22 @@ def _latency_case(d: _Data) -> Case:
         return f"outputs differ by {(results[OURS] - results[TORCH]).abs().max().item():.3g}"
 
     return Case(op=OP, name=f"inference {d.shape}", impls=impls, baselines=[TORCH], ours=OURS, check=check)
+
+
+def _cell_inference_case(d: _Data) -> Case:
+    def loop(cell):
+        with torch.no_grad():
+            h = c = d.x_nograd.new_zeros(d.x_nograd.size(1), cell.hidden_size)
+            for x_t in d.x_nograd.unbind(0):
+                h, c = cell(x_t, (h, c))
+            return h
+
+    impls = {OURS: lambda: loop(d.ours_cell), TORCH_CELL: lambda: loop(d.torch_cell)}
+
+    def check(results):
+        if torch.allclose(results[OURS], results[TORCH_CELL], rtol=1e-3, atol=1e-4):
+            return None
+        return f"last states differ by {(results[OURS] - results[TORCH_CELL]).abs().max().item():.3g}"
+
+    return Case(op=OP, name=f"cell loop inference {d.shape.replace(' bi', ' uni')}", impls=impls,
+                baselines=[TORCH_CELL], ours=OURS, check=check)
