@@ -2,6 +2,8 @@
 pure-PyTorch reference: outputs and every gradient over random shapes, lengths,
 directions, projections and dtypes; gradcheck; opcheck; torch.compile; errors."""
 
+import contextlib
+
 import pytest
 import torch
 from hypothesis import given
@@ -56,6 +58,26 @@ def run_layer(batch_sizes, tensors, reverse, backend=None, regularisers=None):
     t = tensors
     return lstm_layer(t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
                       t["bias_hh"], t["weight_hr"], reverse, backend=backend, **(regularisers or {}))
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads):
+    """torch's intra-op thread count set to `threads` inside, put back after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def assert_both_directions_match_reference(batch_sizes, tensors, rtol, atol):
+    """Outputs and every gradient of the kernel and the reference, forward and reverse, are close."""
+    for reverse in (False, True):
+        out, grads = outputs_and_grads(batch_sizes, tensors, reverse)
+        ref_out, ref_grads = outputs_and_grads(batch_sizes, tensors, reverse, backend="reference")
+        for a, b in zip(out + grads, ref_out + ref_grads):
+            torch.testing.assert_close(a, b, rtol=rtol, atol=atol)
 
 
 def outputs_and_grads(batch_sizes, tensors, reverse, backend=None, seed=1, regularisers=None):
@@ -308,19 +330,11 @@ def test_wide_layer_splits_the_recurrent_product(lengths):
     splits the per-step products over threads (csrc/lstm.cpp, split_addmm_),
     with few rows and with many: values and gradients must not change, and the
     worker threads must not see autograd."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
+    with intra_op_threads(2):
         for proj in (0, 129):
             batch_sizes, tensors = make_layer_inputs(lengths, 7, 130, proj, "both", torch.float64, "cpu")
-            for reverse in (False, True):
-                out, grads = outputs_and_grads(batch_sizes, tensors, reverse)
-                ref_out, ref_grads = outputs_and_grads(batch_sizes, tensors, reverse, backend="reference")
-                for a, b in zip(out + grads, ref_out + ref_grads):
-                    # Sums over 520 gate rows of unit-range weights: float64 rounding reaches 1e-10.
-                    torch.testing.assert_close(a, b, rtol=1e-8, atol=1e-8)
-    finally:
-        torch.set_num_threads(threads)
+            # Sums over 520 gate rows of unit-range weights: float64 rounding reaches 1e-10.
+            assert_both_directions_match_reference(batch_sizes, tensors, rtol=1e-8, atol=1e-8)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -336,9 +350,7 @@ def test_few_rows_products_match_reference(threads, hidden, proj, dtype, layer_n
     the same values: in float32, sums of 130 to 520 unit-range terms stray
     from it by up to ~4.5e-6 of a tensor's largest entry, in the float32
     reference as in the kernel (measured), whatever their order."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         for lengths, packed in (([9, 7, 5, 3, 1], True), ([4], False), ([4, 4, 4], False)):
             batch_sizes, tensors = make_layer_inputs(lengths, 13, hidden, proj, "both", dtype, "cpu", packed=packed)
             ln = make_layer_norm(hidden, dtype, "cpu") if layer_norm else {}
@@ -351,8 +363,6 @@ def test_few_rows_products_match_reference(threads, hidden, proj, dtype, layer_n
                     assert a.dtype == dtype
                     error = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
                     assert error <= (1e-5 if dtype == torch.float32 else 1e-12), error
-    finally:
-        torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("threads", [1, 2])
@@ -362,21 +372,13 @@ def test_column_major_weights_match_reference(threads):
     layout of each product (csrc/cpu/few_rows_matmul.cpp), or MKL where
     neither fits; few rows and many, 4H = 64 and P = 16 so that both
     layouts' multiple-of-four conditions hold."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         for lengths, packed in (([5, 3, 1], True), ([3], False), ([6] * 7, False)):
             batch_sizes, tensors = make_layer_inputs(lengths, 12, 16, 0, "both", torch.float64, "cpu", packed=packed)
             for name in ("weight_ih", "weight_hh"):
                 tensors[name] = tensors[name].detach().t().contiguous().t().requires_grad_()
                 assert not tensors[name].is_contiguous()
-            for reverse in (False, True):
-                out, grads = outputs_and_grads(batch_sizes, tensors, reverse)
-                ref_out, ref_grads = outputs_and_grads(batch_sizes, tensors, reverse, backend="reference")
-                for a, b in zip(out + grads, ref_out + ref_grads):
-                    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    finally:
-        torch.set_num_threads(previous)
+            assert_both_directions_match_reference(batch_sizes, tensors, rtol=1e-10, atol=1e-10)
 
 
 @pytest.mark.parametrize("bias", ["both", "none", "ih", "hh"])
@@ -646,13 +648,9 @@ def test_pair_equals_two_single_direction_layers(dtype, threads, packed, proj, r
     def loss(outputs):
         return sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs)
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with intra_op_threads(threads):
         pair = lstm_layer_pair(input, batch_sizes, fwd, rev)
         pair_grads = torch.autograd.grad(loss(pair[0] + pair[1]), differentiable)
-    finally:
-        torch.set_num_threads(previous)
     single = tuple(lstm_layer(input, batch_sizes, reverse=reverse, **t) for reverse, t in ((False, fwd), (True, rev)))
     g.manual_seed(5)
     single_grads = torch.autograd.grad(loss(single[0] + single[1]), differentiable)
