@@ -450,37 +450,60 @@ def emulated_topk(lib, case, k, score_fill=float("nan")):
     return paths, scores
 
 
+def assert_log_partition_matches_cpu(lib, case, equal_nan=False):
+    """The emulated forward against the CPU op; returns both (log_z, alpha): emulated, then CPU."""
+    log_z, alpha = emulated_log_partition(lib, case)
+    want_log_z, want_alpha = torch.ops.fastnlp.crf_log_partition(case.emissions, case.mask, case.tags,
+                                                                 *case.params())
+    torch.testing.assert_close(log_z, want_log_z, equal_nan=equal_nan)
+    torch.testing.assert_close(alpha, want_alpha, equal_nan=equal_nan)
+    return (log_z, alpha), (want_log_z, want_alpha)
+
+
+def assert_backward_matches_cpu(lib, case, grad_log_z, emulated_forward, cpu_forward, equal_nan=False):
+    """The emulated backward (from the emulated forward's log_z, alpha) against the CPU op (from its own)."""
+    grads = emulated_backward(lib, case, grad_log_z, *emulated_forward)
+    want_log_z, want_alpha = cpu_forward
+    want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z, case.emissions, case.mask, case.tags,
+                                                        *case.params(), want_alpha, want_log_z)
+    for name, got, expected in zip(("emissions", "start", "end", "transitions"), grads, want):
+        torch.testing.assert_close(got, expected, equal_nan=equal_nan,
+                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+
+
+def assert_viterbi_matches_cpu(lib, case, equal_nan=False):
+    """The emulated Viterbi against the CPU op; returns the CPU op's paths. Where
+    NaN scores may be expected (equal_nan) the scores start as 0, not NaN, so
+    that a score left unwritten cannot pass for an expected NaN."""
+    paths, scores = emulated_viterbi(lib, case, score_fill=0.0 if equal_nan else float("nan"))
+    want_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
+    torch.testing.assert_close(scores, want_scores, equal_nan=equal_nan)
+    torch.testing.assert_close(paths, want_paths)
+    return want_paths
+
+
+def assert_topk_matches_cpu(lib, case, k):
+    paths, scores = emulated_topk(lib, case, k)
+    want_paths, want_scores = torch.ops.fastnlp.crf_viterbi_topk(case.emissions, case.mask, *case.params(), k)
+    torch.testing.assert_close(scores, want_scores)
+    torch.testing.assert_close(paths, want_paths)
+
+
 @pytest.mark.parametrize("dtype,K", CRF_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("pinned", [False, True], ids=["free", "pinned"])
 def test_crf_log_partition_and_backward_match_the_cpu_ops(emulated, dtype, K, pinned):
     case = CrfCase(B=3, T=6, K=K, dtype=dtype, seed=K, pinned=pinned)
-    log_z, alpha = emulated_log_partition(emulated, case)
-    want_log_z, want_alpha = torch.ops.fastnlp.crf_log_partition(case.emissions, case.mask, case.tags,
-                                                                 *case.params())
-    torch.testing.assert_close(log_z, want_log_z)
-    torch.testing.assert_close(alpha, want_alpha)
-
+    emulated_forward, cpu_forward = assert_log_partition_matches_cpu(emulated, case)
     grad_log_z = torch.randn(case.B, dtype=dtype, generator=torch.Generator().manual_seed(1))
-    grads = emulated_backward(emulated, case, grad_log_z, log_z, alpha)
-    want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z, case.emissions, case.mask, case.tags,
-                                                        *case.params(), want_alpha, want_log_z)
-    for name, got, expected in zip(("emissions", "start", "end", "transitions"), grads, want):
-        torch.testing.assert_close(got, expected, msg=lambda m, name=name: f"grad of {name}: {m}")
+    assert_backward_matches_cpu(emulated, case, grad_log_z, emulated_forward, cpu_forward)
 
 
 @pytest.mark.parametrize("dtype,K", CRF_CASES, ids=lambda v: str(v))
 def test_crf_viterbi_and_topk_match_the_cpu_ops(emulated, dtype, K):
     case = CrfCase(B=3, T=5, K=K, dtype=dtype, seed=100 + K)
-    paths, scores = emulated_viterbi(emulated, case)
-    want_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
-    torch.testing.assert_close(paths, want_paths)
-    torch.testing.assert_close(scores, want_scores)
-
+    assert_viterbi_matches_cpu(emulated, case)
     for k in (1, 3):
-        paths, scores = emulated_topk(emulated, case, k)
-        want_paths, want_scores = torch.ops.fastnlp.crf_viterbi_topk(case.emissions, case.mask, *case.params(), k)
-        torch.testing.assert_close(scores, want_scores)
-        torch.testing.assert_close(paths, want_paths)
+        assert_topk_matches_cpu(emulated, case, k)
 
 
 @given(B=st.integers(1, 4), T=st.integers(0, 6), K=st.integers(1, 40), seed=st.integers(0, 2**32 - 1),
@@ -488,15 +511,8 @@ def test_crf_viterbi_and_topk_match_the_cpu_ops(emulated, dtype, K):
 def test_crf_kernels_on_random_sizes(emulated, B, T, K, seed, pinned):
     emulated.emu_set_seed(seed)  # the order the threads run in, too
     case = CrfCase(B, T, K, torch.float64, seed, pinned)
-    log_z, alpha = emulated_log_partition(emulated, case)
-    want_log_z, want_alpha = torch.ops.fastnlp.crf_log_partition(case.emissions, case.mask, case.tags,
-                                                                 *case.params())
-    torch.testing.assert_close(log_z, want_log_z)
-    torch.testing.assert_close(alpha, want_alpha)
-    paths, scores = emulated_viterbi(emulated, case)
-    want_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
-    torch.testing.assert_close(paths, want_paths)
-    torch.testing.assert_close(scores, want_scores)
+    assert_log_partition_matches_cpu(emulated, case)
+    assert_viterbi_matches_cpu(emulated, case)
 
 
 @pytest.mark.parametrize("where", ["emissions", "transitions"])
@@ -512,21 +528,10 @@ def test_crf_kernels_on_nan_and_infinite_scores_match_the_cpu_ops(emulated, wher
     if where == "transitions":
         case.transitions[2, 3] = float("nan")
         case.end[1] = float("inf")
-    log_z, alpha = emulated_log_partition(emulated, case)
-    want_log_z, want_alpha = torch.ops.fastnlp.crf_log_partition(case.emissions, case.mask, None, *case.params())
-    torch.testing.assert_close(log_z, want_log_z, equal_nan=True)
-    torch.testing.assert_close(alpha, want_alpha, equal_nan=True)
+    emulated_forward, cpu_forward = assert_log_partition_matches_cpu(emulated, case, equal_nan=True)
     grad_log_z = torch.ones(case.B, dtype=dtype)
-    grads = emulated_backward(emulated, case, grad_log_z, log_z, alpha)
-    want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z, case.emissions, case.mask, None,
-                                                        *case.params(), want_alpha, want_log_z)
-    for name, got, expected in zip(("emissions", "start", "end", "transitions"), grads, want):
-        torch.testing.assert_close(got, expected, equal_nan=True, msg=lambda m, name=name: f"grad of {name}: {m}")
-    # Scores start as 0 here, not NaN: a score left unwritten must not pass for an expected NaN.
-    paths, scores = emulated_viterbi(emulated, case, score_fill=0.0)
-    want_viterbi_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
-    torch.testing.assert_close(scores, want_scores, equal_nan=True)
-    torch.testing.assert_close(paths, want_viterbi_paths)
+    assert_backward_matches_cpu(emulated, case, grad_log_z, emulated_forward, cpu_forward, equal_nan=True)
+    want_viterbi_paths = assert_viterbi_matches_cpu(emulated, case, equal_nan=True)
     k = 3
     paths, scores = emulated_topk(emulated, case, k, score_fill=0.0)
     want_paths, want_scores = torch.ops.fastnlp.crf_viterbi_topk(case.emissions, case.mask, *case.params(), k)
@@ -544,15 +549,9 @@ def test_crf_state_vectors_in_the_workspace(emulated):
     # the forward and Viterbi kernels.
     case = CrfCase(B=2, T=3, K=3100, dtype=torch.float64, seed=5)
     assert emulated.emu_crf_log_partition_workspace_bytes(2, 3100, 8) >= 2 * 2 * 3100 * 8
-    log_z, alpha = emulated_log_partition(emulated, case)
-    want_log_z, want_alpha = torch.ops.fastnlp.crf_log_partition(case.emissions, case.mask, None, *case.params())
-    torch.testing.assert_close(log_z, want_log_z)
-    torch.testing.assert_close(alpha, want_alpha)
+    assert_log_partition_matches_cpu(emulated, case)
     # Viterbi's 2K state scalars likewise.
-    paths, scores = emulated_viterbi(emulated, case)
-    want_paths, want_scores = torch.ops.fastnlp.crf_viterbi(case.emissions, case.mask, *case.params())
-    torch.testing.assert_close(scores, want_scores)
-    torch.testing.assert_close(paths, want_paths)
+    assert_viterbi_matches_cpu(emulated, case)
 
 
 def test_crf_backward_and_topk_with_state_vectors_in_the_workspace(emulated):
@@ -561,21 +560,15 @@ def test_crf_backward_and_topk_with_state_vectors_in_the_workspace(emulated):
     case = CrfCase(B=1, T=2, K=2100, dtype=torch.float64, seed=6)
     case.mask[:] = True
     assert emulated.emu_crf_log_partition_backward_workspace_bytes(1, 2100, 8) >= 3 * 2100 * 8
-    log_z, alpha = emulated_log_partition(emulated, case)
+    emulated_forward = emulated_log_partition(emulated, case)
     grad_log_z = torch.ones(1, dtype=torch.float64)
-    grads = emulated_backward(emulated, case, grad_log_z, log_z, alpha)
-    want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z, case.emissions, case.mask, None, *case.params(),
-                                                        alpha, log_z)
-    for got, expected in zip(grads, want):
-        torch.testing.assert_close(got, expected)
+    # (The CPU backward also from the emulated forward's log_z and alpha, as before.)
+    assert_backward_matches_cpu(emulated, case, grad_log_z, emulated_forward, emulated_forward)
 
     case = CrfCase(B=2, T=3, K=70, dtype=torch.float64, seed=7)
     k = 100
     assert emulated.emu_crf_viterbi_topk_workspace_bytes(2, 3, 70, k, 8) >= 2 * 2 * 70 * k * 8
-    paths, scores = emulated_topk(emulated, case, k)
-    want_paths, want_scores = torch.ops.fastnlp.crf_viterbi_topk(case.emissions, case.mask, *case.params(), k)
-    torch.testing.assert_close(scores, want_scores)
-    torch.testing.assert_close(paths, want_paths)
+    assert_topk_matches_cpu(emulated, case, k)
 
 
 def test_crf_launchers_refuse_bad_sizes_and_skip_an_empty_batch(emulated):
