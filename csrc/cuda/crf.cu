@@ -48,6 +48,7 @@ struct Math;
 template <>
 struct Math<float> {
   static __device__ __forceinline__ float inf() { return static_cast<float>(INFINITY); }
+  static __device__ __forceinline__ float nan() { return static_cast<float>(NAN); }
   static __device__ __forceinline__ float exp(float x) { return ::expf(x); }
   static __device__ __forceinline__ float log(float x) { return ::logf(x); }
 };
@@ -55,6 +56,7 @@ struct Math<float> {
 template <>
 struct Math<double> {
   static __device__ __forceinline__ double inf() { return static_cast<double>(INFINITY); }
+  static __device__ __forceinline__ double nan() { return static_cast<double>(NAN); }
   static __device__ __forceinline__ double exp(double x) { return ::exp(x); }
   static __device__ __forceinline__ double log(double x) { return ::log(x); }
 };
@@ -180,7 +182,7 @@ __device__ __forceinline__ void select_k_best(int n_lists, int list_len, int cou
       }
     }
     if (!found) {
-      const scalar_t nan = Math<scalar_t>::inf() - Math<scalar_t>::inf();
+      const scalar_t nan = Math<scalar_t>::nan();
       for (; n < count; ++n) emit(n, nan, 0, 0);
       return;
     }
@@ -255,7 +257,7 @@ __global__ void __launch_bounds__(kMaxThreads)
 
   if (invalid_sequence(emissions + b * T * K, mask + b * T, T, K, start, end, transitions)) {
     // NaN throughout, which the backward kernel reads as "invalid".
-    const scalar_t nan = M::inf() - M::inf();
+    const scalar_t nan = M::nan();
     for (int64_t idx = threadIdx.x; idx < T * K; idx += blockDim.x) alpha[b * T * K + idx] = nan;
     if (threadIdx.x == 0) log_partition[b] = nan;
     return;
@@ -344,7 +346,7 @@ __global__ void __launch_bounds__(kMaxThreads) crf_backward_kernel(
   // An invalid score (the forward kernel made log Z NaN): NaN at the selected
   // positions and in the parameter shares, 0 at the other positions.
   if (is_nan(log_z)) {
-    const scalar_t nan = M::inf() - M::inf();
+    const scalar_t nan = M::nan();
     for (int64_t t = 0; t < T; ++t) {
       const scalar_t value = mask[b * T + t] ? nan : scalar_t(0);
       for (int j = threadIdx.x; j < K; j += blockDim.x) ge[t * K + j] = value;
@@ -482,7 +484,7 @@ __global__ void __launch_bounds__(kMaxThreads)
   if (threadIdx.x != 0) return;
   int64_t* path = paths + b * T;
   if (t_first < 0) {  // the empty path
-    scores[b] = invalid ? Math<scalar_t>::inf() - Math<scalar_t>::inf() : scalar_t(0);
+    scores[b] = invalid ? Math<scalar_t>::nan() : scalar_t(0);
     for (int64_t t = 0; t < T; ++t) path[t] = -1;
     return;
   }
@@ -495,7 +497,7 @@ __global__ void __launch_bounds__(kMaxThreads)
       state = j;
     }
   }
-  scores[b] = invalid ? Math<scalar_t>::inf() - Math<scalar_t>::inf() : best;
+  scores[b] = invalid ? Math<scalar_t>::nan() : best;
   for (int64_t t = T - 1; t >= 0; --t) {
     const int64_t bt = b * T + t;
     if (!mask[bt]) {
@@ -585,7 +587,7 @@ __global__ void __launch_bounds__(kMaxThreads) crf_viterbi_topk_kernel(
       fin[n] = -1;
     }
     if (invalid) {
-      for (int n = 0; n < k; ++n) score_row[n] = M::inf() - M::inf();
+      for (int n = 0; n < k; ++n) score_row[n] = M::nan();
     }
   }
   __syncthreads();
