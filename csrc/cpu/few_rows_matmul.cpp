@@ -124,6 +124,7 @@ FASTNLP_FEW_ROWS_KERNELS(double)
 bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
   if (beta != 0.0 && beta != 1.0) return false;
   if (!out.is_cpu() || !a.is_cpu() || !b.is_cpu() || out.dim() != 2 || a.dim() != 2 || b.dim() != 2) return false;
+  if (a.size(0) > kFewRowsMax) return false;  // first: most steps of a training batch stop here
   const at::ScalarType dtype = out.scalar_type();
   if ((dtype != at::kFloat && dtype != at::kDouble) || a.scalar_type() != dtype || b.scalar_type() != dtype)
     return false;
@@ -131,7 +132,6 @@ bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   if (b.size(0) != K || out.size(0) != M || out.size(1) != N) return false;
   // Rows of a and out contiguous, out's rows apart (no row written twice).
   if (a.stride(1) != 1 || out.stride(1) != 1 || (M > 1 && out.stride(0) < N)) return false;
-  if (M > kFewRowsMax) return false;
   // b = W^T with W's rows contiguous, four of them at a time; or b's rows
   // contiguous, four at a time. (4H, the gates, is a multiple of four.)
   const bool transposed = b.stride(0) == 1 && N % 4 == 0;
