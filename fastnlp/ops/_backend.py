@@ -5,6 +5,8 @@ from typing import Optional
 
 import torch
 
+from fastnlp import _C
+
 BACKENDS = ("auto", "reference")
 
 
@@ -12,9 +14,15 @@ def use_reference(backend: Optional[str]) -> bool:
     """True when the reference path is asked for, by `backend=` or FASTNLP_BACKEND.
 
     `backend=None` defers to the FASTNLP_BACKEND environment variable (default
-    "auto": the compiled kernel for the tensors' device).
+    "auto": the compiled kernel for the tensors' device), read on every call.
     """
-    choice = backend if backend is not None else os.environ.get("FASTNLP_BACKEND", "auto")
+    if backend is not None:
+        choice = backend
+    elif is_compiling():
+        choice = os.environ.get("FASTNLP_BACKEND", "auto")  # what dynamo traces; _C's reader it cannot
+    else:
+        from_environment = _C.backend_from_environment()
+        choice = "auto" if from_environment is None else from_environment
     if choice not in BACKENDS:
         source = "backend" if backend is not None else "FASTNLP_BACKEND"
         raise ValueError(f"{source} must be one of {BACKENDS}, got {choice!r}")
