@@ -239,6 +239,8 @@ def test_constructor_errors_match_torch(kwargs):
         lambda m: m(torch.randn(2, 3), (torch.zeros(3, 4), torch.zeros(2, 4))),  # batch mismatch
         lambda m: m(torch.randn(2, 3), (torch.zeros(2, 4), torch.zeros(2, 5))),  # hidden size mismatch
         lambda m: m(torch.randn(2, 3), (torch.zeros(2, 4, 1), torch.zeros(2, 4))),  # 3-D hx
+        lambda m: m(torch.randn(2, 3), (torch.zeros(4), torch.zeros(4))),  # batched input, 1-D hx
+        lambda m: m(torch.randn(3), (torch.zeros(2, 4), torch.zeros(2, 4))),  # unbatched input, 2-D hx
     ],
 )
 def test_cell_errors_match_torch(call):
@@ -264,6 +266,31 @@ class StepLoop(torch.nn.Module):
 
 def test_cell_step_loop_matches_torch():
     theirs, ours = twin_modules(torch.nn.LSTMCell, 3, 4)
+    x = torch.randn(6, 2, 3, requires_grad=True)
+    assert_same_forward_and_backward(StepLoop(theirs), StepLoop(ours), (x,), {}, rtol=1e-5, atol=1e-5)
+
+
+def _old_weight_norm(module, name):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.nn.utils.weight_norm is deprecated
+        torch.nn.utils.weight_norm(module, name)
+
+
+@pytest.mark.parametrize("name", ["weight_hh", "bias_ih"])
+@pytest.mark.parametrize("reparametrize", [torch.nn.utils.parametrizations.weight_norm, _old_weight_norm])
+def test_cell_with_reparametrized_weights_matches_torch(reparametrize, name):
+    """A parametrization makes a weight a property, the old weight_norm a plain
+    attribute recomputed before each call: LSTMCell must use what they give,
+    not the parameter they replaced."""
+    theirs, ours = twin_modules(torch.nn.LSTMCell, 3, 4)
+    for module in (theirs, ours):
+        reparametrize(module, name)
+        assert name not in module._parameters
+    ours.load_state_dict(theirs.state_dict())
+    with torch.no_grad():  # weights unlike those the cell was built with: a stale one would show
+        for module in (theirs, ours):
+            for parameter in module.parameters():
+                parameter.mul_(torch.linspace(0.5, 1.5, parameter.numel()).reshape(parameter.shape))
     x = torch.randn(6, 2, 3, requires_grad=True)
     assert_same_forward_and_backward(StepLoop(theirs), StepLoop(ours), (x,), {}, rtol=1e-5, atol=1e-5)
 

@@ -95,14 +95,15 @@ def _check_hx_pair(hx, module: str, op: str) -> None:
 
 def _check_devices(input: Tensor, hx: Sequence[Tensor], parameters) -> None:
     """ATen's RNN check (check_attributes): hidden states, then parameters, on input's device."""
+    device = input.device  # read once: each .device builds a new torch.device, a cost per LSTMCell step
     for value in hx:
-        if value.device != input.device:
+        if value.device != device:
             raise RuntimeError("Input and hidden tensors are not at the same device, found input tensor at "
-                               f"{input.device} and hidden tensor at {value.device}")
+                               f"{device} and hidden tensor at {value.device}")
     for parameter in parameters:
-        if parameter is not None and parameter.device != input.device:
+        if parameter is not None and parameter.device != device:
             raise RuntimeError("Input and parameter tensors are not at the same device, found input tensor at "
-                               f"{input.device} and parameter tensor at {parameter.device}")
+                               f"{device} and parameter tensor at {parameter.device}")
 
 
 def _check_dtype(input: Tensor, value: Tensor, kind: str) -> None:
@@ -113,6 +114,9 @@ def _check_dtype(input: Tensor, value: Tensor, kind: str) -> None:
         raise RuntimeError(f"Input and {kind} tensors are not the same dtype, found input tensor with "
                            f"{input.dtype} and {kind} tensor with {value.dtype}")
 
+
+# LSTMCell's weights, in lstm_ops.lstm_cell's order.
+_CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 
 # The functional API's argument names, in the order parameters are registered.
 _LAYER_NORM_KINDS = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_hh_weight", "layer_norm_hh_bias",
@@ -480,27 +484,41 @@ class LSTMCell(nn.Module):
             hx = (zeros, zeros)
         elif not batched:
             hx = (hx[0].unsqueeze(0), hx[1].unsqueeze(0))
-        self._check_step(input, hx)
-        layer_norm = {kind: getattr(self, kind) for kind in _LAYER_NORM_KINDS} if self.layer_norm else {}
-        h, c = lstm_ops.lstm_cell(input, hx[0], hx[1], self.weight_ih, self.weight_hh, self.bias_ih, self.bias_hh,
-                                  **layer_norm)
+        weight_ih, weight_hh, bias_ih, bias_hh = self._weights(_CELL_WEIGHTS)
+        self._check_step(input, hx, weight_ih)
+        layer_norm = dict(zip(_LAYER_NORM_KINDS, self._weights(_LAYER_NORM_KINDS))) if self.layer_norm else {}
+        h, c = lstm_ops.lstm_cell(input, hx[0], hx[1], weight_ih, weight_hh, bias_ih, bias_hh, **layer_norm)
         if not batched:
             return h.squeeze(0), c.squeeze(0)
         return h, c
 
-    def _check_step(self, input: Tensor, hx: HiddenState) -> None:
+    def _weights(self, names: Sequence[str]) -> List[Optional[Tensor]]:
+        """The named weights, read from _parameters where all of them are there.
+
+        nn.Module.__getattr__ costs microseconds a name, which a step loop at
+        batch 1 pays every step. A parametrization (torch.nn.utils.parametrize)
+        or the old weight_norm turns a weight into a property or a plain
+        attribute, found only by getattr.
+        """
+        parameters = self._parameters
+        try:
+            return [parameters[name] for name in names]
+        except KeyError:
+            return [getattr(self, name) for name in names]
+
+    def _check_step(self, input: Tensor, hx: HiddenState, weight_ih: Tensor) -> None:
         """torch's checks for one cell step (ATen's check_rnn_cell_forward_*), with its messages."""
-        if input.size(1) != self.input_size:
-            raise RuntimeError(f"input has inconsistent input_size: got {input.size(1)} expected {self.input_size}")
+        batch, features = input.shape  # 2-D here; hx need not be (size() fails as torch's check does)
+        if features != self.input_size:
+            raise RuntimeError(f"input has inconsistent input_size: got {features} expected {self.input_size}")
         for index, value in enumerate(hx):
-            if input.size(0) != value.size(0):
-                raise RuntimeError(
-                    f"Input batch size {input.size(0)} doesn't match hidden{index} batch size {value.size(0)}")
+            if value.size(0) != batch:
+                raise RuntimeError(f"Input batch size {batch} doesn't match hidden{index} batch size {value.size(0)}")
             if value.size(1) != self.hidden_size:
                 raise RuntimeError(
                     f"hidden{index} has inconsistent hidden_size: got {value.size(1)}, expected {self.hidden_size}")
         _check_devices(input, hx, self._parameters.values())  # the module's own (absent biases: None)
         # input and h enter matrix products with the weights, so must share
         # their dtype; c need not (lstm_ops.lstm_cell promotes, as torch does).
-        _check_dtype(input, self.weight_ih, "parameter")
+        _check_dtype(input, weight_ih, "parameter")
         _check_dtype(input, hx[0], "hidden")

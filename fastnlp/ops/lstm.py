@@ -96,9 +96,16 @@ def _autocast_dtype(input: Tensor) -> Optional[torch.dtype]:
     torch.compile before torch 2.6 cannot trace is_autocast_available (a
     graph break, so fullgraph=True fails).
     """
-    device_type = input.device.type
-    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
-        return None
+    # is_cpu / is_cuda first: input.device.type builds a torch.device, a
+    # cost an LSTMCell step loop at batch 1 pays every step.
+    if input.is_cpu:
+        device_type = "cpu"
+    elif input.is_cuda:
+        device_type = "cuda"
+    else:
+        device_type = input.device.type
+        if not torch.amp.is_autocast_available(device_type):
+            return None
     if not torch.is_autocast_enabled(device_type):
         return None
     return torch.get_autocast_dtype(device_type)
@@ -199,7 +206,7 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
                                           **dict(zip(_LAYER_NORM_NAMES, rest[4:])))
         h_dtype, c_dtype = _autocast_result_dtypes(input.device.type, compute, c0.dtype, weight_hr is not None)
         return output.to(h_dtype), h_n.to(h_dtype), c_n.to(c_dtype)
-    if input.device.type == "cpu" and input.dtype in _CPU_WIDENED:
+    if input.is_cpu and input.dtype in _CPU_WIDENED:
         dtype = input.dtype
         widen = [t.float() if t is not None else None
                  for t in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, recurrent_mask,
