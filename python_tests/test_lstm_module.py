@@ -531,6 +531,23 @@ def test_module_compiles_with_fullgraph(layer_norm):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_cell_step_loop_compiles_with_fullgraph(layer_norm):
+    torch.manual_seed(0)
+    cell = LSTMCell(3, 5, layer_norm=layer_norm)
+    if layer_norm:
+        perturb_layer_norm(cell)
+    loop = StepLoop(cell)
+    x = torch.randn(4, 2, 3, requires_grad=True)
+    eager = loop(x)
+    eager_grads = torch.autograd.grad(eager[0].sum() + eager[1].sum(), [x] + list(cell.parameters()))
+    compiled = torch.compile(loop, fullgraph=True, backend="aot_eager")
+    out = compiled(x)
+    grads = torch.autograd.grad(out[0].sum() + out[1].sum(), [x] + list(cell.parameters()))
+    for a, b in zip(out + grads, eager + eager_grads):
+        torch.testing.assert_close(a, b)
+
+
 # -- hx structure, empty sequences, dtypes, devices, autocast ------------------
 
 def raised_type(fn):

@@ -82,6 +82,10 @@ def _lstm_backward_pair_fake(input, batch_sizes, has_bias, forward_args, reverse
 # to float32 around it (and autograd narrows the gradients back).
 _CPU_WIDENED = (torch.float16, torch.bfloat16)
 
+# The op's one overload, looked up once: the packet's __call__ is a Python
+# frame more on every step of an LSTMCell loop.
+_LSTM_FORWARD = torch.ops.fastnlp.lstm_forward.default
+
 # "Padded input": an empty batch_sizes, made once rather than on every call.
 _PADDED = torch.empty(0, dtype=torch.long)
 
@@ -215,7 +219,7 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
                                       recurrent_mask=widen[8], zoneout_cell=widen[9], zoneout_hidden=widen[10],
                                       **dict(zip(_LAYER_NORM_NAMES, widen[11:])))
         return output.to(dtype), h_n.to(dtype), c_n.to(dtype)
-    output, h_n, c_n = torch.ops.fastnlp.lstm_forward(
+    output, h_n, c_n = _LSTM_FORWARD(
         input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, recurrent_mask,
         zoneout_cell, zoneout_hidden, *layer_norm)[:3]
     return output, h_n, c_n
@@ -225,7 +229,14 @@ _LAYER_NORM_NAMES = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_h
                      "layer_norm_cell_weight", "layer_norm_cell_bias")
 
 
+_NO_LAYER_NORM = (None,) * len(_LAYER_NORM_NAMES)
+
+
 def _check_layer_norm(layer_norm) -> None:
+    # The common case first, as one tuple comparison (None is None without a
+    # call; a tensor against None compares unequal).
+    if layer_norm == _NO_LAYER_NORM:
+        return
     given = [t is not None for t in layer_norm]
     if any(given) and not all(given):
         missing = [name for name, g in zip(_LAYER_NORM_NAMES, given) if not g]
