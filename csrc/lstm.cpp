@@ -211,16 +211,28 @@ void split_addmm_(const LstmStepKernels& kernels, at::Tensor& out, const at::Ten
   });
 }
 
-// x W_ih^T + bias (undefined: none) for all N rows: one GEMM, or, for a
-// cell step of a few rows, the device's few-rows product.
+// x W_ih^T + bias_ih + bias_hh (either may be absent) for all N rows: one
+// GEMM, or, for a cell step of a few rows, the device's few-rows product on
+// rows that start as the biases' sum (written there by one add, not summed
+// into a new tensor and copied: at one row each ATen call is a fair share
+// of the step).
 at::Tensor input_product(const LstmStepKernels& kernels, const at::Tensor& input, const at::Tensor& weight_ih,
-                         const at::Tensor& bias) {
+                         const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh) {
   const int64_t N = input.size(0), G = weight_ih.size(0);
+  const bool has_ih = has_tensor(bias_ih), has_hh = has_tensor(bias_hh);
   if (kernels.few_rows_addmm != nullptr && N <= kernels.few_rows_max) {
-    at::Tensor gates = at::empty({N, G}, input.options());  // never a view of the bias: it is written
-    if (bias.defined()) gates.copy_(bias.expand({N, G}));
-    if (kernels.few_rows_addmm(gates, input, weight_ih.t(), bias.defined() ? 1.0 : 0.0)) return gates;
+    at::Tensor gates = at::empty({N, G}, input.options());  // never a view of a bias: it is written
+    if (has_ih && has_hh)
+      at::add_out(gates, bias_ih->expand({N, G}), bias_hh->expand({N, G}));
+    else if (has_ih || has_hh)
+      gates.copy_((has_ih ? *bias_ih : *bias_hh).expand({N, G}));
+    if (kernels.few_rows_addmm(gates, input, weight_ih.t(), has_ih || has_hh ? 1.0 : 0.0)) return gates;
   }
+  at::Tensor bias;
+  if (has_ih && has_hh)
+    bias = *bias_ih + *bias_hh;
+  else if (has_ih || has_hh)
+    bias = has_ih ? *bias_ih : *bias_hh;
   return bias.defined() ? at::addmm(bias, input, weight_ih.t()) : at::mm(input, weight_ih.t());
 }
 
@@ -260,9 +272,16 @@ std::vector<StepChunk> plan_chunks(const std::vector<int64_t>& steps, const std:
   return chunks;
 }
 
-// Rows [offset, offset + rows) of an optional per-row tensor.
+// Rows [offset, offset + rows) of t; t itself when that is all of it (a
+// cell step, or any step of one sequence), which saves a narrow's dispatch
+// per tensor and step.
+at::Tensor row_block(const at::Tensor& t, int64_t offset, int64_t rows) {
+  return offset == 0 && rows == t.size(0) ? t : t.narrow(0, offset, rows);
+}
+
+// row_block of an optional per-row tensor.
 at::Tensor step_rows(const at::Tensor& t, int64_t offset, int64_t rows) {
-  return t.defined() ? t.narrow(0, offset, rows) : at::Tensor();
+  return t.defined() ? row_block(t, offset, rows) : at::Tensor();
 }
 
 }  // namespace
@@ -306,12 +325,7 @@ LstmForwardResult lstm_forward_impl(
     ln_stats = at::empty({N, 4}, input.options().dtype(ln_stats_dtype(input)));
     ln_stats.select(1, 0).copy_(rstd.reshape({N}));
   } else {
-    at::Tensor bias;
-    if (has_tensor(bias_ih) && has_tensor(bias_hh))
-      bias = *bias_ih + *bias_hh;
-    else if (has_tensor(bias_ih) || has_tensor(bias_hh))
-      bias = has_tensor(bias_ih) ? *bias_ih : *bias_hh;
-    gates = input_product(kernels, input, weight_ih, bias);
+    gates = input_product(kernels, input, weight_ih, bias_ih, bias_hh);
   }
   if (!ln) {  // three distinct tensors: outputs of an op must not alias
     norm_ih = at::empty({0}, input.options());
@@ -334,25 +348,25 @@ LstmForwardResult lstm_forward_impl(
   for (int64_t s = 0; s < T; ++s) {
     const int64_t t = reverse ? T - 1 - s : s;
     const int64_t rows = steps[t], offset = offsets[t];
-    at::Tensor step_gates = gates.narrow(0, offset, rows);
-    at::Tensor h_prev = h_state.narrow(0, 0, rows);
+    at::Tensor step_gates = row_block(gates, offset, rows);
+    at::Tensor h_prev = row_block(h_state, 0, rows);
     at::Tensor h_in = h_prev;
     if (recurrent_mask.defined()) {
-      h_in = h_masked.narrow(0, 0, rows);
-      at::mul_out(h_in, h_prev, recurrent_mask.narrow(0, 0, rows));
+      h_in = row_block(h_masked, 0, rows);
+      at::mul_out(h_in, h_prev, row_block(recurrent_mask, 0, rows));
     }
     // Under layer norm the recurrent product is normalised on its own before
     // it joins the gates, so it gets its own rows.
-    at::Tensor step_rec = ln ? norm_hh.narrow(0, offset, rows) : at::Tensor();
+    at::Tensor step_rec = ln ? row_block(norm_hh, offset, rows) : at::Tensor();
     if (ln)
       split_addmm_(kernels, step_rec, h_in, weight_hh_t, 0.0);
     else
       split_addmm_(kernels, step_gates, h_in, weight_hh_t, 1.0);
-    at::Tensor step_out = output.narrow(0, offset, rows);
+    at::Tensor step_out = row_block(output, offset, rows);
     LstmForwardStep step{step_gates,
-                         c_state.narrow(0, 0, rows),
-                         cells.narrow(0, offset, rows),
-                         projected ? h_tilde.narrow(0, 0, rows) : step_out,
+                         row_block(c_state, 0, rows),
+                         row_block(cells, offset, rows),
+                         projected ? row_block(h_tilde, 0, rows) : step_out,
                          projected ? at::Tensor() : h_prev,
                          step_rows(zoneout_cell, offset, rows),
                          projected ? at::Tensor() : step_rows(zoneout_hidden, offset, rows)};
@@ -362,12 +376,12 @@ LstmForwardResult lstm_forward_impl(
       step.ln_hh_bias = ln_hh_bias;
       step.ln_cell_weight = ln_cell_weight;
       step.ln_cell_bias = ln_cell_bias;
-      step.ln_stats = ln_stats.narrow(0, offset, rows);
+      step.ln_stats = row_block(ln_stats, offset, rows);
     }
     kernels.forward(step);
     if (projected) {
       at::mm_out(step_out, step.h_out, weight_hr->t());
-      if (zoneout_hidden.defined()) step_out.lerp_(h_prev, zoneout_hidden.narrow(0, offset, rows));
+      if (zoneout_hidden.defined()) step_out.lerp_(h_prev, row_block(zoneout_hidden, offset, rows));
       h_prev.copy_(step_out);
     }
   }
