@@ -295,6 +295,18 @@ def test_cell_with_reparametrized_weights_matches_torch(reparametrize, name):
     assert_same_forward_and_backward(StepLoop(theirs), StepLoop(ours), (x,), {}, rtol=1e-5, atol=1e-5)
 
 
+def test_cell_under_functional_call_uses_the_given_weights():
+    """torch.func.functional_call swaps the tensors in _parameters for the call."""
+    theirs, ours = twin_modules(torch.nn.LSTMCell, 3, 4)
+    given = {name: torch.randn(p.shape) for name, p in theirs.named_parameters()}
+    x, hx = torch.randn(2, 3), (torch.randn(2, 4), torch.randn(2, 4))
+    expected = torch.func.functional_call(theirs, given, (x, hx))
+    got = torch.func.functional_call(ours, given, (x, hx))
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(ours(x, hx)[0], got[0])  # the module's own weights are back after the call
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_saturated_and_nan_gates_behave_like_torch(dtype):
     """Pre-activations far past the float exp's range saturate to torch's 0/1/-1;
