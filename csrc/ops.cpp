@@ -166,7 +166,12 @@ py::object backend_from_environment() {
   if (value == nullptr) {
     return py::none();
   }
-  return py::str(value);
+  // Decoded as os.environ decodes (the file-system encoding, undecodable
+  // bytes escaped), so a bad value reaches use_reference's error, not a
+  // UnicodeDecodeError from here.
+  PyObject* decoded = PyUnicode_DecodeFSDefault(value);
+  if (decoded == nullptr) throw py::error_already_set();
+  return py::reinterpret_steal<py::object>(decoded);
 }
 
 }  // namespace

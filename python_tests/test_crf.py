@@ -4,6 +4,7 @@ errors, gradcheck, opcheck and torch.compile."""
 
 import itertools
 import math
+import os
 
 import pytest
 import torch
@@ -411,6 +412,17 @@ def test_backend_environment_variable(monkeypatch):
     monkeypatch.setenv("FASTNLP_BACKEND", "bogus")
     with pytest.raises(ValueError, match="FASTNLP_BACKEND must be one of"):
         ops.crf_log_partition(emissions, start, end, trans, mask)
+
+
+@pytest.mark.parametrize("value", [None, "auto", "reference", "", "ref\udcffx"])  # the last: an undecodable byte
+def test_backend_is_read_from_the_environment_as_os_environ_holds_it(monkeypatch, value):
+    """use_reference reads FASTNLP_BACKEND through C getenv (cheaper than
+    os.environ.get): it must see what os.environ writes, decoded the same way."""
+    if value is None:
+        monkeypatch.delenv("FASTNLP_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("FASTNLP_BACKEND", value)
+    assert fastnlp._C.backend_from_environment() == os.environ.get("FASTNLP_BACKEND")
 
 
 # ---------------------------------------------------------------------------
