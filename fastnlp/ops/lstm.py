@@ -229,13 +229,11 @@ _LAYER_NORM_NAMES = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_h
                      "layer_norm_cell_weight", "layer_norm_cell_bias")
 
 
-_NO_LAYER_NORM = (None,) * len(_LAYER_NORM_NAMES)
-
-
 def _check_layer_norm(layer_norm) -> None:
-    # The common case first, as one tuple comparison (None is None without a
-    # call; a tensor against None compares unequal).
-    if layer_norm == _NO_LAYER_NORM:
+    # The common case first, by identity only: a tuple comparison with
+    # (None,) * 6 would be cheaper, but TorchDynamo before torch 2.6 traces it
+    # as tensor != None, which it cannot (a graph break, so fullgraph fails).
+    if all(t is None for t in layer_norm):
         return
     given = [t is not None for t in layer_norm]
     if any(given) and not all(given):
