@@ -235,8 +235,8 @@ def _check_layer_norm(layer_norm) -> None:
     # as tensor != None, which it cannot (a graph break, so fullgraph fails).
     if all(t is None for t in layer_norm):
         return
-    given = [t is not None for t in layer_norm]
-    if any(given) and not all(given):
+    given = [t is not None for t in layer_norm]  # at least one, past the return above
+    if not all(given):
         missing = [name for name, g in zip(_LAYER_NORM_NAMES, given) if not g]
         raise ValueError(f"layer normalisation needs all six layer_norm_* tensors; missing: {', '.join(missing)}")
 
