@@ -211,6 +211,44 @@ void split_addmm_(const LstmStepKernels& kernels, at::Tensor& out, const at::Ten
   });
 }
 
+// Preparing a right-hand matrix (LstmStepKernels::prepare_right) costs about
+// as much as one product at the bench's batch sizes, so a call prepares it
+// only when at least this many of its steps would use it.
+constexpr int64_t kMinPreparedSteps = 4;
+
+// The per-step product out = beta * out + a @ b (beta 0 or 1) of one call's
+// time loop, b the same at every step: on the device's prepared form of b
+// where it has one and the call has steps enough to pay for it (few-row
+// steps excepted: the few-rows product beats it there), else split_addmm_.
+class StepProduct {
+ public:
+  StepProduct(const LstmStepKernels& kernels, const at::Tensor& b, const std::vector<int64_t>& steps)
+      : kernels_(kernels), b_(b) {
+    if (kernels.prepare_right == nullptr) return;
+    const auto uses = std::count_if(steps.begin(), steps.end(), [&](int64_t rows) { return !few_rows(rows); });
+    if (uses >= kMinPreparedSteps) prepared_ = kernels.prepare_right(b, steps.front());
+  }
+
+  void operator()(at::Tensor& out, const at::Tensor& a, double beta) const {
+    if (!prepared_.defined() || few_rows(a.size(0))) {
+      split_addmm_(kernels_, out, a, b_, beta);
+      return;
+    }
+    const at::Tensor product = kernels_.prepared_matmul(a, prepared_);
+    if (beta == 0.0)
+      out.copy_(product);
+    else
+      out.add_(product);
+  }
+
+ private:
+  bool few_rows(int64_t rows) const { return kernels_.few_rows_addmm != nullptr && rows <= kernels_.few_rows_max; }
+
+  const LstmStepKernels& kernels_;
+  const at::Tensor b_;
+  at::Tensor prepared_;  // undefined: not prepared
+};
+
 // x W_ih^T + bias_ih + bias_hh (either may be absent) for all N rows: one
 // GEMM, or, for a cell step of a few rows, the device's few-rows product on
 // rows that start as the biases' sum (written there by one add, not summed
@@ -338,7 +376,7 @@ LstmForwardResult lstm_forward_impl(
   at::Tensor c_state = c0.contiguous().clone();
   at::Tensor h_tilde = projected ? at::empty({B, H}, input.options()) : at::Tensor();
   at::Tensor h_masked = recurrent_mask.defined() ? at::empty({B, P}, input.options()) : at::Tensor();
-  const at::Tensor weight_hh_t = weight_hh.t();
+  const StepProduct recurrent_product(kernels, weight_hh.t(), steps);
   // The step kernels index them as plain arrays.
   const at::Tensor ln_hh_weight = contiguous_or_undefined(layer_norm.hh_weight);
   const at::Tensor ln_hh_bias = contiguous_or_undefined(layer_norm.hh_bias);
@@ -359,9 +397,9 @@ LstmForwardResult lstm_forward_impl(
     // it joins the gates, so it gets its own rows.
     at::Tensor step_rec = ln ? row_block(norm_hh, offset, rows) : at::Tensor();
     if (ln)
-      split_addmm_(kernels, step_rec, h_in, weight_hh_t, 0.0);
+      recurrent_product(step_rec, h_in, 0.0);
     else
-      split_addmm_(kernels, step_gates, h_in, weight_hh_t, 1.0);
+      recurrent_product(step_gates, h_in, 1.0);
     at::Tensor step_out = row_block(output, offset, rows);
     LstmForwardStep step{step_gates,
                          row_block(c_state, 0, rows),
@@ -433,6 +471,8 @@ LstmBackwardResult lstm_backward_impl(
   const at::Tensor zoneout_cell = contiguous_or_undefined(regularisers.zoneout_cell);
   const at::Tensor zoneout_hidden = contiguous_or_undefined(regularisers.zoneout_hidden);
 
+  // dL/dh_{t-1} = dL/d(pre-activations) W_hh at every step.
+  const StepProduct recurrent_product(kernels, weight_hh, steps);
   // Gradients flowing back through the recurrence, per sequence; rows that
   // are not alive yet (in backward order) still hold grad_h_n / grad_c_n.
   at::Tensor dh_state = at::empty({B, P}, options);
@@ -584,7 +624,7 @@ LstmBackwardResult lstm_backward_impl(
         step.grad_ln_cell = grad_ln_cell.narrow(0, at_row, rows);
       }
       kernels.backward(step);
-      split_addmm_(kernels, dh, ln ? step.grad_rec : step_grad_gates, weight_hh, 0.0);
+      recurrent_product(dh, ln ? step.grad_rec : step_grad_gates, 0.0);
       if (recurrent_mask.defined()) dh.mul_(recurrent_mask.narrow(0, 0, rows));
       if (step_grad_h_zoneout.defined()) dh.add_(step_grad_h_zoneout);
     }

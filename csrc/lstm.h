@@ -77,6 +77,13 @@ struct LstmStepKernels {
   // touching nothing, where it does not apply. nullptr, or false: addmm_.
   bool (*few_rows_addmm)(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) = nullptr;
   int64_t few_rows_max = 0;  // rows up to which few_rows_addmm may take a product
+  // Optional: for a right-hand matrix b (k, n) that a call multiplies by at
+  // many steps, prepare_right returns b in a form, made once, that
+  // prepared_matmul(a, prepared) multiplies by faster than addmm_ (returning
+  // a @ b as a new tensor), or an undefined tensor where it has none; `rows`
+  // is the row count of a typical step. nullptr: addmm_ at every step.
+  at::Tensor (*prepare_right)(const at::Tensor& b, int64_t rows) = nullptr;
+  at::Tensor (*prepared_matmul)(const at::Tensor& a, const at::Tensor& prepared) = nullptr;
 };
 
 // Training-time regularisers, applied inside the time loop (all optional):

@@ -381,6 +381,57 @@ def test_column_major_weights_match_reference(threads):
             assert_both_directions_match_reference(batch_sizes, tensors, rtol=1e-10, atol=1e-10)
 
 
+def operators_called(fn):
+    """The names of the operators fn calls through the dispatcher (on this thread)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        fn()
+    return {event.key for event in profile.key_averages()}
+
+
+ONEDNN_PRODUCT = "mkldnn::_linear_pointwise"
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+# (mkldnn.flags() also sets oneDNN's TF32 switch, which a CPU-only torch warns about.)
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("proj, layer_norm, regularise", [(0, False, False), (11, False, True), (0, True, True)])
+def test_onednn_step_products_match_reference(threads, proj, layer_norm, regularise):
+    """A float32 call with at least four steps of more than four rows runs its
+    recurrent products, forward and backward, through oneDNN on W_hh
+    reordered once for the call (csrc/cpu/onednn_matmul.cpp, StepProduct in
+    csrc/lstm.cpp); in a packed batch the last steps, of four rows and fewer,
+    go back to the few-rows loops. H = 130 leaves oneDNN a tail of columns.
+    Checked against the float64 reference, as the few-rows test is, but with
+    a bound three times as wide: over these longer recurrences the float32
+    reference itself strays from it by up to 1.2e-5 of a tensor's largest
+    entry, and so does the kernel with oneDNN turned off (measured). Turned
+    off (torch.backends.mkldnn), the call must not use oneDNN."""
+    with intra_op_threads(threads):
+        for lengths, packed in (([9, 9, 9, 8, 7, 6, 5, 3, 1], True), ([6] * 7, False)):
+            batch_sizes, tensors = make_layer_inputs(lengths, 13, 130, proj, "both", torch.float32, "cpu",
+                                                     packed=packed)
+            extra = make_regularisers(batch_sizes, tensors) if regularise else {}
+            ln = make_layer_norm(130, torch.float32, "cpu") if layer_norm else {}
+            exact = {k: v.detach().double().requires_grad_() if v is not None else None for k, v in tensors.items()}
+            ln_exact = {k: v.detach().double().requires_grad_() for k, v in ln.items()}
+            extra_exact = {k: v.double() for k, v in extra.items()}
+            for reverse in (False, True):
+                def run():
+                    return layer_norm_outputs_and_grads(batch_sizes, tensors, ln, reverse, regularisers=extra)
+
+                assert ONEDNN_PRODUCT in operators_called(run)
+                with torch.backends.mkldnn.flags(enabled=False):
+                    assert ONEDNN_PRODUCT not in operators_called(run)
+                out, grads = run()
+                ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, exact, ln_exact, reverse,
+                                                                  backend="reference", regularisers=extra_exact)
+                for a, b in zip(out + grads, ref_out + ref_grads):
+                    assert a.dtype == torch.float32
+                    error = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+                    assert error <= 3e-5, error
+
+
 @pytest.mark.parametrize("bias", ["both", "none", "ih", "hh"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_cell_step_of_few_rows_matches_reference(bias, dtype):

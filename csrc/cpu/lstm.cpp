@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "cpu/few_rows_matmul.h"
+#include "cpu/onednn_matmul.h"
 #include "cpu/vector_loops.h"
 #include "lstm.h"
 
@@ -552,8 +553,9 @@ void layer_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& norm, con
   });
 }
 
-constexpr LstmStepKernels kCpuKernels{&forward_step_cpu, &backward_step_cpu, &layer_norm_backward_cpu,
-                                       &few_rows_addmm_, kFewRowsMax};
+constexpr LstmStepKernels kCpuKernels{&forward_step_cpu,       &backward_step_cpu,    &layer_norm_backward_cpu,
+                                       &few_rows_addmm_,        kFewRowsMax,           &onednn_prepare_right,
+                                       &onednn_prepared_matmul};
 
 void check_cpu_dtype(const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,

@@ -1,0 +1,59 @@
+// See onednn_matmul.h.
+#include "cpu/onednn_matmul.h"
+
+#include <ATen/Context.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <optional>
+#include <vector>
+
+namespace fastnlp {
+namespace {
+
+// The operator `name`, if this torch registers it with `num_arguments`
+// arguments and a CPU kernel.
+std::optional<c10::OperatorHandle> find_operator(const char* name, size_t num_arguments) {
+  const std::optional<c10::OperatorHandle> op = c10::Dispatcher::singleton().findSchema({name, ""});
+  if (!op.has_value() || op->schema().arguments().size() != num_arguments ||
+      !op->hasKernelForDispatchKey(c10::DispatchKey::CPU))
+    return std::nullopt;
+  return op;
+}
+
+// mkldnn::_reorder_linear_weight(Tensor self, int? batch_size) -> Tensor
+const std::optional<c10::OperatorHandle>& reorder_operator() {
+  static const std::optional<c10::OperatorHandle> op = find_operator("mkldnn::_reorder_linear_weight", 2);
+  return op;
+}
+
+// mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr,
+//                           Scalar?[] scalars, str? algorithm) -> Tensor
+const std::optional<c10::OperatorHandle>& linear_operator() {
+  static const std::optional<c10::OperatorHandle> op = find_operator("mkldnn::_linear_pointwise", 6);
+  return op;
+}
+
+// Called boxed, so that the C++ types of the arguments (which have changed
+// between torch releases: c10::string_view, std::string_view) do not matter.
+at::Tensor call(const c10::OperatorHandle& op, std::vector<c10::IValue> stack) {
+  op.callBoxed(&stack);
+  return stack.at(0).toTensor();
+}
+
+}  // namespace
+
+at::Tensor onednn_prepare_right(const at::Tensor& b, int64_t rows) {
+  if (!b.is_cpu() || b.scalar_type() != at::kFloat || b.dim() != 2 || !at::hasMKLDNN() ||
+      !at::globalContext().userEnabledMkldnn() || !reorder_operator().has_value() ||
+      !linear_operator().has_value())
+    return at::Tensor();
+  // The operators compute X W^T for a weight W (n, k), as nn.Linear does.
+  return call(*reorder_operator(), {b.t().contiguous(), rows});
+}
+
+at::Tensor onednn_prepared_matmul(const at::Tensor& a, const at::Tensor& prepared) {
+  return call(*linear_operator(),
+              {a, prepared, c10::IValue(), "none", c10::List<std::optional<at::Scalar>>(), c10::IValue()});
+}
+
+}  // namespace fastnlp

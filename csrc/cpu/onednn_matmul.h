@@ -1,0 +1,33 @@
+// Matrix products through oneDNN, with the right-hand matrix reordered once
+// into oneDNN's blocked layout and then used for many products: the per-step
+// recurrent products of the LSTM time loop, where the weight is the same at
+// every step.
+//
+// Why: ATen sends a float32 product on the CPU to MKL, which on the AMD CPU
+// of the CI machine runs generic code and repacks the weight at every call.
+// oneDNN (which nn.LSTM uses there) does not. Measured on that 2-core
+// machine, torch 2.13, both threads, medians of five, microseconds per
+// product (rows, 512) @ (512, 2048), as in the uni-LSTM bench:
+//   rows               64     33      7
+//   addmm_ (MKL)     3211   2085    866
+//   oneDNN, packed   2158   1141    341
+// Reordering the weight costs about as much as one product at 64 rows.
+// ATen reaches oneDNN through the mkldnn:: operators that torch.compile's
+// CPU backend uses; they are looked up in the dispatcher, so that a torch
+// built without oneDNN only loses the faster path.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastnlp {
+
+// b (k, n), reordered for products a (about `rows`, k) @ b; undefined where
+// this path does not apply: not a float32 CPU matrix, a torch without
+// oneDNN, or oneDNN turned off (torch.backends.mkldnn.enabled = False).
+at::Tensor onednn_prepare_right(const at::Tensor& b, int64_t rows);
+
+// a (m, k) @ b as a new (m, n) tensor, for b prepared by onednn_prepare_right
+// and a float32 CPU matrix whose rows are contiguous.
+at::Tensor onednn_prepared_matmul(const at::Tensor& a, const at::Tensor& prepared);
+
+}  // namespace fastnlp
