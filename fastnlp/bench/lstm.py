@@ -176,7 +176,8 @@ def _check_same(results: Dict[str, Any], scaled: bool = False) -> Optional[str]:
 
 
 # "matrix products alone": the matrix products fastnlp's kernel must do for a
-# case, with the same shapes and the same BLAS, and nothing else (no gate
+# case, with the same shapes on the same libraries (MKL or cuBLAS through
+# ATen, oneDNN where the kernel uses it), and nothing else (no gate
 # arithmetic, no autograd, no Python module). Not an alternative to measure
 # against but a floor: a speed-up target that needs ours to beat it is out of
 # reach of any kernel built on those products.
@@ -248,6 +249,7 @@ def _products_of_one_direction(d: _Data, rows_per_step: List[int], per_step_weig
     grad_weight_ih, grad_weight_hh = torch.empty_like(weight_ih), torch.empty_like(weight_hh)
     offsets = [sum(rows_per_step[:t]) for t in range(len(rows_per_step))]
     steps = list(zip(offsets, rows_per_step))
+    recurrent, recurrent_backward = _recurrent_products(weight_hh, rows_per_step, per_step_weight_grads)
 
     @torch.no_grad()  # (grad mode is per thread: here, not around the caller)
     def products():
@@ -256,9 +258,9 @@ def _products_of_one_direction(d: _Data, rows_per_step: List[int], per_step_weig
         for lo, n in steps:
             if per_step_weight_grads:
                 torch.addmm(bias, x[lo:lo + n], weight_ih.t(), out=gates[lo:lo + n])
-            gates[lo:lo + n].addmm_(h[lo:lo + n], weight_hh.t())
+            recurrent(gates[lo:lo + n], h[lo:lo + n])
         for lo, n in reversed(steps):
-            torch.mm(grad_gates[lo:lo + n], weight_hh, out=grad_h[:n])
+            recurrent_backward(grad_h[:n], grad_gates[lo:lo + n])
             if per_step_weight_grads:
                 torch.mm(grad_gates[lo:lo + n], weight_ih, out=grad_x[lo:lo + n])
                 grad_weight_ih.addmm_(grad_gates[lo:lo + n].t(), x[lo:lo + n])
@@ -269,6 +271,38 @@ def _products_of_one_direction(d: _Data, rows_per_step: List[int], per_step_weig
             torch.mm(grad_gates.t(), h, out=grad_weight_hh)
 
     return products
+
+
+def _recurrent_products(weight_hh: torch.Tensor, rows_per_step: List[int], per_step_weight_grads: bool):
+    """The per-step products out += h @ W_hh^T and out = g @ W_hh, made as
+    fastnlp's CPU kernel makes them in a layer call of float32 steps (a cell
+    loop's calls are single steps): steps of more than four rows on oneDNN,
+    with W_hh reordered once (csrc/cpu/onednn_matmul.cpp), where torch has
+    oneDNN and it is on; otherwise, and for fewer rows, ATen's addmm / mm."""
+    def forward(out, h):
+        out.addmm_(h, weight_hh.t())
+
+    def backward(out, g):
+        torch.mm(g, weight_hh, out=out)
+
+    if (per_step_weight_grads or weight_hh.device.type != "cpu" or weight_hh.dtype != torch.float32
+            or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
+        return forward, backward
+    linear = torch.ops.mkldnn._linear_pointwise
+    reorder = torch.ops.mkldnn._reorder_linear_weight
+    packed, packed_t = reorder(weight_hh, rows_per_step[0]), reorder(weight_hh.t().contiguous(), rows_per_step[0])
+
+    def forward_onednn(out, h):
+        if h.size(0) <= 4:
+            return forward(out, h)
+        out.add_(linear(h, packed, None, "none", [], None))
+
+    def backward_onednn(out, g):
+        if g.size(0) <= 4:
+            return backward(out, g)
+        out.copy_(linear(g, packed_t, None, "none", [], None))
+
+    return forward_onednn, backward_onednn
 
 
 def _rows_per_step(lengths: torch.Tensor) -> List[int]:
