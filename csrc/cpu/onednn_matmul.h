@@ -11,7 +11,10 @@
 //   rows               64     33      7
 //   addmm_ (MKL)     3211   2085    866
 //   oneDNN, packed   2158   1141    341
-// Reordering the weight costs about as much as one product at 64 rows.
+// Reordering the weight costs about as much as one product at 64 rows. In
+// the LSTM's time loop, against products already split between the cores by
+// hand (csrc/lstm.cpp), a uni-LSTM forward step at B = 64, H = 512 (gate
+// kernel included, no grad) went from 2.84 to 2.63 ms; nn.LSTM's takes 2.38.
 // ATen reaches oneDNN through the mkldnn:: operators that torch.compile's
 // CPU backend uses; they are looked up in the dispatcher, so that a torch
 // built without oneDNN only loses the faster path.
