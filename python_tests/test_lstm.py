@@ -406,7 +406,8 @@ def test_onednn_step_products_match_reference(threads, proj, layer_norm, regular
     a bound three times as wide: over these longer recurrences the float32
     reference itself strays from it by up to 1.2e-5 of a tensor's largest
     entry, and so does the kernel with oneDNN turned off (measured). Turned
-    off (torch.backends.mkldnn), the call must not use oneDNN."""
+    off (torch.backends.mkldnn), the call must not use oneDNN. opcheck runs
+    on the same calls once."""
     with intra_op_threads(threads):
         for lengths, packed in (([9, 9, 9, 8, 7, 6, 5, 3, 1], True), ([6] * 7, False)):
             batch_sizes, tensors = make_layer_inputs(lengths, 13, 130, proj, "both", torch.float32, "cpu",
@@ -430,6 +431,11 @@ def test_onednn_step_products_match_reference(threads, proj, layer_norm, regular
                     assert a.dtype == torch.float32
                     error = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
                     assert error <= 3e-5, error
+            if threads == 1:
+                t = tensors
+                args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
+                        t["bias_hh"], t["weight_hr"], False)
+                torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args, kwargs=dict(extra, **ln))
 
 
 @pytest.mark.parametrize("bias", ["both", "none", "ih", "hh"])
