@@ -12,7 +12,7 @@ lengths drawn from [T/2, T]):
   a baseline too, since packed input should cost no more than padded input;
 * "cell loop fwd+bwd": a Python loop over T steps of an LSTMCell (one
   direction), what users of a cell write for custom recurrences;
-  these two also time "matrix products alone", a floor (see _products_alone);
+  these three also time "matrix products alone", a floor (see _products_alone);
 * "inference B=1": forward only, no autograd, one sequence: serving latency;
 * "cell loop inference B=1": the same sequence through a Python loop over
   LSTMCell steps, no autograd: a greedy decoder's per-token step;
@@ -310,9 +310,16 @@ def _rows_per_step(lengths: torch.Tensor) -> List[int]:
 
 
 def _padded_case(d: _Data) -> Case:
-    impls = {OURS: lambda: _step(d.ours_lstm, d.x), TORCH: lambda: _step(d.torch_lstm, d.x)}
-    return Case(op=OP, name=f"fwd+bwd padded {d.shape}", impls=impls, baselines=[TORCH], ours=OURS,
-                check=_check_same)
+    T, B = d.x.shape[:2]
+    directions = 2 if d.torch_lstm.bidirectional else 1
+    impls = {OURS: lambda: _step(d.ours_lstm, d.x), TORCH: lambda: _step(d.torch_lstm, d.x),
+             PRODUCTS: _products_alone(d, [B] * T, directions, per_step_weight_grads=False)}
+
+    def check(results):  # the products alone compute nothing to compare
+        return _check_same({k: results[k] for k in (OURS, TORCH)})
+
+    return Case(op=OP, name=f"fwd+bwd padded {d.shape}", impls=impls, baselines=[TORCH, PRODUCTS], ours=OURS,
+                check=check)
 
 
 def _packed_case(d: _Data) -> Case:
