@@ -382,10 +382,10 @@ def test_column_major_weights_match_reference(threads):
 
 
 def operators_called(fn):
-    """The names of the operators fn calls through the dispatcher (on this thread)."""
+    """fn's result, and the names of the operators it calls through the dispatcher (on this thread)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
-        fn()
-    return {event.key for event in profile.key_averages()}
+        result = fn()
+    return result, {event.key for event in profile.key_averages()}
 
 
 ONEDNN_PRODUCT = "mkldnn::_linear_pointwise"
@@ -421,10 +421,10 @@ def test_onednn_step_products_match_reference(threads, proj, layer_norm, regular
                 def run():
                     return layer_norm_outputs_and_grads(batch_sizes, tensors, ln, reverse, regularisers=extra)
 
-                assert ONEDNN_PRODUCT in operators_called(run)
+                (out, grads), called = operators_called(run)
+                assert ONEDNN_PRODUCT in called
                 with torch.backends.mkldnn.flags(enabled=False):
-                    assert ONEDNN_PRODUCT not in operators_called(run)
-                out, grads = run()
+                    assert ONEDNN_PRODUCT not in operators_called(run)[1]
                 ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, exact, ln_exact, reverse,
                                                                   backend="reference", regularisers=extra_exact)
                 for a, b in zip(out + grads, ref_out + ref_grads):
@@ -436,6 +436,28 @@ def test_onednn_step_products_match_reference(threads, proj, layer_norm, regular
                 args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"],
                         t["bias_hh"], t["weight_hr"], False)
                 torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args, kwargs=dict(extra, **ln))
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@given(long=st.lists(st.integers(4, 9), min_size=5, max_size=7), short=st.lists(st.integers(1, 3), max_size=3),
+       input_size=st.integers(1, 9), hidden=st.integers(1, 20), use_proj=st.booleans(),
+       bias=st.sampled_from(["both", "none", "ih", "hh"]), reverse=st.booleans(), packed=st.booleans())
+def test_onednn_step_products_over_random_layers(long, short, input_size, hidden, use_proj, bias, reverse, packed):
+    """Random small float32 layers with at least four steps of five or more
+    rows (five or more sequences of length four or more), so that they take
+    the oneDNN step products, and packed ones a few-rows tail; against the
+    float64 reference, bound as in the test above."""
+    lengths = long + short if packed else [max(long)] * (len(long) + len(short))
+    proj = max(1, hidden - 1) if use_proj and hidden > 1 else 0
+    batch_sizes, tensors = make_layer_inputs(lengths, input_size, hidden, proj, bias, torch.float32, "cpu",
+                                             packed=packed)
+    exact = {k: v.detach().double().requires_grad_() if v is not None else None for k, v in tensors.items()}
+    (out, grads), called = operators_called(lambda: outputs_and_grads(batch_sizes, tensors, reverse))
+    assert ONEDNN_PRODUCT in called
+    ref_out, ref_grads = outputs_and_grads(batch_sizes, exact, reverse, backend="reference")
+    for a, b in zip(out + grads, ref_out + ref_grads):
+        error = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+        assert error <= 3e-5, error
 
 
 @pytest.mark.parametrize("bias", ["both", "none", "ih", "hh"])
