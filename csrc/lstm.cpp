@@ -211,6 +211,11 @@ void split_addmm_(const LstmStepKernels& kernels, at::Tensor& out, const at::Ten
   });
 }
 
+// Whether the device's few-rows product may take a product with `rows` rows.
+bool few_rows(const LstmStepKernels& kernels, int64_t rows) {
+  return kernels.few_rows_addmm != nullptr && rows <= kernels.few_rows_max;
+}
+
 // Preparing a right-hand matrix (LstmStepKernels::prepare_right) costs about
 // as much as one product at the bench's batch sizes, so a call prepares it
 // only when at least this many of its steps would use it.
@@ -225,12 +230,13 @@ class StepProduct {
   StepProduct(const LstmStepKernels& kernels, const at::Tensor& b, const std::vector<int64_t>& steps)
       : kernels_(kernels), b_(b) {
     if (kernels.prepare_right == nullptr) return;
-    const auto uses = std::count_if(steps.begin(), steps.end(), [&](int64_t rows) { return !few_rows(rows); });
+    const auto uses =
+        std::count_if(steps.begin(), steps.end(), [&](int64_t rows) { return !few_rows(kernels, rows); });
     if (uses >= kMinPreparedSteps) prepared_ = kernels.prepare_right(b, steps.front());
   }
 
   void operator()(at::Tensor& out, const at::Tensor& a, double beta) const {
-    if (!prepared_.defined() || few_rows(a.size(0))) {
+    if (!prepared_.defined() || few_rows(kernels_, a.size(0))) {
       split_addmm_(kernels_, out, a, b_, beta);
       return;
     }
@@ -242,8 +248,6 @@ class StepProduct {
   }
 
  private:
-  bool few_rows(int64_t rows) const { return kernels_.few_rows_addmm != nullptr && rows <= kernels_.few_rows_max; }
-
   const LstmStepKernels& kernels_;
   const at::Tensor b_;
   at::Tensor prepared_;  // undefined: not prepared
@@ -258,7 +262,7 @@ at::Tensor input_product(const LstmStepKernels& kernels, const at::Tensor& input
                          const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh) {
   const int64_t N = input.size(0), G = weight_ih.size(0);
   const bool has_ih = has_tensor(bias_ih), has_hh = has_tensor(bias_hh);
-  if (kernels.few_rows_addmm != nullptr && N <= kernels.few_rows_max) {
+  if (few_rows(kernels, N)) {
     at::Tensor gates = at::empty({N, G}, input.options());  // never a view of a bias: it is written
     if (has_ih && has_hh)
       at::add_out(gates, bias_ih->expand({N, G}), bias_hh->expand({N, G}));
