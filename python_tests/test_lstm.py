@@ -195,28 +195,40 @@ def test_opcheck(device, packed, proj, layer_norm):
         torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args + tuple(reg.values()) + tuple(ln.values()))
 
 
-def test_half_precision_on_cpu_is_computed_in_float32():
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_half_precision_on_cpu_is_computed_in_float32(layer_norm):
     batch_sizes, t = make_layer_inputs([5, 2], 4, 6, 0, "both", torch.float32, "cpu")
+    ln = make_layer_norm(6, torch.bfloat16, "cpu") if layer_norm else {}
     bf16 = {k: (v.detach().bfloat16().requires_grad_() if v is not None else None) for k, v in t.items()}
-    out = run_layer(batch_sizes, bf16, False)
-    ref = run_layer(batch_sizes, {k: (v.float() if v is not None else None) for k, v in bf16.items()}, False)
+    out = run_layer(batch_sizes, bf16, False, regularisers=ln)
+    ref = run_layer(batch_sizes, {k: (v.float() if v is not None else None) for k, v in bf16.items()}, False,
+                    regularisers={k: v.float() for k, v in ln.items()})
     for a, b in zip(out, ref):
         assert a.dtype == torch.bfloat16
         torch.testing.assert_close(a, b.bfloat16())
     sum(o.float().sum() for o in out).backward()
     assert bf16["weight_hh"].grad.dtype == torch.bfloat16
+    for value in ln.values():
+        assert value.grad.dtype == torch.bfloat16
 
 
-def test_compiled_layer_matches_eager():
+@pytest.mark.parametrize("extras", ["none", "regularisers and layer norm"])
+def test_compiled_layer_matches_eager(extras):
     batch_sizes, t = make_layer_inputs([4, 3, 1], 3, 5, 2, "both", torch.float32, "cpu")
-    compiled = torch.compile(run_layer, fullgraph=True, backend="aot_eager")
-    eager_out, eager_grads = outputs_and_grads(batch_sizes, t, True)
-    outs = compiled(batch_sizes, t, True)
-    for a, b in zip(outs, eager_out):
+    ln = make_layer_norm(5, torch.float32, "cpu") if extras != "none" else {}
+    reg = make_regularisers(batch_sizes, t) if extras != "none" else {}
+
+    def run(batch_sizes, t, ln):  # {**a, **b}: TorchDynamo before torch 2.6 cannot trace dict(a, **b)
+        return run_layer(batch_sizes, t, True, regularisers={**reg, **ln})
+
+    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
+    leaves = [v for v in t.values() if v is not None] + list(ln.values())
+    outs = compiled(batch_sizes, t, ln)
+    eager = run(batch_sizes, t, ln)
+    for a, b in zip(outs, eager):
         torch.testing.assert_close(a, b)
-    grads = torch.autograd.grad(sum((o * o).sum() for o in outs), [v for v in t.values() if v is not None])
-    ref = torch.autograd.grad(sum((o * o).sum() for o in run_layer(batch_sizes, t, True)),
-                              [v for v in t.values() if v is not None])
+    grads = torch.autograd.grad(sum((o * o).sum() for o in outs), leaves)
+    ref = torch.autograd.grad(sum((o * o).sum() for o in eager), leaves)
     for a, b in zip(grads, ref):
         torch.testing.assert_close(a, b)
 
@@ -602,40 +614,6 @@ def test_layer_norm_layer_gradcheck(reverse, proj, regularise):
         return run_layer(batch_sizes, t, reverse, regularisers={**reg, **dict(zip(ln, values[len(names):]))})
 
     assert torch.autograd.gradcheck(fn, [tensors[k] for k in names] + list(ln.values()))
-
-
-def test_layer_norm_compiled_layer_matches_eager():
-    batch_sizes, t = make_layer_inputs([4, 3, 1], 3, 5, 2, "both", torch.float32, "cpu")
-    ln = make_layer_norm(5, torch.float32, "cpu")
-    reg = make_regularisers(batch_sizes, t)
-
-    def run(batch_sizes, t, ln):  # {**a, **b}: TorchDynamo before torch 2.6 cannot trace dict(a, **b)
-        return run_layer(batch_sizes, t, True, regularisers={**reg, **ln})
-
-    compiled = torch.compile(run, fullgraph=True, backend="aot_eager")
-    leaves = [v for v in t.values() if v is not None] + list(ln.values())
-    outs = compiled(batch_sizes, t, ln)
-    eager = run(batch_sizes, t, ln)
-    for a, b in zip(outs, eager):
-        torch.testing.assert_close(a, b)
-    grads = torch.autograd.grad(sum((o * o).sum() for o in outs), leaves)
-    ref = torch.autograd.grad(sum((o * o).sum() for o in eager), leaves)
-    for a, b in zip(grads, ref):
-        torch.testing.assert_close(a, b)
-
-
-def test_layer_norm_half_precision_on_cpu_is_computed_in_float32():
-    batch_sizes, t = make_layer_inputs([5, 2], 4, 6, 0, "both", torch.float32, "cpu")
-    ln = make_layer_norm(6, torch.bfloat16, "cpu")
-    bf16 = {k: (v.detach().bfloat16().requires_grad_() if v is not None else None) for k, v in t.items()}
-    out = run_layer(batch_sizes, bf16, False, regularisers=ln)
-    ref = run_layer(batch_sizes, {k: (v.float() if v is not None else None) for k, v in bf16.items()}, False,
-                    regularisers={k: v.float() for k, v in ln.items()})
-    for a, b in zip(out, ref):
-        assert a.dtype == torch.bfloat16
-        torch.testing.assert_close(a, b.bfloat16())
-    sum(o.float().sum() for o in out).backward()
-    assert ln["layer_norm_cell_weight"].grad.dtype == torch.bfloat16
 
 
 def test_layer_norm_arguments_are_checked():
