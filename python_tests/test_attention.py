@@ -618,3 +618,14 @@ def test_gradient_with_broadcast_and_transposed_grad_out():
             got, want = grads(out, (q, k, v), grad_out), grads(expected, (q, k, v), grad_out)
         for g, e in zip(got, want):
             torch.testing.assert_close(g, e)
+
+
+def test_op_refuses_a_meta_tensor_among_cpu_ones():
+    # One meta argument sends the call to the fake kernel, which would
+    # otherwise hand back uninitialised CPU tensors.
+    q = torch.randn(1, 2, 3, 8)
+    with pytest.raises(RuntimeError, match="key is on meta but query is on cpu"):
+        torch.ops.fastnlp.attention_forward(q, q.to("meta"), q, None, None, False, 0.0, 0.5, None)
+    meta = q.to("meta")
+    out, lse = torch.ops.fastnlp.attention_forward(meta, meta, meta, None, None, False, 0.0, 0.5, None)
+    assert out.shape == (1, 2, 3, 8) and lse.shape == (1, 2, 3) and out.device.type == "meta"

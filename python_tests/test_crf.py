@@ -890,3 +890,20 @@ def test_fused_likelihood_opcheck(device):
         llh, alpha, exact = torch.ops.fastnlp.crf_log_likelihood(emissions, mask, tags, start, end, trans, -1)
         torch.library.opcheck(torch.ops.fastnlp.crf_log_likelihood_backward.default,
                               (torch.ones_like(llh), emissions, mask, tags, start, end, trans, -1, alpha, exact))
+
+
+@pytest.mark.parametrize("op", ["crf_log_likelihood", "crf_log_partition", "crf_viterbi"])
+def test_ops_refuse_a_meta_tensor_among_cpu_ones(op):
+    # One meta argument sends the call to the fake kernel, which would
+    # otherwise hand back uninitialised CPU tensors.
+    emissions, mask = torch.randn(2, 3, 4), torch.ones(2, 3, dtype=torch.bool)
+    tags, start, trans = torch.randint(0, 4, (2, 3)), torch.randn(4), torch.randn(4, 4)
+    args = {"crf_log_likelihood": (emissions, mask, tags, start, start, trans.to("meta"), -100),
+            "crf_log_partition": (emissions, mask, None, start, start, trans.to("meta")),
+            "crf_viterbi": (emissions, mask, start, start, trans.to("meta"))}[op]
+    with pytest.raises(RuntimeError, match="transitions is on meta but emissions is on cpu"):
+        getattr(torch.ops.fastnlp, op)(*args)
+    on_meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
+    expected_shape = (2, 3) if op == "crf_viterbi" else (2,)  # paths (B, T); else scores (B,)
+    result = getattr(torch.ops.fastnlp, op)(*on_meta)[0]
+    assert result.shape == expected_shape and result.device.type == "meta"

@@ -247,6 +247,10 @@ def test_compiled_layer_matches_eager(extras):
         (dict(c0=torch.zeros(2, 4)), "h0 and c0 disagree on the batch size"),
         (dict(h0=torch.zeros(3, 4, dtype=torch.float64)), "h0 has dtype Double but input has dtype Float"),
         (dict(input=torch.zeros(6, 4, dtype=torch.int64)), "float32 or float64, got Long"),
+        # One meta tensor among CPU ones sends the call to the fake kernel.
+        (dict(weight_ih=torch.zeros(16, 4, device="meta")), "weight_ih is on meta but input is on cpu"),
+        (dict(c0=torch.zeros(3, 4, device="meta")), "c0 is on meta but input is on cpu"),
+        (dict(batch_sizes=torch.tensor([3, 2, 1], device="meta")), "batch_sizes is on meta but input is on cpu"),
     ],
 )
 def test_op_rejects_malformed_input(change, message):
@@ -256,6 +260,15 @@ def test_op_rejects_malformed_input(change, message):
     args.update(change)
     with pytest.raises(RuntimeError, match=message):
         torch.ops.fastnlp.lstm_forward(*args.values(), False)
+
+
+def test_op_on_meta_tensors_gives_the_shapes():
+    meta = dict(device="meta")
+    out = torch.ops.fastnlp.lstm_forward(torch.zeros(6, 4, **meta), torch.tensor([3, 2, 1]), torch.zeros(3, 4, **meta),
+                                         torch.zeros(3, 4, **meta), torch.zeros(16, 4, **meta),
+                                         torch.zeros(16, 4, **meta), None, None, None, False)
+    assert [tuple(t.shape) for t in out[:5]] == [(6, 4), (3, 4), (3, 4), (6, 16), (6, 4)]
+    assert {t.device.type for t in out} == {"meta"}
 
 
 def scaled_copy(tensors, hidden, dtype, scale=1.0):
@@ -749,6 +762,11 @@ def test_pair_rejects_malformed_lists():
     short = [fwd["h0"], fwd["c0"], fwd["weight_ih"]]
     with pytest.raises(RuntimeError, match="16 tensors"):
         torch.ops.fastnlp.lstm_forward_pair(input, batch_sizes, short, short)
+    args = [fwd[name] for name in ("h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh")] + [None] * 10
+    on_meta = list(args)
+    on_meta[3] = on_meta[3].to("meta")
+    with pytest.raises(RuntimeError, match=r"reverse_args\[3\] is on meta but input is on cpu"):
+        torch.ops.fastnlp.lstm_forward_pair(input, batch_sizes, args, on_meta)
     with pytest.raises(ValueError, match="zoneout_hidden needs zoneout_cell"):
         lstm_layer_pair(input, batch_sizes, dict(fwd, zoneout_hidden=torch.zeros(12, 4)), rev)
 

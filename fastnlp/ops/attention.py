@@ -18,6 +18,7 @@ from torch import Tensor
 
 from fastnlp import triton as _triton
 from fastnlp.ops._backend import is_compiling, use_reference
+from fastnlp.ops._fake import refuse_meta_among_real
 from fastnlp.reference import attention as reference
 
 __all__ = ["attention", "attention_with_weights"]
@@ -34,6 +35,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 @torch.library.register_fake("fastnlp::attention_forward")
+@refuse_meta_among_real("fastnlp.attention")
 def _forward_fake(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, rng_state):
     batch, heads, query_len, _ = query.shape
     out = query.new_empty((batch, heads, query_len, value.shape[-1]))
@@ -42,12 +44,14 @@ def _forward_fake(query, key, value, attn_mask, key_padding_mask, is_causal, dro
 
 
 @torch.library.register_fake("fastnlp::attention_backward")
+@refuse_meta_among_real("fastnlp.attention")
 def _backward_fake(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
                    rng_state):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
 @torch.library.register_fake("fastnlp::attention_dropout_mask")
+@refuse_meta_among_real("fastnlp.attention")
 def _dropout_mask_fake(query, key, dropout_p, rng_state):
     batch, heads, query_len, _ = query.shape
     return query.new_empty((batch, heads, query_len, key.shape[2]), dtype=torch.bool)

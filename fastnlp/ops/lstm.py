@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastnlp.ops._backend import use_reference
+from fastnlp.ops._fake import refuse_meta_among_real
 from fastnlp.reference import lstm as reference
 
 __all__ = ["lstm_cell", "lstm_layer", "lstm_layer_pair"]
@@ -26,6 +27,7 @@ def _ln_stats_dtype(input):
 
 
 @torch.library.register_fake("fastnlp::lstm_forward")
+@refuse_meta_among_real("fastnlp.lstm")
 def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
                        recurrent_mask=None, zoneout_cell=None, zoneout_hidden=None, layer_norm_ih_weight=None,
                        layer_norm_ih_bias=None, layer_norm_hh_weight=None, layer_norm_hh_bias=None,
@@ -43,6 +45,7 @@ def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih
 
 
 @torch.library.register_fake("fastnlp::lstm_backward")
+@refuse_meta_among_real("fastnlp.lstm")
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih, weight_hh,
                         weight_hr, has_bias, reverse, output, gates, cells, recurrent_mask=None, zoneout_cell=None,
                         zoneout_hidden=None, layer_norm_ih_weight=None, layer_norm_hh_weight=None,
@@ -61,6 +64,7 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
 
 
 @torch.library.register_fake("fastnlp::lstm_forward_pair")
+@refuse_meta_among_real("fastnlp.lstm")
 def _lstm_forward_pair_fake(input, batch_sizes, forward_args, reverse_args):
     def one(args, reverse):
         h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = args[:7]
@@ -70,6 +74,7 @@ def _lstm_forward_pair_fake(input, batch_sizes, forward_args, reverse_args):
 
 
 @torch.library.register_fake("fastnlp::lstm_backward_pair")
+@refuse_meta_among_real("fastnlp.lstm")
 def _lstm_backward_pair_fake(input, batch_sizes, has_bias, forward_args, reverse_args):
     def one(args, reverse):
         grad_output, grad_h_n, grad_c_n, h0, c0, weight_ih, weight_hh, weight_hr = args[:8]
