@@ -34,7 +34,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -173,6 +173,12 @@ def _check_same(results: Dict[str, Any], scaled: bool = False) -> Optional[str]:
                 err = (a.float() - b.float()).abs().max().item()
                 bad.append(f"{name} vs {names[0]}: tensor {i} max abs diff {err:.3g}")
     return "; ".join(bad) if bad else None
+
+
+def _check_among(*names: str, scaled: bool = False) -> Callable[[Dict[str, Any]], Optional[str]]:
+    """A case's check that compares only these implementations (with _check_same, the first as the reference):
+    the rest compute something else (the products alone, padded against packed input, the plain LSTM)."""
+    return lambda results: _check_same({name: results[name] for name in names}, scaled)
 
 
 # "matrix products alone": the matrix products fastnlp's kernel must do for a
@@ -314,12 +320,8 @@ def _padded_case(d: _Data) -> Case:
     directions = 2 if d.torch_lstm.bidirectional else 1
     impls = {OURS: lambda: _step(d.ours_lstm, d.x), TORCH: lambda: _step(d.torch_lstm, d.x),
              PRODUCTS: _products_alone(d, [B] * T, directions, per_step_weight_grads=False)}
-
-    def check(results):  # the products alone compute nothing to compare
-        return _check_same({k: results[k] for k in (OURS, TORCH)})
-
     return Case(op=OP, name=f"fwd+bwd padded {d.shape}", impls=impls, baselines=[TORCH, PRODUCTS], ours=OURS,
-                check=check)
+                check=_check_among(OURS, TORCH))
 
 
 def _packed_case(d: _Data) -> Case:
@@ -331,24 +333,17 @@ def _packed_case(d: _Data) -> Case:
         OURS_PADDED: lambda: _step(d.ours_lstm, d.x),
         PRODUCTS: _products_alone(d, _rows_per_step(d.lengths), directions, per_step_weight_grads=False),
     }
-
-    def check(results):  # padded and packed runs compute different things: compare like with like
-        return _check_same({k: results[k] for k in (OURS, TORCH_PACKED)})
-
+    # Padded and packed runs compute different things: compare like with like.
     return Case(op=OP, name=f"fwd+bwd packed {d.shape}", impls=impls,
-                baselines=[TORCH_PACKED, TORCH_PADDED, PRODUCTS], ours=OURS, check=check)
+                baselines=[TORCH_PACKED, TORCH_PADDED, PRODUCTS], ours=OURS, check=_check_among(OURS, TORCH_PACKED))
 
 
 def _cell_loop_case(d: _Data) -> Case:
     steps = [d.x.size(1)] * d.x.size(0)
     impls = {OURS: lambda: _cell_loop(d.ours_cell, d.x), TORCH_CELL: lambda: _cell_loop(d.torch_cell, d.x),
              PRODUCTS: _products_alone(d, steps, 1, per_step_weight_grads=True)}
-
-    def check(results):
-        return _check_same({k: results[k] for k in (OURS, TORCH_CELL)})
-
     return Case(op=OP, name=f"cell loop fwd+bwd {d.shape.replace(' bi', ' uni')}", impls=impls,
-                baselines=[TORCH_CELL, PRODUCTS], ours=OURS, check=check)
+                baselines=[TORCH_CELL, PRODUCTS], ours=OURS, check=_check_among(OURS, TORCH_CELL))
 
 
 @contextlib.contextmanager
@@ -372,12 +367,8 @@ def _reference_step(module, x):
 def _layer_norm_case(d: _Data) -> Case:
     impls = {OURS_LN: lambda: _step(d.ours_ln, d.x), REFERENCE_LN: lambda: _reference_step(d.ours_ln, d.x),
              OURS: lambda: _step(d.ours_lstm, d.x)}
-
-    def check(results):  # the plain LSTM computes something else
-        return _check_same({k: results[k] for k in (OURS_LN, REFERENCE_LN)}, scaled=True)
-
     return Case(op=OP, name=f"layer_norm fwd+bwd padded {d.shape}", impls=impls, baselines=[REFERENCE_LN, OURS],
-                ours=OURS_LN, check=check)
+                ours=OURS_LN, check=_check_among(OURS_LN, REFERENCE_LN, scaled=True))
 
 
 def _latency_case(d: _Data) -> Case:
