@@ -3,6 +3,7 @@
 import functools
 import inspect
 
+import torch
 from torch import Tensor
 
 
@@ -38,5 +39,15 @@ def refuse_meta_among_real(op_name: str):
             return fake(*args, **kwargs)
 
         return checked
+
+    return decorate
+
+
+def register_fake(qualified_name: str, op_name: str):
+    """torch.library.register_fake(qualified_name) for a fake kernel wrapped in
+    refuse_meta_among_real(op_name): how every fastnlp op registers its fake."""
+
+    def decorate(fake):
+        return torch.library.register_fake(qualified_name)(refuse_meta_among_real(op_name)(fake))
 
     return decorate

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from fastnlp import triton as _triton
 from fastnlp.ops._backend import is_compiling, use_reference
-from fastnlp.ops._fake import refuse_meta_among_real
+from fastnlp.ops._fake import register_fake
 from fastnlp.reference import attention as reference
 
 __all__ = ["attention", "attention_with_weights"]
@@ -34,8 +34,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # Registration: shapes for tracing (torch.compile, meta tensors) and autograd.
 
 
-@torch.library.register_fake("fastnlp::attention_forward")
-@refuse_meta_among_real("fastnlp.attention")
+@register_fake("fastnlp::attention_forward", "fastnlp.attention")
 def _forward_fake(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, rng_state):
     batch, heads, query_len, _ = query.shape
     out = query.new_empty((batch, heads, query_len, value.shape[-1]))
@@ -43,15 +42,13 @@ def _forward_fake(query, key, value, attn_mask, key_padding_mask, is_causal, dro
     return out, lse
 
 
-@torch.library.register_fake("fastnlp::attention_backward")
-@refuse_meta_among_real("fastnlp.attention")
+@register_fake("fastnlp::attention_backward", "fastnlp.attention")
 def _backward_fake(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
                    rng_state):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
-@torch.library.register_fake("fastnlp::attention_dropout_mask")
-@refuse_meta_among_real("fastnlp.attention")
+@register_fake("fastnlp::attention_dropout_mask", "fastnlp.attention")
 def _dropout_mask_fake(query, key, dropout_p, rng_state):
     batch, heads, query_len, _ = query.shape
     return query.new_empty((batch, heads, query_len, key.shape[2]), dtype=torch.bool)

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from fastnlp.ops._backend import is_compiling, use_reference
-from fastnlp.ops._fake import refuse_meta_among_real
+from fastnlp.ops._fake import register_fake
 from fastnlp.reference import crf as reference
 
 __all__ = [
@@ -52,35 +52,30 @@ def _contiguous_like(*tensors):
     return tuple(t.new_empty(t.shape) for t in tensors)
 
 
-@torch.library.register_fake("fastnlp::crf_log_partition")
-@refuse_meta_among_real("fastnlp.crf")
+@register_fake("fastnlp::crf_log_partition", "fastnlp.crf")
 def _log_partition_fake(emissions, mask, tags, start_transitions, end_transitions, transitions):
     return emissions.new_empty(emissions.shape[0]), emissions.new_empty(emissions.shape)
 
 
-@torch.library.register_fake("fastnlp::crf_log_partition_backward")
-@refuse_meta_among_real("fastnlp.crf")
+@register_fake("fastnlp::crf_log_partition_backward", "fastnlp.crf")
 def _log_partition_backward_fake(grad, emissions, mask, tags, start_transitions, end_transitions, transitions,
                                  alpha, log_partition):
     return _contiguous_like(emissions, start_transitions, end_transitions, transitions)
 
 
-@torch.library.register_fake("fastnlp::crf_viterbi")
-@refuse_meta_among_real("fastnlp.crf")
+@register_fake("fastnlp::crf_viterbi", "fastnlp.crf")
 def _viterbi_fake(emissions, mask, start_transitions, end_transitions, transitions):
     batch, seq_len, _ = emissions.shape
     return emissions.new_empty((batch, seq_len), dtype=torch.long), emissions.new_empty(batch)
 
 
-@torch.library.register_fake("fastnlp::crf_viterbi_topk")
-@refuse_meta_among_real("fastnlp.crf")
+@register_fake("fastnlp::crf_viterbi_topk", "fastnlp.crf")
 def _viterbi_topk_fake(emissions, mask, start_transitions, end_transitions, transitions, k):
     batch, seq_len, _ = emissions.shape
     return emissions.new_empty((batch, seq_len, k), dtype=torch.long), emissions.new_empty((batch, k))
 
 
-@torch.library.register_fake("fastnlp::crf_log_likelihood")
-@refuse_meta_among_real("fastnlp.crf")
+@register_fake("fastnlp::crf_log_likelihood", "fastnlp.crf")
 def _log_likelihood_fake(emissions, mask, tags, start_transitions, end_transitions, transitions, ignore_index):
     batch, seq_len, num_tags = emissions.shape
     # The saved forward state is the CPU kernel's, in the emissions' dtype (the
@@ -92,8 +87,7 @@ def _log_likelihood_fake(emissions, mask, tags, start_transitions, end_transitio
     return emissions.new_empty(batch), state, emissions.new_empty(batch, dtype=torch.bool)
 
 
-@torch.library.register_fake("fastnlp::crf_log_likelihood_backward")
-@refuse_meta_among_real("fastnlp.crf")
+@register_fake("fastnlp::crf_log_likelihood_backward", "fastnlp.crf")
 def _log_likelihood_backward_fake(grad, emissions, mask, tags, start_transitions, end_transitions, transitions,
                                   ignore_index, alpha, exact):
     return _contiguous_like(emissions, start_transitions, end_transitions, transitions)

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from fastnlp.ops._backend import use_reference
-from fastnlp.ops._fake import refuse_meta_among_real
+from fastnlp.ops._fake import register_fake
 from fastnlp.reference import lstm as reference
 
 __all__ = ["lstm_cell", "lstm_layer", "lstm_layer_pair"]
@@ -26,8 +26,7 @@ def _ln_stats_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-@torch.library.register_fake("fastnlp::lstm_forward")
-@refuse_meta_among_real("fastnlp.lstm")
+@register_fake("fastnlp::lstm_forward", "fastnlp.lstm")
 def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
                        recurrent_mask=None, zoneout_cell=None, zoneout_hidden=None, layer_norm_ih_weight=None,
                        layer_norm_ih_bias=None, layer_norm_hh_weight=None, layer_norm_hh_bias=None,
@@ -44,8 +43,7 @@ def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih
             input.new_empty(rows, 4 * hidden), input.new_empty(rows, hidden), norm_ih, norm_hh, ln_stats)
 
 
-@torch.library.register_fake("fastnlp::lstm_backward")
-@refuse_meta_among_real("fastnlp.lstm")
+@register_fake("fastnlp::lstm_backward", "fastnlp.lstm")
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih, weight_hh,
                         weight_hr, has_bias, reverse, output, gates, cells, recurrent_mask=None, zoneout_cell=None,
                         zoneout_hidden=None, layer_norm_ih_weight=None, layer_norm_hh_weight=None,
@@ -63,8 +61,7 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
     return contiguous + (grad_bias, grad_weight_hr) + grad_ln
 
 
-@torch.library.register_fake("fastnlp::lstm_forward_pair")
-@refuse_meta_among_real("fastnlp.lstm")
+@register_fake("fastnlp::lstm_forward_pair", "fastnlp.lstm")
 def _lstm_forward_pair_fake(input, batch_sizes, forward_args, reverse_args):
     def one(args, reverse):
         h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = args[:7]
@@ -73,8 +70,7 @@ def _lstm_forward_pair_fake(input, batch_sizes, forward_args, reverse_args):
     return one(forward_args, False), one(reverse_args, True)
 
 
-@torch.library.register_fake("fastnlp::lstm_backward_pair")
-@refuse_meta_among_real("fastnlp.lstm")
+@register_fake("fastnlp::lstm_backward_pair", "fastnlp.lstm")
 def _lstm_backward_pair_fake(input, batch_sizes, has_bias, forward_args, reverse_args):
     def one(args, reverse):
         grad_output, grad_h_n, grad_c_n, h0, c0, weight_ih, weight_hh, weight_hr = args[:8]
