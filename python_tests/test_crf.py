@@ -248,16 +248,27 @@ def test_marginals_match_reference_and_sum_to_one(device):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_precision_inputs_accumulate_in_float32(dtype):
+    """Half-precision emissions with float32 parameters: results in float32 and
+    as accurate as float32 arithmetic on the rounded emissions (the float64
+    reference), where half-precision sums are off by 5e-3 (float16) to 2e-2. The
+    likelihood's gradients: test_fused_likelihood_half_precision_gradients."""
     emissions, tags, mask, start, end, trans = random_problem(3, 10, 5, dtype=torch.float32, seed=11)
-    low = emissions.to(dtype).requires_grad_(True)
+    low = emissions.to(dtype)
+    exact = [x.double() for x in (low, start, end, trans)]
     llh = ops.crf_log_likelihood(low, tags, start, end, trans, mask)
-    assert llh.dtype == torch.float32
-    expected = ops.crf_log_likelihood(low.detach().float(), tags, start, end, trans, mask)
-    torch.testing.assert_close(llh, expected)
-    (grad,) = torch.autograd.grad(llh.sum(), low)
-    assert grad.dtype == dtype and torch.isfinite(grad).all()
-    paths, _ = ops.crf_viterbi(low.detach(), start, end, trans, mask)
-    assert torch.equal(paths, ops.crf_viterbi(low.detach().float(), start, end, trans, mask)[0])
+    log_z = ops.crf_log_partition(low, start, end, trans, mask)
+    marginals = ops.crf_marginals(low, start, end, trans, mask)
+    assert llh.dtype == log_z.dtype == marginals.dtype == torch.float32
+    want_llh = ops.crf_log_likelihood(exact[0], tags, *exact[1:], mask, backend="reference")
+    torch.testing.assert_close(llh.double(), want_llh, rtol=1e-6, atol=1e-5)
+    want_log_z = ops.crf_log_partition(*exact, mask, backend="reference")
+    torch.testing.assert_close(log_z.double(), want_log_z, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(marginals.double(), ops.crf_marginals(*exact, mask, backend="reference"),
+                               rtol=1e-5, atol=1e-6)
+    paths, scores = ops.crf_viterbi(low, start, end, trans, mask)
+    want_paths, want_scores = ops.crf_viterbi(*exact, mask, backend="reference")
+    assert torch.equal(paths, want_paths)
+    torch.testing.assert_close(scores.double(), want_scores, rtol=1e-6, atol=1e-5)
 
 
 def test_long_sequences_stay_finite_and_exact():
@@ -336,12 +347,17 @@ def test_empty_sequences():
     assert (paths[0] == -1).all() and scores[0].item() == 0.0
     _, top_scores = ops.crf_viterbi_topk(emissions, 3, start, end, trans, mask)
     assert top_scores[0].tolist() == [0.0, NEG_INF, NEG_INF]
-    # Zero-sized batch and zero-length sequences.
+    # Zero-sized batch and zero-length sequences: the kernels and the reference agree.
     for batch, seq_len in [(0, 4), (2, 0)]:
         e = torch.randn(batch, seq_len, 3, dtype=torch.float64)
         t = torch.zeros(batch, seq_len, dtype=torch.long)
-        assert ops.crf_log_likelihood(e, t, start, end, trans).shape == (batch,)
-        assert ops.crf_viterbi(e, start, end, trans)[0].shape == (batch, seq_len)
+        for backend in (None, "reference"):
+            params = (start, end, trans)
+            assert torch.equal(ops.crf_log_likelihood(e, t, *params, backend=backend), torch.zeros(batch).double())
+            assert torch.equal(ops.crf_log_partition(e, *params, backend=backend), torch.zeros(batch).double())
+            assert torch.equal(ops.crf_marginals(e, *params, backend=backend), torch.zeros_like(e))
+            paths, scores = ops.crf_viterbi(e, *params, backend=backend)
+            assert paths.shape == (batch, seq_len) and torch.equal(scores, torch.zeros(batch).double())
 
 
 def test_partial_labels_marginalise_unknown_positions():
@@ -439,8 +455,32 @@ def test_gradcheck_float64():
     def log_partition(e, s, n, t):
         return ops.crf_log_partition(e, s, n, t, mask)
 
+    def gold_score(e, s, n, t):  # tags with unknown (-100) positions: the pinned-tags backward
+        return ops.crf_gold_score(e, tags, s, n, t, mask)
+
+    assert (tags == -100).any() and (tags >= 0).any()
     assert torch.autograd.gradcheck(log_likelihood, leaves)
     assert torch.autograd.gradcheck(log_partition, leaves)
+    assert torch.autograd.gradcheck(gold_score, leaves)
+
+
+@given(problems)
+def test_gold_score_gradients_match_reference(device, problem):
+    """crf_gold_score's own backward (crf_log_partition's, states pinned by the
+    tags, unknown ones free), which the fused likelihood does not use."""
+    batch, seq_len, num_tags, seed, mask_kind = problem
+    emissions, tags, mask, start, end, trans = random_problem(batch, seq_len, num_tags, device=device, seed=seed,
+                                                              mask_kind=mask_kind)
+    results = []
+    for backend in (None, "reference"):
+        leaves = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+        gold = ops.crf_gold_score(leaves[0], tags, *leaves[1:], mask, backend=backend)
+        weights = torch.linspace(0.5, 1.5, batch, dtype=gold.dtype, device=device)
+        # materialize_grads: with no time step the reference's score does not depend on the emissions.
+        grads = torch.autograd.grad((gold * weights).sum(), leaves, materialize_grads=True)
+        results.append([gold] + list(grads))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
 
 
 def opcheck_samples(device):
@@ -678,17 +718,11 @@ def assert_likelihood_matches_reference(problem, tol, ignore_index=-100):
                                 ignore_index=ignore_index)
     # equal_nan: a sequence without any path is NaN (-inf - -inf) in both.
     torch.testing.assert_close(got[0], want[0], equal_nan=True, **tol)
-    if all(bool(torch.isfinite(w).all()) for w in want[1]):
-        for g, w in zip(got[1], want[1]):
-            torch.testing.assert_close(g, w, **tol)
-    else:
-        # The reference's gradient through an impossible (-inf) score, or
-        # through a -inf transition next to an empty chain, is NaN; the kernels
-        # give such a sequence zero gradient, as before the fused op.
-        two_pass = two_pass_likelihood_and_grads(emissions, tags, mask, start, end, trans, ignore_index)
-        torch.testing.assert_close(got[0], two_pass[0], equal_nan=True, **tol)
-        for g, w in zip(got[1], two_pass[1]):
-            torch.testing.assert_close(g, w, **tol)
+    # The gradients are finite in both, impossible sequences included (they
+    # get zero gradient): the reference's log-sum-exp passes none through a
+    # column of -inf.
+    for g, w in zip(got[1], want[1]):
+        torch.testing.assert_close(g, w, **tol)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -850,11 +884,13 @@ def test_fused_likelihood_impossible_sequences_match_the_two_pass_result():
     for got, want in zip(grads, two_pass_grads):
         torch.testing.assert_close(got, want)
     assert llh[1].item() == NEG_INF
+    assert_likelihood_matches_reference((emissions, tags, mask, start, end, trans), dict(rtol=1e-10, atol=1e-10))
     impossible = start.clone().fill_(NEG_INF)
     llh = ops.crf_log_likelihood(emissions, tags, impossible, end, trans, mask)
     two_pass = (ops.crf_gold_score(emissions, tags, impossible, end, trans, mask)
                 - ops.crf_log_partition(emissions, impossible, end, trans, mask))
     torch.testing.assert_close(llh, two_pass, equal_nan=True)
+    assert_likelihood_matches_reference((emissions, tags, mask, impossible, end, trans), dict(rtol=1e-10, atol=1e-10))
 
 
 def test_fused_likelihood_gradcheck_with_constraints_and_partial_labels():

@@ -41,8 +41,8 @@ def log_partition(emissions: Tensor, mask: Tensor, tags: Optional[Tensor], start
                   end_transitions: Tensor, transitions: Tensor) -> Tensor:
     """log-sum-exp of the scores of all paths (consistent with `tags`), shape (B,); 0 for empty chains."""
     emissions = _pin_tags(emissions, tags)
-    batch, seq_len, _ = emissions.shape
-    alpha = torch.zeros_like(emissions[:, 0])
+    batch, seq_len, num_tags = emissions.shape
+    alpha = emissions.new_zeros(batch, num_tags)  # not emissions[:, 0]: there is none when seq_len == 0
     started = torch.zeros(batch, dtype=torch.bool, device=emissions.device)
     for t in range(seq_len):
         selected = mask[:, t].unsqueeze(1)
@@ -58,6 +58,8 @@ def log_partition(emissions: Tensor, mask: Tensor, tags: Optional[Tensor], start
 def marginals(emissions: Tensor, mask: Tensor, start_transitions: Tensor, end_transitions: Tensor,
               transitions: Tensor) -> Tensor:
     """Posterior P(y_t = k), shape (B, T, K), 0 at unselected positions: the gradient of log Z."""
+    if emissions.size(1) == 0:  # log Z is then 0 whatever the (absent) emissions, and no graph leads to them
+        return torch.zeros_like(emissions)
     with torch.enable_grad():
         emissions = emissions.detach().requires_grad_(True)
         total = log_partition(emissions, mask, None, start_transitions.detach(), end_transitions.detach(),
