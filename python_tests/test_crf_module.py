@@ -240,15 +240,24 @@ def test_empty_mask_row_is_an_empty_sequence():
     assert ours.decode(emissions, mask)[0] == []
 
 
-def test_half_precision_module():
-    _, ours = make_pair(4, True)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_module(dtype):
+    """Half-precision emissions: a float32 likelihood and a gradient in their
+    dtype, both close to pytorch-crf's in float64 on the same rounded emissions."""
+    theirs, ours = make_pair(4, True)
+    theirs.double()
     emissions, tags, mask = make_inputs(5, 3, 4, True)
-    half = emissions.half().requires_grad_(True)
-    llh = ours(half, tags, mask)
+    low = emissions.to(dtype).requires_grad_(True)
+    exact = low.detach().double().requires_grad_(True)
+    llh = ours(low, tags, mask, reduction="none")
+    want = theirs(exact, tags, mask, reduction="none")
     assert llh.dtype == torch.float32
-    torch.testing.assert_close(llh, ours(half.detach().float(), tags, mask))
-    llh.backward()
-    assert half.grad.dtype == torch.float16
+    torch.testing.assert_close(llh.double(), want, rtol=1e-6, atol=1e-5)
+    weights = torch.linspace(0.5, 1.5, llh.numel(), dtype=torch.float64)
+    (grad,) = torch.autograd.grad((llh.double() * weights).sum(), low)
+    (want_grad,) = torch.autograd.grad((want * weights).sum(), exact)
+    assert grad.dtype == dtype
+    torch.testing.assert_close(grad, want_grad.to(dtype))  # rounded once, from float32
 
 
 @pytest.mark.parametrize("constrained", [False, True])

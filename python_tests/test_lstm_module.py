@@ -184,14 +184,26 @@ def test_dropout_between_layers():
     assert not torch.allclose(c, a)
 
 
-def test_bfloat16_module_on_cpu():
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_module_on_cpu(dtype):
+    """A half-precision module on the CPU: outputs and every gradient in its
+    dtype, close to torch.nn.LSTM run in float64 on the same rounded values."""
     theirs, ours = twin_modules(torch.nn.LSTM, 4, 6, bidirectional=True)
-    theirs.bfloat16()
-    ours.bfloat16()
-    x = torch.randn(5, 3, 4).bfloat16()
-    out_t, out_o = theirs(x)[0], ours(x)[0]
-    assert out_o.dtype == torch.bfloat16
-    torch.testing.assert_close(out_o.float(), out_t.float(), rtol=0.05, atol=0.05)
+    ours.to(dtype)
+    theirs.to(dtype).double()  # the same rounded weights, without further rounding
+    x = torch.randn(5, 3, 4).to(dtype)
+    x_o, x_t = x.clone().requires_grad_(), x.double().requires_grad_()
+    out_o, out_t = flatten(ours(x_o)), flatten(theirs(x_t))
+    g = torch.Generator().manual_seed(0)
+    weights = [torch.randn(t.shape, generator=g, dtype=torch.float64) for t in out_t]
+    grads_o = torch.autograd.grad(sum((o.double() * w).sum() for o, w in zip(out_o, weights)),
+                                  [x_o] + list(ours.parameters()))
+    grads_t = torch.autograd.grad(sum((o * w).sum() for o, w in zip(out_t, weights)),
+                                  [x_t] + list(theirs.parameters()))
+    tolerance = 2e-3 if dtype == torch.float16 else 2e-2
+    for a, b in zip(out_o + list(grads_o), out_t + list(grads_t)):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a.double(), b, rtol=tolerance, atol=tolerance)
 
 
 def raised(fn):
