@@ -291,8 +291,13 @@ def test_dropout_keep_rate(p):
 
 
 def test_dropout_zero_is_no_dropout():
+    """dropout_p=0.0 drops nothing, as the reference without dropout, and draws
+    nothing from torch's generator (as SDPA: a p=0 call leaves later draws alone)."""
     q, k, v, kwargs = make_problem(1, 2, 2, 10, 20, 8, 8, "lengths", seed=23)
-    torch.testing.assert_close(ops.attention(q, k, v, dropout_p=0.0, **kwargs), ops.attention(q, k, v, **kwargs))
+    before = torch.get_rng_state()
+    out = ops.attention(q, k, v, dropout_p=0.0, **kwargs)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.testing.assert_close(out, reference.attention(q, k, v, **reference_kwargs(kwargs, k.shape[-2])))
 
 
 # ---------------------------------------------------------------------------
@@ -360,7 +365,7 @@ def test_positional_arguments_are_those_of_sdpa():
     torch.testing.assert_close(ops.attention(q, *grouped, mask, enable_gqa=True),
                                F.scaled_dot_product_attention(q, *grouped, mask, enable_gqa=True))
     torch.testing.assert_close(ops.attention(q, *grouped, mask), ops.attention(q, *grouped, mask, enable_gqa=True))
-    with pytest.raises(TypeError):  # as SDPA: no positional scale
+    with pytest.raises(TypeError, match="positional argument"):  # as SDPA: no positional scale
         ops.attention(q, k, v, mask, 0.0, False, 0.3)
 
 

@@ -817,6 +817,20 @@ def _patched_copy(model):
     return ours
 
 
+def _count_our_forward_calls(monkeypatch):
+    """A list whose one entry counts the calls of our MultiheadAttention.forward from now on.
+    (Not a hook: torch's encoder layer leaves its fast path when its attention has hooks.)"""
+    calls = [0]
+    forward = MultiheadAttention.forward
+
+    def counted(self, *args, **kwargs):
+        calls[0] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultiheadAttention, "forward", counted)
+    return calls
+
+
 def _encoder_inputs(batch_first):
     gen = torch.Generator().manual_seed(5)
     src = torch.randn((3, 6, 8) if batch_first else (6, 3, 8), generator=gen)
@@ -826,13 +840,15 @@ def _encoder_inputs(batch_first):
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("mode", ["eval_no_grad", "eval", "train"])
-def test_patched_transformer_encoder_layer_matches_torch(batch_first, mode):
-    """In eval without grad torch's TransformerEncoderLayer takes its fast path,
-    which needs self_attn.merge_masks and runs torch's kernel on our weights;
-    otherwise it calls our forward. Either way: torch's results."""
+def test_patched_transformer_encoder_layer_matches_torch(monkeypatch, batch_first, mode):
+    """In eval without grad, batch_first, torch's TransformerEncoderLayer takes
+    its fast path, which needs self_attn.merge_masks and runs torch's kernel on
+    our weights; otherwise it calls our forward. Either way: torch's results."""
     torch.manual_seed(0)
     theirs = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
     ours = _patched_copy(nn.Sequential(theirs))[0]
+    calls = _count_our_forward_calls(monkeypatch)
+    fast_path = mode == "eval_no_grad" and batch_first
     src, padding, causal = _encoder_inputs(batch_first)
     masks = [dict(), dict(src_key_padding_mask=padding), dict(src_mask=causal),
              dict(src_mask=causal, src_key_padding_mask=padding),
@@ -845,7 +861,9 @@ def test_patched_transformer_encoder_layer_matches_torch(batch_first, mode):
             warnings.simplefilter("ignore")  # mismatched mask types: torch's deprecation warning, in both
             x = src.clone().requires_grad_(mode != "eval_no_grad")
             x_ours = src.clone().requires_grad_(mode != "eval_no_grad")
+            calls[0] = 0
             want, got = theirs(x, **kwargs), ours(x_ours, **kwargs)
+            assert calls[0] == (0 if fast_path else 1)
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
             if mode != "eval_no_grad":
                 grad_out = torch.randn_like(want)
@@ -857,9 +875,11 @@ def test_patched_transformer_encoder_layer_matches_torch(batch_first, mode):
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("mode", ["eval_no_grad", "train"])
-def test_patched_transformer_encoder_with_padding_matches_torch(batch_first, mode):
+def test_patched_transformer_encoder_with_padding_matches_torch(monkeypatch, batch_first, mode):
     """TransformerEncoder with a src_key_padding_mask: in eval without grad (and
-    batch_first) it hands its layers NestedTensor input on the fast path."""
+    batch_first) it hands its layers NestedTensor input on the fast path, where
+    torch's kernel runs on our weights and our forward is never called; the
+    patch must leave that path working. Otherwise each layer calls our forward."""
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, dropout=0.0, batch_first=batch_first)
     with warnings.catch_warnings():
@@ -868,10 +888,12 @@ def test_patched_transformer_encoder_with_padding_matches_torch(batch_first, mod
     ours = _patched_copy(theirs)
     src, padding, _ = _encoder_inputs(batch_first)
     theirs.train(mode == "train"), ours.train(mode == "train")
+    calls = _count_our_forward_calls(monkeypatch)
     with torch.set_grad_enabled(mode == "train"), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torch's "nested tensors are a prototype" warning
         want = theirs(src, src_key_padding_mask=padding)
         got = ours(src, src_key_padding_mask=padding)
+    assert calls[0] == (0 if mode == "eval_no_grad" and batch_first else 2)  # two layers
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
