@@ -400,12 +400,13 @@ def test_a_head_with_a_fully_masked_row_adds_nothing():
 
 
 @pytest.mark.parametrize("shape", [(5, 7, 0), (5, 0, 2), (5, 0, 0), (5, 0, None), (0, 7, 2)])
-@pytest.mark.parametrize("padded", [False, True])
-def test_empty_batch_or_keys_with_boolean_padding_match_torch(shape, padded):
+@pytest.mark.parametrize("mask", ["padding", "all padding", "3-D attn_mask"])
+def test_empty_batch_or_keys_or_queries_match_torch(shape, mask):
     """(L, S, N), N None for unbatched: the CPU path that projects only the
-    real keys must cope with no keys at all. torch itself then fails without
-    weights (a reshape in its SDPA path), so ours is checked against its
-    need_weights=True output there."""
+    real keys must cope with no keys at all, and a per-head (3-D) mask with no
+    elements must still be split into its heads. torch itself fails without
+    weights where N or S is 0 (a reshape in its SDPA path), so ours is checked
+    against its need_weights=True output there."""
     L, S, N = shape
     theirs, ours = make_pair(embed_dim=16, num_heads=4, dtype=torch.float64)
     gen = torch.Generator().manual_seed(1)
@@ -413,11 +414,14 @@ def test_empty_batch_or_keys_with_boolean_padding_match_torch(shape, padded):
     query = torch.randn(L, *batch, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     key = torch.randn(S, *batch, 16, generator=gen, dtype=torch.float64, requires_grad=True)
     value = torch.randn(S, *batch, 16, generator=gen, dtype=torch.float64, requires_grad=True)
-    kpm = torch.full(batch + (S,), padded)
-    compare(theirs, ours, (query, key, value), dict(key_padding_mask=kpm), torch.float64)
-    out, weights = ours(query, key, value, key_padding_mask=kpm, need_weights=False)
+    if mask == "3-D attn_mask":
+        kwargs = dict(attn_mask=torch.randn(4 * (1 if N is None else N), L, S, generator=gen, dtype=torch.float64))
+    else:
+        kwargs = dict(key_padding_mask=torch.full(batch + (S,), mask == "all padding"))
+    compare(theirs, ours, (query, key, value), kwargs, torch.float64)
+    out, weights = ours(query, key, value, need_weights=False, **kwargs)
     assert weights is None
-    torch.testing.assert_close(out, theirs(query, key, value, key_padding_mask=kpm)[0])
+    torch.testing.assert_close(out, theirs(query, key, value, **kwargs)[0])
 
 
 def test_nan_and_inf_inputs_give_nan_weights_where_torch_does():

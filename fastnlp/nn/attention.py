@@ -491,7 +491,8 @@ def _kernel_masks(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor
         else:
             attn_mask = F.pad(attn_mask.to(dtype), (0, extra)) if extra else attn_mask.to(dtype)
         if attn_mask.dim() == 3:  # (N * H, L, S) -> (N, H, L, S); a 2-D mask broadcasts as it is
-            attn_mask = attn_mask.reshape(bsz, num_heads, tgt_len, -1)
+            # S spelled out: reshape cannot infer a -1 from a mask with no elements (N or L zero).
+            attn_mask = attn_mask.reshape(bsz, num_heads, tgt_len, attn_mask.shape[-1])
     if key_padding_mask is None:
         return attn_mask, None
     if key_padding_mask.dtype == torch.bool:
