@@ -777,6 +777,27 @@ def test_pair_rejects_malformed_lists():
         lstm_layer_pair(input, batch_sizes, dict(fwd, zoneout_hidden=torch.zeros(12, 4)), rev)
 
 
+@pytest.mark.parametrize("name", ["recurrent_mask", "zoneout_cell", "zoneout_hidden"])
+@pytest.mark.parametrize("entry", ["layer", "pair"])
+def test_masks_that_require_grad_are_refused(entry, name):
+    """The kernels' backward gives the regularisers no gradient; one that
+    requires grad is refused rather than silently left at zero. Without grad
+    mode, or detached, it is taken."""
+    input, batch_sizes, (fwd, rev) = make_pair_inputs(True, 0, torch.float64, True, False)
+    wanting = dict(fwd, **{name: fwd[name].clone().requires_grad_()})
+
+    def run(direction):
+        if entry == "pair":
+            return lstm_layer_pair(input, batch_sizes, rev, direction)
+        return lstm_layer(input, batch_sizes, **direction)
+
+    with pytest.raises(RuntimeError, match=f"{name} is a constant to autograd .* pass {name}.detach"):
+        run(wanting)
+    with torch.no_grad():
+        run(wanting)
+    run(fwd)
+
+
 @pytest.mark.parametrize("module", ["layer", "bidirectional", "cell"])
 def test_double_backward_raises_instead_of_dropping_the_kernels_share(module):
     # The backward pass is a kernel: with create_graph=True the first-order

@@ -162,7 +162,9 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
             as h_{t-1} * recurrent_mask (per-sequence recurrent dropout).
         zoneout_cell (N, H), zoneout_hidden (N, P): per-row weights z of the
             previous state, state_t = z * state_{t-1} + (1 - z) * new_t
-            (zoneout); zoneout_hidden needs zoneout_cell.
+            (zoneout); zoneout_hidden needs zoneout_cell. The three are
+            constants to autograd: the kernels give them no gradient, and
+            refuse one that requires grad (where grad mode is on).
         layer_norm_{ih,hh}_{weight,bias} (4H,), layer_norm_cell_{weight,bias}
             (H,): all six or none. Layer normalisation (Ba et al., 2016) of
             both gate products and of the new cell before its tanh:
