@@ -71,11 +71,22 @@ std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor
               input.scalar_type());
   TORCH_CHECK(h0.dim() == 2 && c0.dim() == 2, "fastnlp.lstm: h0 and c0 must be 2-D (batch, size), got ", h0.sizes(),
               " and ", c0.sizes());
-  const int64_t N = input.size(0), I = input.size(1), B = h0.size(0), P = h0.size(1), H = c0.size(1);
+  const int64_t N = input.size(0), I = input.size(1), B = h0.size(0);
   TORCH_CHECK(c0.size(0) == B, "fastnlp.lstm: h0 and c0 disagree on the batch size: ", h0.sizes(), " vs ",
               c0.sizes());
+  // The weights define the sizes (as a module's hidden_size and proj_size
+  // do), so that a state of the wrong width is the one named in the error.
+  TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 4 == 0,
+              "fastnlp.lstm: weight_ih must have shape (4 * hidden_size, input_size), got ", weight_ih.sizes());
+  const int64_t H = weight_ih.size(0) / 4;
   check_matrix(weight_ih, "weight_ih", 4 * H, I);
+  if (has_tensor(weight_hr))
+    TORCH_CHECK(weight_hr->dim() == 2, "fastnlp.lstm: weight_hr must have shape (proj_size, hidden_size), got ",
+                weight_hr->sizes());
+  const int64_t P = has_tensor(weight_hr) ? weight_hr->size(0) : H;
   check_matrix(weight_hh, "weight_hh", 4 * H, P);
+  check_matrix(h0, "h0", B, P);
+  check_matrix(c0, "c0", B, H);
   for (const auto& [t, name] : {std::make_pair(&h0, "h0"), std::make_pair(&c0, "c0"),
                                 std::make_pair(&weight_ih, "weight_ih"), std::make_pair(&weight_hh, "weight_hh")})
     check_like(*t, name, input);
@@ -88,9 +99,6 @@ std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor
   if (has_tensor(weight_hr)) {
     check_matrix(*weight_hr, "weight_hr", P, H);
     check_like(*weight_hr, "weight_hr", input);
-  } else {
-    TORCH_CHECK(P == H, "fastnlp.lstm: without weight_hr, h0 (", h0.sizes(), ") and c0 (", c0.sizes(),
-                ") must have the same size");
   }
 
   TORCH_CHECK(batch_sizes.dim() == 1 && batch_sizes.scalar_type() == at::kLong && batch_sizes.device().is_cpu(),
@@ -107,8 +115,9 @@ std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor
   TORCH_CHECK(steps[0] == B, "fastnlp.lstm: batch_sizes[0] is ", steps[0], " but h0 has batch size ", B);
   int64_t total = 0;
   for (size_t t = 0; t < steps.size(); ++t) {
-    TORCH_CHECK(steps[t] >= 1 && (t == 0 || steps[t] <= steps[t - 1]),
-                "fastnlp.lstm: batch_sizes must be positive and non-increasing, got ", batch_sizes);
+    TORCH_CHECK(steps[t] >= 1, "fastnlp.lstm: batch_sizes must be positive, got ", steps[t], " at step ", t);
+    TORCH_CHECK(t == 0 || steps[t] <= steps[t - 1], "fastnlp.lstm: batch_sizes must be non-increasing, got ",
+                steps[t - 1], " then ", steps[t], " at step ", t);
     total += steps[t];
   }
   TORCH_CHECK(total == N, "fastnlp.lstm: batch_sizes sum to ", total, " but input has ", N, " rows");

@@ -242,15 +242,21 @@ def test_compiled_layer_matches_eager(extras):
 @pytest.mark.parametrize(
     "change, message",
     [
-        (dict(batch_sizes=torch.tensor([3, 1, 2])), "non-increasing"),
+        (dict(batch_sizes=torch.tensor([3, 1, 2])), "must be non-increasing, got 1 then 2 at step 2$"),
         (dict(batch_sizes=torch.tensor([3, 2, 2])), "sum to 7 but input has 6 rows"),
         (dict(batch_sizes=torch.tensor([2, 2, 2])), "batch_sizes\\[0\\] is 2 but h0 has batch size 3"),
-        (dict(batch_sizes=torch.tensor([3, 0, 3])), "positive"),
+        (dict(batch_sizes=torch.tensor([3, 0, 3])), "must be positive, got 0 at step 1$"),
         (dict(batch_sizes=torch.tensor([3.0, 2.0, 1.0])), "int64 CPU tensor"),
         (dict(weight_ih=torch.zeros(16, 5)), "weight_ih must have shape \\(16, 4\\)"),
         (dict(weight_hh=torch.zeros(16, 3)), "weight_hh must have shape \\(16, 4\\)"),
         (dict(bias_ih=torch.zeros(15)), "bias_ih must have shape \\(16\\)"),
         (dict(c0=torch.zeros(2, 4)), "h0 and c0 disagree on the batch size"),
+        # The weights fix the sizes: a state of the wrong width is named itself.
+        (dict(h0=torch.zeros(3, 5)), "h0 must have shape \\(3, 4\\), got \\[3, 5\\]"),
+        (dict(c0=torch.zeros(3, 3)), "c0 must have shape \\(3, 4\\), got \\[3, 3\\]"),
+        (dict(weight_ih=torch.zeros(15, 4)), "weight_ih must have shape \\(4 \\* hidden_size, input_size\\)"),
+        (dict(weight_hr=torch.zeros(4, 3)), "weight_hr must have shape \\(4, 4\\), got \\[4, 3\\]"),
+        (dict(weight_hr=torch.zeros(2, 4)), "weight_hh must have shape \\(16, 2\\)"),  # proj_size 2
         (dict(h0=torch.zeros(3, 4, dtype=torch.float64)), "h0 has dtype Double but input has dtype Float"),
         (dict(input=torch.zeros(6, 4, dtype=torch.int64)), "float32 or float64, got Long"),
         # One meta tensor among CPU ones sends the call to the fake kernel.
