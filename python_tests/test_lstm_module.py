@@ -627,11 +627,25 @@ def test_empty_sequence_raises_like_torch(kwargs, shape, with_hx):
     assert raised_type(lambda: ours(*args)) == expected
 
 
-def test_empty_batch_still_runs_like_torch():
-    theirs, ours = twin_modules(torch.nn.LSTM, 3, 4, batch_first=True)
-    x = torch.randn(0, 5, 3)
-    for a, b in zip(flatten(ours(x)), flatten(theirs(x))):
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("torch_cls, kwargs, shape", [
+    (torch.nn.LSTM, dict(batch_first=True), (0, 5, 3)),
+    (torch.nn.LSTM, dict(bidirectional=True, num_layers=2, proj_size=2), (5, 0, 3)),
+    (torch.nn.LSTMCell, {}, (0, 3)),
+])
+def test_empty_batch_still_runs_like_torch(monkeypatch, backend, torch_cls, kwargs, shape):
+    """No sequences: empty results, and a backward pass through them that
+    gives every parameter a zero gradient, as torch's does, on both backends."""
+    monkeypatch.setenv("FASTNLP_BACKEND", backend)
+    theirs, ours = twin_modules(torch_cls, 3, 4, **kwargs)
+    x = torch.randn(shape)
+    out_o, out_t = flatten(ours(x)), flatten(theirs(x))
+    for a, b in zip(out_o, out_t):
         assert a.shape == b.shape and a.dtype == b.dtype
+    grads_o = torch.autograd.grad(sum(t.sum() for t in out_o), list(ours.parameters()), materialize_grads=True)
+    grads_t = torch.autograd.grad(sum(t.sum() for t in out_t), list(theirs.parameters()), materialize_grads=True)
+    for a, b in zip(grads_o, grads_t):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize(

@@ -91,5 +91,17 @@ def lstm_layer(input: Tensor, batch_sizes: Tensor, h0: Tensor, c0: Tensor, weigh
         # Sequences that are not alive at this step keep their state.
         h = torch.cat([h_new, h[alive:]])
         c = torch.cat([c_new, c[alive:]])
-    output = torch.cat([o for o in outputs if o is not None]) if steps else input.new_empty(0, h0.shape[1])
-    return output, h, c
+    if steps:
+        return torch.cat([o for o in outputs if o is not None]), h, c
+    # No step to run (no rows, or no sequences): the results are computed
+    # from nothing, but are tied into the graph of every argument, as the
+    # kernels' are, so that a backward pass through them works and gives zero
+    # gradients. Only empty results are tied: 0 * a sum that is inf or NaN
+    # would be NaN, but adding it to an empty tensor adds nothing.
+    arguments = [input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr] + list(layer_norm or [])
+    anchor = 0 * sum(t.sum() for t in arguments if t is not None)
+
+    def tied(result: Tensor) -> Tensor:
+        return result + anchor if result.numel() == 0 else result
+
+    return tied(input.new_empty(0, h0.shape[1])), tied(h), tied(c)
