@@ -509,6 +509,48 @@ def test_learned_float_mask_gradcheck():
         lambda q, k, bias: ops.attention(q, k, k, attn_mask=bias, key_padding_mask=torch.tensor([4])), (q, k, bias))
 
 
+@pytest.mark.parametrize("key_len", [8, 70, 300])
+@pytest.mark.parametrize("kind", ["lengths", "bool", "bool with holes"])
+def test_padding_keys_are_never_read(key_len, kind):
+    """NaN in the key and value rows of padding keys reaches no output, weight
+    or gradient, whether the padding shares a key block with real keys or
+    fills whole blocks (which the kernel skips); padding keys get 0 gradients.
+    The reference zeroes those rows, so both equal a run on clean inputs."""
+    gen = torch.Generator().manual_seed(113)
+    q = torch.randn(2, 2, 5, 4, generator=gen, dtype=torch.float64)
+    k = torch.randn(2, 1, key_len, 4, generator=gen, dtype=torch.float64)
+    v = torch.randn(2, 1, key_len, 3, generator=gen, dtype=torch.float64)
+    lengths = torch.tensor([key_len, key_len // 3 + 1])
+    real = torch.arange(key_len)[None, :] < lengths[:, None]
+    if kind == "bool with holes":
+        real = real & (torch.rand(2, key_len, generator=gen) < 0.7)
+        real[:, 0] = True
+    padding = ~real[:, None, :, None]
+    dirty_k, dirty_v = k.masked_fill(padding, math.nan), v.masked_fill(padding, math.nan)
+    clean_k, clean_v = k.masked_fill(padding, 0), v.masked_fill(padding, 0)
+    kpm = lengths if kind == "lengths" else real
+    grad_out = torch.randn(2, 2, 5, 3, generator=gen, dtype=torch.float64)
+    runs = []
+    for backend, keys, values in [(None, dirty_k, dirty_v), ("reference", dirty_k, dirty_v),
+                                  ("reference", clean_k, clean_v)]:
+        inputs = leaves(q, keys, values)
+        out = ops.attention(*inputs, key_padding_mask=kpm, backend=backend)
+        runs.append([out, *grads(out, inputs, grad_out)])
+    for got in runs[:2]:
+        for a, b in zip(got, runs[2]):
+            torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    assert (runs[0][2].masked_select(padding) == 0).all() and (runs[0][3].masked_select(padding) == 0).all()
+    inputs = leaves(q, dirty_k, dirty_v)
+    out, weights = ops.attention_with_weights(*inputs, key_padding_mask=kpm)
+    weights_grad = torch.randn(weights.shape, generator=gen, dtype=torch.float64)
+    got = grads((out, weights), inputs, (grad_out, weights_grad))
+    clean = leaves(q, clean_k, clean_v)
+    want_out, want_weights = ops.attention_with_weights(*clean, key_padding_mask=kpm)
+    want = grads((want_out, want_weights), clean, (grad_out, weights_grad))
+    for a, b in zip([out, weights, *got], [want_out, want_weights, *want]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("where", ["query_row", "key", "every_key"])
 def test_nan_inputs_give_nan_where_sdpa_does(where):
     # A row whose scores are all NaN must come out NaN, not look like a row
@@ -521,8 +563,8 @@ def test_nan_inputs_give_nan_where_sdpa_does(where):
         k[0, 0, 65, 2] = float("nan")  # a real key, in the second key block
     else:
         k[0, 1, :, 4] = float("nan")
-    # (SDPA also turns a NaN in a padded key into NaN rows; the kernel never
-    # reads padded keys, as the CRF ignores unselected positions.)
+    # (SDPA also turns a NaN in a padded key into NaN rows; fastnlp never
+    # reads padded keys: test_padding_keys_are_never_read.)
     lengths = torch.tensor([68])
     padding = torch.arange(70) < lengths[:, None]
     got = ops.attention(q, k, v, key_padding_mask=lengths)

@@ -148,6 +148,12 @@ struct Problem {
   }
 };
 
+// The key-padding row of keys j0.. of batch b, or null without key padding.
+template <typename scalar_t, typename acc_t>
+const bool* real_keys(const Problem<scalar_t, acc_t>& pb, int64_t b, int64_t j0) {
+  return pb.key_padding ? pb.key_padding + b * pb.Lk + j0 : nullptr;
+}
+
 // What one (query block, key block) tile needs.
 template <typename acc_t>
 struct TilePlan {
@@ -174,7 +180,7 @@ bool plan_tile(const Problem<scalar_t, acc_t>& pb, int64_t b, int64_t h, int64_t
     width = std::min(width, i0 + mq - j0);
     plan.causal = j0 + width - 1 > i0;
   }
-  const bool* kp = pb.key_padding ? pb.key_padding + b * pb.Lk + j0 : nullptr;
+  const bool* kp = real_keys(pb, b, j0);
   int64_t real = width;
   if (kp) {
     while (width > 0 && !kp[width - 1]) --width;
@@ -229,13 +235,21 @@ void mask_row(const Problem<scalar_t, acc_t>& pb, const TilePlan<acc_t>& plan, c
 // Packing: tiles are copied into zero-padded buffers in the accumulation type.
 // Zeros in the padding make the padded rows and columns add exactly nothing.
 
-// dst[r * ld + d] = src row r, times factor; r < rows real, up to rows_pad zero; d up to cols_pad.
+// Padding keys are never read: a key or value tile is packed with `real`
+// (the key-padding row of its keys, or null when there is none), and the
+// rows of padding keys are packed as zeros. Whatever they hold (NaN from
+// uninitialised memory, say) then reaches no score, output or gradient,
+// whichever tile it falls in (0 * NaN would be NaN).
+
+// dst[r * ld + d] = src row r, times factor; r < rows real (and real[r], where
+// given), the others up to rows_pad zero; d up to cols_pad.
 template <typename scalar_t, typename acc_t>
 void pack_rows(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t i0, int64_t rows,
-               int64_t rows_pad, int64_t cols, int64_t cols_pad, acc_t factor, acc_t* dst, int64_t ld) {
+               int64_t rows_pad, int64_t cols, int64_t cols_pad, acc_t factor, acc_t* dst, int64_t ld,
+               const bool* real = nullptr) {
   for (int64_t r = 0; r < rows_pad; ++r) {
     acc_t* out = dst + r * ld;
-    if (r < rows) {
+    if (r < rows && (real == nullptr || real[r])) {
       const scalar_t* in = src.row(b, h, i0 + r);
       if (src.s3 == 1) {  // the usual layout: a loop the compiler vectorises
         for (int64_t d = 0; d < cols; ++d) out[d] = static_cast<acc_t>(in[d]) * factor;
@@ -251,20 +265,28 @@ void pack_rows(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_
 
 // dst[d * ld + r] = src row r element d: the transposed tile (a k^T or v^T
 // block), written in 8-row strips so each destination line is filled by
-// consecutive stores rather than one element per cache line.
+// consecutive stores rather than one element per cache line. Rows past
+// `rows`, and those with real[r] false where real is given, are zeros.
 template <typename scalar_t, typename acc_t>
 void pack_transposed(const Strided4<const scalar_t>& src, int64_t b, int64_t h, int64_t j0, int64_t rows,
-                     int64_t rows_pad, int64_t cols, int64_t cols_pad, acc_t* dst, int64_t ld) {
+                     int64_t rows_pad, int64_t cols, int64_t cols_pad, acc_t* dst, int64_t ld,
+                     const bool* real = nullptr) {
   for (int64_t d = cols; d < cols_pad; ++d) std::fill(dst + d * ld, dst + d * ld + rows_pad, acc_t(0));
   for (int64_t d = 0; d < cols; ++d) std::fill(dst + d * ld + rows, dst + d * ld + rows_pad, acc_t(0));
   constexpr int64_t strip = 8;
+  static const scalar_t zeros[1] = {scalar_t(0)};
   for (int64_t r0 = 0; r0 < rows; r0 += strip) {
     const int64_t n = std::min(strip, rows - r0);
     const scalar_t* in[strip];
-    for (int64_t r = 0; r < n; ++r) in[r] = src.row(b, h, j0 + r0 + r);
+    int64_t step[strip];  // a padding row reads the one zero again and again
+    for (int64_t r = 0; r < n; ++r) {
+      const bool read = real == nullptr || real[r0 + r];
+      in[r] = read ? src.row(b, h, j0 + r0 + r) : zeros;
+      step[r] = read ? src.s3 : 0;
+    }
     for (int64_t d = 0; d < cols; ++d) {
       acc_t* out = dst + d * ld + r0;
-      for (int64_t r = 0; r < n; ++r) out[r] = static_cast<acc_t>(in[r][d * src.s3]);
+      for (int64_t r = 0; r < n; ++r) out[r] = static_cast<acc_t>(in[r][d * step[r]]);
     }
   }
 }
@@ -330,8 +352,9 @@ void forward_blocks(const Problem<scalar_t, acc_t>& pb, const Strided4<const sca
       if (!plan_tile(pb, b, h, i0, mq, j0, nk, plan, w.bias.data())) continue;
       const int64_t nw = plan.width, nw_pad = plan.width_pad;
       if (!w.packed[kb]) {
-        pack_transposed(k, b, hk, j0, nk, nk_pad, pb.D, Dp, w.kt.data() + kb * Dp * kBlockK, kBlockK);
-        pack_rows(v, b, hk, j0, nk, nk_pad, pb.Dv, Dvp, acc_t(1), w.v.data() + j0 * Dvp, Dvp);
+        const bool* real = real_keys(pb, b, j0);
+        pack_transposed(k, b, hk, j0, nk, nk_pad, pb.D, Dp, w.kt.data() + kb * Dp * kBlockK, kBlockK, real);
+        pack_rows(v, b, hk, j0, nk, nk_pad, pb.Dv, Dvp, acc_t(1), w.v.data() + j0 * Dvp, Dvp, real);
         w.packed[kb] = 1;
       }
       acc_t* S = w.s.data();
@@ -424,9 +447,10 @@ void backward_kv_head(const Problem<scalar_t, acc_t>& pb, const Strided4<const s
         if (!plan_tile(pb, b, h, i0, mq, j0, nk, plan, w.bias.data())) continue;
       const int64_t nw = plan.width, nw_pad = plan.width_pad;
         if (!packed) {
-          pack_rows(k, b, hk, j0, nk, nk_pad, pb.D, Dp, acc_t(1), w.k.data(), Dp);
-          pack_transposed(k, b, hk, j0, nk, nk_pad, pb.D, Dp, w.kt.data(), kBlockK);
-          pack_transposed(v, b, hk, j0, nk, nk_pad, pb.Dv, Dvp, w.vt.data(), kBlockK);
+          const bool* real = real_keys(pb, b, j0);
+          pack_rows(k, b, hk, j0, nk, nk_pad, pb.D, Dp, acc_t(1), w.k.data(), Dp, real);
+          pack_transposed(k, b, hk, j0, nk, nk_pad, pb.D, Dp, w.kt.data(), kBlockK, real);
+          pack_transposed(v, b, hk, j0, nk, nk_pad, pb.Dv, Dvp, w.vt.data(), kBlockK, real);
           packed = true;
         }
         const acc_t* qi = w.q.data() + i0 * Dp;

@@ -375,6 +375,8 @@ def _weights_from_lse(query: Tensor, key: Tensor, lse: Tensor, attn_mask: Option
     heads, query_len, key_len = query.shape[1], query.shape[2], key.shape[2]
     if key.shape[1] != heads:
         key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    if key_padding_mask is not None:  # padding keys are never read, as in the kernel (0 * NaN is NaN)
+        key = key.masked_fill(~key_padding_mask[:, None, :, None], 0)
     scores = torch.matmul(query.to(lse.dtype), key.to(lse.dtype).transpose(-2, -1)) * scale
     visible = None
     if attn_mask is not None and attn_mask.dtype == torch.bool:

@@ -7,7 +7,9 @@ Semantics (shared with fastnlp.ops.attention):
   and query head h reads kv-head h // (H // Hk) (grouped-query attention).
 * attn_mask: bool (True = take part, as in F.scaled_dot_product_attention) or
   additive float, broadcastable to (B, H, Lq, Lk).
-* key_padding_mask: bool (B, Lk), True = real key.
+* key_padding_mask: bool (B, Lk), True = real key. Padding keys are never
+  read: whatever their key and value rows hold (NaN included) reaches no
+  output or gradient, and their own gradients are 0.
 * is_causal: query i sees keys j <= i (upper-left aligned, as SDPA).
 * A query row that sees no key at all gives output 0 (and gradient 0), not NaN.
 * dropout_mask: an explicit keep-mask (B, H, Lq, Lk) applied to the
@@ -45,6 +47,10 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     group = heads // kv_heads
     key = key.repeat_interleave(group, dim=1)
     value = value.repeat_interleave(group, dim=1)
+    if key_padding_mask is not None:
+        # Zeroed, not only masked in the scores: a probability of 0 times a NaN value is NaN.
+        padding = ~key_padding_mask.bool()[:, None, :, None]
+        key, value = key.masked_fill(padding, 0), value.masked_fill(padding, 0)
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         scores = scores + attn_mask.to(scores.dtype)
