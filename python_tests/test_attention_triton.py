@@ -315,6 +315,8 @@ def test_nan_keys_and_values_in_hidden_blocks_do_not_leak():
     exp_out, exp_grads = run_reference(q, clean_k, clean_v, attn_mask, kpm, False, 0.25, grad_out)
     assert_close(out, exp_out, 1e-5, "out")
     assert_close(dq, exp_grads[0], 5e-5, "dq")
+    assert_close(dk, exp_grads[1], 5e-5, "dk")
+    assert_close(dv, exp_grads[2], 5e-5, "dv")
 
 
 # ---------------------------------------------------------------------------

@@ -21,17 +21,20 @@ from triton.compiler import ASTSource
 from fastnlp.triton import attention as tri
 
 FLOATS = {"qk_hi", "qk_lo", "ik_hi", "ik_lo"}
-CASES = [("bf16", 128, False), ("fp16", 64, True), ("fp32", 256, True)]
+# (dtype, head dim, masks, causality and dropout?, a bool attn_mask (else an additive one, in lse's dtype)?)
+CASES = [("bf16", 128, False, True), ("bf16", 128, True, True), ("bf16", 64, True, False),
+         ("fp16", 64, True, True), ("fp32", 256, True, False)]
 if tri.FLOAT64_DOT:  # otherwise refused before any kernel runs
-    CASES.append(("fp64", 64, True))
-for dtype, head_dim, masks in CASES:
+    CASES += [("fp64", 64, True, True), ("fp64", 64, True, False)]
+for dtype, head_dim, masks, mask_bool in CASES:
     stats = "*fp64" if dtype == "fp64" else "*fp32"  # lse and delta: float64 for float64 inputs
-    pointers = dict(LSE=stats, DELTA=stats, MASK="*u8", KPM="*u8", KV_END="*i32", COUNTER="*i32")
+    pointers = dict(LSE=stats, DELTA=stats, MASK="*u8" if mask_bool else stats, KPM="*u8", KV_END="*i32",
+                    COUNTER="*i32")
     for name in ("Q", "K", "V", "O", "DO", "DK", "DV_", "DQ"):
         pointers[name] = "*" + dtype
     for kernel, kind in ((tri._attn_fwd, "fwd"), (tri._attn_bwd_dkdv, "dkdv"), (tri._attn_bwd_dq, "dq")):
         block_m, block_n, warps, stages = tri._blocks(kind, head_dim, None)
-        consts = dict(HAS_MASK=masks, MASK_BOOL=True, HAS_KPM=masks, IS_CAUSAL=masks, DROPOUT=masks,
+        consts = dict(HAS_MASK=masks, MASK_BOOL=mask_bool, HAS_KPM=masks, IS_CAUSAL=masks, DROPOUT=masks,
                       PRECISION="ieee", BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=head_dim, BLOCK_DV=head_dim)
         if kind == "fwd":
             consts["COUNT_TILES"] = False

@@ -285,9 +285,9 @@ def test_lstm_forward_step_matches_its_definition(emulated, dtype, layer_norm, z
     if layer_norm:
         assert_close(out["norm_hh"], case.norm_hh, dtype, "norm_hh (normalised in place)")
         assert torch.isnan(out["stats"][:, 0]).all(), "ln_stats column 0 belongs to the caller"
-        # c~ is rounded to the storage type before its statistics are taken.
-        assert_close(out["stats"][:, 1:], case.ln_stats[:, 1:], dtype if dtype != torch.float32 else torch.float16,
-                     "ln_stats")
+        # c~ is rounded to the storage type before its statistics are taken
+        # (float32's own tolerance holds: at most 3% of it used, measured).
+        assert_close(out["stats"][:, 1:], case.ln_stats[:, 1:], dtype, "ln_stats")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -560,10 +560,9 @@ def test_crf_backward_and_topk_with_state_vectors_in_the_workspace(emulated):
     case = CrfCase(B=1, T=2, K=2100, dtype=torch.float64, seed=6)
     case.mask[:] = True
     assert emulated.emu_crf_log_partition_backward_workspace_bytes(1, 2100, 8) >= 3 * 2100 * 8
-    emulated_forward = emulated_log_partition(emulated, case)
+    emulated_forward, cpu_forward = assert_log_partition_matches_cpu(emulated, case)
     grad_log_z = torch.ones(1, dtype=torch.float64)
-    # (The CPU backward also from the emulated forward's log_z and alpha, as before.)
-    assert_backward_matches_cpu(emulated, case, grad_log_z, emulated_forward, emulated_forward)
+    assert_backward_matches_cpu(emulated, case, grad_log_z, emulated_forward, cpu_forward)
 
     case = CrfCase(B=2, T=3, K=70, dtype=torch.float64, seed=7)
     k = 100
@@ -713,7 +712,12 @@ def lstm_forward_and_backward(op_forward, op_backward, args, grads, has_bias):
 
 # Against float64: float32's share is the layer norms' backward, which
 # magnifies rounding (3.2e-5 on a gradient of 0.25 seen, under torch 2.5).
-LSTM_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 3e-2, torch.bfloat16: 2e-1}
+# The half types without layer norm: at most 1.9e-3 (float16) and 1.1e-2
+# (bfloat16) over every configuration's seeds 0-5 (measured); with it,
+# storing the normalised values in half precision costs up to 9e-2 and 0.5
+# at these sizes, so those cases are bounded on a GPU against the
+# reference's own half-precision error instead (test_lstm.py).
+LSTM_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 6e-3, torch.bfloat16: 3e-2}
 
 
 def assert_same_lstm(bindings, problem, dtype):
@@ -745,6 +749,15 @@ def test_cuda_lstm_binding_matches_the_cpu_op(bindings, dtype, packed):
 def test_cuda_lstm_binding_matches_the_cpu_op_in_every_configuration(bindings, dtype, seed, packed, reverse,
                                                                       projected, regularised, layer_norm, bias):
     problem = LstmProblem(seed, dtype, packed, reverse, projected, regularised, layer_norm, bias)
+    assert_same_lstm(bindings, problem, dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@given(seed=st.integers(0, 2**32 - 1), packed=st.booleans(), reverse=st.booleans(), projected=st.booleans(),
+       regularised=st.booleans(), bias=st.booleans())
+def test_cuda_lstm_binding_in_half_precision_in_every_configuration_without_layer_norm(
+        bindings, dtype, seed, packed, reverse, projected, regularised, bias):
+    problem = LstmProblem(seed, dtype, packed, reverse, projected, regularised, False, bias)
     assert_same_lstm(bindings, problem, dtype)
 
 
@@ -804,6 +817,7 @@ def test_cuda_crf_binding_matches_the_cpu_ops(bindings, dtype, K, B, T):
         got = bindings.crf_log_partition(case.emissions, case.mask, tags, *params)
         want = ops.crf_log_partition(case.emissions, case.mask, tags, *params)
         torch.testing.assert_close(got[0], want[0])
+        torch.testing.assert_close(got[1], want[1])  # alpha, which the backward reads
         grad = torch.linspace(-1, 2, B, dtype=dtype)
         # (alpha, log_partition): the op's outputs, the other way round.
         got_grads = bindings.crf_log_partition_backward(grad, case.emissions, case.mask, tags, *params, *got[::-1])
