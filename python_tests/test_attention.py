@@ -574,6 +574,31 @@ def test_nan_inputs_give_nan_where_sdpa_does(where):
     torch.testing.assert_close(got[finite], want[finite])
 
 
+@pytest.mark.parametrize("length", [2, 70])
+@pytest.mark.parametrize("padded", [False, True])
+def test_nan_query_row_that_sees_no_key_gives_zero_as_the_reference(length, padded):
+    """A NaN in a query row that the mask hides from every key: that row's
+    output is 0, and its NaN reaches dk only (through 0 * q, in the reference
+    too), whatever the tile size; it once came out NaN, dv with it, when the
+    row shared a tile with zero-padded columns."""
+    gen = torch.Generator().manual_seed(127)
+    q, k, v = (torch.randn(1, 2, length, 3, generator=gen, dtype=torch.float64) for _ in range(3))
+    q[0, 1, 0, 0] = math.nan
+    mask = torch.ones(length, length, dtype=torch.bool)
+    mask[0] = False
+    kwargs = dict(attn_mask=mask, key_padding_mask=torch.tensor([length - 1]) if padded else None)
+    grad_out = torch.randn(1, 2, length, 3, generator=gen, dtype=torch.float64)
+    runs = []
+    for backend in (None, "reference"):
+        inputs = leaves(q, k, v)
+        out = ops.attention(*inputs, backend=backend, **kwargs)
+        runs.append([out, *grads(out, inputs, grad_out)])
+    assert (runs[0][0][0, 1, 0] == 0).all()
+    assert not any(t.isnan().any() for t in (runs[0][0], runs[0][1], runs[0][3]))
+    for a, b in zip(*runs):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True)
+
+
 def test_double_backward_raises_instead_of_dropping_the_kernels_share():
     # The backward pass is a kernel: with create_graph=True the first-order
     # gradients are unchanged, and differentiating them raises a clear error

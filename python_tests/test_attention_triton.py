@@ -319,6 +319,23 @@ def test_nan_keys_and_values_in_hidden_blocks_do_not_leak():
     assert_close(dv, exp_grads[2], 5e-5, "dv")
 
 
+@interpreted
+def test_nan_query_row_that_sees_no_key_leaves_padding_gradients_zero():
+    """A NaN in a query row hidden from every key: that row's output is 0,
+    nothing but dk at real keys (0 * q, as in the reference) goes NaN, and
+    padding keys sharing a block with real ones get 0 gradients."""
+    q, k, v, _, _ = make(1, 2, 1, 20, 45, 16, 16, seed=10)
+    kpm = torch.arange(45)[None, :] < 21  # keys 21..31 are padding in a live block
+    attn_mask = torch.ones(1, 2, 20, 45, dtype=torch.bool)
+    attn_mask[0, 1, 3] = False
+    q[0, 1, 3, 0] = math.nan
+    out, lse, (dq, dk, dv) = run_kernels(q, k, v, attn_mask, kpm, False, 0.25, torch.randn(1, 2, 20, 16))
+    assert (out[0, 1, 3] == 0).all()
+    for t in (out, dq, dv):
+        assert not torch.isnan(t).any()
+    assert (dk[0, :, 21:] == 0).all() and (dv[0, :, 21:] == 0).all()
+
+
 # ---------------------------------------------------------------------------
 # Registration and the CUDA path.
 

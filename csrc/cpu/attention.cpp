@@ -161,7 +161,7 @@ struct TilePlan {
   // the causal diagonal are cut off, so the products skip them too);
   // width_pad rounds it up to the product's column block.
   int64_t width = 0, width_pad = 0;
-  bool column_bias = false;  // padding keys or padded columns: add bias[c] (0 or -inf)
+  bool column_bias = false;  // padding keys or padded columns: bias[c] -inf hides column c
   bool causal = false;       // the diagonal crosses the tile
   bool mask = false;         // attn_mask has both visible and hidden entries here (or adds floats)
 };
@@ -216,8 +216,11 @@ bool plan_tile(const Problem<scalar_t, acc_t>& pb, int64_t b, int64_t h, int64_t
 template <typename scalar_t, typename acc_t>
 void mask_row(const Problem<scalar_t, acc_t>& pb, const TilePlan<acc_t>& plan, const acc_t* bias, int64_t b,
               int64_t h, int64_t i, int64_t j0, int64_t width, int64_t width_pad, acc_t* s) {
+  // A hidden column is set to -inf, not added -inf: its score is NaN where
+  // the query row holds a NaN (even against a zero-packed key), and a row
+  // that sees no key must still come out 0, as the reference has it.
   if (plan.column_bias)
-    for (int64_t c = 0; c < width_pad; ++c) s[c] += bias[c];
+    for (int64_t c = 0; c < width_pad; ++c) s[c] = bias[c] == acc_t(0) ? s[c] : bias[c];
   if (plan.causal)
     for (int64_t c = std::max<int64_t>(0, i + 1 - j0); c < width; ++c) s[c] = -kInf<acc_t>;
   if (plan.mask) {
@@ -504,11 +507,15 @@ void backward_kv_head(const Problem<scalar_t, acc_t>& pb, const Strided4<const s
     }
   }
   const int64_t bhk = b * pb.Hk + hk;
+  // Padding keys' gradients are 0 outright: dS is 0 in their columns, but a
+  // NaN in a query row would still make dS^T q NaN there.
+  const bool* real = real_keys(pb, b, 0);
   for (int64_t j = 0; j < Lk; ++j) {
     scalar_t* dk = dk_out + (bhk * Lk + j) * pb.D;
     scalar_t* dv = dv_out + (bhk * Lk + j) * pb.Dv;
-    for (int64_t d = 0; d < pb.D; ++d) dk[d] = static_cast<scalar_t>(w.dk[j * Dp + d]);
-    for (int64_t e = 0; e < pb.Dv; ++e) dv[e] = static_cast<scalar_t>(w.dv[j * Dvp + e]);
+    const bool read = real == nullptr || real[j];
+    for (int64_t d = 0; d < pb.D; ++d) dk[d] = read ? static_cast<scalar_t>(w.dk[j * Dp + d]) : scalar_t(0);
+    for (int64_t e = 0; e < pb.Dv; ++e) dv[e] = read ? static_cast<scalar_t>(w.dv[j * Dvp + e]) : scalar_t(0);
   }
 }
 

@@ -309,6 +309,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV_, MASK, KPM, KV_END,
                     ds = tl.where(visible, p * (dp - delta[:, None]), 0.0)
                     dk = tl.dot(tl.trans(ds.to(q.dtype)), q, dk, input_precision=PRECISION)
         dk = dk * (qk_scale * 0.6931471805599453)
+        # Padding keys' gradients are 0 outright: ds is 0 in their columns,
+        # but a NaN in a query row (one that sees no key) would still make
+        # ds^T q NaN there.
+        dk = tl.where(key_ok[:, None], dk, 0.0)
+        dv = tl.where(key_ok[:, None], dv, 0.0)
     inside = offs_n < Lk
     tl.store(DK + b.to(tl.int64) * sdkb + hk.to(tl.int64) * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
              dk.to(DK.dtype.element_ty), mask=inside[:, None] & (offs_d < D)[None, :])
