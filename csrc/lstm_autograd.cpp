@@ -9,6 +9,7 @@
 #include <array>
 #include <optional>
 #include <tuple>
+#include <utility>
 #include <vector>
 
 #include "once_differentiable.h"
@@ -39,10 +40,13 @@ struct Regularisers {
 // A mask that requires grad would get none (the backward returns no gradient
 // for it), a silently wrong zero for whoever asked: refused instead, before
 // the kernel runs.
-void refuse_regulariser_grad(const std::optional<at::Tensor>& mask, const char* name) {
-  TORCH_CHECK(!(mask.has_value() && mask->defined() && mask->requires_grad() && at::GradMode::is_enabled()),
-              "fastnlp.lstm: ", name, " is a constant to autograd (no gradient flows to it) but requires grad; "
-              "pass ", name, ".detach()");
+void refuse_regulariser_grads(const Regularisers& reg) {
+  for (const auto& [mask, name] : {std::make_pair(&reg.recurrent_mask, "recurrent_mask"),
+                                   std::make_pair(&reg.zoneout_cell, "zoneout_cell"),
+                                   std::make_pair(&reg.zoneout_hidden, "zoneout_hidden")})
+    TORCH_CHECK(!(mask->has_value() && (*mask)->defined() && (*mask)->requires_grad() && at::GradMode::is_enabled()),
+                "fastnlp.lstm: ", name, " is a constant to autograd (no gradient flows to it) but requires grad; "
+                "pass ", name, ".detach()");
 }
 
 // Layer-norm gains and biases (all or none): parameters, so differentiable.
@@ -180,9 +184,7 @@ Forward lstm_forward_autograd(const at::Tensor& input, const at::Tensor& batch_s
                               const std::optional<at::Tensor>& zoneout_hidden, const OptTensor& ln_ih_weight,
                               const OptTensor& ln_ih_bias, const OptTensor& ln_hh_weight, const OptTensor& ln_hh_bias,
                               const OptTensor& ln_cell_weight, const OptTensor& ln_cell_bias) {
-  refuse_regulariser_grad(recurrent_mask, "recurrent_mask");
-  refuse_regulariser_grad(zoneout_cell, "zoneout_cell");
-  refuse_regulariser_grad(zoneout_hidden, "zoneout_hidden");
+  refuse_regulariser_grads({recurrent_mask, zoneout_cell, zoneout_hidden});
   const variable_list out =
       LstmLayer::apply(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
                        recurrent_mask, zoneout_cell, zoneout_hidden, ln_ih_weight, ln_ih_bias, ln_hh_weight,
@@ -333,11 +335,9 @@ PairResult lstm_forward_pair_autograd(const at::Tensor& input, const at::Tensor&
   std::vector<at::Tensor> present;
   std::vector<int64_t> layout;
   for (const OptionalTensors* list : {&forward_args, &reverse_args}) {
-    if (list->size() == kPairForwardArgs) {  // else LstmPair::forward refuses the list
-      refuse_regulariser_grad(list->get(kPairRecurrentMask), "recurrent_mask");
-      refuse_regulariser_grad(list->get(kPairRecurrentMask + 1), "zoneout_cell");
-      refuse_regulariser_grad(list->get(kPairRecurrentMask + 2), "zoneout_hidden");
-    }
+    if (list->size() == kPairForwardArgs)  // else LstmPair::forward refuses the list
+      refuse_regulariser_grads({list->get(kPairRecurrentMask), list->get(kPairRecurrentMask + 1),
+                                list->get(kPairRecurrentMask + 2)});
     for (size_t i = 0; i < list->size(); ++i) {
       const std::optional<at::Tensor> t = list->get(i);
       layout.push_back(t.has_value() && t->defined() ? static_cast<int64_t>(present.size()) : -1);
