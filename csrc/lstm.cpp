@@ -167,6 +167,23 @@ void check_layer_norm(const LstmLayerNorm& ln, const at::Tensor& input, int64_t 
   }
 }
 
+}  // namespace
+
+std::vector<int64_t> lstm_check_forward_arguments(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr,
+    const LstmRegularisers& regularisers, const LstmLayerNorm& layer_norm) {
+  std::vector<int64_t> steps =
+      lstm_check_inputs(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
+  const int64_t H = c0.size(1);
+  check_regularisers(regularisers, input, input.size(0), h0.size(0), H, h0.size(1));
+  check_layer_norm(layer_norm, input, H, /*backward=*/false);
+  return steps;
+}
+
+namespace {
+
 at::ScalarType ln_stats_dtype(const at::Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -343,13 +360,11 @@ LstmForwardResult lstm_forward_impl(
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& weight_hr, bool reverse, const LstmRegularisers& regularisers,
     const LstmLayerNorm& layer_norm) {
-  const std::vector<int64_t> steps =
-      lstm_check_inputs(input_in, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
+  const std::vector<int64_t> steps = lstm_check_forward_arguments(
+      input_in, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, regularisers, layer_norm);
   const std::vector<int64_t> offsets = step_offsets(steps);
   const int64_t T = static_cast<int64_t>(steps.size()), N = input_in.size(0), B = h0.size(0);
   const int64_t H = c0.size(1), P = h0.size(1);
-  check_regularisers(regularisers, input_in, N, B, H, P);
-  check_layer_norm(layer_norm, input_in, H, /*backward=*/false);
   const bool ln = layer_norm.enabled();
   const bool projected = has_tensor(weight_hr);
   const at::Tensor input = input_in.contiguous();

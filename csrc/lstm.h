@@ -124,6 +124,16 @@ std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor
                                        const std::optional<at::Tensor>& bias_hh,
                                        const std::optional<at::Tensor>& weight_hr);
 
+// Every check lstm_forward_impl makes before it runs a kernel:
+// lstm_check_inputs, then the regularisers' and the layer norm's shapes,
+// dtypes and devices. Returns the step sizes. The reference backend
+// (fastnlp.ops.lstm_layer) runs it too, through fastnlp._C.
+std::vector<int64_t> lstm_check_forward_arguments(
+    const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
+    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
+    const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr,
+    const LstmRegularisers& regularisers, const LstmLayerNorm& layer_norm);
+
 // Returns (output (N, P), h_n (B, P), c_n (B, H), gates (N, 4H), cells (N, H),
 // norm_ih (N, 4H), norm_hh (N, 4H), ln_stats (N, 4)); all but the first three
 // are saved for the backward pass (the last three are empty without layer norm).

@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "fastnlp_build_stamp.h"
+#include "lstm.h"
 
 TORCH_LIBRARY(fastnlp, m) {
   // Linear-chain CRF, batch first. emissions (B, T, K) float32/float64;
@@ -174,6 +175,31 @@ py::object backend_from_environment() {
   return py::reinterpret_steal<py::object>(decoded);
 }
 
+using OptionalTensor = std::optional<at::Tensor>;
+
+// fastnlp::lstm_forward's argument checks, without running it: the reference
+// backend (fastnlp.ops.lstm_layer) calls this first, so that both backends
+// refuse the same malformed input with the same message. Raised as the op
+// raises it (RuntimeError), without the C++ backtrace.
+void lstm_check_arguments(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
+                          const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                          const OptionalTensor& bias_ih, const OptionalTensor& bias_hh,
+                          const OptionalTensor& weight_hr, const OptionalTensor& recurrent_mask,
+                          const OptionalTensor& zoneout_cell, const OptionalTensor& zoneout_hidden,
+                          const OptionalTensor& layer_norm_ih_weight, const OptionalTensor& layer_norm_ih_bias,
+                          const OptionalTensor& layer_norm_hh_weight, const OptionalTensor& layer_norm_hh_bias,
+                          const OptionalTensor& layer_norm_cell_weight, const OptionalTensor& layer_norm_cell_bias) {
+  try {
+    fastnlp::lstm_check_forward_arguments(
+        input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+        {recurrent_mask, zoneout_cell, zoneout_hidden},
+        {layer_norm_ih_weight, layer_norm_ih_bias, layer_norm_hh_weight, layer_norm_hh_bias, layer_norm_cell_weight,
+         layer_norm_cell_bias});
+  } catch (const c10::Error& e) {
+    throw std::runtime_error(e.what_without_backtrace());
+  }
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -181,4 +207,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info, "Which backends this build holds and what it was built from");
   m.def("backend_from_environment", &backend_from_environment,
         "FASTNLP_BACKEND from the process environment, or None when it is unset");
+  m.def("lstm_check_arguments", &lstm_check_arguments,
+        "fastnlp::lstm_forward's argument checks alone (for the reference backend)");
 }

@@ -239,39 +239,61 @@ def test_compiled_layer_matches_eager(extras):
         torch.testing.assert_close(a, b)
 
 
-@pytest.mark.parametrize(
-    "change, message",
-    [
-        (dict(batch_sizes=torch.tensor([3, 1, 2])), "must be non-increasing, got 1 then 2 at step 2$"),
-        (dict(batch_sizes=torch.tensor([3, 2, 2])), "sum to 7 but input has 6 rows"),
-        (dict(batch_sizes=torch.tensor([2, 2, 2])), "batch_sizes\\[0\\] is 2 but h0 has batch size 3"),
-        (dict(batch_sizes=torch.tensor([3, 0, 3])), "must be positive, got 0 at step 1$"),
-        (dict(batch_sizes=torch.tensor([3.0, 2.0, 1.0])), "int64 CPU tensor"),
-        (dict(weight_ih=torch.zeros(16, 5)), "weight_ih must have shape \\(16, 4\\)"),
-        (dict(weight_hh=torch.zeros(16, 3)), "weight_hh must have shape \\(16, 4\\)"),
-        (dict(bias_ih=torch.zeros(15)), "bias_ih must have shape \\(16\\)"),
-        (dict(c0=torch.zeros(2, 4)), "h0 and c0 disagree on the batch size"),
-        # The weights fix the sizes: a state of the wrong width is named itself.
-        (dict(h0=torch.zeros(3, 5)), "h0 must have shape \\(3, 4\\), got \\[3, 5\\]"),
-        (dict(c0=torch.zeros(3, 3)), "c0 must have shape \\(3, 4\\), got \\[3, 3\\]"),
-        (dict(weight_ih=torch.zeros(15, 4)), "weight_ih must have shape \\(4 \\* hidden_size, input_size\\)"),
-        (dict(weight_hr=torch.zeros(4, 3)), "weight_hr must have shape \\(4, 4\\), got \\[4, 3\\]"),
-        (dict(weight_hr=torch.zeros(2, 4)), "weight_hh must have shape \\(16, 2\\)"),  # proj_size 2
-        (dict(h0=torch.zeros(3, 4, dtype=torch.float64)), "h0 has dtype Double but input has dtype Float"),
-        (dict(input=torch.zeros(6, 4, dtype=torch.int64)), "float32 or float64, got Long"),
-        # One meta tensor among CPU ones sends the call to the fake kernel.
-        (dict(weight_ih=torch.zeros(16, 4, device="meta")), "weight_ih is on meta but input is on cpu"),
-        (dict(c0=torch.zeros(3, 4, device="meta")), "c0 is on meta but input is on cpu"),
-        (dict(batch_sizes=torch.tensor([3, 2, 1], device="meta")), "batch_sizes is on meta but input is on cpu"),
-    ],
-)
-def test_op_rejects_malformed_input(change, message):
+# (change to a valid call, the op's error); each case is also run through the reference backend.
+MALFORMED_LAYER_INPUTS = [
+    (dict(batch_sizes=torch.tensor([3, 1, 2])), "must be non-increasing, got 1 then 2 at step 2$"),
+    (dict(batch_sizes=torch.tensor([3, 2, 2])), "sum to 7 but input has 6 rows"),
+    (dict(batch_sizes=torch.tensor([2, 2, 2])), "batch_sizes\\[0\\] is 2 but h0 has batch size 3"),
+    (dict(batch_sizes=torch.tensor([3, 0, 3])), "must be positive, got 0 at step 1$"),
+    (dict(batch_sizes=torch.tensor([3.0, 2.0, 1.0])), "int64 CPU tensor"),
+    (dict(weight_ih=torch.zeros(16, 5)), "weight_ih must have shape \\(16, 4\\)"),
+    (dict(weight_hh=torch.zeros(16, 3)), "weight_hh must have shape \\(16, 4\\)"),
+    (dict(bias_ih=torch.zeros(15)), "bias_ih must have shape \\(16\\)"),
+    (dict(c0=torch.zeros(2, 4)), "h0 and c0 disagree on the batch size"),
+    # The weights fix the sizes: a state of the wrong width is named itself.
+    (dict(h0=torch.zeros(3, 5)), "h0 must have shape \\(3, 4\\), got \\[3, 5\\]"),
+    (dict(c0=torch.zeros(3, 3)), "c0 must have shape \\(3, 4\\), got \\[3, 3\\]"),
+    (dict(weight_ih=torch.zeros(15, 4)), "weight_ih must have shape \\(4 \\* hidden_size, input_size\\)"),
+    (dict(weight_hr=torch.zeros(4, 3)), "weight_hr must have shape \\(4, 4\\), got \\[4, 3\\]"),
+    (dict(weight_hr=torch.zeros(2, 4)), "weight_hh must have shape \\(16, 2\\)"),  # proj_size 2
+    (dict(h0=torch.zeros(3, 4, dtype=torch.float64)), "h0 has dtype Double but input has dtype Float"),
+    (dict(input=torch.zeros(6, 4, dtype=torch.int64)), "float32 or float64, got Long"),
+    # One meta tensor among CPU ones sends the call to the fake kernel.
+    (dict(weight_ih=torch.zeros(16, 4, device="meta")), "weight_ih is on meta but input is on cpu"),
+    (dict(c0=torch.zeros(3, 4, device="meta")), "c0 is on meta but input is on cpu"),
+    (dict(batch_sizes=torch.tensor([3, 2, 1], device="meta")), "batch_sizes is on meta but input is on cpu"),
+    (dict(recurrent_mask=torch.ones(3, 5)), "recurrent_mask must have shape \\(3, 4\\)"),
+    (dict(zoneout_cell=torch.zeros(5, 4)), "zoneout_cell must have shape \\(6, 4\\)"),
+]
+
+# Where the reference backend's message differs: the op's comes from the CPU
+# kernel's dtype dispatch or the fake kernel, which the reference never meets.
+REFERENCE_MESSAGES = {"float32 or float64, got Long": "input must be floating point, got Long",
+                      "batch_sizes is on meta but input is on cpu": "batch_sizes must be a 1-D int64 CPU tensor"}
+
+
+def malformed_layer_arguments(change):
     args = dict(input=torch.zeros(6, 4), batch_sizes=torch.tensor([3, 2, 1]), h0=torch.zeros(3, 4),
                 c0=torch.zeros(3, 4), weight_ih=torch.zeros(16, 4), weight_hh=torch.zeros(16, 4),
                 bias_ih=None, bias_hh=None, weight_hr=None)
     args.update(change)
+    return args
+
+
+@pytest.mark.parametrize("change, message", MALFORMED_LAYER_INPUTS)
+def test_op_rejects_malformed_input(change, message):
+    args = malformed_layer_arguments(change)
+    positional = [args.pop(name) for name in list(args)[:9]]
     with pytest.raises(RuntimeError, match=message):
-        torch.ops.fastnlp.lstm_forward(*args.values(), False)
+        torch.ops.fastnlp.lstm_forward(*positional, False, **args)
+
+
+@pytest.mark.parametrize("change, message", MALFORMED_LAYER_INPUTS)
+def test_reference_backend_rejects_malformed_input_as_the_op_does(change, message):
+    """The reference loop would slice a malformed batch_sizes into wrong rows without a word: it runs the op's
+    checks first."""
+    with pytest.raises(RuntimeError, match=REFERENCE_MESSAGES.get(message, message)):
+        lstm_layer(**malformed_layer_arguments(change), backend="reference")
 
 
 def test_op_on_meta_tensors_gives_the_shapes():

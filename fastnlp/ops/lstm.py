@@ -15,7 +15,8 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
-from fastnlp.ops._backend import use_reference
+from fastnlp import _C
+from fastnlp.ops._backend import is_compiling, use_reference
 from fastnlp.ops._fake import register_fake
 from fastnlp.reference import lstm as reference
 
@@ -183,6 +184,9 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
                   layer_norm_cell_weight, layer_norm_cell_bias)
     _check_layer_norm(layer_norm)
     if use_reference(backend):
+        if not is_compiling():  # dynamo cannot trace this pybind call: a compiled reference runs unchecked
+            _C.lstm_check_arguments(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                    recurrent_mask, zoneout_cell, zoneout_hidden, *layer_norm)
         return reference.lstm_layer(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                                     reverse, recurrent_mask, zoneout_cell, zoneout_hidden,
                                     layer_norm if layer_norm[0] is not None else None)
