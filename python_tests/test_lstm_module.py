@@ -648,6 +648,25 @@ def test_empty_batch_still_runs_like_torch(monkeypatch, backend, torch_cls, kwar
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("shape", [(2, 3), (3,)])
+def test_cell_of_hidden_size_zero_runs_like_torch(monkeypatch, backend, shape):
+    """torch.nn.LSTMCell accepts hidden_size=0 (nn.LSTM refuses it): empty
+    states, and zero gradients for the input. The CPU backward step once
+    took an empty tensor's null data pointer for an absent tensor."""
+    monkeypatch.setenv("FASTNLP_BACKEND", backend)
+    theirs, ours = twin_modules(torch.nn.LSTMCell, 3, 0)
+    x = torch.randn(shape, requires_grad=True)
+    grads = []
+    for module in (theirs, ours):
+        h, c = module(x)
+        assert h.shape == c.shape == shape[:-1] + (0,)
+        grads.append(torch.autograd.grad(h.sum() + c.sum(), [x] + list(module.parameters()),
+                                         materialize_grads=True))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize(
     "module_dtype, input_dtype, h_dtype, c_dtype",
     [

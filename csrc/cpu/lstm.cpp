@@ -455,7 +455,8 @@ void forward_step_cpu(const LstmForwardStep& s) {
     scalar_t* h_state = ptr_or_null<scalar_t>(s.h_state);
     const scalar_t* zc = ptr_or_null<scalar_t>(s.zoneout_cell);
     const scalar_t* zh = ptr_or_null<scalar_t>(s.zoneout_hidden);
-    TORCH_CHECK(zh == nullptr || zc != nullptr, "fastnlp.lstm: zoneout_hidden needs zoneout_cell");
+    TORCH_CHECK(!s.zoneout_hidden.defined() || s.zoneout_cell.defined(),
+                "fastnlp.lstm: zoneout_hidden needs zoneout_cell");
     const bool ln = s.norm_hh.defined();
     scalar_t* norm_hh = ptr_or_null<scalar_t>(s.norm_hh);
     scalar_t* stats = ptr_or_null<scalar_t>(s.ln_stats);
@@ -498,8 +499,10 @@ void backward_step_cpu(const LstmBackwardStep& s) {
     scalar_t* grad_h_prev = ptr_or_null<scalar_t>(s.grad_h_prev);
     // The row variants: dh from two sources (no projection) or one, with the
     // projection's input written; see backward_row.
-    TORCH_CHECK((dh_b == nullptr) == (h_tilde != nullptr), "fastnlp.lstm: exactly one of dh_b, h_tilde");
-    TORCH_CHECK(zh == nullptr || (zc != nullptr && grad_h_prev != nullptr),
+    // Asked of the tensors, not the pointers: at hidden size 0 a given tensor
+    // is empty and its data pointer null.
+    TORCH_CHECK(s.dh_b.defined() != s.h_tilde.defined(), "fastnlp.lstm: exactly one of dh_b, h_tilde");
+    TORCH_CHECK(!s.zoneout_hidden.defined() || (s.zoneout_cell.defined() && s.grad_h_prev.defined()),
                 "fastnlp.lstm: zoneout_hidden needs zoneout_cell and grad_h_prev");
     const bool ln = s.norm_hh.defined();
     scalar_t* norm_hh = ptr_or_null<scalar_t>(s.norm_hh);
