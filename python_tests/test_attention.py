@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import fastnlp  # noqa: F401  (loads the ops)
+import fastnlp
 from fastnlp import ops
 from fastnlp.reference import attention as reference
 from markers import DEVICES, float64_attention_runs, skip_unless_float64_attention_runs
@@ -698,6 +698,30 @@ def test_op_refuses_a_meta_tensor_among_cpu_ones():
     q = torch.randn(1, 2, 3, 8)
     with pytest.raises(RuntimeError, match="key is on meta but query is on cpu"):
         torch.ops.fastnlp.attention_forward(q, q.to("meta"), q, None, None, False, 0.0, 0.5, None)
+    with pytest.raises(RuntimeError, match="key is on cpu but query is on meta"):
+        torch.ops.fastnlp.attention_forward(q.to("meta"), q, q, None, None, False, 0.0, 0.5, None)
     meta = q.to("meta")
     out, lse = torch.ops.fastnlp.attention_forward(meta, meta, meta, None, None, False, 0.0, 0.5, None)
     assert out.shape == (1, 2, 3, 8) and lse.shape == (1, 2, 3) and out.device.type == "meta"
+    # The rng_state stays on the CPU beside meta tensors, but not a meta one beside CPU tensors.
+    rng_state = torch.tensor([1, 0])
+    out, _ = torch.ops.fastnlp.attention_forward(meta, meta, meta, None, None, False, 0.5, 0.5, rng_state)
+    assert out.device.type == "meta"
+    with pytest.raises(RuntimeError, match="rng_state is on meta but query is on cpu"):
+        torch.ops.fastnlp.attention_forward(q, q, q, None, None, False, 0.5, 0.5, rng_state.to("meta"))
+
+
+def test_functions_and_module_run_on_meta_tensors_as_torch_does():
+    """Shape inference with meta tensors, as F.scaled_dot_product_attention and
+    nn.MultiheadAttention allow (the kernel check once asked for a "META" key)."""
+    meta = torch.randn(2, 2, 3, 8, device="meta")
+    expected = F.scaled_dot_product_attention(meta, meta, meta)
+    out = ops.attention(meta, meta, meta)
+    assert out.shape == expected.shape and out.device.type == "meta"
+    out, weights = ops.attention_with_weights(meta, meta, meta)
+    assert out.shape == expected.shape and weights.shape == (2, 2, 3, 3) and weights.device.type == "meta"
+    ours = fastnlp.nn.MultiheadAttention(8, 2, device="meta")
+    theirs = torch.nn.MultiheadAttention(8, 2, device="meta")
+    x = torch.randn(3, 2, 8, device="meta")
+    for got, want in zip(ours(x, x, x), theirs(x, x, x)):
+        assert got.shape == want.shape and got.device.type == "meta"

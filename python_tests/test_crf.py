@@ -939,6 +939,9 @@ def test_ops_refuse_a_meta_tensor_among_cpu_ones(op):
             "crf_viterbi": (emissions, mask, start, start, trans.to("meta"))}[op]
     with pytest.raises(RuntimeError, match="transitions is on meta but emissions is on cpu"):
         getattr(torch.ops.fastnlp, op)(*args)
+    # The other way round: meta emissions among CPU tensors.
+    with pytest.raises(RuntimeError, match="mask is on cpu but emissions is on meta"):
+        getattr(torch.ops.fastnlp, op)(emissions.to("meta"), *args[1:])
     on_meta = [a.to("meta") if isinstance(a, torch.Tensor) else a for a in args]
     expected_shape = (2, 3) if op == "crf_viterbi" else (2,)  # paths (B, T); else scores (B,)
     result = getattr(torch.ops.fastnlp, op)(*on_meta)[0]

@@ -262,6 +262,8 @@ MALFORMED_LAYER_INPUTS = [
     (dict(weight_ih=torch.zeros(16, 4, device="meta")), "weight_ih is on meta but input is on cpu"),
     (dict(c0=torch.zeros(3, 4, device="meta")), "c0 is on meta but input is on cpu"),
     (dict(batch_sizes=torch.tensor([3, 2, 1], device="meta")), "batch_sizes is on meta but input is on cpu"),
+    # A meta input among CPU tensors once gave uninitialised CPU states.
+    (dict(input=torch.zeros(6, 4, device="meta")), "h0 is on cpu but input is on meta"),
     (dict(recurrent_mask=torch.ones(3, 5)), "recurrent_mask must have shape \\(3, 4\\)"),
     (dict(zoneout_cell=torch.zeros(5, 4)), "zoneout_cell must have shape \\(6, 4\\)"),
 ]

@@ -34,7 +34,7 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
 # Registration: shapes for tracing (torch.compile, meta tensors) and autograd.
 
 
-@register_fake("fastnlp::attention_forward", "fastnlp.attention")
+@register_fake("fastnlp::attention_forward", "fastnlp.attention", host_tensors=("rng_state",))
 def _forward_fake(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, rng_state):
     batch, heads, query_len, _ = query.shape
     out = query.new_empty((batch, heads, query_len, value.shape[-1]))
@@ -42,13 +42,13 @@ def _forward_fake(query, key, value, attn_mask, key_padding_mask, is_causal, dro
     return out, lse
 
 
-@register_fake("fastnlp::attention_backward", "fastnlp.attention")
+@register_fake("fastnlp::attention_backward", "fastnlp.attention", host_tensors=("rng_state",))
 def _backward_fake(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
                    rng_state):
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape)
 
 
-@register_fake("fastnlp::attention_dropout_mask", "fastnlp.attention")
+@register_fake("fastnlp::attention_dropout_mask", "fastnlp.attention", host_tensors=("rng_state",))
 def _dropout_mask_fake(query, key, dropout_p, rng_state):
     batch, heads, query_len, _ = query.shape
     return query.new_empty((batch, heads, query_len, key.shape[2]), dtype=torch.bool)
@@ -264,8 +264,14 @@ def _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_
 
 
 def _check_kernel_exists(device: torch.device) -> None:
-    key = "CPU" if device.type == "cpu" else device.type.upper()
-    if not torch._C._dispatch_has_kernel_for_dispatch_key("fastnlp::attention_forward", key):
+    if device.type == "meta":
+        return  # meta tensors run the fake kernel, which every build registers
+    try:  # CPU, CUDA, XPU, MPS, ...: the device type in capitals names its dispatch key
+        has_kernel = torch._C._dispatch_has_kernel_for_dispatch_key("fastnlp::attention_forward",
+                                                                    device.type.upper())
+    except RuntimeError:  # a device type whose dispatch key is spelt otherwise: no kernel of ours
+        has_kernel = False
+    if not has_kernel:
         raise NotImplementedError(f"fastnlp.ops.attention has no {device.type} kernel in this build (there are CPU "
                                   "and CUDA (Triton) kernels); pass backend='reference' for the pure-PyTorch version")
 

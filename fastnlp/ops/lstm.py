@@ -27,7 +27,7 @@ def _ln_stats_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
-@register_fake("fastnlp::lstm_forward", "fastnlp.lstm")
+@register_fake("fastnlp::lstm_forward", "fastnlp.lstm", host_tensors=("batch_sizes",))
 def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
                        recurrent_mask=None, zoneout_cell=None, zoneout_hidden=None, layer_norm_ih_weight=None,
                        layer_norm_ih_bias=None, layer_norm_hh_weight=None, layer_norm_hh_bias=None,
@@ -44,7 +44,7 @@ def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih
             input.new_empty(rows, 4 * hidden), input.new_empty(rows, hidden), norm_ih, norm_hh, ln_stats)
 
 
-@register_fake("fastnlp::lstm_backward", "fastnlp.lstm")
+@register_fake("fastnlp::lstm_backward", "fastnlp.lstm", host_tensors=("batch_sizes",))
 def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih, weight_hh,
                         weight_hr, has_bias, reverse, output, gates, cells, recurrent_mask=None, zoneout_cell=None,
                         zoneout_hidden=None, layer_norm_ih_weight=None, layer_norm_hh_weight=None,
@@ -62,7 +62,7 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
     return contiguous + (grad_bias, grad_weight_hr) + grad_ln
 
 
-@register_fake("fastnlp::lstm_forward_pair", "fastnlp.lstm")
+@register_fake("fastnlp::lstm_forward_pair", "fastnlp.lstm", host_tensors=("batch_sizes",))
 def _lstm_forward_pair_fake(input, batch_sizes, forward_args, reverse_args):
     def one(args, reverse):
         h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr = args[:7]
@@ -71,7 +71,7 @@ def _lstm_forward_pair_fake(input, batch_sizes, forward_args, reverse_args):
     return one(forward_args, False), one(reverse_args, True)
 
 
-@register_fake("fastnlp::lstm_backward_pair", "fastnlp.lstm")
+@register_fake("fastnlp::lstm_backward_pair", "fastnlp.lstm", host_tensors=("batch_sizes",))
 def _lstm_backward_pair_fake(input, batch_sizes, has_bias, forward_args, reverse_args):
     def one(args, reverse):
         grad_output, grad_h_n, grad_c_n, h0, c0, weight_ih, weight_hh, weight_hr = args[:8]
