@@ -723,6 +723,31 @@ def test_is_causal_follows_torch(need_weights, padding, causal_mask):
     compare(theirs, ours, (x, x, x), kwargs, torch.float32)
 
 
+@pytest.mark.parametrize("need_weights, padding", [(True, False), (False, True), (False, False)])
+@pytest.mark.parametrize("hint", [None, 0, torch.tensor(False), 1])
+def test_is_causal_that_is_not_a_bool_follows_torch(need_weights, padding, hint):
+    """torch tests only the hint's truth value where it does not hand it to
+    SDPA, and SDPA refuses a non-bool (TypeError). A falsy non-bool once
+    reached our op's bool check on every path."""
+    theirs, ours = make_pair(embed_dim=8, num_heads=2)
+    x = torch.randn(5, 2, 8)
+    kwargs = dict(attn_mask=nn.Transformer.generate_square_subsequent_mask(5), is_causal=hint,
+                  need_weights=need_weights)
+    if padding:
+        kwargs["key_padding_mask"] = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    try:
+        expected = theirs(x, x, x, **kwargs)
+    except TypeError:
+        with pytest.raises(TypeError, match="is_causal must be a bool"):
+            ours(x, x, x, **kwargs)
+        return
+    for got, want in zip(ours(x, x, x, **kwargs), expected):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ---------------------------------------------------------------------------
 # Dropout (training mode): the kernel's random stream, so compared with itself.
 

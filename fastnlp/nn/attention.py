@@ -197,8 +197,11 @@ class MultiheadAttention(nn.Module):
             raise RuntimeError("Need attn_mask if specifying the is_causal hint. You may use the Transformer "
                                "module method `generate_square_subsequent_mask` to create this mask.")
         # Where torch hands the hint to SDPA, the kernel applies the causal
-        # mask; everywhere else torch uses attn_mask and ignores the hint.
-        kernel_causal = is_causal and key_padding_mask is None and not need_weights
+        # mask; everywhere else torch uses attn_mask and tests only the hint's
+        # truth value. So a non-bool hint (None, 0, a tensor) reaches the op,
+        # whose TypeError is SDPA's, only where torch hands it on.
+        hands_hint_on = key_padding_mask is None and not need_weights
+        kernel_causal = is_causal if hands_hint_on else False
         if kernel_causal:
             attn_mask = None
         if embed_dim != self.embed_dim:
