@@ -234,7 +234,8 @@ def test_lstm_errors_match_torch(call):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(dropout=1.5), dict(dropout=True), dict(bias=1), dict(batch_first=None), dict(num_layers=0),
+    [dict(dropout=1.5), dict(dropout=True), dict(dropout=None), dict(dropout="0.1"), dict(dropout=[0.1]),
+     dict(bias=1), dict(batch_first=None), dict(num_layers=0),
      dict(proj_size=-1), dict(proj_size=4), dict(hidden_size=0), dict(input_size=2.0)],
 )
 def test_constructor_errors_match_torch(kwargs):

@@ -45,6 +45,7 @@ HiddenState = Tuple[Tensor, Tensor]
 
 def _check_constructor_args(input_size, hidden_size, num_layers, bias, batch_first, dropout, proj_size) -> None:
     """torch.nn.LSTM's argument checks, with its messages."""
+    float(dropout)  # as torch stores it, first: a None or a list fails here, with TypeError
     if not isinstance(dropout, numbers.Number) or not 0 <= dropout <= 1 or isinstance(dropout, bool):
         raise ValueError("dropout should be a number in range [0, 1] representing the probability of an "
                          "element being zeroed")
