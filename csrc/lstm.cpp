@@ -71,15 +71,17 @@ std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor
               input.scalar_type());
   TORCH_CHECK(h0.dim() == 2 && c0.dim() == 2, "fastnlp.lstm: h0 and c0 must be 2-D (batch, size), got ", h0.sizes(),
               " and ", c0.sizes());
-  const int64_t N = input.size(0), I = input.size(1), B = h0.size(0);
+  const int64_t N = input.size(0), B = h0.size(0);
   TORCH_CHECK(c0.size(0) == B, "fastnlp.lstm: h0 and c0 disagree on the batch size: ", h0.sizes(), " vs ",
               c0.sizes());
   // The weights define the sizes (as a module's hidden_size and proj_size
   // do), so that a state of the wrong width is the one named in the error.
   TORCH_CHECK(weight_ih.dim() == 2 && weight_ih.size(0) % 4 == 0,
               "fastnlp.lstm: weight_ih must have shape (4 * hidden_size, input_size), got ", weight_ih.sizes());
-  const int64_t H = weight_ih.size(0) / 4;
-  check_matrix(weight_ih, "weight_ih", 4 * H, I);
+  const int64_t H = weight_ih.size(0) / 4, I = weight_ih.size(1);
+  // As torch.lstm_cell, the input is the one named when the feature sizes differ.
+  TORCH_CHECK(input.size(1) == I, "fastnlp.lstm: input has ", input.size(1),
+              " features but weight_ih takes ", I, " (its input_size)");
   if (has_tensor(weight_hr))
     TORCH_CHECK(weight_hr->dim() == 2, "fastnlp.lstm: weight_hr must have shape (proj_size, hidden_size), got ",
                 weight_hr->sizes());

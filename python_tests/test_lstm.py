@@ -246,7 +246,8 @@ MALFORMED_LAYER_INPUTS = [
     (dict(batch_sizes=torch.tensor([2, 2, 2])), "batch_sizes\\[0\\] is 2 but h0 has batch size 3"),
     (dict(batch_sizes=torch.tensor([3, 0, 3])), "must be positive, got 0 at step 1$"),
     (dict(batch_sizes=torch.tensor([3.0, 2.0, 1.0])), "int64 CPU tensor"),
-    (dict(weight_ih=torch.zeros(16, 5)), "weight_ih must have shape \\(16, 4\\)"),
+    (dict(weight_ih=torch.zeros(16, 5)), "input has 4 features but weight_ih takes 5 \\(its input_size\\)"),
+    (dict(input=torch.zeros(6, 3)), "input has 3 features but weight_ih takes 4"),
     (dict(weight_hh=torch.zeros(16, 3)), "weight_hh must have shape \\(16, 4\\)"),
     (dict(bias_ih=torch.zeros(15)), "bias_ih must have shape \\(16\\)"),
     (dict(c0=torch.zeros(2, 4)), "h0 and c0 disagree on the batch size"),
@@ -805,6 +806,41 @@ def test_pair_rejects_malformed_lists():
         torch.ops.fastnlp.lstm_forward_pair(input, batch_sizes, args, on_meta)
     with pytest.raises(ValueError, match="zoneout_hidden needs zoneout_cell"):
         lstm_layer_pair(input, batch_sizes, dict(fwd, zoneout_hidden=torch.zeros(12, 4)), rev)
+    # A misspelt or foreign key was once ignored (a bias silently dropped).
+    typo = {("b_hh" if name == "bias_hh" else name): value for name, value in fwd.items()}
+    with pytest.raises(TypeError, match=r"forward has unknown keys \['b_hh'\]"):
+        lstm_layer_pair(input, batch_sizes, typo, rev)
+    with pytest.raises(TypeError, match=r"reverse has unknown keys \['reverse'\]"):
+        lstm_layer_pair(input, batch_sizes, fwd, dict(rev, reverse=True))
+    without_c0 = {name: value for name, value in rev.items() if name != "c0"}
+    with pytest.raises(TypeError, match=r"reverse is missing \['c0'\]"):
+        lstm_layer_pair(input, batch_sizes, fwd, without_c0)
+
+
+@pytest.mark.parametrize("backend", [None, "reference"])
+@pytest.mark.parametrize("name", ["input", "h0", "c0", "weight_ih", "weight_hh"])
+def test_a_missing_required_tensor_is_named(backend, name):
+    args = malformed_layer_arguments({name: None})
+    with pytest.raises(TypeError, match=f"{name} must be a tensor, got None"):
+        lstm_layer(**args, backend=backend)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("change, message", [
+    (dict(h0=torch.zeros(3, 4, dtype=torch.float64)), "h0 has dtype Double but input has dtype {}"),
+    (dict(weight_ih=torch.zeros(16, 4, dtype=torch.float32)), "weight_ih has dtype Float but input has dtype {}"),
+    (dict(bias_ih=torch.zeros(16, dtype=torch.int64)), "bias_ih has dtype Long but input has dtype {}"),
+])
+def test_half_precision_cpu_input_refuses_other_dtypes(dtype, change, message):
+    """The CPU kernel runs half-precision input widened to float32; the op's
+    dtype checks come first, so a float64 h0 or an int64 bias is refused as
+    in float32, not widened along with the rest."""
+    args = {name: value.to(dtype) if isinstance(value, torch.Tensor) and value.is_floating_point() else value
+            for name, value in malformed_layer_arguments({}).items()}
+    args.update(change)
+    dtype_name = {torch.float16: "Half", torch.bfloat16: "BFloat16"}[dtype]
+    with pytest.raises(RuntimeError, match=message.format(dtype_name)):
+        lstm_layer(**args)
 
 
 @pytest.mark.parametrize("name", ["recurrent_mask", "zoneout_cell", "zoneout_hidden"])

@@ -176,6 +176,10 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
         output (N, P), h_n (B, P), c_n (B, H): each sequence's state after its
         own last step (its first, when reverse).
     """
+    if input is None or h0 is None or c0 is None or weight_ih is None or weight_hh is None:
+        # Identity tests, cheap enough for every step of an LSTMCell loop;
+        # the dispatcher's own error ("tensor does not have a device") names none.
+        _refuse_missing(input=input, h0=h0, c0=c0, weight_ih=weight_ih, weight_hh=weight_hh)
     if batch_sizes is None:
         batch_sizes = _PADDED
     if zoneout_hidden is not None and zoneout_cell is None:
@@ -218,6 +222,9 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
         h_dtype, c_dtype = _autocast_result_dtypes(input.device.type, compute, c0.dtype, weight_hr is not None)
         return output.to(h_dtype), h_n.to(h_dtype), c_n.to(c_dtype)
     if input.is_cpu and input.dtype in _CPU_WIDENED:
+        if not is_compiling():  # before widening, which would make a float64 h0 or an int64 bias float32
+            _C.lstm_check_arguments(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                    recurrent_mask, zoneout_cell, zoneout_hidden, *layer_norm)
         dtype = input.dtype
         widen = [t.float() if t is not None else None
                  for t in (input, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, recurrent_mask,
@@ -230,6 +237,12 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
         input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, recurrent_mask,
         zoneout_cell, zoneout_hidden, *layer_norm)[:3]
     return output, h_n, c_n
+
+
+def _refuse_missing(**required: Optional[Tensor]) -> None:
+    for name, value in required.items():
+        if value is None:
+            raise TypeError(f"fastnlp.lstm: {name} must be a tensor, got None")
 
 
 _LAYER_NORM_NAMES = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_hh_weight", "layer_norm_hh_bias",
@@ -280,6 +293,8 @@ def lstm_cell(input: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh:
 
 # The regularisers and layer-norm tensors of one direction, in the op's order.
 _PAIR_OPTIONAL_NAMES = ("recurrent_mask", "zoneout_cell", "zoneout_hidden") + _LAYER_NORM_NAMES
+_PAIR_REQUIRED_NAMES = ("h0", "c0", "weight_ih", "weight_hh")
+_PAIR_NAMES = _PAIR_REQUIRED_NAMES + ("bias_ih", "bias_hh", "weight_hr") + _PAIR_OPTIONAL_NAMES
 
 
 def lstm_layer_pair(input: Tensor, batch_sizes: Optional[Tensor], forward: dict, reverse: dict
@@ -294,6 +309,14 @@ def lstm_layer_pair(input: Tensor, batch_sizes: Optional[Tensor], forward: dict,
     only; with two intra-op threads each direction gets one (see
     csrc/cpu/lstm.cpp), otherwise they run one after the other.
     """
+    for which, direction in (("forward", forward), ("reverse", reverse)):
+        # lstm_layer's keyword arguments would refuse a misspelt name; so does this.
+        unknown = sorted(set(direction) - set(_PAIR_NAMES))
+        missing = [name for name in _PAIR_REQUIRED_NAMES if direction.get(name) is None]
+        if unknown or missing:
+            raise TypeError(f"lstm_layer_pair: {which} " + (f"has unknown keys {unknown}" if unknown else
+                                                             f"is missing {missing}")
+                            + f"; the keys are {list(_PAIR_NAMES)}")
     if _autocast_dtype(input) is not None:
         # lstm_layer handles autocast (casting, then running with it off); the
         # pair's CPU kernel takes float32/float64 only, so run one at a time.
