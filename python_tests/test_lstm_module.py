@@ -170,6 +170,22 @@ def test_compatibility_attributes():
         assert getattr(ours, attr) == getattr(theirs, attr), attr
 
 
+@pytest.mark.parametrize("kwargs", [dict(num_layers=2, bidirectional=True), dict(proj_size=2, bias=False)])
+def test_flat_weights_follow_the_parameters_as_torch_does(kwargs):
+    """_flat_weights, which weight-drop wrappers read: torch's order, and the
+    tensor forward uses after a weight is replaced by a plain tensor."""
+    theirs, ours = twin_modules(torch.nn.LSTM, 3, 4, **kwargs)
+    assert ours._flat_weights_names == theirs._flat_weights_names
+    for a, b in zip(ours._flat_weights, theirs._flat_weights):
+        assert torch.equal(a, b)
+    for module in (ours, theirs):
+        del module.weight_hh_l0
+        module.weight_hh_l0 = torch.zeros(16, module.weight_hr_l0.shape[0] if kwargs.get("proj_size") else 4)
+    assert ours._flat_weights[1] is ours.weight_hh_l0 and torch.equal(ours._flat_weights[1], theirs._flat_weights[1])
+    x = torch.randn(5, 2, 3)
+    torch.testing.assert_close(ours(x)[0], theirs(x)[0])
+
+
 def test_dropout_between_layers():
     ours = LSTM(3, 4, num_layers=2, dropout=0.5)
     x = torch.randn(5, 2, 3)

@@ -223,6 +223,14 @@ class LSTM(nn.Module):
     def all_weights(self) -> List[List[nn.Parameter]]:
         return [[getattr(self, name) for name in names] for names in self._all_weights]
 
+    @property
+    def _flat_weights(self) -> List[Tensor]:
+        """torch.nn.LSTM's list of the weights in _flat_weights_names order,
+        which weight-drop style wrappers read. Read fresh on every access, so
+        it is always what forward uses (torch keeps it up to date in
+        __setattr__); assigning to it is refused rather than ignored."""
+        return [getattr(self, name) for name in self._flat_weights_names]
+
     def extra_repr(self) -> str:
         s = "{input_size}, {hidden_size}"
         if self.proj_size != 0:
