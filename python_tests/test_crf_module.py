@@ -278,9 +278,14 @@ def test_constraint_masks_move_with_the_module():
 
     moved = constrained().to("meta")
     assert {mask.device.type for mask in (moved.allowed_start, moved.allowed_end, moved.allowed_transitions)} == {"meta"}
-    converted = constrained().double()
-    assert converted.allowed_transitions.dtype == torch.bool
-    assert not converted.allowed_transitions[0, 2]  # O -> I-X stays forbidden
+    # module.type(dtype) converts every tensor, bool ones too: the masks stay bool, and the module still runs.
+    for converted in (constrained().double(), constrained().type(torch.float64)):
+        assert converted.allowed_transitions.dtype == torch.bool
+        assert not converted.allowed_transitions[0, 2]  # O -> I-X stays forbidden
+        emissions = torch.randn(4, 2, 3, dtype=torch.float64)
+        assert converted(emissions, torch.zeros(4, 2, dtype=torch.long)).isfinite()
+        for path in converted.decode(emissions * 10):  # BIO: no I-X first, nor after O
+            assert path[0] != 2 and (0, 2) not in set(zip(path, path[1:]))
 
 
 def test_token_mean_counts_every_selected_position_of_a_uint8_mask():
@@ -314,6 +319,12 @@ def test_half_precision_model_returns_scores_in_its_dtype(dtype):
     llh = low(emissions.to(dtype), tags, mask, reduction="none")
     assert llh.dtype == dtype
     torch.testing.assert_close(llh, want.to(dtype))
+    # pytorch-crf divides by mask.float().sum(): its token mean is float32.
+    theirs = torchcrf.CRF(4, batch_first=True).to(dtype)
+    theirs.load_state_dict(low.state_dict())
+    for reduction in ("none", "sum", "mean", "token_mean"):
+        got = low(emissions.to(dtype), tags, mask, reduction=reduction)
+        assert got.dtype == theirs(emissions.to(dtype), tags, mask, reduction=reduction).dtype, reduction
     paths, scores = low.viterbi(emissions.to(dtype), mask)
     assert scores.dtype == dtype and paths.dtype == torch.long
     assert low.marginals(emissions.to(dtype), mask).dtype == dtype

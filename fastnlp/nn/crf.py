@@ -56,9 +56,11 @@ class CRF(nn.Module):
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        # fn converts floating tensors only (module.half() etc.), so the masks stay bool.
+        # fn moves them (module.to(device)); module.half() etc. leave bool
+        # tensors alone, but module.type(dtype) converts every tensor, so the
+        # masks are made bool again.
         self.allowed_start, self.allowed_end, self.allowed_transitions = (
-            fn(self.allowed_start), fn(self.allowed_end), fn(self.allowed_transitions))
+            fn(mask).bool() for mask in (self.allowed_start, self.allowed_end, self.allowed_transitions))
         return self
 
     def reset_parameters(self) -> None:
@@ -109,7 +111,9 @@ class CRF(nn.Module):
         if reduction == "mean":
             return llh.mean()
         # The kernels select every nonzero mask entry (a uint8 mask may hold 2s).
-        return llh.sum() / (mask != 0).sum()
+        # A float32 count, as pytorch-crf's mask.float().sum(): a half llh sum
+        # divided by it is float32, as there.
+        return llh.sum() / (mask != 0).sum().float()
 
     @torch.jit.export
     def decode(self, emissions: Tensor, mask: Optional[Tensor] = None) -> List[List[int]]:
