@@ -489,6 +489,22 @@ def assert_topk_matches_cpu(lib, case, k):
     torch.testing.assert_close(paths, want_paths)
 
 
+@pytest.mark.parametrize("dtype, scale", [(torch.float64, 1e10), (torch.float64, 1e20), (torch.float32, 1e4),
+                                          (torch.float32, 1e5)])
+def test_crf_backward_stays_exact_at_huge_score_magnitudes(emulated, dtype, scale):
+    """One tag dominates every position there, so the marginals are exact 0s
+    and 1s (as the float64 reference gives). The kernel once subtracted log Z
+    from alpha + beta, which cancels to ulp(|log Z|); each position is now
+    normalised by its own sum, as on the CPU."""
+    case = CrfCase(B=3, T=6, K=5, dtype=dtype, seed=2)
+    case.emissions = case.emissions * scale
+    log_z, alpha = emulated_log_partition(emulated, case)
+    grads = emulated_backward(emulated, case, torch.ones(case.B, dtype=dtype), log_z, alpha)
+    exact = [x.double() for x in (case.emissions, *case.params())]
+    want = fastnlp.reference.crf.marginals(exact[0], case.mask, *exact[1:])
+    torch.testing.assert_close(grads[0].double(), want, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype,K", CRF_CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("pinned", [False, True], ids=["free", "pinned"])
 def test_crf_log_partition_and_backward_match_the_cpu_ops(emulated, dtype, K, pinned):

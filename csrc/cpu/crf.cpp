@@ -37,13 +37,6 @@ acc_t tiny_sum() {
   return std::sqrt(std::numeric_limits<acc_t>::min());
 }
 
-// exp(x) overflows past this; rows of pairwise marginals scaled beyond it are
-// computed exactly instead.
-template <typename acc_t>
-acc_t max_exp_arg() {
-  return std::log(std::numeric_limits<acc_t>::max()) - 8;
-}
-
 // The states a position may take: a pinned tag allows one, a free one all K.
 struct StateRange {
   int64_t lo, hi;
@@ -121,6 +114,29 @@ acc_t logsumexp(const acc_t* x, int64_t n) {
   acc_t s = 0;
   for (int64_t i = 0; i < n; ++i) s += std::exp(x[i] - m);
   return m + std::log(s);
+}
+
+// x (n) holds a position's log-weights alpha[t][i] + beta[t][i]; replaces
+// them with the probabilities exp(x[i] - lse(x)) and returns lse(x). In exact
+// arithmetic lse(x) is log Z at every position, but alpha + beta - log Z
+// cancels to ulp(|log Z|): with |scores| ~ 1e10 in double, or the float32
+// alpha and log Z that crf_log_partition saves for float32 inputs at ~1e4,
+// that is off by 1e-5 to 1e-2, and at ~1e20 exp overflows. Normalised by their
+// own sum the probabilities sum to 1, and where one state dominates (as at such
+// magnitudes) they are exactly 0 and 1. No path through the position (every
+// x[i] -inf, which a finite log Z rules out bar rounding): zeros, and -inf.
+inline acc_t normalise_log_weights(int64_t n, acc_t* x) {
+  acc_t m = kNegInf<acc_t>;
+  for (int64_t i = 0; i < n; ++i) m = std::max(m, x[i]);
+  if (m == kNegInf<acc_t>) {
+    std::fill(x, x + n, acc_t(0));
+    return m;
+  }
+  exp_shifted(n, x, m, x);
+  acc_t sum = 0;
+  for (int64_t i = 0; i < n; ++i) sum += x[i];
+  for (int64_t i = 0; i < n; ++i) x[i] /= sum;
+  return m + std::log(sum);
 }
 
 // log sum_{i in prev} exp(prev_alpha[i] + trans[i][j]), exactly.
@@ -228,7 +244,7 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
   acc_t* r = work + 4 * K;          // scaled row sums
   acc_t* marginal = work + 5 * K;   // P(y_t = j)
   acc_t* marginal_prev = work + 6 * K;
-  acc_t* coef = work + 7 * K;       // exp(alpha[t'][i] + mw - log_z), then times g
+  acc_t* coef = work + 7 * K;       // alpha[t'][i] + beta[t'][i], then g * P(y_t' = i) / r[i]
   acc_t* log_r = work + 8 * K;
   acc_t* scratch = work + 9 * K;
 
@@ -241,7 +257,7 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
   // At the last position the marginal needs its own exp; earlier ones are
   // carried over from the pairwise step (see below).
   for (int64_t j = cur.lo; j < cur.hi; ++j) marginal[j] = acc_t(alpha[t * K + j]) + beta[j];
-  exp_shifted(cur.size(), marginal + cur.lo, log_z, marginal + cur.lo);
+  normalise_log_weights(cur.size(), marginal + cur.lo);
   bool last = true;
   while (true) {
     const scalar_t* e = emissions + t * K;
@@ -278,28 +294,33 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
         // beta_prev[i] = log sum_j E[i][j] q[j] + mw, streaming rows of E transposed.
         vecmat(cur.size(), prev.size(), q + cur.lo, tr.scaled_t.data() + cur.lo * K + prev.lo, K, r + prev.lo);
         log_array(prev.size(), r + prev.lo, log_r + prev.lo);
-        for (int64_t i = prev.lo; i < prev.hi; ++i) coef[i] = acc_t(ap[i]);
-        exp_shifted(prev.size(), coef + prev.lo, log_z - mw, coef + prev.lo);
         for (int64_t i = prev.lo; i < prev.hi; ++i) {
-          const bool scaled_ok = r[i] > tiny_sum<acc_t>();
-          if (scaled_ok) {
+          if (r[i] > tiny_sum<acc_t>()) {
             beta_prev[i] = log_r[i] + mw;
           } else {
             for (int64_t j = cur.lo; j < cur.hi; ++j) scratch[j - cur.lo] = tr.trans[i * K + j] + w[j];
             beta_prev[i] = logsumexp(scratch, cur.size());
           }
-          const acc_t la = acc_t(ap[i]) + mw - log_z;
-          if (la < max_exp_arg<acc_t>()) {
-            // P(y_t' = i) = exp(ap[i] + beta_prev[i] - log_z) = coef[i] * r[i]: no exp needed.
-            marginal_prev[i] = scaled_ok ? coef[i] * r[i] : std::exp(acc_t(ap[i]) + beta_prev[i] - log_z);
-            coef[i] *= g;
-          } else {
-            // Pairwise marginals of a row whose scale would overflow, summed exactly.
-            marginal_prev[i] = std::exp(acc_t(ap[i]) + beta_prev[i] - log_z);
+          coef[i] = acc_t(ap[i]) + beta_prev[i];
+        }
+        // P(y_t' = i), normalised over this position (see
+        // normalise_log_weights); the step's pairwise marginals share the
+        // normaliser: P(i, j) = exp(ap[i] + trans[i][j] + w[j] - n).
+        const acc_t n = normalise_log_weights(prev.size(), coef + prev.lo);
+        for (int64_t i = prev.lo; i < prev.hi; ++i) {
+          marginal_prev[i] = coef[i];
+          if (r[i] > tiny_sum<acc_t>()) {
+            // P(i, j) = P(i) / r[i] * E[i][j] * q[j], summed below; P(i) / r[i]
+            // stays below 1 / tiny_sum, so the products cannot overflow.
+            coef[i] = g * coef[i] / r[i];
+          } else if (coef[i] > 0) {
+            // A row whose scaled sum underflowed: its pairwise marginals, exactly.
             coef[i] = 0;
             acc_t* gt = grads.trans + i * K;
             for (int64_t j = cur.lo; j < cur.hi; ++j)
-              gt[j] += g * std::exp(acc_t(ap[i]) + tr.trans[i * K + j] + w[j] - log_z);
+              gt[j] += g * std::exp(acc_t(ap[i]) + tr.trans[i * K + j] + w[j] - n);
+          } else {
+            coef[i] = 0;
           }
         }
         // Pairwise marginals P(i, j) = exp(ap[i] + mw - log_z) * E[i][j] * q[j].
@@ -315,8 +336,9 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
 }
 
 // ---------------------------------------------------------------------------
-// Viterbi works in the input dtype, with pytorch-crf's order of additions,
-// so both make the same choice even where rounding creates a tie.
+// Viterbi works in the input dtype (float32 or float64: fastnlp.ops widens
+// half-precision input to float32), with pytorch-crf's order of additions, so
+// for those dtypes both make the same choice even where rounding creates a tie.
 template <typename scalar_t>
 struct RawTransitions {
   int64_t K;

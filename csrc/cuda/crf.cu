@@ -300,14 +300,42 @@ __global__ void __launch_bounds__(kMaxThreads)
 }
 
 // ---------------------------------------------------------------------------
+// log sum_j exp(alpha_row[j] + beta[j]): a position's normaliser, which is
+// log Z in exact arithmetic. The posteriors are exp(x - this) rather than
+// exp(x - log Z): alpha + beta - log Z cancels to ulp(|log Z|), which is
+// 1e-3 already for float32 at |log Z| ~ 1e4, and overflows at |scores| ~ 1e20
+// in double (as the CPU kernel's normalise_log_weights). The first warp
+// computes it; a barrier publishes it through *slot to the block.
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t position_log_norm(int K, const scalar_t* alpha_row, const scalar_t* beta,
+                                                      scalar_t* slot) {
+  if (threadIdx.x < kWarpSize) {
+    const scalar_t norm =
+        warp_log_sum_exp<scalar_t>(K, threadIdx.x, [&](int j) { return alpha_row[j] + beta[j]; });
+    if (threadIdx.x == 0) *slot = norm;
+  }
+  __syncthreads();
+  return *slot;
+}
+
+// exp(x - norm), and 0 where no path passes the position (norm -inf, which a
+// finite log Z rules out bar rounding).
+template <typename scalar_t>
+__device__ __forceinline__ scalar_t posterior(scalar_t x, scalar_t norm) {
+  using M = Math<scalar_t>;
+  return norm > -M::inf() ? M::exp(x - norm) : scalar_t(0);
+}
+
 // Backward algorithm fused with the gradient: walking the selected positions
 // from the last, beta (the log-score of the continuations from each state,
 // excluding the emission there) is advanced one link at a time and the unary
-// and pairwise posteriors of that link are accumulated on the way.
+// and pairwise posteriors of that link are accumulated on the way, each
+// position's normalised by its own sum (position_log_norm).
 // vec = [w (K) | alpha_prev (K) | beta (K)], w[j] = emission + beta at the
-// current position, -inf where a pinned tag excludes j. Two barriers per
-// link: one publishes w and alpha_prev, the next publishes beta and frees w
-// and alpha_prev for the following link.
+// current position, -inf where a pinned tag excludes j. Four barriers per
+// link: one publishes w and alpha_prev; the next beta at the previous
+// position, the next its normaliser; the last frees w, alpha_prev and the
+// normaliser's slot for the following link.
 template <typename scalar_t, bool kTransShared, bool kVecShared>
 __global__ void __launch_bounds__(kMaxThreads) crf_backward_kernel(
     const scalar_t* __restrict__ grad_log_partition, const scalar_t* __restrict__ emissions,
@@ -370,6 +398,9 @@ __global__ void __launch_bounds__(kMaxThreads) crf_backward_kernel(
   while (t >= 0 && !mask[b * T + t]) zero_row(t--);
   if (t < 0) return;
   for (int j = threadIdx.x; j < K; j += blockDim.x) beta[j] = end[j];
+  __syncthreads();
+  __shared__ scalar_t norm_slot;
+  scalar_t norm = position_log_norm<scalar_t>(K, alpha + (b * T + t) * K, beta, &norm_slot);
 
   for (bool last = true;; last = false) {
     int64_t tp = t - 1;
@@ -381,7 +412,7 @@ __global__ void __launch_bounds__(kMaxThreads) crf_backward_kernel(
     const scalar_t* em_row = emissions + bt * K;
     for (int j = threadIdx.x; j < K; j += blockDim.x) {
       const scalar_t beta_j = beta[j];
-      const scalar_t p = g * M::exp(alpha_row[j] + beta_j - log_z);
+      const scalar_t p = g * posterior(alpha_row[j] + beta_j, norm);
       ge[t * K + j] = p;
       if (last) grad_end[b * K + j] = p;
       if (tp < 0) grad_start[b * K + j] = p;
@@ -391,17 +422,6 @@ __global__ void __launch_bounds__(kMaxThreads) crf_backward_kernel(
     if (tp < 0) break;
     __syncthreads();
 
-    // Pairwise posteriors of the link (tp -> t); thread j walks column j so
-    // that consecutive threads touch consecutive addresses of gt.
-    for (int j = threadIdx.x; j < K; j += blockDim.x) {
-      const scalar_t w_j = w[j];
-      if (w_j == -M::inf()) continue;  // exp(...) == 0 for every i
-      const scalar_t* col = mem.trans + j;
-      for (int i = 0; i < K; ++i) {
-        gt[static_cast<int64_t>(i) * K + j] +=
-            g * M::exp(alpha_prev[i] + col[i * ld] + w_j - log_z);
-      }
-    }
     // beta at tp: a log-sum-exp along row i of the transitions. Staged rows
     // are conflict-free for a thread per row (odd stride); rows in global
     // memory would be read with a stride of K across the threads, so there a
@@ -419,6 +439,19 @@ __global__ void __launch_bounds__(kMaxThreads) crf_backward_kernel(
         const scalar_t b_i =
             warp_log_sum_exp<scalar_t>(K, lane, [&](int j) { return row[j] + w[j]; });
         if (lane == 0) beta[i] = b_i;
+      }
+    }
+    __syncthreads();
+    norm = position_log_norm<scalar_t>(K, alpha_prev, beta, &norm_slot);
+    // Pairwise posteriors of the link (tp -> t); thread j walks column j so
+    // that consecutive threads touch consecutive addresses of gt.
+    for (int j = threadIdx.x; j < K; j += blockDim.x) {
+      const scalar_t w_j = w[j];
+      if (w_j == -M::inf()) continue;  // exp(...) == 0 for every i
+      const scalar_t* col = mem.trans + j;
+      for (int i = 0; i < K; ++i) {
+        gt[static_cast<int64_t>(i) * K + j] +=
+            g * posterior(alpha_prev[i] + col[i * ld] + w_j, norm);
       }
     }
     __syncthreads();
