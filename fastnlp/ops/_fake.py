@@ -35,13 +35,16 @@ def refuse_meta_among_real(op_name: str, host_tensors=()):
                 elif isinstance(value, (list, tuple)):
                     tensors.extend((f"{name}[{i}]", t) for i, t in enumerate(value) if isinstance(t, Tensor))
             computing = [(name, t) for name, t in tensors if name not in host_tensors]
-            if computing and any(t.device.type != "meta" for _, t in computing):
-                first_name, first = computing[0]
-                for name, tensor in tensors:
-                    if (tensor.device.type == "meta") != (first.device.type == "meta") and (
-                            name not in host_tensors or tensor.device.type == "meta"):
-                        raise RuntimeError(f"{op_name}: {name} is on {tensor.device} but {first_name} is on "
-                                           f"{first.device}")
+            if all(t.device.type == "meta" for _, t in computing):
+                return fake(*args, **kwargs)  # shape inference
+            first_name, first = computing[0]
+            for name, tensor in tensors:
+                on_meta = tensor.device.type == "meta"
+                if name in host_tensors and not on_meta:
+                    continue  # on the CPU, beside real and meta tensors alike
+                if on_meta != (first.device.type == "meta"):
+                    raise RuntimeError(f"{op_name}: {name} is on {tensor.device} but {first_name} is on "
+                                       f"{first.device}")
             return fake(*args, **kwargs)
 
         return checked
