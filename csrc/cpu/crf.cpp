@@ -119,9 +119,9 @@ acc_t logsumexp(const acc_t* x, int64_t n) {
 // x (n) holds a position's log-weights alpha[t][i] + beta[t][i]; replaces
 // them with the probabilities exp(x[i] - lse(x)) and returns lse(x). In exact
 // arithmetic lse(x) is log Z at every position, but alpha + beta - log Z
-// cancels to ulp(|log Z|): with |scores| ~ 1e10 in double, or the float32
-// alpha and log Z that crf_log_partition saves for float32 inputs at ~1e4,
-// that is off by 1e-5 to 1e-2, and at ~1e20 exp overflows. Normalised by their
+// cancels to ulp(|log Z|): off by 1e-5 at |scores| ~ 1e10 in double, by 0.13
+// with the float32 alpha and log Z that crf_log_partition saves for float32
+// inputs at ~1e4, and at ~1e20 exp overflows. Normalised by their
 // own sum the probabilities sum to 1, and where one state dominates (as at such
 // magnitudes) they are exactly 0 and 1. No path through the position (every
 // x[i] -inf, which a finite log Z rules out bar rounding): zeros, and -inf.
@@ -323,7 +323,7 @@ void backward_sequence(const Transitions& tr, const scalar_t* emissions, const b
             coef[i] = 0;
           }
         }
-        // Pairwise marginals P(i, j) = exp(ap[i] + mw - log_z) * E[i][j] * q[j].
+        // Pairwise marginals, times g: g * P(i) / r[i] * E[i][j] * q[j].
         scaled_outer_accumulate(prev.size(), cur.size(), coef + prev.lo, tr.scaled.data() + prev.lo * K + cur.lo, K,
                                 q + cur.lo, grads.trans + prev.lo * K + cur.lo);
       }
