@@ -618,6 +618,10 @@ def raised_type(fn):
         (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3), (torch.zeros(2, 4),)), "expects two hidden states"),
         (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3), torch.zeros(2, 4)), "hx must be a tuple"),
         (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3), torch.zeros(2, 2, 4)), "hx must be a tuple"),
+        # torch checks the entries' ranks first (a 4-D tensor's rows are 3-D),
+        # then reads hx[1] for unbatched input.
+        (torch.nn.LSTMCell, lambda m: m(torch.randn(2, 3), torch.zeros(2, 2, 2, 4)), "Expected hx[0] to be 1D or 2D"),
+        (torch.nn.LSTMCell, lambda m: m(torch.randn(3), (torch.zeros(4),)), "it has no hx[1]"),
     ],
 )
 def test_hx_that_is_not_two_states_raises_like_torch(torch_cls, call, ours_says):

@@ -480,12 +480,17 @@ class LSTMCell(nn.Module):
         """Same as torch.nn.LSTMCell.forward: returns (h', c')."""
         if input.dim() not in (1, 2):
             raise ValueError(f"LSTMCell: Expected input to be 1D or 2D, got {input.dim()}D instead")
+        batched = input.dim() == 2
         if hx is not None:
-            _check_hx_pair(hx, "LSTMCell", "lstm_cell")
+            # torch's order, so that a malformed hx raises what torch raises:
+            # the rank of each entry of whatever hx is (a 4-D tensor's rows
+            # too), then hx[1] for unbatched input, then the pair itself.
             for index, value in enumerate(hx):
                 if value.dim() not in (1, 2):
                     raise ValueError(f"LSTMCell: Expected hx[{index}] to be 1D or 2D, got {value.dim()}D instead")
-        batched = input.dim() == 2
+            if not batched and isinstance(hx, (tuple, list)):
+                _index_hx_pair(hx, "LSTMCell")
+            _check_hx_pair(hx, "LSTMCell", "lstm_cell")
         if not batched:
             input = input.unsqueeze(0)
         if hx is None:
