@@ -133,6 +133,24 @@ def test_errors_match_pytorch_crf():
         ours(emissions, torch.full_like(tags, -5))
 
 
+
+def test_several_faults_raise_what_pytorch_crf_raises():
+    """pytorch-crf checks shapes, then the reduction; dtypes fail later, in its
+    ops. An input with two faults must raise the same type as there."""
+    theirs, ours = make_pair(5, False)
+    emissions, tags, mask = make_inputs(4, 3, 5, False)
+    cases = [
+        (lambda m: m(emissions, tags, mask.long(), reduction="foo"), ValueError, "invalid reduction: foo"),
+        (lambda m: m(emissions, tags.double(), reduction="foo"), ValueError, "invalid reduction: foo"),
+        (lambda m: m(emissions, tags.double(), mask[:2]), ValueError, "emissions and mask must match"),
+        (lambda m: m(emissions, tags, mask.float()[:2]), ValueError, "emissions and mask must match"),
+        (lambda m: m(emissions.to(torch.complex64), tags, mask[:2]), ValueError, "emissions and mask must match"),
+    ]
+    for call, error, message in cases:
+        for module in (theirs, ours):
+            with pytest.raises(error, match=message):
+                call(module)
+
 def test_torchscript():
     _, ours = make_pair(5, False)
     scripted = torch.jit.script(ours)

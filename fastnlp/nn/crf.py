@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from fastnlp.nn.constraints import AllowedTransitions
 from fastnlp.ops import crf as F
-from fastnlp.ops.crf import check_crf_shapes
+from fastnlp.ops.crf import check_crf_dtypes, check_crf_shapes
 
 class CRF(nn.Module):
     """Linear-chain conditional random field.
@@ -90,9 +90,11 @@ class CRF(nn.Module):
             reduction: "none" (per sequence), "sum", "mean" (over sequences) or
                 "token_mean" (sum divided by the number of selected positions).
         """
-        check_crf_shapes(emissions, self.num_tags, tags, mask)
+        # pytorch-crf's order: shapes, the reduction, then what its ops refuse.
+        check_crf_shapes(emissions, self.num_tags, tags, mask, check_dtypes=False)
         if reduction not in ("none", "sum", "mean", "token_mean"):
             raise ValueError(f"invalid reduction: {reduction}")
+        check_crf_dtypes(emissions, tags, mask)
         if mask is None:
             mask = torch.ones_like(tags, dtype=torch.uint8)
         if not self.batch_first:

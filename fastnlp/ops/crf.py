@@ -109,29 +109,38 @@ def _shape_str(shape: List[int]) -> str:
     return "(" + ", ".join([str(size) for size in shape]) + ")"
 
 
-def check_crf_shapes(emissions: Tensor, num_tags: int, tags: Optional[Tensor], mask: Optional[Tensor]) -> None:
-    """pytorch-crf's shape checks, with its messages, plus dtype checks.
+def check_crf_shapes(emissions: Tensor, num_tags: int, tags: Optional[Tensor], mask: Optional[Tensor],
+                     check_dtypes: bool = True) -> None:
+    """pytorch-crf's shape checks, in its order and with its messages, then
+    (with check_dtypes) check_crf_dtypes.
 
-    Where pytorch-crf's own checks pass and a torch op inside it fails (tags
-    used as an index, the mask as torch.where's condition), the error is of
-    that op's type (IndexError, RuntimeError), with a message of our own.
+    nn.CRF.forward checks the reduction between the two, as pytorch-crf does
+    (its dtype failures come later still, from the ops inside it), so that an
+    input with several faults raises the error pytorch-crf raises.
     """
     if emissions.dim() != 3:
         raise ValueError(f"emissions must have dimension of 3, got {emissions.dim()}")
     if emissions.size(2) != num_tags:
         raise ValueError(f"expected last dimension of emissions is {num_tags}, got {emissions.size(2)}")
-    if tags is not None:
-        if emissions.shape[:2] != tags.shape:
-            raise ValueError("the first two dimensions of emissions and tags must match, "
-                             f"got {_shape_str(emissions.shape[:2])} and {_shape_str(tags.shape)}")
-        if tags.is_floating_point() or tags.is_complex() or tags.dtype == torch.bool:
-            raise IndexError(f"tags must be an integer tensor, got {tags.dtype}")
-    if mask is not None:
-        if emissions.shape[:2] != mask.shape:
-            raise ValueError("the first two dimensions of emissions and mask must match, "
-                             f"got {_shape_str(emissions.shape[:2])} and {_shape_str(mask.shape)}")
-        if mask.dtype != torch.bool and mask.dtype != torch.uint8:
-            raise RuntimeError(f"mask must be a bool or uint8 tensor, got {mask.dtype}")
+    if tags is not None and emissions.shape[:2] != tags.shape:
+        raise ValueError("the first two dimensions of emissions and tags must match, "
+                         f"got {_shape_str(emissions.shape[:2])} and {_shape_str(tags.shape)}")
+    if mask is not None and emissions.shape[:2] != mask.shape:
+        raise ValueError("the first two dimensions of emissions and mask must match, "
+                         f"got {_shape_str(emissions.shape[:2])} and {_shape_str(mask.shape)}")
+    if check_dtypes:
+        check_crf_dtypes(emissions, tags, mask)
+
+
+def check_crf_dtypes(emissions: Tensor, tags: Optional[Tensor], mask: Optional[Tensor]) -> None:
+    """The dtypes pytorch-crf's arithmetic takes. Where a torch op inside it
+    fails (tags used as an index, the mask as torch.where's condition), the
+    error is of that op's type (IndexError, RuntimeError), with a message of
+    our own."""
+    if tags is not None and (tags.is_floating_point() or tags.is_complex() or tags.dtype == torch.bool):
+        raise IndexError(f"tags must be an integer tensor, got {tags.dtype}")
+    if mask is not None and mask.dtype != torch.bool and mask.dtype != torch.uint8:
+        raise RuntimeError(f"mask must be a bool or uint8 tensor, got {mask.dtype}")
     # Integer emissions are scored in the parameters' floating type, as
     # pytorch-crf's arithmetic promotes them; complex ones have no order.
     if emissions.is_complex():
