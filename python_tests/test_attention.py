@@ -330,8 +330,9 @@ def _bad_calls():
         (dict(key_padding_mask=torch.tensor([3, 8])), ValueError, r"must be in \[0, 7\], got 8 at batch 1"),
         (dict(key_padding_mask=torch.tensor([3])), ValueError, r"must have shape \(batch,\) = \(2,\)"),
         (dict(key_padding_mask=torch.ones(2, 7)), TypeError, "key_padding_mask must be bool"),
-        (dict(dropout_p=1.0), ValueError, r"dropout_p must be a number in \[0, 1\), got 1.0"),
-        (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+        (dict(dropout_p=1.5), RuntimeError, r"dropout_p must be in \[0, 1\], got 1.5"),
+        (dict(dropout_p=-0.1), RuntimeError, r"dropout_p must be in \[0, 1\], got -0.1"),
+        (dict(dropout_p="0.1"), TypeError, "dropout_p must be a float, got str"),
         (dict(scale=float("nan")), ValueError, "scale must be a finite number"),
         (dict(is_causal=1), TypeError, "is_causal must be a bool"),
         (dict(enable_gqa=None), TypeError, "enable_gqa must be a bool"),
@@ -401,9 +402,9 @@ def test_key_padding_mask_is_keyword_only():
     # Passed where SDPA takes dropout_p, it is refused, not read as a probability.
     q = torch.randn(1, 1, 3, 4)
     lengths = torch.tensor([2])
-    with pytest.raises(ValueError, match="dropout_p must be a number"):
+    with pytest.raises(TypeError, match="dropout_p must be a float, got Tensor"):
         ops.attention(q, q, q, None, lengths)
-    with pytest.raises(ValueError, match="dropout_p must be a number"):
+    with pytest.raises(TypeError, match="dropout_p must be a float, got Tensor"):
         ops.attention_with_weights(q, q, q, None, lengths)
     torch.testing.assert_close(ops.attention(q, q, q, key_padding_mask=lengths),
                                ops.attention(q, q, q, torch.tensor([True, True, False])))
@@ -725,3 +726,38 @@ def test_functions_and_module_run_on_meta_tensors_as_torch_does():
     x = torch.randn(3, 2, 8, device="meta")
     for got, want in zip(ours(x, x, x), theirs(x, x, x)):
         assert got.shape == want.shape and got.device.type == "meta"
+
+
+@pytest.mark.parametrize("dropout_p", [1.5, -0.1, float("nan"), "0.1", None, torch.tensor([0.1]), 1j])
+def test_bad_dropout_raises_what_sdpa_raises(dropout_p):
+    q = torch.randn(2, 2, 5, 4)
+    with pytest.raises(Exception) as theirs:
+        F.scaled_dot_product_attention(q, q, q, dropout_p=dropout_p)
+    for function in (ops.attention, ops.attention_with_weights):
+        with pytest.raises(theirs.type, match="dropout_p"):
+            function(q, q, q, dropout_p=dropout_p)
+
+
+def test_dropout_one_drops_everything_as_sdpa_does():
+    q, k, v = (torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True) for _ in range(3))
+    expected = F.scaled_dot_product_attention(q, k, v, dropout_p=1.0)
+    for dropout_p in (1.0, True, torch.tensor(1.0)):
+        out = ops.attention(q, k, v, dropout_p=dropout_p)
+        out_w, weights = ops.attention_with_weights(q, k, v, dropout_p=dropout_p)
+        torch.testing.assert_close(out, expected)
+        torch.testing.assert_close(out_w, expected)
+        torch.testing.assert_close(weights, torch.zeros(2, 2, 5, 5, dtype=torch.float64))
+        grads = torch.autograd.grad((out + out_w).sum(), (q, k, v))
+        for grad in grads:
+            torch.testing.assert_close(grad, torch.zeros_like(grad))
+
+
+def test_zero_dim_tensor_dropout_is_its_value():
+    q = torch.randn(2, 2, 5, 4)
+    results = []
+    for dropout_p in (0.25, torch.tensor(0.25)):
+        torch.manual_seed(3)
+        results.append((ops.attention(q, q, q, dropout_p=dropout_p),
+                        ops.attention_with_weights(q, q, q, dropout_p=dropout_p)))
+    torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
+    assert not torch.equal(results[0][0], ops.attention(q, q, q))  # it did drop

@@ -752,6 +752,28 @@ def test_is_causal_that_is_not_a_bool_follows_torch(need_weights, padding, hint)
 # Dropout (training mode): the kernel's random stream, so compared with itself.
 
 
+# Each dropout value that no random draw decides: torch's module refuses it
+# (the same exception type here) or runs without dropping (0, or a negative
+# one on the weights path) or dropping everything (1, True).
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("dropout", ["0.1", None, 1.5, -0.1, float("nan"), 1.0, True, 0])
+def test_dropout_values_as_torch_takes_them(dropout, need_weights):
+    theirs, ours = make_pair(embed_dim=8, num_heads=2, dropout=dropout, batch_first=True)
+    x = torch.randn(2, 5, 8)
+    results = []
+    for module in (theirs, ours):
+        try:
+            results.append(module(x, x, x, need_weights=need_weights))
+        except Exception as error:  # noqa: BLE001  (the type is compared below)
+            results.append(type(error))
+    if isinstance(results[0], type):
+        assert results[1] is results[0]
+    else:
+        torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+    with torch.no_grad():  # eval: dropout is not read
+        theirs.eval(), ours.eval()
+        torch.testing.assert_close(ours(x, x, x)[0], theirs(x, x, x)[0], rtol=1e-5, atol=1e-6)
+
 def test_dropout_weights_are_the_ones_the_output_used():
     torch.manual_seed(0)
     m = MultiheadAttention(8, 2, dropout=0.5, batch_first=True)

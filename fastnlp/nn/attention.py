@@ -46,7 +46,7 @@ class MultiheadAttention(nn.Module):
 
     Differences from torch: dropout draws from the kernel's counter-based
     stream, so the dropped entries differ from torch's for one seed (the rate
-    and scaling are the same), and ``dropout`` must be below 1; forward has
+    and scaling are the same); forward has
     no inference fast path and takes no NestedTensor input (torch takes those
     only on its fast path). ``merge_masks`` is there for
     torch.nn.TransformerEncoderLayer, whose own inference fast path then runs
@@ -242,6 +242,15 @@ class MultiheadAttention(nn.Module):
         mask, padding = _kernel_masks(attn_mask, key_padding_mask, extra, bsz, self.num_heads, tgt_len, q.dtype)
         q, k, v = (self._split_heads(x, seq_dim) for x in (q, k, v))
         dropout_p = self.dropout if self.training else 0.0
+        if need_weights and self.training:
+            # torch's weights path: F.dropout on the weights only when dropout
+            # > 0 (a str or None fails this comparison, a TypeError, as there;
+            # a negative one or NaN means none), F.dropout's ValueError above
+            # 1. Without weights the op checks dropout_p as SDPA does.
+            if not dropout_p > 0.0:
+                dropout_p = 0.0
+            elif dropout_p > 1.0:
+                raise ValueError(f"dropout probability has to be between 0 and 1, but got {dropout_p}")
         if need_weights:
             out, weights = ops.attention_with_weights(q, k, v, mask, dropout_p, kernel_causal,
                                                       key_padding_mask=padding)

@@ -232,6 +232,7 @@ def _prepare_inputs(query, key, value, attn_mask, key_padding_mask, is_causal, d
     attn_mask gains the heads dim too; errors then say their shapes did).
     Returns query, key, value, attn_mask, key_padding_mask, dropout_p, scale
     and whether the inputs were 3-D."""
+    dropout_p = _dropout_probability(dropout_p)  # first, as SDPA's argument parser reads it
     one_head = all(isinstance(t, Tensor) and t.dim() == 3 for t in (query, key, value))
     if one_head:
         query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -252,8 +253,6 @@ def _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_
         raise TypeError(f"is_causal must be a bool, got {type(is_causal).__name__}")
     if not isinstance(enable_gqa, bool):
         raise TypeError(f"enable_gqa must be a bool, got {type(enable_gqa).__name__}")
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
     if scale is None:
         scale = 1.0 / math.sqrt(query.shape[-1])
     elif not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -261,6 +260,19 @@ def _prepare(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_
     attn_mask = _prepare_attn_mask(attn_mask, query, key)
     key_padding_mask = _prepare_key_padding_mask(key_padding_mask, query, key)
     return attn_mask, key_padding_mask, float(dropout_p), float(scale)
+
+
+def _dropout_probability(dropout_p) -> float:
+    """dropout_p as SDPA takes it, with its error types: a Python number or a
+    0-dim tensor (TypeError for anything else), in [0, 1] (RuntimeError
+    outside; 1 drops every weight)."""
+    if isinstance(dropout_p, Tensor) and dropout_p.dim() == 0 and not dropout_p.is_complex():
+        dropout_p = dropout_p.item()
+    if not isinstance(dropout_p, (int, float)):
+        raise TypeError(f"dropout_p must be a float, got {type(dropout_p).__name__}")
+    if not 0.0 <= dropout_p <= 1.0:  # NaN too
+        raise RuntimeError(f"dropout_p must be in [0, 1], got {dropout_p}")
+    return float(dropout_p)
 
 
 def _check_kernel_exists(device: torch.device) -> None:
@@ -308,9 +320,9 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     attn_mask: bool (True = take part) or additive float (query's dtype or
     float32), broadcastable to (B, H, Lq, Lk). key_padding_mask: bool (B, Lk),
     True = real key, or integer key lengths (B,). is_causal: query i sees keys
-    j <= i. dropout_p: probability of dropping an attention weight (kept ones
-    are scaled by 1 / (1 - p)); the random stream comes from torch's default
-    generator. scale defaults to 1 / sqrt(D). Rows with no visible key give 0.
+    j <= i. dropout_p: probability in [0, 1] of dropping an attention weight
+    (kept ones are scaled by 1 / (1 - p); at 1 the result is 0); the random
+    stream comes from torch's default generator. scale defaults to 1 / sqrt(D). Rows with no visible key give 0.
 
     Differentiable with respect to query, key and value, and a float
     attn_mask that requires grad (a learned position bias; its gradient is
@@ -321,6 +333,9 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     """
     query, key, value, attn_mask, key_padding_mask, dropout_p, scale, one_head = _prepare_inputs(
         query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa)
+    drop_all = dropout_p == 1.0
+    if drop_all:  # every weight dropped, as SDPA does it: zeros, and zero gradients (from the product below)
+        dropout_p = 0.0
     rng_state = _draw_rng_state(dropout_p)
     if use_reference(backend):
         dropout_mask = None
@@ -333,6 +348,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
             _check_kernel_exists(query.device)
         out = torch.ops.fastnlp.attention_forward(query, key, value, attn_mask, key_padding_mask, is_causal,
                                                   dropout_p, scale, rng_state)[0]
+    if drop_all:
+        out = out * 0.0
     return out.squeeze(1) if one_head else out
 
 
@@ -363,6 +380,9 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
         query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa)
     if not is_compiling():
         _check_kernel_exists(query.device)
+    drop_all = dropout_p == 1.0
+    if drop_all:  # as in attention: zeros, the weights too
+        dropout_p = 0.0
     rng_state = _draw_rng_state(dropout_p)
     out, lse = torch.ops.fastnlp.attention_forward(query, key, value, attn_mask, key_padding_mask, is_causal,
                                                    dropout_p, scale, rng_state)
@@ -371,6 +391,8 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
         keep = torch.ops.fastnlp.attention_dropout_mask(query, key, dropout_p, rng_state)
         weights = weights * keep.to(weights.dtype) / (1.0 - dropout_p)
     weights = weights.to(query.dtype)
+    if drop_all:
+        out, weights = out * 0.0, weights * 0.0
     return (out.squeeze(1), weights.squeeze(1)) if one_head else (out, weights)
 
 
