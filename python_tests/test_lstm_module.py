@@ -186,6 +186,76 @@ def test_flat_weights_follow_the_parameters_as_torch_does(kwargs):
     torch.testing.assert_close(ours(x)[0], theirs(x)[0])
 
 
+@pytest.mark.parametrize("kwargs", [dict(), dict(num_layers=2, bidirectional=True, proj_size=2),
+                                    dict(batch_first=True)])
+def test_public_check_helpers_are_torchs(kwargs):
+    """check_input, get_expected_hidden_size / cell_size, check_hidden_size,
+    check_forward_args and permute_hidden: torch.nn.LSTM's public helpers,
+    which subclasses call. Same results, same errors."""
+    theirs, ours = twin_modules(torch.nn.LSTM, 3, 4, **kwargs)
+    x = torch.randn(5, 2, 3)
+    batch_sizes = torch.tensor([2, 2, 1])
+    h_size, c_size = theirs.get_expected_hidden_size(x, None), theirs.get_expected_cell_size(x, None)
+    good = (torch.zeros(h_size), torch.zeros(c_size))
+    for module in (theirs, ours):
+        assert module.get_expected_hidden_size(x, None) == h_size
+        assert module.get_expected_cell_size(x, None) == c_size
+        assert module.get_expected_hidden_size(x[0], batch_sizes)[1] == 2
+        module.check_forward_args(x, good, None)
+    calls = [
+        lambda m: m.check_input(x.double(), None),
+        lambda m: m.check_input(x, batch_sizes),
+        lambda m: m.check_input(x[..., :2], None),
+        lambda m: m.check_hidden_size(good[0][:, :1], h_size),
+        lambda m: m.check_hidden_size(good[0][:, :1], h_size, "{} vs {}"),
+        lambda m: m.check_forward_args(x, (good[0], good[1][:, :1]), None),
+        lambda m: m.check_forward_args(x, (good[0][..., :1], good[1]), None),
+    ]
+    for call in calls:
+        errors = []
+        for module in (ours, theirs):
+            with pytest.raises(Exception) as error:
+                call(module)
+            errors.append((error.type, str(error.value)))
+        assert errors[0] == errors[1]
+    permutation = torch.tensor([1, 0])
+    for a, b in zip(ours.permute_hidden(good, permutation), theirs.permute_hidden(good, permutation)):
+        assert torch.equal(a, b)
+    assert ours.permute_hidden(good, None) is good
+
+
+def test_subclass_overrides_of_the_helpers_take_effect():
+    """forward goes through the helpers as torch's does: a subclass's override
+    of check_forward_args or permute_hidden changes what it does."""
+    def subclass(base):
+        class Strict(base):
+            def check_forward_args(self, input, hidden, batch_sizes):
+                if hidden[0].abs().max() > 10:
+                    raise ValueError("h_0 out of range")
+                super().check_forward_args(input, hidden, batch_sizes)
+
+            def permute_hidden(self, hx, permutation):  # ignores the order
+                return hx
+        return Strict
+
+    torch.manual_seed(0)
+    theirs = subclass(torch.nn.LSTM)(3, 4)
+    torch.manual_seed(0)
+    ours = subclass(LSTM)(3, 4)
+    x = torch.randn(5, 2, 3)
+    big = (torch.full((1, 2, 4), 20.0), torch.zeros(1, 2, 4))
+    for module in (theirs, ours):
+        with pytest.raises(ValueError, match="h_0 out of range"):
+            module(x, big)
+    packed = pack_padded_sequence(x, torch.tensor([3, 5]), enforce_sorted=False)
+    hx = (torch.randn(1, 2, 4), torch.randn(1, 2, 4))
+    out_theirs, (h_theirs, c_theirs) = theirs(packed, hx)
+    out_ours, (h_ours, c_ours) = ours(packed, hx)
+    torch.testing.assert_close(out_ours.data, out_theirs.data)
+    torch.testing.assert_close(h_ours, h_theirs)
+    torch.testing.assert_close(c_ours, c_theirs)
+
+
 def test_dropout_between_layers():
     ours = LSTM(3, 4, num_layers=2, dropout=0.5)
     x = torch.randn(5, 2, 3)

@@ -254,8 +254,11 @@ class LSTM(nn.Module):
         return s.format(**self.__dict__)
 
     # -- input checks, as torch.nn.LSTM makes them ----------------------------
+    # torch's public helpers, with their signatures: forward goes through them
+    # as torch's does, so a subclass that overrides one (or calls one from a
+    # forward of its own) gets what it gets from torch.nn.LSTM.
 
-    def _check_input(self, input: Tensor, packed: bool) -> None:
+    def check_input(self, input: Tensor, batch_sizes: Optional[Tensor]) -> None:
         weight = self.weight_ih_l0
         # Under autocast for input's device the op casts (torch skips this
         # check when any autocast is on; then its kernels fail instead).
@@ -263,22 +266,44 @@ class LSTM(nn.Module):
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
                 f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")
-        expected_dim = 2 if packed else 3
+        expected_dim = 2 if batch_sizes is not None else 3
         if input.dim() != expected_dim:
             raise RuntimeError(f"input must have {expected_dim} dimensions, got {input.dim()}")
         if self.input_size != input.size(-1):
             raise RuntimeError(
                 f"input.size(-1) must be equal to input_size. Expected {self.input_size}, got {input.size(-1)}")
 
-    def _check_hidden(self, hx: HiddenState, batch: int) -> None:
+    def _mini_batch(self, input: Tensor, batch_sizes: Optional[Tensor]) -> int:
+        if batch_sizes is not None:
+            return int(batch_sizes[0])
+        return input.size(0) if self.batch_first else input.size(1)
+
+    def get_expected_hidden_size(self, input: Tensor, batch_sizes: Optional[Tensor]) -> Tuple[int, int, int]:
         directions = 2 if self.bidirectional else 1
         real_hidden = self.proj_size if self.proj_size > 0 else self.hidden_size
-        expected_h = (self.num_layers * directions, batch, real_hidden)
-        expected_c = (self.num_layers * directions, batch, self.hidden_size)
-        if hx[0].size() != expected_h:
-            raise RuntimeError(f"Expected hidden[0] size {expected_h}, got {list(hx[0].size())}")
-        if hx[1].size() != expected_c:
-            raise RuntimeError(f"Expected hidden[1] size {expected_c}, got {list(hx[1].size())}")
+        return self.num_layers * directions, self._mini_batch(input, batch_sizes), real_hidden
+
+    def get_expected_cell_size(self, input: Tensor, batch_sizes: Optional[Tensor]) -> Tuple[int, int, int]:
+        directions = 2 if self.bidirectional else 1
+        return self.num_layers * directions, self._mini_batch(input, batch_sizes), self.hidden_size
+
+    def check_hidden_size(self, hx: Tensor, expected_hidden_size: Tuple[int, int, int],
+                          msg: str = "Expected hidden size {}, got {}") -> None:
+        if hx.size() != expected_hidden_size:
+            raise RuntimeError(msg.format(expected_hidden_size, list(hx.size())))
+
+    def check_forward_args(self, input: Tensor, hidden: HiddenState, batch_sizes: Optional[Tensor]) -> None:
+        self.check_input(input, batch_sizes)
+        self.check_hidden_size(hidden[0], self.get_expected_hidden_size(input, batch_sizes),
+                               "Expected hidden[0] size {}, got {}")
+        self.check_hidden_size(hidden[1], self.get_expected_cell_size(input, batch_sizes),
+                               "Expected hidden[1] size {}, got {}")
+
+    def permute_hidden(self, hx: HiddenState, permutation: Optional[Tensor]) -> HiddenState:
+        """hx's batch entries (dim 1) in `permutation`'s order, as torch's does it."""
+        if permutation is None:
+            return hx
+        return hx[0].index_select(1, permutation), hx[1].index_select(1, permutation)
 
     def _check_run(self, input: Tensor, hx: HiddenState, steps: int) -> None:
         """The checks torch's kernel (_VF.lstm) makes before it runs: devices, the hidden states' dtype, length."""
@@ -304,19 +329,17 @@ class LSTM(nn.Module):
             data, batch_sizes, sorted_indices, unsorted_indices = input
             if hx is not None:
                 _check_hx_pair(hx, "LSTM", "lstm")
-            self._check_input(data, packed=True)
-            batch = int(batch_sizes[0])
             given = hx is not None
             if given:
-                self._check_hidden(hx, batch)
+                self.check_forward_args(data, hx, batch_sizes)
             else:
-                hx = self._zero_state(data, batch)
+                self.check_input(data, batch_sizes)
+                hx = self._zero_state(data, int(batch_sizes[0]))
             self._check_run(data, hx, batch_sizes.numel())  # before hx meets sorted_indices
-            if given and sorted_indices is not None:  # hx follows the user's order
-                hx = (hx[0].index_select(1, sorted_indices), hx[1].index_select(1, sorted_indices))
+            if given:  # hx follows the user's order
+                hx = self.permute_hidden(hx, sorted_indices)
             output, h_n, c_n = self._run(data, batch_sizes, hx)
-            if unsorted_indices is not None:
-                h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+            h_n, c_n = self.permute_hidden((h_n, c_n), unsorted_indices)
             return PackedSequence(output, batch_sizes, sorted_indices, unsorted_indices), (h_n, c_n)
 
         if input.dim() not in (2, 3):
@@ -337,11 +360,10 @@ class LSTM(nn.Module):
             input = input.unsqueeze(batch_dim)
             if hx is not None:
                 hx = (hx[0].unsqueeze(1), hx[1].unsqueeze(1))
-        self._check_input(input, packed=False)
         batch = input.size(batch_dim)
         if hx is None:
             hx = self._zero_state(input, batch)
-        self._check_hidden(hx, batch)
+        self.check_forward_args(input, hx, None)
         time_major = input.transpose(0, 1) if self.batch_first else input
         steps = time_major.size(0)
         self._check_run(input, hx, steps)
