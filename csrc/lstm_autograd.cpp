@@ -133,7 +133,7 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    return run_once_differentiable("fastnlp::lstm_forward", s, [&] { return gradients(ctx, s, grads); });
+    return run_once_differentiable("fastnlp::lstm_forward", s, grads, [&] { return gradients(ctx, s, grads); });
   }
 
  private:
@@ -282,7 +282,7 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    return run_once_differentiable("fastnlp::lstm_forward_pair", s, [&] { return gradients(ctx, s, grads); });
+    return run_once_differentiable("fastnlp::lstm_forward_pair", s, grads, [&] { return gradients(ctx, s, grads); });
   }
 
  private:

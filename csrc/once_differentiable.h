@@ -7,9 +7,13 @@
 // with an unrelated message.
 //
 // Unlike Python's torch.autograd.function.once_differentiable, which hangs
-// the error on detached copies, the error is reachable from every input that
-// requires grad: torch.autograd.grad(penalty, inputs) raises it too, instead
-// of skipping this op's share of the second derivative.
+// the error on detached copies, the error is reachable from every saved
+// input and every incoming gradient that requires grad:
+// torch.autograd.grad(penalty, inputs) raises it too, instead of skipping
+// this op's share of the second derivative. The incoming gradients matter
+// as much as the inputs: in a gradient penalty on a model's input, the
+// gradient reaching this op depends on the layers above it, whose weights'
+// second derivative runs back through this op's backward.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -22,7 +26,8 @@
 namespace fastnlp {
 
 template <typename Backward>
-torch::autograd::variable_list run_once_differentiable(const char* op, const torch::autograd::variable_list& inputs,
+torch::autograd::variable_list run_once_differentiable(const char* op, const torch::autograd::variable_list& saved,
+                                                       const torch::autograd::variable_list& grad_outputs,
                                                        Backward&& backward) {
   torch::autograd::variable_list grads;
   {
@@ -30,15 +35,16 @@ torch::autograd::variable_list run_once_differentiable(const char* op, const tor
     grads = backward();
   }
   if (!at::GradMode::is_enabled()) return grads;
-  // An exact 0 (a sum over no elements, whatever the input holds) that
-  // depends on every input requiring grad; its backward raises. Adding it to
+  // An exact 0 (a sum over no elements, whatever the tensor holds) that
+  // depends on every tensor requiring grad; its backward raises. Adding it to
   // each gradient changes no value and puts the error on every path back.
   at::Tensor zero;
-  for (const at::Tensor& input : inputs) {
-    if (!input.defined() || !input.requires_grad()) continue;
-    const at::Tensor nothing = input.flatten().narrow(0, 0, 0).sum();
-    zero = zero.defined() ? zero + nothing : nothing;
-  }
+  for (const torch::autograd::variable_list* tensors : {&saved, &grad_outputs})
+    for (const at::Tensor& tensor : *tensors) {
+      if (!tensor.defined() || !tensor.requires_grad()) continue;
+      const at::Tensor nothing = tensor.flatten().narrow(0, 0, 0).sum();
+      zero = zero.defined() ? zero + nothing : nothing;
+    }
   if (!zero.defined()) return grads;
   // Allocated here rather than owned by a pointer: Node is shared_ptr-owned in
   // older torch and intrusive_ptr-owned in newer, and apply keeps no reference.

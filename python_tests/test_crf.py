@@ -672,6 +672,15 @@ def test_double_backward_raises_instead_of_dropping_the_kernels_share(op):
         torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="has no double backward"):
         torch.autograd.grad(grads[0].pow(2).sum() + leaves[0].sum(), leaves[0])
+    # The incoming gradient depends on a weight applied after the op: that
+    # weight's second derivative runs back through the kernel's backward too.
+    weight = torch.ones(2, requires_grad=True)
+    per_sequence = (ops.crf_log_partition(leaves[0], start, end, leaves[1], mask) if op == "log_partition"
+                    else ops.crf_log_likelihood(leaves[0], tags, start, end, leaves[1], mask))
+    weighted = (weight * per_sequence).sum()
+    (grad,) = torch.autograd.grad(weighted, leaves[0], create_graph=True)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(weighted + grad.pow(2).sum(), weight)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

@@ -884,3 +884,16 @@ def test_double_backward_raises_instead_of_dropping_the_kernels_share(module):
     torch.testing.assert_close(grad.detach(), plain, rtol=0, atol=0)
     with pytest.raises(RuntimeError, match="has no double backward"):
         torch.autograd.grad(grad.pow(2).sum() + x.sum(), x)
+    # A penalty on the input's gradient, differentiated for a layer above the
+    # LSTM: the gradient reaching the kernel depends on that layer's weight,
+    # so its second derivative runs back through the kernel's backward too
+    # (these once came out as if the kernel's gradient were a constant).
+    head = torch.nn.Linear(10 if module == "bidirectional" else 5, 1)
+    score = head(model(x)[0]).sum()
+    (grad,) = torch.autograd.grad(score, x, create_graph=True)
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.grad(score + grad.pow(2).sum(), head.weight)
+    # torch.autograd.functional.jvp differentiates a vjp with respect to its
+    # incoming gradient (it gave zeros).
+    with pytest.raises(RuntimeError, match="has no double backward"):
+        torch.autograd.functional.jvp(lambda x: model(x)[0], x, torch.ones_like(x))
