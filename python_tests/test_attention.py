@@ -648,8 +648,14 @@ def test_backend_reference_and_environment_variable(monkeypatch):
     monkeypatch.setenv("FASTNLP_BACKEND", "reference")
     out = ops.attention(q, k, v, **kwargs)
     assert called
+    torch.manual_seed(5)
+    out_w, weights = ops.attention_with_weights(q, k, v, dropout_p=0.3, **kwargs)
     monkeypatch.delenv("FASTNLP_BACKEND")
     torch.testing.assert_close(ops.attention(q, k, v, **kwargs), out)
+    torch.manual_seed(5)  # the same dropout mask from the kernel's stream
+    expected_out, expected_weights = ops.attention_with_weights(q, k, v, dropout_p=0.3, **kwargs)
+    torch.testing.assert_close(out_w, expected_out)
+    torch.testing.assert_close(weights, expected_weights)
 
 
 def test_default_scale_is_one_over_sqrt_head_dim():
@@ -761,3 +767,31 @@ def test_zero_dim_tensor_dropout_is_its_value():
                         ops.attention_with_weights(q, q, q, dropout_p=dropout_p)))
     torch.testing.assert_close(results[0], results[1], rtol=0, atol=0)
     assert not torch.equal(results[0][0], ops.attention(q, q, q))  # it did drop
+
+
+def test_torch_func_transforms_differentiate_the_reference():
+    """ops.attention and attention_with_weights under torch.func's jvp, grad
+    and jacrev: the reference's derivatives (functorch's jvp gave zero
+    tangents through the op's own autograd)."""
+    q, k, v = (torch.randn(2, 2, 5, 4, dtype=torch.float64) for _ in range(3))
+    lengths = torch.tensor([5, 3])
+    mask = torch.arange(5)[None, :] < lengths[:, None]
+
+    def ours(q):
+        return ops.attention(q, k, v, key_padding_mask=lengths, is_causal=True)
+
+    def ours_weights(q):
+        return ops.attention_with_weights(q, k, v, key_padding_mask=lengths, is_causal=True)[1]
+
+    def oracle(q):
+        return reference.attention(q, k, v, None, mask, True)
+
+    def oracle_weights(q):
+        return reference.attention_weights(q, k, None, mask, True)
+
+    tangent = torch.randn_like(q)
+    for function, expected in ((ours, oracle), (ours_weights, oracle_weights)):
+        torch.testing.assert_close(torch.func.jvp(function, (q,), (tangent,))[1],
+                                   torch.func.jvp(expected, (q,), (tangent,))[1])
+        torch.testing.assert_close(torch.func.jacrev(function)(q), torch.func.jacrev(expected)(q))
+    assert torch.func.jvp(ours, (q,), (tangent,))[1].abs().max() > 0

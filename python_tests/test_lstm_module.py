@@ -944,3 +944,39 @@ def test_torch_jit_trace_matches_eager(bidirectional):
     for got, want in zip(traced(other)[1], model(other)[1]):
         torch.testing.assert_close(got, want)
     torch.testing.assert_close(traced(other)[0], model(other)[0])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "bidirectional", "cell"])
+def test_torch_func_transforms_differentiate_as_torchs(kind):
+    """Under torch.func's differentiating transforms the op runs its reference
+    (the kernels' C++ autograd is refused there): grad, jacrev and jvp of
+    input and parameters, and per-sample gradients (vmap over grad), equal
+    torch's in float64. torch.func.vmap of LSTM has no batching rule in torch;
+    ours runs it, so the per-sample ones are compared with a loop."""
+    if kind == "cell":
+        theirs, ours = twin_modules(torch.nn.LSTMCell, 3, 4)
+        x = torch.randn(2, 3, dtype=torch.float64)
+    else:
+        theirs, ours = twin_modules(torch.nn.LSTM, 3, 4, bidirectional=kind == "bidirectional")
+        x = torch.randn(5, 2, 3, dtype=torch.float64)
+    theirs, ours = theirs.double(), ours.double()
+
+    def output(module):
+        return lambda x: module(x)[0]
+
+    def loss(module):
+        return lambda params, x: torch.func.functional_call(module, params, (x,))[0].pow(2).sum()
+
+    tangent = torch.randn_like(x)
+    for transform in (lambda f: torch.func.jacrev(f)(x), lambda f: torch.func.jvp(f, (x,), (tangent,))[1]):
+        torch.testing.assert_close(transform(output(ours)), transform(output(theirs)))
+    params = {name: p.detach() for name, p in ours.named_parameters()}
+    got = torch.func.grad(loss(ours))(params, x)
+    want = torch.func.grad(loss(theirs))(params, x)
+    for name in params:
+        torch.testing.assert_close(got[name], want[name])
+    samples = torch.stack([x, 2 * x])
+    per_sample = torch.func.vmap(torch.func.grad(loss(ours)), in_dims=(None, 0))(params, samples)
+    second = torch.func.grad(loss(theirs))(params, 2 * x)
+    for name in params:
+        torch.testing.assert_close(per_sample[name][1], second[name])

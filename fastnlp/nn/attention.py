@@ -10,7 +10,7 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from fastnlp import ops
-from fastnlp.ops._backend import is_compiling
+from fastnlp.ops._backend import in_function_transform, is_compiling
 
 __all__ = ["MultiheadAttention"]
 
@@ -371,11 +371,12 @@ def _real_key_rows(key_padding_mask: Optional[Tensor], bsz: int, src_len: int, s
     Keys that a boolean key_padding_mask hides take part in nothing: their
     scores are masked for every query and their gradients are exactly 0, so
     their projections need not be computed (they are left 0). Eager CPU only:
-    the indices are data-dependent (no graph capture under torch.compile), and
-    on a GPU the host sync would cost more than the projection saves.
+    the indices are data-dependent (no graph capture under torch.compile, no
+    batching rule under torch.func.vmap), and on a GPU the host sync would
+    cost more than the projection saves.
     """
     if (key_padding_mask is None or key_padding_mask.dtype != torch.bool or device.type != "cpu"
-            or key_padding_mask.shape != (bsz, src_len) or is_compiling()):
+            or key_padding_mask.shape != (bsz, src_len) or is_compiling() or in_function_transform()):
         return None
     real = ~key_padding_mask
     if seq_dim == 0:  # keys are (S, N, E): row s * N + n

@@ -373,23 +373,33 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     value. Rows with no visible key give 0 weights; rows whose scores hold a
     NaN or +inf, or are all -inf, give NaN weights, as softmax does. The output is
     differentiable with respect to query, key and value, the weights with
-    respect to query and key (the softmax's gradient). Always the compiled
-    kernel: the weights need its lse.
+    respect to query and key (the softmax's gradient). The reference computes
+    both where it is chosen (FASTNLP_BACKEND=reference, or a torch.func
+    transform that differentiates); otherwise the compiled kernel, with the
+    weights from its lse.
     """
     query, key, value, attn_mask, key_padding_mask, dropout_p, scale, one_head = _prepare_inputs(
         query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa)
-    if not is_compiling():
-        _check_kernel_exists(query.device)
     drop_all = dropout_p == 1.0
     if drop_all:  # as in attention: zeros, the weights too
         dropout_p = 0.0
     rng_state = _draw_rng_state(dropout_p)
-    out, lse = torch.ops.fastnlp.attention_forward(query, key, value, attn_mask, key_padding_mask, is_causal,
-                                                   dropout_p, scale, rng_state)
-    weights = _weights_from_lse(query, key, lse, attn_mask, key_padding_mask, is_causal, scale)
-    if rng_state is not None:
-        keep = torch.ops.fastnlp.attention_dropout_mask(query, key, dropout_p, rng_state)
-        weights = weights * keep.to(weights.dtype) / (1.0 - dropout_p)
+    if use_reference(None):
+        keep = None
+        if rng_state is not None:
+            keep = torch.ops.fastnlp.attention_dropout_mask(query, key, dropout_p, rng_state)
+        masks = (attn_mask, key_padding_mask, is_causal, dropout_p, scale, keep)
+        out = reference.attention(query, key, value, *masks)
+        weights = reference.attention_weights(query, key, *masks)
+    else:
+        if not is_compiling():
+            _check_kernel_exists(query.device)
+        out, lse = torch.ops.fastnlp.attention_forward(query, key, value, attn_mask, key_padding_mask, is_causal,
+                                                       dropout_p, scale, rng_state)
+        weights = _weights_from_lse(query, key, lse, attn_mask, key_padding_mask, is_causal, scale)
+        if rng_state is not None:
+            keep = torch.ops.fastnlp.attention_dropout_mask(query, key, dropout_p, rng_state)
+            weights = weights * keep.to(weights.dtype) / (1.0 - dropout_p)
     weights = weights.to(query.dtype)
     if drop_all:
         out, weights = out * 0.0, weights * 0.0

@@ -37,20 +37,18 @@ def visible_mask(batch: int, heads: int, query_len: int, key_len: int, attn_mask
     return visible
 
 
-def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
-              key_padding_mask: Optional[Tensor] = None, is_causal: bool = False, dropout_p: float = 0.0,
-              scale: Optional[float] = None, dropout_mask: Optional[Tensor] = None) -> Tensor:
+def attention_weights(query: Tensor, key: Tensor, attn_mask: Optional[Tensor] = None,
+                      key_padding_mask: Optional[Tensor] = None, is_causal: bool = False, dropout_p: float = 0.0,
+                      scale: Optional[float] = None, dropout_mask: Optional[Tensor] = None) -> Tensor:
+    """The (B, H, Lq, Lk) weights that attention applies to the values, after dropout."""
     batch, heads, query_len, head_dim = query.shape
     kv_heads, key_len = key.shape[1], key.shape[2]
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
-    group = heads // kv_heads
-    key = key.repeat_interleave(group, dim=1)
-    value = value.repeat_interleave(group, dim=1)
+    key = key.repeat_interleave(heads // kv_heads, dim=1)
     if key_padding_mask is not None:
-        # Zeroed, not only masked in the scores: a probability of 0 times a NaN value is NaN.
-        padding = ~key_padding_mask.bool()[:, None, :, None]
-        key, value = key.masked_fill(padding, 0), value.masked_fill(padding, 0)
+        # Zeroed, not only masked in the scores: 0 * NaN in the product is NaN.
+        key = key.masked_fill(~key_padding_mask.bool()[:, None, :, None], 0)
     scores = torch.matmul(query, key.transpose(-2, -1)) * scale
     if attn_mask is not None and attn_mask.dtype != torch.bool:
         scores = scores + attn_mask.to(scores.dtype)
@@ -63,4 +61,14 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     probs = torch.where(seen, probs, torch.zeros_like(probs))
     if dropout_mask is not None and dropout_p > 0:
         probs = probs * dropout_mask.to(probs.dtype) / (1.0 - dropout_p)
+    return probs
+
+
+def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
+              key_padding_mask: Optional[Tensor] = None, is_causal: bool = False, dropout_p: float = 0.0,
+              scale: Optional[float] = None, dropout_mask: Optional[Tensor] = None) -> Tensor:
+    probs = attention_weights(query, key, attn_mask, key_padding_mask, is_causal, dropout_p, scale, dropout_mask)
+    value = value.repeat_interleave(query.shape[1] // value.shape[1], dim=1)
+    if key_padding_mask is not None:  # a weight of 0 times a NaN value is NaN
+        value = value.masked_fill(~key_padding_mask.bool()[:, None, :, None], 0)
     return torch.matmul(probs, value)
