@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence
 
 from fastnlp.ops import lstm as lstm_ops
+from fastnlp.ops._autocast import autocast_dtype
 from fastnlp.ops._backend import use_reference
 
 __all__ = ["LSTM", "LSTMCell"]
@@ -111,7 +112,7 @@ def _check_dtype(input: Tensor, value: Tensor, kind: str) -> None:
     """A hidden state or parameter in another dtype than input: torch fails in its matrix products (RuntimeError);
     the kernels would instead compute half-precision input in float32 without a word. Not under autocast, which
     casts them (see fastnlp.ops.lstm)."""
-    if value.dtype != input.dtype and lstm_ops._autocast_dtype(input) is None:
+    if value.dtype != input.dtype and autocast_dtype(input) is None:
         raise RuntimeError(f"Input and {kind} tensors are not the same dtype, found input tensor with "
                            f"{input.dtype} and {kind} tensor with {value.dtype}")
 
@@ -262,7 +263,7 @@ class LSTM(nn.Module):
         weight = self.weight_ih_l0
         # Under autocast for input's device the op casts (torch skips this
         # check when any autocast is on; then its kernels fail instead).
-        if input.dtype != weight.dtype and lstm_ops._autocast_dtype(input) is None:
+        if input.dtype != weight.dtype and autocast_dtype(input) is None:
             raise ValueError(
                 f"RNN input dtype ({input.dtype}) does not match weight dtype ({weight.dtype}). "
                 f"Convert input: input.to({weight.dtype}), or convert model: model.to({input.dtype})")

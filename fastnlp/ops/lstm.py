@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from fastnlp import _C
+from fastnlp.ops._autocast import autocast_cast, autocast_dtype
 from fastnlp.ops._backend import is_compiling, use_reference
 from fastnlp.ops._fake import register_fake
 from fastnlp.reference import lstm as reference
@@ -92,38 +93,6 @@ _LSTM_FORWARD = torch.ops.fastnlp.lstm_forward.default
 _PADDED = torch.empty(0, dtype=torch.long)
 
 
-def _autocast_dtype(input: Tensor) -> Optional[torch.dtype]:
-    """The dtype autocast runs matrix products in on input's device, or None where autocast is off there.
-
-    torch.is_autocast_enabled(device_type) and torch.get_autocast_dtype are
-    torch >= 2.4 APIs; is_autocast_enabled raises for a device type autocast
-    does not know (meta), hence is_autocast_available first, but only for
-    other devices than the CPU and CUDA, which autocast always knows:
-    torch.compile before torch 2.6 cannot trace is_autocast_available (a
-    graph break, so fullgraph=True fails).
-    """
-    # is_cpu / is_cuda first: input.device.type builds a torch.device, a
-    # cost an LSTMCell step loop at batch 1 pays every step.
-    if input.is_cpu:
-        device_type = "cpu"
-    elif input.is_cuda:
-        device_type = "cuda"
-    else:
-        device_type = input.device.type
-        if not torch.amp.is_autocast_available(device_type):
-            return None
-    if not torch.is_autocast_enabled(device_type):
-        return None
-    return torch.get_autocast_dtype(device_type)
-
-
-def _autocast_cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
-    """What autocast does to a matrix product's argument: floating tensors to dtype, float64 ones left alone."""
-    if t is None or not t.is_floating_point() or t.dtype == torch.float64:
-        return t
-    return t.to(dtype)
-
-
 def _autocast_result_dtypes(device_type: str, compute: torch.dtype, c0_dtype: torch.dtype,
                             projected: bool) -> Tuple[torch.dtype, torch.dtype]:
     """(dtype of output and h_n, dtype of c_n) that torch.nn.LSTM / LSTMCell give under autocast."""
@@ -194,7 +163,7 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
         return reference.lstm_layer(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
                                     reverse, recurrent_mask, zoneout_cell, zoneout_hidden,
                                     layer_norm if layer_norm[0] is not None else None)
-    autocast = _autocast_dtype(input)
+    autocast = autocast_dtype(input)
     if autocast is not None:
         # The kernels call ATen's matrix products, which the autocast dispatch
         # key would cast again, half-way through ("self and mat2 must have the
@@ -205,8 +174,8 @@ def lstm_layer(input: Tensor, batch_sizes: Optional[Tensor], h0: Tensor, c0: Ten
         # off. The results are cast to the dtypes torch.nn.LSTM's have.
         # (torch.library.register_autocast would fix one cast dtype for all
         # calls and give c_n in it, unlike torch's CPU LSTM.)
-        compute = _autocast_cast(input, autocast).dtype
-        cast = [_autocast_cast(t, autocast) for t in (input, h0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)]
+        compute = autocast_cast(input, autocast).dtype
+        cast = [autocast_cast(t, autocast) for t in (input, h0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr)]
         for name, t in zip(("h0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr"), cast[1:]):
             # Checked here: the CPU kernel's half-precision path would widen
             # a float64 operand to float32 without a word.
@@ -274,7 +243,7 @@ def lstm_cell(input: Tensor, h: Tensor, c: Tensor, weight_ih: Tensor, weight_hh:
     the results are promoted with it.
     """
     result_dtype = None
-    if c.dtype != input.dtype and _autocast_dtype(input) is None:
+    if c.dtype != input.dtype and autocast_dtype(input) is None:
         # torch.nn.LSTMCell forms f * c + i * g in c's dtype promoted with the
         # gates', and h = o * tanh(c) with it (a float64 c: float64 results).
         # The kernel takes one dtype: it runs in input's, its results promoted.
@@ -317,7 +286,7 @@ def lstm_layer_pair(input: Tensor, batch_sizes: Optional[Tensor], forward: dict,
             raise TypeError(f"lstm_layer_pair: {which} " + (f"has unknown keys {unknown}" if unknown else
                                                              f"is missing {missing}")
                             + f"; the keys are {list(_PAIR_NAMES)}")
-    if _autocast_dtype(input) is not None:
+    if autocast_dtype(input) is not None:
         # lstm_layer handles autocast (casting, then running with it off); the
         # pair's CPU kernel takes float32/float64 only, so run one at a time.
         return (lstm_layer(input, batch_sizes, reverse=False, **forward),
