@@ -795,3 +795,22 @@ def test_torch_func_transforms_differentiate_the_reference():
                                    torch.func.jvp(expected, (q,), (tangent,))[1])
         torch.testing.assert_close(torch.func.jacrev(function)(q), torch.func.jacrev(expected)(q))
     assert torch.func.jvp(ours, (q,), (tangent,))[1].abs().max() > 0
+
+
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.bfloat16, torch.float32, torch.float32),
+                                    (torch.float64,) * 3])
+def test_autocast_as_sdpa(dtypes):
+    """Under autocast SDPA computes in the autocast dtype (float64 is left as
+    it is, and mixed float dtypes are cast alike); so do the functions, with
+    a float mask cast too."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=g).to(dtype) for dtype in dtypes)
+    bias = torch.randn(5, 5, generator=g).to(dtypes[0])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.scaled_dot_product_attention(q, k, v, bias)
+        got = ops.attention(q, k, v, bias)
+        got_w, weights = ops.attention_with_weights(q, k, v, bias)
+    assert got.dtype == got_w.dtype == weights.dtype == expected.dtype
+    tolerance = dict(rtol=2e-2, atol=2e-2) if expected.dtype == torch.bfloat16 else {}
+    torch.testing.assert_close(got, expected, **tolerance)
+    torch.testing.assert_close(got_w, expected, **tolerance)

@@ -1047,3 +1047,42 @@ def test_torch_func_transforms_as_torchs():
         return torch.func.vmap(lambda z, k: module(z, z, z, key_padding_mask=k)[0])(batched_x, batched_padding)
 
     torch.testing.assert_close(batched(ours), batched(theirs))
+
+
+@pytest.mark.parametrize("need_weights", [True, False])
+@pytest.mark.parametrize("masks", ["none", "bf16 attn_mask", "f16 attn_mask", "f32 attn_mask", "f64 attn_mask",
+                                   "bf16 key_padding_mask", "bf16 attn_mask + bool key_padding_mask"])
+def test_autocast_as_torchs(masks, need_weights):
+    """Under CPU autocast (bfloat16) the projections run in bfloat16 and torch
+    hands the masks to its kernels cast as autocast casts them: any float mask
+    but float64 passes (this module once checked them against the float32
+    input and refused). Same dtypes, values at bfloat16's rounding, same
+    errors."""
+    theirs, ours = make_pair(embed_dim=8, num_heads=2)
+    x = torch.randn(3, 2, 8)
+    g = torch.Generator().manual_seed(0)
+    dtype = {"bf16": torch.bfloat16, "f16": torch.float16, "f32": torch.float32, "f64": torch.float64}
+    kwargs = {}
+    if "attn_mask" in masks:
+        kwargs["attn_mask"] = torch.randn(3, 3, generator=g).to(dtype[masks.split()[0]])
+    if "bool key_padding_mask" in masks:
+        kwargs["key_padding_mask"] = torch.tensor([[False, False, True], [False, False, False]])
+    elif "key_padding_mask" in masks:
+        kwargs["key_padding_mask"] = torch.randn(2, 3, generator=g).bfloat16()
+    results = []
+    for module in (theirs, ours):
+        try:
+            with torch.autocast("cpu", dtype=torch.bfloat16), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # torch's "mismatched key_padding_mask and attn_mask" deprecation
+                results.append(module(x, x, x, need_weights=need_weights, **kwargs))
+        except RuntimeError as error:
+            results.append(type(error))
+    if isinstance(results[0], type):
+        assert results[1] is results[0]
+        return
+    for got, want in zip(results[1], results[0]):
+        if want is None:
+            assert got is None
+            continue
+        assert got.dtype == want.dtype == torch.bfloat16
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)

@@ -10,6 +10,7 @@ from torch.nn.init import constant_, xavier_normal_, xavier_uniform_
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from fastnlp import ops
+from fastnlp.ops._autocast import autocast_dtype
 from fastnlp.ops._backend import in_function_transform, is_compiling
 
 __all__ = ["MultiheadAttention"]
@@ -236,7 +237,7 @@ class MultiheadAttention(nn.Module):
                 if got != want:
                     raise AssertionError(f"Expected key_padded_mask.shape[{dim}] to be {want + extra * dim}, "
                                          f"but got {got + extra * dim}")
-        _check_mask_dtypes(attn_mask, key_padding_mask, query.dtype, need_weights)
+        _check_mask_dtypes(attn_mask, key_padding_mask, query.dtype, need_weights, autocast_dtype(q), q.dtype)
 
         k, v = self._append_keys(k, v, bsz, seq_dim)
         mask, padding = _kernel_masks(attn_mask, key_padding_mask, extra, bsz, self.num_heads, tgt_len, q.dtype)
@@ -418,15 +419,19 @@ def _check_mask_type(mask: Optional[Tensor], name: str, other_type: Optional[tor
 
 
 def _check_mask_dtypes(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], query_dtype: torch.dtype,
-                       need_weights: bool) -> None:
+                       need_weights: bool, autocast: Optional[torch.dtype], projected_dtype: torch.dtype) -> None:
     """Refuses float masks whose dtype torch's module refuses, before any kernel runs.
 
     torch turns a boolean mask into a float one in query's dtype and adds the
     two masks, so their sum has the promoted dtype (float16 + float32 gives
-    float32, which passes); the kernel then takes that sum in query's dtype
-    only with need_weights=True, and in query's dtype or float32 without
-    (scaled_dot_product_attention). torch raises RuntimeError from inside
-    those kernels; this raises the same type, naming the mask at fault.
+    float32, which passes); the kernel then takes that sum in the projected
+    query's dtype only with need_weights=True, and in that dtype or float32
+    without (scaled_dot_product_attention). Under autocast (`autocast`: its
+    dtype, else None) the kernel is handed the sum cast to the autocast dtype
+    unless it is float64, and the projected query is in the autocast dtype
+    (`projected_dtype`; query's own outside autocast). torch raises
+    RuntimeError from inside those kernels; this raises the same type,
+    naming the mask at fault.
     """
     masks = [(name, mask) for name, mask in (("attn_mask", attn_mask), ("key_padding_mask", key_padding_mask))
              if mask is not None]
@@ -436,8 +441,9 @@ def _check_mask_dtypes(attn_mask: Optional[Tensor], key_padding_mask: Optional[T
     merged = dtypes[0]
     for dtype in dtypes[1:]:
         merged = torch.promote_types(merged, dtype)
-    allowed = (query_dtype,) if need_weights else (query_dtype, torch.float32)
-    if merged in allowed:
+    handed = autocast if autocast is not None and merged != torch.float64 else merged
+    allowed = (projected_dtype,) if need_weights else (projected_dtype, torch.float32)
+    if handed in allowed:
         return
     floats = [(name, mask.dtype) for name, mask in masks if mask.dtype != torch.bool]
     # The float mask whose dtype the sum has is at fault; when none has it
@@ -450,8 +456,8 @@ def _check_mask_dtypes(attn_mask: Optional[Tensor], key_padding_mask: Optional[T
     names = " and ".join(name for name, _ in culprits)
     got = ", ".join(f"{name}.dtype: {dtype}" for name, dtype in culprits) + note
     expected = "bool or to match query dtype" if need_weights else "bool or float32 or to match query dtype"
-    raise RuntimeError(f"Expected {names} dtype to be {expected}, but got {got} and query.dtype: {query_dtype} "
-                       "instead.")
+    raise RuntimeError(f"Expected {names} dtype to be {expected}, but got {got} and query.dtype: "
+                       f"{projected_dtype} instead.")
 
 
 def _check_shapes(query: Tensor, key: Tensor, value: Tensor, key_padding_mask: Optional[Tensor],

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from fastnlp import triton as _triton
+from fastnlp.ops._autocast import autocast_cast, autocast_dtype
 from fastnlp.ops._backend import is_compiling, use_reference
 from fastnlp.ops._fake import register_fake
 from fastnlp.reference import attention as reference
@@ -288,6 +289,23 @@ def _check_kernel_exists(device: torch.device) -> None:
                                   "and CUDA (Triton) kernels); pass backend='reference' for the pure-PyTorch version")
 
 
+def _autocast_arguments(query, key, value, attn_mask) -> Optional[tuple]:
+    """(query, key, value, attn_mask) as autocast hands them to SDPA, which is
+    on its lower-precision list (floating tensors but float64 cast to the
+    autocast dtype), where autocast is on for query's device; else None.
+
+    The caller then runs with autocast off: the op's own products (the
+    weights from lse, the reference, a learned mask's gradient) are computed
+    in the dtypes chosen for them, not cast again half-way through.
+    """
+    if not isinstance(query, Tensor):
+        return None  # the checks name it
+    dtype = autocast_dtype(query)
+    if dtype is None:
+        return None
+    return tuple(autocast_cast(t, dtype) if isinstance(t, Tensor) else t for t in (query, key, value, attn_mask))
+
+
 def _draw_rng_state(dropout_p: float) -> Optional[Tensor]:
     """(seed, offset) for the kernel's counter-based dropout, drawn from torch's
     default generator, so torch.manual_seed makes a run repeatable. A tensor, so
@@ -329,8 +347,14 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     computed densely, (B, H, Lq, Lk), in the backward pass).
 
     enable_gqa is there for SDPA's signature: grouped-query heads work with
-    or without it.
+    or without it. Under autocast it computes in the autocast dtype, as SDPA
+    does (see _autocast_arguments).
     """
+    autocast = _autocast_arguments(query, key, value, attn_mask)
+    if autocast is not None:
+        with torch.autocast(query.device.type, enabled=False):
+            return attention(*autocast, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa,
+                             key_padding_mask=key_padding_mask, backend=backend)
     query, key, value, attn_mask, key_padding_mask, dropout_p, scale, one_head = _prepare_inputs(
         query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa)
     drop_all = dropout_p == 1.0
@@ -378,6 +402,11 @@ def attention_with_weights(query: Tensor, key: Tensor, value: Tensor, attn_mask:
     transform that differentiates); otherwise the compiled kernel, with the
     weights from its lse.
     """
+    autocast = _autocast_arguments(query, key, value, attn_mask)
+    if autocast is not None:
+        with torch.autocast(query.device.type, enabled=False):
+            return attention_with_weights(*autocast, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa,
+                                          key_padding_mask=key_padding_mask)
     query, key, value, attn_mask, key_padding_mask, dropout_p, scale, one_head = _prepare_inputs(
         query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale, enable_gqa)
     drop_all = dropout_p == 1.0
