@@ -462,7 +462,7 @@ LstmBackwardResult lstm_backward_impl(
     const at::Tensor& c0_in, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells, const LstmRegularisers& regularisers,
-    const LstmLayerNorm& layer_norm, const LstmLayerNormSaved& saved) {
+    const LstmLayerNorm& layer_norm, const LstmLayerNormSaved& saved, LstmGradientsWanted wanted) {
   const std::vector<int64_t> steps = lstm_check_inputs(input_in, batch_sizes, h0_in, c0_in, weight_ih, weight_hh,
                                                        std::nullopt, std::nullopt, weight_hr);
   const std::vector<int64_t> offsets = step_offsets(steps);
@@ -515,7 +515,8 @@ LstmBackwardResult lstm_backward_impl(
   int64_t capacity = 0;
   for (const StepChunk& chunk : chunks) capacity = std::max(capacity, chunk.rows);
   at::Tensor grad_gates = at::empty({capacity, 4 * H}, options);
-  at::Tensor h_prev_rows = at::empty({capacity, P}, options);  // h_{t-1} as the recurrent GEMM saw it
+  // h_{t-1} as the recurrent GEMM saw it, for grad_weight_hh.
+  at::Tensor h_prev_rows = wanted.weights ? at::empty({capacity, P}, options) : at::Tensor();
   at::Tensor grad_h_rows, h_tilde_rows, grad_tilde;             // projection only
   if (projected) {
     grad_h_rows = at::empty({capacity, P}, options);
@@ -536,20 +537,21 @@ LstmBackwardResult lstm_backward_impl(
 
   // The results: grad_input row block by row block, the rest summed over the
   // chunks (the first chunk's terms are written, not added to zeros).
+  // Empty results are distinct tensors: outputs of an op must not alias.
+  const auto empty = [&] { return at::empty({0}, options); };
   const int64_t I = input.size(1);
-  at::Tensor grad_input = at::empty({N, I}, options);
+  at::Tensor grad_input = wanted.input ? at::empty({N, I}, options) : empty();
   const auto sum_of_chunks = [&](at::IntArrayRef size) {  // zeros when there is no chunk
+    if (!wanted.weights) return empty();
     return N > 0 ? at::empty(size, options) : at::zeros(size, options);
   };
   at::Tensor grad_weight_ih = sum_of_chunks({4 * H, I});
   at::Tensor grad_weight_hh = sum_of_chunks({4 * H, P});
   at::Tensor grad_bias = has_bias || ln ? sum_of_chunks({4 * H}) : at::Tensor();
-  at::Tensor grad_weight_hr = projected ? sum_of_chunks({P, H}) : at::empty({0}, options);
-  // Empty results are distinct tensors: outputs of an op must not alias.
-  const auto empty = [&] { return at::empty({0}, options); };
+  at::Tensor grad_weight_hr = projected ? sum_of_chunks({P, H}) : empty();
   at::Tensor grad_ln_ih_weight = empty(), grad_ln_hh_weight = empty(), grad_ln_gate_bias = empty();
   at::Tensor grad_ln_cell_weight = empty(), grad_ln_cell_bias = empty();
-  if (ln) {
+  if (ln && wanted.weights) {
     grad_ln_ih_weight = at::zeros({4 * H}, options);
     grad_ln_hh_weight = at::zeros({4 * H}, options);
     grad_ln_cell_weight = at::zeros({H}, options);
@@ -559,6 +561,7 @@ LstmBackwardResult lstm_backward_impl(
   // The GEMMs and sums of one finished chunk, over its rows [lo, lo + n).
   bool first_chunk = true;
   const auto finish_chunk = [&](int64_t lo, int64_t n) {
+    if (!wanted.input && !wanted.weights) return;  // h0 and c0 only: the time loop made theirs
     const at::Tensor g = grad_gates.narrow(0, 0, n);
     at::Tensor grad_product = g;  // dL/d(x W_ih^T)
     if (ln) {
@@ -573,17 +576,22 @@ LstmBackwardResult lstm_backward_impl(
         const at::Tensor d = g.to(stats_options) * ln_ih_weight.to(stats_options);
         grad_product.copy_((d - d.mean(1, true) - nm * (d * nm).mean(1, true)) * stats.narrow(1, 0, 1));
       }
-      grad_ln_ih_weight.add_((g * norm).sum(0));
-      grad_ln_hh_weight.add_((g * norm_hh.narrow(0, lo, n)).sum(0));
-      const at::Tensor cell_terms = grad_ln_cell.narrow(0, 0, n).sum(0);
-      grad_ln_cell_weight.add_(cell_terms.narrow(0, 0, H));
-      grad_ln_cell_bias.add_(cell_terms.narrow(0, H, H));
+      if (wanted.weights) {
+        grad_ln_ih_weight.add_((g * norm).sum(0));
+        grad_ln_hh_weight.add_((g * norm_hh.narrow(0, lo, n)).sum(0));
+        const at::Tensor cell_terms = grad_ln_cell.narrow(0, 0, n).sum(0);
+        grad_ln_cell_weight.add_(cell_terms.narrow(0, 0, H));
+        grad_ln_cell_bias.add_(cell_terms.narrow(0, H, H));
+      }
     }
-    at::Tensor grad_input_rows = grad_input.narrow(0, lo, n);
-    // Left to the BLAS's threading: split as split_addmm_ splits the
-    // recurrent product, these (and the forward's input product) measured
-    // 4-6% slower at the uni-LSTM and cell-loop bench shapes.
-    at::mm_out(grad_input_rows, grad_product, weight_ih);
+    if (wanted.input) {
+      at::Tensor grad_input_rows = grad_input.narrow(0, lo, n);
+      // Left to the BLAS's threading: split as split_addmm_ splits the
+      // recurrent product, these (and the forward's input product) measured
+      // 4-6% slower at the uni-LSTM and cell-loop bench shapes.
+      at::mm_out(grad_input_rows, grad_product, weight_ih);
+    }
+    if (!wanted.weights) return;
     const double beta = first_chunk ? 0.0 : 1.0;  // beta = 0: whatever the buffer held is ignored
     grad_weight_ih.addmm_(grad_product.t(), input.narrow(0, lo, n), beta);
     grad_weight_hh.addmm_((ln ? grad_rec.narrow(0, 0, n) : g).t(), h_prev_rows.narrow(0, 0, n), beta);
@@ -603,13 +611,15 @@ LstmBackwardResult lstm_backward_impl(
       const int64_t rows_with_prev = prev < 0 ? 0 : std::min(rows, steps[prev]);
       const int64_t prev_offset = prev < 0 ? 0 : offsets[prev];
 
-      at::Tensor h_prev = h_prev_rows.narrow(0, at_row, rows);
-      if (rows_with_prev > 0)
-        h_prev.narrow(0, 0, rows_with_prev).copy_(output.narrow(0, prev_offset, rows_with_prev));
-      if (rows > rows_with_prev)
-        h_prev.narrow(0, rows_with_prev, rows - rows_with_prev)
-            .copy_(h0.narrow(0, rows_with_prev, rows - rows_with_prev));
-      if (recurrent_mask.defined()) h_prev.mul_(recurrent_mask.narrow(0, 0, rows));
+      if (wanted.weights) {  // for grad_weight_hh only
+        at::Tensor h_prev = h_prev_rows.narrow(0, at_row, rows);
+        if (rows_with_prev > 0)
+          h_prev.narrow(0, 0, rows_with_prev).copy_(output.narrow(0, prev_offset, rows_with_prev));
+        if (rows > rows_with_prev)
+          h_prev.narrow(0, rows_with_prev, rows - rows_with_prev)
+              .copy_(h0.narrow(0, rows_with_prev, rows - rows_with_prev));
+        if (recurrent_mask.defined()) h_prev.mul_(recurrent_mask.narrow(0, 0, rows));
+      }
 
       at::Tensor step_grad_gates = grad_gates.narrow(0, at_row, rows);
       at::Tensor dh = dh_state.narrow(0, 0, rows);

@@ -113,6 +113,15 @@ struct LstmLayerNormSaved {
   std::optional<at::Tensor> norm_ih, norm_hh, ln_stats;
 };
 
+// Which of the backward's costly results are wanted: the input's gradient
+// (one GEMM) and the parameters' (three GEMMs and the sums). An input that
+// needs none (a frozen embedding under the first layer) or a frozen layer
+// skips them; what is not wanted comes back empty.
+struct LstmGradientsWanted {
+  bool input = true;
+  bool weights = true;
+};
+
 constexpr double kLstmLayerNormEps = 1e-5;
 
 // Checks shapes, dtypes and devices (raising c10::Error that names the
@@ -150,7 +159,8 @@ LstmForwardResult lstm_forward_impl(
 // grad_bias, grad_weight_hr); grad_bias is the gradient of both bias_ih and
 // bias_hh (empty without bias), grad_weight_hr is empty without projection;
 // then the gradients of the LN gains ih and hh, of both gate LN biases, and of
-// the cell LN gain and bias (all empty without layer norm).
+// the cell LN gain and bias (all empty without layer norm). grad_input, and
+// everything after grad_c0, are empty where `wanted` says so.
 using LstmBackwardResult =
     std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
                at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -160,6 +170,6 @@ LstmBackwardResult lstm_backward_impl(
     const at::Tensor& c0, const at::Tensor& weight_ih, const at::Tensor& weight_hh,
     const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells, const LstmRegularisers& regularisers,
-    const LstmLayerNorm& layer_norm, const LstmLayerNormSaved& saved);
+    const LstmLayerNorm& layer_norm, const LstmLayerNormSaved& saved, LstmGradientsWanted wanted);
 
 }  // namespace fastnlp

@@ -79,7 +79,7 @@ Backward call_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n
                        const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse,
                        const at::Tensor& output, const at::Tensor& gates, const at::Tensor& cells,
                        const Regularisers& reg, const LayerNorm& ln, const OptTensor& norm_ih,
-                       const OptTensor& norm_hh, const OptTensor& ln_stats) {
+                       const OptTensor& norm_hh, const OptTensor& ln_stats, bool input_grad, bool weight_grads) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("fastnlp::lstm_backward", "")
@@ -89,10 +89,20 @@ Backward call_backward(const at::Tensor& grad_output, const at::Tensor& grad_h_n
                           const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&, const OptTensor&,
                           const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&, const OptTensor&,
-                          const OptTensor&)>();
+                          const OptTensor&, bool, bool)>();
   return op.call(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih, weight_hh, weight_hr,
                  has_bias, reverse, output, gates, cells, reg.recurrent_mask, reg.zoneout_cell, reg.zoneout_hidden,
-                 ln.ih_weight, ln.hh_weight, ln.cell_weight, ln.cell_bias, norm_ih, norm_hh, ln_stats);
+                 ln.ih_weight, ln.hh_weight, ln.cell_weight, ln.cell_bias, norm_ih, norm_hh, ln_stats, input_grad,
+                 weight_grads);
+}
+
+// Whether autograd wants the gradient of any of the inputs with edge
+// indices in [first, last). Edges are numbered over the tensors autograd was
+// handed, in argument order, absent optional tensors and non-tensors skipped.
+bool any_input_grad_needed(const AutogradContext* ctx, size_t first, size_t last) {
+  for (size_t e = first; e < last; ++e)
+    if (ctx->needs_input_grad(e)) return true;
+  return false;
 }
 
 class LstmLayer : public torch::autograd::Function<LstmLayer> {
@@ -124,6 +134,15 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     ctx->saved_data["has_bias_ih"] = has_tensor(bias_ih);
     ctx->saved_data["has_bias_hh"] = has_tensor(bias_hh);
     ctx->saved_data["reverse"] = reverse;
+    // The edges: input 0, batch_sizes 1, h0 2, c0 3, weight_ih 4, weight_hh 5,
+    // then the optional tensors given: parameters, and the regularisers,
+    // which never require grad (lstm_forward_autograd refuses them).
+    int64_t edges = 6;
+    for (const OptTensor* t : {&bias_ih, &bias_hh, &weight_hr, &recurrent_mask, &zoneout_cell, &zoneout_hidden,
+                               &ln_ih_weight, &ln_ih_bias, &ln_hh_weight, &ln_hh_bias, &ln_cell_weight,
+                               &ln_cell_bias})
+      edges += has_tensor(*t);
+    ctx->saved_data["edges"] = edges;
     ctx->mark_non_differentiable({gates, cells, norm_ih, norm_hh, ln_stats});
     // Left on, autograd would zero-fill a gradient for gates and cells (N x 4H
     // and N x H) on every backward pass only for it to be ignored.
@@ -147,31 +166,37 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     const at::Tensor grad_output = grads[0].defined() ? grads[0] : at::zeros_like(s[7]);
     const at::Tensor grad_h_n = grads[1].defined() ? grads[1] : at::zeros_like(s[2]);
     const at::Tensor grad_c_n = grads[2].defined() ? grads[2] : at::zeros_like(s[3]);
+    // The products of what autograd does not want are skipped: edges 0
+    // (input) and 4 on (the parameters; see forward).
+    const bool input_grad = ctx->needs_input_grad(0);
+    const bool weight_grads = any_input_grad_needed(ctx, 4, static_cast<size_t>(ctx->saved_data["edges"].toInt()));
     auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_ln_ih_w, grad_ln_hh_w,
           grad_ln_gate_b, grad_ln_cell_w, grad_ln_cell_b] =
         call_backward(grad_output, grad_h_n, grad_c_n, s[0], s[1], s[2], s[3], s[4], s[5], weight_hr,
                       ctx->saved_data["has_bias"].toBool(), ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9],
-                      reg, ln, optional_tensor(s[17]), optional_tensor(s[18]), optional_tensor(s[19]));
+                      reg, ln, optional_tensor(s[17]), optional_tensor(s[18]), optional_tensor(s[19]), input_grad,
+                      weight_grads);
     const at::Tensor none;
-    return {grad_input,
+    const auto weight = [&](bool present, const at::Tensor& grad) { return present && weight_grads ? grad : none; };
+    return {input_grad ? grad_input : none,
             none,
             grad_h0,
             grad_c0,
-            grad_w_ih,
-            grad_w_hh,
-            ctx->saved_data["has_bias_ih"].toBool() ? grad_bias : none,
-            ctx->saved_data["has_bias_hh"].toBool() ? grad_bias : none,
-            weight_hr ? grad_w_hr : none,
+            weight(true, grad_w_ih),
+            weight(true, grad_w_hh),
+            weight(ctx->saved_data["has_bias_ih"].toBool(), grad_bias),
+            weight(ctx->saved_data["has_bias_hh"].toBool(), grad_bias),
+            weight(weight_hr.has_value(), grad_w_hr),
             none,
             none,
             none,
             none,
-            layer_norm ? grad_ln_ih_w : none,
-            layer_norm ? grad_ln_gate_b : none,
-            layer_norm ? grad_ln_hh_w : none,
-            layer_norm ? grad_ln_gate_b : none,
-            layer_norm ? grad_ln_cell_w : none,
-            layer_norm ? grad_ln_cell_b : none};
+            weight(layer_norm, grad_ln_ih_w),
+            weight(layer_norm, grad_ln_gate_b),
+            weight(layer_norm, grad_ln_hh_w),
+            weight(layer_norm, grad_ln_gate_b),
+            weight(layer_norm, grad_ln_cell_w),
+            weight(layer_norm, grad_ln_cell_b)};
   }
 };
 
@@ -221,12 +246,13 @@ PairResult call_forward_pair(const at::Tensor& input, const at::Tensor& batch_si
 }
 
 PairResult call_backward_pair(const at::Tensor& input, const at::Tensor& batch_sizes, bool has_bias,
-                              const OptionalTensors& forward_args, const OptionalTensors& reverse_args) {
+                              const OptionalTensors& forward_args, const OptionalTensors& reverse_args,
+                              bool input_grad, bool weight_grads) {
   static const auto op = c10::Dispatcher::singleton()
                              .findSchemaOrThrow("fastnlp::lstm_backward_pair", "")
                              .typed<PairResult(const at::Tensor&, const at::Tensor&, bool, const OptionalTensors&,
-                                               const OptionalTensors&)>();
-  return op.call(input, batch_sizes, has_bias, forward_args, reverse_args);
+                                               const OptionalTensors&, bool, bool)>();
+  return op.call(input, batch_sizes, has_bias, forward_args, reverse_args, input_grad, weight_grads);
 }
 
 // What one direction's backward needs, saved in this order after input and batch_sizes.
@@ -303,8 +329,20 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
                                    v[kZoneoutCell], v[kZoneoutHidden], v[kLnIhWeight], v[kLnHhWeight],
                                    v[kLnCellWeight], v[kLnCellBias], v[kNormIh], v[kNormHh], v[kLnStats]});
     }
-    auto [forward_grads, reverse_grads] =
-        call_backward_pair(input, s[1], has_bias_ih || has_bias_hh, lists[0], lists[1]);
+    // The edges: input 0, batch_sizes 1, then present[i] at 2 + i. A
+    // parameter of either direction that needs its gradient makes the op
+    // compute both directions' (h0, c0 and the regularisers are not
+    // parameters).
+    const std::vector<int64_t> layout = ctx->saved_data["layout"].toIntVector();
+    bool weight_grads = false;
+    for (size_t k = 0; k < layout.size(); ++k) {
+      const size_t entry = k % kPairForwardArgs;
+      const bool parameter = entry >= 2 && (entry < kPairRecurrentMask || entry >= kPairRecurrentMask + 3);
+      if (parameter && layout[k] >= 0 && ctx->needs_input_grad(2 + layout[k])) weight_grads = true;
+    }
+    const bool input_grad = ctx->needs_input_grad(0);
+    auto [forward_grads, reverse_grads] = call_backward_pair(input, s[1], has_bias_ih || has_bias_hh, lists[0],
+                                                             lists[1], input_grad, weight_grads);
     const at::Tensor none;
     variable_list by_entry;  // one gradient per entry of the two argument lists
     const std::array<const std::vector<at::Tensor>*, 2> dir_grads{&forward_grads, &reverse_grads};
@@ -314,14 +352,14 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
       const bool layer_norm = v[kLnIhWeight].defined();
       // In schema order: h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, the three regularisers,
       // then the six layer-norm tensors (the two gate biases share one gradient).
+      const auto weight = [&](bool present, size_t index) { return present && weight_grads ? g[index] : none; };
       by_entry.insert(by_entry.end(),
-                    {g[1], g[2], g[3], g[4], has_bias_ih ? g[5] : none, has_bias_hh ? g[5] : none,
-                     v[kWeightHr].defined() ? g[6] : none, none, none, none, layer_norm ? g[7] : none,
-                     layer_norm ? g[9] : none, layer_norm ? g[8] : none, layer_norm ? g[9] : none,
-                     layer_norm ? g[10] : none, layer_norm ? g[11] : none});
+                      {g[1], g[2], weight(true, 3), weight(true, 4), weight(has_bias_ih, 5), weight(has_bias_hh, 5),
+                       weight(v[kWeightHr].defined(), 6), none, none, none, weight(layer_norm, 7),
+                       weight(layer_norm, 9), weight(layer_norm, 8), weight(layer_norm, 9), weight(layer_norm, 10),
+                       weight(layer_norm, 11)});
     }
-    const std::vector<int64_t> layout = ctx->saved_data["layout"].toIntVector();
-    variable_list result{at::add(forward_grads[0], reverse_grads[0]), none};
+    variable_list result{input_grad ? at::add(forward_grads[0], reverse_grads[0]) : none, none};
     result.resize(2 + std::count_if(layout.begin(), layout.end(), [](int64_t i) { return i >= 0; }));
     for (size_t k = 0; k < layout.size(); ++k)
       if (layout[k] >= 0) result[2 + layout[k]] = by_entry[k];

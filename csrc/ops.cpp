@@ -87,13 +87,17 @@ TORCH_LIBRARY(fastnlp, m) {
   // without a projection. With layer_norm (its gains and cell bias, and what
   // forward saved), grad_layer_norm_gate_bias is the gradient of the ih and hh
   // LN biases alike; the LN gradients are empty without layer_norm.
+  // input_grad=False leaves grad_input empty, weight_grads=False every
+  // gradient after grad_c0, and both skip the products that make them (an
+  // input that needs no gradient, a frozen layer).
   m.def(
       "lstm_backward(Tensor grad_output, Tensor grad_h_n, Tensor grad_c_n, Tensor input, "
       "Tensor batch_sizes, Tensor h0, Tensor c0, Tensor weight_ih, Tensor weight_hh, "
       "Tensor? weight_hr, bool has_bias, bool reverse, Tensor output, Tensor gates, Tensor cells, "
       "Tensor? recurrent_mask=None, Tensor? zoneout_cell=None, Tensor? zoneout_hidden=None, "
       "Tensor? layer_norm_ih_weight=None, Tensor? layer_norm_hh_weight=None, Tensor? layer_norm_cell_weight=None, "
-      "Tensor? layer_norm_cell_bias=None, Tensor? norm_ih=None, Tensor? norm_hh=None, Tensor? ln_stats=None) "
+      "Tensor? layer_norm_cell_bias=None, Tensor? norm_ih=None, Tensor? norm_hh=None, Tensor? ln_stats=None, "
+      "bool input_grad=True, bool weight_grads=True) "
       "-> (Tensor grad_input, Tensor grad_h0, Tensor grad_c0, Tensor grad_weight_ih, "
       "Tensor grad_weight_hh, Tensor grad_bias, Tensor grad_weight_hr, Tensor grad_layer_norm_ih_weight, "
       "Tensor grad_layer_norm_hh_weight, Tensor grad_layer_norm_gate_bias, Tensor grad_layer_norm_cell_weight, "
@@ -114,9 +118,11 @@ TORCH_LIBRARY(fastnlp, m) {
   // The lists hold lstm_backward's arguments for one direction, from
   // grad_output to ln_stats, without input, batch_sizes, has_bias and reverse
   // (21 entries; see lstm_backward); the results are lstm_backward's twelve.
+  // input_grad and weight_grads as there, for both directions.
   m.def(
       "lstm_backward_pair(Tensor input, Tensor batch_sizes, bool has_bias, Tensor?[] forward_args, "
-      "Tensor?[] reverse_args) -> (Tensor[] forward_grads, Tensor[] reverse_grads)");
+      "Tensor?[] reverse_args, bool input_grad=True, bool weight_grads=True) "
+      "-> (Tensor[] forward_grads, Tensor[] reverse_grads)");
 
   // Fused scaled-dot-product attention, flash style: the (Lq, Lk) score matrix
   // is never stored. query (B, H, Lq, D), key (B, Hk, Lk, D), value

@@ -89,8 +89,9 @@ def test_lstm_cases_run_and_agree_at_a_tiny_shape(bidirectional):
 
     d = bench_lstm._Data(3, 5, 4, 6, bidirectional, device="cpu", fastnlp_nn=fastnlp.nn)
     threads = torch.get_num_threads()
-    for case in (bench_lstm._padded_case(d), bench_lstm._packed_case(d), bench_lstm._cell_loop_case(d),
-                 bench_lstm._layer_norm_case(d), bench_lstm._latency_case(d), bench_lstm._cell_inference_case(d)):
+    for case in (bench_lstm._padded_case(d), bench_lstm._frozen_input_case(d), bench_lstm._packed_case(d),
+                 bench_lstm._cell_loop_case(d), bench_lstm._layer_norm_case(d), bench_lstm._latency_case(d),
+                 bench_lstm._cell_inference_case(d)):
         outputs = {name: run() for name, run in case.impls.items()}
         assert case.check(outputs) is None, case.name
     assert torch.get_num_threads() == threads  # the one-core products put the thread count back

@@ -712,7 +712,7 @@ class LstmProblem:
         return [a.to(dtype) if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in self.args]
 
 
-def lstm_forward_and_backward(op_forward, op_backward, args, grads, has_bias):
+def lstm_forward_and_backward(op_forward, op_backward, args, grads, has_bias, input_grad=True, weight_grads=True):
     """The forward's outputs and the backward's gradients, from one implementation."""
     out = op_forward(*args)
     input, batch_sizes, h0, c0, weight_ih, weight_hh, _, _, weight_hr, reverse = args[:10]
@@ -722,7 +722,7 @@ def lstm_forward_and_backward(op_forward, op_backward, args, grads, has_bias):
     saved = (norm_ih, norm_hh, ln_stats) if layer_norm else (None, None, None)
     backward = op_backward(*[g.to(input.dtype) for g in grads], input, batch_sizes, h0, c0, weight_ih, weight_hh,
                            weight_hr, has_bias, reverse, output, gates, cells, *regularisers, norms[0], norms[2],
-                           norms[4], norms[5], *saved)
+                           norms[4], norms[5], *saved, input_grad, weight_grads)
     return out[:3], backward
 
 
@@ -736,12 +736,13 @@ def lstm_forward_and_backward(op_forward, op_backward, args, grads, has_bias):
 LSTM_TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-4, torch.float16: 6e-3, torch.bfloat16: 3e-2}
 
 
-def assert_same_lstm(bindings, problem, dtype):
+def assert_same_lstm(bindings, problem, dtype, input_grad=True, weight_grads=True):
+    wanted = dict(input_grad=input_grad, weight_grads=weight_grads)
     ours = lstm_forward_and_backward(bindings.lstm_forward, bindings.lstm_backward, problem.args, problem.grads,
-                                     problem.has_bias)
+                                     problem.has_bias, **wanted)
     # The CPU op in float64 on the same (rounded) inputs is the oracle.
     want = lstm_forward_and_backward(torch.ops.fastnlp.lstm_forward, torch.ops.fastnlp.lstm_backward,
-                                     problem.upcast(torch.float64), problem.grads, problem.has_bias)
+                                     problem.upcast(torch.float64), problem.grads, problem.has_bias, **wanted)
     names = ["output", "h_n", "c_n", "grad_input", "grad_h0", "grad_c0", "grad_weight_ih", "grad_weight_hh",
              "grad_bias", "grad_weight_hr", "grad_ln_ih_weight", "grad_ln_hh_weight", "grad_ln_gate_bias",
              "grad_ln_cell_weight", "grad_ln_cell_bias"]
@@ -761,11 +762,13 @@ def test_cuda_lstm_binding_matches_the_cpu_op(bindings, dtype, packed):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @given(seed=st.integers(0, 2**32 - 1), packed=st.booleans(), reverse=st.booleans(), projected=st.booleans(),
-       regularised=st.booleans(), layer_norm=st.booleans(), bias=st.booleans())
+       regularised=st.booleans(), layer_norm=st.booleans(), bias=st.booleans(), input_grad=st.booleans(),
+       weight_grads=st.booleans())
 def test_cuda_lstm_binding_matches_the_cpu_op_in_every_configuration(bindings, dtype, seed, packed, reverse,
-                                                                      projected, regularised, layer_norm, bias):
+                                                                      projected, regularised, layer_norm, bias,
+                                                                      input_grad, weight_grads):
     problem = LstmProblem(seed, dtype, packed, reverse, projected, regularised, layer_norm, bias)
-    assert_same_lstm(bindings, problem, dtype)
+    assert_same_lstm(bindings, problem, dtype, input_grad, weight_grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from torch.nn.utils.rnn import pack_padded_sequence
 
 import fastnlp
 from fastnlp.ops import lstm_cell, lstm_layer, lstm_layer_pair
@@ -905,3 +906,78 @@ def test_double_backward_raises_instead_of_dropping_the_kernels_share(module):
     # incoming gradient (it gave zeros).
     with pytest.raises(RuntimeError, match="has no double backward"):
         torch.autograd.functional.jvp(lambda x: model(x)[0], x, torch.ones_like(x))
+
+
+def _products(call):
+    """How many matrix products (aten mm / addmm) call runs, and its result."""
+    with torch.profiler.profile() as profile:
+        result = call()
+    names = ("aten::mm", "aten::addmm", "aten::addmm_")
+    return sum(1 for event in profile.events() if event.name in names), result
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_backward_makes_only_the_gradients_autograd_wants(bidirectional, packed, layer_norm):
+    """The backward skips the products of gradients autograd does not want
+    (an input that needs none, as over a frozen embedding; a frozen layer;
+    torch.autograd.grad for some inputs only), and what it returns equals
+    the full backward's."""
+    torch.manual_seed(0)
+    model = fastnlp.nn.LSTM(3, 5, num_layers=2, bidirectional=bidirectional, proj_size=2,
+                            layer_norm=layer_norm).double()
+    directions = 2 if bidirectional else 1
+    x = torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2 * directions, 2, 2, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2 * directions, 2, 5, dtype=torch.float64, requires_grad=True)
+    params = list(model.parameters())
+    every = [x, h0, c0] + params
+
+    def loss(x=x):
+        rows = pack_padded_sequence(x, torch.tensor([6, 4])) if packed else x
+        out, (h, c) = model(rows, (h0, c0))
+        return (out.data if packed else out).pow(2).sum() + h.sum() + c.pow(2).sum()
+
+    count_all, full = _products(lambda: torch.autograd.grad(loss(), every))
+    for subset in ([0], [1], [2], [0, 1], list(range(3, len(every))), [3], [len(every) - 1]):
+        count, grads = _products(lambda: torch.autograd.grad(loss(), [every[i] for i in subset]))
+        for i, grad in zip(subset, grads):
+            torch.testing.assert_close(grad, full[i], rtol=0, atol=0)
+        if 0 not in subset:
+            assert count < count_all, subset
+    # A frozen input: the bottom layer's input gradient is not made.
+    frozen = x.detach()
+    count, grads = _products(lambda: torch.autograd.grad(loss(frozen), every[1:]))
+    assert count < count_all
+    for want, grad in zip(torch.autograd.grad(loss(frozen), every[1:]), grads):
+        torch.testing.assert_close(grad, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("input_grad", [False, True])
+@pytest.mark.parametrize("weight_grads", [False, True])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_opcheck_backward_with_gradients_left_out(input_grad, weight_grads, layer_norm):
+    batch_sizes, t = make_layer_inputs([5, 3, 3, 1], 3, 4, 2, "both", torch.float32, "cpu")
+    ln = make_layer_norm(4, torch.float32, "cpu") if layer_norm else {}
+    t = {k: v.detach() for k, v in t.items()}
+    ln = {k: v.detach() for k, v in ln.items()}
+    args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
+            t["weight_hr"], False)
+    output, _, _, gates, cells, norm_ih, norm_hh, ln_stats = torch.ops.fastnlp.lstm_forward(*args, **ln)
+    saved = dict(norm_ih=norm_ih, norm_hh=norm_hh, ln_stats=ln_stats) if layer_norm else {}
+    ln_backward = {k: ln[k] for k in ("layer_norm_ih_weight", "layer_norm_hh_weight", "layer_norm_cell_weight",
+                                      "layer_norm_cell_bias")} if layer_norm else {}
+    backward_args = (torch.randn_like(output), torch.randn_like(t["h0"]), torch.randn_like(t["c0"]), t["input"],
+                     batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["weight_hr"], True, False,
+                     output, gates, cells)
+    kwargs = dict(ln_backward, **saved, input_grad=input_grad, weight_grads=weight_grads)
+    torch.library.opcheck(torch.ops.fastnlp.lstm_backward.default, backward_args, kwargs=kwargs)
+    some = torch.ops.fastnlp.lstm_backward(*backward_args, **kwargs)
+    full = torch.ops.fastnlp.lstm_backward(*backward_args, **ln_backward, **saved)
+    for index, (got, want) in enumerate(zip(some, full)):
+        skipped = (index == 0 and not input_grad) or (index >= 3 and not weight_grads)
+        if skipped:
+            assert got.numel() == 0, index
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=0)

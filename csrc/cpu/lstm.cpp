@@ -590,14 +590,16 @@ LstmBackwardResult lstm_backward_cpu(
     const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& ln_ih_weight,
     const std::optional<at::Tensor>& ln_hh_weight, const std::optional<at::Tensor>& ln_cell_weight,
     const std::optional<at::Tensor>& ln_cell_bias, const std::optional<at::Tensor>& norm_ih,
-    const std::optional<at::Tensor>& norm_hh, const std::optional<at::Tensor>& ln_stats) {
+    const std::optional<at::Tensor>& norm_hh, const std::optional<at::Tensor>& ln_stats, bool input_grad,
+    bool weight_grads) {
   check_cpu_dtype(input);
   return lstm_backward_impl(kCpuKernels, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih,
                             weight_hh, weight_hr, has_bias, reverse, output, gates, cells,
                             LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden},
                             LstmLayerNorm{ln_ih_weight, std::nullopt, ln_hh_weight, std::nullopt, ln_cell_weight,
                                           ln_cell_bias},
-                            LstmLayerNormSaved{norm_ih, norm_hh, ln_stats});
+                            LstmLayerNormSaved{norm_ih, norm_hh, ln_stats},
+                            LstmGradientsWanted{input_grad, weight_grads});
 }
 
 // ---------------------------------------------------------------------------
@@ -669,7 +671,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lstm_forward_pair_c
 
 std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lstm_backward_pair_cpu(
     const at::Tensor& input, const at::Tensor& batch_sizes, bool has_bias, const OptionalTensors& forward_args,
-    const OptionalTensors& reverse_args) {
+    const OptionalTensors& reverse_args, bool input_grad, bool weight_grads) {
   check_cpu_dtype(input);
   const std::array<const OptionalTensors*, 2> args{&forward_args, &reverse_args};
   for (const OptionalTensors* a : args)
@@ -683,7 +685,7 @@ std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lstm_backward_pair_
         required(a, 6, "weight_hh"), entry(a, 7), has_bias, d == 1, required(a, 8, "output"),
         required(a, 9, "gates"), required(a, 10, "cells"), LstmRegularisers{entry(a, 11), entry(a, 12), entry(a, 13)},
         LstmLayerNorm{entry(a, 14), std::nullopt, entry(a, 15), std::nullopt, entry(a, 16), entry(a, 17)},
-        LstmLayerNormSaved{entry(a, 18), entry(a, 19), entry(a, 20)}));
+        LstmLayerNormSaved{entry(a, 18), entry(a, 19), entry(a, 20)}, LstmGradientsWanted{input_grad, weight_grads}));
   });
   return {std::move(results[0]), std::move(results[1])};
 }

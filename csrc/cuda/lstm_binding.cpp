@@ -225,7 +225,8 @@ LstmBackwardResult lstm_backward_cuda(
     const std::optional<at::Tensor>& zoneout_hidden, const std::optional<at::Tensor>& ln_ih_weight,
     const std::optional<at::Tensor>& ln_hh_weight, const std::optional<at::Tensor>& ln_cell_weight,
     const std::optional<at::Tensor>& ln_cell_bias, const std::optional<at::Tensor>& norm_ih,
-    const std::optional<at::Tensor>& norm_hh, const std::optional<at::Tensor>& ln_stats) {
+    const std::optional<at::Tensor>& norm_hh, const std::optional<at::Tensor>& ln_stats, bool input_grad,
+    bool weight_grads) {
   check_cuda_input(input);
   const c10::cuda::OptionalCUDAGuard guard(input.device());
   return lstm_backward_impl(kCudaKernels, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih,
@@ -233,7 +234,8 @@ LstmBackwardResult lstm_backward_cuda(
                             LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden},
                             LstmLayerNorm{ln_ih_weight, std::nullopt, ln_hh_weight, std::nullopt, ln_cell_weight,
                                           ln_cell_bias},
-                            LstmLayerNormSaved{norm_ih, norm_hh, ln_stats});
+                            LstmLayerNormSaved{norm_ih, norm_hh, ln_stats},
+                            LstmGradientsWanted{input_grad, weight_grads});
 }
 
 }  // namespace

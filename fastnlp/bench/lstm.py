@@ -7,6 +7,9 @@ lengths drawn from [T/2, T]):
 
 * "fwd+bwd padded": one training step of the layer on the padded batch, the
   gradient taken with respect to the input and every parameter;
+* "fwd+bwd padded, frozen input" (the first shape): the same with an input
+  that needs no gradient (a frozen embedding under the layer), the gradient
+  taken with respect to the parameters only;
 * "fwd+bwd packed": the same on a PackedSequence built from the batch (packing
   is part of the step, as in a training loop); nn.LSTM on the padded batch is
   a baseline too, since packed input should cost no more than padded input;
@@ -67,6 +70,8 @@ def cases(device: str, quick: bool) -> List[Case]:
     for shape in QUICK_SHAPES if quick else SHAPES:
         d = _Data(*shape, device=device, fastnlp_nn=fastnlp.nn)
         out.append(_padded_case(d))
+        if shape == SHAPES[0]:
+            out.append(_frozen_input_case(d))
         out.append(_packed_case(d))
         out.append(_cell_loop_case(d))
         out.append(_layer_norm_case(d))
@@ -121,7 +126,7 @@ def _ieee_float32():
 
 
 def _step(module, x, lengths=None):
-    """Forward + backward with respect to the input and all parameters."""
+    """Forward + backward with respect to the input (where it requires grad) and all parameters."""
     with _ieee_float32():
         if lengths is None:
             out, _ = module(x)
@@ -129,7 +134,7 @@ def _step(module, x, lengths=None):
             out, _ = module(pack_padded_sequence(x, lengths, enforce_sorted=False))
             out = out.data
         loss = out.sum()
-        return loss.detach(), torch.autograd.grad(loss, [x] + list(module.parameters()))
+        return loss.detach(), torch.autograd.grad(loss, [x] * x.requires_grad + list(module.parameters()))
 
 
 def _cell_loop(cell, x):
@@ -321,6 +326,12 @@ def _padded_case(d: _Data) -> Case:
     impls = {OURS: lambda: _step(d.ours_lstm, d.x), TORCH: lambda: _step(d.torch_lstm, d.x),
              PRODUCTS: _products_alone(d, [B] * T, directions, per_step_weight_grads=False)}
     return Case(op=OP, name=f"fwd+bwd padded {d.shape}", impls=impls, baselines=[TORCH, PRODUCTS], ours=OURS,
+                check=_check_among(OURS, TORCH))
+
+
+def _frozen_input_case(d: _Data) -> Case:
+    impls = {OURS: lambda: _step(d.ours_lstm, d.x_nograd), TORCH: lambda: _step(d.torch_lstm, d.x_nograd)}
+    return Case(op=OP, name=f"fwd+bwd padded, frozen input {d.shape}", impls=impls, baselines=[TORCH], ours=OURS,
                 check=_check_among(OURS, TORCH))
 
 

@@ -50,17 +50,22 @@ def _lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0,
                         weight_hr, has_bias, reverse, output, gates, cells, recurrent_mask=None, zoneout_cell=None,
                         zoneout_hidden=None, layer_norm_ih_weight=None, layer_norm_hh_weight=None,
                         layer_norm_cell_weight=None, layer_norm_cell_bias=None, norm_ih=None, norm_hh=None,
-                        ln_stats=None):
-    grad_bias = input.new_empty(weight_ih.shape[0] if has_bias else 0)
-    grad_weight_hr = weight_hr.new_empty(weight_hr.shape) if weight_hr is not None else input.new_empty(0)
-    if layer_norm_ih_weight is not None:
+                        ln_stats=None, input_grad=True, weight_grads=True):
+    def wanted(wanted, tensor, shape):  # what the kernel skips is empty
+        return tensor.new_empty(shape if wanted else (0,))
+
+    grad_bias = wanted(weight_grads and has_bias, input, weight_ih.shape[0])
+    grad_weight_hr = wanted(weight_grads and weight_hr is not None, input, weight_hr.shape if weight_hr is not None
+                            else 0)
+    if layer_norm_ih_weight is not None and weight_grads:
         gates_size, hidden = weight_ih.shape[0], c0.shape[1]
         grad_ln = (input.new_empty(gates_size), input.new_empty(gates_size), input.new_empty(gates_size),
                    input.new_empty(hidden), input.new_empty(hidden))
     else:
         grad_ln = tuple(input.new_empty(0) for _ in range(5))
-    contiguous = tuple(t.new_empty(t.shape) for t in (input, h0, c0, weight_ih, weight_hh))  # as the forward's
-    return contiguous + (grad_bias, grad_weight_hr) + grad_ln
+    return (wanted(input_grad, input, input.shape), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
+            wanted(weight_grads, weight_ih, weight_ih.shape), wanted(weight_grads, weight_hh, weight_hh.shape),
+            grad_bias, grad_weight_hr) + grad_ln
 
 
 @register_fake("fastnlp::lstm_forward_pair", "fastnlp.lstm", host_tensors=("batch_sizes",))
@@ -73,11 +78,13 @@ def _lstm_forward_pair_fake(input, batch_sizes, forward_args, reverse_args):
 
 
 @register_fake("fastnlp::lstm_backward_pair", "fastnlp.lstm", host_tensors=("batch_sizes",))
-def _lstm_backward_pair_fake(input, batch_sizes, has_bias, forward_args, reverse_args):
+def _lstm_backward_pair_fake(input, batch_sizes, has_bias, forward_args, reverse_args, input_grad=True,
+                             weight_grads=True):
     def one(args, reverse):
         grad_output, grad_h_n, grad_c_n, h0, c0, weight_ih, weight_hh, weight_hr = args[:8]
         return list(_lstm_backward_fake(grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih,
-                                        weight_hh, weight_hr, has_bias, reverse, *args[8:]))
+                                        weight_hh, weight_hr, has_bias, reverse, *args[8:], input_grad=input_grad,
+                                        weight_grads=weight_grads))
     return one(forward_args, False), one(reverse_args, True)
 
 
