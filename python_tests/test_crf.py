@@ -434,7 +434,7 @@ def test_errors_name_the_argument():
         ops.crf_log_partition(emissions, start, end, trans, mask[:, :2])
     with pytest.raises(ValueError, match="the first two dimensions of emissions and tags must match"):
         ops.crf_log_likelihood(emissions, tags[:1], start, end, trans)
-    with pytest.raises(IndexError, match="tags must be an integer tensor"):
+    with pytest.raises(IndexError, match="tags must be an int64 or int32 tensor"):
         ops.crf_log_likelihood(emissions, tags.double(), start, end, trans)
     with pytest.raises(RuntimeError, match="emissions must be a real tensor"):
         ops.crf_log_partition(emissions.to(torch.complex64), start, end, trans)

@@ -117,7 +117,9 @@ def test_errors_match_pytorch_crf():
     # error type as that op's (tags as an index, the mask as a condition).
     type_cases = [
         (lambda m: m(emissions, torch.full_like(tags, 5)), IndexError, r"tags must be in \[0, 5\)"),
-        (lambda m: m(emissions, tags.double()), IndexError, "tags must be an integer tensor"),
+        (lambda m: m(emissions, tags.double()), IndexError, "tags must be an int64 or int32 tensor"),
+        (lambda m: m(emissions, tags.to(torch.int16)), IndexError, "tags must be an int64 or int32 tensor"),
+        (lambda m: m(emissions, tags.to(torch.int8)), IndexError, "tags must be an int64 or int32 tensor"),
         (lambda m: m(emissions, tags, mask.float()), RuntimeError, "mask must be a bool or uint8 tensor"),
         (lambda m: m.decode(emissions, mask.to(torch.int8)), RuntimeError, "mask must be a bool or uint8 tensor"),
         (lambda m: m(emissions.to(torch.complex64), tags), RuntimeError, "emissions must be a real tensor"),

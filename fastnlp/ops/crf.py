@@ -137,8 +137,10 @@ def check_crf_dtypes(emissions: Tensor, tags: Optional[Tensor], mask: Optional[T
     fails (tags used as an index, the mask as torch.where's condition), the
     error is of that op's type (IndexError, RuntimeError), with a message of
     our own."""
-    if tags is not None and (tags.is_floating_point() or tags.is_complex() or tags.dtype == torch.bool):
-        raise IndexError(f"tags must be an integer tensor, got {tags.dtype}")
+    # int64 and int32 index tensors; torch indexing refuses the other
+    # integer types (uint8, like bool, would be read as a mask).
+    if tags is not None and tags.dtype != torch.int64 and tags.dtype != torch.int32:
+        raise IndexError(f"tags must be an int64 or int32 tensor, got {tags.dtype}")
     if mask is not None and mask.dtype != torch.bool and mask.dtype != torch.uint8:
         raise RuntimeError(f"mask must be a bool or uint8 tensor, got {mask.dtype}")
     # Integer emissions are scored in the parameters' floating type, as
