@@ -7,7 +7,7 @@ lengths drawn from [T/2, T]):
 
 * "fwd+bwd padded": one training step of the layer on the padded batch, the
   gradient taken with respect to the input and every parameter;
-* "fwd+bwd padded, frozen input" (the first shape): the same with an input
+* "fwd+bwd padded frozen-input" (the first shape): the same with an input
   that needs no gradient (a frozen embedding under the layer), the gradient
   taken with respect to the parameters only;
 * "fwd+bwd packed": the same on a PackedSequence built from the batch (packing
@@ -331,7 +331,7 @@ def _padded_case(d: _Data) -> Case:
 
 def _frozen_input_case(d: _Data) -> Case:
     impls = {OURS: lambda: _step(d.ours_lstm, d.x_nograd), TORCH: lambda: _step(d.torch_lstm, d.x_nograd)}
-    return Case(op=OP, name=f"fwd+bwd padded, frozen input {d.shape}", impls=impls, baselines=[TORCH], ours=OURS,
+    return Case(op=OP, name=f"fwd+bwd padded frozen-input {d.shape}", impls=impls, baselines=[TORCH], ours=OURS,
                 check=_check_among(OURS, TORCH))
 
 
