@@ -340,7 +340,8 @@ def attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Ten
     True = real key, or integer key lengths (B,). is_causal: query i sees keys
     j <= i. dropout_p: probability in [0, 1] of dropping an attention weight
     (kept ones are scaled by 1 / (1 - p); at 1 the result is 0); the random
-    stream comes from torch's default generator. scale defaults to 1 / sqrt(D). Rows with no visible key give 0.
+    stream comes from torch's default generator. scale defaults to
+    1 / sqrt(D). Rows with no visible key give 0.
 
     Differentiable with respect to query, key and value, and a float
     attn_mask that requires grad (a learned position bias; its gradient is
