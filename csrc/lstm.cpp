@@ -220,16 +220,16 @@ bool split_by_columns(const at::Tensor& out, int64_t n, int64_t threads) {
 // device's few-rows product where it takes it, else addmm_. Split (see
 // above), each thread takes its own block of b's columns (for a transposed
 // weight, a contiguous block of the weight's rows), which then stays in that
-// core's caches from one step to the next.
+// core's caches from one step to the next. may_split = false: never split.
 void split_addmm_(const LstmStepKernels& kernels, at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
-                  double beta) {
+                  double beta, bool may_split) {
   const auto product = [&](at::Tensor& out_block, const at::Tensor& b_block) {
     if (kernels.few_rows_addmm == nullptr || !kernels.few_rows_addmm(out_block, a, b_block, beta))
       out_block.addmm_(a, b_block, beta);
   };
   const int64_t n = b.size(1);
   const int64_t threads = at::get_num_threads();
-  if (!split_by_columns(out, n, threads)) {
+  if (!may_split || !split_by_columns(out, n, threads)) {
     product(out, b);
     return;
   }
@@ -253,10 +253,18 @@ constexpr int64_t kMinPreparedSteps = 4;
 // time loop, b the same at every step: on the device's prepared form of b
 // where it has one and the call has steps enough to pay for it (few-row
 // steps excepted: the few-rows product beats it there), else split_addmm_.
+// Not split in a call of one step of one row (an LSTMCell step at batch 1, a
+// greedy decoder's): the other thread has gone idle between calls, and
+// waking it costs what its half of the product saves. Measured on the 2-core
+// CI machine, a 64-step no-grad LSTMCell loop at B = 1, H = 256, against
+// nn.LSTMCell (interleaved medians): 0.90-0.93x split, 0.95-0.99x not; with
+// another busy process on the cores 0.43-0.45x split (27-28 ms), 0.95-1.24x
+// not (12.7 ms). Loops at B = 2 and 4, and the same loops with gradients,
+// measured the same either way within the noise, so they keep the split.
 class StepProduct {
  public:
   StepProduct(const LstmStepKernels& kernels, const at::Tensor& b, const std::vector<int64_t>& steps)
-      : kernels_(kernels), b_(b) {
+      : kernels_(kernels), b_(b), single_step_(steps.size() == 1) {
     if (kernels.prepare_right == nullptr) return;
     const auto uses =
         std::count_if(steps.begin(), steps.end(), [&](int64_t rows) { return !few_rows(kernels, rows); });
@@ -265,7 +273,7 @@ class StepProduct {
 
   void operator()(at::Tensor& out, const at::Tensor& a, double beta) const {
     if (!prepared_.defined() || few_rows(kernels_, a.size(0))) {
-      split_addmm_(kernels_, out, a, b_, beta);
+      split_addmm_(kernels_, out, a, b_, beta, /*may_split=*/!(single_step_ && a.size(0) == 1));
       return;
     }
     const at::Tensor product = kernels_.prepared_matmul(a, prepared_);
@@ -278,6 +286,7 @@ class StepProduct {
  private:
   const LstmStepKernels& kernels_;
   const at::Tensor b_;
+  const bool single_step_;
   at::Tensor prepared_;  // undefined: not prepared
 };
 
