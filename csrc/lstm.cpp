@@ -504,7 +504,10 @@ LstmBackwardResult lstm_backward_impl(
   }
   const bool projected = has_tensor(weight_hr);
   const auto options = input_in.options();
-  const at::Tensor input = input_in.contiguous(), h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
+  // Read only for grad_weight_ih: otherwise input may be a broadcast stand-in
+  // (see LstmGradientsWanted), which contiguous() would materialise.
+  const at::Tensor input = wanted.weights ? input_in.contiguous() : input_in;
+  const at::Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous();
   const at::Tensor recurrent_mask = contiguous_or_undefined(regularisers.recurrent_mask);
   const at::Tensor zoneout_cell = contiguous_or_undefined(regularisers.zoneout_cell);

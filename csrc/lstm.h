@@ -116,7 +116,9 @@ struct LstmLayerNormSaved {
 // Which of the backward's costly results are wanted: the input's gradient
 // (one GEMM) and the parameters' (three GEMMs and the sums). An input that
 // needs none (a frozen embedding under the first layer) or a frozen layer
-// skips them; what is not wanted comes back empty.
+// skips them; what is not wanted comes back empty. The input's values feed
+// only the parameters' gradients: without them, `input` gives only its shape,
+// dtype and device, and may be a broadcast stand-in (see lstm_autograd.cpp).
 struct LstmGradientsWanted {
   bool input = true;
   bool weights = true;

@@ -105,6 +105,24 @@ bool any_input_grad_needed(const AutogradContext* ctx, size_t first, size_t last
   return false;
 }
 
+bool any_requires_grad(std::initializer_list<const OptTensor*> tensors) {
+  return std::any_of(tensors.begin(), tensors.end(),
+                     [](const OptTensor* t) { return has_tensor(*t) && (*t)->requires_grad(); });
+}
+
+// The input's values feed only the parameters' gradients (grad_weight_ih).
+// Where no parameter requires grad (a frozen layer), the input is not saved:
+// no memory is held for it, and an input made under inference_mode, which
+// autograd refuses to save, works as in torch.nn.LSTMCell. No parameter edge
+// then exists, so the backward never wants weight gradients, and the kernel
+// reads only the stand-in's shape, dtype and device: one element, broadcast.
+at::Tensor saved_input_or_stand_in(const at::Tensor& saved_input, const at::Tensor& output,
+                                   const at::Tensor& weight_ih, bool weight_grads) {
+  if (saved_input.defined()) return saved_input;
+  TORCH_INTERNAL_ASSERT(!weight_grads, "fastnlp.lstm: weight gradients wanted but the input was not saved");
+  return at::zeros({}, output.options()).expand({output.size(0), weight_ih.size(1)});
+}
+
 class LstmLayer : public torch::autograd::Function<LstmLayer> {
  public:
   static variable_list forward(AutogradContext* ctx, const at::Tensor& input, const at::Tensor& batch_sizes,
@@ -123,10 +141,15 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
         input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse, reg, ln);
     const bool layer_norm = has_tensor(ln_ih_weight);
     const at::Tensor none;
+    const bool parameters_need_grad =  // see saved_input_or_stand_in
+        weight_ih.requires_grad() || weight_hh.requires_grad() ||
+        any_requires_grad({&bias_ih, &bias_hh, &weight_hr, &ln_ih_weight, &ln_ih_bias, &ln_hh_weight, &ln_hh_bias,
+                           &ln_cell_weight, &ln_cell_bias});
     // Absent optional tensors are saved as undefined ones.
-    ctx->save_for_backward({input, batch_sizes, h0, c0, weight_ih, weight_hh, weight_hr.value_or(at::Tensor()),
-                            output, gates, cells, recurrent_mask.value_or(at::Tensor()),
-                            zoneout_cell.value_or(at::Tensor()), zoneout_hidden.value_or(at::Tensor()),
+    ctx->save_for_backward({parameters_need_grad ? input : none, batch_sizes, h0, c0, weight_ih, weight_hh,
+                            weight_hr.value_or(at::Tensor()), output, gates, cells,
+                            recurrent_mask.value_or(at::Tensor()), zoneout_cell.value_or(at::Tensor()),
+                            zoneout_hidden.value_or(at::Tensor()),
                             ln_ih_weight.value_or(none), ln_hh_weight.value_or(none), ln_cell_weight.value_or(none),
                             ln_cell_bias.value_or(none), layer_norm ? norm_ih : none, layer_norm ? norm_hh : none,
                             layer_norm ? ln_stats : none});
@@ -172,7 +195,8 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
     const bool weight_grads = any_input_grad_needed(ctx, 4, static_cast<size_t>(ctx->saved_data["edges"].toInt()));
     auto [grad_input, grad_h0, grad_c0, grad_w_ih, grad_w_hh, grad_bias, grad_w_hr, grad_ln_ih_w, grad_ln_hh_w,
           grad_ln_gate_b, grad_ln_cell_w, grad_ln_cell_b] =
-        call_backward(grad_output, grad_h_n, grad_c_n, s[0], s[1], s[2], s[3], s[4], s[5], weight_hr,
+        call_backward(grad_output, grad_h_n, grad_c_n, saved_input_or_stand_in(s[0], s[7], s[4], weight_grads),
+                      s[1], s[2], s[3], s[4], s[5], weight_hr,
                       ctx->saved_data["has_bias"].toBool(), ctx->saved_data["reverse"].toBool(), s[7], s[8], s[9],
                       reg, ln, optional_tensor(s[17]), optional_tensor(s[18]), optional_tensor(s[19]), input_grad,
                       weight_grads);
@@ -255,6 +279,12 @@ PairResult call_backward_pair(const at::Tensor& input, const at::Tensor& batch_s
   return op.call(input, batch_sizes, has_bias, forward_args, reverse_args, input_grad, weight_grads);
 }
 
+// Whether entry k of a direction's argument list is a parameter (weights,
+// biases, layer norm) rather than a state (h0, c0) or a regulariser.
+bool is_pair_parameter(size_t entry) {
+  return entry >= 2 && (entry < kPairRecurrentMask || entry >= kPairRecurrentMask + 3);
+}
+
 // What one direction's backward needs, saved in this order after input and batch_sizes.
 enum PairSaved : size_t {
   kH0, kC0, kWeightIh, kWeightHh, kWeightHr, kOutput, kGates, kCells, kRecurrentMask, kZoneoutCell,
@@ -278,7 +308,11 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
     auto [forward_out, reverse_out] =
         call_forward_pair(input, batch_sizes, to_optional_list(args[0]), to_optional_list(args[1]));
     const std::array<const std::vector<at::Tensor>*, 2> outs{&forward_out, &reverse_out};
-    std::vector<at::Tensor> saved{input, batch_sizes};
+    bool parameters_need_grad = false;  // see saved_input_or_stand_in
+    for (const std::vector<at::Tensor>& a : args)
+      for (size_t k = 0; k < kPairForwardArgs; ++k)
+        parameters_need_grad |= is_pair_parameter(k) && a[k].defined() && a[k].requires_grad();
+    std::vector<at::Tensor> saved{parameters_need_grad ? input : at::Tensor(), batch_sizes};
     variable_list outputs;
     for (size_t d = 0; d < 2; ++d) {
       const std::vector<at::Tensor>& a = args[d];
@@ -313,7 +347,6 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
 
  private:
   static variable_list gradients(AutogradContext* ctx, const variable_list& s, const variable_list& grads) {
-    const at::Tensor& input = s[0];
     const bool has_bias_ih = ctx->saved_data["has_bias_ih"].toBool();
     const bool has_bias_hh = ctx->saved_data["has_bias_hh"].toBool();
     std::array<OptionalTensors, 2> lists;
@@ -336,11 +369,13 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
     const std::vector<int64_t> layout = ctx->saved_data["layout"].toIntVector();
     bool weight_grads = false;
     for (size_t k = 0; k < layout.size(); ++k) {
-      const size_t entry = k % kPairForwardArgs;
-      const bool parameter = entry >= 2 && (entry < kPairRecurrentMask || entry >= kPairRecurrentMask + 3);
-      if (parameter && layout[k] >= 0 && ctx->needs_input_grad(2 + layout[k])) weight_grads = true;
+      if (is_pair_parameter(k % kPairForwardArgs) && layout[k] >= 0 && ctx->needs_input_grad(2 + layout[k]))
+        weight_grads = true;
     }
     const bool input_grad = ctx->needs_input_grad(0);
+    const at::Tensor* forward_saved = s.data() + 2;
+    const at::Tensor input = saved_input_or_stand_in(s[0], forward_saved[kOutput], forward_saved[kWeightIh],
+                                                     weight_grads);
     auto [forward_grads, reverse_grads] = call_backward_pair(input, s[1], has_bias_ih || has_bias_hh, lists[0],
                                                              lists[1], input_grad, weight_grads);
     const at::Tensor none;

@@ -954,6 +954,70 @@ def test_backward_makes_only_the_gradients_autograd_wants(bidirectional, packed,
         torch.testing.assert_close(grad, want, rtol=0, atol=0)
 
 
+def _saved_storages(call):
+    """The data pointers of every tensor autograd saves while call runs, and call's result."""
+    pointers = set()
+
+    def pack(tensor):
+        pointers.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        result = call()
+    return pointers, result
+
+
+@pytest.mark.parametrize("module", ["uni", "bi", "bi packed", "cell"])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_frozen_layer_does_not_save_its_input(module, layer_norm):
+    """The input's values feed only the parameters' gradients: a layer with
+    none requiring grad does not keep its input for backward, so an input
+    made under inference_mode (which autograd refuses to save) works, as in
+    torch.nn.LSTMCell, and the other gradients are those of the full backward."""
+    torch.manual_seed(0)
+    if module == "cell":
+        model = fastnlp.nn.LSTMCell(3, 5, layer_norm=layer_norm).double()
+        state_shape, x_shape = (2, 5), (2, 3)
+    else:
+        model = fastnlp.nn.LSTM(3, 5, num_layers=2, bidirectional=module != "uni", layer_norm=layer_norm).double()
+        state_shape, x_shape = (2 * (2 if module != "uni" else 1), 2, 5), (6, 2, 3)
+    h0 = torch.randn(state_shape, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(state_shape, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
+
+    fed = []  # the storage of what the model was given: x, or its packed rows
+
+    def loss(x):
+        rows = pack_padded_sequence(x, torch.tensor([6, 4])) if module == "bi packed" else x
+        fed.append((rows.data if module == "bi packed" else rows).untyped_storage().data_ptr())
+        result = model(rows, (h0, c0))
+        out, (h, c) = (result[0], result) if module == "cell" else result
+        return (out.data if module == "bi packed" else out).pow(2).sum() + h.sum() + c.pow(2).sum()
+
+    trained, full = _saved_storages(lambda: torch.autograd.grad(loss(x), [x, h0, c0]))
+    assert fed[-1] in trained
+    model.requires_grad_(False)
+    frozen, grads = _saved_storages(lambda: torch.autograd.grad(loss(x), [x, h0, c0]))
+    assert fed[-1] not in frozen
+    for grad, want in zip(grads, full):
+        torch.testing.assert_close(grad, want, rtol=0, atol=0)
+    with torch.inference_mode():
+        made_in_inference = x.detach().clone()
+    for grad, want in zip(torch.autograd.grad(loss(made_in_inference), [h0, c0]), full[1:]):
+        torch.testing.assert_close(grad, want, rtol=0, atol=0)
+
+
+def test_frozen_cell_takes_an_inference_input_as_torch_does():
+    torch.manual_seed(0)
+    ours, theirs = fastnlp.nn.LSTMCell(3, 5).requires_grad_(False), torch.nn.LSTMCell(3, 5).requires_grad_(False)
+    ours.load_state_dict(theirs.state_dict())
+    with torch.inference_mode():
+        x = torch.randn(2, 3)
+    h = torch.randn(2, 5, requires_grad=True)
+    grads = [torch.autograd.grad(model(x, (h, h.detach()))[0].sum(), h)[0] for model in (ours, theirs)]
+    torch.testing.assert_close(grads[0], grads[1], rtol=1.3e-6, atol=1e-5)
+
+
 @pytest.mark.parametrize("input_grad", [False, True])
 @pytest.mark.parametrize("weight_grads", [False, True])
 @pytest.mark.parametrize("layer_norm", [False, True])
