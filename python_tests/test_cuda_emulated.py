@@ -402,10 +402,11 @@ def workspace(nbytes):
     return torch.empty(max(int(nbytes), 1), dtype=torch.uint8).fill_(0xFF)
 
 
-def emulated_log_partition(lib, case):
+def emulated_log_partition(lib, case, fill=float("nan")):
+    """(log_z, alpha); fill is what they start as (NaN, unless NaN is expected)."""
     B, T, K = case.B, case.T, case.K
-    log_z = torch.full((B,), float("nan"), dtype=case.dtype)
-    alpha = torch.full((B, T, K), float("nan"), dtype=case.dtype)
+    log_z = torch.full((B,), fill, dtype=case.dtype)
+    alpha = torch.full((B, T, K), fill, dtype=case.dtype)
     ws = workspace(lib.emu_crf_log_partition_workspace_bytes(B, K, case.emissions.element_size()))
     status = call(lib, "emu_crf_log_partition", DTYPE_CODES[case.dtype], ptr(case.emissions), ptr(case.mask),
                   ptr(case.tags), *map(ptr, case.params()), B, T, K, ptr(log_z), ptr(alpha), ptr(ws))
@@ -413,17 +414,18 @@ def emulated_log_partition(lib, case):
     return log_z, alpha
 
 
-def emulated_backward(lib, case, grad_log_z, log_z, alpha):
-    """The gradients of emissions, start, end and transitions (the per-sequence
-    parameter gradients summed over the batch, as the CUDA binding sums them)."""
+def emulated_backward(lib, case, grad_log_z, log_z, alpha, fill=float("nan"), per_sequence=False):
+    """The gradients of emissions, start, end and transitions: the parameters'
+    per sequence, or summed over the batch as the CUDA binding sums them;
+    fill as in emulated_log_partition."""
     B, T, K = case.B, case.T, case.K
-    grads = [torch.full(shape, float("nan"), dtype=case.dtype) for shape in ((B, T, K), (B, K), (B, K), (B, K, K))]
+    grads = [torch.full(shape, fill, dtype=case.dtype) for shape in ((B, T, K), (B, K), (B, K), (B, K, K))]
     ws = workspace(lib.emu_crf_log_partition_backward_workspace_bytes(B, K, case.emissions.element_size()))
     status = call(lib, "emu_crf_log_partition_backward", DTYPE_CODES[case.dtype], ptr(grad_log_z),
                   ptr(case.emissions), ptr(case.mask), ptr(case.tags), ptr(case.end), ptr(case.transitions),
                   ptr(alpha), ptr(log_z), B, T, K, *map(ptr, grads), ptr(ws))
     assert status == CUDA_SUCCESS
-    return [grads[0]] + [g.sum(0) for g in grads[1:]]
+    return grads if per_sequence else [grads[0]] + [g.sum(0) for g in grads[1:]]
 
 
 def emulated_viterbi(lib, case, score_fill=float("nan")):
@@ -451,8 +453,10 @@ def emulated_topk(lib, case, k, score_fill=float("nan")):
 
 
 def assert_log_partition_matches_cpu(lib, case, equal_nan=False):
-    """The emulated forward against the CPU op; returns both (log_z, alpha): emulated, then CPU."""
-    log_z, alpha = emulated_log_partition(lib, case)
+    """The emulated forward against the CPU op; returns both (log_z, alpha):
+    emulated, then CPU. Where NaN may be expected (equal_nan) the results
+    start as 0, so that one left unwritten cannot pass for an expected NaN."""
+    log_z, alpha = emulated_log_partition(lib, case, fill=0.0 if equal_nan else float("nan"))
     want_log_z, want_alpha = torch.ops.fastnlp.crf_log_partition(case.emissions, case.mask, case.tags,
                                                                  *case.params())
     torch.testing.assert_close(log_z, want_log_z, equal_nan=equal_nan)
@@ -461,14 +465,33 @@ def assert_log_partition_matches_cpu(lib, case, equal_nan=False):
 
 
 def assert_backward_matches_cpu(lib, case, grad_log_z, emulated_forward, cpu_forward, equal_nan=False):
-    """The emulated backward (from the emulated forward's log_z, alpha) against the CPU op (from its own)."""
-    grads = emulated_backward(lib, case, grad_log_z, *emulated_forward)
+    """The emulated backward (from the emulated forward's log_z, alpha) against the CPU op (from its own).
+
+    Where NaN may be expected (equal_nan), one poisoned sequence makes the
+    summed parameter gradients all NaN, which would hide any other row's
+    error: the parameters' gradients are then compared sequence by sequence,
+    each against the CPU op on that sequence alone, from buffers starting at 0.
+    """
+    grads = emulated_backward(lib, case, grad_log_z, *emulated_forward, fill=0.0 if equal_nan else float("nan"),
+                              per_sequence=equal_nan)
     want_log_z, want_alpha = cpu_forward
     want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z, case.emissions, case.mask, case.tags,
                                                         *case.params(), want_alpha, want_log_z)
-    for name, got, expected in zip(("emissions", "start", "end", "transitions"), grads, want):
-        torch.testing.assert_close(got, expected, equal_nan=equal_nan,
-                                   msg=lambda m, name=name: f"grad of {name}: {m}")
+    names = ("emissions", "start", "end", "transitions")
+    torch.testing.assert_close(grads[0], want[0], equal_nan=equal_nan, msg=lambda m: f"grad of emissions: {m}")
+    if not equal_nan:
+        for name, got, expected in zip(names[1:], grads[1:], want[1:]):
+            torch.testing.assert_close(got, expected, msg=lambda m, name=name: f"grad of {name}: {m}")
+        return
+    for b in range(case.B):
+        one = slice(b, b + 1)
+        tags = case.tags[one] if case.tags is not None else None
+        log_z, alpha = torch.ops.fastnlp.crf_log_partition(case.emissions[one], case.mask[one], tags, *case.params())
+        want = torch.ops.fastnlp.crf_log_partition_backward(grad_log_z[one], case.emissions[one], case.mask[one],
+                                                            tags, *case.params(), alpha, log_z)
+        for name, got, expected in zip(names[1:], grads[1:], want[1:]):
+            torch.testing.assert_close(got[b], expected, equal_nan=True,
+                                       msg=lambda m, name=name, b=b: f"grad of {name}, sequence {b}: {m}")
 
 
 def assert_viterbi_matches_cpu(lib, case, equal_nan=False):
