@@ -195,9 +195,9 @@ def test_empty_labels(labels):
 
 
 def test_non_string_labels():
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match="labels must be a sequence or dict of label strings"):
         allowed_transitions("BIO", "OBI")
-    with pytest.raises(TypeError):
+    with pytest.raises(TypeError, match=r"labels must be strings, got 1 \(int\)"):
         allowed_transitions("BIO", ["O", 1])
 
 
