@@ -1,6 +1,7 @@
 """fastnlp.nn.CRF as a drop-in for pytorch-crf's torchcrf.CRF, and what it adds."""
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -407,3 +408,48 @@ def test_torch_func_transforms_differentiate_as_pytorch_crfs():
     for name in params:
         torch.testing.assert_close(got[name], want[name])
     assert torch.func.vmap(lambda e: ours(e, tags, mask))(emissions.unsqueeze(0).repeat(2, 1, 1, 1)).shape == (2,)
+
+
+@pytest.mark.parametrize("scheme", [None, "BIO", "BIOES"])
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_viterbi_scores_and_marginals_match_a_brute_force_enumeration(scheme, batch_first):
+    """The module's Viterbi scores and marginals, under its constraints,
+    against every path enumerated by hand: the best allowed path's score, and
+    each tag's share of the allowed paths' exp-scores (BIOES has an end
+    constraint, which BIO lacks)."""
+    labels = ["O", "B-X", "I-X", "E-X", "S-X"] if scheme == "BIOES" else ["O", "B-X", "I-X", "B-Y", "I-Y"]
+    constraints = allowed_transitions(scheme, labels) if scheme else None
+    torch.manual_seed(1)
+    crf = CRF(5, batch_first=batch_first, constraints=constraints)
+    with torch.no_grad():
+        for parameter in crf.parameters():
+            parameter.normal_()
+    allowed = [torch.as_tensor(m) for m in constraints] if scheme else [torch.ones(5, dtype=torch.bool),
+                                                                        torch.ones(5, dtype=torch.bool),
+                                                                        torch.ones(5, 5, dtype=torch.bool)]
+    emissions, _, mask = make_inputs(4, 3, 5, batch_first, seed=2, mask_dtype=torch.bool)
+    paths, scores = crf.viterbi(emissions, mask)
+    marginals = crf.marginals(emissions, mask)
+    by_sequence = (lambda t, b: t[b]) if batch_first else (lambda t, b: t[:, b])
+    start, end, transitions = (t.detach().double() for t in (crf.start_transitions, crf.end_transitions,
+                                                               crf.transitions))
+    for b in range(3):
+        e, length = by_sequence(emissions, b).double(), int(by_sequence(mask, b).sum())
+        weights, best = torch.zeros(length, 5, dtype=torch.float64), float("-inf")
+        total = 0.0
+        for path in itertools.product(range(5), repeat=length):
+            if not (allowed[0][path[0]] and allowed[1][path[-1]]
+                    and all(allowed[2][a, c] for a, c in zip(path, path[1:]))):
+                continue
+            score = float(start[path[0]] + end[path[-1]] + sum(e[t, y] for t, y in enumerate(path))
+                          + sum(transitions[a, c] for a, c in zip(path, path[1:])))
+            best = max(best, score)
+            total += math.exp(score)
+            for t, y in enumerate(path):
+                weights[t, y] += math.exp(score)
+        torch.testing.assert_close(scores[b].double(), torch.tensor(best, dtype=torch.float64), rtol=1e-5,
+                                   atol=1e-5)
+        torch.testing.assert_close(by_sequence(marginals, b)[:length].double(), weights / total, rtol=1e-5,
+                                   atol=1e-6)
+        assert (by_sequence(marginals, b)[length:] == 0).all()
+        assert (by_sequence(paths, b)[length:] == -1).all()
