@@ -764,12 +764,19 @@ def test_dropout_values_as_torch_takes_them(dropout, need_weights):
     for module in (theirs, ours):
         try:
             results.append(module(x, x, x, need_weights=need_weights))
-        except Exception as error:  # noqa: BLE001  (the type is compared below)
-            results.append(type(error))
-    if isinstance(results[0], type):
-        assert results[1] is results[0]
+        except Exception as error:  # noqa: BLE001  (type and message compared below)
+            results.append((type(error), str(error)))
+    theirs_result, ours_result = results
+    if isinstance(theirs_result, tuple) and isinstance(theirs_result[0], type):
+        ours_error = ours_result if isinstance(ours_result, tuple) and isinstance(ours_result[0], type) else None
+        if need_weights:  # torch's own checks, which ours repeats, message and all
+            assert_same_error(ours_error, theirs_result)
+        else:  # SDPA's path: its type, in a message of ours that names the argument
+            assert ours_error is not None and ours_error[0] is theirs_result[0], (ours_error, theirs_result)
+            assert "dropout_p" in ours_error[1], ours_error
     else:
-        torch.testing.assert_close(results[1], results[0], rtol=1e-5, atol=1e-6)
+        assert not (isinstance(ours_result, tuple) and isinstance(ours_result[0], type)), ours_result
+        torch.testing.assert_close(ours_result, theirs_result, rtol=1e-5, atol=1e-6)
     with torch.no_grad():  # eval: dropout is not read
         theirs.eval(), ours.eval()
         torch.testing.assert_close(ours(x, x, x)[0], theirs(x, x, x)[0], rtol=1e-5, atol=1e-6)
