@@ -135,6 +135,28 @@ def test_attention_dropout_is_repeatable_for_a_seed():
     assert not torch.equal(runs[0], model(input_ids=ids, attention_mask=mask).last_hidden_state)
 
 
+def test_attention_dropout_applies_with_output_attentions_too():
+    # output_attentions takes another kernel (attention_with_weights): the
+    # returned weights are the dropped ones, which the output is made from.
+    query, key, value = (torch.randn(2, 2, 64, 8) for _ in range(3))
+    torch.manual_seed(3)
+    out, weights = fastnlp_transformers.fastnlp_attention_forward(
+        torch.nn.Module(), query, key, value, None, dropout=0.3, is_causal=False, output_attentions=True)
+    assert abs((weights == 0).float().mean().item() - 0.3) < 0.05
+    torch.testing.assert_close(out, (weights @ value).transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.manual_seed(3)
+    plain, _ = fastnlp_transformers.fastnlp_attention_forward(torch.nn.Module(), query, key, value, None,
+                                                              dropout=0.3, is_causal=False)
+    torch.testing.assert_close(plain, out, atol=1e-5, rtol=1e-5)  # the same draw on the kernel without weights
+
+
+def test_paged_cache_is_refused_with_a_clear_error():
+    query = torch.randn(1, 2, 3, 4)
+    with pytest.raises(NotImplementedError, match="paged caches"):
+        fastnlp_transformers.fastnlp_attention_forward(torch.nn.Module(), query, query, query, None,
+                                                       cache=object())
+
+
 def test_softcap_is_refused_with_a_clear_error():
     query = torch.randn(1, 2, 3, 4)
     with pytest.raises(ValueError, match="softcap"):
