@@ -980,3 +980,70 @@ def test_torch_func_transforms_differentiate_as_torchs(kind):
     second = torch.func.grad(loss(theirs))(params, 2 * x)
     for name in params:
         torch.testing.assert_close(per_sample[name][1], second[name])
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_training_regularisers_are_drawn_at_their_rates(monkeypatch, bidirectional):
+    """What the module hands the ops in training: a recurrent-dropout mask per
+    sequence (kept units scaled by 1 / keep), independent zoneout draws for c
+    and h at rate p, and dropout between the layers (not after the last), each
+    direction its own draws; in eval, no recurrent mask and zoneout's
+    expectation p. The ops' own tests take these masks as given."""
+    from fastnlp.ops import lstm as lstm_ops
+
+    p_drop, p_recurrent, p_zoneout, B, T, H = 0.4, 0.3, 0.2, 256, 20, 32
+    calls = []  # per layer: (input rows, output rows, [each direction's keyword arguments])
+    layer, pair = lstm_ops.lstm_layer, lstm_ops.lstm_layer_pair
+
+    def layer_spy(rows, batch_sizes, **kwargs):
+        result = layer(rows, batch_sizes, **kwargs)
+        if kwargs["reverse"] and calls and calls[-1][0] is rows:  # the second direction of a layer
+            calls[-1][2].append(kwargs)
+            calls[-1][1] = torch.cat((calls[-1][1], result[0]), dim=1)
+        else:
+            calls.append([rows, result[0], [kwargs]])
+        return result
+
+    def pair_spy(rows, batch_sizes, forward, reverse):
+        result = pair(rows, batch_sizes, forward, reverse)
+        calls.append([rows, torch.cat((result[0][0], result[1][0]), dim=1), [forward, reverse]])
+        return result
+
+    monkeypatch.setattr(lstm_ops, "lstm_layer", layer_spy)
+    monkeypatch.setattr(lstm_ops, "lstm_layer_pair", pair_spy)
+    torch.manual_seed(0)
+    model = LSTM(8, H, num_layers=2, dropout=p_drop, bidirectional=bidirectional, recurrent_dropout=p_recurrent,
+                 zoneout=p_zoneout)
+    out, _ = model(torch.randn(T, B, 8))
+    directions = 2 if bidirectional else 1
+    assert len(calls) == 2 and all(len(call[2]) == directions for call in calls)
+    draws = []
+    for _, _, per_direction in calls:
+        for kwargs in per_direction:
+            mask, zoneout_cell, zoneout_hidden = (kwargs[k] for k in ("recurrent_mask", "zoneout_cell",
+                                                                      "zoneout_hidden"))
+            assert mask.shape == (B, H)
+            assert mask.unique().tolist() == [0.0, pytest.approx(1 / (1 - p_recurrent))]
+            assert abs((mask == 0).float().mean().item() - p_recurrent) < 0.02
+            assert zoneout_cell.shape == zoneout_hidden.shape == (T * B, H)
+            for weights in (zoneout_cell, zoneout_hidden):
+                assert set(weights.unique().tolist()) == {0.0, 1.0}
+                assert abs(weights.mean().item() - p_zoneout) < 0.01
+            draws += [mask, zoneout_cell, zoneout_hidden]
+    # Every draw its own: per sequence, per direction, per layer, c apart from h.
+    assert not any(torch.equal(a, b) for i, a in enumerate(draws) for b in draws[i + 1:] if a.shape == b.shape)
+    assert all(not torch.equal(mask[0], mask[1]) for mask in draws[::3])
+    # Dropout between the layers: the second layer's input is the first's
+    # output with p_drop of it zeroed and the rest scaled; none after the last.
+    first_out, second_in = calls[0][1], calls[1][0]
+    dropped = second_in == 0
+    assert abs(dropped.float().mean().item() - p_drop) < 0.01
+    torch.testing.assert_close(second_in[~dropped], first_out[~dropped] / (1 - p_drop))
+    torch.testing.assert_close(out.reshape(T * B, -1), calls[1][1], rtol=0, atol=0)
+    calls.clear()
+    model.eval()
+    model(torch.randn(T, B, 8))
+    for _, _, per_direction in calls:
+        for kwargs in per_direction:
+            assert kwargs["recurrent_mask"] is None
+            assert (kwargs["zoneout_cell"] == p_zoneout).all() and (kwargs["zoneout_hidden"] == p_zoneout).all()
