@@ -209,7 +209,44 @@ def test_a_model_on_the_meta_device_is_patched_or_reported():
     with torch.device("meta"):
         model = nn.Sequential(nn.LSTM(3, 4), nn.MultiheadAttention(8, 2))
     report = fastnlp.patch(model)  # it raised on the dispatch key's spelling ("Meta")
-    assert len(report.swapped) + len(report.skipped) == 2
+    # Both have meta kernels (fake tensors), so both are swapped, not skipped.
+    assert [name for name, _, _ in report.swapped] == ["0", "1"] and not report.skipped
+    assert isinstance(model[0], fastnlp.nn.LSTM) and isinstance(model[1], fastnlp.nn.MultiheadAttention)
+
+
+def _lstm_input(layer):
+    return (torch.randn(2, 5, layer.input_size) if layer.batch_first else torch.randn(5, 2, layer.input_size),)
+
+
+def _attention_input(layer):
+    query = torch.randn(2, 5, layer.embed_dim)
+    key, value = torch.randn(2, 6, layer.kdim), torch.randn(2, 6, layer.vdim)
+    return tuple(x if layer.batch_first else x.transpose(0, 1) for x in (query, key, value))
+
+
+@pytest.mark.parametrize("build, config, make_input", [
+    (nn.LSTM, dict(num_layers=2, dropout=0.3), _lstm_input),
+    (nn.LSTM, dict(proj_size=3), _lstm_input),
+    (nn.LSTM, dict(bias=False, batch_first=True, bidirectional=True), _lstm_input),
+    (nn.LSTMCell, dict(bias=False), lambda layer: (torch.randn(2, layer.input_size),)),
+    (nn.MultiheadAttention, dict(dropout=0.2), _attention_input),
+    (nn.MultiheadAttention, dict(kdim=5, vdim=7, batch_first=True), _attention_input),
+    (nn.MultiheadAttention, dict(add_zero_attn=True, add_bias_kv=True), _attention_input),
+    (nn.MultiheadAttention, dict(bias=False), _attention_input),
+], ids=lambda value: getattr(value, "__name__", None) if callable(value) else "-".join(value))
+def test_patch_carries_each_configuration_over(build, config, make_input):
+    torch.manual_seed(0)
+    sizes = (8, 2) if build is nn.MultiheadAttention else (4, 6)
+    model = nn.Sequential(build(*sizes, **config)).eval()
+    inputs = make_input(model[0])
+    original = model[0]
+    want = original(*inputs)
+    assert len(fastnlp.patch(model).swapped) == 1
+    assert type(model[0]).__module__.startswith("fastnlp")
+    for name in config:
+        if hasattr(original, name):  # torch's MultiheadAttention keeps no bias / add_bias_kv attribute
+            assert getattr(model[0], name) == getattr(original, name), name
+    torch.testing.assert_close(model[0](*inputs), want, rtol=1e-5, atol=1e-6)
 
 
 def test_a_module_shared_under_two_names_gets_one_replacement():
