@@ -4,8 +4,10 @@ Nothing here initialises CUDA: torch.cuda.is_available() only asks the driver.
 """
 
 import importlib
+import os
 import re
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +17,22 @@ NVCC = shutil.which("nvcc")
 
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU")
 requires_nvcc = pytest.mark.skipif(NVCC is None, reason="needs nvcc")
+
+
+def cuda_include_dir():
+    """The CUDA toolkit's include directory (the headers the .cu files include), or None."""
+    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
+    candidates.append("/usr/local/cuda")
+    for home in filter(None, candidates):
+        if (Path(home) / "include" / "cuda_runtime_api.h").is_file():
+            return Path(home) / "include"
+    return None
+
+
+CUDA_INCLUDE = cuda_include_dir()
 
 # Parametrize over these to run a test on every device, CUDA skipped without a GPU.
 DEVICES = ["cpu", pytest.param("cuda", marks=requires_cuda)]

@@ -25,7 +25,6 @@ fails to write shows; inputs a kernel must not read are NaN too.
 """
 
 import ctypes
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -37,6 +36,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import fastnlp  # noqa: F401  (registers the CPU ops that the CRF tests compare with)
+from markers import CUDA_INCLUDE
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
@@ -49,19 +49,6 @@ EMULATION_FAULT = -1
 
 # The dtype codes of cuda_emulation/entry_points.cpp.
 DTYPE_CODES = {torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3}
-
-
-def cuda_include_dir():
-    """The CUDA toolkit's include directory (the headers the .cu files include), or None."""
-    candidates = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(os.path.realpath(nvcc)).parent.parent))
-    candidates.append("/usr/local/cuda")
-    for home in filter(None, candidates):
-        if (Path(home) / "include" / "cuda_runtime_api.h").is_file():
-            return Path(home) / "include"
-    return None
 
 
 def _declare(lib):
@@ -87,7 +74,7 @@ def _declare(lib):
 
 @pytest.fixture(scope="module")
 def emulated(tmp_path_factory):
-    include = cuda_include_dir()
+    include = CUDA_INCLUDE
     if include is None or CXX is None:
         pytest.skip("needs the CUDA toolkit's headers and g++")
     library = tmp_path_factory.mktemp("cuda_emulation") / "libfastnlp_emulated.so"
@@ -688,7 +675,7 @@ def test_emulator_refuses_launches_that_cuda_refuses(emulated, config):
 @pytest.fixture(scope="module")
 def bindings(tmp_path_factory):
     """csrc/cuda/*_binding.cpp with the kernels, built for the CPU (about a minute on two cores)."""
-    include = cuda_include_dir()
+    include = CUDA_INCLUDE
     if include is None:
         pytest.skip("needs the CUDA toolkit's headers")
     from torch.utils.cpp_extension import load

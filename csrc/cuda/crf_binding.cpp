@@ -105,7 +105,7 @@ std::tuple<at::Tensor, at::Tensor> crf_log_partition_cuda(
   const at::Tensor trans = transitions.contiguous();
   const at::Tensor ws = workspace(
       kern::crf_log_partition_workspace_bytes(B, K, em.element_size()), em);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(em.scalar_type(), "crf_log_partition_cuda", [&] {
     C10_CUDA_CHECK(kern::crf_log_partition(
@@ -153,7 +153,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> crf_log_partition_bac
   at::Tensor grad_trans_seq = at::empty({B, K, K}, emissions.options());
   const at::Tensor ws = workspace(
       kern::crf_log_partition_backward_workspace_bytes(B, K, em.element_size()), em);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(em.scalar_type(), "crf_log_partition_backward_cuda", [&] {
     C10_CUDA_CHECK(kern::crf_log_partition_backward(
@@ -188,7 +188,7 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_cuda(const at::Tensor& emissions,
   // Holds the int32 backpointers (B, T, K) the on-device backtrace reads.
   const at::Tensor ws =
       workspace(kern::crf_viterbi_workspace_bytes(B, T, K, em.element_size()), em);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(em.scalar_type(), "crf_viterbi_cuda", [&] {
     C10_CUDA_CHECK(kern::crf_viterbi(
@@ -225,7 +225,7 @@ std::tuple<at::Tensor, at::Tensor> crf_viterbi_topk_cuda(const at::Tensor& emiss
   // each output rank, and the k-best score lists when they exceed shared memory.
   const at::Tensor ws =
       workspace(kern::crf_viterbi_topk_workspace_bytes(B, T, K, k, em.element_size()), em);
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   AT_DISPATCH_FLOATING_TYPES(em.scalar_type(), "crf_viterbi_topk_cuda", [&] {
     C10_CUDA_CHECK(kern::crf_viterbi_topk(

@@ -111,7 +111,7 @@ void forward_step_cuda(const LstmForwardStep& s) {
     check_ln_stats(s.ln_stats, gates, rows);
   }
   const c10::cuda::OptionalCUDAGuard guard(gates.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     kern::LstmForwardStepArgs<T> args{out_ptr<T>(gates),         out_ptr<T>(s.c_state),
@@ -160,7 +160,7 @@ void backward_step_cuda(const LstmBackwardStep& s) {
     check_step_tensor(s.grad_ln_cell, "grad_ln_cell", gates, rows, 2 * H);
   }
   const c10::cuda::OptionalCUDAGuard guard(gates.device());
-  const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     kern::LstmBackwardStepArgs<T> args{in_ptr<T>(gates),

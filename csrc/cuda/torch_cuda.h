@@ -8,10 +8,15 @@
 #pragma once
 
 #ifndef FASTNLP_CUDA_EMULATION
+// c10's CUDA headers only, not ATen/cuda/CUDAContext.h: the bindings need
+// no cuBLAS, and so python_tests/test_build.py can compile them against the
+// headers a CPU-only torch wheel ships (with the CUDA toolkit's runtime
+// headers) on a machine without a GPU.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDACachingAllocator.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 namespace fastnlp {
 

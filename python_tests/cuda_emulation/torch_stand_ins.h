@@ -15,14 +15,9 @@ namespace cuda {
 struct OptionalCUDAGuard {
   explicit OptionalCUDAGuard(const c10::Device&) {}
 };
-}  // namespace cuda
-}  // namespace c10
-
-namespace at {
-namespace cuda {
 inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
 }  // namespace cuda
-}  // namespace at
+}  // namespace c10
 
 namespace fastnlp {
 inline bool is_cuda_tensor(const at::Tensor& t) { return t.is_cpu(); }
