@@ -24,6 +24,7 @@
 #include <ATen/ThreadLocalState.h>
 
 #include <algorithm>
+#include <utility>
 #include <vector>
 
 namespace fastnlp {
@@ -688,6 +689,70 @@ LstmBackwardResult lstm_backward_impl(
   return {grad_input,     dh_state,          dc_state,          grad_weight_ih,      grad_weight_hh,     grad_bias,
           grad_weight_hr, grad_ln_ih_weight, grad_ln_hh_weight, grad_ln_gate_bias, grad_ln_cell_weight,
           grad_ln_cell_bias};
+}
+
+namespace {
+
+std::optional<at::Tensor> entry(const LstmArgumentList& list, size_t index) { return list.get(index); }
+
+at::Tensor required(const LstmArgumentList& list, size_t index, const char* name) {
+  const std::optional<at::Tensor> t = list.get(index);
+  TORCH_CHECK(t.has_value() && t->defined(), "fastnlp.lstm pair: ", name, " (entry ", index, ") is required");
+  return *t;
+}
+
+// The two directions' lists, each checked to hold `size` entries.
+std::array<const LstmArgumentList*, 2> direction_lists(const LstmArgumentList& forward_args,
+                                                      const LstmArgumentList& reverse_args, size_t size) {
+  for (const LstmArgumentList* list : {&forward_args, &reverse_args})
+    TORCH_CHECK(list->size() == size, "fastnlp.lstm pair: each direction takes ", size, " tensors, got ",
+                list->size());
+  return {&forward_args, &reverse_args};
+}
+
+template <typename Tuple, size_t... I>
+std::vector<at::Tensor> tuple_to_vector(const Tuple& t, std::index_sequence<I...>) {
+  return {std::get<I>(t)...};
+}
+
+template <typename... T>
+std::vector<at::Tensor> to_vector(const std::tuple<T...>& t) {
+  return tuple_to_vector(t, std::index_sequence_for<T...>{});
+}
+
+}  // namespace
+
+LstmPairResult lstm_forward_pair_impl(const LstmStepKernels& kernels, LstmRunBothDirections run_both,
+                                      const at::Tensor& input, const at::Tensor& batch_sizes,
+                                      const LstmArgumentList& forward_args, const LstmArgumentList& reverse_args) {
+  const auto lists = direction_lists(forward_args, reverse_args, 16);
+  LstmDirectionResults results = run_both([&](int64_t d) {
+    const LstmArgumentList& a = *lists[d];
+    return to_vector(lstm_forward_impl(
+        kernels, input, batch_sizes, required(a, 0, "h0"), required(a, 1, "c0"), required(a, 2, "weight_ih"),
+        required(a, 3, "weight_hh"), entry(a, 4), entry(a, 5), entry(a, 6), d == 1,
+        LstmRegularisers{entry(a, 7), entry(a, 8), entry(a, 9)},
+        LstmLayerNorm{entry(a, 10), entry(a, 11), entry(a, 12), entry(a, 13), entry(a, 14), entry(a, 15)}));
+  });
+  return {std::move(results[0]), std::move(results[1])};
+}
+
+LstmPairResult lstm_backward_pair_impl(const LstmStepKernels& kernels, LstmRunBothDirections run_both,
+                                       const at::Tensor& input, const at::Tensor& batch_sizes, bool has_bias,
+                                       const LstmArgumentList& forward_args, const LstmArgumentList& reverse_args,
+                                       LstmGradientsWanted wanted) {
+  const auto lists = direction_lists(forward_args, reverse_args, 21);
+  LstmDirectionResults results = run_both([&](int64_t d) {
+    const LstmArgumentList& a = *lists[d];
+    return to_vector(lstm_backward_impl(
+        kernels, required(a, 0, "grad_output"), required(a, 1, "grad_h_n"), required(a, 2, "grad_c_n"), input,
+        batch_sizes, required(a, 3, "h0"), required(a, 4, "c0"), required(a, 5, "weight_ih"),
+        required(a, 6, "weight_hh"), entry(a, 7), has_bias, d == 1, required(a, 8, "output"),
+        required(a, 9, "gates"), required(a, 10, "cells"), LstmRegularisers{entry(a, 11), entry(a, 12), entry(a, 13)},
+        LstmLayerNorm{entry(a, 14), std::nullopt, entry(a, 15), std::nullopt, entry(a, 16), entry(a, 17)},
+        LstmLayerNormSaved{entry(a, 18), entry(a, 19), entry(a, 20)}, wanted));
+  });
+  return {std::move(results[0]), std::move(results[1])};
 }
 
 }  // namespace fastnlp

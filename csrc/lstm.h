@@ -16,8 +16,11 @@
 
 #include <ATen/ATen.h>
 
+#include <array>
+#include <functional>
 #include <optional>
 #include <tuple>
+#include <vector>
 
 namespace fastnlp {
 
@@ -173,5 +176,27 @@ LstmBackwardResult lstm_backward_impl(
     const std::optional<at::Tensor>& weight_hr, bool has_bias, bool reverse, const at::Tensor& output,
     const at::Tensor& gates, const at::Tensor& cells, const LstmRegularisers& regularisers,
     const LstmLayerNorm& layer_norm, const LstmLayerNormSaved& saved, LstmGradientsWanted wanted);
+
+// Both directions of one bidirectional layer: the lstm_forward_pair and
+// lstm_backward_pair ops, whose per-direction argument lists csrc/ops.cpp
+// describes. Each direction is lstm_forward_impl / lstm_backward_impl with
+// reverse false, then true; each result list holds that function's outputs.
+using LstmArgumentList = c10::List<std::optional<at::Tensor>>;
+using LstmPairResult = std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>>;
+using LstmDirectionResults = std::array<std::vector<at::Tensor>, 2>;
+using LstmDirection = std::function<std::vector<at::Tensor>(int64_t direction)>;
+// How a device runs the two directions: calls direction(0) (forward) and
+// direction(1) (reverse), one after the other or concurrently, and returns
+// their results in that order (the CPU: a thread each; CUDA: a stream each).
+using LstmRunBothDirections = LstmDirectionResults (*)(const LstmDirection& direction);
+
+LstmPairResult lstm_forward_pair_impl(const LstmStepKernels& kernels, LstmRunBothDirections run_both,
+                                      const at::Tensor& input, const at::Tensor& batch_sizes,
+                                      const LstmArgumentList& forward_args, const LstmArgumentList& reverse_args);
+
+LstmPairResult lstm_backward_pair_impl(const LstmStepKernels& kernels, LstmRunBothDirections run_both,
+                                       const at::Tensor& input, const at::Tensor& batch_sizes, bool has_bias,
+                                       const LstmArgumentList& forward_args, const LstmArgumentList& reverse_args,
+                                       LstmGradientsWanted wanted);
 
 }  // namespace fastnlp

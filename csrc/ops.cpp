@@ -103,9 +103,11 @@ TORCH_LIBRARY(fastnlp, m) {
       "Tensor grad_layer_norm_hh_weight, Tensor grad_layer_norm_gate_bias, Tensor grad_layer_norm_cell_weight, "
       "Tensor grad_layer_norm_cell_bias)");
   // Both directions of one bidirectional layer at once: the same computation
-  // as lstm_forward / lstm_backward run for each, but concurrently (each
-  // direction on its own thread), which uses two cores better than splitting
-  // every small per-step product between them. Each list holds one
+  // as lstm_forward / lstm_backward run for each, but concurrently (on the
+  // CPU each direction on its own thread, which uses two cores better than
+  // splitting every small per-step product between them; on CUDA each on its
+  // own stream, so that one direction's small kernels run beside the other's
+  // on an otherwise idle GPU). Each list holds one
   // direction's tensors in lstm_forward's order after `reverse`, starting at
   // h0: [h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
   // recurrent_mask, zoneout_cell, zoneout_hidden, layer_norm_ih_weight,

@@ -790,6 +790,65 @@ def test_cuda_lstm_binding_in_half_precision_in_every_configuration_without_laye
     assert_same_lstm(bindings, problem, dtype)
 
 
+def pair_lists(problem):
+    """lstm_forward_pair's list for one direction: lstm_forward's arguments from h0 on, without reverse."""
+    return problem.args[2:9] + problem.args[10:19]
+
+
+def backward_pair_list(problem, forward_outputs):
+    """lstm_backward_pair's list for one direction (lstm_backward's arguments from grad_output on, less
+    input, batch_sizes, has_bias and reverse)."""
+    _, _, h0, c0, weight_ih, weight_hh, _, _, weight_hr = problem.args[:9]
+    regularisers, norms = problem.args[10:13], problem.args[13:19]
+    output, _, _, gates, cells, norm_ih, norm_hh, ln_stats = forward_outputs
+    saved = [norm_ih, norm_hh, ln_stats] if norms[0] is not None else [None] * 3
+    return ([g.to(h0.dtype) for g in problem.grads] + [h0, c0, weight_ih, weight_hh, weight_hr, output, gates, cells]
+            + list(regularisers) + [norms[0], norms[2], norms[4], norms[5]] + saved)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@given(seed=st.integers(0, 2**32 - 2), packed=st.booleans(), projected=st.booleans(), regularised=st.booleans(),
+       layer_norm=st.booleans(), bias=st.booleans(), input_grad=st.booleans(), weight_grads=st.booleans())
+def test_cuda_lstm_pair_binding_is_the_two_single_direction_bindings(bindings, dtype, seed, packed, projected,
+                                                                     regularised, layer_norm, bias, input_grad,
+                                                                     weight_grads):
+    # Each direction its own parameters, states and regularisers; one input.
+    forward = LstmProblem(seed, dtype, packed, False, projected, regularised, layer_norm, bias)
+    reverse = LstmProblem(seed + 1, dtype, packed, True, projected, regularised, layer_norm, bias)
+    reverse.args[0] = forward.args[0]
+    input, batch_sizes = forward.args[:2]
+    pair = bindings.lstm_forward_pair(input, batch_sizes, pair_lists(forward), pair_lists(reverse))
+    singles = [bindings.lstm_forward(*problem.args) for problem in (forward, reverse)]
+    pair_grads = bindings.lstm_backward_pair(input, batch_sizes, bias, backward_pair_list(forward, singles[0]),
+                                             backward_pair_list(reverse, singles[1]), input_grad, weight_grads)
+    single_grads = [lstm_forward_and_backward(bindings.lstm_forward, bindings.lstm_backward, problem.args,
+                                              problem.grads, bias, input_grad, weight_grads)[1]
+                    for problem in (forward, reverse)]
+    # The same step kernels on the same rows, in turn: equal to the bit.
+    for direction in range(2):
+        assert len(pair[direction]) == 8 and len(pair_grads[direction]) == 12
+        for got, want in zip(list(pair[direction]) + list(pair_grads[direction]),
+                             list(singles[direction]) + list(single_grads[direction])):
+            assert (got is None) == (want is None), direction
+            assert got is None or torch.equal(got, want), direction
+
+
+def test_cuda_lstm_pair_binding_refuses_malformed_lists(bindings):
+    forward = LstmProblem(3, torch.float32, False, False, False, False, False, True)
+    input, batch_sizes = forward.args[:2]
+    full = pair_lists(forward)
+    with pytest.raises(RuntimeError, match="each direction takes 16 tensors, got 3"):
+        bindings.lstm_forward_pair(input, batch_sizes, full, full[:3])
+    without_c0 = list(full)
+    without_c0[1] = None
+    with pytest.raises(RuntimeError, match=r"c0 \(entry 1\) is required"):
+        bindings.lstm_forward_pair(input, batch_sizes, full, without_c0)
+    with pytest.raises(RuntimeError, match="each direction takes 21 tensors, got 16"):
+        bindings.lstm_backward_pair(input, batch_sizes, True, full, full, True, True)
+    with pytest.raises(RuntimeError, match="float32, float64, float16 or bfloat16"):
+        bindings.lstm_forward_pair(input.to(torch.int32), batch_sizes, full, full)
+
+
 def test_cuda_lstm_binding_refuses_a_dtype_its_kernels_do_not_take(bindings):
     problem = LstmProblem(1, torch.float32, packed=False, reverse=False, projected=False, regularised=False,
                           layer_norm=False, bias=True)

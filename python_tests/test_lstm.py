@@ -731,24 +731,45 @@ def test_cuda_layer_norm_half_precision_error_is_bounded_by_the_references(dtype
 
 
 # ---------------------------------------------------------------------------
-# lstm_layer_pair: both directions of a layer in one op, concurrently on two
-# CPU threads. It must be exactly the two single-direction layers.
+# lstm_layer_pair: both directions of a layer in one op, concurrently (on two
+# CPU threads, on two CUDA streams). It must be exactly the two
+# single-direction layers.
 
 
-def make_pair_inputs(packed, proj, dtype, regularise, layer_norm):
+def make_pair_inputs(packed, proj, dtype, regularise, layer_norm, device="cpu"):
     """One shared input and, per direction, its own states, weights, regularisers and layer norm."""
     lengths = [5, 3, 3, 1] if packed else [4, 4, 4]
     directions = []
     for d in range(2):
-        batch_sizes, t = make_layer_inputs(lengths, 3, 4, proj, "both", dtype, "cpu", seed=10 + d, packed=packed)
+        batch_sizes, t = make_layer_inputs(lengths, 3, 4, proj, "both", dtype, device, seed=10 + d, packed=packed)
         if regularise:
             t.update(make_regularisers(batch_sizes, t, seed=20 + d))
         if layer_norm:
-            t.update(make_layer_norm(4, dtype, "cpu", seed=30 + d))
+            t.update(make_layer_norm(4, dtype, device, seed=30 + d))
         directions.append(t)
     shared = directions[0].pop("input")
     directions[1].pop("input")
     return shared, batch_sizes, directions
+
+
+def assert_pair_equals_two_single_direction_layers(input, batch_sizes, fwd, rev, tolerance, run_pair=None):
+    """Outputs and every gradient of lstm_layer_pair against two lstm_layer calls."""
+    differentiable = [input] + [v for t in (fwd, rev) for v in t.values() if v is not None and v.requires_grad]
+    g = torch.Generator().manual_seed(5)
+
+    def loss(outputs):
+        return sum((o * torch.randn(o.shape, generator=g, dtype=torch.float64).to(o)).sum() for o in outputs)
+
+    with run_pair or contextlib.nullcontext():
+        pair = lstm_layer_pair(input, batch_sizes, fwd, rev)
+        pair_grads = torch.autograd.grad(loss(pair[0] + pair[1]), differentiable)
+    single = tuple(lstm_layer(input, batch_sizes, reverse=reverse, **t) for reverse, t in ((False, fwd), (True, rev)))
+    g.manual_seed(5)
+    single_grads = torch.autograd.grad(loss(single[0] + single[1]), differentiable)
+    for got, want in zip(pair[0] + pair[1], single[0] + single[1]):
+        torch.testing.assert_close(got, want, **tolerance)
+    for got, want in zip(pair_grads, single_grads):
+        torch.testing.assert_close(got, want, **tolerance)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -758,24 +779,30 @@ def make_pair_inputs(packed, proj, dtype, regularise, layer_norm):
 @pytest.mark.parametrize("regularise, layer_norm", [(False, False), (True, False), (False, True), (True, True)])
 def test_pair_equals_two_single_direction_layers(dtype, threads, packed, proj, regularise, layer_norm):
     input, batch_sizes, (fwd, rev) = make_pair_inputs(packed, proj, dtype, regularise, layer_norm)
-    differentiable = [input] + [v for t in (fwd, rev) for v in t.values() if v is not None and v.requires_grad]
-    g = torch.Generator().manual_seed(5)
-
-    def loss(outputs):
-        return sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outputs)
-
-    with intra_op_threads(threads):
-        pair = lstm_layer_pair(input, batch_sizes, fwd, rev)
-        pair_grads = torch.autograd.grad(loss(pair[0] + pair[1]), differentiable)
-    single = tuple(lstm_layer(input, batch_sizes, reverse=reverse, **t) for reverse, t in ((False, fwd), (True, rev)))
-    g.manual_seed(5)
-    single_grads = torch.autograd.grad(loss(single[0] + single[1]), differentiable)
     # float64: the same arithmetic; float32: the BLAS may split a product differently on one thread.
     tolerance = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-5, atol=1e-6)
-    for got, want in zip(pair[0] + pair[1], single[0] + single[1]):
-        torch.testing.assert_close(got, want, **tolerance)
-    for got, want in zip(pair_grads, single_grads):
-        torch.testing.assert_close(got, want, **tolerance)
+    assert_pair_equals_two_single_direction_layers(input, batch_sizes, fwd, rev, tolerance,
+                                                   run_pair=intra_op_threads(threads))
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("stream", ["current", "side"])
+@pytest.mark.parametrize("packed", [True, False])
+@pytest.mark.parametrize("proj", [0, 2])
+@pytest.mark.parametrize("regularise, layer_norm", [(False, False), (True, False), (False, True), (True, True)])
+def test_cuda_pair_equals_two_single_direction_layers(dtype, stream, packed, proj, regularise, layer_norm):
+    # The CUDA pair runs each direction on a stream of its own, which waits
+    # for the caller's stream; "side": the caller's stream is not the default
+    # one, and the inputs are made on it just before the call.
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side) if stream == "side" else contextlib.nullcontext():
+        input, batch_sizes, (fwd, rev) = make_pair_inputs(packed, proj, dtype, regularise, layer_norm, "cuda")
+        # The same kernels in the same order; cuBLAS may pick another algorithm on another stream.
+        tolerance = {torch.float64: dict(rtol=1e-12, atol=1e-12), torch.float32: dict(rtol=1e-5, atol=1e-6),
+                     torch.float16: dict(rtol=2e-3, atol=2e-3), torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}[dtype]
+        assert_pair_equals_two_single_direction_layers(input, batch_sizes, fwd, rev, tolerance)
+    torch.cuda.synchronize()
 
 
 @pytest.mark.parametrize("layer_norm", [False, True])
@@ -793,10 +820,11 @@ def test_pair_gradcheck(layer_norm):
     assert torch.autograd.gradcheck(fn, [input] + [(fwd, rev)[d][k] for d, k in names])
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("packed", [True, False])
 @pytest.mark.parametrize("layer_norm", [False, True])
-def test_pair_opcheck(packed, layer_norm):
-    input, batch_sizes, directions = make_pair_inputs(packed, 2, torch.float32, True, layer_norm)
+def test_pair_opcheck(device, packed, layer_norm):
+    input, batch_sizes, directions = make_pair_inputs(packed, 2, torch.float32, True, layer_norm, device)
     order = ["h0", "c0", "weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr", "recurrent_mask",
              "zoneout_cell", "zoneout_hidden"] + list(LAYER_NORM_NAMES)
     args = [[t.get(name) for name in order] for t in directions]

@@ -611,83 +611,38 @@ LstmBackwardResult lstm_backward_cpu(
 // forward+backward about 1.3x faster than the two directions one after the
 // other.
 
-using OptionalTensors = c10::List<std::optional<at::Tensor>>;
-
-std::optional<at::Tensor> entry(const OptionalTensors& list, size_t index) { return list.get(index); }
-
-at::Tensor required(const OptionalTensors& list, size_t index, const char* name) {
-  const std::optional<at::Tensor> t = list.get(index);
-  TORCH_CHECK(t.has_value() && t->defined(), "fastnlp.lstm pair: ", name, " (entry ", index, ") is required");
-  return *t;
-}
-
-// body(0) and body(1): on two threads when there are exactly two, each with
-// the caller's dispatcher state (the worker would otherwise see autograd and
-// grad mode as at top level); otherwise one after the other, each with every
-// thread (measured only on two cores: with more, one thread per direction
-// would leave the rest idle).
-template <typename Body>
-void run_both_directions(const Body& body) {
+// direction(0) and direction(1): on two threads when there are exactly two,
+// each with the caller's dispatcher state (the worker would otherwise see
+// autograd and grad mode as at top level); otherwise one after the other,
+// each with every thread (measured only on two cores: with more, one thread
+// per direction would leave the rest idle).
+LstmDirectionResults run_both_directions(const LstmDirection& direction) {
+  LstmDirectionResults results;
   if (at::get_num_threads() != 2) {
-    body(0);
-    body(1);
-    return;
+    results[0] = direction(0);
+    results[1] = direction(1);
+    return results;
   }
   const at::ThreadLocalState state;
   at::parallel_for(0, 2, 1, [&](int64_t d0, int64_t d1) {
     const at::ThreadLocalStateGuard guard(state);
-    for (int64_t d = d0; d < d1; ++d) body(d);
+    for (int64_t d = d0; d < d1; ++d) results[d] = direction(d);
   });
+  return results;
 }
 
-template <typename Tuple, size_t... I>
-std::vector<at::Tensor> tuple_to_vector(const Tuple& t, std::index_sequence<I...>) {
-  return {std::get<I>(t)...};
-}
-
-template <typename... T>
-std::vector<at::Tensor> to_vector(const std::tuple<T...>& t) {
-  return tuple_to_vector(t, std::index_sequence_for<T...>{});
-}
-
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lstm_forward_pair_cpu(
-    const at::Tensor& input, const at::Tensor& batch_sizes, const OptionalTensors& forward_args,
-    const OptionalTensors& reverse_args) {
+LstmPairResult lstm_forward_pair_cpu(const at::Tensor& input, const at::Tensor& batch_sizes,
+                                     const LstmArgumentList& forward_args, const LstmArgumentList& reverse_args) {
   check_cpu_dtype(input);
-  const std::array<const OptionalTensors*, 2> args{&forward_args, &reverse_args};
-  for (const OptionalTensors* a : args)
-    TORCH_CHECK(a->size() == 16, "fastnlp.lstm pair: each direction takes 16 tensors, got ", a->size());
-  std::array<std::vector<at::Tensor>, 2> results;
-  run_both_directions([&](int64_t d) {
-    const OptionalTensors& a = *args[d];
-    results[d] = to_vector(lstm_forward_impl(
-        kCpuKernels, input, batch_sizes, required(a, 0, "h0"), required(a, 1, "c0"), required(a, 2, "weight_ih"),
-        required(a, 3, "weight_hh"), entry(a, 4), entry(a, 5), entry(a, 6), d == 1,
-        LstmRegularisers{entry(a, 7), entry(a, 8), entry(a, 9)},
-        LstmLayerNorm{entry(a, 10), entry(a, 11), entry(a, 12), entry(a, 13), entry(a, 14), entry(a, 15)}));
-  });
-  return {std::move(results[0]), std::move(results[1])};
+  return lstm_forward_pair_impl(kCpuKernels, &run_both_directions, input, batch_sizes, forward_args, reverse_args);
 }
 
-std::tuple<std::vector<at::Tensor>, std::vector<at::Tensor>> lstm_backward_pair_cpu(
-    const at::Tensor& input, const at::Tensor& batch_sizes, bool has_bias, const OptionalTensors& forward_args,
-    const OptionalTensors& reverse_args, bool input_grad, bool weight_grads) {
+LstmPairResult lstm_backward_pair_cpu(const at::Tensor& input, const at::Tensor& batch_sizes, bool has_bias,
+                                      const LstmArgumentList& forward_args, const LstmArgumentList& reverse_args,
+                                      bool input_grad, bool weight_grads) {
   check_cpu_dtype(input);
-  const std::array<const OptionalTensors*, 2> args{&forward_args, &reverse_args};
-  for (const OptionalTensors* a : args)
-    TORCH_CHECK(a->size() == 21, "fastnlp.lstm pair: each direction takes 21 tensors, got ", a->size());
-  std::array<std::vector<at::Tensor>, 2> results;
-  run_both_directions([&](int64_t d) {
-    const OptionalTensors& a = *args[d];
-    results[d] = to_vector(lstm_backward_impl(
-        kCpuKernels, required(a, 0, "grad_output"), required(a, 1, "grad_h_n"), required(a, 2, "grad_c_n"), input,
-        batch_sizes, required(a, 3, "h0"), required(a, 4, "c0"), required(a, 5, "weight_ih"),
-        required(a, 6, "weight_hh"), entry(a, 7), has_bias, d == 1, required(a, 8, "output"),
-        required(a, 9, "gates"), required(a, 10, "cells"), LstmRegularisers{entry(a, 11), entry(a, 12), entry(a, 13)},
-        LstmLayerNorm{entry(a, 14), std::nullopt, entry(a, 15), std::nullopt, entry(a, 16), entry(a, 17)},
-        LstmLayerNormSaved{entry(a, 18), entry(a, 19), entry(a, 20)}, LstmGradientsWanted{input_grad, weight_grads}));
-  });
-  return {std::move(results[0]), std::move(results[1])};
+  return lstm_backward_pair_impl(kCpuKernels, &run_both_directions, input, batch_sizes, has_bias, forward_args,
+                                 reverse_args, LstmGradientsWanted{input_grad, weight_grads});
 }
 
 }  // namespace

@@ -238,6 +238,26 @@ LstmBackwardResult lstm_backward_cuda(
                             LstmGradientsWanted{input_grad, weight_grads});
 }
 
+// Both directions of a layer, each on a stream of its own: at the few rows of
+// a step, one direction's products and step kernels leave most of the GPU
+// idle, so the other's can run beside them.
+LstmPairResult lstm_forward_pair_cuda(const at::Tensor& input, const at::Tensor& batch_sizes,
+                                      const LstmArgumentList& forward_args, const LstmArgumentList& reverse_args) {
+  check_cuda_input(input);
+  const c10::cuda::OptionalCUDAGuard guard(input.device());
+  return lstm_forward_pair_impl(kCudaKernels, &run_on_two_streams<LstmDirection>, input, batch_sizes, forward_args,
+                                reverse_args);
+}
+
+LstmPairResult lstm_backward_pair_cuda(const at::Tensor& input, const at::Tensor& batch_sizes, bool has_bias,
+                                       const LstmArgumentList& forward_args, const LstmArgumentList& reverse_args,
+                                       bool input_grad, bool weight_grads) {
+  check_cuda_input(input);
+  const c10::cuda::OptionalCUDAGuard guard(input.device());
+  return lstm_backward_pair_impl(kCudaKernels, &run_on_two_streams<LstmDirection>, input, batch_sizes, has_bias,
+                                 forward_args, reverse_args, LstmGradientsWanted{input_grad, weight_grads});
+}
+
 }  // namespace
 }  // namespace fastnlp
 
@@ -245,5 +265,7 @@ LstmBackwardResult lstm_backward_cuda(
 TORCH_LIBRARY_IMPL(fastnlp, CUDA, m) {
   m.impl("lstm_forward", &fastnlp::lstm_forward_cuda);
   m.impl("lstm_backward", &fastnlp::lstm_backward_cuda);
+  m.impl("lstm_forward_pair", &fastnlp::lstm_forward_pair_cuda);
+  m.impl("lstm_backward_pair", &fastnlp::lstm_backward_pair_cuda);
 }
 #endif

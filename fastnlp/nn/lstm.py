@@ -404,13 +404,16 @@ class LSTM(nn.Module):
 
     @staticmethod
     def _run_pair(rows: Tensor) -> bool:
-        """Both directions in one op (lstm_layer_pair: concurrently on two CPU threads)?
+        """Both directions in one op (lstm_layer_pair: on two CPU threads, or two CUDA streams)?
 
+        Where its kernels take the input (the CPU's take float32/float64 only).
         Not under torch.jit.trace, which cannot record the pair op's lists of
         optional tensors; two lstm_layer ops compute the same.
         """
-        return (rows.device.type == "cpu" and rows.dtype in (torch.float32, torch.float64)
-                and not use_reference(None) and not torch.jit.is_tracing())
+        kernel_dtypes = {"cpu": (torch.float32, torch.float64),
+                         "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+        return (rows.dtype in kernel_dtypes.get(rows.device.type, ()) and not use_reference(None)
+                and not torch.jit.is_tracing())
 
     def _direction_args(self, index: int, rows: Tensor, h0: Tensor, c0: Tensor) -> dict:
         """lstm_layer's arguments for layer-direction `index`, by name."""

@@ -275,15 +275,16 @@ _PAIR_NAMES = _PAIR_REQUIRED_NAMES + ("bias_ih", "bias_hh", "weight_hr") + _PAIR
 
 def lstm_layer_pair(input: Tensor, batch_sizes: Optional[Tensor], forward: dict, reverse: dict
                     ) -> Tuple[Tuple[Tensor, Tensor, Tensor], Tuple[Tensor, Tensor, Tensor]]:
-    """Both directions of one bidirectional layer, run concurrently on the CPU.
+    """Both directions of one bidirectional layer, run concurrently.
 
     `forward` and `reverse` hold lstm_layer's arguments for each direction by
     name (h0, c0, weight_ih, weight_hh, and optionally bias_ih, bias_hh,
     weight_hr, recurrent_mask, zoneout_cell, zoneout_hidden, layer_norm_*).
     Returns (output, h_n, c_n) of each: the same as two lstm_layer calls
-    (reverse=False, then True), in one autograd node. CPU, float32/float64
-    only; with two intra-op threads each direction gets one (see
-    csrc/cpu/lstm.cpp), otherwise they run one after the other.
+    (reverse=False, then True), in one autograd node. On the CPU (float32 and
+    float64 only), with two intra-op threads each direction gets one (see
+    csrc/cpu/lstm.cpp), otherwise they run one after the other; on CUDA each
+    direction runs on a stream of its own (csrc/cuda/torch_cuda.h).
     """
     for which, direction in (("forward", forward), ("reverse", reverse)):
         # lstm_layer's keyword arguments would refuse a misspelt name; so does this.
@@ -294,8 +295,8 @@ def lstm_layer_pair(input: Tensor, batch_sizes: Optional[Tensor], forward: dict,
                                                              f"is missing {missing}")
                             + f"; the keys are {list(_PAIR_NAMES)}")
     if autocast_dtype(input) is not None:
-        # lstm_layer handles autocast (casting, then running with it off); the
-        # pair's CPU kernel takes float32/float64 only, so run one at a time.
+        # lstm_layer handles autocast (casting, then running with it off), so
+        # under autocast the directions run one at a time.
         return (lstm_layer(input, batch_sizes, reverse=False, **forward),
                 lstm_layer(input, batch_sizes, reverse=True, **reverse))
     if batch_sizes is None:
