@@ -867,6 +867,48 @@ def test_inference_matches_torch_fast_path():
                 torch.testing.assert_close(o_w, t_w, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("batch_first", [True, False])
+@pytest.mark.parametrize("inputs", ["self", "shared_kv", "distinct", "kdim_vdim"])
+def test_trains_on_inputs_made_under_inference_mode(batch_first, inputs):
+    """Trainable weights, inputs from torch.inference_mode(): torch's batch_first path projects
+    transposed copies, so it trains; ours copies those inputs (and also trains sequence first,
+    where torch refuses to save them)."""
+    extra = dict(kdim=5, vdim=3) if inputs == "kdim_vdim" else {}
+    theirs, ours = make_pair(embed_dim=8, num_heads=2, batch_first=batch_first, **extra)
+    def sequence(length, width):
+        return torch.randn((3, length, width) if batch_first else (length, 3, width))
+
+    with torch.inference_mode():
+        query = sequence(4, 8)
+        if inputs == "self":
+            key = value = query
+        elif inputs == "shared_kv":
+            key = value = sequence(6, 8)
+        elif inputs == "distinct":
+            key, value = sequence(6, 8), sequence(6, 8)
+        else:
+            key, value = sequence(6, 5), sequence(6, 3)
+        kpm = torch.zeros(3, 4 if inputs == "self" else 6, dtype=torch.bool)
+        kpm[1, -2:] = True
+    out, weights = ours(query, key, value, key_padding_mask=kpm)
+    (out.sum() + weights.sum()).backward()
+    # torch on normal copies of the inputs (identity kept: self-attention takes its own path).
+    copies = {}
+    args = [copies[id(t)] if id(t) in copies else copies.setdefault(id(t), t.clone()) for t in (query, key, value)]
+    t_out, t_weights = theirs(*args, key_padding_mask=kpm.clone())
+    (t_out.sum() + t_weights.sum()).backward()
+    torch.testing.assert_close(out, t_out, rtol=1e-5, atol=1e-6)
+    for (name, got), (_, want) in zip(ours.named_parameters(), theirs.named_parameters()):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5, msg=name)
+    if batch_first:  # torch itself trains on the inference tensors here
+        theirs.zero_grad()
+        t_out, t_weights = theirs(query, key, value, key_padding_mask=kpm)
+        (t_out.sum() + t_weights.sum()).backward()
+        torch.testing.assert_close(out, t_out, rtol=1e-5, atol=1e-6)
+        for (name, got), (_, want) in zip(ours.named_parameters(), theirs.named_parameters()):
+            torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5, msg=name)
+
+
 def _patched_copy(model):
     """A copy of `model` with fastnlp's attention swapped in; `model` stays torch's."""
     ours = copy.deepcopy(model)

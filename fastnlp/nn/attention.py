@@ -216,6 +216,7 @@ class MultiheadAttention(nn.Module):
                                  f"match value's {_seq_first(value.shape, batch_first)[:2]}")
 
         key_rows = _real_key_rows(key_padding_mask, bsz, src_len, seq_dim, key.device)
+        query, key, value = self._trainable_inputs(query, key, value)
         q, k, v = self._in_projection(query, key, value, self_attention, shared_kv, key_rows)
 
         if attn_mask is not None:
@@ -268,6 +269,27 @@ class MultiheadAttention(nn.Module):
             if weights is not None:
                 weights = weights.squeeze(0)
         return out, weights
+
+    def _trainable_inputs(self, query: Tensor, key: Tensor, value: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """The inputs, with a copy of each made under torch.inference_mode() where autograd must save it.
+
+        A projection's input is saved for its weight's gradient, and autograd
+        cannot save an inference tensor. torch's batch_first path projects a
+        transposed copy of each input, so there such an input trains; here
+        the inputs are projected as they come, so a copy is made instead (in
+        either layout: an input is not malformed for where it was made).
+        """
+        weights = ((self.in_proj_weight,) if self._qkv_same_embed_dim
+                   else (self.q_proj_weight, self.k_proj_weight, self.v_proj_weight))
+        # Dynamo cannot trace is_inference(); under torch.compile it is left to torch.
+        if (is_compiling() or not torch.is_grad_enabled()
+                or not any(weight.requires_grad for weight in weights)):
+            return query, key, value
+        copies = {}  # one copy of an input passed as several (self-attention)
+        for tensor in (query, key, value):
+            if tensor.is_inference() and id(tensor) not in copies:
+                copies[id(tensor)] = tensor.clone()
+        return tuple(copies.get(id(tensor), tensor) for tensor in (query, key, value))
 
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor, self_attention: bool, shared_kv: bool,
                        key_rows: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
