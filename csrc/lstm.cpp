@@ -7,6 +7,9 @@
 //   gates[t] += h_{t-1} W_hh^T  (one GEMM per step)
 //   pointwise: activations, c_t, h~_t = o * tanh(c_t)
 //   h_t = h~_t W_hr^T           (projection, one GEMM per step, if any)
+// A device may run the whole forward loop of a direction without projection
+// or layer norm in one go instead (LstmStepKernels::sequence_forward: CUDA,
+// at small sizes), writing the same results.
 // Backward runs the steps in the opposite order, in chunks of consecutive
 // steps; every GEMM that does not feed the recursion (input and weight
 // gradients) runs once per chunk, over all of the chunk's rows.
@@ -414,6 +417,11 @@ LstmForwardResult lstm_forward_impl(
   at::Tensor output = at::empty({N, P}, input.options());
   at::Tensor h_state = h0.contiguous().clone();
   at::Tensor c_state = c0.contiguous().clone();
+  if (kernels.sequence_forward != nullptr && !ln && !projected &&
+      kernels.sequence_forward(LstmSequenceForward{steps, offsets, reverse, gates, c_state, h_state, cells, output,
+                                                   weight_hh.contiguous(), recurrent_mask, zoneout_cell,
+                                                   zoneout_hidden}))
+    return {output, h_state, c_state, gates, cells, norm_ih, norm_hh, ln_stats};
   at::Tensor h_tilde = projected ? at::empty({B, H}, input.options()) : at::Tensor();
   at::Tensor h_masked = recurrent_mask.defined() ? at::empty({B, P}, input.options()) : at::Tensor();
   const StepProduct recurrent_product(kernels, weight_hh.t(), steps);

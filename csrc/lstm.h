@@ -62,6 +62,20 @@ struct LstmBackwardStep {
   at::Tensor grad_ln_cell;    // (rows, 2H) out: per row [dL/dy * norm(c~), dL/dy], y = LN_cell(c~)
 };
 
+// The whole forward time loop of one direction at once
+// (LstmStepKernels::sequence_forward). steps and offsets: the rows of each
+// step and where they start (see lstm_forward_impl); the tensors as there:
+// gates (N, 4H) with the input half and biases in, c_state and h_state
+// (B, H) holding c0 and h0, cells and output (N, H), weight_hh (4H, H), and
+// the regularisers (undefined when absent), all contiguous.
+struct LstmSequenceForward {
+  const std::vector<int64_t>& steps;
+  const std::vector<int64_t>& offsets;
+  bool reverse;
+  at::Tensor gates, c_state, h_state, cells, output, weight_hh;
+  at::Tensor recurrent_mask, zoneout_cell, zoneout_hidden;
+};
+
 // The per-step pointwise work of one device: activations, the cell update
 // (c~_t = f * c_{t-1} + i * g, h~_t = o * tanh(c~_t), then zoneout) and
 // their gradients. The backward recomputes c~_t from the gates and c_{t-1}.
@@ -87,6 +101,11 @@ struct LstmStepKernels {
   // is the row count of a typical step. nullptr: addmm_ at every step.
   at::Tensor (*prepare_right)(const at::Tensor& b, int64_t rows) = nullptr;
   at::Tensor (*prepared_matmul)(const at::Tensor& a, const at::Tensor& prepared) = nullptr;
+  // Optional: the forward time loop of a direction without projection or
+  // layer normalisation in one go, writing what the step loop would (the
+  // activations into gates, c_state, h_state, cells, output); returns false,
+  // touching nothing, where it does not apply. nullptr, or false: the step loop.
+  bool (*sequence_forward)(const LstmSequenceForward& sequence) = nullptr;
 };
 
 // Training-time regularisers, applied inside the time loop (all optional):

@@ -1,6 +1,7 @@
 """The benchmark harness: it times, checks, writes provenance and plots; never a timed assert."""
 
 import csv
+import os
 import time
 
 import pytest
@@ -75,6 +76,28 @@ def test_lstm_bench_leaves_cudnn_tf32_as_it_found_it():
     with bench_lstm._ieee_float32():
         assert torch.backends.cudnn.allow_tf32 is False
     assert torch.backends.cudnn.allow_tf32 == before
+
+
+def test_lstm_bench_on_cuda_also_times_the_step_loop():
+    """On CUDA the LSTM cases add ours with the whole-sequence forward kernel off (read per call
+    from the environment), so that one run shows what the kernel gains; not on the CPU."""
+    from fastnlp.bench import lstm as bench_lstm
+
+    seen = []
+
+    def ours():
+        seen.append(os.environ.get("FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL"))
+        return len(seen)
+
+    impls = {bench_lstm.OURS: ours, bench_lstm.TORCH: lambda: None}
+    assert bench_lstm._with_step_loop(impls, "cpu") is impls
+    with_loop = bench_lstm._with_step_loop(impls, "cuda")
+    assert set(with_loop) == {bench_lstm.OURS, bench_lstm.TORCH, bench_lstm.OURS_STEP_LOOP}
+    before = os.environ.get("FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL")
+    with_loop[bench_lstm.OURS_STEP_LOOP]()
+    with_loop[bench_lstm.OURS]()
+    assert seen == ["0", before]
+    assert os.environ.get("FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL") == before
 
 
 def test_a_case_must_name_its_implementations():

@@ -24,7 +24,9 @@ Outputs start as NaN (0xff bytes for integers) so that an element a kernel
 fails to write shows; inputs a kernel must not read are NaN too.
 """
 
+import contextlib
 import ctypes
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -68,6 +70,8 @@ def _declare(lib):
     lib.emu_crf_log_partition_backward.argtypes = [i32] + [p] * 8 + [i64] * 3 + [p] * 5
     lib.emu_crf_viterbi.argtypes = [i32] + [p] * 5 + [i64] * 3 + [p] * 3
     lib.emu_crf_viterbi_topk.argtypes = [i32] + [p] * 5 + [i64] * 4 + [p] * 3
+    lib.emu_lstm_sequence_forward.argtypes = [i32, p, i64, i64, i64, i32] + [p] * 9
+    lib.emu_lstm_sequence_forward_fits.argtypes = [i64, i64]
     lib.emu_fault.argtypes = [i32, i64, p]
     return lib
 
@@ -353,6 +357,117 @@ def test_lstm_step_launchers_refuse_bad_arguments_and_skip_empty_work(emulated):
     # Rows that start from c0 but no c0.
     assert b(0, ptr(g), ptr(s), 1, None, ptr(s), None, ptr(s), ptr(g), None, None, None, None, 2, 3,
              *[None] * 7) == CUDA_ERROR_INVALID_VALUE
+
+
+def sequence_definition(gates_in, h0, c0, weight_hh, bounds, reverse, mask, zc, zh):
+    """What lstm_sequence_forward gives (lstm_step.h), in float64: the forward step's
+    definition (StepCase) at every step, on the rows alive there, after gates += (h * mask) W_hh^T."""
+    gates, h, c = gates_in.double().clone(), h0.double().clone(), c0.double().clone()
+    N, H = gates.shape[0], c.shape[1]
+    cells, output = torch.full((N, H), float("nan"), dtype=torch.float64), torch.full((N, H), float("nan"),
+                                                                                       dtype=torch.float64)
+    T = len(bounds) - 1
+    for t in reversed(range(T)) if reverse else range(T):
+        lo, hi = bounds[t], bounds[t + 1]
+        rows = hi - lo
+        h_in = h[:rows] * (mask[:rows].double() if mask is not None else 1)
+        pre = gates[lo:hi] + h_in @ weight_hh.double().t()
+        i, f, g, o = pre.chunk(4, dim=1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c[:rows] + i * g
+        h_new = o * torch.tanh(c_new)
+        if zc is not None:  # h~ comes from c~, before c is zoned out
+            z = zc[lo:hi].double()
+            c_new = z * c[:rows] + (1 - z) * c_new
+            if zh is not None:
+                z = zh[lo:hi].double()
+                h_new = z * h[:rows] + (1 - z) * h_new
+        gates[lo:hi] = torch.cat([i, f, g, o], dim=1)
+        c[:rows], h[:rows] = c_new, h_new
+        cells[lo:hi], output[lo:hi] = c_new, h_new
+    return dict(gates=gates, c_state=c, h_state=h, cells=cells, output=output)
+
+
+def run_sequence_forward(lib, dtype, lengths, H, reverse, regularised, seed):
+    """Random inputs for lengths (sorted longest first, packed layout); the kernel's results and the definition's."""
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape):
+        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+
+    B, T = len(lengths), max(lengths)
+    steps = [sum(n > t for n in lengths) for t in range(T)]
+    bounds = [sum(steps[:t]) for t in range(T + 1)]
+    N = bounds[-1]
+    gates_in, h0, c0, weight_hh = rand(N, 4 * H), rand(B, H), rand(B, H), rand(4 * H, H)
+    mask = zc = zh = None
+    if regularised:
+        mask = (torch.rand(B, H, generator=g) > 0.3).to(dtype) / 0.7
+        zc, zh = torch.rand(N, H, generator=g).to(dtype), torch.rand(N, H, generator=g).to(dtype)
+    out = dict(gates=gates_in.clone(), c_state=c0.clone(), h_state=h0.clone(), cells=unreadable(N, H, dtype=dtype),
+               output=unreadable(N, H, dtype=dtype))
+    offsets = torch.tensor(bounds, dtype=torch.int64)
+    status = call(lib, "emu_lstm_sequence_forward", DTYPE_CODES[dtype], ptr(offsets), T, B, H, int(reverse),
+                  ptr(out["gates"]), ptr(out["c_state"]), ptr(out["h_state"]), ptr(out["cells"]),
+                  ptr(out["output"]), ptr(weight_hh), ptr(mask), ptr(zc), ptr(zh))
+    return status, out, sequence_definition(gates_in, h0, c0, weight_hh, bounds, reverse, mask, zc, zh)
+
+
+# Lengths: one sequence; padded (all one length); packed over two blocks of
+# four sequences, the second alive for the first steps only.
+SEQUENCE_LENGTHS = [[3], [4, 4, 4], [5, 3, 3, 2, 2, 1]]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", SEQUENCE_LENGTHS, ids=str)
+@pytest.mark.parametrize("H", [1, 5, 40])
+@pytest.mark.parametrize("reverse", [False, True], ids=["", "reverse"])
+@pytest.mark.parametrize("regularised", [False, True], ids=["", "regularised"])
+def test_lstm_sequence_forward_matches_its_definition(emulated, dtype, lengths, H, reverse, regularised):
+    status, out, want = run_sequence_forward(emulated, dtype, lengths, H, reverse, regularised, seed=H)
+    assert status == CUDA_SUCCESS
+    # The recurrence carries each step's rounding into the next.
+    tol = LSTM_TOLERANCE[dtype]
+    for name, expected in want.items():
+        torch.testing.assert_close(out[name].double(), expected, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+@given(lengths=st.lists(st.integers(1, 6), min_size=1, max_size=9).map(lambda n: sorted(n, reverse=True)),
+       H=st.integers(1, 36), reverse=st.booleans(), regularised=st.booleans(), seed=st.integers(0, 2**32 - 1))
+def test_lstm_sequence_forward_on_random_sizes(emulated, lengths, H, reverse, regularised, seed):
+    emulated.emu_set_seed(seed)  # the order the threads run in, too
+    status, out, want = run_sequence_forward(emulated, torch.float64, lengths, H, reverse, regularised, seed)
+    assert status == CUDA_SUCCESS
+    for name, expected in want.items():
+        torch.testing.assert_close(out[name], expected, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_lstm_sequence_forward_refuses_what_it_cannot_run_and_skips_empty_work(emulated):
+    f = emulated.emu_lstm_sequence_forward
+    offsets = torch.tensor([0, 2], dtype=torch.int64)
+    g, s = torch.zeros(2, 12), torch.zeros(2, 3)
+    w = torch.zeros(12, 3)
+    ok = f(0, ptr(offsets), 1, 2, 3, 0, ptr(g), ptr(s), ptr(s), ptr(s), ptr(s), ptr(w), None, None, None)
+    assert ok == CUDA_SUCCESS
+    # Negative sizes; a required pointer missing; zoneout_hidden without zoneout_cell.
+    assert f(0, ptr(offsets), -1, 2, 3, 0, ptr(g), ptr(s), ptr(s), ptr(s), ptr(s), ptr(w),
+             None, None, None) == CUDA_ERROR_INVALID_VALUE
+    assert f(0, ptr(offsets), 1, 2, 3, 0, ptr(g), ptr(s), ptr(s), ptr(s), ptr(s), None,
+             None, None, None) == CUDA_ERROR_INVALID_VALUE
+    assert f(0, None, 1, 2, 3, 0, ptr(g), ptr(s), ptr(s), ptr(s), ptr(s), ptr(w),
+             None, None, None) == CUDA_ERROR_INVALID_VALUE
+    assert f(0, ptr(offsets), 1, 2, 3, 0, ptr(g), ptr(s), ptr(s), ptr(s), ptr(s), ptr(w),
+             None, None, ptr(s)) == CUDA_ERROR_INVALID_VALUE
+    # A hidden size whose states do not fit the shared memory (four float32 rows of H).
+    assert emulated.emu_lstm_sequence_forward_fits(3072, 4) == 1
+    assert emulated.emu_lstm_sequence_forward_fits(3073, 4) == 0
+    assert emulated.emu_lstm_sequence_forward_fits(1536, 8) == 1
+    assert emulated.emu_lstm_sequence_forward_fits(1537, 8) == 0
+    assert f(0, ptr(offsets), 1, 2, 3073, 0, ptr(g), ptr(s), ptr(s), ptr(s), ptr(s), ptr(w),
+             None, None, None) == CUDA_ERROR_INVALID_VALUE
+    # Nothing to do: success without reading a pointer.
+    for steps, batch, H in ((0, 2, 3), (1, 0, 3), (1, 2, 0)):
+        assert f(0, None, steps, batch, H, 0, *[None] * 9) == CUDA_SUCCESS
 
 
 # -- CRF kernels -----------------------------------------------------------------------------------------------
@@ -762,32 +877,83 @@ def assert_same_lstm(bindings, problem, dtype, input_grad=True, weight_grads=Tru
         torch.testing.assert_close(got.double(), expected, rtol=tol, atol=tol, msg=lambda m, name=name: f"{name}: {m}")
 
 
+SEQUENCE_KERNEL = "FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL"
+
+
+@contextlib.contextmanager
+def sequence_kernel(enabled):
+    """The CUDA binding's whole-sequence forward kernel on (where it applies) or off: the step loop."""
+    before = os.environ.get(SEQUENCE_KERNEL)
+    os.environ[SEQUENCE_KERNEL] = "1" if enabled else "0"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[SEQUENCE_KERNEL]
+        else:
+            os.environ[SEQUENCE_KERNEL] = before
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_cuda_lstm_binding_matches_the_cpu_op(bindings, dtype, packed):
-    for reverse, projected in ((False, False), (True, True)):
-        problem = LstmProblem(7, dtype, packed, reverse, projected, regularised=False, layer_norm=False, bias=True)
-        assert_same_lstm(bindings, problem, dtype)
+@pytest.mark.parametrize("whole_sequence", [True, False], ids=["sequence_kernel", "step_loop"])
+def test_cuda_lstm_binding_matches_the_cpu_op(bindings, dtype, packed, whole_sequence):
+    for reverse, projected, regularised in ((False, False, False), (True, False, True), (False, True, True)):
+        problem = LstmProblem(7, dtype, packed, reverse, projected, regularised, layer_norm=False, bias=True)
+        with sequence_kernel(whole_sequence):
+            assert_same_lstm(bindings, problem, dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
 @given(seed=st.integers(0, 2**32 - 1), packed=st.booleans(), reverse=st.booleans(), projected=st.booleans(),
        regularised=st.booleans(), layer_norm=st.booleans(), bias=st.booleans(), input_grad=st.booleans(),
-       weight_grads=st.booleans())
+       weight_grads=st.booleans(), whole_sequence=st.booleans())
 def test_cuda_lstm_binding_matches_the_cpu_op_in_every_configuration(bindings, dtype, seed, packed, reverse,
                                                                       projected, regularised, layer_norm, bias,
-                                                                      input_grad, weight_grads):
+                                                                      input_grad, weight_grads, whole_sequence):
     problem = LstmProblem(seed, dtype, packed, reverse, projected, regularised, layer_norm, bias)
-    assert_same_lstm(bindings, problem, dtype, input_grad, weight_grads)
+    with sequence_kernel(whole_sequence):
+        assert_same_lstm(bindings, problem, dtype, input_grad, weight_grads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 @given(seed=st.integers(0, 2**32 - 1), packed=st.booleans(), reverse=st.booleans(), projected=st.booleans(),
-       regularised=st.booleans(), bias=st.booleans())
+       regularised=st.booleans(), bias=st.booleans(), whole_sequence=st.booleans())
 def test_cuda_lstm_binding_in_half_precision_in_every_configuration_without_layer_norm(
-        bindings, dtype, seed, packed, reverse, projected, regularised, bias):
+        bindings, dtype, seed, packed, reverse, projected, regularised, bias, whole_sequence):
     problem = LstmProblem(seed, dtype, packed, reverse, projected, regularised, False, bias)
-    assert_same_lstm(bindings, problem, dtype)
+    with sequence_kernel(whole_sequence):
+        assert_same_lstm(bindings, problem, dtype)
+
+
+def forward_launches(bindings, problem):
+    """How many kernels the binding's forward launches for `problem`."""
+    before = bindings.launch_count()
+    bindings.lstm_forward(*problem.args)
+    return bindings.launch_count() - before
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
+def test_cuda_lstm_binding_runs_the_sequence_kernel_where_it_applies(bindings, packed):
+    def problem(**changes):
+        config = dict(seed=3, dtype=torch.float32, packed=packed, reverse=False, projected=False, regularised=True,
+                      layer_norm=False, bias=True)
+        return LstmProblem(**{**config, **changes})
+
+    steps = 4  # LstmProblem's T
+    with sequence_kernel(True):
+        assert forward_launches(bindings, problem()) == 1
+        assert forward_launches(bindings, problem(reverse=True)) == 1
+        assert forward_launches(bindings, problem(dtype=torch.bfloat16)) == 1
+        # Not for a projection or layer norm (the step loop's kernels), nor past its size bounds:
+        # a batch of 65, or a W_hh over a MiB (H = 257 in float32; 362 fits in bfloat16).
+        assert forward_launches(bindings, problem(projected=True)) == steps
+        assert forward_launches(bindings, problem(layer_norm=True)) == steps
+        assert forward_launches(bindings, problem(packed=False, B=65, H=2, I=2)) == steps
+        assert forward_launches(bindings, problem(packed=False, B=1, H=257, I=2)) == steps
+        assert forward_launches(bindings, problem(packed=False, B=1, H=362, I=2, dtype=torch.bfloat16)) == 1
+    with sequence_kernel(False):
+        assert forward_launches(bindings, problem()) == steps
 
 
 def pair_lists(problem):

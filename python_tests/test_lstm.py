@@ -376,6 +376,33 @@ def test_cuda_saturated_gates_are_exact_and_finite(dtype):
 
 
 @requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lengths, hidden", [([9, 7, 7, 3, 1], 6), ([6] * 64, 33), ([5, 4, 2], 256)])
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("regularise", [False, True])
+def test_cuda_sequence_kernel_equals_the_step_loop(monkeypatch, dtype, lengths, hidden, reverse, regularise):
+    """The whole-sequence forward kernel (csrc/cuda/lstm.cu, taken where no projection or layer norm is)
+    gives the step loop's outputs and gradients (FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL=0), up to the order
+    of the recurrent product's sums; 64 sequences (its largest batch) take 16 blocks, H = 256 is the
+    bench's size."""
+    batch_sizes, t = make_layer_inputs(lengths, 5, hidden, 0, "both", torch.float64, "cuda", seed=4)
+    t = scaled_copy(t, hidden, dtype)
+    regularisers = make_regularisers(batch_sizes, t) if regularise else None
+    results, kernels = {}, {}
+    for setting in ("1", "0"):
+        monkeypatch.setenv("FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL", setting)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as profile:
+            results[setting] = outputs_and_grads(batch_sizes, t, reverse, regularisers=regularisers)
+            torch.cuda.synchronize()
+        kernels[setting] = {event.name for event in profile.events()}
+    assert any("lstm_sequence_forward_kernel" in name for name in kernels["1"]), "the kernel did not run"
+    assert not any("lstm_sequence_forward_kernel" in name for name in kernels["0"]), "it ran when turned off"
+    tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
+    for a, b in zip(results["1"][0] + results["1"][1], results["0"][0] + results["0"][1]):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
+
+
+@requires_cuda
 def test_cuda_step_larger_than_one_grid_pass():
     """2100 rows x 1024 units is more than the kernels' 8192 blocks x 256 threads, so threads loop."""
     hidden = 1024
@@ -788,9 +815,9 @@ def test_pair_equals_two_single_direction_layers(dtype, threads, packed, proj, r
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("stream", ["current", "side"])
-@pytest.mark.parametrize("packed", [True, False])
-@pytest.mark.parametrize("proj", [0, 2])
-@pytest.mark.parametrize("regularise, layer_norm", [(False, False), (True, False), (False, True), (True, True)])
+# The whole-sequence forward kernel (no projection, no layer norm) and the step loop.
+@pytest.mark.parametrize("packed, proj, regularise, layer_norm", [(True, 0, True, False), (False, 0, False, False),
+                                                                  (True, 2, True, False), (False, 0, True, True)])
 def test_cuda_pair_equals_two_single_direction_layers(dtype, stream, packed, proj, regularise, layer_norm):
     # The CUDA pair runs each direction on a stream of its own, which waits
     # for the caller's stream; "side": the caller's stream is not the default

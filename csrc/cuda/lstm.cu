@@ -331,6 +331,78 @@ __global__ void __launch_bounds__(kThreads) lstm_backward_ln_kernel(const Backwa
   }
 }
 
+// lstm_sequence_forward: block b carries sequences b * S .. b * S + S - 1
+// (S = kSequencesPerBlock, fewer in the last block) through every step. Per
+// step: (1) their h_{t-1} (masked) into shared memory, widened; (2) one warp
+// per gate row k: lanes split the row of W_hh, each multiplies its stretch by
+// the S states, and a shuffle reduction adds gates[r, k] += h_r . W_hh[k, :];
+// (3) forward_unit on the block's units, exactly the step kernel's work.
+// Barriers between the phases; the block only ever touches its own sequences'
+// rows, so no other block needs to wait. A sequence not alive at a step
+// (past its length; in reverse, before its last step) keeps its state, as in
+// the step loop.
+constexpr int64_t kSequencesPerBlock = 4;
+// Static shared memory limit without an opt-in.
+constexpr size_t kSequenceSharedBytes = 48 * 1024;
+
+template <typename T>
+using SequenceForwardArgs = LstmSequenceForwardArgs<T>;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_sequence_forward_kernel(const SequenceForwardArgs<T> a) {
+  using acc_t = compute_t<T>;
+  acc_t* h = reinterpret_cast<acc_t*>(dynamic_shared_memory());  // (S, H)
+  const int64_t H = a.H, G = 4 * H;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kSequencesPerBlock;
+  const int64_t lane = threadIdx.x % 32, warp = threadIdx.x / 32, warps = blockDim.x / 32;
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const int64_t t = a.reverse ? a.steps - 1 - s : s;
+    const int64_t offset = a.offsets[t] + first;  // this block's first row at step t
+    const int64_t alive_after_first = a.offsets[t + 1] - offset;
+    const int64_t rows = alive_after_first < kSequencesPerBlock ? alive_after_first : kSequencesPerBlock;
+    if (rows <= 0) continue;  // the same for every thread of the block
+    for (int64_t u = threadIdx.x; u < rows * H; u += blockDim.x) {
+      acc_t v = load(a.h_state + first * H + u);
+      if (a.recurrent_mask != nullptr) v *= load(a.recurrent_mask + first * H + u);
+      h[u] = v;
+    }
+    __syncthreads();
+    for (int64_t k = warp; k < G; k += warps) {
+      const T* w = a.weight_hh + k * H;
+      // Loops over r have a constant trip count, which nvcc unrolls, so
+      // sum[] lives in registers; the guard is the same for the whole warp.
+      acc_t sum[kSequencesPerBlock] = {};
+      for (int64_t j = lane; j < H; j += 32) {
+        const acc_t wj = load(w + j);
+        for (int64_t r = 0; r < kSequencesPerBlock; ++r)
+          if (r < rows) sum[r] += wj * h[r * H + j];
+      }
+      for (int64_t r = 0; r < kSequencesPerBlock; ++r) {
+        if (r < rows) {
+          acc_t v = sum[r];
+          for (int m = 16; m > 0; m /= 2) v += __shfl_xor_sync(0xffffffffu, v, m);
+          if (lane == 0) {
+            T* g = a.gates + (offset + r) * G + k;
+            store(g, load(g) + v);
+          }
+        }
+      }
+    }
+    __syncthreads();
+    const ForwardArgs<T> step{a.gates + offset * G,
+                              a.c_state + first * H,
+                              a.cells + offset * H,
+                              a.output + offset * H,
+                              a.h_state + first * H,
+                              a.zoneout_cell != nullptr ? a.zoneout_cell + offset * H : nullptr,
+                              a.zoneout_hidden != nullptr ? a.zoneout_hidden + offset * H : nullptr,
+                              rows,
+                              H};
+    for (int64_t u = threadIdx.x; u < rows * H; u += blockDim.x) forward_unit(step, u / H, u % H);
+    __syncthreads();  // before the next step reads h_state
+  }
+}
+
 bool sizes_ok(int64_t rows, int64_t H) { return rows >= 0 && H >= 0 && (H == 0 || rows <= kMaxUnits / H); }
 
 unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(rows < kMaxBlocks ? rows : kMaxBlocks); }
@@ -379,7 +451,45 @@ cudaError_t launch_backward(const BackwardArgs<T>& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
+size_t sequence_shared_bytes(int64_t H, size_t compute_bytes) {
+  return static_cast<size_t>(kSequencesPerBlock) * static_cast<size_t>(H) * compute_bytes;
+}
+
+template <typename T>
+cudaError_t launch_sequence_forward(const SequenceForwardArgs<T>& a, cudaStream_t stream) {
+  if (a.steps < 0 || a.batch < 0 || a.H < 0 || !lstm_sequence_forward_fits(a.H, sizeof(compute_t<T>)) ||
+      !sizes_ok(a.batch, 4 * a.H))
+    return cudaErrorInvalidValue;
+  if (a.steps == 0 || a.batch == 0 || a.H == 0) return cudaSuccess;
+  if (a.offsets == nullptr || a.gates == nullptr || a.c_state == nullptr || a.h_state == nullptr ||
+      a.cells == nullptr || a.output == nullptr || a.weight_hh == nullptr ||
+      (a.zoneout_hidden != nullptr && a.zoneout_cell == nullptr))
+    return cudaErrorInvalidValue;
+  const int64_t blocks = (a.batch + kSequencesPerBlock - 1) / kSequencesPerBlock;
+  if (blocks > kMaxBlocks) return cudaErrorInvalidValue;
+  launch_kernel(lstm_sequence_forward_kernel<T>, static_cast<unsigned>(blocks), kThreads,
+                sequence_shared_bytes(a.H, sizeof(compute_t<T>)), stream, a);
+  return cudaGetLastError();
+}
+
 }  // namespace
+
+bool lstm_sequence_forward_fits(int64_t H, size_t compute_bytes) {
+  return H >= 0 && H <= (1 << 20) && sequence_shared_bytes(H, compute_bytes) <= kSequenceSharedBytes;
+}
+
+cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<float>& args, cudaStream_t stream) {
+  return launch_sequence_forward(args, stream);
+}
+cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<double>& args, cudaStream_t stream) {
+  return launch_sequence_forward(args, stream);
+}
+cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<__half>& args, cudaStream_t stream) {
+  return launch_sequence_forward(args, stream);
+}
+cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<__nv_bfloat16>& args, cudaStream_t stream) {
+  return launch_sequence_forward(args, stream);
+}
 
 cudaError_t lstm_forward_step(const LstmForwardStepArgs<float>& args, cudaStream_t stream) {
   return launch_forward(args, stream);

@@ -6,9 +6,12 @@
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <initializer_list>
 #include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "cuda/lstm_step.h"
 #include "cuda/torch_cuda.h"
@@ -188,8 +191,79 @@ void backward_step_cuda(const LstmBackwardStep& s) {
   });
 }
 
-// The input half's LN backward (all rows at once) is composed from ATen ops here.
-constexpr LstmStepKernels kCudaKernels{&forward_step_cuda, &backward_step_cuda, /*layer_norm_backward=*/nullptr};
+// Where the whole-sequence forward kernel (kern::lstm_sequence_forward)
+// takes a layer direction. Each of its blocks reads all of W_hh from the L2
+// cache at every step, so it is for a W_hh of at most a MiB (H <= 256 in
+// float32, 362 in the half types), where that read should cost about what
+// the step loop's launches and host work per step do; past a batch of 64 the
+// blocks' W_hh reads (one per four sequences) should outweigh one GEMM.
+// Both are estimates, not yet measured on a GPU: the CUDA LSTM benchmark
+// times the step loop beside it (FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL=0).
+constexpr int64_t kSequenceMaxWeightBytes = int64_t(1) << 20;
+constexpr int64_t kSequenceMaxBatch = 64;
+
+bool sequence_kernel_enabled() {
+  const char* setting = std::getenv("FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL");
+  return setting == nullptr || std::string(setting) != "0";
+}
+
+bool sequence_forward_cuda(const LstmSequenceForward& s) {
+  const at::Tensor& gates = s.gates;
+  const int64_t B = s.h_state.size(0), H = s.c_state.size(1), N = gates.size(0);
+  const size_t compute_bytes = gates.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
+  const int64_t weight_bytes = 4 * H * H * static_cast<int64_t>(gates.element_size());
+  if (!sequence_kernel_enabled() || B > kSequenceMaxBatch || weight_bytes > kSequenceMaxWeightBytes ||
+      !kern::lstm_sequence_forward_fits(H, compute_bytes))
+    return false;
+  check_step_tensor(gates, "gates", gates, N, 4 * H);
+  check_step_tensor(s.c_state, "c_state", gates, B, H);
+  check_step_tensor(s.h_state, "h_state", gates, B, H);
+  check_step_tensor(s.cells, "cells", gates, N, H);
+  check_step_tensor(s.output, "output", gates, N, H);
+  check_step_tensor(s.weight_hh, "weight_hh", gates, 4 * H, H);
+  check_optional_step_tensor(s.recurrent_mask, "recurrent_mask", gates, B, H);
+  check_optional_step_tensor(s.zoneout_cell, "zoneout_cell", gates, N, H);
+  check_optional_step_tensor(s.zoneout_hidden, "zoneout_hidden", gates, N, H);
+  const int64_t step_count = static_cast<int64_t>(s.steps.size());
+  TORCH_CHECK(s.offsets.size() == s.steps.size(), "fastnlp.lstm (CUDA sequence): ", step_count, " steps but ",
+              s.offsets.size(), " offsets");
+  std::vector<int64_t> bounds(s.offsets);  // and where the last step ends
+  bounds.push_back(step_count == 0 ? 0 : s.offsets.back() + s.steps.back());
+  TORCH_CHECK(bounds.back() == N, "fastnlp.lstm (CUDA sequence): the steps cover ", bounds.back(), " rows, not ", N);
+  const at::Tensor device_bounds = copy_to_device(bounds, gates.device());
+  const c10::cuda::OptionalCUDAGuard guard(gates.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_kernel_type(gates.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const kern::LstmSequenceForwardArgs<T> args{device_bounds.const_data_ptr<int64_t>(),
+                                                step_count,
+                                                B,
+                                                H,
+                                                s.reverse,
+                                                out_ptr<T>(gates),
+                                                out_ptr<T>(s.c_state),
+                                                out_ptr<T>(s.h_state),
+                                                out_ptr<T>(s.cells),
+                                                out_ptr<T>(s.output),
+                                                in_ptr<T>(s.weight_hh),
+                                                in_ptr<T>(s.recurrent_mask),
+                                                in_ptr<T>(s.zoneout_cell),
+                                                in_ptr<T>(s.zoneout_hidden)};
+    C10_CUDA_CHECK(kern::lstm_sequence_forward(args, stream));
+  });
+  return true;
+}
+
+// The input half's LN backward (all rows at once) is composed from ATen ops
+// here; cuBLAS takes every product, prepared or not.
+constexpr LstmStepKernels kCudaKernels{&forward_step_cuda,
+                                       &backward_step_cuda,
+                                       /*layer_norm_backward=*/nullptr,
+                                       /*few_rows_addmm=*/nullptr,
+                                       /*few_rows_max=*/0,
+                                       /*prepare_right=*/nullptr,
+                                       /*prepared_matmul=*/nullptr,
+                                       &sequence_forward_cuda};
 
 void check_cuda_input(const at::Tensor& input) {
   TORCH_CHECK(is_cuda_tensor(input), "fastnlp.lstm: input must be a CUDA tensor here, got one on ", input.device());

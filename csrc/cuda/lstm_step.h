@@ -25,6 +25,7 @@
 // sizes require, return cudaErrorInvalidValue.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
 
 #include <cuda_bf16.h>
@@ -145,6 +146,55 @@ struct LstmBackwardStepArgs {
   T* grad_rec = nullptr;
   T* grad_ln_cell = nullptr;
 };
+
+// The whole forward time loop of one direction in one launch, for a layer
+// without projection or layer normalisation: at every step (t = 0 .. steps-1,
+// or steps-1 .. 0 when reverse) gates += h_{t-1} W_hh^T, then the forward
+// step above, over the rows alive at that step. The same results as the time
+// loop of csrc/lstm.cpp with lstm_forward_step (up to the order of the
+// product's sums), without a launch, a GEMM call and their host work per
+// step: one block of threads carries a few sequences through every step,
+// reading W_hh from the L2 cache each time. That pays where the step loop is
+// bound by its launches (small batches and hidden sizes); past
+// lstm_sequence_forward_fits it cannot run.
+//   offsets (steps + 1), device memory: the rows of step t are
+//     offsets[t] .. offsets[t+1]-1 of the (N, .) tensors, sequence r of
+//     them at offsets[t] + r; non-decreasing, offsets[0] = 0, each step at
+//     most `batch` rows, one step's rows a prefix of the previous step's
+//     (packed layout, csrc/lstm.h);
+//   gates (N, 4H): x_t W_ih^T + biases in, the activations out;
+//   c_state, h_state (batch, H): c0 / h0 in, c_n / h_n out;
+//   cells, output (N, H): c_t and h_t of every row out;
+//   weight_hh (4H, H);
+//   recurrent_mask (batch, H) or nullptr: h_{t-1} enters the product as
+//     h_{t-1} * recurrent_mask (the state itself is not masked);
+//   zoneout_cell, zoneout_hidden (N, H) or nullptr: as in the step.
+template <typename T>
+struct LstmSequenceForwardArgs {
+  const int64_t* offsets;
+  int64_t steps;
+  int64_t batch;
+  int64_t H;
+  bool reverse;
+  T* gates;
+  T* c_state;
+  T* h_state;
+  T* cells;
+  T* output;
+  const T* weight_hh;
+  const T* recurrent_mask;
+  const T* zoneout_cell;
+  const T* zoneout_hidden;
+};
+
+// Whether lstm_sequence_forward can run with hidden size H (its shared
+// memory holds a few sequences' h_{t-1}, widened to compute_t<T>).
+bool lstm_sequence_forward_fits(int64_t H, size_t compute_bytes);
+
+cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<float>& args, cudaStream_t stream);
+cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<double>& args, cudaStream_t stream);
+cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<__half>& args, cudaStream_t stream);
+cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<__nv_bfloat16>& args, cudaStream_t stream);
 
 cudaError_t lstm_forward_step(const LstmForwardStepArgs<float>& args, cudaStream_t stream);
 cudaError_t lstm_forward_step(const LstmForwardStepArgs<double>& args, cudaStream_t stream);

@@ -28,6 +28,14 @@ namespace fastnlp {
 // Whether t lives where the bindings' kernels run.
 inline bool is_cuda_tensor(const at::Tensor& t) { return t.is_cuda(); }
 
+// `values` as an int64 tensor on `device`, copied from pinned memory without
+// waiting for the current stream (the host allocator keeps the pinned block
+// until the copy is done).
+inline at::Tensor copy_to_device(const std::vector<int64_t>& values, const c10::Device& device) {
+  const at::Tensor host = at::tensor(values, at::kLong).pin_memory();
+  return host.to(device, /*non_blocking=*/true);
+}
+
 // Makes `waiting` wait for the work queued on `queued` so far.
 inline void wait_for_stream(cudaStream_t waiting, cudaStream_t queued) {
   cudaEvent_t event;

@@ -37,7 +37,7 @@ from __future__ import annotations
 import contextlib
 import os
 import threading
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch.nn.utils.rnn import pack_padded_sequence
@@ -57,6 +57,7 @@ TORCH = "nn.LSTM"
 TORCH_PACKED = "nn.LSTM packed"
 TORCH_PADDED = "nn.LSTM padded"
 OURS_PADDED = "fastnlp padded"
+OURS_STEP_LOOP = "fastnlp step loop"  # CUDA: the forward launched per step, not once (see _with_step_loop)
 TORCH_CELL = "nn.LSTMCell loop"
 PRODUCTS = "matrix products alone"
 OURS_LN = "fastnlp layer_norm"
@@ -325,8 +326,9 @@ def _padded_case(d: _Data) -> Case:
     directions = 2 if d.torch_lstm.bidirectional else 1
     impls = {OURS: lambda: _step(d.ours_lstm, d.x), TORCH: lambda: _step(d.torch_lstm, d.x),
              PRODUCTS: _products_alone(d, [B] * T, directions, per_step_weight_grads=False)}
+    impls = _with_step_loop(impls, d.x.device.type)
     return Case(op=OP, name=f"fwd+bwd padded {d.shape}", impls=impls, baselines=[TORCH, PRODUCTS], ours=OURS,
-                check=_check_among(OURS, TORCH))
+                check=_check_among(OURS, TORCH, *_step_loop_in(impls)))
 
 
 def _frozen_input_case(d: _Data) -> Case:
@@ -344,9 +346,11 @@ def _packed_case(d: _Data) -> Case:
         OURS_PADDED: lambda: _step(d.ours_lstm, d.x),
         PRODUCTS: _products_alone(d, _rows_per_step(d.lengths), directions, per_step_weight_grads=False),
     }
+    impls = _with_step_loop(impls, d.x.device.type)
     # Padded and packed runs compute different things: compare like with like.
     return Case(op=OP, name=f"fwd+bwd packed {d.shape}", impls=impls,
-                baselines=[TORCH_PACKED, TORCH_PADDED, PRODUCTS], ours=OURS, check=_check_among(OURS, TORCH_PACKED))
+                baselines=[TORCH_PACKED, TORCH_PADDED, PRODUCTS], ours=OURS,
+                check=_check_among(OURS, TORCH_PACKED, *_step_loop_in(impls)))
 
 
 def _cell_loop_case(d: _Data) -> Case:
@@ -358,21 +362,39 @@ def _cell_loop_case(d: _Data) -> Case:
 
 
 @contextlib.contextmanager
-def _reference_backend():
-    old = os.environ.get("FASTNLP_BACKEND")
-    os.environ["FASTNLP_BACKEND"] = "reference"
+def _environment(name: str, value: str):
+    """os.environ[name] = value inside, put back after (fastnlp reads these settings at every call)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            del os.environ["FASTNLP_BACKEND"]
+            del os.environ[name]
         else:
-            os.environ["FASTNLP_BACKEND"] = old
+            os.environ[name] = old
 
 
 def _reference_step(module, x):
-    with _reference_backend():
+    with _environment("FASTNLP_BACKEND", "reference"):
         return _step(module, x)
+
+
+def _with_step_loop(impls: Dict[str, Callable[[], Any]], device: str) -> Dict[str, Callable[[], Any]]:
+    """On CUDA, impls plus ours with the whole-sequence forward kernel off (OURS_STEP_LOOP): what it gains."""
+    if device != "cuda":
+        return impls
+    ours = impls[OURS]
+
+    def step_loop():
+        with _environment("FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL", "0"):
+            return ours()
+
+    return {**impls, OURS_STEP_LOOP: step_loop}
+
+
+def _step_loop_in(impls: Dict[str, Any]) -> Tuple[str, ...]:
+    return (OURS_STEP_LOOP,) if OURS_STEP_LOOP in impls else ()
 
 
 def _layer_norm_case(d: _Data) -> Case:
@@ -387,12 +409,14 @@ def _latency_case(d: _Data) -> Case:
         with torch.no_grad(), _ieee_float32():
             return module(d.x_nograd)[0]
 
-    impls = {OURS: lambda: forward(d.ours_lstm), TORCH: lambda: forward(d.torch_lstm)}
+    impls = _with_step_loop({OURS: lambda: forward(d.ours_lstm), TORCH: lambda: forward(d.torch_lstm)},
+                            d.x.device.type)
 
     def check(results):
-        if torch.allclose(results[OURS], results[TORCH], rtol=1e-3, atol=1e-4):
-            return None
-        return f"outputs differ by {(results[OURS] - results[TORCH]).abs().max().item():.3g}"
+        for name in (TORCH, *_step_loop_in(impls)):
+            if not torch.allclose(results[OURS], results[name], rtol=1e-3, atol=1e-4):
+                return f"outputs differ from {name}'s by {(results[OURS] - results[name]).abs().max().item():.3g}"
+        return None
 
     return Case(op=OP, name=f"inference {d.shape}", impls=impls, baselines=[TORCH], ours=OURS, check=check)
 

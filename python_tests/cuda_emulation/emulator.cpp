@@ -249,7 +249,12 @@ unsigned char* dynamic_shared_memory() {
   return block.dynamic;
 }
 
+uint64_t launches_run = 0;
+
+uint64_t launch_count() { return launches_run; }
+
 void run_grid(dim3 grid, dim3 threads, size_t smem, const std::function<void()>& body) {
+  ++launches_run;
   const cudaError_t config = check_configuration(grid, threads, smem);
   if (config != cudaSuccess) {
     last_error = config;

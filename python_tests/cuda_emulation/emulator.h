@@ -96,6 +96,10 @@ unsigned char* dynamic_shared_memory();
 // sets the error for cudaGetLastError() instead.
 void run_grid(dim3 grid, dim3 block, size_t smem, const std::function<void()>& body);
 
+// How many launches run_grid has taken (refused ones included): lets a test
+// see which kernels a binding chose.
+uint64_t launch_count();
+
 // What went wrong in the emulation itself since the last call (a divergent
 // barrier, a deadlock, a write past the dynamic shared memory, ...), or an
 // empty string; reading it clears it.

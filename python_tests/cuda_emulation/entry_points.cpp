@@ -125,6 +125,25 @@ int emu_lstm_backward_step(int dtype, const void* gates, const void* c_prev, int
   });
 }
 
+int emu_lstm_sequence_forward(int dtype, const int64_t* offsets, int64_t steps, int64_t batch, int64_t H,
+                              int reverse, void* gates, void* c_state, void* h_state, void* cells, void* output,
+                              const void* weight_hh, const void* recurrent_mask, const void* zoneout_cell,
+                              const void* zoneout_hidden) {
+  return with_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const kern::LstmSequenceForwardArgs<T> a{offsets,           steps,           batch,
+                                             H,                 reverse != 0,    as<T>(gates),
+                                             as<T>(c_state),    as<T>(h_state),  as<T>(cells),
+                                             as<T>(output),     as<T>(weight_hh), as<T>(recurrent_mask),
+                                             as<T>(zoneout_cell), as<T>(zoneout_hidden)};
+    return kern::lstm_sequence_forward(a, nullptr);
+  });
+}
+
+int emu_lstm_sequence_forward_fits(int64_t H, int64_t compute_bytes) {
+  return kern::lstm_sequence_forward_fits(H, static_cast<size_t>(compute_bytes)) ? 1 : 0;
+}
+
 int64_t emu_crf_log_partition_workspace_bytes(int64_t B, int64_t K, int64_t scalar_bytes) {
   return kern::crf_log_partition_workspace_bytes(B, K, scalar_bytes);
 }

@@ -24,6 +24,11 @@ inline cudaStream_t getCurrentCUDAStream() { return nullptr; }
 namespace fastnlp {
 inline bool is_cuda_tensor(const at::Tensor& t) { return t.is_cpu(); }
 
+// The emulated kernels read host memory.
+inline at::Tensor copy_to_device(const std::vector<int64_t>& values, const c10::Device&) {
+  return at::tensor(values, at::kLong);
+}
+
 // One after the other: the emulator has no streams (each launch runs to
 // completion before it returns), so there is nothing to overlap or order.
 template <typename Work>
