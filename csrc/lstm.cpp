@@ -7,9 +7,10 @@
 //   gates[t] += h_{t-1} W_hh^T  (one GEMM per step)
 //   pointwise: activations, c_t, h~_t = o * tanh(c_t)
 //   h_t = h~_t W_hr^T           (projection, one GEMM per step, if any)
-// A device may run the whole forward loop of a direction without projection
-// or layer norm in one go instead (LstmStepKernels::sequence_forward: CUDA,
-// at small sizes), writing the same results.
+// A device may run the whole forward or backward loop of a direction without
+// projection or layer norm in one go instead (LstmStepKernels::
+// sequence_forward and sequence_backward: CUDA, at small sizes), writing the
+// same results; the backward's input and weight GEMMs follow as for a chunk.
 // Backward runs the steps in the opposite order, in chunks of consecutive
 // steps; every GEMM that does not feed the recursion (input and weight
 // gradients) runs once per chunk, over all of the chunk's rows.
@@ -624,7 +625,17 @@ LstmBackwardResult lstm_backward_impl(
     first_chunk = false;
   };
 
-  for (const StepChunk& chunk : chunks) {
+  // All steps in one go where the device can (CUDA at small sizes), then the
+  // GEMMs over all rows as for one chunk; otherwise step by step, by chunks.
+  const bool whole_sequence =
+      kernels.sequence_backward != nullptr && !ln && !projected && chunks.size() == 1 && chunks[0].rows == N &&
+      kernels.sequence_backward(LstmSequenceBackward{
+          steps, offsets, reverse, gates.contiguous(), cells.contiguous(), output.contiguous(), h0, c0, grad_output,
+          dh_state, dc_state, grad_gates, h_prev_rows, weight_hh.contiguous(), recurrent_mask, zoneout_cell,
+          zoneout_hidden, grad_h_zoneout});
+  if (whole_sequence) finish_chunk(0, N);
+  const std::vector<StepChunk> stepwise_chunks = whole_sequence ? std::vector<StepChunk>() : chunks;
+  for (const StepChunk& chunk : stepwise_chunks) {
     for (int64_t s = chunk.first_s; s >= chunk.last_s; --s) {
       const int64_t t = reverse ? T - 1 - s : s;
       const int64_t rows = steps[t], offset = offsets[t], at_row = offset - chunk.row_begin;

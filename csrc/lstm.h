@@ -76,6 +76,23 @@ struct LstmSequenceForward {
   at::Tensor recurrent_mask, zoneout_cell, zoneout_hidden;
 };
 
+// The whole backward time loop of one direction at once
+// (LstmStepKernels::sequence_backward), for the directions sequence_forward
+// takes: steps, offsets and reverse as there; from the forward pass gates,
+// cells, output (N, .), h0 and c0 (B, H); grad_output (N, H); dh_state and
+// dc_state (B, H): dL/dh_n and dL/dc_n in, dL/dh0 and dL/dc0 out;
+// grad_gates (N, 4H) out; h_prev (N, H) out, or undefined: every row's
+// h_{t-1} as the recurrent product saw it (masked); grad_h_zoneout (B, H):
+// scratch when zoneout_hidden is given; weight_hh and the regularisers as in
+// LstmSequenceForward. All contiguous.
+struct LstmSequenceBackward {
+  const std::vector<int64_t>& steps;
+  const std::vector<int64_t>& offsets;
+  bool reverse;
+  at::Tensor gates, cells, output, h0, c0, grad_output, dh_state, dc_state, grad_gates, h_prev, weight_hh;
+  at::Tensor recurrent_mask, zoneout_cell, zoneout_hidden, grad_h_zoneout;
+};
+
 // The per-step pointwise work of one device: activations, the cell update
 // (c~_t = f * c_{t-1} + i * g, h~_t = o * tanh(c~_t), then zoneout) and
 // their gradients. The backward recomputes c~_t from the gates and c_{t-1}.
@@ -106,6 +123,11 @@ struct LstmStepKernels {
   // activations into gates, c_state, h_state, cells, output); returns false,
   // touching nothing, where it does not apply. nullptr, or false: the step loop.
   bool (*sequence_forward)(const LstmSequenceForward& sequence) = nullptr;
+  // Optional: its backward time loop in one go, writing what the step loop
+  // would (grad_gates and h_prev for all rows, dh_state, dc_state), for a
+  // backward that walks all rows as one chunk; returns false, touching
+  // nothing, where it does not apply. nullptr, or false: the step loop.
+  bool (*sequence_backward)(const LstmSequenceBackward& sequence) = nullptr;
 };
 
 // Training-time regularisers, applied inside the time loop (all optional):

@@ -79,7 +79,7 @@ def test_lstm_bench_leaves_cudnn_tf32_as_it_found_it():
 
 
 def test_lstm_bench_on_cuda_also_times_the_step_loop():
-    """On CUDA the LSTM cases add ours with the whole-sequence forward kernel off (read per call
+    """On CUDA the LSTM cases add ours with the whole-sequence kernels off (read per call
     from the environment), so that one run shows what the kernel gains; not on the CPU."""
     from fastnlp.bench import lstm as bench_lstm
 

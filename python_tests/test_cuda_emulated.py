@@ -71,7 +71,8 @@ def _declare(lib):
     lib.emu_crf_viterbi.argtypes = [i32] + [p] * 5 + [i64] * 3 + [p] * 3
     lib.emu_crf_viterbi_topk.argtypes = [i32] + [p] * 5 + [i64] * 4 + [p] * 3
     lib.emu_lstm_sequence_forward.argtypes = [i32, p, i64, i64, i64, i32] + [p] * 9
-    lib.emu_lstm_sequence_forward_fits.argtypes = [i64, i64]
+    lib.emu_lstm_sequence_backward.argtypes = [i32, p, i64, i64, i64, i32] + [p] * 15
+    lib.emu_lstm_sequence_kernels_fit.argtypes = [i64, i64]
     lib.emu_fault.argtypes = [i32, i64, p]
     return lib
 
@@ -388,29 +389,51 @@ def sequence_definition(gates_in, h0, c0, weight_hh, bounds, reverse, mask, zc, 
     return dict(gates=gates, c_state=c, h_state=h, cells=cells, output=output)
 
 
+class SequenceCase:
+    """Random inputs of the sequence kernels for `lengths` (sorted longest first, packed layout):
+    gates_in (N, 4H), h0, c0 (B, H), weight_hh, the regularisers (mask, zc, zh, or None), the
+    gradients from above (grad_output, grad_h_n, grad_c_n), and the step bounds."""
+
+    def __init__(self, dtype, lengths, H, regularised, seed):
+        g = torch.Generator().manual_seed(seed)
+
+        def rand(*shape):
+            return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
+
+        self.dtype, self.H, self.B, self.T = dtype, H, len(lengths), max(lengths)
+        steps = [sum(n > t for n in lengths) for t in range(self.T)]
+        self.bounds = [sum(steps[:t]) for t in range(self.T + 1)]
+        self.offsets = torch.tensor(self.bounds, dtype=torch.int64)
+        self.N = N = self.bounds[-1]
+        self.gates_in, self.h0, self.c0, self.weight_hh = rand(N, 4 * H), rand(self.B, H), rand(self.B, H), \
+            rand(4 * H, H)
+        self.mask = self.zc = self.zh = None
+        if regularised:
+            self.mask = (torch.rand(self.B, H, generator=g) > 0.3).to(dtype) / 0.7
+            self.zc, self.zh = torch.rand(N, H, generator=g).to(dtype), torch.rand(N, H, generator=g).to(dtype)
+        self.grad_output, self.grad_h_n, self.grad_c_n = rand(N, H), rand(self.B, H), rand(self.B, H)
+
+    def run_forward(self, lib, reverse):
+        """The kernel's status and results: gates (activations), c_state, h_state, cells, output."""
+        N, H = self.N, self.H
+        out = dict(gates=self.gates_in.clone(), c_state=self.c0.clone(), h_state=self.h0.clone(),
+                   cells=unreadable(N, H, dtype=self.dtype), output=unreadable(N, H, dtype=self.dtype))
+        status = call(lib, "emu_lstm_sequence_forward", DTYPE_CODES[self.dtype], ptr(self.offsets), self.T, self.B,
+                      H, int(reverse), ptr(out["gates"]), ptr(out["c_state"]), ptr(out["h_state"]),
+                      ptr(out["cells"]), ptr(out["output"]), ptr(self.weight_hh), ptr(self.mask), ptr(self.zc),
+                      ptr(self.zh))
+        return status, out
+
+    def forward_definition(self, reverse):
+        return sequence_definition(self.gates_in, self.h0, self.c0, self.weight_hh, self.bounds, reverse,
+                                   self.mask, self.zc, self.zh)
+
+
 def run_sequence_forward(lib, dtype, lengths, H, reverse, regularised, seed):
-    """Random inputs for lengths (sorted longest first, packed layout); the kernel's results and the definition's."""
-    g = torch.Generator().manual_seed(seed)
-
-    def rand(*shape):
-        return (torch.rand(*shape, generator=g, dtype=torch.float64) * 2 - 1).to(dtype)
-
-    B, T = len(lengths), max(lengths)
-    steps = [sum(n > t for n in lengths) for t in range(T)]
-    bounds = [sum(steps[:t]) for t in range(T + 1)]
-    N = bounds[-1]
-    gates_in, h0, c0, weight_hh = rand(N, 4 * H), rand(B, H), rand(B, H), rand(4 * H, H)
-    mask = zc = zh = None
-    if regularised:
-        mask = (torch.rand(B, H, generator=g) > 0.3).to(dtype) / 0.7
-        zc, zh = torch.rand(N, H, generator=g).to(dtype), torch.rand(N, H, generator=g).to(dtype)
-    out = dict(gates=gates_in.clone(), c_state=c0.clone(), h_state=h0.clone(), cells=unreadable(N, H, dtype=dtype),
-               output=unreadable(N, H, dtype=dtype))
-    offsets = torch.tensor(bounds, dtype=torch.int64)
-    status = call(lib, "emu_lstm_sequence_forward", DTYPE_CODES[dtype], ptr(offsets), T, B, H, int(reverse),
-                  ptr(out["gates"]), ptr(out["c_state"]), ptr(out["h_state"]), ptr(out["cells"]),
-                  ptr(out["output"]), ptr(weight_hh), ptr(mask), ptr(zc), ptr(zh))
-    return status, out, sequence_definition(gates_in, h0, c0, weight_hh, bounds, reverse, mask, zc, zh)
+    """The kernel's status and results on a SequenceCase, and its definition's."""
+    case = SequenceCase(dtype, lengths, H, regularised, seed)
+    status, out = case.run_forward(lib, reverse)
+    return status, out, case.forward_definition(reverse)
 
 
 # Lengths: one sequence; padded (all one length); packed over two blocks of
@@ -442,7 +465,66 @@ def test_lstm_sequence_forward_on_random_sizes(emulated, lengths, H, reverse, re
         torch.testing.assert_close(out[name], expected, rtol=1e-12, atol=1e-12, msg=lambda m, n=name: f"{n}: {m}")
 
 
-def test_lstm_sequence_forward_refuses_what_it_cannot_run_and_skips_empty_work(emulated):
+def sequence_rows(gates_in, h0, c0, weight_hh, bounds, reverse, mask, zc, zh):
+    """sequence_definition row by row, with autograd: (output, h_n, c_n, h_prev), h_prev each row's
+    h_{t-1} * mask (the recurrent product's input)."""
+    h, c = list(h0.unbind(0)), list(c0.unbind(0))
+    output, h_prev = [None] * gates_in.shape[0], [None] * gates_in.shape[0]
+    T = len(bounds) - 1
+    for t in reversed(range(T)) if reverse else range(T):
+        for r in range(bounds[t + 1] - bounds[t]):
+            row = bounds[t] + r
+            h_prev[row] = h[r] * (mask[r] if mask is not None else 1)
+            i, f, g, o = (gates_in[row] + weight_hh @ h_prev[row]).chunk(4)
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+            c_new = f * c[r] + i * g
+            h_new = o * torch.tanh(c_new)
+            if zc is not None:
+                c_new = zc[row] * c[r] + (1 - zc[row]) * c_new
+                if zh is not None:
+                    h_new = zh[row] * h[r] + (1 - zh[row]) * h_new
+            c[r], h[r] = c_new, h_new
+            output[row] = h_new
+    return torch.stack(output), torch.stack(h), torch.stack(c), torch.stack(h_prev)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lengths", SEQUENCE_LENGTHS, ids=str)
+@pytest.mark.parametrize("H", [1, 5, 40])
+@pytest.mark.parametrize("reverse", [False, True], ids=["", "reverse"])
+@pytest.mark.parametrize("regularised", [False, True], ids=["", "regularised"])
+def test_lstm_sequence_backward_matches_autograd_of_its_definition(emulated, dtype, lengths, H, reverse,
+                                                                  regularised):
+    case = SequenceCase(dtype, lengths, H, regularised, seed=H + 1)
+    # The forward's saved activations, cells and outputs (from the forward kernel, checked above).
+    status, forward = case.run_forward(emulated, reverse)
+    assert status == CUDA_SUCCESS
+
+    exact = [x.double().requires_grad_() for x in (case.gates_in, case.h0, case.c0)]
+    regularisers = [x.double() if x is not None else None for x in (case.mask, case.zc, case.zh)]
+    output, h_n, c_n, h_prev = sequence_rows(*exact, case.weight_hh.double(), case.bounds, reverse, *regularisers)
+    loss = sum((value * grad.double()).sum()
+               for value, grad in ((output, case.grad_output), (h_n, case.grad_h_n), (c_n, case.grad_c_n)))
+    want = dict(zip(["grad_gates", "dh_state", "dc_state"], torch.autograd.grad(loss, exact)))
+    want["h_prev"] = h_prev.detach()
+
+    N, B = case.N, case.B
+    out = dict(dh_state=case.grad_h_n.clone(), dc_state=case.grad_c_n.clone(),
+               grad_gates=unreadable(N, 4 * H, dtype=dtype), h_prev=unreadable(N, H, dtype=dtype))
+    scratch = unreadable(B, H, dtype=dtype)
+    status = call(emulated, "emu_lstm_sequence_backward", DTYPE_CODES[dtype], ptr(case.offsets), case.T, B, H,
+                  int(reverse), ptr(forward["gates"]), ptr(forward["cells"]), ptr(forward["output"]), ptr(case.h0),
+                  ptr(case.c0), ptr(case.grad_output), ptr(out["dh_state"]), ptr(out["dc_state"]),
+                  ptr(out["grad_gates"]), ptr(out["h_prev"]), ptr(case.weight_hh), ptr(case.mask), ptr(case.zc),
+                  ptr(case.zh), ptr(scratch))
+    assert status == CUDA_SUCCESS
+    # Through the forward's rounded activations as well as the recurrence.
+    tol = LSTM_TOLERANCE[dtype] * (4 if dtype in (torch.float16, torch.bfloat16) else 1)
+    for name, expected in want.items():
+        torch.testing.assert_close(out[name].double(), expected, rtol=tol, atol=tol, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def test_lstm_sequence_launchers_refuse_what_they_cannot_run_and_skip_empty_work(emulated):
     f = emulated.emu_lstm_sequence_forward
     offsets = torch.tensor([0, 2], dtype=torch.int64)
     g, s = torch.zeros(2, 12), torch.zeros(2, 3)
@@ -458,16 +540,36 @@ def test_lstm_sequence_forward_refuses_what_it_cannot_run_and_skips_empty_work(e
              None, None, None) == CUDA_ERROR_INVALID_VALUE
     assert f(0, ptr(offsets), 1, 2, 3, 0, ptr(g), ptr(s), ptr(s), ptr(s), ptr(s), ptr(w),
              None, None, ptr(s)) == CUDA_ERROR_INVALID_VALUE
-    # A hidden size whose states do not fit the shared memory (four float32 rows of H).
-    assert emulated.emu_lstm_sequence_forward_fits(3072, 4) == 1
-    assert emulated.emu_lstm_sequence_forward_fits(3073, 4) == 0
-    assert emulated.emu_lstm_sequence_forward_fits(1536, 8) == 1
-    assert emulated.emu_lstm_sequence_forward_fits(1537, 8) == 0
-    assert f(0, ptr(offsets), 1, 2, 3073, 0, ptr(g), ptr(s), ptr(s), ptr(s), ptr(s), ptr(w),
+    # A hidden size whose gate gradients do not fit the backward's shared memory (four rows of 4H).
+    assert emulated.emu_lstm_sequence_kernels_fit(768, 4) == 1
+    assert emulated.emu_lstm_sequence_kernels_fit(769, 4) == 0
+    assert emulated.emu_lstm_sequence_kernels_fit(384, 8) == 1
+    assert emulated.emu_lstm_sequence_kernels_fit(385, 8) == 0
+    assert f(0, ptr(offsets), 1, 2, 769, 0, ptr(g), ptr(s), ptr(s), ptr(s), ptr(s), ptr(w),
              None, None, None) == CUDA_ERROR_INVALID_VALUE
     # Nothing to do: success without reading a pointer.
     for steps, batch, H in ((0, 2, 3), (1, 0, 3), (1, 2, 0)):
         assert f(0, None, steps, batch, H, 0, *[None] * 9) == CUDA_SUCCESS
+
+    b = emulated.emu_lstm_sequence_backward
+
+    def backward(steps=1, H=3, dc_state=s, zoneout_hidden=None, grad_h_zoneout=None, zoneout_cell=None):
+        # gates, cells, output, h0, c0, grad_output, dh_state, dc_state, grad_gates, h_prev (optional),
+        # weight_hh, recurrent_mask, zoneout_cell, zoneout_hidden, grad_h_zoneout
+        return b(0, ptr(offsets), steps, 2, H, 0, ptr(g), ptr(s), ptr(s), ptr(s), ptr(s), ptr(s), ptr(s),
+                 ptr(dc_state), ptr(g), None, ptr(w), None, ptr(zoneout_cell), ptr(zoneout_hidden),
+                 ptr(grad_h_zoneout))
+
+    assert backward() == CUDA_SUCCESS
+    assert backward(steps=-1) == CUDA_ERROR_INVALID_VALUE
+    assert backward(H=769) == CUDA_ERROR_INVALID_VALUE
+    assert backward(dc_state=None) == CUDA_ERROR_INVALID_VALUE
+    # zoneout_hidden needs zoneout_cell and the scratch its share goes to.
+    assert backward(zoneout_hidden=s, zoneout_cell=s) == CUDA_ERROR_INVALID_VALUE
+    assert backward(zoneout_hidden=s, grad_h_zoneout=s) == CUDA_ERROR_INVALID_VALUE
+    assert backward(zoneout_hidden=s, zoneout_cell=s, grad_h_zoneout=s) == CUDA_SUCCESS
+    for steps, batch, H in ((0, 2, 3), (1, 0, 3), (1, 2, 0)):
+        assert b(0, None, steps, batch, H, 0, *[None] * 15) == CUDA_SUCCESS
 
 
 # -- CRF kernels -----------------------------------------------------------------------------------------------
@@ -927,14 +1029,19 @@ def test_cuda_lstm_binding_in_half_precision_in_every_configuration_without_laye
 
 
 def forward_launches(bindings, problem):
-    """How many kernels the binding's forward launches for `problem`."""
+    """How many kernels the binding's forward and backward launch for `problem` (the same number each:
+    one with the sequence kernels, one per step without)."""
     before = bindings.launch_count()
     bindings.lstm_forward(*problem.args)
-    return bindings.launch_count() - before
+    forward = bindings.launch_count() - before
+    lstm_forward_and_backward(bindings.lstm_forward, bindings.lstm_backward, problem.args, problem.grads,
+                              problem.has_bias)
+    assert bindings.launch_count() - before == 3 * forward, "the backward launches as many kernels as the forward"
+    return forward
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["padded", "packed"])
-def test_cuda_lstm_binding_runs_the_sequence_kernel_where_it_applies(bindings, packed):
+def test_cuda_lstm_binding_runs_the_sequence_kernels_where_they_apply(bindings, packed):
     def problem(**changes):
         config = dict(seed=3, dtype=torch.float32, packed=packed, reverse=False, projected=False, regularised=True,
                       layer_norm=False, bias=True)
@@ -972,7 +1079,8 @@ def backward_pair_list(problem, forward_outputs):
             + list(regularisers) + [norms[0], norms[2], norms[4], norms[5]] + saved)
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+# The lists' unpacking is the same for every dtype: the two the CPU kernel takes too, and one half type.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16], ids=str)
 @given(seed=st.integers(0, 2**32 - 2), packed=st.booleans(), projected=st.booleans(), regularised=st.booleans(),
        layer_norm=st.booleans(), bias=st.booleans(), input_grad=st.booleans(), weight_grads=st.booleans())
 def test_cuda_lstm_pair_binding_is_the_two_single_direction_bindings(bindings, dtype, seed, packed, projected,

@@ -381,9 +381,9 @@ def test_cuda_saturated_gates_are_exact_and_finite(dtype):
 @pytest.mark.parametrize("reverse", [False, True])
 @pytest.mark.parametrize("regularise", [False, True])
 def test_cuda_sequence_kernel_equals_the_step_loop(monkeypatch, dtype, lengths, hidden, reverse, regularise):
-    """The whole-sequence forward kernel (csrc/cuda/lstm.cu, taken where no projection or layer norm is)
-    gives the step loop's outputs and gradients (FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL=0), up to the order
-    of the recurrent product's sums; 64 sequences (its largest batch) take 16 blocks, H = 256 is the
+    """The whole-sequence kernels (csrc/cuda/lstm.cu, taken where no projection or layer norm is) give
+    the step loop's outputs and gradients (FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL=0), up to the order of
+    the recurrent product's sums; 64 sequences (its largest batch) take 16 blocks, H = 256 is the
     bench's size."""
     batch_sizes, t = make_layer_inputs(lengths, 5, hidden, 0, "both", torch.float64, "cuda", seed=4)
     t = scaled_copy(t, hidden, dtype)
@@ -395,8 +395,9 @@ def test_cuda_sequence_kernel_equals_the_step_loop(monkeypatch, dtype, lengths, 
             results[setting] = outputs_and_grads(batch_sizes, t, reverse, regularisers=regularisers)
             torch.cuda.synchronize()
         kernels[setting] = {event.name for event in profile.events()}
-    assert any("lstm_sequence_forward_kernel" in name for name in kernels["1"]), "the kernel did not run"
-    assert not any("lstm_sequence_forward_kernel" in name for name in kernels["0"]), "it ran when turned off"
+    for kernel in ("lstm_sequence_forward_kernel", "lstm_sequence_backward_kernel"):
+        assert any(kernel in name for name in kernels["1"]), f"{kernel} did not run"
+        assert not any(kernel in name for name in kernels["0"]), f"{kernel} ran when turned off"
     tol = {torch.float32: 1e-5, torch.float64: 1e-12, torch.float16: 5e-3, torch.bfloat16: 4e-2}[dtype]
     for a, b in zip(results["1"][0] + results["1"][1], results["0"][0] + results["0"][1]):
         torch.testing.assert_close(a, b, rtol=tol, atol=tol)

@@ -403,6 +403,85 @@ __global__ void __launch_bounds__(kThreads) lstm_sequence_forward_kernel(const S
   }
 }
 
+// lstm_sequence_backward: the same blocks of sequences, the steps in
+// backward order. Per step: (1) backward_unit on the block's units, exactly
+// the step kernel's work (and h_prev for the weight gradient); (2) the
+// block's gate gradients into shared memory, widened; (3) one thread per unit
+// j: dL/dh_{t-1}[r, j] = sum_k grad_gates[r, k] W_hh[k, j] over the 4H rows
+// of W_hh, neighbouring threads reading neighbouring j (coalesced), then the
+// mask and zoneout's share. Barriers between the phases.
+template <typename T>
+using SequenceBackwardArgs = LstmSequenceBackwardArgs<T>;
+
+template <typename T>
+__global__ void __launch_bounds__(kThreads) lstm_sequence_backward_kernel(const SequenceBackwardArgs<T> a) {
+  using acc_t = compute_t<T>;
+  acc_t* grad = reinterpret_cast<acc_t*>(dynamic_shared_memory());  // (S, 4H)
+  const int64_t H = a.H, G = 4 * H;
+  const int64_t first = static_cast<int64_t>(blockIdx.x) * kSequencesPerBlock;
+  for (int64_t s = 0; s < a.steps; ++s) {
+    const int64_t t = a.reverse ? s : a.steps - 1 - s;
+    const int64_t offset = a.offsets[t] + first;
+    const int64_t alive_after_first = a.offsets[t + 1] - offset;
+    const int64_t rows = alive_after_first < kSequencesPerBlock ? alive_after_first : kSequencesPerBlock;
+    if (rows <= 0) continue;  // the same for every thread of the block
+    // The step the forward pass took just before t: its rows give c_{t-1}
+    // and h_{t-1}; rows it did not have start from c0 and h0.
+    const int64_t prev = a.reverse ? t + 1 : t - 1;
+    int64_t with_prev = 0, prev_offset = 0;
+    if (prev >= 0 && prev < a.steps) {
+      prev_offset = a.offsets[prev] + first;
+      const int64_t alive_before = a.offsets[prev + 1] - prev_offset;
+      with_prev = alive_before < 0 ? 0 : alive_before < rows ? alive_before : rows;
+    }
+    const T* zoneout_hidden = a.zoneout_hidden != nullptr ? a.zoneout_hidden + offset * H : nullptr;
+    const BackwardArgs<T> step{a.gates + offset * G,
+                               with_prev > 0 ? a.cells + prev_offset * H : nullptr,
+                               with_prev,
+                               a.c0 + first * H,
+                               a.grad_output + offset * H,
+                               a.dh_state + first * H,
+                               a.dc_state + first * H,
+                               a.grad_gates + offset * G,
+                               nullptr,
+                               a.zoneout_cell != nullptr ? a.zoneout_cell + offset * H : nullptr,
+                               zoneout_hidden,
+                               zoneout_hidden != nullptr ? a.grad_h_zoneout + first * H : nullptr,
+                               rows,
+                               H};
+    for (int64_t u = threadIdx.x; u < rows * H; u += blockDim.x) {
+      const int64_t r = u / H, j = u % H;
+      backward_unit(step, r, j);
+      if (a.h_prev != nullptr) {
+        acc_t h = r < with_prev ? load(a.output + (prev_offset + r) * H + j) : load(a.h0 + first * H + u);
+        if (a.recurrent_mask != nullptr) h *= load(a.recurrent_mask + first * H + u);
+        store(a.h_prev + offset * H + u, h);
+      }
+    }
+    __syncthreads();
+    for (int64_t u = threadIdx.x; u < rows * G; u += blockDim.x) grad[u] = load(a.grad_gates + offset * G + u);
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < H; j += blockDim.x) {
+      acc_t sum[kSequencesPerBlock] = {};  // constant trip counts, unrolled: registers
+      for (int64_t k = 0; k < G; ++k) {
+        const acc_t w = load(a.weight_hh + k * H + j);
+        for (int64_t r = 0; r < kSequencesPerBlock; ++r)
+          if (r < rows) sum[r] += grad[r * G + k] * w;
+      }
+      for (int64_t r = 0; r < kSequencesPerBlock; ++r) {
+        if (r < rows) {
+          const int64_t at = (first + r) * H + j;
+          acc_t dh = sum[r];
+          if (a.recurrent_mask != nullptr) dh *= load(a.recurrent_mask + at);
+          if (zoneout_hidden != nullptr) dh += load(a.grad_h_zoneout + at);
+          store(a.dh_state + at, dh);
+        }
+      }
+    }
+    __syncthreads();  // before the next step reads dh_state and overwrites grad
+  }
+}
+
 bool sizes_ok(int64_t rows, int64_t H) { return rows >= 0 && H >= 0 && (H == 0 || rows <= kMaxUnits / H); }
 
 unsigned row_blocks(int64_t rows) { return static_cast<unsigned>(rows < kMaxBlocks ? rows : kMaxBlocks); }
@@ -451,31 +530,59 @@ cudaError_t launch_backward(const BackwardArgs<T>& a, cudaStream_t stream) {
   return cudaGetLastError();
 }
 
-size_t sequence_shared_bytes(int64_t H, size_t compute_bytes) {
-  return static_cast<size_t>(kSequencesPerBlock) * static_cast<size_t>(H) * compute_bytes;
+// Shared memory of one block: the forward's S states of H, or the
+// backward's S gate gradients of 4H.
+size_t sequence_shared_bytes(int64_t values_per_sequence, size_t compute_bytes) {
+  return static_cast<size_t>(kSequencesPerBlock) * static_cast<size_t>(values_per_sequence) * compute_bytes;
+}
+
+// The sizes and the work both sequence kernels share: cudaSuccess with
+// *blocks set, cudaErrorInvalidValue, or cudaSuccess with *blocks = 0 for
+// nothing to do.
+cudaError_t sequence_grid(int64_t steps, int64_t batch, int64_t H, size_t compute_bytes, unsigned* blocks) {
+  *blocks = 0;
+  if (steps < 0 || batch < 0 || H < 0 || !lstm_sequence_kernels_fit(H, compute_bytes) || !sizes_ok(batch, 4 * H))
+    return cudaErrorInvalidValue;
+  if (steps == 0 || batch == 0 || H == 0) return cudaSuccess;
+  const int64_t count = (batch + kSequencesPerBlock - 1) / kSequencesPerBlock;
+  if (count > kMaxBlocks) return cudaErrorInvalidValue;
+  *blocks = static_cast<unsigned>(count);
+  return cudaSuccess;
 }
 
 template <typename T>
 cudaError_t launch_sequence_forward(const SequenceForwardArgs<T>& a, cudaStream_t stream) {
-  if (a.steps < 0 || a.batch < 0 || a.H < 0 || !lstm_sequence_forward_fits(a.H, sizeof(compute_t<T>)) ||
-      !sizes_ok(a.batch, 4 * a.H))
-    return cudaErrorInvalidValue;
-  if (a.steps == 0 || a.batch == 0 || a.H == 0) return cudaSuccess;
+  unsigned blocks = 0;
+  const cudaError_t sizes = sequence_grid(a.steps, a.batch, a.H, sizeof(compute_t<T>), &blocks);
+  if (sizes != cudaSuccess || blocks == 0) return sizes;
   if (a.offsets == nullptr || a.gates == nullptr || a.c_state == nullptr || a.h_state == nullptr ||
       a.cells == nullptr || a.output == nullptr || a.weight_hh == nullptr ||
       (a.zoneout_hidden != nullptr && a.zoneout_cell == nullptr))
     return cudaErrorInvalidValue;
-  const int64_t blocks = (a.batch + kSequencesPerBlock - 1) / kSequencesPerBlock;
-  if (blocks > kMaxBlocks) return cudaErrorInvalidValue;
-  launch_kernel(lstm_sequence_forward_kernel<T>, static_cast<unsigned>(blocks), kThreads,
-                sequence_shared_bytes(a.H, sizeof(compute_t<T>)), stream, a);
+  launch_kernel(lstm_sequence_forward_kernel<T>, blocks, kThreads, sequence_shared_bytes(a.H, sizeof(compute_t<T>)),
+                stream, a);
+  return cudaGetLastError();
+}
+
+template <typename T>
+cudaError_t launch_sequence_backward(const SequenceBackwardArgs<T>& a, cudaStream_t stream) {
+  unsigned blocks = 0;
+  const cudaError_t sizes = sequence_grid(a.steps, a.batch, a.H, sizeof(compute_t<T>), &blocks);
+  if (sizes != cudaSuccess || blocks == 0) return sizes;
+  if (a.offsets == nullptr || a.gates == nullptr || a.cells == nullptr || a.output == nullptr ||
+      a.h0 == nullptr || a.c0 == nullptr || a.grad_output == nullptr || a.dh_state == nullptr ||
+      a.dc_state == nullptr || a.grad_gates == nullptr || a.weight_hh == nullptr ||
+      (a.zoneout_hidden != nullptr && (a.zoneout_cell == nullptr || a.grad_h_zoneout == nullptr)))
+    return cudaErrorInvalidValue;
+  launch_kernel(lstm_sequence_backward_kernel<T>, blocks, kThreads,
+                sequence_shared_bytes(4 * a.H, sizeof(compute_t<T>)), stream, a);
   return cudaGetLastError();
 }
 
 }  // namespace
 
-bool lstm_sequence_forward_fits(int64_t H, size_t compute_bytes) {
-  return H >= 0 && H <= (1 << 20) && sequence_shared_bytes(H, compute_bytes) <= kSequenceSharedBytes;
+bool lstm_sequence_kernels_fit(int64_t H, size_t compute_bytes) {
+  return H >= 0 && H <= (1 << 20) && sequence_shared_bytes(4 * H, compute_bytes) <= kSequenceSharedBytes;
 }
 
 cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<float>& args, cudaStream_t stream) {
@@ -489,6 +596,19 @@ cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<__half>& args, c
 }
 cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<__nv_bfloat16>& args, cudaStream_t stream) {
   return launch_sequence_forward(args, stream);
+}
+
+cudaError_t lstm_sequence_backward(const LstmSequenceBackwardArgs<float>& args, cudaStream_t stream) {
+  return launch_sequence_backward(args, stream);
+}
+cudaError_t lstm_sequence_backward(const LstmSequenceBackwardArgs<double>& args, cudaStream_t stream) {
+  return launch_sequence_backward(args, stream);
+}
+cudaError_t lstm_sequence_backward(const LstmSequenceBackwardArgs<__half>& args, cudaStream_t stream) {
+  return launch_sequence_backward(args, stream);
+}
+cudaError_t lstm_sequence_backward(const LstmSequenceBackwardArgs<__nv_bfloat16>& args, cudaStream_t stream) {
+  return launch_sequence_backward(args, stream);
 }
 
 cudaError_t lstm_forward_step(const LstmForwardStepArgs<float>& args, cudaStream_t stream) {

@@ -191,8 +191,8 @@ void backward_step_cuda(const LstmBackwardStep& s) {
   });
 }
 
-// Where the whole-sequence forward kernel (kern::lstm_sequence_forward)
-// takes a layer direction. Each of its blocks reads all of W_hh from the L2
+// Where the whole-sequence kernels (kern::lstm_sequence_forward and
+// lstm_sequence_backward) take a layer direction. Each of its blocks reads all of W_hh from the L2
 // cache at every step, so it is for a W_hh of at most a MiB (H <= 256 in
 // float32, 362 in the half types), where that read should cost about what
 // the step loop's launches and host work per step do; past a batch of 64 the
@@ -207,14 +207,32 @@ bool sequence_kernel_enabled() {
   return setting == nullptr || std::string(setting) != "0";
 }
 
+// Whether the sequence kernels take a layer direction of B sequences, H
+// units and gates' dtype.
+bool sequence_kernels_take(const at::Tensor& gates, int64_t B, int64_t H) {
+  const size_t compute_bytes = gates.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
+  const int64_t weight_bytes = 4 * H * H * static_cast<int64_t>(gates.element_size());
+  return sequence_kernel_enabled() && B <= kSequenceMaxBatch && weight_bytes <= kSequenceMaxWeightBytes &&
+         kern::lstm_sequence_kernels_fit(H, compute_bytes);
+}
+
+// The step bounds offsets[0..T], on the device: the offsets of the T steps
+// (checked against their sizes) and where the last one ends, which must be N.
+at::Tensor device_step_bounds(const std::vector<int64_t>& steps, const std::vector<int64_t>& offsets,
+                              const at::Tensor& gates) {
+  TORCH_CHECK(offsets.size() == steps.size(), "fastnlp.lstm (CUDA sequence): ", steps.size(), " steps but ",
+              offsets.size(), " offsets");
+  std::vector<int64_t> bounds(offsets);
+  bounds.push_back(steps.empty() ? 0 : offsets.back() + steps.back());
+  TORCH_CHECK(bounds.back() == gates.size(0), "fastnlp.lstm (CUDA sequence): the steps cover ", bounds.back(),
+              " rows, not ", gates.size(0));
+  return copy_to_device(bounds, gates.device());
+}
+
 bool sequence_forward_cuda(const LstmSequenceForward& s) {
   const at::Tensor& gates = s.gates;
   const int64_t B = s.h_state.size(0), H = s.c_state.size(1), N = gates.size(0);
-  const size_t compute_bytes = gates.scalar_type() == at::kDouble ? sizeof(double) : sizeof(float);
-  const int64_t weight_bytes = 4 * H * H * static_cast<int64_t>(gates.element_size());
-  if (!sequence_kernel_enabled() || B > kSequenceMaxBatch || weight_bytes > kSequenceMaxWeightBytes ||
-      !kern::lstm_sequence_forward_fits(H, compute_bytes))
-    return false;
+  if (!sequence_kernels_take(gates, B, H)) return false;
   check_step_tensor(gates, "gates", gates, N, 4 * H);
   check_step_tensor(s.c_state, "c_state", gates, B, H);
   check_step_tensor(s.h_state, "h_state", gates, B, H);
@@ -224,19 +242,13 @@ bool sequence_forward_cuda(const LstmSequenceForward& s) {
   check_optional_step_tensor(s.recurrent_mask, "recurrent_mask", gates, B, H);
   check_optional_step_tensor(s.zoneout_cell, "zoneout_cell", gates, N, H);
   check_optional_step_tensor(s.zoneout_hidden, "zoneout_hidden", gates, N, H);
-  const int64_t step_count = static_cast<int64_t>(s.steps.size());
-  TORCH_CHECK(s.offsets.size() == s.steps.size(), "fastnlp.lstm (CUDA sequence): ", step_count, " steps but ",
-              s.offsets.size(), " offsets");
-  std::vector<int64_t> bounds(s.offsets);  // and where the last step ends
-  bounds.push_back(step_count == 0 ? 0 : s.offsets.back() + s.steps.back());
-  TORCH_CHECK(bounds.back() == N, "fastnlp.lstm (CUDA sequence): the steps cover ", bounds.back(), " rows, not ", N);
-  const at::Tensor device_bounds = copy_to_device(bounds, gates.device());
+  const at::Tensor bounds = device_step_bounds(s.steps, s.offsets, gates);
   const c10::cuda::OptionalCUDAGuard guard(gates.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    const kern::LstmSequenceForwardArgs<T> args{device_bounds.const_data_ptr<int64_t>(),
-                                                step_count,
+    const kern::LstmSequenceForwardArgs<T> args{bounds.const_data_ptr<int64_t>(),
+                                                static_cast<int64_t>(s.steps.size()),
                                                 B,
                                                 H,
                                                 s.reverse,
@@ -254,6 +266,55 @@ bool sequence_forward_cuda(const LstmSequenceForward& s) {
   return true;
 }
 
+bool sequence_backward_cuda(const LstmSequenceBackward& s) {
+  const at::Tensor& gates = s.gates;
+  const int64_t B = s.dh_state.size(0), H = s.dc_state.size(1), N = gates.size(0);
+  if (!sequence_kernels_take(gates, B, H)) return false;
+  check_step_tensor(gates, "gates", gates, N, 4 * H);
+  check_step_tensor(s.cells, "cells", gates, N, H);
+  check_step_tensor(s.output, "output", gates, N, H);
+  check_step_tensor(s.h0, "h0", gates, B, H);
+  check_step_tensor(s.c0, "c0", gates, B, H);
+  check_step_tensor(s.grad_output, "grad_output", gates, N, H);
+  check_step_tensor(s.dh_state, "dh_state", gates, B, H);
+  check_step_tensor(s.dc_state, "dc_state", gates, B, H);
+  check_step_tensor(s.grad_gates, "grad_gates", gates, N, 4 * H);
+  check_optional_step_tensor(s.h_prev, "h_prev", gates, N, H);
+  check_step_tensor(s.weight_hh, "weight_hh", gates, 4 * H, H);
+  check_optional_step_tensor(s.recurrent_mask, "recurrent_mask", gates, B, H);
+  check_optional_step_tensor(s.zoneout_cell, "zoneout_cell", gates, N, H);
+  check_optional_step_tensor(s.zoneout_hidden, "zoneout_hidden", gates, N, H);
+  check_optional_step_tensor(s.grad_h_zoneout, "grad_h_zoneout", gates, B, H);
+  const at::Tensor bounds = device_step_bounds(s.steps, s.offsets, gates);
+  const c10::cuda::OptionalCUDAGuard guard(gates.device());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  with_kernel_type(gates.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    const kern::LstmSequenceBackwardArgs<T> args{bounds.const_data_ptr<int64_t>(),
+                                                 static_cast<int64_t>(s.steps.size()),
+                                                 B,
+                                                 H,
+                                                 s.reverse,
+                                                 in_ptr<T>(gates),
+                                                 in_ptr<T>(s.cells),
+                                                 in_ptr<T>(s.output),
+                                                 in_ptr<T>(s.h0),
+                                                 in_ptr<T>(s.c0),
+                                                 in_ptr<T>(s.grad_output),
+                                                 out_ptr<T>(s.dh_state),
+                                                 out_ptr<T>(s.dc_state),
+                                                 out_ptr<T>(s.grad_gates),
+                                                 out_ptr<T>(s.h_prev),
+                                                 in_ptr<T>(s.weight_hh),
+                                                 in_ptr<T>(s.recurrent_mask),
+                                                 in_ptr<T>(s.zoneout_cell),
+                                                 in_ptr<T>(s.zoneout_hidden),
+                                                 out_ptr<T>(s.grad_h_zoneout)};
+    C10_CUDA_CHECK(kern::lstm_sequence_backward(args, stream));
+  });
+  return true;
+}
+
 // The input half's LN backward (all rows at once) is composed from ATen ops
 // here; cuBLAS takes every product, prepared or not.
 constexpr LstmStepKernels kCudaKernels{&forward_step_cuda,
@@ -263,7 +324,8 @@ constexpr LstmStepKernels kCudaKernels{&forward_step_cuda,
                                        /*few_rows_max=*/0,
                                        /*prepare_right=*/nullptr,
                                        /*prepared_matmul=*/nullptr,
-                                       &sequence_forward_cuda};
+                                       &sequence_forward_cuda,
+                                       &sequence_backward_cuda};
 
 void check_cuda_input(const at::Tensor& input) {
   TORCH_CHECK(is_cuda_tensor(input), "fastnlp.lstm: input must be a CUDA tensor here, got one on ", input.device());

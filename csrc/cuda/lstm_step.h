@@ -156,7 +156,7 @@ struct LstmBackwardStepArgs {
 // step: one block of threads carries a few sequences through every step,
 // reading W_hh from the L2 cache each time. That pays where the step loop is
 // bound by its launches (small batches and hidden sizes); past
-// lstm_sequence_forward_fits it cannot run.
+// lstm_sequence_kernels_fit it cannot run.
 //   offsets (steps + 1), device memory: the rows of step t are
 //     offsets[t] .. offsets[t+1]-1 of the (N, .) tensors, sequence r of
 //     them at offsets[t] + r; non-decreasing, offsets[0] = 0, each step at
@@ -187,14 +187,59 @@ struct LstmSequenceForwardArgs {
   const T* zoneout_hidden;
 };
 
-// Whether lstm_sequence_forward can run with hidden size H (its shared
-// memory holds a few sequences' h_{t-1}, widened to compute_t<T>).
-bool lstm_sequence_forward_fits(int64_t H, size_t compute_bytes);
+// The backward time loop to lstm_sequence_forward, for the same layers, in
+// one launch: at every step in backward order, the backward step above on
+// the rows alive there, then dL/dh_{t-1} = (grad_gates W_hh) * recurrent_mask
+// (+ zoneout's share). The same as csrc/lstm.cpp's time loop with
+// lstm_backward_step and a cuBLAS product, up to the order of the product's
+// sums. offsets, steps, batch, H, reverse, weight_hh and the regularisers as
+// in LstmSequenceForwardArgs (reverse: the direction of the forward pass);
+// from the forward pass: gates (N, 4H) its activations, cells and output
+// (N, H), h0 and c0 (batch, H); and:
+//   grad_output (N, H): dL/dh_t of every row from above;
+//   dh_state, dc_state (batch, H): dL/dh_n, dL/dc_n in, dL/dh0, dL/dc0 out;
+//   grad_gates (N, 4H) out: dL/d(pre-activations) of every row;
+//   h_prev (N, H) out, or nullptr: h_{t-1} * recurrent_mask of every row,
+//     the recurrent product's input (for the weight gradient);
+//   grad_h_zoneout (batch, H): scratch, needed with zoneout_hidden.
+template <typename T>
+struct LstmSequenceBackwardArgs {
+  const int64_t* offsets;
+  int64_t steps;
+  int64_t batch;
+  int64_t H;
+  bool reverse;
+  const T* gates;
+  const T* cells;
+  const T* output;
+  const T* h0;
+  const T* c0;
+  const T* grad_output;
+  T* dh_state;
+  T* dc_state;
+  T* grad_gates;
+  T* h_prev;
+  const T* weight_hh;
+  const T* recurrent_mask;
+  const T* zoneout_cell;
+  const T* zoneout_hidden;
+  T* grad_h_zoneout;
+};
+
+// Whether lstm_sequence_forward and lstm_sequence_backward can run with
+// hidden size H (the backward's shared memory holds a few sequences' gate
+// gradients, 4H each, widened to compute_t<T>, of compute_bytes each).
+bool lstm_sequence_kernels_fit(int64_t H, size_t compute_bytes);
 
 cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<float>& args, cudaStream_t stream);
 cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<double>& args, cudaStream_t stream);
 cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<__half>& args, cudaStream_t stream);
 cudaError_t lstm_sequence_forward(const LstmSequenceForwardArgs<__nv_bfloat16>& args, cudaStream_t stream);
+
+cudaError_t lstm_sequence_backward(const LstmSequenceBackwardArgs<float>& args, cudaStream_t stream);
+cudaError_t lstm_sequence_backward(const LstmSequenceBackwardArgs<double>& args, cudaStream_t stream);
+cudaError_t lstm_sequence_backward(const LstmSequenceBackwardArgs<__half>& args, cudaStream_t stream);
+cudaError_t lstm_sequence_backward(const LstmSequenceBackwardArgs<__nv_bfloat16>& args, cudaStream_t stream);
 
 cudaError_t lstm_forward_step(const LstmForwardStepArgs<float>& args, cudaStream_t stream);
 cudaError_t lstm_forward_step(const LstmForwardStepArgs<double>& args, cudaStream_t stream);

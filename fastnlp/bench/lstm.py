@@ -57,7 +57,7 @@ TORCH = "nn.LSTM"
 TORCH_PACKED = "nn.LSTM packed"
 TORCH_PADDED = "nn.LSTM padded"
 OURS_PADDED = "fastnlp padded"
-OURS_STEP_LOOP = "fastnlp step loop"  # CUDA: the forward launched per step, not once (see _with_step_loop)
+OURS_STEP_LOOP = "fastnlp step loop"  # CUDA: launching per step, not once per pass (see _with_step_loop)
 TORCH_CELL = "nn.LSTMCell loop"
 PRODUCTS = "matrix products alone"
 OURS_LN = "fastnlp layer_norm"
@@ -381,7 +381,7 @@ def _reference_step(module, x):
 
 
 def _with_step_loop(impls: Dict[str, Callable[[], Any]], device: str) -> Dict[str, Callable[[], Any]]:
-    """On CUDA, impls plus ours with the whole-sequence forward kernel off (OURS_STEP_LOOP): what it gains."""
+    """On CUDA, impls plus ours with the whole-sequence kernels off (OURS_STEP_LOOP): what they gain."""
     if device != "cuda":
         return impls
     ours = impls[OURS]

@@ -140,8 +140,40 @@ int emu_lstm_sequence_forward(int dtype, const int64_t* offsets, int64_t steps, 
   });
 }
 
-int emu_lstm_sequence_forward_fits(int64_t H, int64_t compute_bytes) {
-  return kern::lstm_sequence_forward_fits(H, static_cast<size_t>(compute_bytes)) ? 1 : 0;
+int emu_lstm_sequence_backward(int dtype, const int64_t* offsets, int64_t steps, int64_t batch, int64_t H,
+                               int reverse, const void* gates, const void* cells, const void* output,
+                               const void* h0, const void* c0, const void* grad_output, void* dh_state,
+                               void* dc_state, void* grad_gates, void* h_prev, const void* weight_hh,
+                               const void* recurrent_mask, const void* zoneout_cell, const void* zoneout_hidden,
+                               void* grad_h_zoneout) {
+  return with_type(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    const kern::LstmSequenceBackwardArgs<T> a{offsets,
+                                              steps,
+                                              batch,
+                                              H,
+                                              reverse != 0,
+                                              as<T>(gates),
+                                              as<T>(cells),
+                                              as<T>(output),
+                                              as<T>(h0),
+                                              as<T>(c0),
+                                              as<T>(grad_output),
+                                              as<T>(dh_state),
+                                              as<T>(dc_state),
+                                              as<T>(grad_gates),
+                                              as<T>(h_prev),
+                                              as<T>(weight_hh),
+                                              as<T>(recurrent_mask),
+                                              as<T>(zoneout_cell),
+                                              as<T>(zoneout_hidden),
+                                              as<T>(grad_h_zoneout)};
+    return kern::lstm_sequence_backward(a, nullptr);
+  });
+}
+
+int emu_lstm_sequence_kernels_fit(int64_t H, int64_t compute_bytes) {
+  return kern::lstm_sequence_kernels_fit(H, static_cast<size_t>(compute_bytes)) ? 1 : 0;
 }
 
 int64_t emu_crf_log_partition_workspace_bytes(int64_t B, int64_t K, int64_t scalar_bytes) {
