@@ -192,13 +192,14 @@ void backward_step_cuda(const LstmBackwardStep& s) {
 }
 
 // Where the whole-sequence kernels (kern::lstm_sequence_forward and
-// lstm_sequence_backward) take a layer direction. Each of its blocks reads all of W_hh from the L2
-// cache at every step, so it is for a W_hh of at most a MiB (H <= 256 in
-// float32, 362 in the half types), where that read should cost about what
-// the step loop's launches and host work per step do; past a batch of 64 the
-// blocks' W_hh reads (one per four sequences) should outweigh one GEMM.
-// Both are estimates, not yet measured on a GPU: the CUDA LSTM benchmark
-// times the step loop beside it (FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL=0).
+// lstm_sequence_backward) take a layer direction. Each of their blocks reads
+// all of W_hh from the L2 cache at every step, so they are for a W_hh of at
+// most a MiB (H <= 256 in float32, 362 in the half types), where that read
+// should cost about what the step loop's launches and host work per step do;
+// past a batch of 64 the blocks' W_hh reads (one per four sequences) should
+// outweigh one GEMM. Both bounds are estimates, not yet measured on a GPU:
+// the CUDA LSTM benchmark times the step loop beside them
+// (FASTNLP_CUDA_LSTM_SEQUENCE_KERNEL=0).
 constexpr int64_t kSequenceMaxWeightBytes = int64_t(1) << 20;
 constexpr int64_t kSequenceMaxBatch = 64;
 
@@ -242,8 +243,8 @@ bool sequence_forward_cuda(const LstmSequenceForward& s) {
   check_optional_step_tensor(s.recurrent_mask, "recurrent_mask", gates, B, H);
   check_optional_step_tensor(s.zoneout_cell, "zoneout_cell", gates, N, H);
   check_optional_step_tensor(s.zoneout_hidden, "zoneout_hidden", gates, N, H);
-  const at::Tensor bounds = device_step_bounds(s.steps, s.offsets, gates);
   const c10::cuda::OptionalCUDAGuard guard(gates.device());
+  const at::Tensor bounds = device_step_bounds(s.steps, s.offsets, gates);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
@@ -285,8 +286,8 @@ bool sequence_backward_cuda(const LstmSequenceBackward& s) {
   check_optional_step_tensor(s.zoneout_cell, "zoneout_cell", gates, N, H);
   check_optional_step_tensor(s.zoneout_hidden, "zoneout_hidden", gates, N, H);
   check_optional_step_tensor(s.grad_h_zoneout, "grad_h_zoneout", gates, B, H);
-  const at::Tensor bounds = device_step_bounds(s.steps, s.offsets, gates);
   const c10::cuda::OptionalCUDAGuard guard(gates.device());
+  const at::Tensor bounds = device_step_bounds(s.steps, s.offsets, gates);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   with_kernel_type(gates.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
