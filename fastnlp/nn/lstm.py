@@ -119,6 +119,9 @@ def _check_dtype(input: Tensor, value: Tensor, kind: str) -> None:
 
 # LSTMCell's weights, in lstm_ops.lstm_cell's order.
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
+# The dtypes the paired-direction op's kernels take, per device type.
+_PAIR_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64),
+                       "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 # The functional API's argument names, in the order parameters are registered.
 _LAYER_NORM_KINDS = ("layer_norm_ih_weight", "layer_norm_ih_bias", "layer_norm_hh_weight", "layer_norm_hh_bias",
@@ -410,9 +413,7 @@ class LSTM(nn.Module):
         Not under torch.jit.trace, which cannot record the pair op's lists of
         optional tensors; two lstm_layer ops compute the same.
         """
-        kernel_dtypes = {"cpu": (torch.float32, torch.float64),
-                         "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
-        return (rows.dtype in kernel_dtypes.get(rows.device.type, ()) and not use_reference(None)
+        return (rows.dtype in _PAIR_KERNEL_DTYPES.get(rows.device.type, ()) and not use_reference(None)
                 and not torch.jit.is_tracing())
 
     def _direction_args(self, index: int, rows: Tensor, h0: Tensor, c0: Tensor) -> dict:
