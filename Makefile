@@ -13,8 +13,11 @@ SOURCES := setup.py fastnlp/_source_hash.py $(shell find csrc -type f)
 
 .PHONY: test bench build clean FORCE
 
+# Then the emulated CUDA kernels' tests once more, in a process of their own,
+# under AddressSanitizer and UBSan (see python_tests/run_emulated_sanitized.py).
 test: $(VENV)/.built
 	$(PY) -m pytest python_tests
+	$(PY) python_tests/run_emulated_sanitized.py
 
 bench: $(VENV)/.built $(VENV)/.bench-deps
 	$(PY) -m fastnlp.bench --device cpu --quick

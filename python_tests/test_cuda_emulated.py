@@ -29,6 +29,7 @@ import ctypes
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,10 @@ from markers import CUDA_INCLUDE
 ROOT = Path(__file__).resolve().parent.parent
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 CXX = shutil.which("g++")
+
+# The compiler's sanitizer flags, set by run_emulated_sanitized.py (which
+# runs this file with their runtimes loaded); empty in a plain run.
+SANITIZE = os.environ.get("FASTNLP_EMULATION_SANITIZE", "").split()
 
 CUDA_SUCCESS = 0
 CUDA_ERROR_INVALID_VALUE = 1
@@ -83,7 +88,7 @@ def emulated(tmp_path_factory):
     if include is None or CXX is None:
         pytest.skip("needs the CUDA toolkit's headers and g++")
     library = tmp_path_factory.mktemp("cuda_emulation") / "libfastnlp_emulated.so"
-    command = [CXX, "-std=c++17", "-O1", "-fPIC", "-shared", "-Wall", "-Werror", "-DFASTNLP_CUDA_EMULATION",
+    command = [CXX, "-std=c++17", "-O1", "-fPIC", "-shared", "-Wall", "-Werror", "-DFASTNLP_CUDA_EMULATION", *SANITIZE,
                "-include", str(EMULATION / "emulator.h"), "-I", str(ROOT / "csrc"), "-I", str(EMULATION),
                "-I", str(include), "-x", "c++", *map(str, sorted((ROOT / "csrc" / "cuda").glob("*.cu"))),
                "-x", "none", *(str(EMULATION / name) for name in ("emulator.cpp", "entry_points.cpp", "faulty_kernels.cpp")),
@@ -831,13 +836,27 @@ def test_crf_launchers_refuse_bad_sizes_and_skip_an_empty_batch(emulated):
 
 FAULTS = {"divergent __syncthreads": 0, "past shared memory": 1, "divergent shuffle": 2,
           "shuffle in a partial warp": 3, "missing barrier": 4, "with its barrier": 5, "refused launch": 6,
-          "before shared memory": 7}
+          "before shared memory": 7, "read a buffer": 8, "read shared memory": 9, "read a shared array": 10,
+          "index a local array": 11, "convert a float": 12}
 
 
 def fault(lib, name, param=0):
     out = torch.zeros(64, dtype=torch.int64)
     status = lib.emu_fault(FAULTS[name], param, ptr(out))
     return status, (lib.emu_take_failure().decode() if status == EMULATION_FAULT else ""), out
+
+
+def fault_in_a_child(lib, name, param):
+    """Fault `name` run in a child process, since a sanitizer's report ends the
+    process: its exit status and its standard error. `out` holds 128 elements
+    (1 KiB, an allocation of its own with ASan's red zones around it)."""
+    code = (f"import ctypes, sys\n"
+            f"lib = ctypes.CDLL({lib._name!r})\n"
+            f"lib.emu_fault.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p]\n"
+            f"out = (ctypes.c_int64 * 128)()\n"
+            f"sys.exit(lib.emu_fault({FAULTS[name]}, {param}, out))\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    return result.returncode, result.stderr
 
 
 def test_emulator_reports_divergent_barriers_and_shuffles(emulated):
@@ -856,8 +875,32 @@ def test_emulator_reports_divergent_barriers_and_shuffles(emulated):
 @pytest.mark.parametrize("smem", [0, 100, 4096])
 def test_emulator_reports_writes_outside_the_dynamic_shared_memory(emulated, smem):
     for where in ("past shared memory", "before shared memory"):
-        status, message, _ = fault(emulated, where, param=smem)
-        assert status == EMULATION_FAULT and f"outside its {smem} bytes" in message, where
+        if SANITIZE:  # ASan stops the write itself, at the poisoned guard
+            status, stderr = fault_in_a_child(emulated, where, smem)
+            assert status != 0 and "AddressSanitizer: use-after-poison" in stderr, (where, stderr)
+        else:
+            status, message, _ = fault(emulated, where, param=smem)
+            assert status == EMULATION_FAULT and f"outside its {smem} bytes" in message, where
+
+
+# What only the sanitized run catches: (fault, param out of bounds, param in
+# bounds, the report that must end the child).
+SANITIZER_FAULTS = [
+    ("read a buffer", 100, 96, "AddressSanitizer: heap-buffer-overflow"),
+    ("read shared memory", 40, 32, "AddressSanitizer: use-after-poison"),
+    ("read a shared array", 1, 0, "with insufficient space for an object"),  # UBSan's object-size check
+    ("index a local array", 4, 3, "runtime error: index 4 out of bounds"),
+    ("convert a float", 1, 0, "is outside the range of representable values"),
+]
+
+
+@pytest.mark.skipif(not SANITIZE, reason="for the sanitized run: python python_tests/run_emulated_sanitized.py")
+@pytest.mark.parametrize("name, outside, inside, report", SANITIZER_FAULTS, ids=[f[0] for f in SANITIZER_FAULTS])
+def test_sanitizers_stop_a_kernel_outside_its_bounds(emulated, name, outside, inside, report):
+    status, stderr = fault_in_a_child(emulated, name, outside)
+    assert status != 0 and report in stderr, stderr
+    status, stderr = fault_in_a_child(emulated, name, inside)
+    assert status == CUDA_SUCCESS, stderr
 
 
 def test_emulator_exposes_a_missing_barrier(emulated):
@@ -895,6 +938,10 @@ def bindings(tmp_path_factory):
     include = CUDA_INCLUDE
     if include is None:
         pytest.skip("needs the CUDA toolkit's headers")
+    if SANITIZE:
+        # Their sanitized build alone takes over two minutes on two cores,
+        # and their tests three times as long as in a plain run.
+        pytest.skip("the sanitized run checks the kernels; the bindings run in the plain one")
     from torch.utils.cpp_extension import load
 
     sources = [EMULATION / name for name in ("bindings_module.cpp", "bindings_lstm.cpp", "bindings_crf.cpp",

@@ -33,9 +33,10 @@
 //    opt-in, an empty grid) runs nothing and sets the error that
 //    cudaGetLastError() returns, as a GPU launch would.
 //
-// Not emulated: memory spaces (device pointers are host pointers here, and
-// an access outside a buffer is not caught; the tests fill outputs with NaN
-// so that an element a kernel fails to write shows), streams (a launch runs
+// Not emulated: memory spaces (device pointers are host pointers here: an
+// access outside a buffer is caught only in the sanitized run,
+// python_tests/run_emulated_sanitized.py, by ASan; the tests fill outputs
+// with NaN so that an element a kernel fails to write shows), streams (a launch runs
 // to completion before it returns), the memory model, warp-synchronous
 // timing, __launch_bounds__ (defined away: a launch above a kernel's bound
 // is not refused) and static shared memory's share of the 48 KB. Host math (expf, tanhf, ...) replaces the

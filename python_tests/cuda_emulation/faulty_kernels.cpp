@@ -1,7 +1,9 @@
 // Small kernels with the faults the emulator must report (divergent barriers
 // and shuffles, writes past the dynamic shared memory, shuffles it cannot
-// emulate, refused launches) or expose (a missing barrier), so that
-// test_cuda_emulated.py can check that its checks can fail.
+// emulate, refused launches) or expose (a missing barrier), and those that
+// only the sanitizers stop (reads out of bounds, undefined behaviour; see
+// python_tests/run_emulated_sanitized.py), so that test_cuda_emulated.py can
+// check that its checks can fail.
 #include <cstdint>
 
 #include "emulator.h"
@@ -40,6 +42,33 @@ __global__ void sums_shared(int64_t* out, int64_t launch, bool barrier) {
 
 __global__ void writes_one(int64_t* out) { out[0] = 1; }
 
+// The sanitizers' faults: each copies what it reads to out[threadIdx.x].
+__global__ void reads_a_buffer(int64_t* out, int64_t offset) { out[threadIdx.x] = out[offset + threadIdx.x]; }
+
+// 64 bytes of dynamic shared memory, read from byte `offset` on.
+__global__ void reads_shared_memory(int64_t* out, int64_t offset) {
+  out[threadIdx.x] = dynamic_shared_memory()[offset + threadIdx.x];
+}
+
+// Through a pointer, as the kernels index their shared arrays: UBSan's
+// object-size check stops the read (before ASan's red zone would).
+__global__ void reads_a_shared_array(int64_t* out, int64_t offset) {
+  __shared__ int64_t slots[32];
+  slots[threadIdx.x] = 1;
+  __syncthreads();
+  const int64_t* first = slots;
+  out[threadIdx.x] = first[offset + threadIdx.x];
+}
+
+// As the sequence kernels' per-row sums: a register array indexed by a row.
+__global__ void indexes_a_local_array(int64_t* out, int64_t row) {
+  int64_t sums[4] = {};
+  sums[threadIdx.x % 4] = static_cast<int64_t>(threadIdx.x);
+  out[threadIdx.x] = sums[row];
+}
+
+__global__ void converts_to_an_integer(int64_t* out, float value) { out[threadIdx.x] = static_cast<int64_t>(value); }
+
 }  // namespace
 
 // entry_points.cpp: the status a C entry point returns.
@@ -76,6 +105,21 @@ int emu_fault(int which, int64_t param, int64_t* out) {
       break;
     case 7:
       launch_kernel(writes_before_shared_memory, dim3(1), dim3(32), static_cast<size_t>(param), nullptr);
+      break;
+    case 8:  // out[param .. param + 31]
+      launch_kernel(reads_a_buffer, dim3(1), dim3(32), 0, nullptr, out, param);
+      break;
+    case 9:  // bytes param .. param + 31 of 64
+      launch_kernel(reads_shared_memory, dim3(1), dim3(32), size_t(64), nullptr, out, param);
+      break;
+    case 10:  // elements param .. param + 31 of 32
+      launch_kernel(reads_a_shared_array, dim3(1), dim3(32), 0, nullptr, out, param);
+      break;
+    case 11:  // element param of 4
+      launch_kernel(indexes_a_local_array, dim3(1), dim3(32), 0, nullptr, out, param);
+      break;
+    case 12:  // param * 1e30, which no int64_t holds unless param is 0
+      launch_kernel(converts_to_an_integer, dim3(1), dim3(32), 0, nullptr, out, static_cast<float>(param) * 1e30f);
       break;
     default:
       return -2;
