@@ -837,7 +837,7 @@ def test_crf_launchers_refuse_bad_sizes_and_skip_an_empty_batch(emulated):
 FAULTS = {"divergent __syncthreads": 0, "past shared memory": 1, "divergent shuffle": 2,
           "shuffle in a partial warp": 3, "missing barrier": 4, "with its barrier": 5, "refused launch": 6,
           "before shared memory": 7, "read a buffer": 8, "read shared memory": 9, "read a shared array": 10,
-          "index a local array": 11, "convert a float": 12}
+          "index a local array": 11, "convert a float": 12, "read a shared slot": 13}
 
 
 def fault(lib, name, param=0):
@@ -905,7 +905,7 @@ def test_sanitizers_stop_a_kernel_outside_its_bounds(emulated, name, outside, in
 
 def test_emulator_exposes_a_missing_barrier(emulated):
     # Thread 0 sums 64 values the block writes; without the barrier, some
-    # orders let it read before the others wrote (a stale launch's values).
+    # orders let it read before the others wrote (0xff bytes: -1 each).
     expected = [sum(launch * 1000 + i for i in range(64)) for launch in range(20)]
     sums = {}
     for name in ("with its barrier", "missing barrier"):
@@ -917,6 +917,17 @@ def test_emulator_exposes_a_missing_barrier(emulated):
             sums[name].append(int(out[0]))
     assert sums["with its barrier"] == expected
     assert sums["missing barrier"] != expected
+
+
+def test_emulator_fills_shared_variables_before_each_block(emulated):
+    # A __shared__ slot read before any thread of the block wrote it: 0xff
+    # bytes, not what the last launch left there.
+    status, message, out = fault(emulated, "read a shared slot", param=1)
+    assert status == CUDA_SUCCESS, message
+    assert out[:32].tolist() == [5] * 32
+    status, message, out = fault(emulated, "read a shared slot", param=0)
+    assert status == CUDA_SUCCESS, message
+    assert out[:32].tolist() == [-1] * 32
 
 
 @pytest.mark.parametrize("config", range(4), ids=["empty grid", "no threads", "1025 threads", "48 KB + 1 shared"])

@@ -24,6 +24,11 @@
 #define FASTNLP_UNPOISON(begin, end) ((void)(begin), (void)(end))
 #endif
 
+// The linker's bounds of the __shared__ variables' section (see emulator.h);
+// weak, for a library without any.
+extern "C" unsigned char __start_fastnlp_emulated_shared[] __attribute__((weak));
+extern "C" unsigned char __stop_fastnlp_emulated_shared[] __attribute__((weak));
+
 namespace fastnlp_emulation {
 namespace {
 
@@ -293,6 +298,8 @@ void run_grid(dim3 grid, dim3 threads, size_t smem, const std::function<void()>&
         std::fill(block.dynamic, block.dynamic + smem, kFillByte);
         FASTNLP_POISON(block.shared.data(), block.dynamic);
         FASTNLP_POISON(block.dynamic + smem, block.shared.data() + block.shared.size());
+        if (__start_fastnlp_emulated_shared != nullptr)
+          std::fill(__start_fastnlp_emulated_shared, __stop_fastnlp_emulated_shared, kFillByte);
         first.block = {x, y, z};
         run_block(first);
         FASTNLP_UNPOISON(block.shared.data(), block.shared.data() + block.shared.size());

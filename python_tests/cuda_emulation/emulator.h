@@ -22,12 +22,12 @@
 //    order-dependent results. A thread runs uninterrupted from one barrier
 //    or shuffle to the next, so a lost update of an unsynchronised
 //    read-modify-write inside such a stretch does not show;
-//  * `static` storage serves __shared__ arrays (one block runs at a time):
-//    they start as zeros and keep the last block's values, where a GPU
-//    leaves them undefined, so reading one before writing it goes unseen.
-//    The dynamic shared memory is exactly the launch's `smem` bytes, filled
-//    with 0xff bytes (NaN for floating types), between guards that must be
-//    intact when the block ends;
+//  * `static` storage serves __shared__ variables (one block runs at a
+//    time), filled with 0xff bytes (NaN for floating types) before each
+//    block, where a GPU leaves them undefined: a read before any thread of
+//    the block wrote one gives NaN, not the last block's value. The dynamic
+//    shared memory is exactly the launch's `smem` bytes, filled the same
+//    way, between guards that must be intact when the block ends;
 //  * a launch with a configuration that CUDA refuses (no threads, more than
 //    1024 per block, more than 48 KB of dynamic shared memory without an
 //    opt-in, an empty grid) runs nothing and sets the error that
@@ -44,7 +44,10 @@
 #pragma once
 
 // Before the CUDA headers, which keep a __shared__ that is already defined.
-#define __shared__ static
+// The section gathers every __shared__ variable of the library in one range
+// (between the linker's __start_ and __stop_ symbols for it), which
+// run_grid fills with kFillByte before each block.
+#define __shared__ static __attribute__((section("fastnlp_emulated_shared")))
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

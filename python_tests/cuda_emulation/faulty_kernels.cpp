@@ -1,6 +1,7 @@
 // Small kernels with the faults the emulator must report (divergent barriers
 // and shuffles, writes past the dynamic shared memory, shuffles it cannot
-// emulate, refused launches) or expose (a missing barrier), and those that
+// emulate, refused launches) or expose (a missing barrier, a read of shared
+// memory no thread wrote), and those that
 // only the sanitizers stop (reads out of bounds, undefined behaviour; see
 // python_tests/run_emulated_sanitized.py), so that test_cuda_emulated.py can
 // check that its checks can fail.
@@ -41,6 +42,14 @@ __global__ void sums_shared(int64_t* out, int64_t launch, bool barrier) {
 }
 
 __global__ void writes_one(int64_t* out) { out[0] = 1; }
+
+// Every thread reads a __shared__ slot that thread 0 writes only if `write`.
+__global__ void reads_a_shared_slot(int64_t* out, bool write) {
+  __shared__ int64_t slot;
+  if (write && threadIdx.x == 0) slot = 5;
+  __syncthreads();
+  out[threadIdx.x] = slot;
+}
 
 // The sanitizers' faults: each copies what it reads to out[threadIdx.x].
 __global__ void reads_a_buffer(int64_t* out, int64_t offset) { out[threadIdx.x] = out[offset + threadIdx.x]; }
@@ -120,6 +129,9 @@ int emu_fault(int which, int64_t param, int64_t* out) {
       break;
     case 12:  // param * 1e30, which no int64_t holds unless param is 0
       launch_kernel(converts_to_an_integer, dim3(1), dim3(32), 0, nullptr, out, static_cast<float>(param) * 1e30f);
+      break;
+    case 13:  // param: whether the slot is written first
+      launch_kernel(reads_a_shared_slot, dim3(1), dim3(32), 0, nullptr, out, param != 0);
       break;
     default:
       return -2;
