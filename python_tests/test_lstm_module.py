@@ -798,9 +798,16 @@ def test_lstm_hidden_dtype_mismatches_raise_like_torch(module_dtype, h_dtype, c_
     x = torch.randn(5, 2, 3).to(module_dtype)
     hx = (torch.zeros(1, 2, 4, dtype=h_dtype), torch.zeros(1, 2, 4, dtype=c_dtype))
     expected = raised_type(lambda: theirs(x, hx))
-    assert expected is not None
     got = raised_type(lambda: ours(x, hx))
-    assert got is not None and got[0] is expected[0] and "not the same dtype" in got[1], (got, expected)
+    assert got is not None and "not the same dtype" in got[1], got
+    if expected is None:
+        # On a CPU with native bfloat16 (avx512_bf16: this machine's AMD EPYC),
+        # torch runs a bfloat16 LSTM through oneDNN, which skips the check of
+        # c's dtype and gives a float32 c_n. We keep the check that torch
+        # makes everywhere else.
+        assert module_dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    else:
+        assert got[0] is expected[0], (got, expected)
 
 
 def _packed(x):
