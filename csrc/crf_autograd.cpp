@@ -12,7 +12,7 @@
 #include <optional>
 #include <tuple>
 
-#include "once_differentiable.h"
+#include "double_backward.h"
 
 namespace fastnlp {
 namespace {
@@ -67,11 +67,18 @@ class LogPartition : public torch::autograd::Function<LogPartition> {
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     if (!grads[0].defined()) return variable_list(6);  // log Z did not reach the loss
     const variable_list saved = ctx->get_saved_variables();
-    return run_once_differentiable("fastnlp::crf_log_partition", saved, grads, [&]() -> variable_list {
-      auto [grad_emissions, grad_start, grad_end, grad_trans] = call_log_partition_backward(
-          grads[0], saved[0], saved[1], optional_tensor(saved[2]), saved[3], saved[4], saved[5], saved[6], saved[7]);
-      return {grad_emissions, at::Tensor(), at::Tensor(), grad_start, grad_end, grad_trans};
-    });
+    return run_backward(
+        [&]() -> variable_list {
+          auto [grad_emissions, grad_start, grad_end, grad_trans] =
+              call_log_partition_backward(grads[0], saved[0], saved[1], optional_tensor(saved[2]), saved[3],
+                                          saved[4], saved[5], saved[6], saved[7]);
+          return {grad_emissions, at::Tensor(), at::Tensor(), grad_start, grad_end, grad_trans};
+        },
+        [&] {
+          return reference_backward(
+              "fastnlp::crf_log_partition",
+              {saved[0], saved[1], optional_tensor(saved[2]), saved[3], saved[4], saved[5]}, {grads[0]});
+        });
   }
 };
 
@@ -126,11 +133,17 @@ class LogLikelihood : public torch::autograd::Function<LogLikelihood> {
     if (!grads[0].defined()) return variable_list(7);  // the log-likelihood did not reach the loss
     const variable_list saved = ctx->get_saved_variables();
     const int64_t ignore_index = ctx->saved_data["ignore_index"].toInt();
-    return run_once_differentiable("fastnlp::crf_log_likelihood", saved, grads, [&]() -> variable_list {
-      auto [grad_emissions, grad_start, grad_end, grad_trans] = call_log_likelihood_backward(
-          grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], ignore_index, saved[6], saved[7]);
-      return {grad_emissions, at::Tensor(), at::Tensor(), grad_start, grad_end, grad_trans, at::Tensor()};
-    });
+    return run_backward(
+        [&]() -> variable_list {
+          auto [grad_emissions, grad_start, grad_end, grad_trans] = call_log_likelihood_backward(
+              grads[0], saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], ignore_index, saved[6], saved[7]);
+          return {grad_emissions, at::Tensor(), at::Tensor(), grad_start, grad_end, grad_trans, at::Tensor()};
+        },
+        [&] {
+          return reference_backward("fastnlp::crf_log_likelihood",
+                                    {saved[0], saved[1], saved[2], saved[3], saved[4], saved[5], ignore_index},
+                                    {grads[0]});
+        });
   }
 };
 

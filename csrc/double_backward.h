@@ -1,61 +1,54 @@
 // The backward passes of fastnlp's ops are kernels, not differentiable ATen
-// ops: there is no double backward. run_once_differentiable runs a backward
-// with grad mode off and, when autograd records the backward pass itself
-// (create_graph=True), returns gradients whose own backward raises a clear
-// error. Without it the gradients would count as constants in, say, a
-// gradient penalty (a silently wrong result), or fail inside a kernel's GEMM
-// with an unrelated message.
-//
-// Unlike Python's torch.autograd.function.once_differentiable, which hangs
-// the error on detached copies, the error is reachable from every saved
-// input and every incoming gradient that requires grad:
-// torch.autograd.grad(penalty, inputs) raises it too, instead of skipping
-// this op's share of the second derivative. The incoming gradients matter
-// as much as the inputs: in a gradient penalty on a model's input, the
-// gradient reaching this op depends on the layers above it, whose weights'
-// second derivative runs back through this op's backward.
+// ops, so on their own they have no double backward. Where autograd records
+// the backward pass itself (create_graph=True: a gradient penalty, MAML, a
+// Hessian-vector product), the autograd Functions call the op's reference
+// backward instead: "<op>_reference_backward", registered in Python
+// (fastnlp/ops/_double_backward.py), which recomputes the op's pure-PyTorch
+// reference from the saved inputs and differentiates it with
+// create_graph=True. Its gradients are differentiable to any order, and
+// connect to every input and incoming gradient that requires grad, as those
+// of torch's own layers do. It costs a reference forward and backward, so
+// only the create_graph pass pays it; a plain backward runs the kernel.
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>
-#include <torch/csrc/autograd/functions/basic_ops.h>
 
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace fastnlp {
 
-template <typename Backward>
-torch::autograd::variable_list run_once_differentiable(const char* op, const torch::autograd::variable_list& saved,
-                                                       const torch::autograd::variable_list& grad_outputs,
-                                                       Backward&& backward) {
-  torch::autograd::variable_list grads;
-  {
-    at::NoGradGuard no_grad;
-    grads = backward();
-  }
-  if (!at::GradMode::is_enabled()) return grads;
-  // An exact 0 (a sum over no elements, whatever the tensor holds) that
-  // depends on every tensor requiring grad; its backward raises. Adding it to
-  // each gradient changes no value and puts the error on every path back.
-  at::Tensor zero;
-  for (const torch::autograd::variable_list* tensors : {&saved, &grad_outputs})
-    for (const at::Tensor& tensor : *tensors) {
-      if (!tensor.defined() || !tensor.requires_grad()) continue;
-      const at::Tensor nothing = tensor.flatten().narrow(0, 0, 0).sum();
-      zero = zero.defined() ? zero + nothing : nothing;
-    }
-  if (!zero.defined()) return grads;
-  // Allocated here rather than owned by a pointer: Node is shared_ptr-owned in
-  // older torch and intrusive_ptr-owned in newer, and apply keeps no reference.
-  torch::autograd::DelayedError error(
-      std::string(op) + " has no double backward: its gradient is computed by a kernel, so a graph built with "
-                        "create_graph=True cannot be differentiated through it",
-      1);
-  zero = error({zero})[0];
-  for (at::Tensor& grad : grads)
-    if (grad.defined()) grad = grad + zero;
-  return grads;
+// The gradients of `op`'s tensor arguments (one entry per argument of its
+// schema, undefined for non-tensors and for what needs no gradient) from
+// "<op>_reference_backward", called with the op's arguments and the incoming
+// gradients of its differentiable outputs.
+inline torch::autograd::variable_list reference_backward(const std::string& op, std::vector<c10::IValue> arguments,
+                                                        const torch::autograd::variable_list& grad_outputs) {
+  const c10::OperatorHandle handle =
+      c10::Dispatcher::singleton().findSchemaOrThrow((op + "_reference_backward").c_str(), "");
+  c10::List<std::optional<at::Tensor>> grads;
+  for (const at::Tensor& grad : grad_outputs)
+    grads.push_back(grad.defined() ? std::optional<at::Tensor>(grad) : std::nullopt);
+  torch::jit::Stack stack = std::move(arguments);
+  stack.emplace_back(std::move(grads));
+  handle.callBoxed(&stack);
+  torch::autograd::variable_list result;
+  for (const c10::IValue& grad : stack.at(0).toListRef())
+    result.push_back(grad.isNone() ? at::Tensor() : grad.toTensor());
+  return result;
+}
+
+// The backward of a fastnlp autograd Function: the kernel's (`kernel`) in a
+// plain backward pass, the reference's (`reference`) where autograd records
+// it. Grad mode tells the two apart: the engine turns it on for the backward
+// pass exactly when create_graph=True.
+template <typename Kernel, typename Reference>
+torch::autograd::variable_list run_backward(Kernel&& kernel, Reference&& reference) {
+  if (at::GradMode::is_enabled()) return reference();
+  return kernel();
 }
 
 }  // namespace fastnlp

@@ -12,7 +12,7 @@
 #include <utility>
 #include <vector>
 
-#include "once_differentiable.h"
+#include "double_backward.h"
 
 namespace fastnlp {
 namespace {
@@ -110,12 +110,17 @@ bool any_requires_grad(std::initializer_list<const OptTensor*> tensors) {
                      [](const OptTensor* t) { return has_tensor(*t) && (*t)->requires_grad(); });
 }
 
-// The input's values feed only the parameters' gradients (grad_weight_ih).
-// Where no parameter requires grad (a frozen layer), the input is not saved:
-// no memory is held for it, and an input made under inference_mode, which
-// autograd refuses to save, works as in torch.nn.LSTMCell. No parameter edge
-// then exists, so the backward never wants weight gradients, and the kernel
-// reads only the stand-in's shape, dtype and device: one element, broadcast.
+// The input's values feed only the parameters' gradients (grad_weight_ih)
+// and the reference backward (double_backward.h), which recomputes the layer.
+// An input made under inference_mode, which autograd refuses to save, is not
+// saved where no parameter requires grad (a frozen layer), so that it works
+// as in torch.nn.LSTMCell. No parameter edge then exists, so the kernel's
+// backward never wants weight gradients, and it reads only the stand-in's
+// shape, dtype and device: one element, broadcast.
+bool input_is_saved(const at::Tensor& input, bool parameters_need_grad) {
+  return parameters_need_grad || !input.is_inference();
+}
+
 at::Tensor saved_input_or_stand_in(const at::Tensor& saved_input, const at::Tensor& output,
                                    const at::Tensor& weight_ih, bool weight_grads) {
   if (saved_input.defined()) return saved_input;
@@ -146,13 +151,16 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
         any_requires_grad({&bias_ih, &bias_hh, &weight_hr, &ln_ih_weight, &ln_ih_bias, &ln_hh_weight, &ln_hh_bias,
                            &ln_cell_weight, &ln_cell_bias});
     // Absent optional tensors are saved as undefined ones.
-    ctx->save_for_backward({parameters_need_grad ? input : none, batch_sizes, h0, c0, weight_ih, weight_hh,
-                            weight_hr.value_or(at::Tensor()), output, gates, cells,
+    ctx->save_for_backward({input_is_saved(input, parameters_need_grad) ? input : none, batch_sizes, h0, c0,
+                            weight_ih, weight_hh, weight_hr.value_or(at::Tensor()), output, gates, cells,
                             recurrent_mask.value_or(at::Tensor()), zoneout_cell.value_or(at::Tensor()),
                             zoneout_hidden.value_or(at::Tensor()),
                             ln_ih_weight.value_or(none), ln_hh_weight.value_or(none), ln_cell_weight.value_or(none),
                             ln_cell_bias.value_or(none), layer_norm ? norm_ih : none, layer_norm ? norm_hh : none,
-                            layer_norm ? ln_stats : none});
+                            layer_norm ? ln_stats : none,
+                            // What only the reference backward reads.
+                            bias_ih.value_or(none), bias_hh.value_or(none), ln_ih_bias.value_or(none),
+                            ln_hh_bias.value_or(none)});
     ctx->saved_data["has_bias"] = has_tensor(bias_ih) || has_tensor(bias_hh);
     ctx->saved_data["has_bias_ih"] = has_tensor(bias_ih);
     ctx->saved_data["has_bias_hh"] = has_tensor(bias_hh);
@@ -175,10 +183,26 @@ class LstmLayer : public torch::autograd::Function<LstmLayer> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    return run_once_differentiable("fastnlp::lstm_forward", s, grads, [&] { return gradients(ctx, s, grads); });
+    return run_backward([&] { return gradients(ctx, s, grads); },
+                        [&] { return reference_gradients(ctx, s, grads); });
   }
 
  private:
+  // lstm_forward's arguments, in its schema's order, from what forward saved.
+  static std::vector<c10::IValue> arguments(AutogradContext* ctx, const variable_list& s) {
+    TORCH_CHECK(s[0].defined(), "fastnlp::lstm_forward cannot be differentiated twice where its input is an "
+                "inference tensor (made under torch.inference_mode)");
+    const auto opt = [](const at::Tensor& t) -> c10::IValue { return optional_tensor(t); };
+    return {s[0], s[1], s[2], s[3], s[4], s[5], opt(s[20]), opt(s[21]), opt(s[6]),
+            ctx->saved_data["reverse"].toBool(), opt(s[10]), opt(s[11]), opt(s[12]), opt(s[13]), opt(s[22]),
+            opt(s[14]), opt(s[23]), opt(s[15]), opt(s[16])};
+  }
+
+  static variable_list reference_gradients(AutogradContext* ctx, const variable_list& s,
+                                           const variable_list& grads) {
+    return reference_backward("fastnlp::lstm_forward", arguments(ctx, s), {grads[0], grads[1], grads[2]});
+  }
+
   static variable_list gradients(AutogradContext* ctx, const variable_list& s, const variable_list& grads) {
     const std::optional<at::Tensor> weight_hr = optional_tensor(s[6]);
     const Regularisers reg{optional_tensor(s[10]), optional_tensor(s[11]), optional_tensor(s[12])};
@@ -288,7 +312,9 @@ bool is_pair_parameter(size_t entry) {
 // What one direction's backward needs, saved in this order after input and batch_sizes.
 enum PairSaved : size_t {
   kH0, kC0, kWeightIh, kWeightHh, kWeightHr, kOutput, kGates, kCells, kRecurrentMask, kZoneoutCell,
-  kZoneoutHidden, kLnIhWeight, kLnHhWeight, kLnCellWeight, kLnCellBias, kNormIh, kNormHh, kLnStats, kSavedPerDirection
+  kZoneoutHidden, kLnIhWeight, kLnHhWeight, kLnCellWeight, kLnCellBias, kNormIh, kNormHh, kLnStats,
+  // What only the reference backward reads.
+  kBiasIh, kBiasHh, kLnIhBias, kLnHhBias, kSavedPerDirection
 };
 
 class LstmPair : public torch::autograd::Function<LstmPair> {
@@ -312,7 +338,7 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
     for (const std::vector<at::Tensor>& a : args)
       for (size_t k = 0; k < kPairForwardArgs; ++k)
         parameters_need_grad |= is_pair_parameter(k) && a[k].defined() && a[k].requires_grad();
-    std::vector<at::Tensor> saved{parameters_need_grad ? input : at::Tensor(), batch_sizes};
+    std::vector<at::Tensor> saved{input_is_saved(input, parameters_need_grad) ? input : at::Tensor(), batch_sizes};
     variable_list outputs;
     for (size_t d = 0; d < 2; ++d) {
       const std::vector<at::Tensor>& a = args[d];
@@ -322,7 +348,7 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
       // Indexed by PairSaved.
       saved.insert(saved.end(), {a[0], a[1], a[2], a[3], a[6], o[0], o[3], o[4], a[7], a[8], a[9], a[10], a[12],
                                  a[14], a[15], layer_norm ? o[5] : none, layer_norm ? o[6] : none,
-                                 layer_norm ? o[7] : none});
+                                 layer_norm ? o[7] : none, a[4], a[5], a[11], a[13]});
       TORCH_CHECK(a[4].defined() == args[0][4].defined() && a[5].defined() == args[0][5].defined(),
                   "fastnlp.lstm pair: both directions must agree on which biases they have");
       outputs.insert(outputs.end(), o.begin(), o.end());
@@ -342,10 +368,51 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
     const variable_list s = ctx->get_saved_variables();
-    return run_once_differentiable("fastnlp::lstm_forward_pair", s, grads, [&] { return gradients(ctx, s, grads); });
+    return run_backward([&] { return gradients(ctx, s, grads); },
+                        [&] { return reference_gradients(ctx, s, grads); });
   }
 
  private:
+  // Each direction through lstm_forward's reference backward in turn: the
+  // pair computes what the two lstm_forward calls would.
+  static variable_list reference_gradients(AutogradContext* ctx, const variable_list& s,
+                                           const variable_list& grads) {
+    TORCH_CHECK(s[0].defined(), "fastnlp::lstm_forward_pair cannot be differentiated twice where its input is an "
+                "inference tensor (made under torch.inference_mode)");
+    const auto opt = [](const at::Tensor& t) -> c10::IValue { return optional_tensor(t); };
+    at::Tensor grad_input;
+    variable_list by_entry;  // one gradient per entry of the two argument lists, as in gradients()
+    for (size_t d = 0; d < 2; ++d) {
+      const at::Tensor* v = s.data() + 2 + d * kSavedPerDirection;
+      const at::Tensor* g = grads.data() + d * kForwardOutputs;
+      const variable_list r = reference_backward(
+          "fastnlp::lstm_forward",
+          {s[0], s[1], v[kH0], v[kC0], v[kWeightIh], v[kWeightHh], opt(v[kBiasIh]), opt(v[kBiasHh]),
+           opt(v[kWeightHr]), d == 1, opt(v[kRecurrentMask]), opt(v[kZoneoutCell]), opt(v[kZoneoutHidden]),
+           opt(v[kLnIhWeight]), opt(v[kLnIhBias]), opt(v[kLnHhWeight]), opt(v[kLnHhBias]), opt(v[kLnCellWeight]),
+           opt(v[kLnCellBias])},
+          {g[0], g[1], g[2]});
+      if (r[0].defined()) grad_input = grad_input.defined() ? grad_input + r[0] : r[0];
+      // lstm_forward's arguments after `reverse` (r[9]) are the list's, from h0 (r[2]) on.
+      by_entry.insert(by_entry.end(), r.begin() + 2, r.begin() + 9);
+      by_entry.insert(by_entry.end(), r.begin() + 10, r.end());
+    }
+    return pair_result(ctx, grad_input, by_entry);
+  }
+
+  // Autograd's gradients for forward's arguments: input, batch_sizes, then
+  // present (each list entry's gradient to its place), then the layout.
+  static variable_list pair_result(AutogradContext* ctx, const at::Tensor& grad_input,
+                                   const variable_list& by_entry) {
+    const std::vector<int64_t> layout = ctx->saved_data["layout"].toIntVector();
+    variable_list result{grad_input, at::Tensor()};
+    result.resize(2 + std::count_if(layout.begin(), layout.end(), [](int64_t i) { return i >= 0; }));
+    for (size_t k = 0; k < layout.size(); ++k)
+      if (layout[k] >= 0) result[2 + layout[k]] = by_entry[k];
+    result.push_back(at::Tensor());  // layout
+    return result;
+  }
+
   static variable_list gradients(AutogradContext* ctx, const variable_list& s, const variable_list& grads) {
     const bool has_bias_ih = ctx->saved_data["has_bias_ih"].toBool();
     const bool has_bias_hh = ctx->saved_data["has_bias_hh"].toBool();
@@ -394,12 +461,7 @@ class LstmPair : public torch::autograd::Function<LstmPair> {
                        weight(layer_norm, 9), weight(layer_norm, 8), weight(layer_norm, 9), weight(layer_norm, 10),
                        weight(layer_norm, 11)});
     }
-    variable_list result{input_grad ? at::add(forward_grads[0], reverse_grads[0]) : none, none};
-    result.resize(2 + std::count_if(layout.begin(), layout.end(), [](int64_t i) { return i >= 0; }));
-    for (size_t k = 0; k < layout.size(); ++k)
-      if (layout[k] >= 0) result[2 + layout[k]] = by_entry[k];
-    result.push_back(none);  // layout
-    return result;
+    return pair_result(ctx, input_grad ? at::add(forward_grads[0], reverse_grads[0]) : none, by_entry);
   }
 };
 

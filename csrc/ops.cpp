@@ -149,6 +149,29 @@ TORCH_LIBRARY(fastnlp, m) {
   // The dense keep-mask (B, H, Lq, Lk) bool that the kernels draw for these
   // shapes and rng_state: for testing dropout against the reference.
   m.def("attention_dropout_mask(Tensor query, Tensor key, float dropout_p, Tensor rng_state) -> Tensor");
+
+  // The backward passes that autograd records (create_graph=True; see
+  // csrc/double_backward.h), of the ops whose autograd is in C++. Each takes
+  // its op's arguments and the incoming gradients of the op's differentiable
+  // outputs (None where none came) and returns one gradient per argument
+  // (None for non-tensors and for what needs none), differentiable: the op's
+  // pure-PyTorch reference, recomputed and differentiated. Implemented in
+  // Python (fastnlp/ops/_double_backward.py).
+  m.def(
+      "crf_log_partition_reference_backward(Tensor emissions, Tensor mask, Tensor? tags, "
+      "Tensor start_transitions, Tensor end_transitions, Tensor transitions, Tensor?[] grad_outputs) "
+      "-> Tensor?[]");
+  m.def(
+      "crf_log_likelihood_reference_backward(Tensor emissions, Tensor mask, Tensor tags, "
+      "Tensor start_transitions, Tensor end_transitions, Tensor transitions, int ignore_index, "
+      "Tensor?[] grad_outputs) -> Tensor?[]");
+  m.def(
+      "lstm_forward_reference_backward(Tensor input, Tensor batch_sizes, Tensor h0, Tensor c0, Tensor weight_ih, "
+      "Tensor weight_hh, Tensor? bias_ih, Tensor? bias_hh, Tensor? weight_hr, bool reverse, "
+      "Tensor? recurrent_mask, Tensor? zoneout_cell, Tensor? zoneout_hidden, "
+      "Tensor? layer_norm_ih_weight, Tensor? layer_norm_ih_bias, Tensor? layer_norm_hh_weight, "
+      "Tensor? layer_norm_hh_bias, Tensor? layer_norm_cell_weight, Tensor? layer_norm_cell_bias, "
+      "Tensor?[] grad_outputs) -> Tensor?[]");
 }
 
 namespace {

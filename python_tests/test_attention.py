@@ -600,22 +600,36 @@ def test_nan_query_row_that_sees_no_key_gives_zero_as_the_reference(length, padd
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10, equal_nan=True)
 
 
-def test_double_backward_raises_instead_of_dropping_the_kernels_share():
-    # The backward pass is a kernel: with create_graph=True the first-order
-    # gradients are unchanged, and differentiating them raises a clear error
-    # even when other terms reach the same inputs (a gradient penalty).
-    gen = torch.Generator().manual_seed(97)
-    q, k, v = (torch.randn(1, 2, 5, 8, generator=gen, dtype=torch.float64, requires_grad=True) for _ in range(3))
+@pytest.mark.parametrize("mask_kind", ["padding causal", "float", "bool lengths"])
+def test_gradgradcheck(mask_kind):
+    # With create_graph=True the backward pass runs the reference (see
+    # fastnlp/ops/_double_backward.py): second derivatives of queries, keys,
+    # values (grouped) and a learned additive mask.
+    q, k, v, kwargs = make_problem(1, 2, 1, 3, 4, 3, 2, mask_kind, seed=97)
+    leaves = [q, k, v]
+    if "float" in mask_kind:
+        leaves.append(kwargs.pop("attn_mask"))
+    leaves = [x.requires_grad_(True) for x in leaves]
 
-    def loss():
-        return ops.attention(q, k, v, is_causal=True).pow(2).sum()
+    def function(q, k, v, *learned_mask):
+        return ops.attention(q, k, v, *learned_mask, enable_gqa=True, **kwargs)
 
-    plain = torch.autograd.grad(loss(), (q, k, v))
-    grads = torch.autograd.grad(loss(), (q, k, v), create_graph=True)
-    for got, want in zip(grads, plain):
-        torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="has no double backward"):
-        torch.autograd.grad(grads[0].pow(2).sum() + q.sum(), q)
+    assert torch.autograd.gradgradcheck(function, leaves)
+
+
+def test_recorded_backward_drops_what_the_kernel_dropped():
+    # The recomputation reads the kernel's own dropout mask, so with
+    # create_graph=True the gradients are the plain backward pass's.
+    q, k, v, kwargs = make_problem(2, 2, 2, 5, 6, 4, 4, "padding causal", seed=98)
+    leaves = [x.requires_grad_(True) for x in (q, k, v)]
+    results = []
+    for create_graph in (False, True):
+        torch.manual_seed(5)
+        out = ops.attention(*leaves, dropout_p=0.4, **kwargs)
+        results.append(torch.autograd.grad(out.pow(2).sum(), leaves, create_graph=create_graph))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)
+    assert all(grad.requires_grad for grad in results[1])
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

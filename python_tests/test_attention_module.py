@@ -1140,3 +1140,25 @@ def test_autocast_as_torchs(masks, need_weights):
             continue
         assert got.dtype == want.dtype == torch.bfloat16
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+
+
+def test_double_backward_equals_torch():
+    # A gradient penalty on the query, with key padding and a causal mask:
+    # the recorded backward pass runs the reference (see
+    # fastnlp/ops/_double_backward.py), so it differentiates as torch's does
+    # (torch's own has no double backward with need_weights=False on the CPU:
+    # its fused SDPA kernel's backward is not differentiable; ours is, both ways).
+    theirs, ours = make_pair(embed_dim=8, num_heads=2, batch_first=True, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 5, 8, generator=gen, dtype=torch.float64)
+    padding = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    causal = nn.Transformer.generate_square_subsequent_mask(5, dtype=torch.float64)
+    results = []
+    for model, need_weights in ((theirs, True), (ours, True), (ours, False)):
+        leaf = x.clone().requires_grad_(True)
+        out, _ = model(leaf, leaf, leaf, key_padding_mask=padding, attn_mask=causal, need_weights=need_weights)
+        (grad,) = torch.autograd.grad(out.pow(2).sum(), leaf, create_graph=True)
+        results.append((grad,) + torch.autograd.grad(grad.pow(2).sum(), [leaf, *model.parameters()]))
+    for ours_result in results[1:]:
+        for got, want in zip(ours_result, results[0]):
+            torch.testing.assert_close(got, want)

@@ -654,34 +654,35 @@ def test_nan_or_inf_transition_parameter_makes_every_sequence_nan(device, bad):
     assert torch.isnan(ops.crf_viterbi(emissions, start, end, trans, mask)[1]).all()
 
 
-@pytest.mark.parametrize("op", ["log_likelihood", "log_partition"])
-def test_double_backward_raises_instead_of_dropping_the_kernels_share(op):
-    # The backward pass is a kernel: with create_graph=True the first-order
-    # gradients are unchanged, and differentiating them raises a clear error
-    # even when other terms reach the same inputs (a gradient penalty).
-    emissions, tags, mask, start, end, trans = random_problem(2, 5, 3, seed=89)
-    leaves = [x.clone().requires_grad_(True) for x in (emissions, trans)]
+@pytest.mark.parametrize("op", ["log_likelihood", "log_partition", "gold_score"])
+@pytest.mark.parametrize("mask_kind", ["random", "prefix"])
+def test_gradgradcheck(op, mask_kind):
+    # With create_graph=True the backward pass runs the reference (see
+    # fastnlp/ops/_double_backward.py): second derivatives for a gradient
+    # penalty or a Hessian-vector product, with unknown tags (-100) among
+    # the known ones.
+    emissions, tags, mask, start, end, trans = random_problem(2, 4, 3, seed=89, mask_kind=mask_kind)
+    leaves = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+    function = {"log_likelihood": lambda e, s, n, t: ops.crf_log_likelihood(e, tags, s, n, t, mask),
+                "log_partition": lambda e, s, n, t: ops.crf_log_partition(e, s, n, t, mask),
+                "gold_score": lambda e, s, n, t: ops.crf_gold_score(e, tags, s, n, t, mask)}[op]
+    assert torch.autograd.gradgradcheck(function, leaves)
 
-    def score():
-        if op == "log_partition":
-            return ops.crf_log_partition(leaves[0], start, end, leaves[1], mask).sum()
-        return ops.crf_log_likelihood(leaves[0], tags, start, end, leaves[1], mask).sum()
 
-    plain = torch.autograd.grad(score(), leaves)
-    grads = torch.autograd.grad(score(), leaves, create_graph=True)
-    for got, want in zip(grads, plain):
-        torch.testing.assert_close(got.detach(), want, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="has no double backward"):
-        torch.autograd.grad(grads[0].pow(2).sum() + leaves[0].sum(), leaves[0])
-    # The incoming gradient depends on a weight applied after the op: that
-    # weight's second derivative runs back through the kernel's backward too.
-    weight = torch.ones(2, requires_grad=True)
-    per_sequence = (ops.crf_log_partition(leaves[0], start, end, leaves[1], mask) if op == "log_partition"
-                    else ops.crf_log_likelihood(leaves[0], tags, start, end, leaves[1], mask))
-    weighted = (weight * per_sequence).sum()
-    (grad,) = torch.autograd.grad(weighted, leaves[0], create_graph=True)
-    with pytest.raises(RuntimeError, match="has no double backward"):
-        torch.autograd.grad(weighted + grad.pow(2).sum(), weight)
+def test_double_backward_equals_the_reference_backends():
+    emissions, tags, mask, start, end, trans = random_problem(3, 5, 4, seed=90)
+
+    def penalty_gradients(backend):
+        leaves = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+        weight = torch.linspace(0.5, 1.5, 3, dtype=torch.float64, requires_grad=True)
+        llh = ops.crf_log_likelihood(leaves[0], tags, *leaves[1:], mask, backend=backend)
+        # The weight is applied after the op: its second derivative runs back
+        # through the op's backward via the gradient reaching the op.
+        grads = torch.autograd.grad((weight * llh).sum(), leaves, create_graph=True)
+        return grads + torch.autograd.grad(sum(g.pow(2).sum() for g in grads), leaves + [weight])
+
+    for got, want in zip(penalty_gradients(None), penalty_gradients("reference")):
+        torch.testing.assert_close(got, want)
 
 
 def test_torch_compile_fullgraph_forward_and_backward():

@@ -57,6 +57,20 @@ def test_forward_and_gradients_equal_pytorch_crf(batch_first, reduction, mask_dt
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def test_double_backward_equals_pytorch_crf():
+    # A gradient penalty on the emissions, through the loss as users write it.
+    theirs, ours = make_pair(5, True)
+    theirs.double(), ours.double()
+    emissions, tags, mask = make_inputs(6, 3, 5, True)
+    results = []
+    for model in (theirs, ours):
+        leaf = emissions.double().requires_grad_(True)
+        (grad,) = torch.autograd.grad(-model(leaf, tags, mask), leaf, create_graph=True)
+        results.append((grad,) + torch.autograd.grad(grad.pow(2).sum(), [leaf, *model.parameters()]))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want)
+
+
 @given(st.integers(1, 20), st.integers(1, 8), st.integers(1, 12), st.booleans(), st.integers(0, 2**16))
 def test_decode_equals_pytorch_crf(seq_len, batch, num_tags, batch_first, seed):
     theirs, ours = make_pair(num_tags, batch_first, seed)

@@ -946,39 +946,121 @@ def test_masks_that_require_grad_are_refused(entry, name):
     run(fwd)
 
 
-@pytest.mark.parametrize("module", ["layer", "bidirectional", "cell"])
-def test_double_backward_raises_instead_of_dropping_the_kernels_share(module):
-    # The backward pass is a kernel: with create_graph=True the first-order
-    # gradients are unchanged, and differentiating them raises a clear error
-    # even when other terms reach the same inputs (a gradient penalty).
+def _double_backward_results(model, x, state, packed_lengths=None):
+    """A gradient penalty's pieces: the input's gradient (create_graph=True),
+    then the penalty's gradients for x, the state and every parameter, and a
+    head above the model (whose second derivative runs back through the
+    model's backward via the gradient reaching it)."""
+    torch.manual_seed(1)
+    width = getattr(model, "proj_size", 0) or model.hidden_size
+    head = torch.nn.Linear(width * (2 if getattr(model, "bidirectional", False) else 1), 1).double()
+    rows = pack_padded_sequence(x, packed_lengths) if packed_lengths is not None else x
+    result = model(rows, state)
+    out = result[0] if not isinstance(result, torch.Tensor) else result
+    out = out.data if packed_lengths is not None else out
+    score = head(out).pow(2).sum()
+    leaves = [x, *state]
+    grads = torch.autograd.grad(score, leaves, create_graph=True)
+    penalty = sum(g.pow(2).sum() for g in grads)
+    wrt = leaves + list(model.parameters()) + list(head.parameters())
+    return grads, torch.autograd.grad(penalty, wrt)
+
+
+@pytest.mark.parametrize("module", ["uni", "bi", "bi packed", "projected", "cell"])
+def test_double_backward_matches_torch(module):
+    # With create_graph=True the backward pass runs the reference (see
+    # fastnlp/ops/_double_backward.py), so a gradient penalty, MAML or a
+    # Hessian-vector product through the layer works as through torch's.
     torch.manual_seed(0)
     if module == "cell":
-        model, x = fastnlp.nn.LSTMCell(4, 5), torch.randn(3, 4, requires_grad=True)
+        theirs, ours = torch.nn.LSTMCell(3, 4).double(), fastnlp.nn.LSTMCell(3, 4).double()
+        x, state_shape = torch.randn(2, 3, dtype=torch.float64, requires_grad=True), (2, 4)
     else:
-        model, x = fastnlp.nn.LSTM(4, 5, bidirectional=module == "bidirectional"), torch.randn(6, 3, 4,
-                                                                                               requires_grad=True)
-
-    def loss():
-        return model(x)[0].pow(2).sum()
-
-    plain = torch.autograd.grad(loss(), x)[0]
-    (grad,) = torch.autograd.grad(loss(), x, create_graph=True)
-    torch.testing.assert_close(grad.detach(), plain, rtol=0, atol=0)
-    with pytest.raises(RuntimeError, match="has no double backward"):
-        torch.autograd.grad(grad.pow(2).sum() + x.sum(), x)
-    # A penalty on the input's gradient, differentiated for a layer above the
-    # LSTM: the gradient reaching the kernel depends on that layer's weight,
-    # so its second derivative runs back through the kernel's backward too
-    # (these once came out as if the kernel's gradient were a constant).
-    head = torch.nn.Linear(10 if module == "bidirectional" else 5, 1)
-    score = head(model(x)[0]).sum()
-    (grad,) = torch.autograd.grad(score, x, create_graph=True)
-    with pytest.raises(RuntimeError, match="has no double backward"):
-        torch.autograd.grad(score + grad.pow(2).sum(), head.weight)
+        kwargs = dict(num_layers=2, bidirectional=module.startswith("bi"), proj_size=2 if module == "projected" else 0)
+        theirs, ours = torch.nn.LSTM(3, 4, **kwargs).double(), fastnlp.nn.LSTM(3, 4, **kwargs).double()
+        x = torch.randn(5, 3, 3, dtype=torch.float64, requires_grad=True)
+        layers = 2 * (2 if kwargs["bidirectional"] else 1)
+        state_shape = (layers, 3, kwargs["proj_size"] or 4)
+    ours.load_state_dict(theirs.state_dict())
+    h0 = torch.randn(state_shape, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(state_shape[:-1] + (4,), dtype=torch.float64, requires_grad=True)
+    lengths = torch.tensor([5, 4, 2]) if module == "bi packed" else None
+    got = _double_backward_results(ours, x, (h0, c0), lengths)
+    want = _double_backward_results(theirs, x, (h0, c0), lengths)
+    for a, b in zip(got[0] + got[1], want[0] + want[1]):
+        torch.testing.assert_close(a, b)
     # torch.autograd.functional.jvp differentiates a vjp with respect to its
-    # incoming gradient (it gave zeros).
-    with pytest.raises(RuntimeError, match="has no double backward"):
-        torch.autograd.functional.jvp(lambda x: model(x)[0], x, torch.ones_like(x))
+    # incoming gradient (it once gave zeros).
+    for a, b in zip(*(torch.autograd.functional.jvp(lambda x: m(x)[0], x, torch.ones_like(x))
+                      for m in (ours, theirs))):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_layer_gradgradcheck(reverse, layer_norm):
+    # Packed, projected, with the regularisers and layer norm: every argument
+    # of the op at once.
+    batch_sizes, tensors = make_layer_inputs([3, 2, 1], 2, 2, 1, "both", torch.float64, "cpu")
+    if layer_norm:
+        tensors.update(make_layer_norm(2, torch.float64, "cpu"))
+    names = [k for k, v in tensors.items() if v is not None]
+    reg = make_regularisers(batch_sizes, tensors)
+
+    def fn(*values):
+        t = dict(zip(names, values))
+        ln = {k: t.pop(k) for k in LAYER_NORM_NAMES if k in t}
+        return run_layer(batch_sizes, t, reverse, regularisers=dict(reg, **ln))
+
+    assert torch.autograd.gradgradcheck(fn, [tensors[k] for k in names])
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_pair_and_cell_gradgradcheck(layer_norm):
+    input, batch_sizes, (fwd, rev) = make_pair_inputs(True, 2, torch.float64, True, layer_norm)
+    names = [(d, k) for d, t in enumerate((fwd, rev)) for k, v in t.items() if v is not None and v.requires_grad]
+
+    def pair(x, *values):
+        dirs = [dict(fwd), dict(rev)]
+        for (d, k), v in zip(names, values):
+            dirs[d][k] = v
+        (out_f, h_f, c_f), (out_r, h_r, c_r) = lstm_layer_pair(x, batch_sizes, dirs[0], dirs[1])
+        return out_f, h_f, c_f, out_r, h_r, c_r
+
+    assert torch.autograd.gradgradcheck(pair, [input] + [(fwd, rev)[d][k] for d, k in names])
+    _, t = make_layer_inputs([1, 1], 2, 3, 0, "both", torch.float64, "cpu")
+    ln = make_layer_norm(3, torch.float64, "cpu") if layer_norm else {}
+    args = (t["input"], t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"])
+    n = len(args)
+    assert torch.autograd.gradgradcheck(lambda *a: lstm_cell(*a[:n], **dict(zip(ln, a[n:]))),
+                                        args + tuple(ln.values()))
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_only_a_recorded_backward_runs_the_reference(bidirectional):
+    # A plain backward pass runs the kernel; create_graph=True the reference.
+    model = fastnlp.nn.LSTM(3, 4, bidirectional=bidirectional)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    kernel = "fastnlp::lstm_backward_pair" if bidirectional else "fastnlp::lstm_backward"
+    reference = "fastnlp::lstm_forward_reference_backward"
+    for create_graph, want, unwanted in ((False, kernel, reference), (True, reference, kernel)):
+        _, called = operators_called(lambda: torch.autograd.grad(model(x)[0].sum(), x, create_graph=create_graph))
+        assert want in called and unwanted not in called
+    plain = torch.autograd.grad(model(x)[0].pow(2).sum(), x)[0]
+    recorded = torch.autograd.grad(model(x)[0].pow(2).sum(), x, create_graph=True)[0]
+    torch.testing.assert_close(recorded, plain)
+
+
+def test_double_backward_refuses_an_inference_input_by_name():
+    # A frozen layer keeps no input made under inference_mode (autograd
+    # cannot save one), so its backward cannot be recomputed.
+    model = fastnlp.nn.LSTM(3, 4).requires_grad_(False)
+    with torch.inference_mode():
+        x = torch.randn(5, 2, 3)
+    h0 = torch.randn(1, 2, 4, requires_grad=True)
+    (grad,) = torch.autograd.grad(model(x, (h0, h0.detach()))[0].sum(), h0)  # a plain backward works
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice where its input is an inference tensor"):
+        torch.autograd.grad(model(x, (h0, h0.detach()))[0].sum(), h0, create_graph=True)
 
 
 def _products(call):
@@ -1027,26 +1109,13 @@ def test_backward_makes_only_the_gradients_autograd_wants(bidirectional, packed,
         torch.testing.assert_close(grad, want, rtol=0, atol=0)
 
 
-def _saved_storages(call):
-    """The data pointers of every tensor autograd saves while call runs, and call's result."""
-    pointers = set()
-
-    def pack(tensor):
-        pointers.add(tensor.untyped_storage().data_ptr())
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        result = call()
-    return pointers, result
-
-
 @pytest.mark.parametrize("module", ["uni", "bi", "bi packed", "cell"])
 @pytest.mark.parametrize("layer_norm", [False, True])
-def test_frozen_layer_does_not_save_its_input(module, layer_norm):
-    """The input's values feed only the parameters' gradients: a layer with
-    none requiring grad does not keep its input for backward, so an input
-    made under inference_mode (which autograd refuses to save) works, as in
-    torch.nn.LSTMCell, and the other gradients are those of the full backward."""
+def test_frozen_layer_takes_an_inference_input(module, layer_norm):
+    """A frozen layer (no parameter requires grad) gives the full backward's
+    gradients for the rest, and takes an input made under inference_mode
+    (which autograd refuses to save) as torch.nn.LSTMCell does: the kernel's
+    backward reads the input's values only for the weights' gradients."""
     torch.manual_seed(0)
     if module == "cell":
         model = fastnlp.nn.LSTMCell(3, 5, layer_norm=layer_norm).double()
@@ -1058,20 +1127,15 @@ def test_frozen_layer_does_not_save_its_input(module, layer_norm):
     c0 = torch.randn(state_shape, dtype=torch.float64, requires_grad=True)
     x = torch.randn(x_shape, dtype=torch.float64, requires_grad=True)
 
-    fed = []  # the storage of what the model was given: x, or its packed rows
-
     def loss(x):
         rows = pack_padded_sequence(x, torch.tensor([6, 4])) if module == "bi packed" else x
-        fed.append((rows.data if module == "bi packed" else rows).untyped_storage().data_ptr())
         result = model(rows, (h0, c0))
         out, (h, c) = (result[0], result) if module == "cell" else result
         return (out.data if module == "bi packed" else out).pow(2).sum() + h.sum() + c.pow(2).sum()
 
-    trained, full = _saved_storages(lambda: torch.autograd.grad(loss(x), [x, h0, c0]))
-    assert fed[-1] in trained
+    full = torch.autograd.grad(loss(x), [x, h0, c0])
     model.requires_grad_(False)
-    frozen, grads = _saved_storages(lambda: torch.autograd.grad(loss(x), [x, h0, c0]))
-    assert fed[-1] not in frozen
+    grads = torch.autograd.grad(loss(x), [x, h0, c0])
     for grad, want in zip(grads, full):
         torch.testing.assert_close(grad, want, rtol=0, atol=0)
     with torch.inference_mode():

@@ -19,6 +19,7 @@ from torch import Tensor
 from fastnlp import triton as _triton
 from fastnlp.ops._autocast import autocast_cast, autocast_dtype
 from fastnlp.ops._backend import is_compiling, use_reference
+from fastnlp.ops._double_backward import reference_gradients
 from fastnlp.ops._fake import register_fake
 from fastnlp.reference import attention as reference
 
@@ -66,18 +67,32 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     saved = ctx.saved_tensors
     query, key, value, out, lse, attn_mask, key_padding_mask, rng_state = saved
-    with torch.no_grad():
-        grad_query, grad_key, grad_value = torch.ops.fastnlp.attention_backward(
-            grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, ctx.is_causal, ctx.dropout_p,
-            ctx.scale, rng_state)
-        grad_mask = None
-        if ctx.needs_input_grad[3]:  # a learned additive mask (a position bias)
-            grad_mask = _mask_gradient(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
-                                       ctx.is_causal, ctx.dropout_p, ctx.scale, rng_state)
-    grads = (grad_query, grad_key, grad_value, grad_mask)
-    if torch.is_grad_enabled():
-        grads = _without_double_backward(saved + (grad_out,), grads)
-    return (*grads, None, None, None, None, None)
+    if torch.is_grad_enabled():  # create_graph=True: see fastnlp/ops/_double_backward.py
+        grads = _reference_backward(grad_out, query, key, value, attn_mask, key_padding_mask, ctx.is_causal,
+                                    ctx.dropout_p, ctx.scale, rng_state)
+        return (*grads, None, None, None, None, None)
+    grad_query, grad_key, grad_value = torch.ops.fastnlp.attention_backward(
+        grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, ctx.is_causal, ctx.dropout_p,
+        ctx.scale, rng_state)
+    grad_mask = None
+    if ctx.needs_input_grad[3]:  # a learned additive mask (a position bias)
+        grad_mask = _mask_gradient(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask,
+                                   ctx.is_causal, ctx.dropout_p, ctx.scale, rng_state)
+    return grad_query, grad_key, grad_value, grad_mask, None, None, None, None, None
+
+
+def _reference_backward(grad_out, query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                        rng_state):
+    """The gradients of query, key, value and attn_mask, differentiable: the reference's, recomputed."""
+    dropout_mask = None
+    if rng_state is not None:  # the kernels' own keep-mask, so that the recomputation drops what they dropped
+        dropout_mask = torch.ops.fastnlp.attention_dropout_mask(query.detach(), key.detach(), dropout_p, rng_state)
+
+    def forward(query, key, value, attn_mask):
+        return (reference.attention(query, key, value, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
+                                    dropout_mask),)
+
+    return reference_gradients(forward, (query, key, value, attn_mask), (grad_out,))
 
 
 def _mask_gradient(grad_out, query, key, value, out, lse, attn_mask, key_padding_mask, is_causal, dropout_p, scale,
@@ -101,29 +116,6 @@ def _mask_gradient(grad_out, query, key, value, out, lse, attn_mask, key_padding
     delta = (grad_out.to(accumulate) * out.to(accumulate)).sum(dim=-1, keepdim=True)
     grad_scores = probabilities * (grad_p - delta)
     return grad_scores.to(attn_mask.dtype).sum_to_size(attn_mask.shape)
-
-
-def _without_double_backward(inputs, grads):
-    """The gradients, made to raise if differentiated (create_graph=True records the backward).
-
-    The backward pass is a kernel, so its gradients would otherwise count as
-    constants: a gradient penalty would silently lose attention's share. As
-    in csrc/once_differentiable.h: an exact zero (a sum over no elements) that
-    depends on every input requiring grad, with a backward that raises, is
-    added to each gradient.
-    """
-    zero = None
-    for tensor in inputs:
-        if tensor is not None and tensor.requires_grad:
-            nothing = tensor.flatten()[:0].sum()
-            zero = nothing if zero is None else zero + nothing
-    if zero is None:
-        return grads
-    error = torch._C._functions.DelayedError(
-        b"fastnlp::attention_forward has no double backward: its gradient is computed by a kernel, so a graph "
-        b"built with create_graph=True cannot be differentiated through it", 1)
-    zero = error(zero)
-    return tuple(None if grad is None else grad + zero for grad in grads)
 
 
 torch.library.register_autograd("fastnlp::attention_forward", _backward, setup_context=_setup_context)

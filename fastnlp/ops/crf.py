@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from fastnlp.ops._backend import is_compiling, use_reference
+from fastnlp.ops._double_backward import register_reference_backward
 from fastnlp.ops._fake import register_fake
 from fastnlp.reference import crf as reference
 
@@ -95,6 +96,22 @@ def _log_likelihood_backward_fake(grad, emissions, mask, tags, start_transitions
 
 # Autograd for crf_log_partition and crf_log_likelihood is registered in C++ (csrc/crf_autograd.cpp):
 # the Python wrapper of torch.library.register_autograd cost ~0.1 ms a call.
+# With create_graph=True its backward passes call these reference backward passes.
+
+
+def _reference_log_partition(emissions, mask, tags, start_transitions, end_transitions, transitions):
+    return (reference.log_partition(emissions, mask, tags, start_transitions, end_transitions, transitions),)
+
+
+def _reference_log_likelihood(emissions, mask, tags, start_transitions, end_transitions, transitions,
+                              ignore_index):
+    pinned = torch.where(mask & (tags != ignore_index), tags, -1)  # the op's ignore_index: free, as in the reference
+    gold = reference.log_partition(emissions, mask, pinned, start_transitions, end_transitions, transitions)
+    return (gold - reference.log_partition(emissions, mask, None, start_transitions, end_transitions, transitions),)
+
+
+register_reference_backward("crf_log_partition", _reference_log_partition)
+register_reference_backward("crf_log_likelihood", _reference_log_likelihood)
 
 
 # ---------------------------------------------------------------------------

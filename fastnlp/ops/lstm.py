@@ -1,5 +1,6 @@
 """LSTM: registration of torch.ops.fastnlp.lstm_forward/lstm_backward (fake
-kernels; autograd is in csrc/lstm_autograd.cpp) and the functional API.
+kernels and the reference backward; autograd is in csrc/lstm_autograd.cpp)
+and the functional API.
 
 The op runs one layer in one direction over a *time-major packed* batch, the
 layout of torch.nn.utils.rnn.PackedSequence: `input` (N, I) holds the rows of
@@ -18,6 +19,7 @@ from torch import Tensor
 from fastnlp import _C
 from fastnlp.ops._autocast import autocast_cast, autocast_dtype
 from fastnlp.ops._backend import is_compiling, use_reference
+from fastnlp.ops._double_backward import register_reference_backward
 from fastnlp.ops._fake import register_fake
 from fastnlp.reference import lstm as reference
 
@@ -87,6 +89,18 @@ def _lstm_backward_pair_fake(input, batch_sizes, has_bias, forward_args, reverse
                                         weight_grads=weight_grads))
     return one(forward_args, False), one(reverse_args, True)
 
+
+def _reference_forward(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
+                       recurrent_mask, zoneout_cell, zoneout_hidden, *layer_norm):
+    """lstm_forward's differentiable outputs (output, h_n, c_n), from its arguments, by the reference."""
+    return reference.lstm_layer(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                reverse, recurrent_mask, zoneout_cell, zoneout_hidden,
+                                layer_norm if layer_norm[0] is not None else None)
+
+
+# With create_graph=True, csrc/lstm_autograd.cpp's backward passes (of
+# lstm_forward and, a direction at a time, lstm_forward_pair) call this.
+register_reference_backward("lstm_forward", _reference_forward)
 
 # The CPU kernel computes in float32/float64; half-precision input is widened
 # to float32 around it (and autograd narrows the gradients back).
