@@ -128,6 +128,11 @@ struct LstmStepKernels {
   // backward that walks all rows as one chunk; returns false, touching
   // nothing, where it does not apply. nullptr, or false: the step loop.
   bool (*sequence_backward)(const LstmSequenceBackward& sequence) = nullptr;
+  // Optional: a @ weight^T (+ bias, where defined) as a new tensor, for the
+  // products over many rows (the input product, the input and weight
+  // gradients), where the device has a faster path than ATen's; an undefined
+  // tensor where it does not apply. nullptr, or undefined: ATen's mm.
+  at::Tensor (*linear)(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias) = nullptr;
 };
 
 // Training-time regularisers, applied inside the time loop (all optional):

@@ -530,6 +530,41 @@ def test_onednn_step_products_match_reference(threads, proj, layer_norm, regular
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.parametrize("column_major", [False, True])
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_onednn_products_over_all_rows_match_reference(column_major, layer_norm, threads):
+    """In float32 the products over all rows of a call -- the input product
+    and the input gradient -- run through oneDNN's linear
+    (csrc/cpu/onednn_matmul.cpp), for weights of either layout; the weight
+    gradients stay on ATen's mm. Two steps are too few for the prepared
+    step products, so those two are all the oneDNN calls; with oneDNN off,
+    none. Checked against the float64 reference as in the test above."""
+    with intra_op_threads(threads):
+        batch_sizes, tensors = make_layer_inputs([2] * 6, 7, 9, 0, "both", torch.float32, "cpu", packed=False)
+        if column_major:
+            for name in ("weight_ih", "weight_hh"):
+                tensors[name] = tensors[name].detach().t().contiguous().t().requires_grad_()
+        ln = make_layer_norm(9, torch.float32, "cpu") if layer_norm else {}
+        exact = {k: v.detach().double().requires_grad_() if v is not None else None for k, v in tensors.items()}
+        ln_exact = {k: v.detach().double().requires_grad_() for k, v in ln.items()}
+
+        def run():
+            return layer_norm_outputs_and_grads(batch_sizes, tensors, ln, False)
+
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+            out, grads = run()
+        calls = [event.name for event in profile.events()]
+        assert calls.count(ONEDNN_PRODUCT) == 2 and calls.count("aten::addmm_") >= 2
+        with torch.backends.mkldnn.flags(enabled=False):
+            assert ONEDNN_PRODUCT not in operators_called(run)[1]
+        ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, exact, ln_exact, False, backend="reference")
+        for a, b in zip(out + grads, ref_out + ref_grads):
+            error = ((a.double() - b).abs().max() / b.abs().max().clamp_min(1.0)).item()
+            assert error <= 1e-5, error
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 @given(long=st.lists(st.integers(4, 9), min_size=5, max_size=7), short=st.lists(st.integers(1, 3), max_size=3),
        input_size=st.integers(1, 9), hidden=st.integers(1, 20), use_proj=st.booleans(),
        bias=st.sampled_from(["both", "none", "ih", "hh"]), reverse=st.booleans(), packed=st.booleans())

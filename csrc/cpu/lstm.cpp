@@ -556,9 +556,16 @@ void layer_norm_backward_cpu(const at::Tensor& grad, const at::Tensor& norm, con
   });
 }
 
-constexpr LstmStepKernels kCpuKernels{&forward_step_cpu,       &backward_step_cpu,    &layer_norm_backward_cpu,
-                                       &few_rows_addmm_,        kFewRowsMax,           &onednn_prepare_right,
-                                       &onednn_prepared_matmul};
+constexpr LstmStepKernels kCpuKernels{&forward_step_cpu,
+                                       &backward_step_cpu,
+                                       &layer_norm_backward_cpu,
+                                       &few_rows_addmm_,
+                                       kFewRowsMax,
+                                       &onednn_prepare_right,
+                                       &onednn_prepared_matmul,
+                                       /*sequence_forward=*/nullptr,
+                                       /*sequence_backward=*/nullptr,
+                                       &onednn_linear};
 
 void check_cpu_dtype(const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,

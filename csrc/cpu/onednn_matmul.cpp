@@ -40,13 +40,16 @@ at::Tensor call(const c10::OperatorHandle& op, std::vector<c10::IValue> stack) {
   return stack.at(0).toTensor();
 }
 
+// Whether the oneDNN operators may take the float32 CPU matrix m.
+bool onednn_applies(const at::Tensor& m) {
+  return m.is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 2 && at::hasMKLDNN() &&
+         at::globalContext().userEnabledMkldnn() && reorder_operator().has_value() && linear_operator().has_value();
+}
+
 }  // namespace
 
 at::Tensor onednn_prepare_right(const at::Tensor& b, int64_t rows) {
-  if (!b.is_cpu() || b.scalar_type() != at::kFloat || b.dim() != 2 || !at::hasMKLDNN() ||
-      !at::globalContext().userEnabledMkldnn() || !reorder_operator().has_value() ||
-      !linear_operator().has_value())
-    return at::Tensor();
+  if (!onednn_applies(b)) return at::Tensor();
   // The operators compute X W^T for a weight W (n, k), as nn.Linear does.
   return call(*reorder_operator(), {b.t().contiguous(), rows});
 }
@@ -54,6 +57,14 @@ at::Tensor onednn_prepare_right(const at::Tensor& b, int64_t rows) {
 at::Tensor onednn_prepared_matmul(const at::Tensor& a, const at::Tensor& prepared) {
   return call(*linear_operator(),
               {a, prepared, c10::IValue(), "none", c10::List<std::optional<at::Scalar>>(), c10::IValue()});
+}
+
+at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias) {
+  if (!onednn_applies(a) || !onednn_applies(weight) || a.numel() == 0 || weight.numel() == 0 ||
+      (bias.defined() && bias.scalar_type() != at::kFloat))
+    return at::Tensor();
+  return call(*linear_operator(), {a, weight, bias.defined() ? c10::IValue(bias) : c10::IValue(), "none",
+                                   c10::List<std::optional<at::Scalar>>(), c10::IValue()});
 }
 
 }  // namespace fastnlp
