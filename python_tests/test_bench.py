@@ -148,6 +148,9 @@ class _CountMatmulFlops(TorchDispatchMode):
         if name in ("mm", "addmm", "addmm_"):
             a, b = args[-2:] if name != "mm" else args[:2]
             self.flops += 2 * a.shape[0] * a.shape[1] * b.shape[1]
+        elif name == "_linear_pointwise":  # oneDNN's x (m, k) @ weight (n, k)^T
+            x, weight = args[:2]
+            self.flops += 2 * x.shape[0] * x.shape[1] * weight.shape[0]
         return func(*args, **(kwargs or {}))
 
 

@@ -256,33 +256,67 @@ def _products_of_one_direction(d: _Data, rows_per_step: List[int], per_step_weig
     weight_ih = torch.randn(4 * H, I, generator=g).to(dev, dtype)
     weight_hh = torch.randn(4 * H, H, generator=g).to(dev, dtype)
     bias = torch.randn(4 * H, generator=g).to(dev, dtype)
-    grad_x, gates = torch.empty(N, I, device=dev, dtype=dtype), torch.empty(N, 4 * H, device=dev, dtype=dtype)
+    grad_x = torch.empty(N, I, device=dev, dtype=dtype)
     grad_h = torch.empty(max(rows_per_step), H, device=dev, dtype=dtype)
     grad_weight_ih, grad_weight_hh = torch.empty_like(weight_ih), torch.empty_like(weight_hh)
     offsets = [sum(rows_per_step[:t]) for t in range(len(rows_per_step))]
     steps = list(zip(offsets, rows_per_step))
     recurrent, recurrent_backward = _recurrent_products(weight_hh, rows_per_step, per_step_weight_grads)
+    project, input_gradient = _input_products(weight_ih, bias)
 
     @torch.no_grad()  # (grad mode is per thread: here, not around the caller)
     def products():
         if not per_step_weight_grads:
-            torch.addmm(bias, x, weight_ih.t(), out=gates)
+            gates = project(x)
         for lo, n in steps:
-            if per_step_weight_grads:
-                torch.addmm(bias, x[lo:lo + n], weight_ih.t(), out=gates[lo:lo + n])
-            recurrent(gates[lo:lo + n], h[lo:lo + n])
+            recurrent(project(x[lo:lo + n]) if per_step_weight_grads else gates[lo:lo + n], h[lo:lo + n])
         for lo, n in reversed(steps):
             recurrent_backward(grad_h[:n], grad_gates[lo:lo + n])
             if per_step_weight_grads:
-                torch.mm(grad_gates[lo:lo + n], weight_ih, out=grad_x[lo:lo + n])
+                input_gradient(grad_x[lo:lo + n], grad_gates[lo:lo + n])
                 grad_weight_ih.addmm_(grad_gates[lo:lo + n].t(), x[lo:lo + n])
                 grad_weight_hh.addmm_(grad_gates[lo:lo + n].t(), h[lo:lo + n])
         if not per_step_weight_grads:
-            torch.mm(grad_gates, weight_ih, out=grad_x)
+            input_gradient(grad_x, grad_gates)
             torch.mm(grad_gates.t(), x, out=grad_weight_ih)
             torch.mm(grad_gates.t(), h, out=grad_weight_hh)
 
     return products
+
+
+def _onednn_applies(*tensors: torch.Tensor) -> bool:
+    """Whether fastnlp's CPU kernel takes oneDNN's products for these tensors:
+    float32 on the CPU, in a torch with oneDNN, turned on."""
+    return (all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+
+def _input_products(weight_ih: torch.Tensor, bias: torch.Tensor):
+    """project(x) = x @ W_ih^T + bias as a new tensor, and input_gradient(out, g):
+    out = g @ W_ih, as fastnlp's CPU kernel makes these products: through
+    oneDNN's linear on the weight as it is (csrc/cpu/onednn_matmul.cpp)
+    where it applies; otherwise, and for a projection of four rows or fewer
+    (a cell step at a small batch, which the kernel gives its few-rows
+    loops), ATen's addmm / mm."""
+    def project(x):
+        return torch.addmm(bias, x, weight_ih.t())
+
+    def input_gradient(out, g):
+        torch.mm(g, weight_ih, out=out)
+
+    if not _onednn_applies(weight_ih):
+        return project, input_gradient
+    linear = torch.ops.mkldnn._linear_pointwise
+
+    def project_onednn(x):
+        if x.size(0) <= 4:
+            return project(x)
+        return linear(x, weight_ih, bias, "none", [], None)
+
+    def input_gradient_onednn(out, g):
+        out.copy_(linear(g, weight_ih.t(), None, "none", [], None))
+
+    return project_onednn, input_gradient_onednn
 
 
 def _recurrent_products(weight_hh: torch.Tensor, rows_per_step: List[int], per_step_weight_grads: bool):
@@ -297,8 +331,7 @@ def _recurrent_products(weight_hh: torch.Tensor, rows_per_step: List[int], per_s
     def backward(out, g):
         torch.mm(g, weight_hh, out=out)
 
-    if (per_step_weight_grads or weight_hh.device.type != "cpu" or weight_hh.dtype != torch.float32
-            or not torch.backends.mkldnn.is_available() or not torch.backends.mkldnn.enabled):
+    if per_step_weight_grads or not _onednn_applies(weight_hh):
         return forward, backward
     linear = torch.ops.mkldnn._linear_pointwise
     reorder = torch.ops.mkldnn._reorder_linear_weight
