@@ -156,7 +156,8 @@ TORCH_LIBRARY(fastnlp, m) {
   // outputs (None where none came) and returns one gradient per argument
   // (None for non-tensors and for what needs none), differentiable: the op's
   // pure-PyTorch reference, recomputed and differentiated. Implemented in
-  // Python (fastnlp/ops/_double_backward.py).
+  // Python: fastnlp/ops/crf.py and lstm.py register them through
+  // fastnlp/ops/_double_backward.py.
   m.def(
       "crf_log_partition_reference_backward(Tensor emissions, Tensor mask, Tensor? tags, "
       "Tensor start_transitions, Tensor end_transitions, Tensor transitions, Tensor?[] grad_outputs) "

@@ -1084,6 +1084,11 @@ def test_only_a_recorded_backward_runs_the_reference(bidirectional):
     plain = torch.autograd.grad(model(x)[0].pow(2).sum(), x)[0]
     recorded = torch.autograd.grad(model(x)[0].pow(2).sum(), x, create_graph=True)[0]
     torch.testing.assert_close(recorded, plain)
+    # torch.compile traces a plain backward pass: the kernel's.
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: model(x)[0].sum(), fullgraph=True)
+    _, called = operators_called(lambda: compiled(x).backward())
+    assert kernel in called and reference not in called
 
 
 def test_double_backward_refuses_an_inference_input_by_name():
