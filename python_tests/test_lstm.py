@@ -1071,6 +1071,51 @@ def test_pair_and_cell_gradgradcheck(layer_norm):
                                         args + tuple(ln.values()))
 
 
+@given(**LAYER_CASES, layer_norm=st.booleans(), pair=st.booleans())
+def test_recorded_backward_equals_the_kernels_over_random_layers(lengths, input_size, hidden, use_proj, bias, reverse,
+                                                                 packed, dtype, regularise, layer_norm, pair):
+    """With create_graph=True the gradients come from the reference backward,
+    called with the op's arguments as its autograd rebuilds them from what
+    it saved (csrc/lstm_autograd.cpp): each optional tensor (either bias,
+    the projection, the regularisers, the layer norm's six) must land in its
+    own place, for lstm_forward and for both directions of
+    lstm_forward_pair. Against the plain backward's gradients."""
+    proj = max(1, hidden - 1) if use_proj and hidden > 1 else 0
+    if not packed:
+        lengths = [max(lengths)] * len(lengths)
+    directions = []
+    for d in range(2 if pair else 1):
+        batch_sizes, t = make_layer_inputs(lengths, input_size, hidden, proj, bias, dtype, "cpu", seed=d,
+                                           packed=packed)
+        if regularise is not None:
+            reg = make_regularisers(batch_sizes, t, seed=10 + d)
+            t.update({k: v for k, v in reg.items() if regularise == "all" or (k == "recurrent_mask") ==
+                      (regularise == "recurrent_mask")})
+        if layer_norm:
+            t.update(make_layer_norm(hidden, dtype, "cpu", seed=20 + d))
+        directions.append({k: v for k, v in t.items() if v is not None})
+    input = directions[0].pop("input")
+    for direction in directions[1:]:
+        direction.pop("input")
+    if pair:
+        def run():
+            forward, backward = lstm_layer_pair(input, batch_sizes, directions[0], directions[1])
+            return forward + backward
+    else:
+        def run():
+            return lstm_layer(input, batch_sizes, reverse=reverse, **directions[0])
+    wrt = [input] + [v for direction in directions for v in direction.values() if v.requires_grad]
+
+    def gradients(create_graph):
+        g = torch.Generator().manual_seed(1)
+        loss = sum((o.double() * torch.randn(o.shape, generator=g, dtype=torch.float64)).sum() for o in run())
+        return torch.autograd.grad(loss, wrt, create_graph=create_graph)
+
+    for recorded, plain in zip(gradients(True), gradients(False)):
+        assert recorded.requires_grad
+        torch.testing.assert_close(recorded.detach(), plain, **TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_only_a_recorded_backward_runs_the_reference(bidirectional):
     # A plain backward pass runs the kernel; create_graph=True the reference.
