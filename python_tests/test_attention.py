@@ -615,6 +615,13 @@ def test_gradgradcheck(mask_kind):
         return ops.attention(q, k, v, *learned_mask, enable_gqa=True, **kwargs)
 
     assert torch.autograd.gradgradcheck(function, leaves)
+    # gradgradcheck differentiates whatever first-order gradients the recorded
+    # backward returns; that they are the kernel's is checked here.
+    weights = torch.randn(function(*leaves).shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    recorded = torch.autograd.grad((function(*leaves) * weights).sum(), leaves, create_graph=True)
+    plain = torch.autograd.grad((function(*leaves) * weights).sum(), leaves)
+    for got, want in zip(recorded, plain):
+        torch.testing.assert_close(got.detach(), want)
 
 
 def test_recorded_backward_drops_what_the_kernel_dropped():
