@@ -168,7 +168,13 @@ def test_cell_gradcheck_and_reference(layer_norm):
     ln = make_layer_norm(5, torch.float64, "cpu") if layer_norm else {}
     args = (t["input"], t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"])
     n = len(args)
-    assert torch.autograd.gradcheck(lambda *a: lstm_cell(*a[:n], **dict(zip(ln, a[n:]))), args + tuple(ln.values()))
+
+    def cell(*a):
+        return lstm_cell(*a[:n], **dict(zip(ln, a[n:])))
+
+    assert torch.autograd.gradcheck(cell, args + tuple(ln.values()))
+    # Second derivatives (the reference's, with create_graph=True).
+    assert torch.autograd.gradgradcheck(cell, args + tuple(ln.values()))
     h, c = lstm_cell(*args, **ln)
     ref_h, ref_c = fastnlp.reference.lstm.lstm_cell(*args, layer_norm=tuple(ln.values()) if ln else None)
     torch.testing.assert_close(h, ref_h)
@@ -897,7 +903,11 @@ def test_pair_gradcheck(layer_norm):
         (out_f, h_f, c_f), (out_r, h_r, c_r) = lstm_layer_pair(x, batch_sizes, dirs[0], dirs[1])
         return out_f, h_f, c_f, out_r, h_r, c_r
 
-    assert torch.autograd.gradcheck(fn, [input] + [(fwd, rev)[d][k] for d, k in names])
+    leaves = [input] + [(fwd, rev)[d][k] for d, k in names]
+    assert torch.autograd.gradcheck(fn, leaves)
+    # Second derivatives: with create_graph=True the backward runs the reference
+    # (fastnlp/ops/_double_backward.py), a direction at a time.
+    assert torch.autograd.gradgradcheck(fn, leaves)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -1048,27 +1058,6 @@ def test_layer_gradgradcheck(reverse, layer_norm):
         return run_layer(batch_sizes, t, reverse, regularisers=dict(reg, **ln))
 
     assert torch.autograd.gradgradcheck(fn, [tensors[k] for k in names])
-
-
-@pytest.mark.parametrize("layer_norm", [False, True])
-def test_pair_and_cell_gradgradcheck(layer_norm):
-    input, batch_sizes, (fwd, rev) = make_pair_inputs(True, 2, torch.float64, True, layer_norm)
-    names = [(d, k) for d, t in enumerate((fwd, rev)) for k, v in t.items() if v is not None and v.requires_grad]
-
-    def pair(x, *values):
-        dirs = [dict(fwd), dict(rev)]
-        for (d, k), v in zip(names, values):
-            dirs[d][k] = v
-        (out_f, h_f, c_f), (out_r, h_r, c_r) = lstm_layer_pair(x, batch_sizes, dirs[0], dirs[1])
-        return out_f, h_f, c_f, out_r, h_r, c_r
-
-    assert torch.autograd.gradgradcheck(pair, [input] + [(fwd, rev)[d][k] for d, k in names])
-    _, t = make_layer_inputs([1, 1], 2, 3, 0, "both", torch.float64, "cpu")
-    ln = make_layer_norm(3, torch.float64, "cpu") if layer_norm else {}
-    args = (t["input"], t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"])
-    n = len(args)
-    assert torch.autograd.gradgradcheck(lambda *a: lstm_cell(*a[:n], **dict(zip(ln, a[n:]))),
-                                        args + tuple(ln.values()))
 
 
 @given(**LAYER_CASES, layer_norm=st.booleans(), pair=st.booleans())
