@@ -1125,6 +1125,26 @@ def test_only_a_recorded_backward_runs_the_reference(bidirectional):
     assert kernel in called and reference not in called
 
 
+def test_recorded_backward_under_autocast_and_on_meta_tensors():
+    # The recomputation runs with autocast off, as the op did (autocast on
+    # around the backward call would otherwise recompute in bfloat16), and
+    # on meta tensors, where torch.autocast itself would raise.
+    torch.manual_seed(0)
+    model = fastnlp.nn.LSTM(3, 4, bidirectional=True)
+    x = torch.randn(5, 2, 3, requires_grad=True)
+    grads = []
+    for create_graph in (False, True):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x)[0].float().pow(2).sum()
+            grads.append(torch.autograd.grad(loss, x, create_graph=create_graph)[0])
+    assert grads[1].requires_grad
+    torch.testing.assert_close(grads[1].detach(), grads[0], rtol=2e-2, atol=2e-2)
+    meta = [torch.randn(shape, device="meta", requires_grad=True) for shape in ((6, 3), (2, 4), (16, 3), (16, 4))]
+    output = lstm_layer(meta[0], None, meta[1], meta[1], meta[2], meta[3])[0]
+    (grad,) = torch.autograd.grad(output.sum(), meta[0], create_graph=True)
+    assert grad.shape == (6, 3) and grad.device.type == "meta" and grad.requires_grad
+
+
 def test_double_backward_refuses_an_inference_input_by_name():
     # A frozen layer keeps no input made under inference_mode (autograd
     # cannot save one), so its backward cannot be recomputed.

@@ -17,10 +17,13 @@ register_reference_backward; the attention op's Python autograd calls
 reference_gradients directly.
 """
 
+import contextlib
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from fastnlp.ops._autocast import autocast_dtype
 
 
 def reference_gradients(reference: Callable, arguments: Sequence, grad_outputs: Sequence[Optional[Tensor]]
@@ -36,10 +39,14 @@ def reference_gradients(reference: Callable, arguments: Sequence, grad_outputs: 
     result: List[Optional[Tensor]] = [None] * len(arguments)
     if not wanted:
         return result
-    device_type = arguments[wanted[0]].device.type
     # Autocast, on around the backward call, would recompute in another
-    # dtype than the forward pass ran in (the op ran with it off).
-    with torch.enable_grad(), torch.autocast(device_type, enabled=False):
+    # dtype than the forward pass ran in (the op ran with it off). (Not
+    # torch.autocast(device, enabled=False) unconditionally: it raises for a
+    # device autocast does not know, meta.)
+    first = arguments[wanted[0]]
+    autocast_off = (torch.autocast(first.device.type, enabled=False) if autocast_dtype(first) is not None
+                    else contextlib.nullcontext())
+    with torch.enable_grad(), autocast_off:
         outputs = reference(*arguments)
     pairs = [(output, grad) for output, grad in zip(outputs, grad_outputs)
              if grad is not None and output.requires_grad]
