@@ -624,6 +624,29 @@ def test_gradgradcheck(mask_kind):
         torch.testing.assert_close(got.detach(), want)
 
 
+@given(problem=shapes, learned_mask=st.booleans())
+@settings(max_examples=15)
+def test_recorded_backward_equals_the_kernels_over_random_problems(problem, learned_mask):
+    # With create_graph=True the gradients are the reference's, recomputed
+    # (fastnlp/ops/_double_backward.py) from the masks as the op received
+    # them: over random shapes, head groupings and masks they must be the
+    # kernel's, a learned float mask's included.
+    batch, (heads, kv_heads), query_len, key_len, head_dim, value_dim, mask_kind, seed = problem
+    q, k, v, kwargs = make_problem(batch, heads, kv_heads, query_len, key_len, head_dim, value_dim or head_dim,
+                                   mask_kind, seed)
+    inputs = leaves(q, k, v)
+    if learned_mask and "float" in mask_kind:
+        inputs.append(kwargs.pop("attn_mask").requires_grad_(True))
+
+    def gradients(create_graph):
+        out = ops.attention(*inputs[:3], *inputs[3:], enable_gqa=True, **kwargs)
+        weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed), dtype=out.dtype)
+        return torch.autograd.grad((out * weights).sum(), inputs, create_graph=create_graph)
+
+    for recorded, plain in zip(gradients(True), gradients(False)):
+        torch.testing.assert_close(recorded.detach(), plain, rtol=1e-9, atol=1e-9)
+
+
 def test_recorded_backward_drops_what_the_kernel_dropped():
     # The recomputation reads the kernel's own dropout mask, so with
     # create_graph=True the gradients are the plain backward pass's.

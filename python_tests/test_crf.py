@@ -676,6 +676,25 @@ def test_gradgradcheck(op, mask_kind):
         torch.testing.assert_close(got.detach(), want)
 
 
+@given(problem=problems, op=st.sampled_from(["log_likelihood", "log_partition", "gold_score"]))
+def test_recorded_backward_equals_the_kernels_over_random_problems(problem, op):
+    # With create_graph=True the gradients are the reference's, recomputed
+    # from the op's arguments (unknown tags, masks that are not prefixes,
+    # empty chains among them): they must be the kernel's.
+    batch, seq_len, num_tags, seed, mask_kind = problem
+    emissions, tags, mask, start, end, trans = random_problem(batch, seq_len, num_tags, seed=seed,
+                                                              mask_kind=mask_kind)
+    inputs = [x.clone().requires_grad_(True) for x in (emissions, start, end, trans)]
+    function = {"log_likelihood": lambda e, s, n, t: ops.crf_log_likelihood(e, tags, s, n, t, mask),
+                "log_partition": lambda e, s, n, t: ops.crf_log_partition(e, s, n, t, mask),
+                "gold_score": lambda e, s, n, t: ops.crf_gold_score(e, tags, s, n, t, mask)}[op]
+    weights = torch.linspace(0.5, 1.5, batch, dtype=torch.float64)
+    recorded = torch.autograd.grad((function(*inputs) * weights).sum(), inputs, create_graph=True)
+    plain = torch.autograd.grad((function(*inputs) * weights).sum(), inputs)
+    for got, want in zip(recorded, plain):
+        torch.testing.assert_close(got.detach(), want)
+
+
 def test_double_backward_equals_the_reference_backends():
     emissions, tags, mask, start, end, trans = random_problem(3, 5, 4, seed=90)
 

@@ -1102,7 +1102,13 @@ def test_recorded_backward_equals_the_kernels_over_random_layers(lengths, input_
 
     for recorded, plain in zip(gradients(True), gradients(False)):
         assert recorded.requires_grad
-        torch.testing.assert_close(recorded.detach(), plain, **TOLERANCES[dtype])
+        tolerance = TOLERANCES[dtype]
+        if layer_norm and dtype == torch.float32:
+            # LN over a handful of units is badly conditioned in float32: the kernel and the
+            # reference each stray by up to ~3e-4 of a tensor's largest entry (see
+            # test_layer_norm_layer_matches_reference), so they may differ by twice that.
+            tolerance = dict(rtol=0, atol=6e-4 * plain.abs().max().clamp_min(1.0).item())
+        torch.testing.assert_close(recorded.detach(), plain, **tolerance)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -32,8 +32,8 @@ def reference_gradients(reference: Callable, arguments: Sequence, grad_outputs: 
 
     reference(*arguments) returns the op's differentiable outputs, in the
     order of grad_outputs (None where no gradient came). The result holds one
-    entry per argument: its gradient if it is a tensor that requires grad and
-    the outputs depend on it, else None.
+    entry per argument: its gradient (zeros where the outputs do not depend
+    on it) if it is a tensor that requires grad, else None.
     """
     wanted = [i for i, argument in enumerate(arguments) if isinstance(argument, Tensor) and argument.requires_grad]
     result: List[Optional[Tensor]] = [None] * len(arguments)
@@ -50,12 +50,14 @@ def reference_gradients(reference: Callable, arguments: Sequence, grad_outputs: 
         outputs = reference(*arguments)
     pairs = [(output, grad) for output, grad in zip(outputs, grad_outputs)
              if grad is not None and output.requires_grad]
-    if not pairs:
-        return result
-    grads = torch.autograd.grad([output for output, _ in pairs], [arguments[i] for i in wanted],
-                                [grad for _, grad in pairs], create_graph=True, allow_unused=True)
+    grads = [None] * len(wanted)
+    if pairs:
+        grads = torch.autograd.grad([output for output, _ in pairs], [arguments[i] for i in wanted],
+                                    [grad for _, grad in pairs], create_graph=True, allow_unused=True)
     for i, grad in zip(wanted, grads):
-        result[i] = grad
+        # Zeros where the reference does not use an argument at all (a CRF
+        # over empty chains), as the kernels' backward passes give there.
+        result[i] = grad if grad is not None else torch.zeros_like(arguments[i])
     return result
 
 
