@@ -70,7 +70,7 @@ std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor
                                        const at::Tensor& c0, const at::Tensor& weight_ih,
                                        const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
                                        const std::optional<at::Tensor>& bias_hh,
-                                       const std::optional<at::Tensor>& weight_hr) {
+                                       const std::optional<at::Tensor>& weight_hr, c10::ScalarType weights_dtype) {
   TORCH_CHECK(input.dim() == 2, "fastnlp.lstm: input must be 2-D (rows, input_size), got ", input.sizes());
   TORCH_CHECK(at::isFloatingType(input.scalar_type()), "fastnlp.lstm: input must be floating point, got ",
               input.scalar_type());
@@ -94,9 +94,15 @@ std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor
   check_matrix(weight_hh, "weight_hh", 4 * H, P);
   check_matrix(h0, "h0", B, P);
   check_matrix(c0, "c0", B, H);
-  for (const auto& [t, name] : {std::make_pair(&h0, "h0"), std::make_pair(&c0, "c0"),
-                                std::make_pair(&weight_ih, "weight_ih"), std::make_pair(&weight_hh, "weight_hh")})
-    check_like(*t, name, input);
+  check_like(h0, "h0", input);
+  check_like(c0, "c0", input);
+  for (const auto& [t, name] : {std::make_pair(&weight_ih, "weight_ih"), std::make_pair(&weight_hh, "weight_hh")}) {
+    if (weights_dtype == c10::ScalarType::Undefined || t->scalar_type() != weights_dtype)
+      check_like(*t, name, input);
+    else  // the dtype the products take (see lstm_forward_impl)
+      TORCH_CHECK(t->device() == input.device(), "fastnlp.lstm: ", name, " is on ", t->device(),
+                  " but input is on ", input.device());
+  }
   for (const auto& [t, name] : {std::make_pair(&bias_ih, "bias_ih"), std::make_pair(&bias_hh, "bias_hh")}) {
     if (!has_tensor(*t)) continue;
     TORCH_CHECK((*t)->dim() == 1 && (*t)->size(0) == 4 * H, "fastnlp.lstm: ", name, " must have shape (", 4 * H,
@@ -180,9 +186,9 @@ std::vector<int64_t> lstm_check_forward_arguments(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr,
-    const LstmRegularisers& regularisers, const LstmLayerNorm& layer_norm) {
+    const LstmRegularisers& regularisers, const LstmLayerNorm& layer_norm, c10::ScalarType weights_dtype) {
   std::vector<int64_t> steps =
-      lstm_check_inputs(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr);
+      lstm_check_inputs(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, weights_dtype);
   const int64_t H = c0.size(1);
   check_regularisers(regularisers, input, input.size(0), h0.size(0), H, h0.size(1));
   check_layer_norm(layer_norm, input, H, /*backward=*/false);
@@ -220,6 +226,37 @@ bool split_by_columns(const at::Tensor& out, int64_t n, int64_t threads) {
   return out.is_cpu() && threads > 1 && n >= 64 * threads;
 }
 
+// Whether the products round their operands (LstmStepKernels::product_dtype).
+bool rounds_operands(const LstmStepKernels& kernels) {
+  return kernels.product_dtype != c10::ScalarType::Undefined;
+}
+
+// t as the products take it: rounded to the kernels' product dtype where
+// they have one (a copy), else t itself.
+at::Tensor for_products(const LstmStepKernels& kernels, const at::Tensor& t) {
+  if (!rounds_operands(kernels) || !t.defined() || t.scalar_type() == kernels.product_dtype) return t;
+  return t.to(kernels.product_dtype);
+}
+
+// out = product (beta 0) or out += product (beta 1), product in out's dtype
+// or in the product dtype.
+void store_product(at::Tensor& out, const at::Tensor& product, double beta) {
+  if (beta == 0.0)
+    out.copy_(product);
+  else
+    out.add_(product);
+}
+
+// out = beta * out + a @ b (beta 0 or 1), a and b in out's dtype, or b (and
+// a, or else a is rounded to it here) in the product dtype: then multiplied
+// in that dtype and the result stored into out.
+void addmm_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+  if (a.scalar_type() == out.scalar_type() && b.scalar_type() == out.scalar_type())
+    out.addmm_(a, b, beta);
+  else
+    store_product(out, at::mm(a.to(b.scalar_type()), b), beta);
+}
+
 // out (rows, n) = beta * out + a (rows, k) @ b (k, n), b often a transposed
 // weight (beta 0 or 1; with 0 whatever out held is ignored), through the
 // device's few-rows product where it takes it, else addmm_. Split (see
@@ -230,7 +267,7 @@ void split_addmm_(const LstmStepKernels& kernels, at::Tensor& out, const at::Ten
                   double beta, bool may_split) {
   const auto product = [&](at::Tensor& out_block, const at::Tensor& b_block) {
     if (kernels.few_rows_addmm == nullptr || !kernels.few_rows_addmm(out_block, a, b_block, beta))
-      out_block.addmm_(a, b_block, beta);
+      addmm_into(out_block, a, b_block, beta);
   };
   const int64_t n = b.size(1);
   const int64_t threads = at::get_num_threads();
@@ -244,7 +281,9 @@ void split_addmm_(const LstmStepKernels& kernels, at::Tensor& out, const at::Ten
   });
 }
 
-// Whether the device's few-rows product may take a product with `rows` rows.
+// Whether the device's few-rows product may take a product with `rows` rows
+// (its rows unrounded where the products round their operands: with so few
+// rows the product reads the weight, not the rows).
 bool few_rows(const LstmStepKernels& kernels, int64_t rows) {
   return kernels.few_rows_addmm != nullptr && rows <= kernels.few_rows_max;
 }
@@ -258,6 +297,7 @@ constexpr int64_t kMinPreparedSteps = 4;
 // time loop, b the same at every step: on the device's prepared form of b
 // where it has one and the call has steps enough to pay for it (few-row
 // steps excepted: the few-rows product beats it there), else split_addmm_.
+// b is rounded for the products once, a at each step that is not few-row.
 // Not split in a call of one step of one row (an LSTMCell step at batch 1, a
 // greedy decoder's): the other thread has gone idle between calls, and
 // waking it costs what its half of the product saves. Measured on the 2-core
@@ -269,23 +309,23 @@ constexpr int64_t kMinPreparedSteps = 4;
 class StepProduct {
  public:
   StepProduct(const LstmStepKernels& kernels, const at::Tensor& b, const std::vector<int64_t>& steps)
-      : kernels_(kernels), b_(b), single_step_(steps.size() == 1) {
+      : kernels_(kernels), b_(for_products(kernels, b)), single_step_(steps.size() == 1) {
     if (kernels.prepare_right == nullptr) return;
     const auto uses =
         std::count_if(steps.begin(), steps.end(), [&](int64_t rows) { return !few_rows(kernels, rows); });
-    if (uses >= kMinPreparedSteps) prepared_ = kernels.prepare_right(b, steps.front());
+    if (uses >= kMinPreparedSteps) prepared_ = kernels.prepare_right(b_, steps.front());
   }
 
   void operator()(at::Tensor& out, const at::Tensor& a, double beta) const {
-    if (!prepared_.defined() || few_rows(kernels_, a.size(0))) {
+    if (few_rows(kernels_, a.size(0))) {
       split_addmm_(kernels_, out, a, b_, beta, /*may_split=*/!(single_step_ && a.size(0) == 1));
       return;
     }
-    const at::Tensor product = kernels_.prepared_matmul(a, prepared_);
-    if (beta == 0.0)
-      out.copy_(product);
+    const at::Tensor a_rounded = for_products(kernels_, a);
+    if (!prepared_.defined())
+      split_addmm_(kernels_, out, a_rounded, b_, beta, /*may_split=*/!(single_step_ && a.size(0) == 1));
     else
-      out.add_(product);
+      store_product(out, kernels_.prepared_matmul(a_rounded, prepared_), beta);
   }
 
  private:
@@ -295,10 +335,44 @@ class StepProduct {
   at::Tensor prepared_;  // undefined: not prepared
 };
 
-// a @ weight^T (+ bias, where defined) as a new tensor: through the
-// device's linear where it has one (see LstmStepKernels), else ATen's.
+// a @ weight^T on operands rounded for the products (see LstmStepKernels),
+// in the product dtype: through the device's linear where it has one, else
+// ATen's.
+at::Tensor rounded_linear(const LstmStepKernels& kernels, const at::Tensor& a, const at::Tensor& weight) {
+  const at::Tensor a_rounded = for_products(kernels, a), weight_rounded = for_products(kernels, weight);
+  if (kernels.linear != nullptr) {
+    at::Tensor product = kernels.linear(a_rounded, weight_rounded, at::Tensor());
+    if (product.defined()) return product;
+  }
+  return at::mm(a_rounded, weight_rounded.t());
+}
+
+// Rows per block of linear's products where they round their operands.
+constexpr int64_t kRoundedLinearRows = 256;
+
+// a @ weight^T (+ bias, where defined) as a new tensor in a's dtype: through
+// the device's linear where it has one (see LstmStepKernels), else ATen's.
+// Where the products round their operands, the bias is added to the product
+// widened back, unrounded.
 at::Tensor linear(const LstmStepKernels& kernels, const at::Tensor& a, const at::Tensor& weight,
                   const at::Tensor& bias) {
+  if (rounds_operands(kernels)) {
+    // Block by block of rows, each block's product widened into the result
+    // while it is in cache: a product over all rows would be a second
+    // buffer of the result's size, new at every call, and faulting its pages
+    // in costs more than the product saves. (Widened, then added: at::add of
+    // a bfloat16 and a float32 tensor took 8.9 ms at (2048, 1024), the two
+    // steps 0.48.)
+    const at::Tensor weight_rounded = for_products(kernels, weight);
+    at::Tensor result = at::empty({a.size(0), weight.size(0)}, a.options());
+    for (int64_t row = 0; row < a.size(0); row += kRoundedLinearRows) {
+      const int64_t rows = std::min(kRoundedLinearRows, a.size(0) - row);
+      at::Tensor block = result.narrow(0, row, rows);
+      block.copy_(rounded_linear(kernels, a.narrow(0, row, rows), weight_rounded));
+      if (bias.defined()) block.add_(bias);
+    }
+    return result;
+  }
   if (kernels.linear != nullptr) {
     at::Tensor product = kernels.linear(a, weight, bias);
     if (product.defined()) return product;
@@ -387,8 +461,9 @@ LstmForwardResult lstm_forward_impl(
     const std::optional<at::Tensor>& bias_ih, const std::optional<at::Tensor>& bias_hh,
     const std::optional<at::Tensor>& weight_hr, bool reverse, const LstmRegularisers& regularisers,
     const LstmLayerNorm& layer_norm) {
-  const std::vector<int64_t> steps = lstm_check_forward_arguments(
-      input_in, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, regularisers, layer_norm);
+  const std::vector<int64_t> steps =
+      lstm_check_forward_arguments(input_in, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                                   regularisers, layer_norm, kernels.product_dtype);
   const std::vector<int64_t> offsets = step_offsets(steps);
   const int64_t T = static_cast<int64_t>(steps.size()), N = input_in.size(0), B = h0.size(0);
   const int64_t H = c0.size(1), P = h0.size(1);
@@ -494,7 +569,7 @@ LstmBackwardResult lstm_backward_impl(
     const at::Tensor& gates, const at::Tensor& cells, const LstmRegularisers& regularisers,
     const LstmLayerNorm& layer_norm, const LstmLayerNormSaved& saved, LstmGradientsWanted wanted) {
   const std::vector<int64_t> steps = lstm_check_inputs(input_in, batch_sizes, h0_in, c0_in, weight_ih, weight_hh,
-                                                       std::nullopt, std::nullopt, weight_hr);
+                                                       std::nullopt, std::nullopt, weight_hr, kernels.product_dtype);
   const std::vector<int64_t> offsets = step_offsets(steps);
   const int64_t T = static_cast<int64_t>(steps.size()), N = input_in.size(0), B = h0_in.size(0);
   const int64_t H = c0_in.size(1), P = h0_in.size(1);
@@ -528,6 +603,10 @@ LstmBackwardResult lstm_backward_impl(
   // Read only for grad_weight_ih: otherwise input may be a broadcast stand-in
   // (see LstmGradientsWanted), which contiguous() would materialise.
   const at::Tensor input = wanted.weights ? input_in.contiguous() : input_in;
+  // The operands of the input and weight gradients' products, rounded once
+  // for all chunks where the products round them (see LstmStepKernels).
+  const at::Tensor input_for_products = wanted.weights ? for_products(kernels, input) : input;
+  const at::Tensor weight_ih_for_products = wanted.input ? for_products(kernels, weight_ih) : weight_ih;
   const at::Tensor h0 = h0_in.contiguous(), c0 = c0_in.contiguous();
   const at::Tensor grad_output = grad_output_in.contiguous();
   const at::Tensor recurrent_mask = contiguous_or_undefined(regularisers.recurrent_mask);
@@ -617,24 +696,29 @@ LstmBackwardResult lstm_backward_impl(
         grad_ln_cell_bias.add_(cell_terms.narrow(0, H, H));
       }
     }
+    const at::Tensor grad_product_rounded = for_products(kernels, grad_product);  // once, for two products
     if (wanted.input) {
       at::Tensor grad_input_rows = grad_input.narrow(0, lo, n);
       // Left to the BLAS's threading: split as split_addmm_ splits the
       // recurrent product, these (and the forward's input product) measured
       // 4-6% slower at the uni-LSTM and cell-loop bench shapes.
-      const at::Tensor product = kernels.linear != nullptr ? kernels.linear(grad_product, weight_ih.t(), at::Tensor())
-                                                          : at::Tensor();
+      const at::Tensor product =
+          kernels.linear != nullptr ? kernels.linear(grad_product_rounded, weight_ih_for_products.t(), at::Tensor())
+                                    : at::Tensor();
       if (product.defined())
         grad_input_rows.copy_(product);
       else
-        at::mm_out(grad_input_rows, grad_product, weight_ih);
+        addmm_into(grad_input_rows, grad_product_rounded, weight_ih_for_products, 0.0);
     }
     if (!wanted.weights) return;
     const double beta = first_chunk ? 0.0 : 1.0;  // beta = 0: whatever the buffer held is ignored
     // (ATen's, not the device's linear: oneDNN's x^T g, transposed back, measured slower
     // than MKL's g^T x at every row count alone, 1.0 against 0.18 ms at 32 rows.)
-    grad_weight_ih.addmm_(grad_product.t(), input.narrow(0, lo, n), beta);
-    grad_weight_hh.addmm_((ln ? grad_rec.narrow(0, 0, n) : g).t(), h_prev_rows.narrow(0, 0, n), beta);
+    // (Without layer norm grad_product is g, the recurrent product's gradient too.)
+    const at::Tensor grad_rec_rounded = ln ? for_products(kernels, grad_rec.narrow(0, 0, n)) : grad_product_rounded;
+    addmm_into(grad_weight_ih, grad_product_rounded.t(), input_for_products.narrow(0, lo, n), beta);
+    addmm_into(grad_weight_hh, grad_rec_rounded.t(), for_products(kernels, h_prev_rows.narrow(0, 0, n)), beta);
+    // (The projection's products keep the tensors' dtype.)
     if (projected) grad_weight_hr.addmm_(grad_h_rows.narrow(0, 0, n).t(), h_tilde_rows.narrow(0, 0, n), beta);
     if (grad_bias.defined() && first_chunk)
       at::sum_out(grad_bias, g, {0});

@@ -133,6 +133,16 @@ struct LstmStepKernels {
   // gradients), where the device has a faster path than ATen's; an undefined
   // tensor where it does not apply. nullptr, or undefined: ATen's mm.
   at::Tensor (*linear)(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias) = nullptr;
+  // Undefined: the products take their operands in the tensors' dtype.
+  // Otherwise the dtype their operands are rounded to (the CPU's bfloat16
+  // kernels: csrc/cpu/lstm.cpp), while the state, the activations and what
+  // is saved stay in the input's dtype; the products' results, in this
+  // dtype, are added into those tensors. weight_ih and weight_hh may then
+  // come in this dtype already (no copy is made of them). The hooks above
+  // receive operands in this dtype and return results in it, except
+  // few_rows_addmm, which receives the rows unrounded (a product of a few
+  // rows is bound by reading the weight, not the rows).
+  c10::ScalarType product_dtype = c10::ScalarType::Undefined;
 };
 
 // Training-time regularisers, applied inside the time loop (all optional):
@@ -177,12 +187,16 @@ constexpr double kLstmLayerNormEps = 1e-5;
 
 // Checks shapes, dtypes and devices (raising c10::Error that names the
 // argument) and returns the step sizes: batch_sizes as a vector, or B
-// repeated N / B times for padded input.
+// repeated N / B times for padded input. Every tensor must have input's
+// dtype, except that weight_ih and weight_hh may have weights_dtype where
+// it is given: the kernels' LstmStepKernels::product_dtype, which the CPU's
+// bfloat16 call passes its weights in as they are (csrc/cpu/lstm.cpp).
 std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,
                                        const at::Tensor& c0, const at::Tensor& weight_ih,
                                        const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
                                        const std::optional<at::Tensor>& bias_hh,
-                                       const std::optional<at::Tensor>& weight_hr);
+                                       const std::optional<at::Tensor>& weight_hr,
+                                       c10::ScalarType weights_dtype = c10::ScalarType::Undefined);
 
 // Every check lstm_forward_impl makes before it runs a kernel:
 // lstm_check_inputs, then the regularisers' and the layer norm's shapes,
@@ -192,7 +206,8 @@ std::vector<int64_t> lstm_check_forward_arguments(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
     const std::optional<at::Tensor>& bias_hh, const std::optional<at::Tensor>& weight_hr,
-    const LstmRegularisers& regularisers, const LstmLayerNorm& layer_norm);
+    const LstmRegularisers& regularisers, const LstmLayerNorm& layer_norm,
+    c10::ScalarType weights_dtype = c10::ScalarType::Undefined);
 
 // Returns (output (N, P), h_n (B, P), c_n (B, H), gates (N, 4H), cells (N, H),
 // norm_ih (N, 4H), norm_hh (N, 4H), ln_stats (N, 4)); all but the first three

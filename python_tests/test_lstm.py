@@ -202,27 +202,158 @@ def test_opcheck(device, packed, proj, layer_norm):
         torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args + tuple(reg.values()) + tuple(ln.values()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("layer_norm", [False, True])
-def test_half_precision_on_cpu_is_computed_in_float32(dtype, layer_norm):
-    """Half-precision tensors on the CPU are widened, run in float32 and the
-    results rounded once: outputs as the float32 kernel's on the widened values,
-    outputs and every gradient close to the float64 reference, all in dtype."""
-    batch_sizes, t = make_layer_inputs([5, 2], 4, 6, 0, "both", torch.float32, "cpu")
+def half_precision_run(dtype, layer_norm, lengths=(5, 2), input_size=4, hidden=6, bias="both"):
+    """A small layer in dtype on the CPU: (batch_sizes, its tensors, layer norm's, its outputs and gradients,
+    the float64 reference's on the same values, the float32 kernel's outputs on the widened values)."""
+    batch_sizes, t = make_layer_inputs(list(lengths), input_size, hidden, 0, bias, torch.float32, "cpu")
     low = {k: (v.detach().to(dtype).requires_grad_() if v is not None else None) for k, v in t.items()}
-    ln = make_layer_norm(6, dtype, "cpu") if layer_norm else {}
+    ln = make_layer_norm(hidden, dtype, "cpu") if layer_norm else {}
     out, grads = layer_norm_outputs_and_grads(batch_sizes, low, ln, False)
     exact = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in low.items()}
     exact_ln = {k: v.detach().double().requires_grad_() for k, v in ln.items()}
     ref_out, ref_grads = layer_norm_outputs_and_grads(batch_sizes, exact, exact_ln, False, backend="reference")
     widened = run_layer(batch_sizes, {k: (v.float() if v is not None else None) for k, v in low.items()}, False,
                         regularisers={k: v.float() for k, v in ln.items()})
-    for a, b, w in zip(out, ref_out, widened):
-        assert a.dtype == dtype
-        torch.testing.assert_close(a, w.to(dtype), rtol=0, atol=0)
-    for a, b in zip(out + grads, ref_out + ref_grads):
+    return batch_sizes, low, ln, (out, grads), (ref_out, ref_grads), widened
+
+
+def assert_close_to_reference(dtype, results, reference):
+    for a, b in zip(results[0] + results[1], reference[0] + reference[1]):
         assert a.dtype == dtype
         torch.testing.assert_close(a.double(), b, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_float16_on_cpu_is_computed_in_float32(layer_norm):
+    """float16 tensors on the CPU are widened, run in float32 and the results
+    rounded once: outputs as the float32 kernel's on the widened values,
+    outputs and every gradient close to the float64 reference, all in float16."""
+    _, _, _, results, reference, widened = half_precision_run(torch.float16, layer_norm)
+    for a, w in zip(results[0], widened):
+        torch.testing.assert_close(a, w.to(torch.float16), rtol=0, atol=0)
+    assert_close_to_reference(torch.float16, results, reference)
+
+
+def product_operand_dtypes(fn):
+    """fn's result, and the dtypes of the matrix products' operands that fn runs (this thread and the
+    kernel's), as the profiler records them."""
+    products = ("aten::mm", "aten::addmm", "aten::addmm_", ONEDNN_PRODUCT)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as profile:
+        result = fn()
+    dtypes = set()
+    for event in profile.events():
+        if event.name in products:
+            dtypes.update(d for d, shape in zip(event.input_dtypes, event.input_shapes) if len(shape) == 2)
+    return result, dtypes
+
+
+def onednn_has_bfloat16():
+    return (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
+            and hasattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported")
+            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+@pytest.mark.parametrize("layer_norm", [False, True])
+@pytest.mark.parametrize("lengths, hidden", [((5, 2), 6), ((9, 9, 8, 8, 7, 7, 3), 19)])
+def test_bfloat16_on_cpu_rounds_the_products_operands_only(layer_norm, lengths, hidden):
+    """bfloat16 on the CPU (csrc/cpu/lstm.cpp): where oneDNN has bfloat16
+    products, every matrix product through ATen or oneDNN, forward and
+    backward, takes bfloat16 operands (the second size takes oneDNN's
+    prepared step products; steps of up to four rows take the few-rows
+    loops, float32 rows times the bfloat16 weight, tested below), while the
+    state and activations stay float32. Outputs and every gradient are
+    bfloat16, and their error against float64 on the same values is at most
+    three times that of the reference computed in bfloat16 (measured: at
+    most its own, 0.2-0.6x of it with layer norm, where the normalisation
+    magnifies the products' rounding to 2.7% of a tensor's largest entry).
+    With oneDNN off, or where it has no bfloat16, the layer runs in float32
+    on the widened values, as float16 does."""
+    def run():
+        return half_precision_run(torch.bfloat16, layer_norm, lengths, hidden=hidden)
+
+    if onednn_has_bfloat16():
+        batch_sizes, low, ln, results, exact, _ = run()
+        _, dtypes = product_operand_dtypes(lambda: layer_norm_outputs_and_grads(batch_sizes, low, ln, False))
+        assert dtypes == {"c10::BFloat16"}, dtypes
+        fresh = {k: (v.detach().requires_grad_() if v is not None else None) for k, v in low.items()}
+        fresh_ln = {k: v.detach().requires_grad_() for k, v in ln.items()}
+        in_bfloat16 = layer_norm_outputs_and_grads(batch_sizes, fresh, fresh_ln, False, backend="reference")
+        for i, (a, r, e) in enumerate(zip(results[0] + results[1], in_bfloat16[0] + in_bfloat16[1],
+                                          exact[0] + exact[1])):
+            assert a.dtype == torch.bfloat16
+            err, ref_err = (a.double() - e).abs().max().item(), (r.double() - e).abs().max().item()
+            # The floor keeps a lucky, near-exact reference from making the bound zero.
+            floor = torch.finfo(torch.bfloat16).eps * max(e.abs().max().item(), 1.0)
+            assert err <= 3 * ref_err + floor, f"tensor {i}: error {err:.3g}, reference's error {ref_err:.3g}"
+    with torch.backends.mkldnn.flags(enabled=False):
+        _, _, _, results, exact, widened = run()
+    for a, w in zip(results[0], widened):
+        torch.testing.assert_close(a, w.to(torch.bfloat16), rtol=0, atol=0)
+    assert_close_to_reference(torch.bfloat16, results, exact)
+
+
+@pytest.mark.parametrize("rows", [1, 2, 3, 4])
+@pytest.mark.parametrize("input_size, hidden", [(37, 21), (16, 8), (64, 5)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_bfloat16_few_row_products_on_cpu_are_exact(rows, input_size, hidden, threads):
+    """Up to four rows times a bfloat16 weight run in the bfloat16 loops of
+    csrc/cpu/few_rows_matmul.cpp (the weight widened as it is read, in pairs
+    of elements, with tails of odd lengths). On values whose products and
+    sums float32 holds exactly (6 and 5 significant bits, a few dozen terms),
+    a bfloat16 cell step equals the float32 kernel's on the widened values
+    bit for bit, as does the gradient of c; that of h (the backward's
+    recurrent product, the other loop, on float32 gate gradients) within
+    one bfloat16 rounding."""
+    g = torch.Generator().manual_seed(100 * rows + hidden)
+
+    def dyadic(*shape, scale):  # multiples of 1/16 in [-scale, scale)
+        return (torch.randint(-16 * scale, 16 * scale, shape, generator=g) / 16).bfloat16()
+
+    low = [dyadic(rows, input_size, scale=2), dyadic(rows, hidden, scale=2), dyadic(rows, hidden, scale=2),
+           dyadic(4 * hidden, input_size, scale=1), dyadic(4 * hidden, hidden, scale=1), dyadic(4 * hidden, scale=1),
+           dyadic(4 * hidden, scale=1)]
+    grads = [dyadic(rows, hidden, scale=1), dyadic(rows, hidden, scale=1)]
+    with intra_op_threads(threads):
+        results = []
+        for tensors in (low, [t.float() for t in low]):
+            leaves = [t.detach().requires_grad_() for t in tensors]
+            outputs = lstm_cell(*leaves)
+            state_grads = torch.autograd.grad(outputs, leaves[1:3], [gr.to(tensors[0].dtype) for gr in grads])
+            results.append(list(outputs) + list(state_grads))
+    (h, c, grad_h, grad_c), widened = results
+    torch.testing.assert_close(h, widened[0].bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(c, widened[1].bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(grad_c, widened[3].bfloat16(), rtol=0, atol=0)
+    torch.testing.assert_close(grad_h.float(), widened[2], rtol=2 ** -8, atol=1e-6)
+
+
+@pytest.mark.parametrize("layer_norm", [False, True])
+def test_bfloat16_on_cpu_opcheck(layer_norm):
+    """The bfloat16 CPU kernel saves float32 tensors for the backward pass; the fake kernels say so
+    (torch.compile traces with them), for one direction and for the pair."""
+    batch_sizes, low, ln, _, _, _ = half_precision_run(torch.bfloat16, layer_norm, (6, 4, 4, 2, 1), hidden=5)
+    t = low
+    args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
+            t["weight_hr"], False)
+    torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args, kwargs=ln)
+    saved = torch.ops.fastnlp.lstm_forward.default(*args, **ln)[3:]
+    assert all(x.dtype == torch.float32 for x in saved)
+    direction = [t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"], t["weight_hr"],
+                 None, None, None] + list(ln.values() if ln else [None] * 6)
+    torch.library.opcheck(torch.ops.fastnlp.lstm_forward_pair.default,
+                          (t["input"], batch_sizes, direction, [x.detach() if x is not None else None
+                                                               for x in direction]))
+
+
+def test_bfloat16_pair_on_cpu_refuses_an_argument_in_another_dtype():
+    batch_sizes, low, _, _, _, _ = half_precision_run(torch.bfloat16, False)
+    t = low
+    direction = [t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"], None, None, None,
+                 None] + [None] * 6
+    widened_h0 = [t["h0"].float()] + direction[1:]
+    with pytest.raises(RuntimeError, match="forward_args entry 0 has dtype Float but input has dtype BFloat16"):
+        torch.ops.fastnlp.lstm_forward_pair(t["input"], batch_sizes, widened_h0, direction)
 
 
 @pytest.mark.parametrize("extras", ["none", "regularisers and layer norm"])
@@ -265,7 +396,7 @@ MALFORMED_LAYER_INPUTS = [
     (dict(weight_hr=torch.zeros(4, 3)), "weight_hr must have shape \\(4, 4\\), got \\[4, 3\\]"),
     (dict(weight_hr=torch.zeros(2, 4)), "weight_hh must have shape \\(16, 2\\)"),  # proj_size 2
     (dict(h0=torch.zeros(3, 4, dtype=torch.float64)), "h0 has dtype Double but input has dtype Float"),
-    (dict(input=torch.zeros(6, 4, dtype=torch.int64)), "float32 or float64, got Long"),
+    (dict(input=torch.zeros(6, 4, dtype=torch.int64)), "float32, float64 or bfloat16, got Long"),
     # One meta tensor among CPU ones sends the call to the fake kernel.
     (dict(weight_ih=torch.zeros(16, 4, device="meta")), "weight_ih is on meta but input is on cpu"),
     (dict(c0=torch.zeros(3, 4, device="meta")), "c0 is on meta but input is on cpu"),
@@ -278,7 +409,7 @@ MALFORMED_LAYER_INPUTS = [
 
 # Where the reference backend's message differs: the op's comes from the CPU
 # kernel's dtype dispatch or the fake kernel, which the reference never meets.
-REFERENCE_MESSAGES = {"float32 or float64, got Long": "input must be floating point, got Long",
+REFERENCE_MESSAGES = {"float32, float64 or bfloat16, got Long": "input must be floating point, got Long",
                       "batch_sizes is on meta but input is on cpu": "batch_sizes must be a 1-D int64 CPU tensor"}
 
 

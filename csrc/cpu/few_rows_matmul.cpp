@@ -7,6 +7,8 @@
 
 #include "cpu/vector_loops.h"
 
+#include <vector>
+
 namespace fastnlp {
 namespace {
 
@@ -117,6 +119,117 @@ FASTNLP_FEW_ROWS_KERNELS(float)
 FASTNLP_FEW_ROWS_KERNELS(double)
 #undef FASTNLP_FEW_ROWS_KERNELS
 
+// float32 rows times a bfloat16 weight (a bfloat16 model's). A bfloat16 is
+// the high half of the float32 with the same bits, so a weight element is
+// widened exactly by moving it to the high half. Read as 32-bit words, each
+// holding a pair of neighbours (element 2j in the low half, 2j + 1 in the
+// high), the pairs split into the even elements (shifted up) and the odd
+// ones (low halves cleared) with no shuffles; the other operand is then taken
+// split the same way. (Widening eight elements at a time in order took GCC
+// three shuffles each and ran slower than the float32 loops.)
+typedef uint32_t Words __attribute__((vector_size(32)));
+
+__attribute__((always_inline)) inline void load_pairs(const c10::BFloat16* p, Vec<float>& even, Vec<float>& odd) {
+  Words words;
+  __builtin_memcpy(&words, p, sizeof words);
+  const Words low = words << 16, high = words & 0xffff0000u;
+  __builtin_memcpy(&even, &low, sizeof even);
+  __builtin_memcpy(&odd, &high, sizeof odd);
+}
+
+constexpr int kPairLanes = Simd<float>::W;  // pairs per vector of words: 16 elements
+constexpr int64_t kPairBlock = 2 * kPairLanes;
+
+// x (n) split into its even and odd elements over the whole blocks of
+// kPairBlock: even[j] = x[2j], odd[j] = x[2j + 1], j < n / kPairBlock * kPairLanes.
+__attribute__((always_inline)) inline void split_pairs(int64_t n, const float* x, float* even, float* odd) {
+  for (int64_t j = 0; j < n / kPairBlock * kPairLanes; ++j) {
+    even[j] = x[2 * j];
+    odd[j] = x[2 * j + 1];
+  }
+}
+
+// out (M, N) (+)= a (M, K) @ w^T, w (N, K) bfloat16 with rows ldw apart, N a
+// multiple of four: as transposed_product, on a's rows split into pairs
+// (scratch: K floats per row).
+FASTNLP_VECTOR_CLONES void transposed_kernel_bfloat16(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+                                                      const c10::BFloat16* w, int64_t ldw, float* out, int64_t ldo,
+                                                      bool accumulate, float* scratch) {
+  const int64_t blocks = K / kPairBlock, half = blocks * kPairLanes;
+  for (int64_t m = 0; m < M; ++m) split_pairs(K, a + m * lda, scratch + 2 * m * half, scratch + (2 * m + 1) * half);
+  for (int64_t n = 0; n < N; n += 4) {
+    for (int64_t m = 0; m < M; ++m) {
+      const float* even = scratch + 2 * m * half;
+      const float* odd = even + half;
+      const float* x = a + m * lda;
+      Vec<float> sums[4] = {};
+      for (int64_t j = 0; j < half; j += kPairLanes) {
+        const Vec<float> xe = load_vec(even + j), xo = load_vec(odd + j);
+        for (int r = 0; r < 4; ++r) {
+          Vec<float> we, wo;
+          load_pairs(w + (n + r) * ldw + 2 * j, we, wo);
+          sums[r] += we * xe + wo * xo;
+        }
+      }
+      for (int r = 0; r < 4; ++r) {
+        float total = lane_sum<float>(sums[r]);
+        for (int64_t k = 2 * half; k < K; ++k) total += static_cast<float>(w[(n + r) * ldw + k]) * x[k];
+        float* o = out + m * ldo + n + r;
+        *o = accumulate ? *o + total : total;
+      }
+    }
+  }
+}
+
+// out (M, N) (+)= a (M, K) @ b (K, N), b bfloat16 with rows ldb apart, K a
+// multiple of four: as plain_product, with out's rows held split into pairs
+// (scratch: N floats per row) and put back together at the end.
+FASTNLP_VECTOR_CLONES void plain_kernel_bfloat16(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+                                                 const c10::BFloat16* b, int64_t ldb, float* out, int64_t ldo,
+                                                 bool accumulate, float* scratch) {
+  const int64_t half = N / kPairBlock * kPairLanes;  // pairs in whole blocks; the rest of the row goes to out
+  for (int64_t m = 0; m < M; ++m) {
+    for (int64_t j = 0; j < 2 * half; ++j) scratch[m * 2 * half + j] = 0;
+    if (!accumulate)
+      for (int64_t n = 2 * half; n < N; ++n) out[m * ldo + n] = 0;
+  }
+  for (int64_t k = 0; k < K; k += 4) {
+    const c10::BFloat16* b0 = b + k * ldb;
+    const c10::BFloat16* b1 = b0 + ldb;
+    const c10::BFloat16* b2 = b1 + ldb;
+    const c10::BFloat16* b3 = b2 + ldb;
+    for (int64_t m = 0; m < M; ++m) {
+      const float* x = a + m * lda + k;
+      float* even = scratch + m * 2 * half;
+      float* odd = even + half;
+      const Vec<float> x0 = Vec<float>{} + x[0], x1 = Vec<float>{} + x[1];
+      const Vec<float> x2 = Vec<float>{} + x[2], x3 = Vec<float>{} + x[3];
+      for (int64_t j = 0; j < half; j += kPairLanes) {
+        Vec<float> e0, o0, e1, o1, e2, o2, e3, o3;
+        load_pairs(b0 + 2 * j, e0, o0);
+        load_pairs(b1 + 2 * j, e1, o1);
+        load_pairs(b2 + 2 * j, e2, o2);
+        load_pairs(b3 + 2 * j, e3, o3);
+        store_vec(even + j, load_vec(even + j) + x0 * e0 + x1 * e1 + x2 * e2 + x3 * e3);
+        store_vec(odd + j, load_vec(odd + j) + x0 * o0 + x1 * o1 + x2 * o2 + x3 * o3);
+      }
+      float* o = out + m * ldo;
+      for (int64_t n = 2 * half; n < N; ++n)
+        o[n] += x[0] * static_cast<float>(b0[n]) + x[1] * static_cast<float>(b1[n]) +
+                x[2] * static_cast<float>(b2[n]) + x[3] * static_cast<float>(b3[n]);
+    }
+  }
+  for (int64_t m = 0; m < M; ++m) {
+    const float* even = scratch + m * 2 * half;
+    const float* odd = even + half;
+    float* o = out + m * ldo;
+    for (int64_t j = 0; j < half; ++j) {
+      o[2 * j] = accumulate ? o[2 * j] + even[j] : even[j];
+      o[2 * j + 1] = accumulate ? o[2 * j + 1] + odd[j] : odd[j];
+    }
+  }
+}
+
 #pragma GCC diagnostic pop
 
 }  // namespace
@@ -126,7 +239,10 @@ bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   if (!out.is_cpu() || !a.is_cpu() || !b.is_cpu() || out.dim() != 2 || a.dim() != 2 || b.dim() != 2) return false;
   if (a.size(0) > kFewRowsMax) return false;  // first: most steps of a training batch stop here
   const at::ScalarType dtype = out.scalar_type();
-  if ((dtype != at::kFloat && dtype != at::kDouble) || a.scalar_type() != dtype || b.scalar_type() != dtype)
+  // b in a's dtype, or a bfloat16 weight with float32 rows.
+  const bool bfloat16_weight = dtype == at::kFloat && b.scalar_type() == at::kBFloat16;
+  if ((dtype != at::kFloat && dtype != at::kDouble) || a.scalar_type() != dtype ||
+      (b.scalar_type() != dtype && !bfloat16_weight))
     return false;
   const int64_t M = a.size(0), K = a.size(1), N = b.size(1);
   if (b.size(0) != K || out.size(0) != M || out.size(1) != N) return false;
@@ -139,6 +255,18 @@ bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
   if (!transposed && !plain) return false;
   if (M == 0 || N == 0) return true;
   const bool accumulate = beta == 1.0;
+  if (bfloat16_weight) {
+    const float* a_data = a.const_data_ptr<float>();
+    const c10::BFloat16* b_data = b.const_data_ptr<c10::BFloat16>();
+    float* out_data = out.mutable_data_ptr<float>();
+    if (transposed)
+      transposed_kernel_bfloat16(M, N, K, a_data, a.stride(0), b_data, b.stride(1), out_data, out.stride(0),
+                                 accumulate, std::vector<float>(M * K).data());
+    else
+      plain_kernel_bfloat16(M, N, K, a_data, a.stride(0), b_data, b.stride(0), out_data, out.stride(0), accumulate,
+                            std::vector<float>(M * N).data());
+    return true;
+  }
   AT_DISPATCH_FLOATING_TYPES(dtype, "few_rows_addmm_", [&] {
     const scalar_t* a_data = a.const_data_ptr<scalar_t>();
     const scalar_t* b_data = b.const_data_ptr<scalar_t>();

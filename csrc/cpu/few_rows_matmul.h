@@ -22,7 +22,9 @@ namespace fastnlp {
 constexpr int64_t kFewRowsMax = 4;
 
 // out (M, N) = beta * out + a (M, K) @ b (K, N) for beta 0 or 1 (0: what out
-// held is ignored, NaN included), on CPU float32/float64 tensors whose rows
+// held is ignored, NaN included), on CPU float32/float64 tensors (or float32
+// a and out with a bfloat16 b: a bfloat16 model's weight, each element
+// widened exactly as it is read, so that the loops read half the bytes) whose rows
 // are contiguous (a, out, and either those of W = b^T, N a multiple of four,
 // as for the forward's h W_hh^T, or b's, K a multiple of four, as for the
 // backward's g W_hh) and with M <= kFewRowsMax.

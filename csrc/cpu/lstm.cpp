@@ -567,10 +567,53 @@ constexpr LstmStepKernels kCpuKernels{&forward_step_cpu,
                                        /*sequence_backward=*/nullptr,
                                        &onednn_linear};
 
+// bfloat16. The step kernels compute in float32 or float64, so a bfloat16
+// call is widened to float32 and its results are rounded back. Where oneDNN
+// has bfloat16 products on this CPU (onednn_bfloat16_products), the matrix
+// products round their operands to bfloat16 (LstmStepKernels::product_dtype)
+// and run at about twice the speed of float32 ones, as the products of
+// torch's own bfloat16 LSTM on the CPU (oneDNN's RNN) do; the state, the
+// activations and what is saved for the backward pass stay float32 (the
+// outputs are rounded once, at the end). W_ih and W_hh go in as they are;
+// the rest is widened. Elsewhere all of it runs in float32.
+constexpr LstmStepKernels kCpuBfloat16ProductKernels{&forward_step_cpu,
+                                                      &backward_step_cpu,
+                                                      &layer_norm_backward_cpu,
+                                                      &few_rows_addmm_,
+                                                      kFewRowsMax,
+                                                      &onednn_prepare_right,
+                                                      &onednn_prepared_matmul,
+                                                      /*sequence_forward=*/nullptr,
+                                                      /*sequence_backward=*/nullptr,
+                                                      &onednn_linear,
+                                                      /*product_dtype=*/at::kBFloat16};
+
 void check_cpu_dtype(const at::Tensor& input) {
-  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble,
-              "fastnlp.lstm: the CPU kernel takes float32 or float64, got ", input.scalar_type());
+  TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
+                  input.scalar_type() == at::kBFloat16,
+              "fastnlp.lstm: the CPU kernel takes float32, float64 or bfloat16, got ", input.scalar_type());
 }
+
+bool is_bfloat16(const at::Tensor& input) { return input.scalar_type() == at::kBFloat16; }
+
+const LstmStepKernels& kernels_for(const at::Tensor& input) {
+  return is_bfloat16(input) && onednn_bfloat16_products() ? kCpuBfloat16ProductKernels : kCpuKernels;
+}
+
+// A bfloat16 tensor as float32; anything else as it is.
+at::Tensor widened(const at::Tensor& t) { return t.defined() && is_bfloat16(t) ? t.to(at::kFloat) : t; }
+std::optional<at::Tensor> widened(const std::optional<at::Tensor>& t) {
+  return t.has_value() ? std::optional<at::Tensor>(widened(*t)) : t;
+}
+
+// W_ih or W_hh for `kernels`: as it is where they take it in their product
+// dtype, else widened.
+at::Tensor weight_for(const LstmStepKernels& kernels, const at::Tensor& weight) {
+  return kernels.product_dtype == weight.scalar_type() ? weight : widened(weight);
+}
+
+// A float32 result of a bfloat16 call, rounded back.
+at::Tensor narrowed(const at::Tensor& t) { return t.defined() ? t.to(at::kBFloat16) : t; }
 
 LstmForwardResult lstm_forward_cpu(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
@@ -582,10 +625,31 @@ LstmForwardResult lstm_forward_cpu(
     const std::optional<at::Tensor>& ln_hh_bias, const std::optional<at::Tensor>& ln_cell_weight,
     const std::optional<at::Tensor>& ln_cell_bias) {
   check_cpu_dtype(input);
-  return lstm_forward_impl(kCpuKernels, input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
-                           reverse, LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden},
-                           LstmLayerNorm{ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight,
-                                         ln_cell_bias});
+  const LstmRegularisers regularisers{recurrent_mask, zoneout_cell, zoneout_hidden};
+  const LstmLayerNorm layer_norm{ln_ih_weight, ln_ih_bias, ln_hh_weight, ln_hh_bias, ln_cell_weight, ln_cell_bias};
+  if (!is_bfloat16(input))
+    return lstm_forward_impl(kCpuKernels, input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh,
+                             weight_hr, reverse, regularisers, layer_norm);
+  // Checked as given: widening would hide an argument in another dtype.
+  lstm_check_forward_arguments(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr,
+                               regularisers, layer_norm);
+  const LstmStepKernels& kernels = kernels_for(input);
+  LstmForwardResult result = lstm_forward_impl(
+      kernels, widened(input), batch_sizes, widened(h0), widened(c0), weight_for(kernels, weight_ih),
+      weight_for(kernels, weight_hh), widened(bias_ih), widened(bias_hh), widened(weight_hr), reverse,
+      LstmRegularisers{widened(recurrent_mask), widened(zoneout_cell), widened(zoneout_hidden)},
+      LstmLayerNorm{widened(ln_ih_weight), widened(ln_ih_bias), widened(ln_hh_weight), widened(ln_hh_bias),
+                    widened(ln_cell_weight), widened(ln_cell_bias)});
+  // output, h_n and c_n; what is saved for the backward pass stays float32.
+  std::get<0>(result) = narrowed(std::get<0>(result));
+  std::get<1>(result) = narrowed(std::get<1>(result));
+  std::get<2>(result) = narrowed(std::get<2>(result));
+  return result;
+}
+
+template <typename Tuple, size_t... I>
+void narrow_all(Tuple& t, std::index_sequence<I...>) {
+  ((std::get<I>(t) = narrowed(std::get<I>(t))), ...);
 }
 
 LstmBackwardResult lstm_backward_cpu(
@@ -600,13 +664,20 @@ LstmBackwardResult lstm_backward_cpu(
     const std::optional<at::Tensor>& norm_hh, const std::optional<at::Tensor>& ln_stats, bool input_grad,
     bool weight_grads) {
   check_cpu_dtype(input);
-  return lstm_backward_impl(kCpuKernels, grad_output, grad_h_n, grad_c_n, input, batch_sizes, h0, c0, weight_ih,
-                            weight_hh, weight_hr, has_bias, reverse, output, gates, cells,
-                            LstmRegularisers{recurrent_mask, zoneout_cell, zoneout_hidden},
-                            LstmLayerNorm{ln_ih_weight, std::nullopt, ln_hh_weight, std::nullopt, ln_cell_weight,
-                                          ln_cell_bias},
-                            LstmLayerNormSaved{norm_ih, norm_hh, ln_stats},
-                            LstmGradientsWanted{input_grad, weight_grads});
+  const bool bfloat16 = is_bfloat16(input);
+  const LstmStepKernels& kernels = kernels_for(input);
+  // (A generic lambda: the same type back, widened for a bfloat16 call.)
+  const auto w = [bfloat16](const auto& t) { return bfloat16 ? widened(t) : t; };
+  LstmBackwardResult result = lstm_backward_impl(
+      kernels, w(grad_output), w(grad_h_n), w(grad_c_n), w(input), batch_sizes, w(h0), w(c0),
+      weight_for(kernels, weight_ih), weight_for(kernels, weight_hh), w(weight_hr), has_bias, reverse, w(output),
+      w(gates), w(cells),
+      LstmRegularisers{w(recurrent_mask), w(zoneout_cell), w(zoneout_hidden)},
+      LstmLayerNorm{w(ln_ih_weight), std::nullopt, w(ln_hh_weight), std::nullopt, w(ln_cell_weight),
+                    w(ln_cell_bias)},
+      LstmLayerNormSaved{w(norm_ih), w(norm_hh), ln_stats}, LstmGradientsWanted{input_grad, weight_grads});
+  if (bfloat16) narrow_all(result, std::make_index_sequence<std::tuple_size_v<LstmBackwardResult>>{});
+  return result;
 }
 
 // ---------------------------------------------------------------------------
@@ -638,18 +709,60 @@ LstmDirectionResults run_both_directions(const LstmDirection& direction) {
   return results;
 }
 
+// A direction's argument list for a bfloat16 pair call: its first
+// `as_input` entries checked to be bfloat16 (widening would hide one in
+// another dtype), then all widened but the weights W_ih and W_hh at
+// `weights` (see weight_for).
+LstmArgumentList widened_list(const LstmStepKernels& kernels, const LstmArgumentList& list, const char* name,
+                              size_t as_input, std::array<size_t, 2> weights) {
+  LstmArgumentList result;
+  for (size_t i = 0; i < list.size(); ++i) {
+    const std::optional<at::Tensor> t = list.get(i);
+    const bool given = t.has_value() && t->defined();
+    TORCH_CHECK(i >= as_input || !given || is_bfloat16(*t), "fastnlp.lstm pair: ", name, " entry ", i,
+                " has dtype ", given ? t->scalar_type() : at::kBFloat16, " but input has dtype BFloat16");
+    const bool weight = i == weights[0] || i == weights[1];
+    result.push_back(given && weight ? std::optional<at::Tensor>(weight_for(kernels, *t)) : widened(t));
+  }
+  return result;
+}
+
 LstmPairResult lstm_forward_pair_cpu(const at::Tensor& input, const at::Tensor& batch_sizes,
                                      const LstmArgumentList& forward_args, const LstmArgumentList& reverse_args) {
   check_cpu_dtype(input);
-  return lstm_forward_pair_impl(kCpuKernels, &run_both_directions, input, batch_sizes, forward_args, reverse_args);
+  if (!is_bfloat16(input))
+    return lstm_forward_pair_impl(kCpuKernels, &run_both_directions, input, batch_sizes, forward_args,
+                                  reverse_args);
+  // Every entry of a forward list is in input's dtype; W_ih and W_hh are
+  // entries 2 and 3 (csrc/ops.cpp).
+  const LstmStepKernels& kernels = kernels_for(input);
+  LstmPairResult result = lstm_forward_pair_impl(
+      kernels, &run_both_directions, widened(input), batch_sizes,
+      widened_list(kernels, forward_args, "forward_args", forward_args.size(), {2, 3}),
+      widened_list(kernels, reverse_args, "reverse_args", reverse_args.size(), {2, 3}));
+  for (std::vector<at::Tensor>* direction : {&std::get<0>(result), &std::get<1>(result)})
+    for (size_t i = 0; i < 3 && i < direction->size(); ++i) (*direction)[i] = narrowed((*direction)[i]);
+  return result;
 }
 
 LstmPairResult lstm_backward_pair_cpu(const at::Tensor& input, const at::Tensor& batch_sizes, bool has_bias,
                                       const LstmArgumentList& forward_args, const LstmArgumentList& reverse_args,
                                       bool input_grad, bool weight_grads) {
   check_cpu_dtype(input);
-  return lstm_backward_pair_impl(kCpuKernels, &run_both_directions, input, batch_sizes, has_bias, forward_args,
-                                 reverse_args, LstmGradientsWanted{input_grad, weight_grads});
+  if (!is_bfloat16(input))
+    return lstm_backward_pair_impl(kCpuKernels, &run_both_directions, input, batch_sizes, has_bias, forward_args,
+                                   reverse_args, LstmGradientsWanted{input_grad, weight_grads});
+  // Entries 0 to 8 (grad_output to output) are in input's dtype, W_ih and
+  // W_hh at 5 and 6; gates and cells (9, 10) and the layer norm's saved
+  // tensors (18 to 20) are float32 (csrc/ops.cpp).
+  const LstmStepKernels& kernels = kernels_for(input);
+  LstmPairResult result = lstm_backward_pair_impl(
+      kernels, &run_both_directions, widened(input), batch_sizes, has_bias,
+      widened_list(kernels, forward_args, "forward_args", 9, {5, 6}),
+      widened_list(kernels, reverse_args, "reverse_args", 9, {5, 6}), LstmGradientsWanted{input_grad, weight_grads});
+  for (std::vector<at::Tensor>* direction : {&std::get<0>(result), &std::get<1>(result)})
+    for (at::Tensor& t : *direction) t = narrowed(t);
+  return result;
 }
 
 }  // namespace

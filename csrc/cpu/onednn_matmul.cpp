@@ -40,13 +40,38 @@ at::Tensor call(const c10::OperatorHandle& op, std::vector<c10::IValue> stack) {
   return stack.at(0).toTensor();
 }
 
-// Whether the oneDNN operators may take the float32 CPU matrix m.
+// Whether this torch has the operators and oneDNN is on.
+bool onednn_usable() {
+  return at::hasMKLDNN() && at::globalContext().userEnabledMkldnn() && reorder_operator().has_value() &&
+         linear_operator().has_value();
+}
+
+// Whether oneDNN has bfloat16 products on this CPU, as torch decides it for
+// its own bfloat16 operators (mkldnn::_is_mkldnn_bf16_supported: AVX-512 or
+// newer). Asked once: the answer is the hardware's.
+bool onednn_has_bfloat16() {
+  static const bool has = [] {
+    const std::optional<c10::OperatorHandle> op =
+        c10::Dispatcher::singleton().findSchema({"mkldnn::_is_mkldnn_bf16_supported", ""});
+    if (!op.has_value() || !op->schema().arguments().empty()) return false;
+    std::vector<c10::IValue> stack;
+    op->callBoxed(&stack);
+    return stack.size() == 1 && stack[0].isBool() && stack[0].toBool();
+  }();
+  return has;
+}
+
+// Whether the oneDNN operators may take the CPU matrix m (float32, or
+// bfloat16 where oneDNN has it).
 bool onednn_applies(const at::Tensor& m) {
-  return m.is_cpu() && m.scalar_type() == at::kFloat && m.dim() == 2 && at::hasMKLDNN() &&
-         at::globalContext().userEnabledMkldnn() && reorder_operator().has_value() && linear_operator().has_value();
+  return m.is_cpu() && m.dim() == 2 &&
+         (m.scalar_type() == at::kFloat || (m.scalar_type() == at::kBFloat16 && onednn_has_bfloat16())) &&
+         onednn_usable();
 }
 
 }  // namespace
+
+bool onednn_bfloat16_products() { return onednn_usable() && onednn_has_bfloat16(); }
 
 at::Tensor onednn_prepare_right(const at::Tensor& b, int64_t rows) {
   if (!onednn_applies(b)) return at::Tensor();
@@ -60,8 +85,8 @@ at::Tensor onednn_prepared_matmul(const at::Tensor& a, const at::Tensor& prepare
 }
 
 at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias) {
-  if (!onednn_applies(a) || !onednn_applies(weight) || a.numel() == 0 || weight.numel() == 0 ||
-      (bias.defined() && bias.scalar_type() != at::kFloat))
+  if (!onednn_applies(a) || weight.scalar_type() != a.scalar_type() || !onednn_applies(weight) ||
+      a.numel() == 0 || weight.numel() == 0 || (bias.defined() && bias.scalar_type() != a.scalar_type()))
     return at::Tensor();
   return call(*linear_operator(), {a, weight, bias.defined() ? c10::IValue(bias) : c10::IValue(), "none",
                                    c10::List<std::optional<at::Scalar>>(), c10::IValue()});

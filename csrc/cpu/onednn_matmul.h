@@ -24,17 +24,31 @@
 
 namespace fastnlp {
 
+// Whether the functions below take bfloat16 matrices: this torch has the
+// oneDNN operators, oneDNN is on, and it has bfloat16 products on this CPU
+// (torch's own test, mkldnn::_is_mkldnn_bf16_supported: AVX-512 or newer).
+// Their products accumulate in float32 and round the result to bfloat16.
+// Measured on the 2-core CI machine (AMD EPYC with AVX512_BF16, torch 2.13,
+// one thread, medians of 20), microseconds per product, float32 against
+// bfloat16: (2048, 256) @ (256, 1024) 14179 / 5723; (32, 256) @ (256,
+// 1024), with the weight reordered, 165 / 91; (1024, 1024) @ (1024, 256)
+// 5568 / 2625. (MKL's own bfloat16 product, which gives float32, took 12296,
+// 212 and 5796 there: generic code on this AMD CPU.)
+bool onednn_bfloat16_products();
+
 // b (k, n), reordered for products a (about `rows`, k) @ b; undefined where
-// this path does not apply: not a float32 CPU matrix, a torch without
-// oneDNN, or oneDNN turned off (torch.backends.mkldnn.enabled = False).
+// this path does not apply: not a float32 (or, see above, bfloat16) CPU
+// matrix, a torch without oneDNN, or oneDNN turned off
+// (torch.backends.mkldnn.enabled = False).
 at::Tensor onednn_prepare_right(const at::Tensor& b, int64_t rows);
 
 // a (m, k) @ b as a new (m, n) tensor, for b prepared by onednn_prepare_right
-// and a float32 CPU matrix whose rows are contiguous.
+// and a CPU matrix of b's dtype whose rows are contiguous.
 at::Tensor onednn_prepared_matmul(const at::Tensor& a, const at::Tensor& prepared);
 
 // a (m, k) @ weight (n, k)^T + bias (n; where defined) as a new (m, n)
-// tensor, for float32 CPU matrices of any strides, with no preparation: the
+// tensor, for float32 (or bfloat16, see above) CPU matrices of one dtype and
+// any strides, with no preparation: the
 // LSTM's products over many rows, which run once per call. Undefined where
 // this path does not apply (as onednn_prepare_right, or an empty matrix).
 // Measured on the 2-core CI machine (torch 2.13, medians of five), one

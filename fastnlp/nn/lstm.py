@@ -120,7 +120,7 @@ def _check_dtype(input: Tensor, value: Tensor, kind: str) -> None:
 # LSTMCell's weights, in lstm_ops.lstm_cell's order.
 _CELL_WEIGHTS = ("weight_ih", "weight_hh", "bias_ih", "bias_hh")
 # The dtypes the paired-direction op's kernels take, per device type.
-_PAIR_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64),
+_PAIR_KERNEL_DTYPES = {"cpu": (torch.float32, torch.float64, torch.bfloat16),
                        "cuda": (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
 
 # The functional API's argument names, in the order parameters are registered.
@@ -409,7 +409,7 @@ class LSTM(nn.Module):
     def _run_pair(rows: Tensor) -> bool:
         """Both directions in one op (lstm_layer_pair: on two CPU threads, or two CUDA streams)?
 
-        Where its kernels take the input (the CPU's take float32/float64 only).
+        Where its kernels take the input (the CPU's take float32, float64 and bfloat16).
         Not under torch.jit.trace, which cannot record the pair op's lists of
         optional tensors; two lstm_layer ops compute the same.
         """

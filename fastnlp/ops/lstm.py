@@ -30,21 +30,29 @@ def _ln_stats_dtype(input):
     return torch.float64 if input.dtype == torch.float64 else torch.float32
 
 
+def _saved_dtype(input):
+    """The dtype of what lstm_forward saves for the backward pass (gates, cells, the layer norm's): the input's,
+    but float32 for bfloat16 on the CPU, whose kernel keeps all but its products' operands in float32."""
+    return torch.float32 if input.dtype == torch.bfloat16 and input.device.type == "cpu" else input.dtype
+
+
 @register_fake("fastnlp::lstm_forward", "fastnlp.lstm", host_tensors=("batch_sizes",))
 def _lstm_forward_fake(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih, bias_hh, weight_hr, reverse,
                        recurrent_mask=None, zoneout_cell=None, zoneout_hidden=None, layer_norm_ih_weight=None,
                        layer_norm_ih_bias=None, layer_norm_hh_weight=None, layer_norm_hh_bias=None,
                        layer_norm_cell_weight=None, layer_norm_cell_bias=None):
     rows, hidden = input.shape[0], c0.shape[1]
+    saved = _saved_dtype(input)
     if layer_norm_ih_weight is not None:
-        norm_ih, norm_hh = input.new_empty(rows, 4 * hidden), input.new_empty(rows, 4 * hidden)
+        norm_ih, norm_hh = (input.new_empty(rows, 4 * hidden, dtype=saved) for _ in range(2))
         ln_stats = input.new_empty(rows, 4, dtype=_ln_stats_dtype(input))
     else:
-        norm_ih, norm_hh, ln_stats = input.new_empty(0), input.new_empty(0), input.new_empty(0)
+        norm_ih, norm_hh, ln_stats = (input.new_empty(0, dtype=saved) for _ in range(3))
     # The kernels return contiguous tensors whatever the inputs' strides:
     # new_empty, not empty_like (which keeps a transposed h0's strides).
     return (input.new_empty(rows, h0.shape[1]), h0.new_empty(h0.shape), c0.new_empty(c0.shape),
-            input.new_empty(rows, 4 * hidden), input.new_empty(rows, hidden), norm_ih, norm_hh, ln_stats)
+            input.new_empty(rows, 4 * hidden, dtype=saved), input.new_empty(rows, hidden, dtype=saved), norm_ih,
+            norm_hh, ln_stats)
 
 
 @register_fake("fastnlp::lstm_backward", "fastnlp.lstm", host_tensors=("batch_sizes",))
@@ -102,9 +110,11 @@ def _reference_forward(input, batch_sizes, h0, c0, weight_ih, weight_hh, bias_ih
 # lstm_forward and, a direction at a time, lstm_forward_pair) call this.
 register_reference_backward("lstm_forward", _reference_forward)
 
-# The CPU kernel computes in float32/float64; half-precision input is widened
-# to float32 around it (and autograd narrows the gradients back).
-_CPU_WIDENED = (torch.float16, torch.bfloat16)
+# The CPU kernel takes float32, float64 and bfloat16 (whose products it runs in
+# bfloat16 where oneDNN has them, all else in float32: csrc/cpu/lstm.cpp);
+# float16 input is widened to float32 around it (and autograd narrows the
+# gradients back).
+_CPU_WIDENED = (torch.float16,)
 
 # The op's one overload, looked up once: the packet's __call__ is a Python
 # frame more on every step of an LSTMCell loop.
