@@ -264,9 +264,9 @@ def test_bfloat16_on_cpu_rounds_the_products_operands_only(layer_norm, lengths, 
     loops, float32 rows times the bfloat16 weight, tested below), while the
     state and activations stay float32. Outputs and every gradient are
     bfloat16, and their error against float64 on the same values is at most
-    three times that of the reference computed in bfloat16 (measured: at
-    most its own, 0.2-0.6x of it with layer norm, where the normalisation
-    magnifies the products' rounding to 2.7% of a tensor's largest entry).
+    three times that of the reference computed in bfloat16 (measured: 0.1
+    to 1.3 times its own, per tensor; with layer norm, which magnifies the
+    products' rounding, up to 2.7% of a tensor's largest entry).
     With oneDNN off, or where it has no bfloat16, the layer runs in float32
     on the widened values, as float16 does."""
     def run():
