@@ -255,14 +255,16 @@ def onednn_has_bfloat16():
 
 @pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
 @pytest.mark.parametrize("layer_norm", [False, True])
-@pytest.mark.parametrize("lengths, hidden", [((5, 2), 6), ((9, 9, 8, 8, 7, 7, 3), 19)])
+@pytest.mark.parametrize("lengths, hidden", [((5, 2), 6), ((9, 9, 8, 8, 7, 7, 3), 19), ((40,) * 30, 8)])
 def test_bfloat16_on_cpu_rounds_the_products_operands_only(layer_norm, lengths, hidden):
     """bfloat16 on the CPU (csrc/cpu/lstm.cpp): where oneDNN has bfloat16
     products, every matrix product through ATen or oneDNN, forward and
-    backward, takes bfloat16 operands (the second size takes oneDNN's
-    prepared step products; steps of up to four rows take the few-rows
-    loops, float32 rows times the bfloat16 weight, tested below), while the
-    state and activations stay float32. Outputs and every gradient are
+    backward, takes bfloat16 operands (the last two sizes take oneDNN's
+    prepared step products, and the last one's 1200 rows make two chunks
+    in the backward, whose weight gradients are summed in float32; steps of
+    up to four rows take the few-rows loops, float32 rows times the
+    bfloat16 weight, tested below), while the state and activations stay
+    float32. Outputs and every gradient are
     bfloat16, and their error against float64 on the same values is at most
     three times that of the reference computed in bfloat16 (measured: 0.1
     to 1.3 times its own, per tensor; with layer norm, which magnifies the
