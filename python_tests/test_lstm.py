@@ -348,9 +348,20 @@ def test_bfloat16_on_cpu_opcheck(layer_norm):
                                                                for x in direction]))
 
 
-def test_bfloat16_pair_on_cpu_refuses_an_argument_in_another_dtype():
+def test_bfloat16_ops_on_cpu_refuse_an_argument_in_another_dtype():
+    """The CPU kernel widens a bfloat16 call to float32 inside; an argument in
+    another dtype is refused before that, as in any other dtype."""
     batch_sizes, low, _, _, _, _ = half_precision_run(torch.bfloat16, False)
-    t = low
+    t = {k: v.detach() if v is not None else None for k, v in low.items()}
+    args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
+            None, False)
+    output, h_n, c_n, gates, cells = torch.ops.fastnlp.lstm_forward(*args)[:5]
+    message = "h0 has dtype Float but input has dtype BFloat16"
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastnlp.lstm_forward(*args[:2], t["h0"].float(), *args[3:])
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.fastnlp.lstm_backward(output, h_n, c_n, t["input"], batch_sizes, t["h0"].float(), t["c0"],
+                                        t["weight_ih"], t["weight_hh"], None, True, False, output, gates, cells)
     direction = [t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"], None, None, None,
                  None] + [None] * 6
     widened_h0 = [t["h0"].float()] + direction[1:]

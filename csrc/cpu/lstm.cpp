@@ -665,6 +665,9 @@ LstmBackwardResult lstm_backward_cpu(
     bool weight_grads) {
   check_cpu_dtype(input);
   const bool bfloat16 = is_bfloat16(input);
+  // Checked as given, as in lstm_forward_cpu.
+  if (bfloat16)
+    lstm_check_inputs(input, batch_sizes, h0, c0, weight_ih, weight_hh, std::nullopt, std::nullopt, weight_hr);
   const LstmStepKernels& kernels = kernels_for(input);
   // (A generic lambda: the same type back, widened for a bfloat16 call.)
   const auto w = [bfloat16](const auto& t) { return bfloat16 ? widened(t) : t; };
