@@ -576,17 +576,11 @@ constexpr LstmStepKernels kCpuKernels{&forward_step_cpu,
 // activations and what is saved for the backward pass stay float32 (the
 // outputs are rounded once, at the end). W_ih and W_hh go in as they are;
 // the rest is widened. Elsewhere all of it runs in float32.
-constexpr LstmStepKernels kCpuBfloat16ProductKernels{&forward_step_cpu,
-                                                      &backward_step_cpu,
-                                                      &layer_norm_backward_cpu,
-                                                      &few_rows_addmm_,
-                                                      kFewRowsMax,
-                                                      &onednn_prepare_right,
-                                                      &onednn_prepared_matmul,
-                                                      /*sequence_forward=*/nullptr,
-                                                      /*sequence_backward=*/nullptr,
-                                                      &onednn_linear,
-                                                      /*product_dtype=*/at::kBFloat16};
+constexpr LstmStepKernels with_product_dtype(LstmStepKernels kernels, c10::ScalarType dtype) {
+  kernels.product_dtype = dtype;
+  return kernels;
+}
+constexpr LstmStepKernels kCpuBfloat16ProductKernels = with_product_dtype(kCpuKernels, at::kBFloat16);
 
 void check_cpu_dtype(const at::Tensor& input) {
   TORCH_CHECK(input.scalar_type() == at::kFloat || input.scalar_type() == at::kDouble ||
