@@ -243,6 +243,8 @@ def product_operand_dtypes(fn):
     dtypes = set()
     for event in profile.events():
         if event.name in products:
+            if not hasattr(event, "input_dtypes"):
+                pytest.skip("this torch's profiler records no input dtypes")
             dtypes.update(d for d, shape in zip(event.input_dtypes, event.input_shapes) if len(shape) == 2)
     return result, dtypes
 
