@@ -202,12 +202,17 @@ def test_opcheck(device, packed, proj, layer_norm):
         torch.library.opcheck(torch.ops.fastnlp.lstm_forward.default, args + tuple(reg.values()) + tuple(ln.values()))
 
 
+def half_precision_inputs(dtype, layer_norm, lengths=(5, 2), input_size=4, hidden=6, bias="both"):
+    """A small layer's arguments in dtype on the CPU: (batch_sizes, its tensors, layer norm's)."""
+    batch_sizes, t = make_layer_inputs(list(lengths), input_size, hidden, 0, bias, torch.float32, "cpu")
+    low = {k: (v.detach().to(dtype).requires_grad_() if v is not None else None) for k, v in t.items()}
+    return batch_sizes, low, make_layer_norm(hidden, dtype, "cpu") if layer_norm else {}
+
+
 def half_precision_run(dtype, layer_norm, lengths=(5, 2), input_size=4, hidden=6, bias="both"):
     """A small layer in dtype on the CPU: (batch_sizes, its tensors, layer norm's, its outputs and gradients,
     the float64 reference's on the same values, the float32 kernel's outputs on the widened values)."""
-    batch_sizes, t = make_layer_inputs(list(lengths), input_size, hidden, 0, bias, torch.float32, "cpu")
-    low = {k: (v.detach().to(dtype).requires_grad_() if v is not None else None) for k, v in t.items()}
-    ln = make_layer_norm(hidden, dtype, "cpu") if layer_norm else {}
+    batch_sizes, low, ln = half_precision_inputs(dtype, layer_norm, lengths, input_size, hidden, bias)
     out, grads = layer_norm_outputs_and_grads(batch_sizes, low, ln, False)
     exact = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in low.items()}
     exact_ln = {k: v.detach().double().requires_grad_() for k, v in ln.items()}
@@ -336,7 +341,7 @@ def test_bfloat16_few_row_products_on_cpu_are_exact(rows, input_size, hidden, th
 def test_bfloat16_on_cpu_opcheck(layer_norm):
     """The bfloat16 CPU kernel saves float32 tensors for the backward pass; the fake kernels say so
     (torch.compile traces with them), for one direction and for the pair."""
-    batch_sizes, low, ln, _, _, _ = half_precision_run(torch.bfloat16, layer_norm, (6, 4, 4, 2, 1), hidden=5)
+    batch_sizes, low, ln = half_precision_inputs(torch.bfloat16, layer_norm, (6, 4, 4, 2, 1), hidden=5)
     t = low
     args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
             t["weight_hr"], False)
@@ -353,7 +358,7 @@ def test_bfloat16_on_cpu_opcheck(layer_norm):
 def test_bfloat16_ops_on_cpu_refuse_an_argument_in_another_dtype():
     """The CPU kernel widens a bfloat16 call to float32 inside; an argument in
     another dtype is refused before that, as in any other dtype."""
-    batch_sizes, low, _, _, _, _ = half_precision_run(torch.bfloat16, False)
+    batch_sizes, low, _ = half_precision_inputs(torch.bfloat16, False)
     t = {k: v.detach() if v is not None else None for k, v in low.items()}
     args = (t["input"], batch_sizes, t["h0"], t["c0"], t["weight_ih"], t["weight_hh"], t["bias_ih"], t["bias_hh"],
             None, False)
