@@ -282,8 +282,8 @@ void split_addmm_(const LstmStepKernels& kernels, at::Tensor& out, const at::Ten
 }
 
 // Whether the device's few-rows product may take a product with `rows` rows
-// (its rows unrounded where the products round their operands: with so few
-// rows the product reads the weight, not the rows).
+// (its rows given unrounded where the products round their operands: it
+// rounds them as it reads them, see LstmStepKernels::product_dtype).
 bool few_rows(const LstmStepKernels& kernels, int64_t rows) {
   return kernels.few_rows_addmm != nullptr && rows <= kernels.few_rows_max;
 }

@@ -140,8 +140,9 @@ struct LstmStepKernels {
   // dtype, are added into those tensors. weight_ih and weight_hh may then
   // come in this dtype already (no copy is made of them). The hooks above
   // receive operands in this dtype and return results in it, except
-  // few_rows_addmm, which receives the rows unrounded (a product of a few
-  // rows is bound by reading the weight, not the rows).
+  // few_rows_addmm, which receives the rows unrounded and rounds those it
+  // multiplies by a weight's rows, the forward's, as it reads them (a copy
+  // would cost as much as the product).
   c10::ScalarType product_dtype = c10::ScalarType::Undefined;
 };
 

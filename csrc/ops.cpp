@@ -5,6 +5,7 @@
 
 #include <cstdlib>
 
+#include "cpu/few_rows_matmul.h"
 #include "fastnlp_build_stamp.h"
 #include "lstm.h"
 
@@ -232,6 +233,13 @@ void lstm_check_arguments(const at::Tensor& input, const at::Tensor& batch_sizes
   }
 }
 
+// fastnlp::few_rows_addmm_with on tensors from Python, for the tests: out
+// is written in place; returns whether the few-rows loops took the product.
+bool few_rows_addmm_for_tests(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double beta,
+                              bool allow_bfloat16_dot) {
+  return fastnlp::few_rows_addmm_with(out, a, b, beta, allow_bfloat16_dot);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -241,4 +249,10 @@ PYBIND11_MODULE(_C, m) {
         "FASTNLP_BACKEND from the process environment, or None when it is unset");
   m.def("lstm_check_arguments", &lstm_check_arguments,
         "fastnlp::lstm_forward's argument checks alone (for the reference backend)");
+  m.def("few_rows_addmm_", &few_rows_addmm_for_tests,
+        "out = beta * out + a @ b through the CPU's few-rows product loops, in place; False where they do not "
+        "take it (for the tests)",
+        py::arg("out"), py::arg("a"), py::arg("b"), py::arg("beta"), py::arg("allow_bfloat16_dot") = true);
+  m.def("cpu_has_bfloat16_dot", &fastnlp::cpu_has_bfloat16_dot,
+        "Whether this CPU runs the AVX-512 bfloat16 dot-product loop of the few-rows products");
 }

@@ -9,6 +9,10 @@
 
 #include <vector>
 
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#endif
+
 namespace fastnlp {
 namespace {
 
@@ -140,23 +144,32 @@ __attribute__((always_inline)) inline void load_pairs(const c10::BFloat16* p, Ve
 constexpr int kPairLanes = Simd<float>::W;  // pairs per vector of words: 16 elements
 constexpr int64_t kPairBlock = 2 * kPairLanes;
 
-// x (n) split into its even and odd elements over the whole blocks of
-// kPairBlock: even[j] = x[2j], odd[j] = x[2j + 1], j < n / kPairBlock * kPairLanes.
-__attribute__((always_inline)) inline void split_pairs(int64_t n, const float* x, float* even, float* odd) {
+// x rounded to bfloat16 (to nearest, ties to even, as torch rounds) and
+// widened back.
+__attribute__((always_inline)) inline float rounded(float x) {
+  return static_cast<float>(c10::BFloat16(x));
+}
+
+// x (n) rounded, split into its even and odd elements over the whole blocks
+// of kPairBlock: even[j] = x[2j], odd[j] = x[2j + 1], j < n / kPairBlock *
+// kPairLanes.
+__attribute__((always_inline)) inline void split_rounded_pairs(int64_t n, const float* x, float* even, float* odd) {
   for (int64_t j = 0; j < n / kPairBlock * kPairLanes; ++j) {
-    even[j] = x[2 * j];
-    odd[j] = x[2 * j + 1];
+    even[j] = rounded(x[2 * j]);
+    odd[j] = rounded(x[2 * j + 1]);
   }
 }
 
-// out (M, N) (+)= a (M, K) @ w^T, w (N, K) bfloat16 with rows ldw apart, N a
-// multiple of four: as transposed_product, on a's rows split into pairs
-// (scratch: K floats per row).
+// out (M, N) (+)= round(a) (M, K) @ w^T, w (N, K) bfloat16 with rows ldw
+// apart, N a multiple of four: as transposed_product, on a's rows rounded to
+// bfloat16 and split into pairs (scratch: K floats per row). The portable
+// form of transposed_kernel_bfloat16_dot below, with the same rounding.
 FASTNLP_VECTOR_CLONES void transposed_kernel_bfloat16(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
                                                       const c10::BFloat16* w, int64_t ldw, float* out, int64_t ldo,
                                                       bool accumulate, float* scratch) {
   const int64_t blocks = K / kPairBlock, half = blocks * kPairLanes;
-  for (int64_t m = 0; m < M; ++m) split_pairs(K, a + m * lda, scratch + 2 * m * half, scratch + (2 * m + 1) * half);
+  for (int64_t m = 0; m < M; ++m)
+    split_rounded_pairs(K, a + m * lda, scratch + 2 * m * half, scratch + (2 * m + 1) * half);
   for (int64_t n = 0; n < N; n += 4) {
     for (int64_t m = 0; m < M; ++m) {
       const float* even = scratch + 2 * m * half;
@@ -173,7 +186,7 @@ FASTNLP_VECTOR_CLONES void transposed_kernel_bfloat16(int64_t M, int64_t N, int6
       }
       for (int r = 0; r < 4; ++r) {
         float total = lane_sum<float>(sums[r]);
-        for (int64_t k = 2 * half; k < K; ++k) total += static_cast<float>(w[(n + r) * ldw + k]) * x[k];
+        for (int64_t k = 2 * half; k < K; ++k) total += static_cast<float>(w[(n + r) * ldw + k]) * rounded(x[k]);
         float* o = out + m * ldo + n + r;
         *o = accumulate ? *o + total : total;
       }
@@ -232,9 +245,122 @@ FASTNLP_VECTOR_CLONES void plain_kernel_bfloat16(int64_t M, int64_t N, int64_t K
 
 #pragma GCC diagnostic pop
 
+#if defined(__x86_64__) && defined(__GNUC__)
+// The same product on AVX-512 with its bfloat16 dot-product instruction
+// (vdpbf16ps: sixteen float32 sums, each adding the products of one pair of
+// bfloat16 elements from each operand), compiled for those instructions
+// alone and called only where the processor has them (cpu_has_bfloat16_dot).
+// The pairs are neighbours along K, as a weight's rows and a's rows hold
+// them, so both are read as they are: a's rows once rounded to bfloat16.
+// The AVX2 loop above spends five instructions on sixteen products and, with
+// one sum per row of w, waits on each sum's latency; here one instruction
+// makes 32, and sixteen rows of w at a time keep sixteen sums in flight.
+// (The instruction takes subnormal operands as zeros and flushes subnormal
+// sums to zero: magnitudes below 1.2e-38, which the portable loop keeps.)
+#define FASTNLP_BFLOAT16_DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
+
+// One level of the reductions below, on 128-bit lanes L0..L3: u and v each
+// hold partial sums of `rows` rows (1: all four lanes; 2: L0 L1 and L2 L3),
+// and the result holds both vectors' rows with half as many partial sums
+// each: [u's (L0 L1) v's (L2 L3)] for rows = 1, a lane per row for rows = 2.
+// (The zero-masked shuffles: the plain ones start from _mm512_undefined_ps,
+// which GCC 12 warns of as uninitialised.)
+FASTNLP_BFLOAT16_DOT_TARGET inline __m512 add_lane_halves(__m512 u, __m512 v, int rows) {
+  constexpr __mmask16 all = 0xffff;
+  if (rows == 1)  // [u.L0 u.L1 v.L0 v.L1] + [u.L2 u.L3 v.L2 v.L3]
+    return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, u, v, 0x44), _mm512_maskz_shuffle_f32x4(all, u, v, 0xee));
+  // [u.L0 u.L2 v.L0 v.L2] + [u.L1 u.L3 v.L1 v.L3]
+  return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, u, v, 0x88), _mm512_maskz_shuffle_f32x4(all, u, v, 0xdd));
+}
+
+// The same inside each 128-bit lane, whose four elements hold partial sums
+// of one row (rows = 1) or of two, two each (rows = 2): [u0 u1 v0 v1] +
+// [u2 u3 v2 v3] for rows = 1, [u0 u2 v0 v2] + [u1 u3 v1 v3] for rows = 2.
+FASTNLP_BFLOAT16_DOT_TARGET inline __m512 add_element_halves(__m512 u, __m512 v, int rows) {
+  if (rows == 1) return _mm512_add_ps(_mm512_shuffle_ps(u, v, 0x44), _mm512_shuffle_ps(u, v, 0xee));
+  return _mm512_add_ps(_mm512_shuffle_ps(u, v, 0x88), _mm512_shuffle_ps(u, v, 0xdd));
+}
+
+// Lane r of the result: the sum of sums[r]'s sixteen lanes, r < R (R = 4 or
+// 16; lanes from R on are unspecified). Four levels of pairwise halving
+// leave row 4q + j in lane 4j + q; one permutation puts it in lane 4q + j.
+template <int R>
+FASTNLP_BFLOAT16_DOT_TARGET inline __m512 row_sums(const __m512 (&sums)[R]) {
+  __m512 two[R / 2], four[R / 4], eight[2];
+  for (int i = 0; i < R / 2; ++i) two[i] = add_lane_halves(sums[2 * i], sums[2 * i + 1], 1);
+  for (int i = 0; i < R / 4; ++i) four[i] = add_lane_halves(two[2 * i], two[2 * i + 1], 2);
+  // four[i]: 128-bit lane j holds four partial sums of row 4i + j.
+  if constexpr (R == 16) {
+    eight[0] = add_element_halves(four[0], four[1], 1);
+    eight[1] = add_element_halves(four[2], four[3], 1);
+  } else {
+    eight[0] = eight[1] = add_element_halves(four[0], four[0], 1);  // each row twice; the copies are ignored
+  }
+  const __m512 sixteen = add_element_halves(eight[0], eight[1], 2);
+  const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  return _mm512_maskz_permutexvar_ps(0xffff, order, sixteen);  // (zero-masked: as above)
+}
+
+// out[r] (+)= sum_k x[k] * w[r * ldw + k] for r < R, x bfloat16 (K), w R
+// rows of bfloat16.
+template <int R>
+FASTNLP_BFLOAT16_DOT_TARGET inline void dot_products_bfloat16(int64_t K, const c10::BFloat16* x,
+                                                              const c10::BFloat16* w, int64_t ldw, float* out,
+                                                              bool accumulate) {
+  __m512 sums[R];
+  for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 32 <= K; k += 32) {
+    const __m512bh xk = (__m512bh)_mm512_loadu_si512(x + k);
+    for (int r = 0; r < R; ++r) sums[r] = _mm512_dpbf16_ps(sums[r], xk, (__m512bh)_mm512_loadu_si512(w + r * ldw + k));
+  }
+  if (k < K) {  // the last K - k < 32 elements; the rest of the vectors reads as zeros
+    const __mmask32 tail = static_cast<__mmask32>((uint32_t{1} << (K - k)) - 1);
+    const __m512bh xk = (__m512bh)_mm512_maskz_loadu_epi16(tail, x + k);
+    for (int r = 0; r < R; ++r)
+      sums[r] = _mm512_dpbf16_ps(sums[r], xk, (__m512bh)_mm512_maskz_loadu_epi16(tail, w + r * ldw + k));
+  }
+  const __mmask16 rows = static_cast<__mmask16>((uint32_t{1} << R) - 1);
+  __m512 result = row_sums<R>(sums);
+  if (accumulate) result = _mm512_add_ps(result, _mm512_maskz_loadu_ps(rows, out));
+  _mm512_mask_storeu_ps(out, rows, result);
+}
+
+// out (M, N) (+)= round(a) (M, K) @ w^T as transposed_kernel_bfloat16, N a
+// multiple of four: sixteen rows of w at a time, then four (scratch: K
+// bfloat16 per row of a).
+FASTNLP_BFLOAT16_DOT_TARGET void transposed_kernel_bfloat16_dot(int64_t M, int64_t N, int64_t K, const float* a,
+                                                                int64_t lda, const c10::BFloat16* w, int64_t ldw,
+                                                                float* out, int64_t ldo, bool accumulate,
+                                                                c10::BFloat16* scratch) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) scratch[m * K + k] = c10::BFloat16(a[m * lda + k]);
+  int64_t n = 0;
+  for (; n + 16 <= N; n += 16)
+    for (int64_t m = 0; m < M; ++m)
+      dot_products_bfloat16<16>(K, scratch + m * K, w + n * ldw, ldw, out + m * ldo + n, accumulate);
+  for (; n < N; n += 4)
+    for (int64_t m = 0; m < M; ++m)
+      dot_products_bfloat16<4>(K, scratch + m * K, w + n * ldw, ldw, out + m * ldo + n, accumulate);
+}
+#define FASTNLP_HAS_BFLOAT16_DOT_KERNEL 1
+#endif
+
 }  // namespace
 
-bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+bool cpu_has_bfloat16_dot() {
+#ifdef FASTNLP_HAS_BFLOAT16_DOT_KERNEL
+  // libgcc's test, which also asks the OS whether it saves the AVX-512 registers.
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool few_rows_addmm_with(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta,
+                         bool allow_bfloat16_dot) {
   if (beta != 0.0 && beta != 1.0) return false;
   if (!out.is_cpu() || !a.is_cpu() || !b.is_cpu() || out.dim() != 2 || a.dim() != 2 || b.dim() != 2) return false;
   if (a.size(0) > kFewRowsMax) return false;  // first: most steps of a training batch stop here
@@ -259,12 +385,18 @@ bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
     const float* a_data = a.const_data_ptr<float>();
     const c10::BFloat16* b_data = b.const_data_ptr<c10::BFloat16>();
     float* out_data = out.mutable_data_ptr<float>();
-    if (transposed)
+    if (transposed && allow_bfloat16_dot && cpu_has_bfloat16_dot()) {
+#ifdef FASTNLP_HAS_BFLOAT16_DOT_KERNEL
+      transposed_kernel_bfloat16_dot(M, N, K, a_data, a.stride(0), b_data, b.stride(1), out_data, out.stride(0),
+                                     accumulate, std::vector<c10::BFloat16>(M * K).data());
+#endif
+    } else if (transposed) {
       transposed_kernel_bfloat16(M, N, K, a_data, a.stride(0), b_data, b.stride(1), out_data, out.stride(0),
                                  accumulate, std::vector<float>(M * K).data());
-    else
+    } else {
       plain_kernel_bfloat16(M, N, K, a_data, a.stride(0), b_data, b.stride(0), out_data, out.stride(0), accumulate,
                             std::vector<float>(M * N).data());
+    }
     return true;
   }
   AT_DISPATCH_FLOATING_TYPES(dtype, "few_rows_addmm_", [&] {
@@ -277,6 +409,10 @@ bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, 
       plain_kernel(M, N, K, a_data, a.stride(0), b_data, b.stride(0), out_data, out.stride(0), accumulate);
   });
   return true;
+}
+
+bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
+  return few_rows_addmm_with(out, a, b, beta, /*allow_bfloat16_dot=*/true);
 }
 
 }  // namespace fastnlp

@@ -23,13 +23,29 @@ constexpr int64_t kFewRowsMax = 4;
 
 // out (M, N) = beta * out + a (M, K) @ b (K, N) for beta 0 or 1 (0: what out
 // held is ignored, NaN included), on CPU float32/float64 tensors (or float32
-// a and out with a bfloat16 b: a bfloat16 model's weight, each element
-// widened exactly as it is read, so that the loops read half the bytes) whose rows
-// are contiguous (a, out, and either those of W = b^T, N a multiple of four,
-// as for the forward's h W_hh^T, or b's, K a multiple of four, as for the
-// backward's g W_hh) and with M <= kFewRowsMax.
+// a and out with a bfloat16 b: a bfloat16 model's weight, read as it is, so
+// that the loops read half the bytes) whose rows are contiguous (a, out, and
+// either those of W = b^T, N a multiple of four, as for the forward's
+// h W_hh^T, or b's, K a multiple of four, as for the backward's g W_hh) and
+// with M <= kFewRowsMax. With a bfloat16 W = b^T, a is rounded to bfloat16,
+// as every other product of the bfloat16 LSTM rounds its operands (see
+// LstmStepKernels::product_dtype), and multiplied with the AVX-512 bfloat16
+// dot product where the processor has it; with a bfloat16 b read by rows
+// (the backward's), a stays float32 and each weight element is widened.
 // Returns false, touching nothing, for anything else: the caller then runs
 // out.addmm_(a, b, beta). out must not overlap a or b (as for addmm_).
 bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta);
+
+// As few_rows_addmm_, which calls it with allow_bfloat16_dot = true; false
+// keeps a bfloat16 weight's forward products (W^T on the right) on the
+// portable loop where the processor has the AVX-512 bfloat16 one, so that
+// the tests can compare the two (fastnlp._C.few_rows_addmm_).
+bool few_rows_addmm_with(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta,
+                         bool allow_bfloat16_dot);
+
+// Whether this processor (and its OS) runs AVX-512 with the bfloat16 dot
+// product (AVX512_BF16), which few_rows_addmm_ then uses for a bfloat16
+// weight's forward products.
+bool cpu_has_bfloat16_dot();
 
 }  // namespace fastnlp
