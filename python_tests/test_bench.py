@@ -135,6 +135,12 @@ def test_lstm_bfloat16_cases_run_and_agree_at_a_tiny_shape(bidirectional):
         assert case.check(outputs) is None, case.name
         loss, grads = outputs[bench_lstm.OURS]
         assert loss.dtype == torch.bfloat16 and all(g.dtype == torch.bfloat16 for g in grads)
+    latency = bench_lstm._latency_case(d)
+    outputs = {name: run() for name, run in latency.impls.items()}
+    assert latency.name.endswith("bfloat16") and outputs[bench_lstm.OURS].dtype == torch.bfloat16
+    assert latency.check(outputs) is None
+    outputs[bench_lstm.OURS] = outputs[bench_lstm.OURS] + 0.1  # off by twice bfloat16's tolerance: caught
+    assert latency.check(outputs) is not None
 
 
 class _CountMatmulFlops(TorchDispatchMode):
