@@ -269,9 +269,9 @@ def test_bfloat16_on_cpu_rounds_the_products_operands_only(layer_norm, lengths, 
     backward, takes bfloat16 operands (the last two sizes take oneDNN's
     prepared step products, and the last one's 1200 rows make two chunks
     in the backward, whose weight gradients are summed in float32; steps of
-    up to four rows take the few-rows loops, float32 rows times the
-    bfloat16 weight, tested below), while the state and activations stay
-    float32. Outputs and every gradient are
+    up to four rows take the few-rows loops on the bfloat16 weight, tested
+    below, which round the forward's rows themselves), while the state and
+    activations stay float32. Outputs and every gradient are
     bfloat16, and their error against float64 on the same values is at most
     three times that of the reference computed in bfloat16 (measured: 0.1
     to 1.3 times its own, per tensor; with layer norm, which magnifies the
@@ -307,8 +307,8 @@ def test_bfloat16_on_cpu_rounds_the_products_operands_only(layer_norm, lengths, 
 @pytest.mark.parametrize("threads", [1, 2])
 def test_bfloat16_few_row_products_on_cpu_are_exact(rows, input_size, hidden, threads):
     """Up to four rows times a bfloat16 weight run in the bfloat16 loops of
-    csrc/cpu/few_rows_matmul.cpp (the weight widened as it is read, in pairs
-    of elements, with tails of odd lengths). On values whose products and
+    csrc/cpu/few_rows_matmul.cpp (the forward's rows rounded to bfloat16,
+    which leaves these exact; tails of odd lengths). On values whose products and
     sums float32 holds exactly (6 and 5 significant bits, a few dozen terms),
     a bfloat16 cell step equals the float32 kernel's on the widened values
     bit for bit, as does the gradient of c; that of h (the backward's
