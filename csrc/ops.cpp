@@ -236,8 +236,8 @@ void lstm_check_arguments(const at::Tensor& input, const at::Tensor& batch_sizes
 // fastnlp::few_rows_addmm_with on tensors from Python, for the tests: out
 // is written in place; returns whether the few-rows loops took the product.
 bool few_rows_addmm_for_tests(at::Tensor out, const at::Tensor& a, const at::Tensor& b, double beta,
-                              bool allow_bfloat16_dot) {
-  return fastnlp::few_rows_addmm_with(out, a, b, beta, allow_bfloat16_dot);
+                              bool allow_avx512) {
+  return fastnlp::few_rows_addmm_with(out, a, b, beta, allow_avx512);
 }
 
 }  // namespace
@@ -252,7 +252,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("few_rows_addmm_", &few_rows_addmm_for_tests,
         "out = beta * out + a @ b through the CPU's few-rows product loops, in place; False where they do not "
         "take it (for the tests)",
-        py::arg("out"), py::arg("a"), py::arg("b"), py::arg("beta"), py::arg("allow_bfloat16_dot") = true);
+        py::arg("out"), py::arg("a"), py::arg("b"), py::arg("beta"), py::arg("allow_avx512") = true);
+  m.def("cpu_has_avx512", &fastnlp::cpu_has_avx512,
+        "Whether this CPU runs the AVX-512 loops of the few-rows products (float32 weights)");
   m.def("cpu_has_bfloat16_dot", &fastnlp::cpu_has_bfloat16_dot,
         "Whether this CPU runs the AVX-512 bfloat16 dot-product loop of the few-rows products");
 }

@@ -337,54 +337,63 @@ def test_bfloat16_few_row_products_on_cpu_are_exact(rows, input_size, hidden, th
     torch.testing.assert_close(grad_h.float(), widened[2], rtol=2 ** -8, atol=1e-6)
 
 
-FEW_ROWS_BFLOAT16_LOOPS = [
-    pytest.param(True, id="avx512-bf16-dot", marks=pytest.mark.skipif(
-        not fastnlp._C.cpu_has_bfloat16_dot(), reason="this CPU has no AVX-512 bfloat16 dot product")),
-    pytest.param(False, id="portable"),
-]
+def few_rows_forward_loops(*dtypes):
+    """(weight dtype, allow_avx512) for each loop of csrc/cpu/few_rows_matmul.cpp that can take a forward
+    product (W^T on the right) of a weight in one of these dtypes, as fastnlp._C.few_rows_addmm_ chooses it:
+    AVX-512 where this CPU has it (for bfloat16, with its bfloat16 dot product), and the other loops."""
+    params = []
+    for dtype in dtypes:
+        has = fastnlp._C.cpu_has_bfloat16_dot() if dtype == torch.bfloat16 else fastnlp._C.cpu_has_avx512()
+        name = str(dtype)[len("torch."):]
+        params += [pytest.param(dtype, True, id=f"{name}-avx512",
+                                marks=pytest.mark.skipif(not has, reason="this CPU lacks that AVX-512")),
+                   pytest.param(dtype, False, id=f"{name}-other")]
+    return params
 
 
-@pytest.mark.parametrize("allow_bfloat16_dot", FEW_ROWS_BFLOAT16_LOOPS)
+@pytest.mark.parametrize("dtype, allow_avx512", few_rows_forward_loops(torch.float32, torch.bfloat16))
 @pytest.mark.parametrize("rows", [1, 2, 3, 4])
 @pytest.mark.parametrize("K", [1, 7, 31, 32, 33, 70, 256])
 @pytest.mark.parametrize("N", [4, 12, 16, 20, 68])
-def test_bfloat16_few_row_forward_products_round_their_rows(allow_bfloat16_dot, rows, K, N):
-    """The few-rows loops' product of float32 rows by a bfloat16 weight's
-    rows (the forward's h W_hh^T; csrc/cpu/few_rows_matmul.cpp), on the
-    AVX-512 bfloat16 dot product and on the portable loop: the rows are
-    rounded to bfloat16 first, as in every other product of the bfloat16
-    LSTM, and the products summed in float32. Compared with the float64
-    product of the rounded rows within the bound of a float32 sum of K
-    terms (K * 2^-24 * the sum of the terms' magnitudes), which the product
-    of the unrounded rows overshoots. beta = 0 ignores what out held (NaN
-    here), beta = 1 adds to it; K and N cover the loops' whole blocks (32
-    elements, 16 and 4 rows of the weight) and their tails."""
+def test_few_row_forward_products_on_cpu(dtype, allow_avx512, rows, K, N):
+    """The few-rows loops' product of float32 rows by a weight's rows (the
+    forward's h W_hh^T; csrc/cpu/few_rows_matmul.cpp), on AVX-512 and on the
+    other loops. A bfloat16 weight's rows are rounded to bfloat16 first, as
+    in every other product of the bfloat16 LSTM, and the products summed in
+    float32. Compared with the float64 product (of the rounded rows) within
+    the bound of a float32 sum of K terms (K * 2^-24 * the sum of the terms'
+    magnitudes), which for bfloat16 the product of the unrounded rows
+    overshoots. beta = 0 ignores what out held (NaN here), beta = 1 adds to
+    it; K and N cover the loops' whole blocks (16 or 32 elements, 16 and 4
+    rows of the weight) and their tails."""
     g = torch.Generator().manual_seed(1000 * rows + 10 * K + N)
     a = torch.randn(rows, K, generator=g)
-    weight = torch.randn(N, K, generator=g).bfloat16()
-    rounded = a.bfloat16().double() @ weight.double().t()
-    magnitude = a.bfloat16().double().abs() @ weight.double().abs().t()
+    weight = torch.randn(N, K, generator=g).to(dtype)
+    rows_as_multiplied = a.to(dtype).double()
+    exact = rows_as_multiplied @ weight.double().t()
+    magnitude = rows_as_multiplied.abs() @ weight.double().abs().t()
     unrounded = a.double() @ weight.double().t()
     for beta in (0.0, 1.0):
         start = torch.randn(rows, N, generator=g)
         out = start.clone() if beta else torch.full((rows, N), float("nan"))
-        assert fastnlp._C.few_rows_addmm_(out, a, weight.t(), beta, allow_bfloat16_dot)
-        expected = rounded + beta * start.double()
+        assert fastnlp._C.few_rows_addmm_(out, a, weight.t(), beta, allow_avx512)
+        expected = exact + beta * start.double()
         bound = K * 2.0 ** -24 * (magnitude + beta * start.double().abs()) + 2.0 ** -24 * expected.abs()
         assert ((out.double() - expected).abs() <= bound).all(), (out.double() - expected).abs().max()
-        assert ((unrounded + beta * start.double() - expected).abs() > bound).any()
+        if dtype == torch.bfloat16:
+            assert ((unrounded + beta * start.double() - expected).abs() > bound).any()
 
 
-@pytest.mark.parametrize("allow_bfloat16_dot", FEW_ROWS_BFLOAT16_LOOPS)
-def test_bfloat16_few_row_products_decline_what_they_do_not_take(allow_bfloat16_dot):
+@pytest.mark.parametrize("dtype, allow_avx512", few_rows_forward_loops(torch.bfloat16))
+def test_bfloat16_few_row_products_decline_what_they_do_not_take(dtype, allow_avx512):
     """The few-rows loops take up to four rows and leave out untouched otherwise (the caller's
     addmm_ runs then): five rows, a float64 a with a bfloat16 weight, W^T with N not a multiple of four."""
-    weight = torch.randn(8, 6).bfloat16()
+    weight = torch.randn(8, 6).to(dtype)
     out = torch.zeros(5, 8)
-    assert not fastnlp._C.few_rows_addmm_(out, torch.randn(5, 6), weight.t(), 0.0, allow_bfloat16_dot)
+    assert not fastnlp._C.few_rows_addmm_(out, torch.randn(5, 6), weight.t(), 0.0, allow_avx512)
     assert not fastnlp._C.few_rows_addmm_(out[:1].double(), torch.randn(1, 6).double(), weight.t(), 0.0,
-                                          allow_bfloat16_dot)
-    assert not fastnlp._C.few_rows_addmm_(out[:1, :6], torch.randn(1, 6), weight[:6].t(), 0.0, allow_bfloat16_dot)
+                                          allow_avx512)
+    assert not fastnlp._C.few_rows_addmm_(out[:1, :6], torch.randn(1, 6), weight[:6].t(), 0.0, allow_avx512)
     assert (out == 0).all()
 
 

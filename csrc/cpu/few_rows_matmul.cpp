@@ -1,5 +1,7 @@
 // The loops behind few_rows_addmm_ (see few_rows_matmul.h), written on whole
-// vectors (vector_loops.h) and compiled for AVX2+FMA and the baseline ISA.
+// vectors (vector_loops.h) and compiled for AVX2+FMA and the baseline ISA,
+// and, for the forward's products, AVX-512 loops written with its
+// intrinsics (at the end).
 // With one row on the left a product reads each element of the matrix on the
 // right once: the loops are bound by those loads, so they keep the vector
 // units fed from independent sums and read each element once for all rows.
@@ -246,17 +248,19 @@ FASTNLP_VECTOR_CLONES void plain_kernel_bfloat16(int64_t M, int64_t N, int64_t K
 #pragma GCC diagnostic pop
 
 #if defined(__x86_64__) && defined(__GNUC__)
-// The same product on AVX-512 with its bfloat16 dot-product instruction
-// (vdpbf16ps: sixteen float32 sums, each adding the products of one pair of
-// bfloat16 elements from each operand), compiled for those instructions
-// alone and called only where the processor has them (cpu_has_bfloat16_dot).
-// The pairs are neighbours along K, as a weight's rows and a's rows hold
-// them, so both are read as they are: a's rows once rounded to bfloat16.
-// The AVX2 loop above spends five instructions on sixteen products and, with
-// one sum per row of w, waits on each sum's latency; here one instruction
-// makes 32, and sixteen rows of w at a time keep sixteen sums in flight.
-// (The instruction takes subnormal operands as zeros and flushes subnormal
-// sums to zero: magnitudes below 1.2e-38, which the portable loop keeps.)
+// The same products on AVX-512, compiled for it alone and called only where
+// the processor has it (cpu_has_avx512, cpu_has_bfloat16_dot): a float32
+// weight's with fused multiply-adds, a bfloat16 weight's with the bfloat16
+// dot-product instruction (vdpbf16ps: sixteen float32 sums, each adding the
+// products of one pair of neighbouring bfloat16 elements from each operand;
+// the pairs lie along K, as a weight's rows and a's rows hold them, so both
+// are read as they are, a's rows once rounded to bfloat16). Sixteen rows of
+// w at a time keep sixteen sums in flight, where the AVX2 loops above keep
+// four and wait on each sum's latency, and the bfloat16 instruction makes
+// 32 products where the AVX2 loop spends five instructions on sixteen.
+// (vdpbf16ps takes subnormal operands as zeros and flushes subnormal sums
+// to zero: magnitudes below 1.2e-38, which the portable loop keeps.)
+#define FASTNLP_AVX512_TARGET __attribute__((target("avx512f,avx512bw")))
 #define FASTNLP_BFLOAT16_DOT_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
 // One level of the reductions below, on 128-bit lanes L0..L3: u and v each
@@ -265,7 +269,7 @@ FASTNLP_VECTOR_CLONES void plain_kernel_bfloat16(int64_t M, int64_t N, int64_t K
 // each: [u's (L0 L1) v's (L2 L3)] for rows = 1, a lane per row for rows = 2.
 // (The zero-masked shuffles: the plain ones start from _mm512_undefined_ps,
 // which GCC 12 warns of as uninitialised.)
-FASTNLP_BFLOAT16_DOT_TARGET inline __m512 add_lane_halves(__m512 u, __m512 v, int rows) {
+FASTNLP_AVX512_TARGET inline __m512 add_lane_halves(__m512 u, __m512 v, int rows) {
   constexpr __mmask16 all = 0xffff;
   if (rows == 1)  // [u.L0 u.L1 v.L0 v.L1] + [u.L2 u.L3 v.L2 v.L3]
     return _mm512_add_ps(_mm512_maskz_shuffle_f32x4(all, u, v, 0x44), _mm512_maskz_shuffle_f32x4(all, u, v, 0xee));
@@ -276,16 +280,16 @@ FASTNLP_BFLOAT16_DOT_TARGET inline __m512 add_lane_halves(__m512 u, __m512 v, in
 // The same inside each 128-bit lane, whose four elements hold partial sums
 // of one row (rows = 1) or of two, two each (rows = 2): [u0 u1 v0 v1] +
 // [u2 u3 v2 v3] for rows = 1, [u0 u2 v0 v2] + [u1 u3 v1 v3] for rows = 2.
-FASTNLP_BFLOAT16_DOT_TARGET inline __m512 add_element_halves(__m512 u, __m512 v, int rows) {
+FASTNLP_AVX512_TARGET inline __m512 add_element_halves(__m512 u, __m512 v, int rows) {
   if (rows == 1) return _mm512_add_ps(_mm512_shuffle_ps(u, v, 0x44), _mm512_shuffle_ps(u, v, 0xee));
   return _mm512_add_ps(_mm512_shuffle_ps(u, v, 0x88), _mm512_shuffle_ps(u, v, 0xdd));
 }
 
-// Lane r of the result: the sum of sums[r]'s sixteen lanes, r < R (R = 4 or
-// 16; lanes from R on are unspecified). Four levels of pairwise halving
-// leave row 4q + j in lane 4j + q; one permutation puts it in lane 4q + j.
+// out[r] (+)= the sum of sums[r]'s sixteen lanes, r < R (R = 4 or 16). Four
+// levels of pairwise halving leave row 4q + j in lane 4j + q; one
+// permutation puts it in lane 4q + j.
 template <int R>
-FASTNLP_BFLOAT16_DOT_TARGET inline __m512 row_sums(const __m512 (&sums)[R]) {
+FASTNLP_AVX512_TARGET inline void store_row_sums(const __m512 (&sums)[R], float* out, bool accumulate) {
   __m512 two[R / 2], four[R / 4], eight[2];
   for (int i = 0; i < R / 2; ++i) two[i] = add_lane_halves(sums[2 * i], sums[2 * i + 1], 1);
   for (int i = 0; i < R / 4; ++i) four[i] = add_lane_halves(two[2 * i], two[2 * i + 1], 2);
@@ -298,15 +302,36 @@ FASTNLP_BFLOAT16_DOT_TARGET inline __m512 row_sums(const __m512 (&sums)[R]) {
   }
   const __m512 sixteen = add_element_halves(eight[0], eight[1], 2);
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  return _mm512_maskz_permutexvar_ps(0xffff, order, sixteen);  // (zero-masked: as above)
+  __m512 result = _mm512_maskz_permutexvar_ps(0xffff, order, sixteen);  // (zero-masked: as above)
+  const __mmask16 rows = static_cast<__mmask16>((uint32_t{1} << R) - 1);
+  if (accumulate) result = _mm512_add_ps(result, _mm512_maskz_loadu_ps(rows, out));
+  _mm512_mask_storeu_ps(out, rows, result);
 }
 
-// out[r] (+)= sum_k x[k] * w[r * ldw + k] for r < R, x bfloat16 (K), w R
-// rows of bfloat16.
+// out[r] (+)= sum_k x[k] * w[r * ldw + k] for r < R: float32, sixteen
+// elements of K per vector, ...
 template <int R>
-FASTNLP_BFLOAT16_DOT_TARGET inline void dot_products_bfloat16(int64_t K, const c10::BFloat16* x,
-                                                              const c10::BFloat16* w, int64_t ldw, float* out,
-                                                              bool accumulate) {
+FASTNLP_AVX512_TARGET void dot_products(int64_t K, const float* x, const float* w, int64_t ldw, float* out,
+                                        bool accumulate) {
+  __m512 sums[R];
+  for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) {
+    const __m512 xk = _mm512_loadu_ps(x + k);
+    for (int r = 0; r < R; ++r) sums[r] = _mm512_fmadd_ps(xk, _mm512_loadu_ps(w + r * ldw + k), sums[r]);
+  }
+  if (k < K) {  // the last K - k < 16 elements; the rest of the vectors reads as zeros
+    const __mmask16 tail = static_cast<__mmask16>((uint32_t{1} << (K - k)) - 1);
+    const __m512 xk = _mm512_maskz_loadu_ps(tail, x + k);
+    for (int r = 0; r < R; ++r) sums[r] = _mm512_fmadd_ps(xk, _mm512_maskz_loadu_ps(tail, w + r * ldw + k), sums[r]);
+  }
+  store_row_sums<R>(sums, out, accumulate);
+}
+
+// ... and bfloat16, 32 per vector.
+template <int R>
+FASTNLP_BFLOAT16_DOT_TARGET void dot_products(int64_t K, const c10::BFloat16* x, const c10::BFloat16* w,
+                                              int64_t ldw, float* out, bool accumulate) {
   __m512 sums[R];
   for (int r = 0; r < R; ++r) sums[r] = _mm512_setzero_ps();
   int64_t k = 0;
@@ -320,39 +345,49 @@ FASTNLP_BFLOAT16_DOT_TARGET inline void dot_products_bfloat16(int64_t K, const c
     for (int r = 0; r < R; ++r)
       sums[r] = _mm512_dpbf16_ps(sums[r], xk, (__m512bh)_mm512_maskz_loadu_epi16(tail, w + r * ldw + k));
   }
-  const __mmask16 rows = static_cast<__mmask16>((uint32_t{1} << R) - 1);
-  __m512 result = row_sums<R>(sums);
-  if (accumulate) result = _mm512_add_ps(result, _mm512_maskz_loadu_ps(rows, out));
-  _mm512_mask_storeu_ps(out, rows, result);
+  store_row_sums<R>(sums, out, accumulate);
 }
 
-// out (M, N) (+)= round(a) (M, K) @ w^T as transposed_kernel_bfloat16, N a
-// multiple of four: sixteen rows of w at a time, then four (scratch: K
-// bfloat16 per row of a).
-FASTNLP_BFLOAT16_DOT_TARGET void transposed_kernel_bfloat16_dot(int64_t M, int64_t N, int64_t K, const float* a,
-                                                                int64_t lda, const c10::BFloat16* w, int64_t ldw,
-                                                                float* out, int64_t ldo, bool accumulate,
-                                                                c10::BFloat16* scratch) {
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t k = 0; k < K; ++k) scratch[m * K + k] = c10::BFloat16(a[m * lda + k]);
+// out (M, N) (+)= x (M, K, rows ldx apart) @ w^T, w (N, K) with rows ldw
+// apart, N a multiple of four: sixteen rows of w at a time, then four, each
+// block for every row of x while it is in L1.
+template <typename Element>
+void transposed_rows_avx512(int64_t M, int64_t N, int64_t K, const Element* x, int64_t ldx, const Element* w,
+                            int64_t ldw, float* out, int64_t ldo, bool accumulate) {
   int64_t n = 0;
   for (; n + 16 <= N; n += 16)
-    for (int64_t m = 0; m < M; ++m)
-      dot_products_bfloat16<16>(K, scratch + m * K, w + n * ldw, ldw, out + m * ldo + n, accumulate);
+    for (int64_t m = 0; m < M; ++m) dot_products<16>(K, x + m * ldx, w + n * ldw, ldw, out + m * ldo + n, accumulate);
   for (; n < N; n += 4)
-    for (int64_t m = 0; m < M; ++m)
-      dot_products_bfloat16<4>(K, scratch + m * K, w + n * ldw, ldw, out + m * ldo + n, accumulate);
+    for (int64_t m = 0; m < M; ++m) dot_products<4>(K, x + m * ldx, w + n * ldw, ldw, out + m * ldo + n, accumulate);
 }
-#define FASTNLP_HAS_BFLOAT16_DOT_KERNEL 1
+
+// out (M, N) (+)= round(a) (M, K) @ w^T as transposed_kernel_bfloat16, on
+// the bfloat16 dot product (scratch: K bfloat16 per row of a).
+void transposed_kernel_bfloat16_dot(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda,
+                                    const c10::BFloat16* w, int64_t ldw, float* out, int64_t ldo, bool accumulate,
+                                    c10::BFloat16* scratch) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k = 0; k < K; ++k) scratch[m * K + k] = c10::BFloat16(a[m * lda + k]);
+  transposed_rows_avx512(M, N, K, static_cast<const c10::BFloat16*>(scratch), K, w, ldw, out, ldo, accumulate);
+}
+#define FASTNLP_HAS_AVX512_KERNELS 1
 #endif
 
 }  // namespace
 
-bool cpu_has_bfloat16_dot() {
-#ifdef FASTNLP_HAS_BFLOAT16_DOT_KERNEL
+bool cpu_has_avx512() {
+#ifdef FASTNLP_HAS_AVX512_KERNELS
   // libgcc's test, which also asks the OS whether it saves the AVX-512 registers.
-  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
+  static const bool has = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return has;
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_bfloat16_dot() {
+#ifdef FASTNLP_HAS_AVX512_KERNELS
+  static const bool has = cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
   return has;
 #else
   return false;
@@ -360,7 +395,7 @@ bool cpu_has_bfloat16_dot() {
 }
 
 bool few_rows_addmm_with(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta,
-                         bool allow_bfloat16_dot) {
+                         bool allow_avx512) {
   if (beta != 0.0 && beta != 1.0) return false;
   if (!out.is_cpu() || !a.is_cpu() || !b.is_cpu() || out.dim() != 2 || a.dim() != 2 || b.dim() != 2) return false;
   if (a.size(0) > kFewRowsMax) return false;  // first: most steps of a training batch stop here
@@ -385,8 +420,8 @@ bool few_rows_addmm_with(at::Tensor& out, const at::Tensor& a, const at::Tensor&
     const float* a_data = a.const_data_ptr<float>();
     const c10::BFloat16* b_data = b.const_data_ptr<c10::BFloat16>();
     float* out_data = out.mutable_data_ptr<float>();
-    if (transposed && allow_bfloat16_dot && cpu_has_bfloat16_dot()) {
-#ifdef FASTNLP_HAS_BFLOAT16_DOT_KERNEL
+    if (transposed && allow_avx512 && cpu_has_bfloat16_dot()) {
+#ifdef FASTNLP_HAS_AVX512_KERNELS
       transposed_kernel_bfloat16_dot(M, N, K, a_data, a.stride(0), b_data, b.stride(1), out_data, out.stride(0),
                                      accumulate, std::vector<c10::BFloat16>(M * K).data());
 #endif
@@ -399,6 +434,13 @@ bool few_rows_addmm_with(at::Tensor& out, const at::Tensor& a, const at::Tensor&
     }
     return true;
   }
+#ifdef FASTNLP_HAS_AVX512_KERNELS
+  if (dtype == at::kFloat && transposed && allow_avx512 && cpu_has_avx512()) {
+    transposed_rows_avx512(M, N, K, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(), b.stride(1),
+                           out.mutable_data_ptr<float>(), out.stride(0), accumulate);
+    return true;
+  }
+#endif
   AT_DISPATCH_FLOATING_TYPES(dtype, "few_rows_addmm_", [&] {
     const scalar_t* a_data = a.const_data_ptr<scalar_t>();
     const scalar_t* b_data = b.const_data_ptr<scalar_t>();
@@ -412,7 +454,7 @@ bool few_rows_addmm_with(at::Tensor& out, const at::Tensor& a, const at::Tensor&
 }
 
 bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta) {
-  return few_rows_addmm_with(out, a, b, beta, /*allow_bfloat16_dot=*/true);
+  return few_rows_addmm_with(out, a, b, beta, /*allow_avx512=*/true);
 }
 
 }  // namespace fastnlp

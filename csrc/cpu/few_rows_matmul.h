@@ -11,7 +11,13 @@
 //   h (M, 256) @ W^T   torch.mm 31.8 55.8 85.2 72.6   here 20.3 31.5 43.0 53.1
 //   g (M, 1024) @ W    torch.mm 28.9 56.9 79.5 58.2   here 17.7 29.5 40.8 52.9
 // (the loops here timed alone in C++, AVX2; torch.mm from Python, about 2 us
-// of it the call). Beyond four rows MKL's GEMM catches up.
+// of it the call). Beyond four rows MKL's GEMM catches up. The forward's
+// products (W^T on the right) run AVX-512 loops where the CPU has them
+// (few_rows_matmul.cpp says why they are faster); measured there from
+// Python (one thread, medians, microseconds, about 2 of them the call),
+// h (M, 256) @ W^T, W (1024, 256) in L2, M = 1 and 4: float32 19.1 and
+// 50.8 with AVX2, 15.1 and 35.1 with AVX-512; a bfloat16 W 15.7 (M = 1)
+// with AVX2, 8.4 and 24.4 with the bfloat16 dot product.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -30,22 +36,25 @@ constexpr int64_t kFewRowsMax = 4;
 // with M <= kFewRowsMax. With a bfloat16 W = b^T, a is rounded to bfloat16,
 // as every other product of the bfloat16 LSTM rounds its operands (see
 // LstmStepKernels::product_dtype), and multiplied with the AVX-512 bfloat16
-// dot product where the processor has it; with a bfloat16 b read by rows
-// (the backward's), a stays float32 and each weight element is widened.
+// dot product where the processor has it (cpu_has_bfloat16_dot); with a
+// bfloat16 b read by rows (the backward's), a stays float32 and each weight
+// element is widened.
 // Returns false, touching nothing, for anything else: the caller then runs
 // out.addmm_(a, b, beta). out must not overlap a or b (as for addmm_).
 bool few_rows_addmm_(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta);
 
-// As few_rows_addmm_, which calls it with allow_bfloat16_dot = true; false
-// keeps a bfloat16 weight's forward products (W^T on the right) on the
-// portable loop where the processor has the AVX-512 bfloat16 one, so that
-// the tests can compare the two (fastnlp._C.few_rows_addmm_).
-bool few_rows_addmm_with(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta,
-                         bool allow_bfloat16_dot);
+// As few_rows_addmm_, which calls it with allow_avx512 = true; false keeps
+// the forward products (W^T on the right) on the AVX2 or portable loops
+// where the processor has the AVX-512 ones, so that the tests can compare
+// the two (fastnlp._C.few_rows_addmm_).
+bool few_rows_addmm_with(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, double beta, bool allow_avx512);
 
-// Whether this processor (and its OS) runs AVX-512 with the bfloat16 dot
-// product (AVX512_BF16), which few_rows_addmm_ then uses for a bfloat16
-// weight's forward products.
+// Whether this processor (and its OS) runs AVX-512 (F and BW), which
+// few_rows_addmm_ then uses for the forward products of a float32 weight.
+bool cpu_has_avx512();
+
+// Whether it has AVX-512's bfloat16 dot product (AVX512_BF16) too, which
+// few_rows_addmm_ then uses for the forward products of a bfloat16 weight.
 bool cpu_has_bfloat16_dot();
 
 }  // namespace fastnlp
