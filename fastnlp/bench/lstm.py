@@ -29,11 +29,11 @@ The padded and packed cases run in bfloat16 too: on CUDA for every shape
 first (a bfloat16 model against torch's bfloat16 LSTM, which runs oneDNN's
 bfloat16 RNN there; no "matrix products alone" floor: fastnlp's bfloat16
 kernel keeps its state in float32, which a floor of bfloat16 products would
-not pay for); so does "inference B=1" (a bfloat16 model served). On CUDA float32 is IEEE float32 on both
-sides: cuDNN's RNNs may use TF32 for float32 by default
-(torch.backends.cudnn.allow_tf32), fastnlp's cuBLAS products do not
-(torch.backends.cuda.matmul.allow_tf32 is off by default), so the
-nn.LSTM runs here switch TF32 off.
+not pay for); so does "inference B=1" (a bfloat16 model served). On CUDA
+float32 is IEEE float32 on both sides: cuDNN's RNNs may use TF32 for
+float32 by default (torch.backends.cudnn.allow_tf32), fastnlp's cuBLAS
+products do not (torch.backends.cuda.matmul.allow_tf32 is off by default),
+so the nn.LSTM runs here switch TF32 off.
 """
 
 from __future__ import annotations
