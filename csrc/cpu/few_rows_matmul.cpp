@@ -416,31 +416,34 @@ bool few_rows_addmm_with(at::Tensor& out, const at::Tensor& a, const at::Tensor&
   if (!transposed && !plain) return false;
   if (M == 0 || N == 0) return true;
   const bool accumulate = beta == 1.0;
+#ifdef FASTNLP_HAS_AVX512_KERNELS
+  // The forward's products (W^T on the right) of a float32 row block by a
+  // float32 or bfloat16 weight, where this CPU has the AVX-512 for it.
+  const bool has_avx512_loop = bfloat16_weight ? cpu_has_bfloat16_dot() : dtype == at::kFloat && cpu_has_avx512();
+  if (transposed && allow_avx512 && has_avx512_loop) {
+    const float* a_data = a.const_data_ptr<float>();
+    float* out_data = out.mutable_data_ptr<float>();
+    if (bfloat16_weight)
+      transposed_kernel_bfloat16_dot(M, N, K, a_data, a.stride(0), b.const_data_ptr<c10::BFloat16>(), b.stride(1),
+                                     out_data, out.stride(0), accumulate, std::vector<c10::BFloat16>(M * K).data());
+    else
+      transposed_rows_avx512(M, N, K, a_data, a.stride(0), b.const_data_ptr<float>(), b.stride(1), out_data,
+                             out.stride(0), accumulate);
+    return true;
+  }
+#endif
   if (bfloat16_weight) {
     const float* a_data = a.const_data_ptr<float>();
     const c10::BFloat16* b_data = b.const_data_ptr<c10::BFloat16>();
     float* out_data = out.mutable_data_ptr<float>();
-    if (transposed && allow_avx512 && cpu_has_bfloat16_dot()) {
-#ifdef FASTNLP_HAS_AVX512_KERNELS
-      transposed_kernel_bfloat16_dot(M, N, K, a_data, a.stride(0), b_data, b.stride(1), out_data, out.stride(0),
-                                     accumulate, std::vector<c10::BFloat16>(M * K).data());
-#endif
-    } else if (transposed) {
+    if (transposed)
       transposed_kernel_bfloat16(M, N, K, a_data, a.stride(0), b_data, b.stride(1), out_data, out.stride(0),
                                  accumulate, std::vector<float>(M * K).data());
-    } else {
+    else
       plain_kernel_bfloat16(M, N, K, a_data, a.stride(0), b_data, b.stride(0), out_data, out.stride(0), accumulate,
                             std::vector<float>(M * N).data());
-    }
     return true;
   }
-#ifdef FASTNLP_HAS_AVX512_KERNELS
-  if (dtype == at::kFloat && transposed && allow_avx512 && cpu_has_avx512()) {
-    transposed_rows_avx512(M, N, K, a.const_data_ptr<float>(), a.stride(0), b.const_data_ptr<float>(), b.stride(1),
-                           out.mutable_data_ptr<float>(), out.stride(0), accumulate);
-    return true;
-  }
-#endif
   AT_DISPATCH_FLOATING_TYPES(dtype, "few_rows_addmm_", [&] {
     const scalar_t* a_data = a.const_data_ptr<scalar_t>();
     const scalar_t* b_data = b.const_data_ptr<scalar_t>();
