@@ -609,6 +609,12 @@ at::Tensor weight_for(const LstmStepKernels& kernels, const at::Tensor& weight) 
 // A float32 result of a bfloat16 call, rounded back.
 at::Tensor narrowed(const at::Tensor& t) { return t.defined() ? t.to(at::kBFloat16) : t; }
 
+// The entries I of a result tuple of a bfloat16 call, rounded back.
+template <typename Tuple, size_t... I>
+void narrow_entries(Tuple& t, std::index_sequence<I...>) {
+  ((std::get<I>(t) = narrowed(std::get<I>(t))), ...);
+}
+
 LstmForwardResult lstm_forward_cpu(
     const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0, const at::Tensor& c0,
     const at::Tensor& weight_ih, const at::Tensor& weight_hh, const std::optional<at::Tensor>& bias_ih,
@@ -635,15 +641,8 @@ LstmForwardResult lstm_forward_cpu(
       LstmLayerNorm{widened(ln_ih_weight), widened(ln_ih_bias), widened(ln_hh_weight), widened(ln_hh_bias),
                     widened(ln_cell_weight), widened(ln_cell_bias)});
   // output, h_n and c_n; what is saved for the backward pass stays float32.
-  std::get<0>(result) = narrowed(std::get<0>(result));
-  std::get<1>(result) = narrowed(std::get<1>(result));
-  std::get<2>(result) = narrowed(std::get<2>(result));
+  narrow_entries(result, std::index_sequence<0, 1, 2>{});
   return result;
-}
-
-template <typename Tuple, size_t... I>
-void narrow_all(Tuple& t, std::index_sequence<I...>) {
-  ((std::get<I>(t) = narrowed(std::get<I>(t))), ...);
 }
 
 LstmBackwardResult lstm_backward_cpu(
@@ -673,7 +672,7 @@ LstmBackwardResult lstm_backward_cpu(
       LstmLayerNorm{w(ln_ih_weight), std::nullopt, w(ln_hh_weight), std::nullopt, w(ln_cell_weight),
                     w(ln_cell_bias)},
       LstmLayerNormSaved{w(norm_ih), w(norm_hh), ln_stats}, LstmGradientsWanted{input_grad, weight_grads});
-  if (bfloat16) narrow_all(result, std::make_index_sequence<std::tuple_size_v<LstmBackwardResult>>{});
+  if (bfloat16) narrow_entries(result, std::make_index_sequence<std::tuple_size_v<LstmBackwardResult>>{});
   return result;
 }
 
