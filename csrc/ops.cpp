@@ -6,6 +6,7 @@
 #include <cstdlib>
 
 #include "cpu/few_rows_matmul.h"
+#include "cpu/gate_panels.h"
 #include "fastnlp_build_stamp.h"
 #include "lstm.h"
 
@@ -255,6 +256,10 @@ PYBIND11_MODULE(_C, m) {
         py::arg("out"), py::arg("a"), py::arg("b"), py::arg("beta"), py::arg("allow_avx512") = true);
   m.def("cpu_has_avx512", &fastnlp::cpu_has_avx512,
         "Whether this CPU runs the AVX-512 loops of the few-rows products (float32 weights)");
+  m.def("allow_gate_panels", &fastnlp::allow_gate_panels,
+        "Whether the CPU LSTM may run its whole-sequence forward loop on gate panels (False: its step loop); "
+        "returns the previous setting (for the tests)",
+        py::arg("allowed"));
   m.def("cpu_has_bfloat16_dot", &fastnlp::cpu_has_bfloat16_dot,
         "Whether this CPU runs the AVX-512 bfloat16 dot-product loop of the few-rows products");
 }

@@ -72,6 +72,17 @@ def intra_op_threads(threads):
         torch.set_num_threads(previous)
 
 
+@contextlib.contextmanager
+def gate_panels_allowed(allowed):
+    """The CPU LSTM's whole-sequence forward loop on gate panels allowed inside or not (fastnlp._C.allow_gate_panels;
+    not: the step loop runs), put back after."""
+    previous = fastnlp._C.allow_gate_panels(allowed)
+    try:
+        yield
+    finally:
+        fastnlp._C.allow_gate_panels(previous)
+
+
 def assert_both_directions_match_reference(batch_sizes, tensors, rtol, atol):
     """Outputs and every gradient of the kernel and the reference, forward and reverse, are close."""
     for reverse in (False, True):
@@ -657,8 +668,10 @@ def test_few_rows_products_match_reference(threads, hidden, proj, dtype, layer_n
     buffer that was never written (beta = 0). The reference runs in float64 on
     the same values: in float32, sums of 130 to 520 unit-range terms stray
     from it by up to ~4.5e-6 of a tensor's largest entry, in the float32
-    reference as in the kernel (measured), whatever their order."""
-    with intra_op_threads(threads):
+    reference as in the kernel (measured), whatever their order. (The step
+    loop's products: the whole-sequence loop, which takes the float32 layers
+    without layer norm, is turned off.)"""
+    with intra_op_threads(threads), gate_panels_allowed(False):
         for lengths, packed in (([9, 7, 5, 3, 1], True), ([4], False), ([4, 4, 4], False)):
             batch_sizes, tensors = make_layer_inputs(lengths, 13, hidden, proj, "both", dtype, "cpu", packed=packed)
             ln = make_layer_norm(hidden, dtype, "cpu") if layer_norm else {}
@@ -715,8 +728,9 @@ def test_onednn_step_products_match_reference(threads, proj, layer_norm, regular
     reference itself strays from it by up to 1.2e-5 of a tensor's largest
     entry, and so does the kernel with oneDNN turned off (measured). Turned
     off (torch.backends.mkldnn), the call must not use oneDNN. opcheck runs
-    on the same calls once."""
-    with intra_op_threads(threads):
+    on the same calls once. (The step loop's products: the whole-sequence
+    loop, which would take the plain layer, is turned off.)"""
+    with intra_op_threads(threads), gate_panels_allowed(False):
         for lengths, packed in (([9, 9, 9, 8, 7, 6, 5, 3, 1], True), ([6] * 7, False)):
             batch_sizes, tensors = make_layer_inputs(lengths, 13, 130, proj, "both", torch.float32, "cpu",
                                                      packed=packed)
@@ -801,13 +815,16 @@ def test_onednn_step_products_over_random_layers(long, short, input_size, hidden
     layer, H = 18 over nine steps with gradients up to 40: the kernel 7.6e-5,
     the float32 reference 2.8e-5, the kernel with oneDNN off 1.7e-5; oneDNN's
     products round a little differently from MKL's). The float32 reference
-    alone is no bound: it can be luckier than the layer's conditioning allows."""
+    alone is no bound: it can be luckier than the layer's conditioning allows.
+    (The step loop: the whole-sequence loop, which takes the layers without
+    projection, is turned off.)"""
     lengths = long + short if packed else [max(long)] * (len(long) + len(short))
     proj = max(1, hidden - 1) if use_proj and hidden > 1 else 0
     batch_sizes, tensors = make_layer_inputs(lengths, input_size, hidden, proj, bias, torch.float32, "cpu",
                                              packed=packed)
     exact = {k: v.detach().double().requires_grad_() if v is not None else None for k, v in tensors.items()}
-    (out, grads), called = operators_called(lambda: outputs_and_grads(batch_sizes, tensors, reverse))
+    with gate_panels_allowed(False):
+        (out, grads), called = operators_called(lambda: outputs_and_grads(batch_sizes, tensors, reverse))
     assert ONEDNN_PRODUCT in called
     ref_out, ref_grads = outputs_and_grads(batch_sizes, exact, reverse, backend="reference")
     ref32_out, ref32_grads = outputs_and_grads(batch_sizes, tensors, reverse, backend="reference")
@@ -826,6 +843,91 @@ def test_onednn_step_products_over_random_layers(long, short, input_size, hidden
         conditioning = max(error(m[0][k] if k < len(out) else m[1][k - len(out)], b) for m in moved)
         bound = max(3e-5, 4 * error(a32, b), 4 * conditioning)
         assert error(a, b) <= bound, (error(a, b), error(a32, b), conditioning)
+
+
+SEQUENCE_FORWARD = "fastnlp::lstm_sequence_forward_cpu"
+requires_avx512 = pytest.mark.skipif(not fastnlp._C.cpu_has_avx512(), reason="this CPU lacks AVX-512 (F and BW)")
+
+
+def sequence_forward_runs(fn):
+    """fn's result, and how many times the CPU's whole-sequence forward loop ran in it (it names itself in
+    profiles, on whichever thread it runs)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        result = fn()
+    return result, sum(event.count for event in profile.key_averages() if event.key == SEQUENCE_FORWARD)
+
+
+@requires_avx512
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("hidden", [1, 15, 16, 33, 70])
+@pytest.mark.parametrize("lengths, packed", [([9, 7, 7, 5, 4, 2, 1], True), ([6] * 9, False), ([4], False)])
+@pytest.mark.parametrize("regularise", [False, True])
+def test_cpu_sequence_forward_matches_reference_and_step_loop(threads, hidden, lengths, packed, regularise):
+    """A float32 layer of four steps or more without projection or layer norm runs its forward as one
+    loop on gate panels (csrc/cpu/lstm.cpp, sequence_forward_cpu; csrc/cpu/gate_panels.cpp). Its outputs
+    and gradients match the float64 reference (bound as in test_few_rows_products_match_reference) and
+    the step loop's. Sizes: H = 15 and 33 leave a panel partly empty (masked lanes), 16 fills one, 70
+    gives two threads panels of 2 and 3; nine sequences are tiles of 4, 4 and 1 rows; packed, in
+    reverse, rows join part-way through (they start from h0); recurrent dropout masks the product's
+    rows, zoneout reads h_{t-1} while h_t is written to the other buffer."""
+    with intra_op_threads(threads):
+        batch_sizes, tensors = make_layer_inputs(lengths, 5, hidden, 0, "both", torch.float32, "cpu", packed=packed)
+        regularisers = make_regularisers(batch_sizes, tensors) if regularise else {}
+        exact = {k: v.detach().double().requires_grad_() if v is not None else None for k, v in tensors.items()}
+        regularisers_exact = {k: v.double() for k, v in regularisers.items()}
+        for reverse in (False, True):
+            (out, grads), runs = sequence_forward_runs(
+                lambda: outputs_and_grads(batch_sizes, tensors, reverse, regularisers=regularisers))
+            assert runs == 1
+            with gate_panels_allowed(False):
+                (step_out, step_grads), step_runs = sequence_forward_runs(
+                    lambda: outputs_and_grads(batch_sizes, tensors, reverse, regularisers=regularisers))
+            assert step_runs == 0
+            ref_out, ref_grads = outputs_and_grads(batch_sizes, exact, reverse, backend="reference",
+                                                   regularisers=regularisers_exact)
+            for a, s, b in zip(out + grads, step_out + step_grads, ref_out + ref_grads):
+                assert a.dtype == torch.float32
+                for other in (b, s.double()):
+                    error = ((a.double() - other).abs().max() / other.abs().max().clamp_min(1.0)).item()
+                    assert error <= 1e-5, error
+
+
+@requires_avx512
+@pytest.mark.parametrize("threads", [1, 2])
+def test_cpu_sequence_forward_runs_each_direction_of_a_bidirectional_module(threads):
+    """fastnlp.nn.LSTM, bidirectional and two layers deep: four whole-sequence loops (one per layer
+    and direction; with two threads the directions run side by side, one loop on each), and torch's
+    nn.LSTM's outputs."""
+    torch.manual_seed(0)
+    with intra_op_threads(threads):
+        ours = fastnlp.nn.LSTM(6, 20, num_layers=2, bidirectional=True)
+        theirs = torch.nn.LSTM(6, 20, num_layers=2, bidirectional=True)
+        theirs.load_state_dict(ours.state_dict())
+        x = torch.randn(7, 5, 6)
+        (out, (h, c)), runs = sequence_forward_runs(lambda: ours(x))
+        assert runs == 4
+        ref_out, (ref_h, ref_c) = theirs(x)
+        for a, b in ((out, ref_out), (h, ref_h), (c, ref_c)):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_cpu_sequence_forward_declines_what_it_does_not_take():
+    """Three steps, float64, a projection, layer norm, bfloat16 and gate panels turned off all keep the
+    step loop (the loop takes only what sequence_forward_cpu documents); so does every call on a CPU
+    without AVX-512, which the tests above then skip."""
+    def runs(lengths=(4, 4), proj=0, dtype=torch.float32, layer_norm=False):
+        batch_sizes, tensors = make_layer_inputs(list(lengths), 5, 7, proj, "both", dtype, "cpu")
+        ln = make_layer_norm(7, dtype, "cpu") if layer_norm else {}
+        return sequence_forward_runs(lambda: layer_norm_outputs_and_grads(batch_sizes, tensors, ln, False))[1]
+
+    assert runs() == (1 if fastnlp._C.cpu_has_avx512() else 0)
+    assert runs(lengths=(3, 3)) == 0
+    assert runs(dtype=torch.float64) == 0
+    assert runs(proj=4) == 0
+    assert runs(layer_norm=True) == 0
+    assert runs(dtype=torch.bfloat16) == 0
+    with gate_panels_allowed(False):
+        assert runs() == 0
 
 
 @pytest.mark.parametrize("bias", ["both", "none", "ih", "hh"])

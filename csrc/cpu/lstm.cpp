@@ -4,14 +4,19 @@
 // MKL/oneDNN through ATen.
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/record_function.h>
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <array>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <cmath>
 #include <vector>
 
 #include "cpu/few_rows_matmul.h"
+#include "cpu/gate_panels.h"
 #include "cpu/onednn_matmul.h"
 #include "cpu/vector_loops.h"
 #include "lstm.h"
@@ -69,6 +74,7 @@ struct ForwardRow {
   scalar_t* cells;
   scalar_t* h_out;
   scalar_t* h_state;
+  const scalar_t* h_prev;  // h_{t-1}, read for zoneout_hidden (before h_state, which may be it, is written)
   const scalar_t* zoneout_cell;
   const scalar_t* zoneout_hidden;
 };
@@ -90,14 +96,16 @@ struct BackwardRow {
 // The first passes of a forward row: the activations, each gate block in a
 // loop of its own, then the cell: c_t into c_state and cells, and c~_t (the
 // cell before zoneout) into c_new. Each pass vectorises; one loop doing all
-// of a unit's work did not.
+// of a unit's work did not. H units, the gate blocks `stride` apart (the
+// hidden size: H is less where a call covers part of a row).
 template <typename scalar_t, bool kZoneout>
-__attribute__((always_inline)) inline void activate_and_update_cell(int64_t H, const ForwardRow<scalar_t>& r,
+__attribute__((always_inline)) inline void activate_and_update_cell(int64_t H, int64_t stride,
+                                                                    const ForwardRow<scalar_t>& r,
                                                                     scalar_t* __restrict c_new) {
   scalar_t* __restrict gi = r.gates;
-  scalar_t* __restrict gf = r.gates + H;
-  scalar_t* __restrict gg = r.gates + 2 * H;
-  scalar_t* __restrict go = r.gates + 3 * H;
+  scalar_t* __restrict gf = r.gates + stride;
+  scalar_t* __restrict gg = r.gates + 2 * stride;
+  scalar_t* __restrict go = r.gates + 3 * stride;
   scalar_t* __restrict c_state = r.c_state;
   scalar_t* __restrict cells = r.cells;
   const scalar_t* __restrict zc = r.zoneout_cell;
@@ -123,12 +131,12 @@ __attribute__((always_inline)) inline void activate_and_update_cell(int64_t H, c
 // The optional parts are template flags, so each variant's loop has no
 // branches and vectorises; the caller picks the variant once per row.
 template <typename scalar_t, bool kZoneout>
-__attribute__((always_inline)) inline void forward_row_impl(int64_t H, const ForwardRow<scalar_t>& r) {
-  const scalar_t* go = r.gates + 3 * H;  // not restrict: activate_and_update_cell writes it
+__attribute__((always_inline)) inline void forward_row_impl(int64_t H, int64_t stride, const ForwardRow<scalar_t>& r) {
+  const scalar_t* go = r.gates + 3 * stride;  // not restrict: activate_and_update_cell writes it
   scalar_t* __restrict h_out = r.h_out;
   const scalar_t* __restrict zh = r.zoneout_hidden;
-  const scalar_t* h_prev = r.h_state;  // read before the copy below overwrites it
-  activate_and_update_cell<scalar_t, kZoneout>(H, r, h_out);  // c~_t kept in h_out until the next pass
+  const scalar_t* h_prev = r.h_prev;
+  activate_and_update_cell<scalar_t, kZoneout>(H, stride, r, h_out);  // c~_t kept in h_out until the next pass
   for (int64_t j = 0; j < H; ++j) h_out[j] = go[j] * tanh_(h_out[j]);
   if (kZoneout && zh != nullptr)
     for (int64_t j = 0; j < H; ++j) h_out[j] = zh[j] * h_prev[j] + (scalar_t(1) - zh[j]) * h_out[j];
@@ -247,7 +255,7 @@ __attribute__((always_inline)) inline void forward_row_ln_impl(int64_t H, const 
   const scalar_t* __restrict b_c = l.cell_bias;
   scalar_t* __restrict h_out = r.h_out;
   const scalar_t* __restrict zh = r.zoneout_hidden;
-  const scalar_t* h_prev = r.h_state;  // read before the copy below overwrites it
+  const scalar_t* h_prev = r.h_prev;
   scalar_t* __restrict c_new_row = l.scratch;  // c~_t, before zoneout
   double mean_hh_d, rstd_hh_d;
   mean_rstd(G, rec, mean_hh_d, rstd_hh_d);
@@ -258,7 +266,7 @@ __attribute__((always_inline)) inline void forward_row_ln_impl(int64_t H, const 
     store(rec + u, n);
     store(gates + u, load<V>(gates + u) + (load<V>(w_hh + u) * n + load<V>(b_hh + u)));
   });
-  activate_and_update_cell<scalar_t, kZoneout>(H, r, c_new_row);
+  activate_and_update_cell<scalar_t, kZoneout>(H, H, r, c_new_row);
   double mean_c_d, rstd_c_d;
   mean_rstd(H, c_new_row, mean_c_d, rstd_c_d);
   const scalar_t mean_c = static_cast<scalar_t>(mean_c_d), rstd_c = static_cast<scalar_t>(rstd_c_d);
@@ -380,13 +388,15 @@ __attribute__((always_inline)) inline void layer_norm_backward_row_impl(int64_t 
 }
 
 // Each function is compiled for AVX2+FMA and the baseline ISA (see
-// vector_loops.h); one call covers one row of H units.
+// vector_loops.h); one call covers one row of H units (forward_row: H units
+// of a row whose gate blocks lie `stride` apart, the whole row or part of it).
 #define FASTNLP_LSTM_ROW_KERNELS(scalar_t)                                               \
-  FASTNLP_VECTOR_CLONES void forward_row(int64_t H, const ForwardRow<scalar_t>& r) {   \
+  FASTNLP_VECTOR_CLONES void forward_row(int64_t H, int64_t stride,                     \
+                                         const ForwardRow<scalar_t>& r) {               \
     if (r.zoneout_cell != nullptr)                                                      \
-      forward_row_impl<scalar_t, true>(H, r);                                           \
+      forward_row_impl<scalar_t, true>(H, stride, r);                                   \
     else                                                                                \
-      forward_row_impl<scalar_t, false>(H, r);                                          \
+      forward_row_impl<scalar_t, false>(H, stride, r);                                  \
   }                                                                                     \
   FASTNLP_VECTOR_CLONES void backward_row(int64_t H, const BackwardRow<scalar_t>& r) { \
     if (r.zoneout_cell != nullptr) {                                                    \
@@ -469,18 +479,140 @@ void forward_step_cpu(const LstmForwardStep& s) {
     at::parallel_for(0, rows, row_grain(H), [&](int64_t r0, int64_t r1) {
       std::vector<scalar_t> scratch(ln ? H : 0);
       for (int64_t r = r0; r < r1; ++r) {
-        const ForwardRow<scalar_t> row{gates + r * 4 * H,         c_state + r * H,       cells + r * H,
-                                       h_out + r * H,             row_or_null(h_state, r, H), row_or_null(zc, r, H),
+        const ForwardRow<scalar_t> row{gates + r * 4 * H,
+                                       c_state + r * H,
+                                       cells + r * H,
+                                       h_out + r * H,
+                                       row_or_null(h_state, r, H),
+                                       row_or_null(h_state, r, H),
+                                       row_or_null(zc, r, H),
                                        row_or_null(zh, r, H)};
         if (ln)
           forward_row_ln(H, row,
                          LayerNormRow<scalar_t>{norm_hh + r * 4 * H, hh_w, hh_b, cell_w, cell_b, stats + r * 4,
                                                 nullptr, nullptr, scratch.data()});
         else
-          forward_row(H, row);
+          forward_row(H, H, row);
       }
     });
   });
+}
+
+// The whole forward time loop of one direction (LstmStepKernels::
+// sequence_forward), float32 on AVX-512: at each step the recurrent product
+// on gate panels (gate_panels.h), then forward_row over the step's rows, all
+// on raw pointers, where the step loop of csrc/lstm.cpp makes several ATen
+// calls per step. Threads split the hidden units, a run of whole panels
+// each, as the step loop splits its products' columns: each thread then
+// reads only its panels, which stay in its core's caches from step to step,
+// and computes the pointwise step of its own units; one barrier per step
+// waits for all of h_t before the next step's product reads it. So h_t goes
+// to a second buffer (h_{t-1}, which the other threads are still reading,
+// stays where it is), and the buffers swap at every step.
+// Inside a parallel region (each direction of a bi-LSTM on a thread of its
+// own, run_both_directions below) a call runs on its own thread.
+
+// Calls of fewer steps keep the step loop: packing W_hh costs about as much
+// as a product at a few rows, and a cell step (one step) would pay it at
+// every call.
+constexpr int64_t kMinSequenceSteps = 4;
+
+struct SequenceForwardPointers {
+  float* gates;
+  float* c_state;
+  float* cells;
+  float* output;
+  const float* panels;
+  const float* recurrent_mask;
+  const float* zoneout_cell;
+  const float* zoneout_hidden;
+  // h_{t-1} and h_t at step `step` are h[step % 2] and h[(step + 1) % 2]; the
+  // product reads masked[step % 2] instead where there is a recurrent mask.
+  std::array<float*, 2> h;
+  std::array<float*, 2> masked;
+};
+
+// Thread `thread` of `threads`: panels [first, last) of every step, the
+// units they hold in every row, and h_t and its masked copy there.
+void sequence_forward_units(const LstmSequenceForward& s, const SequenceForwardPointers& p, int64_t thread,
+                            int64_t threads) {
+  const int64_t T = static_cast<int64_t>(s.steps.size()), H = s.c_state.size(1);
+  const int64_t blocks = (H + kPanelUnits - 1) / kPanelUnits;
+  const int64_t first = thread * blocks / threads, last = (thread + 1) * blocks / threads;
+  const int64_t u0 = first * kPanelUnits, units = std::min(last * kPanelUnits, H) - u0;
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = s.reverse ? T - 1 - step : step;
+    const int64_t rows = s.steps[t], offset = s.offsets[t];
+    const float* h_prev = p.h[step % 2];
+    float* h_next = p.h[(step + 1) % 2];
+    const float* h_in = p.recurrent_mask != nullptr ? p.masked[step % 2] : h_prev;
+    for (int64_t block = first; block < last; ++block)
+      for (int64_t row = 0; row < rows; row += kPanelRows)
+        gate_panel_product(std::min(kPanelRows, rows - row), h_in + row * H, H, p.panels, H, block,
+                           p.gates + (offset + row) * 4 * H, 4 * H);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = offset + r;  // the row in the packed layout
+      const int64_t unit = r * H + u0, packed_unit = at * H + u0;
+      const auto packed_or_null = [&](const float* base) { return base != nullptr ? base + packed_unit : nullptr; };
+      forward_row(units, H,
+                  ForwardRow<float>{p.gates + at * 4 * H + u0, p.c_state + unit, p.cells + packed_unit,
+                                    p.output + packed_unit, h_next + unit, h_prev + unit,
+                                    packed_or_null(p.zoneout_cell), packed_or_null(p.zoneout_hidden)});
+      if (p.recurrent_mask != nullptr)
+        for (int64_t j = unit; j < unit + units; ++j) p.masked[(step + 1) % 2][j] = h_next[j] * p.recurrent_mask[j];
+    }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+  }
+}
+
+bool sequence_forward_cpu(const LstmSequenceForward& s) {
+  const int64_t T = static_cast<int64_t>(s.steps.size());
+  if (T < kMinSequenceSteps || s.gates.scalar_type() != at::kFloat || !gate_panels_take(s.weight_hh)) return false;
+  // Named in profiles (and so in the tests, which look for it there).
+  RECORD_FUNCTION("fastnlp::lstm_sequence_forward_cpu", std::vector<c10::IValue>());
+  const int64_t B = s.h_state.size(0), H = s.c_state.size(1);
+  const at::Tensor panels = pack_gate_panels(s.weight_hh);
+  // Both h buffers start as h0: a row that is not alive yet (packed input,
+  // in reverse) keeps h0 in both until its first step.
+  const at::Tensor h_other = s.h_state.clone();
+  at::Tensor masked_h0, masked_other;
+  if (s.recurrent_mask.defined()) {
+    masked_h0 = s.h_state * s.recurrent_mask;
+    masked_other = masked_h0.clone();
+  }
+  const SequenceForwardPointers p{s.gates.data_ptr<float>(),
+                                  s.c_state.data_ptr<float>(),
+                                  s.cells.data_ptr<float>(),
+                                  s.output.data_ptr<float>(),
+                                  panels.const_data_ptr<float>(),
+                                  ptr_or_null<float>(s.recurrent_mask),
+                                  ptr_or_null<float>(s.zoneout_cell),
+                                  ptr_or_null<float>(s.zoneout_hidden),
+                                  {s.h_state.data_ptr<float>(), h_other.data_ptr<float>()},
+                                  {ptr_or_null<float>(masked_h0), ptr_or_null<float>(masked_other)}};
+  const int64_t blocks = (H + kPanelUnits - 1) / kPanelUnits;
+  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
+#ifdef _OPENMP
+  // OpenMP itself rather than at::parallel_for: the threads wait for one
+  // another at every step, so each must know how many there are, and OpenMP
+  // may give fewer than asked for.
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  sequence_forward_units(s, p, omp_get_thread_num(), omp_get_num_threads());
+#else
+  sequence_forward_units(s, p, 0, 1);
+#endif
+  // h_n of each sequence: h_t of its last step, as output holds it.
+  std::vector<int64_t> last_step(B, -1);
+  for (int64_t step = 0; step < T; ++step) {
+    const int64_t t = s.reverse ? T - 1 - step : step;
+    for (int64_t r = 0; r < s.steps[t]; ++r) last_step[r] = t;
+  }
+  float* h_state = s.h_state.data_ptr<float>();
+  for (int64_t r = 0; r < B; ++r)
+    if (last_step[r] >= 0) std::copy_n(p.output + (s.offsets[last_step[r]] + r) * H, H, h_state + r * H);
+  return true;
 }
 
 void backward_step_cpu(const LstmBackwardStep& s) {
@@ -563,7 +695,7 @@ constexpr LstmStepKernels kCpuKernels{&forward_step_cpu,
                                        kFewRowsMax,
                                        &onednn_prepare_right,
                                        &onednn_prepared_matmul,
-                                       /*sequence_forward=*/nullptr,
+                                       &sequence_forward_cpu,
                                        /*sequence_backward=*/nullptr,
                                        &onednn_linear};
 
@@ -578,6 +710,7 @@ constexpr LstmStepKernels kCpuKernels{&forward_step_cpu,
 // the rest is widened. Elsewhere all of it runs in float32.
 constexpr LstmStepKernels with_product_dtype(LstmStepKernels kernels, c10::ScalarType dtype) {
   kernels.product_dtype = dtype;
+  kernels.sequence_forward = nullptr;  // its gate panels are float32
   return kernels;
 }
 constexpr LstmStepKernels kCpuBfloat16ProductKernels = with_product_dtype(kCpuKernels, at::kBFloat16);

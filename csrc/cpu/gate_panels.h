@@ -1,0 +1,53 @@
+// The recurrent product of the CPU's whole-sequence LSTM forward loop
+// (sequence_forward_cpu in csrc/cpu/lstm.cpp): gates += h_{t-1} W_hh^T at
+// every step, on W_hh packed once per call into "gate panels", each holding
+// the weights of all four gates of 16 hidden units in the order the product
+// reads them.
+//
+// Why: the step loop of csrc/lstm.cpp multiplies through oneDNN (or the
+// few-rows loops) at every step, and at the row counts of an LSTM step each
+// such call costs tens of microseconds around its arithmetic: ATen's
+// dispatch, oneDNN's primitive lookup, a fresh result tensor, an add into
+// the gates. The panel product is a plain loop called with raw pointers.
+// Measured on the 2-core CI machine (AMD EPYC, AVX-512), one thread,
+// medians, microseconds per product h (M, 256) @ W^T, W (1024, 256):
+//   M                                    1      4      8     32
+//   oneDNN, reordered W, + add_       35.8   42.0   78.1  172.5   (from Python)
+//   gate panels                       11.4   19.7   38.7  153.4   (from C++)
+// and for M = 64, H = 512: 1307 against 1293.
+#pragma once
+
+#include <ATen/ATen.h>
+
+namespace fastnlp {
+
+// Hidden units per panel: one AVX-512 vector of float32.
+constexpr int64_t kPanelUnits = 16;
+// Rows that one call of gate_panel_product takes at most: four rows by four
+// gates are sixteen sums in vector registers.
+constexpr int64_t kPanelRows = 4;
+
+// Whether gate panels take this weight_hh: a float32 CPU matrix (4H, H) with
+// H >= 1, on a processor (and OS) with AVX-512 (cpu_has_avx512), while they
+// are allowed (below).
+bool gate_panels_take(const at::Tensor& weight_hh);
+
+// For the tests (fastnlp._C.allow_gate_panels): false makes gate_panels_take
+// answer false, so that the CPU LSTM runs its step loop where it would run
+// the whole-sequence loop, and the two can be compared. Returns the setting
+// it replaces. Allowed from the start.
+bool allow_gate_panels(bool allowed);
+
+// weight_hh (4H, H) packed into panels: a contiguous float32 tensor
+// (ceil(H / 16), H, 4, 16) whose entry [b, k, g, l] is W_hh[g * H + u, k]
+// for unit u = 16 b + l, and zero for the units past H.
+at::Tensor pack_gate_panels(const at::Tensor& weight_hh);
+
+// gates[r * ldg + g * H + u] += sum_k h[r * ldh + k] * W_hh[g * H + u, k]
+// for r < rows (1 <= rows <= kPanelRows), every gate g, and the units u of
+// panel `block` (the 16 from 16 block, fewer in the last); `panels` is the
+// data of pack_gate_panels(W_hh). Sums in float32, in the order of k.
+void gate_panel_product(int64_t rows, const float* h, int64_t ldh, const float* panels, int64_t H, int64_t block,
+                        float* gates, int64_t ldg);
+
+}  // namespace fastnlp
