@@ -857,39 +857,58 @@ def sequence_forward_runs(fn):
     return result, sum(event.count for event in profile.key_averages() if event.key == SEQUENCE_FORWARD)
 
 
+def error_against(a, exact):
+    """a's largest distance from the float64 `exact`, relative to exact's largest entry (at least 1)."""
+    return ((a.double() - exact).abs().max() / exact.abs().max().clamp_min(1.0)).item()
+
+
 @requires_avx512
+@pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
+    not fastnlp._C.cpu_has_bfloat16_dot(), reason="this CPU lacks AVX-512 BF16"))], ids=str)
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("hidden", [1, 15, 16, 33, 70])
 @pytest.mark.parametrize("lengths, packed", [([9, 7, 7, 5, 4, 2, 1], True), ([6] * 9, False), ([4], False)])
 @pytest.mark.parametrize("regularise", [False, True])
-def test_cpu_sequence_forward_matches_reference_and_step_loop(threads, hidden, lengths, packed, regularise):
-    """A float32 layer of four steps or more without projection or layer norm runs its forward as one
-    loop on gate panels (csrc/cpu/lstm.cpp, sequence_forward_cpu; csrc/cpu/gate_panels.cpp). Its outputs
-    and gradients match the float64 reference (bound as in test_few_rows_products_match_reference) and
-    the step loop's. Sizes: H = 15 and 33 leave a panel partly empty (masked lanes), 16 fills one, 70
-    gives two threads panels of 2 and 3; nine sequences are tiles of 4, 4 and 1 rows; packed, in
-    reverse, rows join part-way through (they start from h0); recurrent dropout masks the product's
-    rows, zoneout reads h_{t-1} while h_t is written to the other buffer."""
+def test_cpu_sequence_forward_matches_reference_and_step_loop(dtype, threads, hidden, lengths, packed, regularise):
+    """A float32 or bfloat16 layer of four steps or more without projection or layer norm runs its
+    forward as one loop on gate panels (csrc/cpu/lstm.cpp, sequence_forward_cpu; csrc/cpu/gate_panels.cpp).
+    Its outputs and gradients match the float64 reference on the same values, and so do the step loop's:
+    float32 within 1e-5 of a tensor's largest entry (as test_few_rows_products_match_reference bounds
+    it), bfloat16 within three times the bfloat16 reference's own error (as
+    test_bfloat16_on_cpu_rounds_the_products_operands_only bounds it). Sizes: H = 15 and 33 leave a
+    panel partly empty (masked lanes; odd H, a bfloat16 pair half empty), 16 fills one, 70 gives two
+    threads panels of 2 and 3; nine sequences are tiles of 4, 4 and 1 rows; packed, in reverse, rows
+    join part-way through (they start from h0); recurrent dropout masks the product's rows, zoneout
+    reads h_{t-1} while h_t is written to the other buffer."""
     with intra_op_threads(threads):
-        batch_sizes, tensors = make_layer_inputs(lengths, 5, hidden, 0, "both", torch.float32, "cpu", packed=packed)
+        batch_sizes, tensors = make_layer_inputs(lengths, 5, hidden, 0, "both", dtype, "cpu", packed=packed)
         regularisers = make_regularisers(batch_sizes, tensors) if regularise else {}
         exact = {k: v.detach().double().requires_grad_() if v is not None else None for k, v in tensors.items()}
         regularisers_exact = {k: v.double() for k, v in regularisers.items()}
         for reverse in (False, True):
-            (out, grads), runs = sequence_forward_runs(
-                lambda: outputs_and_grads(batch_sizes, tensors, reverse, regularisers=regularisers))
+            def run(inputs=tensors, **kwargs):
+                return outputs_and_grads(batch_sizes, inputs, reverse, regularisers=regularisers, **kwargs)
+
+            (out, grads), runs = sequence_forward_runs(run)
             assert runs == 1
             with gate_panels_allowed(False):
-                (step_out, step_grads), step_runs = sequence_forward_runs(
-                    lambda: outputs_and_grads(batch_sizes, tensors, reverse, regularisers=regularisers))
+                (step_out, step_grads), step_runs = sequence_forward_runs(run)
             assert step_runs == 0
             ref_out, ref_grads = outputs_and_grads(batch_sizes, exact, reverse, backend="reference",
                                                    regularisers=regularisers_exact)
-            for a, s, b in zip(out + grads, step_out + step_grads, ref_out + ref_grads):
-                assert a.dtype == torch.float32
-                for other in (b, s.double()):
-                    error = ((a.double() - other).abs().max() / other.abs().max().clamp_min(1.0)).item()
-                    assert error <= 1e-5, error
+            if dtype == torch.bfloat16:
+                fresh = {k: v.detach().requires_grad_() if v is not None else None for k, v in tensors.items()}
+                low_out, low_grads = run(fresh, backend="reference")
+            else:
+                low_out, low_grads = out, grads  # (unused: the float32 bound is fixed)
+            for a, s, low, b in zip(out + grads, step_out + step_grads, low_out + low_grads, ref_out + ref_grads):
+                assert a.dtype == dtype
+                if dtype == torch.float32:
+                    bound = 1e-5
+                else:
+                    bound = 3 * error_against(low, b) + torch.finfo(torch.bfloat16).eps
+                assert error_against(a, b) <= bound, (error_against(a, b), bound)
+                assert error_against(s, b) <= bound, (error_against(s, b), bound)
 
 
 @requires_avx512
@@ -912,9 +931,9 @@ def test_cpu_sequence_forward_runs_each_direction_of_a_bidirectional_module(thre
 
 
 def test_cpu_sequence_forward_declines_what_it_does_not_take():
-    """Three steps, float64, a projection, layer norm, bfloat16 and gate panels turned off all keep the
-    step loop (the loop takes only what sequence_forward_cpu documents); so does every call on a CPU
-    without AVX-512, which the tests above then skip."""
+    """Three steps, float64, a projection, layer norm and gate panels turned off all keep the step loop
+    (the loop takes only what sequence_forward_cpu documents); so does every call on a CPU without
+    AVX-512, which the tests above then skip."""
     def runs(lengths=(4, 4), proj=0, dtype=torch.float32, layer_norm=False):
         batch_sizes, tensors = make_layer_inputs(list(lengths), 5, 7, proj, "both", dtype, "cpu")
         ln = make_layer_norm(7, dtype, "cpu") if layer_norm else {}
@@ -925,7 +944,6 @@ def test_cpu_sequence_forward_declines_what_it_does_not_take():
     assert runs(dtype=torch.float64) == 0
     assert runs(proj=4) == 0
     assert runs(layer_norm=True) == 0
-    assert runs(dtype=torch.bfloat16) == 0
     with gate_panels_allowed(False):
         assert runs() == 0
 

@@ -27,9 +27,10 @@ constexpr int64_t kPanelUnits = 16;
 // gates are sixteen sums in vector registers.
 constexpr int64_t kPanelRows = 4;
 
-// Whether gate panels take this weight_hh: a float32 CPU matrix (4H, H) with
-// H >= 1, on a processor (and OS) with AVX-512 (cpu_has_avx512), while they
-// are allowed (below).
+// Whether gate panels take this weight_hh: a CPU matrix (4H, H) with H >= 1,
+// float32 on a processor (and OS) with AVX-512 (cpu_has_avx512), or
+// bfloat16 on one with its bfloat16 dot product (cpu_has_bfloat16_dot),
+// while they are allowed (below).
 bool gate_panels_take(const at::Tensor& weight_hh);
 
 // For the tests (fastnlp._C.allow_gate_panels): false makes gate_panels_take
@@ -38,16 +39,31 @@ bool gate_panels_take(const at::Tensor& weight_hh);
 // it replaces. Allowed from the start.
 bool allow_gate_panels(bool allowed);
 
-// weight_hh (4H, H) packed into panels: a contiguous float32 tensor
-// (ceil(H / 16), H, 4, 16) whose entry [b, k, g, l] is W_hh[g * H + u, k]
-// for unit u = 16 b + l, and zero for the units past H.
-at::Tensor pack_gate_panels(const at::Tensor& weight_hh);
+// An uninitialised tensor, of weight_hh's dtype, for weight_hh (4H, H)
+// packed into panels (pack_gate_panels fills it). float32: (ceil(H / 16),
+// H, 4, 16, 1), entry [b, k, g, l, 0] is W_hh[g * H + u, k] for unit
+// u = 16 b + l; bfloat16: (ceil(H / 16), ceil(H / 2), 4, 16, 2), entry
+// [b, q, g, l, e] is W_hh[g * H + u, 2 q + e]. Zero past H, in units and in k.
+at::Tensor empty_gate_panels(const at::Tensor& weight_hh);
+
+// Fills panels [first, last) of `panels` (the data of empty_gate_panels) from
+// the contiguous W_hh, zeros included. Panels are independent of one
+// another: the threads that multiply by them each pack their own.
+void pack_gate_panels(const float* weight_hh, int64_t H, float* panels, int64_t first, int64_t last);
+void pack_gate_panels(const c10::BFloat16* weight_hh, int64_t H, c10::BFloat16* panels, int64_t first,
+                      int64_t last);
 
 // gates[r * ldg + g * H + u] += sum_k h[r * ldh + k] * W_hh[g * H + u, k]
 // for r < rows (1 <= rows <= kPanelRows), every gate g, and the units u of
 // panel `block` (the 16 from 16 block, fewer in the last); `panels` is the
-// data of pack_gate_panels(W_hh). Sums in float32, in the order of k.
+// data of empty_gate_panels(W_hh), packed. float32: sums in the order of k. bfloat16
+// (h rounded to it): sums over pairs of k in their order, each pair's two
+// products added in float32 by vdpbf16ps (which takes subnormal operands
+// as zero); h's rows hold an even number of elements, a zero after the
+// H-th where H is odd.
 void gate_panel_product(int64_t rows, const float* h, int64_t ldh, const float* panels, int64_t H, int64_t block,
                         float* gates, int64_t ldg);
+void gate_panel_product(int64_t rows, const c10::BFloat16* h, int64_t ldh, const c10::BFloat16* panels, int64_t H,
+                        int64_t block, float* gates, int64_t ldg);
 
 }  // namespace fastnlp

@@ -13,6 +13,7 @@
 #include <omp.h>
 #endif
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include "cpu/few_rows_matmul.h"
@@ -499,16 +500,19 @@ void forward_step_cpu(const LstmForwardStep& s) {
 }
 
 // The whole forward time loop of one direction (LstmStepKernels::
-// sequence_forward), float32 on AVX-512: at each step the recurrent product
-// on gate panels (gate_panels.h), then forward_row over the step's rows, all
-// on raw pointers, where the step loop of csrc/lstm.cpp makes several ATen
-// calls per step. Threads split the hidden units, a run of whole panels
-// each, as the step loop splits its products' columns: each thread then
-// reads only its panels, which stay in its core's caches from step to step,
-// and computes the pointwise step of its own units; one barrier per step
-// waits for all of h_t before the next step's product reads it. So h_t goes
-// to a second buffer (h_{t-1}, which the other threads are still reading,
-// stays where it is), and the buffers swap at every step.
+// sequence_forward) on AVX-512, float32, or bfloat16 products
+// (kCpuBfloat16ProductKernels): at each step the recurrent product on gate
+// panels (gate_panels.h), then forward_row over the step's rows, all on raw
+// pointers, where the step loop of csrc/lstm.cpp makes several ATen calls
+// per step. Threads split the hidden units, a run of whole panels each, as
+// the step loop splits its products' columns: each thread then reads only
+// its panels, which stay in its core's caches from step to step, and
+// computes the pointwise step of its own units; one barrier per step waits
+// for all of h_t before the next step's product reads it. So h_t goes to a
+// second buffer (h_{t-1}, which the other threads are still reading, stays
+// where it is), and the buffers swap at every step; likewise the product's
+// operand where it is not h itself (masked by recurrent dropout, or rounded
+// to bfloat16), which each thread writes for its units as it writes h_t.
 // Inside a parallel region (each direction of a bi-LSTM on a thread of its
 // own, run_both_directions below) a call runs on its own thread.
 
@@ -517,38 +521,54 @@ void forward_step_cpu(const LstmForwardStep& s) {
 // every call.
 constexpr int64_t kMinSequenceSteps = 4;
 
+// Operand: the product's element type (float, or c10::BFloat16 with h rounded).
+template <typename Operand>
 struct SequenceForwardPointers {
   float* gates;
   float* c_state;
   float* cells;
   float* output;
-  const float* panels;
+  const Operand* weight_hh;  // contiguous
+  Operand* panels;           // unpacked: each thread packs its own
   const float* recurrent_mask;
   const float* zoneout_cell;
   const float* zoneout_hidden;
-  // h_{t-1} and h_t at step `step` are h[step % 2] and h[(step + 1) % 2]; the
-  // product reads masked[step % 2] instead where there is a recurrent mask.
+  // h_{t-1} and h_t at step `step` are h[step % 2] and h[(step + 1) % 2];
+  // the product reads operand[step % 2] (rows operand_stride apart) instead
+  // where it is given.
   std::array<float*, 2> h;
-  std::array<float*, 2> masked;
+  std::array<Operand*, 2> operand;
+  int64_t operand_stride;
 };
 
 // Thread `thread` of `threads`: panels [first, last) of every step, the
-// units they hold in every row, and h_t and its masked copy there.
-void sequence_forward_units(const LstmSequenceForward& s, const SequenceForwardPointers& p, int64_t thread,
+// units they hold in every row, and h_t and the operand there.
+template <typename Operand>
+void sequence_forward_units(const LstmSequenceForward& s, const SequenceForwardPointers<Operand>& p, int64_t thread,
                             int64_t threads) {
   const int64_t T = static_cast<int64_t>(s.steps.size()), H = s.c_state.size(1);
   const int64_t blocks = (H + kPanelUnits - 1) / kPanelUnits;
   const int64_t first = thread * blocks / threads, last = (thread + 1) * blocks / threads;
   const int64_t u0 = first * kPanelUnits, units = std::min(last * kPanelUnits, H) - u0;
+  const bool has_operand = p.operand[0] != nullptr;
+  pack_gate_panels(p.weight_hh, H, p.panels, first, last);  // (in this core's caches for the first step)
   for (int64_t step = 0; step < T; ++step) {
     const int64_t t = s.reverse ? T - 1 - step : step;
     const int64_t rows = s.steps[t], offset = s.offsets[t];
     const float* h_prev = p.h[step % 2];
     float* h_next = p.h[(step + 1) % 2];
-    const float* h_in = p.recurrent_mask != nullptr ? p.masked[step % 2] : h_prev;
+    Operand* operand_next = p.operand[(step + 1) % 2];
+    const Operand* in = p.operand[step % 2];
+    int64_t ld_in = p.operand_stride;
+    if constexpr (std::is_same_v<Operand, float>) {
+      if (!has_operand) {
+        in = h_prev;
+        ld_in = H;
+      }
+    }
     for (int64_t block = first; block < last; ++block)
       for (int64_t row = 0; row < rows; row += kPanelRows)
-        gate_panel_product(std::min(kPanelRows, rows - row), h_in + row * H, H, p.panels, H, block,
+        gate_panel_product(std::min(kPanelRows, rows - row), in + row * ld_in, ld_in, p.panels, H, block,
                            p.gates + (offset + row) * 4 * H, 4 * H);
     for (int64_t r = 0; r < rows; ++r) {
       const int64_t at = offset + r;  // the row in the packed layout
@@ -558,8 +578,11 @@ void sequence_forward_units(const LstmSequenceForward& s, const SequenceForwardP
                   ForwardRow<float>{p.gates + at * 4 * H + u0, p.c_state + unit, p.cells + packed_unit,
                                     p.output + packed_unit, h_next + unit, h_prev + unit,
                                     packed_or_null(p.zoneout_cell), packed_or_null(p.zoneout_hidden)});
-      if (p.recurrent_mask != nullptr)
-        for (int64_t j = unit; j < unit + units; ++j) p.masked[(step + 1) % 2][j] = h_next[j] * p.recurrent_mask[j];
+      if (has_operand) {
+        Operand* out = operand_next + r * p.operand_stride + u0;
+        const float* mask = p.recurrent_mask != nullptr ? p.recurrent_mask + unit : nullptr;
+        for (int64_t j = 0; j < units; ++j) out[j] = Operand(mask ? h_next[unit + j] * mask[j] : h_next[unit + j]);
+      }
     }
 #ifdef _OPENMP
 #pragma omp barrier
@@ -567,31 +590,35 @@ void sequence_forward_units(const LstmSequenceForward& s, const SequenceForwardP
   }
 }
 
-bool sequence_forward_cpu(const LstmSequenceForward& s) {
-  const int64_t T = static_cast<int64_t>(s.steps.size());
-  if (T < kMinSequenceSteps || s.gates.scalar_type() != at::kFloat || !gate_panels_take(s.weight_hh)) return false;
-  // Named in profiles (and so in the tests, which look for it there).
-  RECORD_FUNCTION("fastnlp::lstm_sequence_forward_cpu", std::vector<c10::IValue>());
-  const int64_t B = s.h_state.size(0), H = s.c_state.size(1);
-  const at::Tensor panels = pack_gate_panels(s.weight_hh);
+template <typename Operand>
+void sequence_forward_with(const LstmSequenceForward& s, const at::Tensor& panels) {
+  const int64_t T = static_cast<int64_t>(s.steps.size()), B = s.h_state.size(0), H = s.c_state.size(1);
+  constexpr bool rounded = std::is_same_v<Operand, c10::BFloat16>;
   // Both h buffers start as h0: a row that is not alive yet (packed input,
-  // in reverse) keeps h0 in both until its first step.
+  // in reverse) keeps h0 in both until its first step; so do the operands.
   const at::Tensor h_other = s.h_state.clone();
-  at::Tensor masked_h0, masked_other;
-  if (s.recurrent_mask.defined()) {
-    masked_h0 = s.h_state * s.recurrent_mask;
-    masked_other = masked_h0.clone();
+  std::array<at::Tensor, 2> operands;
+  int64_t operand_stride = H;
+  if (rounded || s.recurrent_mask.defined()) {
+    operand_stride = rounded ? (H + 1) / 2 * 2 : H;  // whole pairs, the last padded with zero
+    const at::Tensor first = s.recurrent_mask.defined() ? s.h_state * s.recurrent_mask : s.h_state;
+    operands[0] = at::zeros({B, operand_stride}, panels.options());
+    operands[0].narrow(1, 0, H).copy_(first);
+    operands[1] = operands[0].clone();
   }
-  const SequenceForwardPointers p{s.gates.data_ptr<float>(),
-                                  s.c_state.data_ptr<float>(),
-                                  s.cells.data_ptr<float>(),
-                                  s.output.data_ptr<float>(),
-                                  panels.const_data_ptr<float>(),
-                                  ptr_or_null<float>(s.recurrent_mask),
-                                  ptr_or_null<float>(s.zoneout_cell),
-                                  ptr_or_null<float>(s.zoneout_hidden),
-                                  {s.h_state.data_ptr<float>(), h_other.data_ptr<float>()},
-                                  {ptr_or_null<float>(masked_h0), ptr_or_null<float>(masked_other)}};
+  const auto operand_data = [](const at::Tensor& t) { return t.defined() ? t.data_ptr<Operand>() : nullptr; };
+  const SequenceForwardPointers<Operand> p{s.gates.data_ptr<float>(),
+                                           s.c_state.data_ptr<float>(),
+                                           s.cells.data_ptr<float>(),
+                                           s.output.data_ptr<float>(),
+                                           s.weight_hh.const_data_ptr<Operand>(),
+                                           panels.mutable_data_ptr<Operand>(),
+                                           ptr_or_null<float>(s.recurrent_mask),
+                                           ptr_or_null<float>(s.zoneout_cell),
+                                           ptr_or_null<float>(s.zoneout_hidden),
+                                           {s.h_state.data_ptr<float>(), h_other.data_ptr<float>()},
+                                           {operand_data(operands[0]), operand_data(operands[1])},
+                                           operand_stride};
   const int64_t blocks = (H + kPanelUnits - 1) / kPanelUnits;
   const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
 #ifdef _OPENMP
@@ -612,6 +639,19 @@ bool sequence_forward_cpu(const LstmSequenceForward& s) {
   float* h_state = s.h_state.data_ptr<float>();
   for (int64_t r = 0; r < B; ++r)
     if (last_step[r] >= 0) std::copy_n(p.output + (s.offsets[last_step[r]] + r) * H, H, h_state + r * H);
+}
+
+bool sequence_forward_cpu(const LstmSequenceForward& s) {
+  if (static_cast<int64_t>(s.steps.size()) < kMinSequenceSteps || s.gates.scalar_type() != at::kFloat ||
+      !gate_panels_take(s.weight_hh))
+    return false;
+  // Named in profiles (and so in the tests, which look for it there).
+  RECORD_FUNCTION("fastnlp::lstm_sequence_forward_cpu", std::vector<c10::IValue>());
+  const at::Tensor panels = empty_gate_panels(s.weight_hh);
+  if (panels.scalar_type() == at::kBFloat16)
+    sequence_forward_with<c10::BFloat16>(s, panels);
+  else
+    sequence_forward_with<float>(s, panels);
   return true;
 }
 
@@ -710,7 +750,6 @@ constexpr LstmStepKernels kCpuKernels{&forward_step_cpu,
 // the rest is widened. Elsewhere all of it runs in float32.
 constexpr LstmStepKernels with_product_dtype(LstmStepKernels kernels, c10::ScalarType dtype) {
   kernels.product_dtype = dtype;
-  kernels.sequence_forward = nullptr;  // its gate panels are float32
   return kernels;
 }
 constexpr LstmStepKernels kCpuBfloat16ProductKernels = with_product_dtype(kCpuKernels, at::kBFloat16);
