@@ -120,6 +120,15 @@ def test_lstm_cases_run_and_agree_at_a_tiny_shape(bidirectional):
     assert torch.get_num_threads() == threads  # the one-core products put the thread count back
 
 
+def test_lstm_cpu_run_times_inference_at_batch_one_and_at_the_first_shapes_batch():
+    from fastnlp.bench import lstm as bench_lstm
+
+    names = {case.name for case in bench_lstm.cases("cpu", quick=True)}
+    for batch in (1, bench_lstm.SHAPES[0][0]):
+        for dtype in ("", " bfloat16"):
+            assert f"inference B={batch} T=64 I=256 H=256 bi{dtype}" in names, names
+
+
 @pytest.mark.parametrize("bidirectional", [True, False])
 def test_lstm_bfloat16_cases_run_and_agree_at_a_tiny_shape(bidirectional):
     # The CUDA run has these for every shape, the CPU run for the first; on

@@ -16,7 +16,8 @@ lengths drawn from [T/2, T]):
 * "cell loop fwd+bwd": a Python loop over T steps of an LSTMCell (one
   direction), what users of a cell write for custom recurrences;
   these three also time "matrix products alone", a floor (see _products_alone);
-* "inference B=1": forward only, no autograd, one sequence: serving latency;
+* "inference": forward only, no autograd: serving, at B=1 (one sequence: latency)
+  and, for the first shape, at its batch (throughput; float32 and bfloat16);
 * "cell loop inference B=1": the same sequence through a Python loop over
   LSTMCell steps, no autograd: a greedy decoder's per-token step;
 * "layer_norm fwd+bwd padded": LSTM(..., layer_norm=True) against the same
@@ -29,7 +30,7 @@ The padded and packed cases run in bfloat16 too: on CUDA for every shape
 first (a bfloat16 model against torch's bfloat16 LSTM, which runs oneDNN's
 bfloat16 RNN there; no "matrix products alone" floor: fastnlp's bfloat16
 kernel keeps its state in float32, which a floor of bfloat16 products would
-not pay for); so does "inference B=1" (a bfloat16 model served). On CUDA
+not pay for); so do the "inference" cases (a bfloat16 model served). On CUDA
 float32 is IEEE float32 on both sides: cuDNN's RNNs may use TF32 for
 float32 by default (torch.backends.cudnn.allow_tf32), fastnlp's cuBLAS
 products do not (torch.backends.cuda.matmul.allow_tf32 is off by default),
@@ -77,6 +78,7 @@ def cases(device: str, quick: bool) -> List[Case]:
         out.append(_padded_case(d))
         if shape == SHAPES[0]:
             out.append(_frozen_input_case(d))
+            out.append(_latency_case(d))
         out.append(_packed_case(d))
         out.append(_cell_loop_case(d))
         out.append(_layer_norm_case(d))
@@ -84,6 +86,8 @@ def cases(device: str, quick: bool) -> List[Case]:
         d = _Data(*shape, device=device, fastnlp_nn=fastnlp.nn, dtype=torch.bfloat16)
         out.append(_padded_case(d))
         out.append(_packed_case(d))
+        if shape == SHAPES[0]:
+            out.append(_latency_case(d))
     latency = _Data(*LATENCY_SHAPE, device=device, fastnlp_nn=fastnlp.nn)
     out.append(_latency_case(latency))
     out.append(_cell_inference_case(latency))
