@@ -796,6 +796,29 @@ def test_onednn_products_over_all_rows_match_reference(column_major, layer_norm,
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
+@pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN")
+def test_input_product_of_32_mib_is_made_in_blocks_and_matches_reference():
+    """An input product whose result takes 32 MiB or more (here 8192 rows of 4H = 1024 float32) is
+    made by oneDNN in blocks of 8 MiB (2048 rows) copied into one result on huge pages
+    (csrc/cpu/onednn_matmul.h, kHugeResultBytes): four products of 2048 rows, and the layer's
+    outputs and gradients those of the float64 reference, forward and reverse. (Weights in nn.LSTM's
+    initial range: at H = 256 the unit range saturates the gates, and float32 and float64 part ways.)"""
+    batch_sizes, tensors = make_layer_inputs([128] * 64, 3, 256, 0, "both", torch.float64, "cpu", packed=False)
+    tensors = scaled_copy(tensors, 256, torch.float32)
+    exact = {k: v.detach().double().requires_grad_() if v is not None else None for k, v in tensors.items()}
+    with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                 record_shapes=True) as profile:
+        run_layer(batch_sizes, tensors, False)
+    blocks = [event.input_shapes[0] for event in profile.events() if event.name == ONEDNN_PRODUCT]
+    assert blocks.count([2048, 3]) == 4, blocks
+    for reverse in (False, True):
+        out, grads = outputs_and_grads(batch_sizes, tensors, reverse)
+        ref_out, ref_grads = outputs_and_grads(batch_sizes, exact, reverse, backend="reference")
+        for a, b in zip(out + grads, ref_out + ref_grads):
+            assert error_against(a, b) <= 3e-5, error_against(a, b)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch has no oneDNN")
 @given(long=st.lists(st.integers(4, 9), min_size=5, max_size=7), short=st.lists(st.integers(1, 3), max_size=3),
        input_size=st.integers(1, 9), hidden=st.integers(1, 20), use_proj=st.booleans(),
        bias=st.sampled_from(["both", "none", "ih", "hh"]), reverse=st.booleans(), packed=st.booleans())

@@ -57,6 +57,21 @@ at::Tensor onednn_prepared_matmul(const at::Tensor& a, const at::Tensor& prepare
 // with MKL, 12.7 through oneDNN; the input gradient (1024, 1024) @
 // (1024, 256) 7.3 against 5.9; a weight gradient x^T g over 1024 rows 8.3
 // against 6.3.
+//
+// A result of kHugeResultBytes or more (the uni-LSTM bench's input product:
+// (8192, 2048) float32, 64 MiB) is allocated here, on transparent huge
+// pages where the OS gives them (advise_huge_pages in onednn_matmul.cpp),
+// and filled in row blocks of about kResultBlockBytes, each a product of
+// its own copied in. Why: glibc serves an allocation of 32 MiB or more
+// with fresh pages from the OS every time, and the first write to each
+// 4 KiB page faults; oneDNN's own result would take those faults inside the
+// product. Measured on the 2-core CI machine (torch 2.13, medians): a fresh
+// 64 MiB buffer filled 34 ms, 7.5 with huge pages, against 3.4 for one
+// already mapped; that input product on two threads 63-64 ms as one
+// product, 52-58 in blocks of 8 MiB on huge pages (72-76 in blocks
+// without them).
+constexpr int64_t kHugeResultBytes = int64_t{32} << 20;
+constexpr int64_t kResultBlockBytes = int64_t{8} << 20;
 at::Tensor onednn_linear(const at::Tensor& a, const at::Tensor& weight, const at::Tensor& bias);
 
 }  // namespace fastnlp
