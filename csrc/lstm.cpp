@@ -751,7 +751,19 @@ LstmBackwardResult lstm_backward_impl(
           zoneout_hidden, grad_h_zoneout});
   if (whole_sequence) finish_chunk(0, N);
   const std::vector<StepChunk> stepwise_chunks = whole_sequence ? std::vector<StepChunk>() : chunks;
+  const at::Tensor gates_contiguous = gates.contiguous(), cells_contiguous = cells.contiguous();
+  const at::Tensor output_contiguous = output.contiguous(), weight_hh_contiguous = weight_hh.contiguous();
   for (const StepChunk& chunk : stepwise_chunks) {
+    // The chunk's steps in one go where the device can (the CPU), else step by step.
+    if (kernels.chunk_backward != nullptr && !ln && !projected &&
+        kernels.chunk_backward(LstmChunkBackward{
+            steps, offsets, reverse, chunk.first_s, chunk.last_s, chunk.row_begin, gates_contiguous,
+            cells_contiguous, output_contiguous, h0, c0, grad_output, dh_state, dc_state, grad_gates,
+            wanted.weights ? h_prev_rows : at::Tensor(), weight_hh_contiguous, recurrent_mask, zoneout_cell,
+            zoneout_hidden, grad_h_zoneout})) {
+      finish_chunk(chunk.row_begin, chunk.rows);
+      continue;
+    }
     for (int64_t s = chunk.first_s; s >= chunk.last_s; --s) {
       const int64_t t = reverse ? T - 1 - s : s;
       const int64_t rows = steps[t], offset = offsets[t], at_row = offset - chunk.row_begin;

@@ -93,6 +93,27 @@ struct LstmSequenceBackward {
   at::Tensor recurrent_mask, zoneout_cell, zoneout_hidden, grad_h_zoneout;
 };
 
+// The backward time loop over the steps of one chunk at once
+// (LstmStepKernels::chunk_backward), for a direction without projection or
+// layer norm: steps s = first_s down to last_s of the backward walk (step
+// t = s, or T - 1 - s in reverse), whose rows start at row_begin in the
+// packed layout; steps, offsets and reverse as in LstmSequenceForward. From
+// the forward pass gates, cells, output (N, .), h0 and c0 (B, H);
+// grad_output (N, H); dh_state and dc_state (B, H): the gradients flowing
+// back, in and out; grad_gates (>= the chunk's rows, 4H) out, the chunk's
+// rows at their offset from row_begin; h_prev (likewise, H) out, or
+// undefined: h_{t-1} as the recurrent product saw it (masked);
+// grad_h_zoneout (B, H): scratch when zoneout_hidden is given; weight_hh
+// (4H, H) and the regularisers. All contiguous.
+struct LstmChunkBackward {
+  const std::vector<int64_t>& steps;
+  const std::vector<int64_t>& offsets;
+  bool reverse;
+  int64_t first_s, last_s, row_begin;
+  at::Tensor gates, cells, output, h0, c0, grad_output, dh_state, dc_state, grad_gates, h_prev, weight_hh;
+  at::Tensor recurrent_mask, zoneout_cell, zoneout_hidden, grad_h_zoneout;
+};
+
 // The per-step pointwise work of one device: activations, the cell update
 // (c~_t = f * c_{t-1} + i * g, h~_t = o * tanh(c~_t), then zoneout) and
 // their gradients. The backward recomputes c~_t from the gates and c_{t-1}.
@@ -128,6 +149,12 @@ struct LstmStepKernels {
   // backward that walks all rows as one chunk; returns false, touching
   // nothing, where it does not apply. nullptr, or false: the step loop.
   bool (*sequence_backward)(const LstmSequenceBackward& sequence) = nullptr;
+  // Optional: the backward time loop over one chunk's steps in one go (the
+  // CPU's, whose backward walks chunks of at least kCpuChunkRows rows),
+  // writing what the step loop would for them (grad_gates and h_prev for the
+  // chunk's rows, dh_state, dc_state); returns false, touching nothing,
+  // where it does not apply. nullptr, or false: the step loop.
+  bool (*chunk_backward)(const LstmChunkBackward& chunk) = nullptr;
   // Optional: a @ weight^T (+ bias, where defined) as a new tensor, for the
   // products over many rows (the input product, the input and weight
   // gradients), where the device has a faster path than ATen's; an undefined

@@ -869,15 +869,23 @@ def test_onednn_step_products_over_random_layers(long, short, input_size, hidden
 
 
 SEQUENCE_FORWARD = "fastnlp::lstm_sequence_forward_cpu"
+CHUNK_BACKWARD = "fastnlp::lstm_chunk_backward_cpu"
 requires_avx512 = pytest.mark.skipif(not fastnlp._C.cpu_has_avx512(), reason="this CPU lacks AVX-512 (F and BW)")
 
 
-def sequence_forward_runs(fn):
-    """fn's result, and how many times the CPU's whole-sequence forward loop ran in it (it names itself in
-    profiles, on whichever thread it runs)."""
+def whole_loop_runs(fn):
+    """fn's result, and how many times the CPU's whole-sequence forward loop and its chunk backward loop
+    ran in it (they name themselves in profiles, on whichever thread they run)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
         result = fn()
-    return result, sum(event.count for event in profile.key_averages() if event.key == SEQUENCE_FORWARD)
+    counts = {event.key: event.count for event in profile.key_averages()}
+    return result, (counts.get(SEQUENCE_FORWARD, 0), counts.get(CHUNK_BACKWARD, 0))
+
+
+def sequence_forward_runs(fn):
+    """fn's result, and how many times the CPU's whole-sequence forward loop ran in it."""
+    result, (forward_runs, _) = whole_loop_runs(fn)
+    return result, forward_runs
 
 
 def error_against(a, exact):
@@ -894,7 +902,9 @@ def error_against(a, exact):
 @pytest.mark.parametrize("regularise", [False, True])
 def test_cpu_sequence_forward_matches_reference_and_step_loop(dtype, threads, hidden, lengths, packed, regularise):
     """A float32 or bfloat16 layer of four steps or more without projection or layer norm runs its
-    forward as one loop on gate panels (csrc/cpu/lstm.cpp, sequence_forward_cpu; csrc/cpu/gate_panels.cpp).
+    forward as one loop on gate panels (csrc/cpu/lstm.cpp, sequence_forward_cpu; csrc/cpu/gate_panels.cpp),
+    and in float32 its backward as one loop per chunk of steps on unit panels (chunk_backward_cpu; here
+    one chunk; H = 70 gives two threads unit panels of 64 and 6 units).
     Its outputs and gradients match the float64 reference on the same values, and so do the step loop's:
     float32 within 1e-5 of a tensor's largest entry (as test_few_rows_products_match_reference bounds
     it), bfloat16 within three times the bfloat16 reference's own error (as
@@ -912,11 +922,11 @@ def test_cpu_sequence_forward_matches_reference_and_step_loop(dtype, threads, hi
             def run(inputs=tensors, **kwargs):
                 return outputs_and_grads(batch_sizes, inputs, reverse, regularisers=regularisers, **kwargs)
 
-            (out, grads), runs = sequence_forward_runs(run)
-            assert runs == 1
+            (out, grads), runs = whole_loop_runs(run)
+            assert runs == (1, 1 if dtype == torch.float32 else 0)  # (the backward loop: float32 only)
             with gate_panels_allowed(False):
-                (step_out, step_grads), step_runs = sequence_forward_runs(run)
-            assert step_runs == 0
+                (step_out, step_grads), step_runs = whole_loop_runs(run)
+            assert step_runs == (0, 0)
             ref_out, ref_grads = outputs_and_grads(batch_sizes, exact, reverse, backend="reference",
                                                    regularisers=regularisers_exact)
             if dtype == torch.bfloat16:
@@ -936,6 +946,39 @@ def test_cpu_sequence_forward_matches_reference_and_step_loop(dtype, threads, hi
 
 @requires_avx512
 @pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("regularise", [False, True])
+@pytest.mark.parametrize("lengths, chunk_loops", [([40] * 30 + [3] * 5, 2), ([40] * 20 + [30] * 10 + [3] * 5, 1)])
+def test_cpu_chunk_backward_over_several_chunks(threads, regularise, lengths, chunk_loops):
+    """1215 or 1115 packed rows make two chunks of the backward walk (at least 1024 rows each but the
+    last, csrc/lstm.cpp plan_chunks): the chunk loop runs on each chunk of four steps or more (in
+    either direction, the first lengths' last chunk has five or six), the step loop on a shorter one
+    (the second's, two steps going forward), and the gradients carried from chunk to chunk (dh, dc,
+    zoneout's share) and summed over them (the weights') match the float64 reference and the step
+    loop's. H = 130: three unit panels, the last of 2 units."""
+    with intra_op_threads(threads):
+        batch_sizes, tensors = make_layer_inputs(lengths, 6, 130, 0, "both", torch.float64, "cpu")
+        tensors = scaled_copy(tensors, 130, torch.float32)
+        regularisers = make_regularisers(batch_sizes, tensors) if regularise else {}
+        exact = {k: v.detach().double().requires_grad_() if v is not None else None for k, v in tensors.items()}
+        regularisers_exact = {k: v.double() for k, v in regularisers.items()}
+        for reverse in (False, True):
+            def run():
+                return outputs_and_grads(batch_sizes, tensors, reverse, regularisers=regularisers)
+
+            (out, grads), (forward_runs, backward_runs) = whole_loop_runs(run)
+            expected = chunk_loops if not reverse else 2  # (going backward in reverse, both chunks are long)
+            assert forward_runs == 1 and backward_runs == expected, (forward_runs, backward_runs)
+            with gate_panels_allowed(False):
+                step_out, step_grads = run()
+            ref_out, ref_grads = outputs_and_grads(batch_sizes, exact, reverse, backend="reference",
+                                                   regularisers=regularisers_exact)
+            for a, s, b in zip(out + grads, step_out + step_grads, ref_out + ref_grads):
+                assert error_against(a, b) <= 3e-5, error_against(a, b)
+                assert error_against(s, b) <= 3e-5, error_against(s, b)
+
+
+@requires_avx512
+@pytest.mark.parametrize("threads", [1, 2])
 def test_cpu_sequence_forward_runs_each_direction_of_a_bidirectional_module(threads):
     """fastnlp.nn.LSTM, bidirectional and two layers deep: four whole-sequence loops (one per layer
     and direction; with two threads the directions run side by side, one loop on each), and torch's
@@ -948,6 +991,9 @@ def test_cpu_sequence_forward_runs_each_direction_of_a_bidirectional_module(thre
         x = torch.randn(7, 5, 6)
         (out, (h, c)), runs = sequence_forward_runs(lambda: ours(x))
         assert runs == 4
+        (_, grads), (_, backward_runs) = whole_loop_runs(
+            lambda: (None, torch.autograd.grad(out.sum(), list(ours.parameters()))))
+        assert backward_runs == 4
         ref_out, (ref_h, ref_c) = theirs(x)
         for a, b in ((out, ref_out), (h, ref_h), (c, ref_c)):
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

@@ -15,6 +15,7 @@
 #include "cpu/few_rows_matmul.h"
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <cstring>
 #include <type_traits>
@@ -36,23 +37,34 @@ int64_t panel_depth(int64_t H, bool bfloat16) { return bfloat16 ? (H + 1) / 2 * 
 #define FASTNLP_GATE_PANELS_TARGET __attribute__((target("avx512f")))
 #define FASTNLP_BFLOAT16_PANELS_TARGET __attribute__((target("avx512f,avx512bw,avx512bf16")))
 
-// gates[r * ldg + g * H + lane] += sums[r][g][lane] for the lanes in `units`
-// (fewer than 16 in the last block when 16 does not divide H: the panel
-// holds zeros there, and those lanes of the gates belong to the next gate).
+// Where a product of R rows leaves its R x 4 vectors of sums: vector [r][c]
+// at data + r * ld + c * group_stride, lanes `lanes[c]` of it only (a gate
+// panel's four gates lie H apart, a unit panel's four groups of 16 units
+// next to one another; lanes past H are masked off: the panel holds zeros
+// there, and those lanes of data belong to the next gate, row or nothing),
+// added to what is there or stored.
+struct PanelOut {
+  float* data;
+  int64_t ld;
+  int64_t group_stride;
+  std::array<__mmask16, 4> lanes;
+  bool accumulate;
+};
+
 template <int R>
-FASTNLP_GATE_PANELS_TARGET inline void add_sums(const __m512 (&sums)[R][4], float* gates, int64_t ldg, int64_t H,
-                                                __mmask16 units) {
+FASTNLP_GATE_PANELS_TARGET inline void store_sums(const __m512 (&sums)[R][4], const PanelOut& out) {
   for (int r = 0; r < R; ++r)
-    for (int g = 0; g < 4; ++g) {
-      float* out = gates + r * ldg + g * H;
-      _mm512_mask_storeu_ps(out, units, _mm512_add_ps(_mm512_maskz_loadu_ps(units, out), sums[r][g]));
+    for (int c = 0; c < 4; ++c) {
+      float* p = out.data + r * out.ld + c * out.group_stride;
+      const __m512 v = out.accumulate ? _mm512_add_ps(_mm512_maskz_loadu_ps(out.lanes[c], p), sums[r][c]) : sums[r][c];
+      _mm512_mask_storeu_ps(p, out.lanes[c], v);
     }
 }
 
 // The product of R rows (see gate_panel_product), float32: K values of k.
 template <int R>
-FASTNLP_GATE_PANELS_TARGET void panel_rows(int64_t K, const float* h, int64_t ldh, const float* panel, float* gates,
-                                           int64_t ldg, int64_t H, __mmask16 units) {
+FASTNLP_GATE_PANELS_TARGET void panel_rows(int64_t K, const float* h, int64_t ldh, const float* panel,
+                                           const PanelOut& out) {
   __m512 sums[R][4];
   for (int r = 0; r < R; ++r)
     for (int g = 0; g < 4; ++g) sums[r][g] = _mm512_setzero_ps();
@@ -68,15 +80,14 @@ FASTNLP_GATE_PANELS_TARGET void panel_rows(int64_t K, const float* h, int64_t ld
       sums[r][3] = _mm512_fmadd_ps(x, w_o, sums[r][3]);
     }
   }
-  add_sums<R>(sums, gates, ldg, H, units);
+  store_sums<R>(sums, out);
 }
 
 // ... and bfloat16: `pairs` pairs of k, each row's pair broadcast as one
 // 32-bit element.
 template <int R>
 FASTNLP_BFLOAT16_PANELS_TARGET void panel_rows(int64_t pairs, const c10::BFloat16* h, int64_t ldh,
-                                               const c10::BFloat16* panel, float* gates, int64_t ldg, int64_t H,
-                                               __mmask16 units) {
+                                               const c10::BFloat16* panel, const PanelOut& out) {
   __m512 sums[R][4];
   for (int r = 0; r < R; ++r)
     for (int g = 0; g < 4; ++g) sums[r][g] = _mm512_setzero_ps();
@@ -91,26 +102,37 @@ FASTNLP_BFLOAT16_PANELS_TARGET void panel_rows(int64_t pairs, const c10::BFloat1
       for (int g = 0; g < 4; ++g) sums[r][g] = _mm512_dpbf16_ps(sums[r][g], x, w_gate[g]);
     }
   }
-  add_sums<R>(sums, gates, ldg, H, units);
+  store_sums<R>(sums, out);
+}
+
+// The product of 1 to kPanelRows rows on a panel (K steps of its loop over k).
+template <typename Element>
+void product_of_rows(int64_t rows, int64_t K, const Element* h, int64_t ldh, const Element* panel,
+                     const PanelOut& out) {
+  switch (rows) {
+    case 1: return panel_rows<1>(K, h, ldh, panel, out);
+    case 2: return panel_rows<2>(K, h, ldh, panel, out);
+    case 3: return panel_rows<3>(K, h, ldh, panel, out);
+    case 4: return panel_rows<4>(K, h, ldh, panel, out);
+  }
+  TORCH_CHECK(false, "fastnlp: a panel product takes 1 to ", kPanelRows, " rows, got ", rows);
+}
+
+// The lanes of the n (clipped to [0, 16]) first elements of a vector.
+__mmask16 first_lanes(int64_t n) {
+  return static_cast<__mmask16>((uint32_t{1} << std::clamp<int64_t>(n, 0, 16)) - 1);
 }
 
 template <typename Element>
-void product_of_rows(int64_t rows, const Element* h, int64_t ldh, const Element* panels, int64_t H, int64_t block,
-                     float* gates, int64_t ldg) {
+void gate_product(int64_t rows, const Element* h, int64_t ldh, const Element* panels, int64_t H, int64_t block,
+                  float* gates, int64_t ldg) {
   constexpr bool bfloat16 = std::is_same_v<Element, c10::BFloat16>;
   const int64_t depth = panel_depth(H, bfloat16);
-  const Element* panel = panels + block * depth * 4 * kPanelUnits;
-  const int64_t first = block * kPanelUnits, units = std::min(kPanelUnits, H - first);
-  const __mmask16 lanes = static_cast<__mmask16>((uint32_t{1} << units) - 1);
+  const int64_t first = block * kPanelUnits;
+  const __mmask16 lanes = first_lanes(H - first);
   const int64_t steps = bfloat16 ? depth / 2 : depth;  // of the loop over k: values, or pairs
-  float* out = gates + first;
-  switch (rows) {
-    case 1: return panel_rows<1>(steps, h, ldh, panel, out, ldg, H, lanes);
-    case 2: return panel_rows<2>(steps, h, ldh, panel, out, ldg, H, lanes);
-    case 3: return panel_rows<3>(steps, h, ldh, panel, out, ldg, H, lanes);
-    case 4: return panel_rows<4>(steps, h, ldh, panel, out, ldg, H, lanes);
-  }
-  TORCH_CHECK(false, "fastnlp: gate_panel_product takes 1 to ", kPanelRows, " rows, got ", rows);
+  product_of_rows(rows, steps, h, ldh, panels + block * depth * 4 * kPanelUnits,
+                  PanelOut{gates + first, ldg, H, {lanes, lanes, lanes, lanes}, /*accumulate=*/true});
 }
 #endif
 
@@ -177,7 +199,7 @@ void pack_gate_panels(const c10::BFloat16* weight_hh, int64_t H, c10::BFloat16* 
 void gate_panel_product(int64_t rows, const float* h, int64_t ldh, const float* panels, int64_t H, int64_t block,
                         float* gates, int64_t ldg) {
 #ifdef FASTNLP_HAS_GATE_PANELS
-  product_of_rows(rows, h, ldh, panels, H, block, gates, ldg);
+  gate_product(rows, h, ldh, panels, H, block, gates, ldg);
 #else
   TORCH_CHECK(false, "fastnlp: gate panels need an x86-64 build with AVX-512");
 #endif
@@ -186,9 +208,46 @@ void gate_panel_product(int64_t rows, const float* h, int64_t ldh, const float* 
 void gate_panel_product(int64_t rows, const c10::BFloat16* h, int64_t ldh, const c10::BFloat16* panels, int64_t H,
                         int64_t block, float* gates, int64_t ldg) {
 #ifdef FASTNLP_HAS_GATE_PANELS
-  product_of_rows(rows, h, ldh, panels, H, block, gates, ldg);
+  gate_product(rows, h, ldh, panels, H, block, gates, ldg);
 #else
   TORCH_CHECK(false, "fastnlp: gate panels need an x86-64 build with AVX-512");
+#endif
+}
+
+bool unit_panels_take(const at::Tensor& weight_hh) {
+  return gate_panels_take(weight_hh) && weight_hh.scalar_type() == at::kFloat;
+}
+
+at::Tensor empty_unit_panels(const at::Tensor& weight_hh) {
+  TORCH_CHECK(unit_panels_take(weight_hh),
+              "fastnlp: unit panels take a float32 CPU weight_hh (4H, H) that this CPU can multiply");
+  const int64_t H = weight_hh.size(1);
+  return at::empty({(H + kUnitPanelUnits - 1) / kUnitPanelUnits, 4 * H, kUnitPanelUnits}, weight_hh.options());
+}
+
+void pack_unit_panels(const float* weight_hh, int64_t H, float* panels, int64_t first, int64_t last) {
+  // Each row of W_hh holds the panel's entries for its j, in order.
+  for (int64_t block = first; block < last; ++block) {
+    const int64_t u0 = block * kUnitPanelUnits, units = std::min(kUnitPanelUnits, H - u0);
+    float* panel = panels + block * 4 * H * kUnitPanelUnits;
+    for (int64_t j = 0; j < 4 * H; ++j) {
+      float* out = panel + j * kUnitPanelUnits;
+      std::copy_n(weight_hh + j * H + u0, units, out);
+      std::fill(out + units, out + kUnitPanelUnits, 0.0f);
+    }
+  }
+}
+
+void unit_panel_product(int64_t rows, const float* g, int64_t ldg, const float* panels, int64_t H, int64_t block,
+                        float* out, int64_t ldo) {
+#ifdef FASTNLP_HAS_GATE_PANELS
+  const int64_t u0 = block * kUnitPanelUnits;
+  std::array<__mmask16, 4> lanes;
+  for (int64_t c = 0; c < 4; ++c) lanes[c] = first_lanes(H - u0 - c * 16);
+  product_of_rows(rows, 4 * H, g, ldg, panels + block * 4 * H * kUnitPanelUnits,
+                  PanelOut{out + u0, ldo, 16, lanes, /*accumulate=*/false});
+#else
+  TORCH_CHECK(false, "fastnlp: unit panels need an x86-64 build with AVX-512");
 #endif
 }
 

@@ -146,7 +146,8 @@ __attribute__((always_inline)) inline void forward_row_impl(int64_t H, int64_t s
 }
 
 template <typename scalar_t, bool kTwoGradSources, bool kWriteTilde, bool kZoneout>
-__attribute__((always_inline)) inline void backward_row_impl(int64_t H, const BackwardRow<scalar_t>& r) {
+__attribute__((always_inline)) inline void backward_row_impl(int64_t H, int64_t stride,
+                                                       const BackwardRow<scalar_t>& r) {
   const scalar_t* __restrict gates = r.gates;
   const scalar_t* __restrict c_prev = r.c_prev;
   const scalar_t* __restrict dh_a = r.dh_a;
@@ -161,11 +162,11 @@ __attribute__((always_inline)) inline void backward_row_impl(int64_t H, const Ba
   // of grad_gates until the second pass reads it there and overwrites it, so
   // that each pass vectorises.
   for (int64_t j = 0; j < H; ++j)
-    grad_gates[3 * H + j] = tanh_(gates[H + j] * c_prev[j] + gates[j] * gates[2 * H + j]);
+    grad_gates[3 * stride + j] = tanh_(gates[stride + j] * c_prev[j] + gates[j] * gates[2 * stride + j]);
   for_units<scalar_t>(H, [&](auto as, int64_t j) {
     typedef typename decltype(as)::type V;
-    const V i = load<V>(gates + j), f = load<V>(gates + H + j), g = load<V>(gates + 2 * H + j);
-    const V o = load<V>(gates + 3 * H + j), cp = load<V>(c_prev + j), tc = load<V>(grad_gates + 3 * H + j);
+    const V i = load<V>(gates + j), f = load<V>(gates + stride + j), g = load<V>(gates + 2 * stride + j);
+    const V o = load<V>(gates + 3 * stride + j), cp = load<V>(c_prev + j), tc = load<V>(grad_gates + 3 * stride + j);
     V dh = kTwoGradSources ? load<V>(dh_a + j) + load<V>(dh_b + j) : load<V>(dh_a + j);
     V dc_carry = load<V>(dc_state + j);
     V dc_zone = V{};
@@ -181,9 +182,9 @@ __attribute__((always_inline)) inline void backward_row_impl(int64_t H, const Ba
     const scalar_t one = 1;
     const V dc = dc_carry + dh * o * (one - tc * tc);
     store(grad_gates + j, dc * g * i * (one - i));
-    store(grad_gates + H + j, dc * cp * f * (one - f));
-    store(grad_gates + 2 * H + j, dc * i * (one - g * g));
-    store(grad_gates + 3 * H + j, dh * tc * o * (one - o));
+    store(grad_gates + stride + j, dc * cp * f * (one - f));
+    store(grad_gates + 2 * stride + j, dc * i * (one - g * g));
+    store(grad_gates + 3 * stride + j, dh * tc * o * (one - o));
     store(dc_state + j, dc * f + dc_zone);
     if (kWriteTilde) store(h_tilde + j, o * tc);
   });
@@ -389,8 +390,9 @@ __attribute__((always_inline)) inline void layer_norm_backward_row_impl(int64_t 
 }
 
 // Each function is compiled for AVX2+FMA and the baseline ISA (see
-// vector_loops.h); one call covers one row of H units (forward_row: H units
-// of a row whose gate blocks lie `stride` apart, the whole row or part of it).
+// vector_loops.h); one call covers one row of H units (forward_row and
+// backward_row: H units of a row whose gate blocks lie `stride` apart, the
+// whole row or part of it).
 #define FASTNLP_LSTM_ROW_KERNELS(scalar_t)                                               \
   FASTNLP_VECTOR_CLONES void forward_row(int64_t H, int64_t stride,                     \
                                          const ForwardRow<scalar_t>& r) {               \
@@ -399,16 +401,17 @@ __attribute__((always_inline)) inline void layer_norm_backward_row_impl(int64_t 
     else                                                                                \
       forward_row_impl<scalar_t, false>(H, stride, r);                                  \
   }                                                                                     \
-  FASTNLP_VECTOR_CLONES void backward_row(int64_t H, const BackwardRow<scalar_t>& r) { \
+  FASTNLP_VECTOR_CLONES void backward_row(int64_t H, int64_t stride,                    \
+                                          const BackwardRow<scalar_t>& r) {             \
     if (r.zoneout_cell != nullptr) {                                                    \
       if (r.dh_b != nullptr)                                                            \
-        backward_row_impl<scalar_t, true, false, true>(H, r);                          \
+        backward_row_impl<scalar_t, true, false, true>(H, stride, r);                  \
       else                                                                              \
-        backward_row_impl<scalar_t, false, true, true>(H, r);                          \
+        backward_row_impl<scalar_t, false, true, true>(H, stride, r);                  \
     } else if (r.dh_b != nullptr) {                                                     \
-      backward_row_impl<scalar_t, true, false, false>(H, r);                           \
+      backward_row_impl<scalar_t, true, false, false>(H, stride, r);                   \
     } else {                                                                            \
-      backward_row_impl<scalar_t, false, true, false>(H, r);                           \
+      backward_row_impl<scalar_t, false, true, false>(H, stride, r);                   \
     }                                                                                   \
   }                                                                                     \
   FASTNLP_VECTOR_CLONES void layer_norm_backward_row(int64_t G, const scalar_t* grad,   \
@@ -655,6 +658,119 @@ bool sequence_forward_cpu(const LstmSequenceForward& s) {
   return true;
 }
 
+// The backward time loop over one chunk's steps (LstmStepKernels::
+// chunk_backward), float32 on AVX-512, as sequence_forward_cpu runs the
+// forward: raw pointers from the chunk's first step to its last, threads
+// splitting the hidden units by unit panels (gate_panels.h). A step's
+// pointwise backward of a thread's units needs only its own units of dh
+// and dc, but the recurrent product dh_{t-1} = g_t W_hh of its units needs
+// every unit of g_t: so one barrier per step, between the two.
+struct ChunkBackwardPointers {
+  const float* gates;
+  const float* cells;
+  const float* output;
+  const float* h0;
+  const float* c0;
+  const float* grad_output;
+  float* dh_state;
+  float* dc_state;
+  float* grad_gates;
+  float* h_prev;  // nullptr: not wanted
+  const float* weight_hh;
+  float* panels;  // unpacked: each thread packs its own
+  const float* recurrent_mask;
+  const float* zoneout_cell;
+  const float* zoneout_hidden;
+  float* grad_h_zoneout;
+};
+
+void chunk_backward_units(const LstmChunkBackward& s, const ChunkBackwardPointers& p, int64_t thread,
+                          int64_t threads) {
+  const int64_t T = static_cast<int64_t>(s.steps.size()), H = s.dc_state.size(1);
+  const int64_t blocks = (H + kUnitPanelUnits - 1) / kUnitPanelUnits;
+  const int64_t first = thread * blocks / threads, last = (thread + 1) * blocks / threads;
+  const int64_t u0 = first * kUnitPanelUnits, units = std::min(last * kUnitPanelUnits, H) - u0;
+  pack_unit_panels(p.weight_hh, H, p.panels, first, last);
+  for (int64_t step = s.first_s; step >= s.last_s; --step) {
+    const int64_t t = s.reverse ? T - 1 - step : step;
+    const int64_t rows = s.steps[t], offset = s.offsets[t], at_row = offset - s.row_begin;
+    // The step before t in the forward pass, whose cells and outputs its
+    // first rows_with_prev rows continue (the rest start from c0 and h0).
+    const int64_t prev = s.reverse ? (t + 1 < T ? t + 1 : -1) : t - 1;
+    const int64_t rows_with_prev = prev < 0 ? 0 : std::min(rows, s.steps[prev]);
+    const int64_t prev_offset = prev < 0 ? 0 : s.offsets[prev];
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t at = offset + r, unit = r * H + u0;
+      const int64_t prev_unit = r < rows_with_prev ? (prev_offset + r) * H + u0 : -1;
+      if (p.h_prev != nullptr) {
+        float* out = p.h_prev + (at_row + r) * H + u0;
+        const float* h = prev_unit >= 0 ? p.output + prev_unit : p.h0 + unit;
+        for (int64_t j = 0; j < units; ++j) out[j] = p.recurrent_mask ? h[j] * p.recurrent_mask[unit + j] : h[j];
+      }
+      const auto packed_or_null = [&](const float* base) { return base != nullptr ? base + at * H + u0 : nullptr; };
+      backward_row(units, H,
+                   BackwardRow<float>{p.gates + at * 4 * H + u0,
+                                      prev_unit >= 0 ? p.cells + prev_unit : p.c0 + unit,
+                                      p.grad_output + at * H + u0,
+                                      p.dh_state + unit,
+                                      p.dc_state + unit,
+                                      p.grad_gates + (at_row + r) * 4 * H + u0,
+                                      nullptr,
+                                      packed_or_null(p.zoneout_cell),
+                                      packed_or_null(p.zoneout_hidden),
+                                      p.zoneout_hidden != nullptr ? p.grad_h_zoneout + unit : nullptr});
+    }
+#ifdef _OPENMP
+#pragma omp barrier
+#endif
+    const float* g = p.grad_gates + at_row * 4 * H;
+    for (int64_t block = first; block < last; ++block)
+      for (int64_t row = 0; row < rows; row += kPanelRows)
+        unit_panel_product(std::min(kPanelRows, rows - row), g + row * 4 * H, 4 * H, p.panels, H, block,
+                           p.dh_state + row * H, H);
+    if (p.recurrent_mask != nullptr || p.zoneout_hidden != nullptr)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t j = r * H + u0; j < r * H + u0 + units; ++j) {
+          if (p.recurrent_mask != nullptr) p.dh_state[j] *= p.recurrent_mask[j];
+          if (p.zoneout_hidden != nullptr) p.dh_state[j] += p.grad_h_zoneout[j];
+        }
+  }
+}
+
+bool chunk_backward_cpu(const LstmChunkBackward& s) {
+  if (s.first_s - s.last_s + 1 < kMinSequenceSteps || s.gates.scalar_type() != at::kFloat ||
+      !unit_panels_take(s.weight_hh))
+    return false;
+  RECORD_FUNCTION("fastnlp::lstm_chunk_backward_cpu", std::vector<c10::IValue>());
+  const int64_t H = s.dc_state.size(1);
+  const at::Tensor panels = empty_unit_panels(s.weight_hh);
+  const ChunkBackwardPointers p{s.gates.const_data_ptr<float>(),
+                                s.cells.const_data_ptr<float>(),
+                                s.output.const_data_ptr<float>(),
+                                s.h0.const_data_ptr<float>(),
+                                s.c0.const_data_ptr<float>(),
+                                s.grad_output.const_data_ptr<float>(),
+                                s.dh_state.data_ptr<float>(),
+                                s.dc_state.data_ptr<float>(),
+                                s.grad_gates.data_ptr<float>(),
+                                ptr_or_null<float>(s.h_prev),
+                                s.weight_hh.const_data_ptr<float>(),
+                                panels.mutable_data_ptr<float>(),
+                                ptr_or_null<float>(s.recurrent_mask),
+                                ptr_or_null<float>(s.zoneout_cell),
+                                ptr_or_null<float>(s.zoneout_hidden),
+                                ptr_or_null<float>(s.grad_h_zoneout)};
+  const int64_t blocks = (H + kUnitPanelUnits - 1) / kUnitPanelUnits;
+  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  chunk_backward_units(s, p, omp_get_thread_num(), omp_get_num_threads());
+#else
+  chunk_backward_units(s, p, 0, 1);
+#endif
+  return true;
+}
+
 void backward_step_cpu(const LstmBackwardStep& s) {
   const int64_t rows = s.gates.size(0), H = s.dc_state.size(1);
   AT_DISPATCH_FLOATING_TYPES(s.gates.scalar_type(), "lstm_backward_step_cpu", [&] {
@@ -702,7 +818,7 @@ void backward_step_cpu(const LstmBackwardStep& s) {
                           LayerNormRow<scalar_t>{norm_hh + r * 4 * H, hh_w, nullptr, cell_w, cell_b, stats + r * 4,
                                                  grad_rec + r * 4 * H, grad_ln_cell + r * 2 * H, scratch.data()});
         else
-          backward_row(H, row);
+          backward_row(H, H, row);
       }
     });
   });
@@ -737,6 +853,7 @@ constexpr LstmStepKernels kCpuKernels{&forward_step_cpu,
                                        &onednn_prepared_matmul,
                                        &sequence_forward_cpu,
                                        /*sequence_backward=*/nullptr,
+                                       &chunk_backward_cpu,
                                        &onednn_linear};
 
 // bfloat16. The step kernels compute in float32 or float64, so a bfloat16
