@@ -751,11 +751,15 @@ LstmBackwardResult lstm_backward_impl(
           zoneout_hidden, grad_h_zoneout});
   if (whole_sequence) finish_chunk(0, N);
   const std::vector<StepChunk> stepwise_chunks = whole_sequence ? std::vector<StepChunk>() : chunks;
-  const at::Tensor gates_contiguous = gates.contiguous(), cells_contiguous = cells.contiguous();
-  const at::Tensor output_contiguous = output.contiguous(), weight_hh_contiguous = weight_hh.contiguous();
+  // The chunks' steps in one go where the device can (the CPU), else step by step.
+  const bool chunk_loop = kernels.chunk_backward != nullptr && !ln && !projected;
+  const auto contiguous_for_chunk_loop = [&](const at::Tensor& t) { return chunk_loop ? t.contiguous() : t; };
+  const at::Tensor gates_contiguous = contiguous_for_chunk_loop(gates);
+  const at::Tensor cells_contiguous = contiguous_for_chunk_loop(cells);
+  const at::Tensor output_contiguous = contiguous_for_chunk_loop(output);
+  const at::Tensor weight_hh_contiguous = contiguous_for_chunk_loop(weight_hh);
   for (const StepChunk& chunk : stepwise_chunks) {
-    // The chunk's steps in one go where the device can (the CPU), else step by step.
-    if (kernels.chunk_backward != nullptr && !ln && !projected &&
+    if (chunk_loop &&
         kernels.chunk_backward(LstmChunkBackward{
             steps, offsets, reverse, chunk.first_s, chunk.last_s, chunk.row_begin, gates_contiguous,
             cells_contiguous, output_contiguous, h0, c0, grad_output, dh_state, dc_state, grad_gates,
