@@ -9,7 +9,9 @@
 // A bfloat16 panel holds pairs of neighbouring k instead, as the bfloat16
 // dot-product instruction (vdpbf16ps) takes them: each of its sixteen sums
 // adds the products of one pair, so one instruction does the work of two
-// float32 multiply-adds on half the bytes.
+// float32 multiply-adds on half the bytes. A unit panel (the backward's) is
+// read the same way, its four vectors being four groups of 16 units of one
+// row of W_hh.
 #include "cpu/gate_panels.h"
 
 #include "cpu/few_rows_matmul.h"
