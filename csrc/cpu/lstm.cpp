@@ -519,6 +519,24 @@ void forward_step_cpu(const LstmForwardStep& s) {
 // Inside a parallel region (each direction of a bi-LSTM on a thread of its
 // own, run_both_directions below) a call runs on its own thread.
 
+// body(thread, threads) on each of `threads` threads at once, as many as
+// there are intra-op threads and panels (one inside a parallel region:
+// each direction of a bi-LSTM on a thread of its own). OpenMP itself rather
+// than at::parallel_for: the threads wait for one another at every step,
+// so each must know how many there are, and OpenMP may give fewer than
+// asked for.
+template <typename Body>
+void on_panel_threads(int64_t panels, const Body& body) {
+  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), panels);
+#ifdef _OPENMP
+#pragma omp parallel num_threads(threads) if (threads > 1)
+  body(omp_get_thread_num(), omp_get_num_threads());
+#else
+  (void)threads;
+  body(0, 1);
+#endif
+}
+
 // Calls of fewer steps keep the step loop: packing W_hh costs about as much
 // as a product at a few rows, and a cell step (one step) would pay it at
 // every call.
@@ -622,17 +640,8 @@ void sequence_forward_with(const LstmSequenceForward& s, const at::Tensor& panel
                                            {s.h_state.data_ptr<float>(), h_other.data_ptr<float>()},
                                            {operand_data(operands[0]), operand_data(operands[1])},
                                            operand_stride};
-  const int64_t blocks = (H + kPanelUnits - 1) / kPanelUnits;
-  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
-#ifdef _OPENMP
-  // OpenMP itself rather than at::parallel_for: the threads wait for one
-  // another at every step, so each must know how many there are, and OpenMP
-  // may give fewer than asked for.
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  sequence_forward_units(s, p, omp_get_thread_num(), omp_get_num_threads());
-#else
-  sequence_forward_units(s, p, 0, 1);
-#endif
+  on_panel_threads((H + kPanelUnits - 1) / kPanelUnits,
+                   [&](int64_t thread, int64_t threads) { sequence_forward_units(s, p, thread, threads); });
   // h_n of each sequence: h_t of its last step, as output holds it.
   std::vector<int64_t> last_step(B, -1);
   for (int64_t step = 0; step < T; ++step) {
@@ -760,14 +769,8 @@ bool chunk_backward_cpu(const LstmChunkBackward& s) {
                                 ptr_or_null<float>(s.zoneout_cell),
                                 ptr_or_null<float>(s.zoneout_hidden),
                                 ptr_or_null<float>(s.grad_h_zoneout)};
-  const int64_t blocks = (H + kUnitPanelUnits - 1) / kUnitPanelUnits;
-  const int64_t threads = at::in_parallel_region() ? 1 : std::min<int64_t>(at::get_num_threads(), blocks);
-#ifdef _OPENMP
-#pragma omp parallel num_threads(threads) if (threads > 1)
-  chunk_backward_units(s, p, omp_get_thread_num(), omp_get_num_threads());
-#else
-  chunk_backward_units(s, p, 0, 1);
-#endif
+  on_panel_threads((H + kUnitPanelUnits - 1) / kUnitPanelUnits,
+                   [&](int64_t thread, int64_t threads) { chunk_backward_units(s, p, thread, threads); });
   return true;
 }
 
