@@ -200,7 +200,10 @@ def _check_among(*names: str, scaled: bool = False) -> Callable[[Dict[str, Any]]
 # ATen, oneDNN where the kernel uses it), and nothing else (no gate
 # arithmetic, no autograd, no Python module). Not an alternative to measure
 # against but a floor: a speed-up target that needs ours to beat it is out of
-# reach of any kernel built on those products.
+# reach of any kernel built on those products. (On a CPU with AVX-512 the
+# kernel's float32 time loops multiply on panels of their own since dfc475f
+# and 0d600ad, faster than oneDNN's per-step products at these row counts;
+# the floor keeps oneDNN's, so there a kernel step can come in under it.)
 def _products_alone(d: _Data, rows_per_step: List[int], directions: int, per_step_weight_grads: bool):
     """A callable that runs the products of one forward+backward step.
 
