@@ -216,15 +216,14 @@ void gate_panel_product(int64_t rows, const c10::BFloat16* h, int64_t ldh, const
 #endif
 }
 
-bool unit_panels_take(const at::Tensor& weight_hh) {
-  return gate_panels_take(weight_hh) && weight_hh.scalar_type() == at::kFloat;
-}
+bool unit_panels_take(const at::Tensor& weight_hh) { return gate_panels_take(weight_hh); }
 
 at::Tensor empty_unit_panels(const at::Tensor& weight_hh) {
   TORCH_CHECK(unit_panels_take(weight_hh),
-              "fastnlp: unit panels take a float32 CPU weight_hh (4H, H) that this CPU can multiply");
-  const int64_t H = weight_hh.size(1);
-  return at::empty({(H + kUnitPanelUnits - 1) / kUnitPanelUnits, 4 * H, kUnitPanelUnits}, weight_hh.options());
+              "fastnlp: unit panels take a float32 or bfloat16 CPU weight_hh (4H, H) that this CPU can multiply");
+  const int64_t H = weight_hh.size(1), blocks = (H + kUnitPanelUnits - 1) / kUnitPanelUnits;
+  const int64_t pack = weight_hh.scalar_type() == at::kBFloat16 ? 2 : 1;
+  return at::empty({blocks, 4 * H / pack, kUnitPanelUnits, pack}, weight_hh.options());
 }
 
 void pack_unit_panels(const float* weight_hh, int64_t H, float* panels, int64_t first, int64_t last) {
@@ -240,17 +239,52 @@ void pack_unit_panels(const float* weight_hh, int64_t H, float* panels, int64_t 
   }
 }
 
-void unit_panel_product(int64_t rows, const float* g, int64_t ldg, const float* panels, int64_t H, int64_t block,
-                        float* out, int64_t ldo) {
+void pack_unit_panels(const c10::BFloat16* weight_hh, int64_t H, c10::BFloat16* panels, int64_t first,
+                      int64_t last) {
+  // Rows 2q and 2q + 1 of W_hh interleaved, unit by unit (4H is even).
+  for (int64_t block = first; block < last; ++block) {
+    const int64_t u0 = block * kUnitPanelUnits, units = std::min(kUnitPanelUnits, H - u0);
+    c10::BFloat16* panel = panels + block * 4 * H * kUnitPanelUnits;
+    for (int64_t q = 0; q < 2 * H; ++q) {
+      c10::BFloat16* out = panel + q * 2 * kUnitPanelUnits;
+      const c10::BFloat16* even = weight_hh + 2 * q * H + u0;
+      const c10::BFloat16* odd = even + H;
+      for (int64_t l = 0; l < units; ++l) {
+        out[2 * l] = even[l];
+        out[2 * l + 1] = odd[l];
+      }
+      std::fill(out + 2 * units, out + 2 * kUnitPanelUnits, c10::BFloat16(0));
+    }
+  }
+}
+
+namespace {
+
+template <typename Element>
+void unit_product(int64_t rows, const Element* g, int64_t ldg, const Element* panels, int64_t H, int64_t block,
+                  float* out, int64_t ldo) {
 #ifdef FASTNLP_HAS_GATE_PANELS
+  constexpr int64_t pack = std::is_same_v<Element, c10::BFloat16> ? 2 : 1;
   const int64_t u0 = block * kUnitPanelUnits;
   std::array<__mmask16, 4> lanes;
   for (int64_t c = 0; c < 4; ++c) lanes[c] = first_lanes(H - u0 - c * 16);
-  product_of_rows(rows, 4 * H, g, ldg, panels + block * 4 * H * kUnitPanelUnits,
+  product_of_rows(rows, 4 * H / pack, g, ldg, panels + block * 4 * H * kUnitPanelUnits,
                   PanelOut{out + u0, ldo, 16, lanes, /*accumulate=*/false});
 #else
   TORCH_CHECK(false, "fastnlp: unit panels need an x86-64 build with AVX-512");
 #endif
+}
+
+}  // namespace
+
+void unit_panel_product(int64_t rows, const float* g, int64_t ldg, const float* panels, int64_t H, int64_t block,
+                        float* out, int64_t ldo) {
+  unit_product(rows, g, ldg, panels, H, block, out, ldo);
+}
+
+void unit_panel_product(int64_t rows, const c10::BFloat16* g, int64_t ldg, const c10::BFloat16* panels, int64_t H,
+                        int64_t block, float* out, int64_t ldo) {
+  unit_product(rows, g, ldg, panels, H, block, out, ldo);
 }
 
 }  // namespace fastnlp

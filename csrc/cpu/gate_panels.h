@@ -69,25 +69,34 @@ void gate_panel_product(int64_t rows, const c10::BFloat16* h, int64_t ldh, const
 // The backward's recurrent product, dh_{t-1} = g_t W_hh (g_t the step's
 // gradients of the pre-activations, 4H per row), on "unit panels": W_hh
 // packed once per call into panels of 64 hidden units (four vectors), each
-// holding, for every j < 4H, the 64 weights W_hh[j, u] in order. The same
-// product of up to four rows as the gate panels' (sixteen sums in
-// registers); float32 only.
+// holding, for every j < 4H, the 64 weights W_hh[j, u] in order (bfloat16:
+// rows 2q and 2q + 1 interleaved, unit by unit, as vdpbf16ps takes pairs).
+// The same product of up to four rows as the gate panels' (sixteen sums in
+// registers).
 constexpr int64_t kUnitPanelUnits = 64;
 
-// Whether unit panels take this weight_hh: as gate_panels_take, float32.
+// Whether unit panels take this weight_hh: as gate_panels_take.
 bool unit_panels_take(const at::Tensor& weight_hh);
 
-// An uninitialised float32 tensor (ceil(H / 64), 4H, 64) for weight_hh's
-// unit panels: entry [b, j, l] is W_hh[j, 64 b + l], zero past H.
+// An uninitialised tensor of weight_hh's dtype for its unit panels:
+// float32 (ceil(H / 64), 4H, 64, 1), entry [b, j, l, 0] is W_hh[j, 64 b + l];
+// bfloat16 (ceil(H / 64), 2H, 64, 2), entry [b, q, l, e] is
+// W_hh[2 q + e, 64 b + l]; zero past H.
 at::Tensor empty_unit_panels(const at::Tensor& weight_hh);
 
 // Fills unit panels [first, last) from the contiguous W_hh, zeros included.
 void pack_unit_panels(const float* weight_hh, int64_t H, float* panels, int64_t first, int64_t last);
+void pack_unit_panels(const c10::BFloat16* weight_hh, int64_t H, c10::BFloat16* panels, int64_t first,
+                      int64_t last);
 
 // out[r * ldo + u] = sum_j g[r * ldg + j] * W_hh[j, u] (stored, not added)
 // for r < rows (1 <= rows <= kPanelRows) and the units u of unit panel
-// `block` (the 64 from 64 block, fewer in the last). Sums in the order of j.
+// `block` (the 64 from 64 block, fewer in the last). float32: sums in the
+// order of j; bfloat16 (g rounded to it): over pairs of j, as
+// gate_panel_product's.
 void unit_panel_product(int64_t rows, const float* g, int64_t ldg, const float* panels, int64_t H, int64_t block,
                         float* out, int64_t ldo);
+void unit_panel_product(int64_t rows, const c10::BFloat16* g, int64_t ldg, const c10::BFloat16* panels, int64_t H,
+                        int64_t block, float* out, int64_t ldo);
 
 }  // namespace fastnlp

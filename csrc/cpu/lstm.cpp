@@ -668,12 +668,20 @@ bool sequence_forward_cpu(const LstmSequenceForward& s) {
 }
 
 // The backward time loop over one chunk's steps (LstmStepKernels::
-// chunk_backward), float32 on AVX-512, as sequence_forward_cpu runs the
-// forward: raw pointers from the chunk's first step to its last, threads
-// splitting the hidden units by unit panels (gate_panels.h). A step's
-// pointwise backward of a thread's units needs only its own units of dh
-// and dc, but the recurrent product dh_{t-1} = g_t W_hh of its units needs
-// every unit of g_t: so one barrier per step, between the two.
+// chunk_backward) on AVX-512, float32 or bfloat16 products, as
+// sequence_forward_cpu runs the forward: raw pointers from the chunk's first
+// step to its last, threads splitting the hidden units by unit panels
+// (gate_panels.h). A step's pointwise backward of a thread's units needs
+// only its own units of dh and dc, but the recurrent product dh_{t-1} =
+// g_t W_hh of its units needs every unit of g_t: so one barrier per step,
+// between the two. With bfloat16 products g_t is rounded for the product,
+// as the step loop rounds it for oneDNN's (its few-row steps, at most four
+// rows, multiply the float32 g_t by the widened weight instead).
+//
+// Operand: the product's element type (float, or c10::BFloat16 with g_t
+// rounded: each thread rounds its units of g_t as it writes them, into
+// `rounded`, rows as in grad_gates).
+template <typename Operand>
 struct ChunkBackwardPointers {
   const float* gates;
   const float* cells;
@@ -685,16 +693,19 @@ struct ChunkBackwardPointers {
   float* dc_state;
   float* grad_gates;
   float* h_prev;  // nullptr: not wanted
-  const float* weight_hh;
-  float* panels;  // unpacked: each thread packs its own
+  const Operand* weight_hh;
+  Operand* panels;  // unpacked: each thread packs its own
+  Operand* rounded;  // bfloat16 only
   const float* recurrent_mask;
   const float* zoneout_cell;
   const float* zoneout_hidden;
   float* grad_h_zoneout;
 };
 
-void chunk_backward_units(const LstmChunkBackward& s, const ChunkBackwardPointers& p, int64_t thread,
+template <typename Operand>
+void chunk_backward_units(const LstmChunkBackward& s, const ChunkBackwardPointers<Operand>& p, int64_t thread,
                           int64_t threads) {
+  constexpr bool rounds = std::is_same_v<Operand, c10::BFloat16>;
   const int64_t T = static_cast<int64_t>(s.steps.size()), H = s.dc_state.size(1);
   const int64_t blocks = (H + kUnitPanelUnits - 1) / kUnitPanelUnits;
   const int64_t first = thread * blocks / threads, last = (thread + 1) * blocks / threads;
@@ -717,22 +728,32 @@ void chunk_backward_units(const LstmChunkBackward& s, const ChunkBackwardPointer
         for (int64_t j = 0; j < units; ++j) out[j] = p.recurrent_mask ? h[j] * p.recurrent_mask[unit + j] : h[j];
       }
       const auto packed_or_null = [&](const float* base) { return base != nullptr ? base + at * H + u0 : nullptr; };
+      float* grad_gates = p.grad_gates + (at_row + r) * 4 * H + u0;
       backward_row(units, H,
                    BackwardRow<float>{p.gates + at * 4 * H + u0,
                                       prev_unit >= 0 ? p.cells + prev_unit : p.c0 + unit,
                                       p.grad_output + at * H + u0,
                                       p.dh_state + unit,
                                       p.dc_state + unit,
-                                      p.grad_gates + (at_row + r) * 4 * H + u0,
+                                      grad_gates,
                                       nullptr,
                                       packed_or_null(p.zoneout_cell),
                                       packed_or_null(p.zoneout_hidden),
                                       p.zoneout_hidden != nullptr ? p.grad_h_zoneout + unit : nullptr});
+      if constexpr (rounds) {
+        Operand* out = p.rounded + (at_row + r) * 4 * H + u0;
+        for (int64_t g = 0; g < 4; ++g)
+          for (int64_t j = g * H; j < g * H + units; ++j) out[j] = Operand(grad_gates[j]);
+      }
     }
 #ifdef _OPENMP
 #pragma omp barrier
 #endif
-    const float* g = p.grad_gates + at_row * 4 * H;
+    const Operand* g;
+    if constexpr (rounds)
+      g = p.rounded + at_row * 4 * H;
+    else
+      g = p.grad_gates + at_row * 4 * H;
     for (int64_t block = first; block < last; ++block)
       for (int64_t row = 0; row < rows; row += kPanelRows)
         unit_panel_product(std::min(kPanelRows, rows - row), g + row * 4 * H, 4 * H, p.panels, H, block,
@@ -746,31 +767,43 @@ void chunk_backward_units(const LstmChunkBackward& s, const ChunkBackwardPointer
   }
 }
 
+template <typename Operand>
+void chunk_backward_with(const LstmChunkBackward& s) {
+  const int64_t H = s.dc_state.size(1);
+  const at::Tensor panels = empty_unit_panels(s.weight_hh);
+  const at::Tensor rounded = std::is_same_v<Operand, c10::BFloat16>
+                                 ? at::empty(s.grad_gates.sizes(), s.grad_gates.options().dtype(at::kBFloat16))
+                                 : at::Tensor();
+  const ChunkBackwardPointers<Operand> p{s.gates.const_data_ptr<float>(),
+                                         s.cells.const_data_ptr<float>(),
+                                         s.output.const_data_ptr<float>(),
+                                         s.h0.const_data_ptr<float>(),
+                                         s.c0.const_data_ptr<float>(),
+                                         s.grad_output.const_data_ptr<float>(),
+                                         s.dh_state.data_ptr<float>(),
+                                         s.dc_state.data_ptr<float>(),
+                                         s.grad_gates.data_ptr<float>(),
+                                         ptr_or_null<float>(s.h_prev),
+                                         s.weight_hh.const_data_ptr<Operand>(),
+                                         panels.mutable_data_ptr<Operand>(),
+                                         rounded.defined() ? rounded.mutable_data_ptr<Operand>() : nullptr,
+                                         ptr_or_null<float>(s.recurrent_mask),
+                                         ptr_or_null<float>(s.zoneout_cell),
+                                         ptr_or_null<float>(s.zoneout_hidden),
+                                         ptr_or_null<float>(s.grad_h_zoneout)};
+  on_panel_threads((H + kUnitPanelUnits - 1) / kUnitPanelUnits,
+                   [&](int64_t thread, int64_t threads) { chunk_backward_units(s, p, thread, threads); });
+}
+
 bool chunk_backward_cpu(const LstmChunkBackward& s) {
   if (s.first_s - s.last_s + 1 < kMinSequenceSteps || s.gates.scalar_type() != at::kFloat ||
       !unit_panels_take(s.weight_hh))
     return false;
   RECORD_FUNCTION("fastnlp::lstm_chunk_backward_cpu", std::vector<c10::IValue>());
-  const int64_t H = s.dc_state.size(1);
-  const at::Tensor panels = empty_unit_panels(s.weight_hh);
-  const ChunkBackwardPointers p{s.gates.const_data_ptr<float>(),
-                                s.cells.const_data_ptr<float>(),
-                                s.output.const_data_ptr<float>(),
-                                s.h0.const_data_ptr<float>(),
-                                s.c0.const_data_ptr<float>(),
-                                s.grad_output.const_data_ptr<float>(),
-                                s.dh_state.data_ptr<float>(),
-                                s.dc_state.data_ptr<float>(),
-                                s.grad_gates.data_ptr<float>(),
-                                ptr_or_null<float>(s.h_prev),
-                                s.weight_hh.const_data_ptr<float>(),
-                                panels.mutable_data_ptr<float>(),
-                                ptr_or_null<float>(s.recurrent_mask),
-                                ptr_or_null<float>(s.zoneout_cell),
-                                ptr_or_null<float>(s.zoneout_hidden),
-                                ptr_or_null<float>(s.grad_h_zoneout)};
-  on_panel_threads((H + kUnitPanelUnits - 1) / kUnitPanelUnits,
-                   [&](int64_t thread, int64_t threads) { chunk_backward_units(s, p, thread, threads); });
+  if (s.weight_hh.scalar_type() == at::kBFloat16)
+    chunk_backward_with<c10::BFloat16>(s);
+  else
+    chunk_backward_with<float>(s);
   return true;
 }
 
