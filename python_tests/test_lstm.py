@@ -893,6 +893,28 @@ def error_against(a, exact):
     return ((a.double() - exact).abs().max() / exact.abs().max().clamp_min(1.0)).item()
 
 
+def fresh_leaves(tensors):
+    """The same values as new leaves that require grad (None stays None)."""
+    return {k: v.detach().requires_grad_() if v is not None else None for k, v in tensors.items()}
+
+
+def assert_loops_match_reference(dtype, float32_bound, loops, exact, low_reference):
+    """Each entry of `loops` (the outputs and gradients of one way of running the layer) is within a bound
+    of the float64 reference `exact`: in float32 float32_bound of a tensor's largest entry; in bfloat16
+    three times the bfloat16 reference's own error (low_reference() gives that reference's outputs and
+    gradients), as test_bfloat16_on_cpu_rounds_the_products_operands_only bounds the step loop."""
+    low = None
+    if dtype == torch.bfloat16:
+        low_out, low_grads = low_reference()
+        low = low_out + low_grads
+    for k, b in enumerate(exact):
+        bound = float32_bound
+        if low is not None:
+            bound = 3 * error_against(low[k], b) + torch.finfo(torch.bfloat16).eps
+        for loop in loops:
+            assert error_against(loop[k], b) <= bound, (k, error_against(loop[k], b), bound)
+
+
 @requires_avx512
 @pytest.mark.parametrize("dtype", [torch.float32, pytest.param(torch.bfloat16, marks=pytest.mark.skipif(
     not fastnlp._C.cpu_has_bfloat16_dot(), reason="this CPU lacks AVX-512 BF16"))], ids=str)
@@ -929,19 +951,9 @@ def test_cpu_sequence_forward_matches_reference_and_step_loop(dtype, threads, hi
             assert step_runs == (0, 0)
             ref_out, ref_grads = outputs_and_grads(batch_sizes, exact, reverse, backend="reference",
                                                    regularisers=regularisers_exact)
-            if dtype == torch.bfloat16:
-                fresh = {k: v.detach().requires_grad_() if v is not None else None for k, v in tensors.items()}
-                low_out, low_grads = run(fresh, backend="reference")
-            else:
-                low_out, low_grads = out, grads  # (unused: the float32 bound is fixed)
-            for a, s, low, b in zip(out + grads, step_out + step_grads, low_out + low_grads, ref_out + ref_grads):
-                assert a.dtype == dtype
-                if dtype == torch.float32:
-                    bound = 1e-5
-                else:
-                    bound = 3 * error_against(low, b) + torch.finfo(torch.bfloat16).eps
-                assert error_against(a, b) <= bound, (error_against(a, b), bound)
-                assert error_against(s, b) <= bound, (error_against(s, b), bound)
+            assert all(a.dtype == dtype for a in out + grads)
+            assert_loops_match_reference(dtype, 1e-5, [out + grads, step_out + step_grads], ref_out + ref_grads,
+                                         lambda: run(fresh_leaves(tensors), backend="reference"))
 
 
 @requires_avx512
@@ -975,18 +987,10 @@ def test_cpu_chunk_backward_over_several_chunks(dtype, threads, regularise, leng
                 step_out, step_grads = run()
             ref_out, ref_grads = outputs_and_grads(batch_sizes, exact, reverse, backend="reference",
                                                    regularisers=regularisers_exact)
-            low_out, low_grads = out, grads
-            if dtype == torch.bfloat16:
-                fresh = {k: v.detach().requires_grad_() if v is not None else None for k, v in tensors.items()}
-                low_out, low_grads = outputs_and_grads(batch_sizes, fresh, reverse, backend="reference",
-                                                       regularisers=regularisers)
-            for a, s, low, b in zip(out + grads, step_out + step_grads, low_out + low_grads, ref_out + ref_grads):
-                if dtype == torch.float32:
-                    bound = 3e-5
-                else:
-                    bound = 3 * error_against(low, b) + torch.finfo(torch.bfloat16).eps
-                assert error_against(a, b) <= bound, (error_against(a, b), bound)
-                assert error_against(s, b) <= bound, (error_against(s, b), bound)
+            assert_loops_match_reference(
+                dtype, 3e-5, [out + grads, step_out + step_grads], ref_out + ref_grads,
+                lambda: outputs_and_grads(batch_sizes, fresh_leaves(tensors), reverse, backend="reference",
+                                          regularisers=regularisers))
 
 
 @requires_avx512
