@@ -58,12 +58,6 @@ std::vector<int64_t> step_offsets(const std::vector<int64_t>& steps) {
   return offsets;
 }
 
-// The step processed just before step t, or -1 for a sequence's first step.
-int64_t previous_step(int64_t t, int64_t T, bool reverse) {
-  const int64_t prev = reverse ? t + 1 : t - 1;
-  return prev >= 0 && prev < T ? prev : -1;
-}
-
 }  // namespace
 
 std::vector<int64_t> lstm_check_inputs(const at::Tensor& input, const at::Tensor& batch_sizes, const at::Tensor& h0,

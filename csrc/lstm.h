@@ -93,6 +93,15 @@ struct LstmSequenceBackward {
   at::Tensor recurrent_mask, zoneout_cell, zoneout_hidden, grad_h_zoneout;
 };
 
+// The step of a direction's forward pass processed just before step t (of
+// T), or -1 for a sequence's first step: the step whose cells and outputs
+// rows of step t continue (packed input: the first min(rows of t, rows of
+// that step) of them; the rest start from c0 and h0).
+inline int64_t previous_step(int64_t t, int64_t T, bool reverse) {
+  const int64_t prev = reverse ? t + 1 : t - 1;
+  return prev >= 0 && prev < T ? prev : -1;
+}
+
 // The backward time loop over the steps of one chunk at once
 // (LstmStepKernels::chunk_backward), for a direction without projection or
 // layer norm: steps s = first_s down to last_s of the backward walk (step

@@ -216,10 +216,8 @@ void gate_panel_product(int64_t rows, const c10::BFloat16* h, int64_t ldh, const
 #endif
 }
 
-bool unit_panels_take(const at::Tensor& weight_hh) { return gate_panels_take(weight_hh); }
-
 at::Tensor empty_unit_panels(const at::Tensor& weight_hh) {
-  TORCH_CHECK(unit_panels_take(weight_hh),
+  TORCH_CHECK(gate_panels_take(weight_hh),
               "fastnlp: unit panels take a float32 or bfloat16 CPU weight_hh (4H, H) that this CPU can multiply");
   const int64_t H = weight_hh.size(1), blocks = (H + kUnitPanelUnits - 1) / kUnitPanelUnits;
   const int64_t pack = weight_hh.scalar_type() == at::kBFloat16 ? 2 : 1;

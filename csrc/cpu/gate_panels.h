@@ -75,10 +75,8 @@ void gate_panel_product(int64_t rows, const c10::BFloat16* h, int64_t ldh, const
 // registers).
 constexpr int64_t kUnitPanelUnits = 64;
 
-// Whether unit panels take this weight_hh: as gate_panels_take.
-bool unit_panels_take(const at::Tensor& weight_hh);
-
-// An uninitialised tensor of weight_hh's dtype for its unit panels:
+// An uninitialised tensor of weight_hh's dtype for its unit panels (for a
+// weight_hh that gate_panels_take takes):
 // float32 (ceil(H / 64), 4H, 64, 1), entry [b, j, l, 0] is W_hh[j, 64 b + l];
 // bfloat16 (ceil(H / 64), 2H, 64, 2), entry [b, q, l, e] is
 // W_hh[2 q + e, 64 b + l]; zero past H.

@@ -537,6 +537,18 @@ void on_panel_threads(int64_t panels, const Body& body) {
 #endif
 }
 
+// Thread `thread` of `threads`'s share of H units in panels of `width`:
+// panels [first, last), units [u0, u0 + units). (Callers copy the fields
+// into plain variables: C++17 lambdas cannot capture structured bindings.)
+struct PanelsOfThread {
+  int64_t first, last, u0, units;
+};
+PanelsOfThread panels_of_thread(int64_t H, int64_t width, int64_t thread, int64_t threads) {
+  const int64_t panels = (H + width - 1) / width;
+  const int64_t first = thread * panels / threads, last = (thread + 1) * panels / threads;
+  return {first, last, first * width, std::min(last * width, H) - first * width};
+}
+
 // Calls of fewer steps keep the step loop: packing W_hh costs about as much
 // as a product at a few rows, and a cell step (one step) would pay it at
 // every call.
@@ -568,9 +580,8 @@ template <typename Operand>
 void sequence_forward_units(const LstmSequenceForward& s, const SequenceForwardPointers<Operand>& p, int64_t thread,
                             int64_t threads) {
   const int64_t T = static_cast<int64_t>(s.steps.size()), H = s.c_state.size(1);
-  const int64_t blocks = (H + kPanelUnits - 1) / kPanelUnits;
-  const int64_t first = thread * blocks / threads, last = (thread + 1) * blocks / threads;
-  const int64_t u0 = first * kPanelUnits, units = std::min(last * kPanelUnits, H) - u0;
+  const PanelsOfThread mine = panels_of_thread(H, kPanelUnits, thread, threads);
+  const int64_t first = mine.first, last = mine.last, u0 = mine.u0, units = mine.units;
   const bool has_operand = p.operand[0] != nullptr;
   pack_gate_panels(p.weight_hh, H, p.panels, first, last);  // (in this core's caches for the first step)
   for (int64_t step = 0; step < T; ++step) {
@@ -707,16 +718,13 @@ void chunk_backward_units(const LstmChunkBackward& s, const ChunkBackwardPointer
                           int64_t threads) {
   constexpr bool rounds = std::is_same_v<Operand, c10::BFloat16>;
   const int64_t T = static_cast<int64_t>(s.steps.size()), H = s.dc_state.size(1);
-  const int64_t blocks = (H + kUnitPanelUnits - 1) / kUnitPanelUnits;
-  const int64_t first = thread * blocks / threads, last = (thread + 1) * blocks / threads;
-  const int64_t u0 = first * kUnitPanelUnits, units = std::min(last * kUnitPanelUnits, H) - u0;
+  const PanelsOfThread mine = panels_of_thread(H, kUnitPanelUnits, thread, threads);
+  const int64_t first = mine.first, last = mine.last, u0 = mine.u0, units = mine.units;
   pack_unit_panels(p.weight_hh, H, p.panels, first, last);
   for (int64_t step = s.first_s; step >= s.last_s; --step) {
     const int64_t t = s.reverse ? T - 1 - step : step;
     const int64_t rows = s.steps[t], offset = s.offsets[t], at_row = offset - s.row_begin;
-    // The step before t in the forward pass, whose cells and outputs its
-    // first rows_with_prev rows continue (the rest start from c0 and h0).
-    const int64_t prev = s.reverse ? (t + 1 < T ? t + 1 : -1) : t - 1;
+    const int64_t prev = previous_step(t, T, s.reverse);
     const int64_t rows_with_prev = prev < 0 ? 0 : std::min(rows, s.steps[prev]);
     const int64_t prev_offset = prev < 0 ? 0 : s.offsets[prev];
     for (int64_t r = 0; r < rows; ++r) {
@@ -797,7 +805,7 @@ void chunk_backward_with(const LstmChunkBackward& s) {
 
 bool chunk_backward_cpu(const LstmChunkBackward& s) {
   if (s.first_s - s.last_s + 1 < kMinSequenceSteps || s.gates.scalar_type() != at::kFloat ||
-      !unit_panels_take(s.weight_hh))
+      !gate_panels_take(s.weight_hh))
     return false;
   RECORD_FUNCTION("fastnlp::lstm_chunk_backward_cpu", std::vector<c10::IValue>());
   if (s.weight_hh.scalar_type() == at::kBFloat16)
